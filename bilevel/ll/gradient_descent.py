@@ -1,0 +1,301 @@
+"""Differentiable lower-level gradient descent (SGD, momentum, Adam) through ``higher``."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import higher
+import torch
+from torch import nn
+
+from bilevel.ll.rules import RULES
+from bilevel.state import (
+    Objective,
+    check_data_matches,
+    check_objective_result,
+    check_same_device_and_dtype,
+    make_state,
+    parameter_names,
+    trainable_parameters,
+)
+
+Hyper = float | torch.Tensor | Sequence[float | torch.Tensor]
+
+
+@dataclass
+class Trajectory:
+    """What one call of :meth:`GradientDescent.optimize` recorded.
+
+    Attributes:
+        iters: LL steps taken.
+        differentiable_steps: how many of the last steps carry an autograd graph (``iters``:
+            all, as ``Reverse`` needs; ``K``: the last K, as ``Truncated`` needs; ``0``: none,
+            as ``Implicit`` and ``FirstOrder`` need).
+        losses: the LL loss before each step (a detached tensor of length ``iters``).
+        trainable: for each fast weight, whether it was optimized (``requires_grad``).
+    """
+
+    iters: int
+    differentiable_steps: int
+    losses: torch.Tensor
+    trainable: list[bool]
+
+    @property
+    def from_initial_weights(self) -> bool:
+        """Whether the graph reaches back to the LL model's own (initial) weights."""
+        return self.differentiable_steps == self.iters
+
+
+def _check_hyper(
+    value: Any, name: str, iters: int, n_params: int, low: float, high: float, closed_low: bool
+) -> Any:
+    """Validate a hyperparameter given as a number, a 0-d tensor, a per-step schedule (1-d
+    tensor of length ``iters``) or a per-parameter list of those; return it normalized."""
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    if isinstance(value, list | tuple) and len(items) != n_params:
+        raise ValueError(
+            f"{name} is a sequence of {len(items)} values, but the LL model has {n_params} "
+            "trainable parameter tensors: give one value per tensor, or a single value."
+        )
+    checked = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int | float | torch.Tensor):
+            raise TypeError(
+                f"{name} must be a float, a tensor or a list of them, got {type(item).__name__}."
+            )
+        if isinstance(item, torch.Tensor):
+            if item.ndim > 1 or (item.ndim == 1 and item.shape[0] != iters):
+                raise ValueError(
+                    f"{name} tensor has shape {tuple(item.shape)}; expected a scalar or a "
+                    f"per-step schedule of shape ({iters},)."
+                )
+            if not item.is_floating_point():
+                raise TypeError(f"{name} tensor must be floating point, got {item.dtype}.")
+        else:
+            item = float(item)
+        values = torch.as_tensor(item).detach()
+        low_ok = bool((values >= low).all()) if closed_low else bool((values > low).all())
+        if not (low_ok and bool((values < high).all()) and bool(torch.isfinite(values).all())):
+            interval = f"{'[' if closed_low else '('}{low}, {high})"
+            raise ValueError(f"{name} must lie in {interval}, got {values.tolist()}.")
+        checked.append(item)
+    return checked if isinstance(value, list | tuple) else checked[0]
+
+
+def _at(value: Any, step: int, index: int, detach: bool) -> Any:
+    """The value of a hyperparameter for one parameter tensor at one step."""
+    if isinstance(value, list):
+        value = value[index]
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 1:
+            value = value[step]
+        if detach:
+            value = value.detach()
+    return value
+
+
+class GradientDescent:
+    """Differentiable lower-level optimizer: ``iters`` steps of SGD, momentum or Adam.
+
+    The steps run on a ``higher``-patched copy of ``ll_model`` whose fast weights start from
+    ``ll_model``'s weights. The learning rate, momentum and Adam's betas may be UL tensors
+    (a scalar, a per-step schedule of shape ``(iters,)``, or one per LL parameter tensor), so
+    that they receive a hypergradient.
+
+    How much of the trajectory keeps a graph is set by ``differentiable_steps``: ``None``
+    (all steps; needed by ``Reverse``), ``K`` (the last K; ``Truncated``) or ``0`` (none:
+    ``Implicit``, ``FirstOrder``; memory then does not grow with ``iters``).
+    :class:`bilevel.BilevelProblem` sets it from the UL calculator.
+
+    References: Maclaurin, Duvenaud & Adams (2015); Franceschi et al. (2017), "Forward and
+    Reverse Gradient-Based Hyperparameter Optimization", ICML; Grefenstette et al. (2019),
+    ``higher``.
+
+    Args:
+        ll_objective: ``state -> scalar`` lower-level loss.
+        ll_model: the module whose weights the LL optimizes.
+        ul_model: the module holding the UL variables (passed to objectives).
+        lr: step size (> 0).
+        iters: number of steps (>= 1).
+        optimizer: ``"sgd"`` (with ``momentum``) or ``"adam"``.
+        momentum: heavy-ball momentum in [0, 1) for ``"sgd"``.
+        betas: Adam's ``(beta1, beta2)``, each in [0, 1).
+        eps: Adam's epsilon (> 0).
+        differentiable_steps: see above.
+        warn_on_growth: warn when the LL loss ends above where it started.
+    """
+
+    def __init__(
+        self,
+        ll_objective: Objective,
+        ll_model: nn.Module,
+        ul_model: nn.Module,
+        lr: Hyper,
+        iters: int,
+        optimizer: str = "sgd",
+        momentum: Hyper = 0.0,
+        betas: tuple[Hyper, Hyper] = (0.9, 0.999),
+        eps: float = 1e-8,
+        differentiable_steps: int | None = None,
+        warn_on_growth: bool = True,
+    ) -> None:
+        if not callable(ll_objective):
+            raise TypeError("ll_objective must be callable: state -> scalar tensor.")
+        params = trainable_parameters(ll_model, "ll_model")
+        trainable_parameters(ul_model, "ul_model")
+        check_same_device_and_dtype(ll_model=ll_model, ul_model=ul_model)
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise ValueError(f"iters must be an integer >= 1, got {iters!r}.")
+        if optimizer not in RULES:
+            raise ValueError(f"optimizer must be one of {sorted(RULES)}, got {optimizer!r}.")
+        n = len(params)
+        self.ll_objective = ll_objective
+        self.ll_model = ll_model
+        self.ul_model = ul_model
+        self.iters = iters
+        self.optimizer = optimizer
+        self.lr = _check_hyper(lr, "lr", iters, n, 0.0, float("inf"), closed_low=False)
+        self.momentum = _check_hyper(momentum, "momentum", iters, n, 0.0, 1.0, closed_low=True)
+        if not isinstance(betas, tuple | list) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}.")
+        self.betas = tuple(
+            _check_hyper(b, f"betas[{i}]", iters, 1, 0.0, 1.0, closed_low=True)
+            for i, b in enumerate(betas)
+        )
+        self.eps = _check_hyper(eps, "eps", iters, n, 0.0, float("inf"), closed_low=False)
+        self._check_hyper_devices(params[0])
+        self.differentiable_steps = differentiable_steps
+        self.warn_on_growth = warn_on_growth
+
+    def _check_hyper_devices(self, reference: torch.Tensor) -> None:
+        for name, value in (("lr", self.lr), ("momentum", self.momentum)):
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, torch.Tensor) and item.device != reference.device:
+                    raise ValueError(
+                        f"{name} is on {item.device} but ll_model is on {reference.device}; "
+                        "keep the UL model and the LL model on one device."
+                    )
+
+    @property
+    def differentiable_steps(self) -> int | None:
+        """Steps at the end of the trajectory that keep a graph (``None``: all)."""
+        return self._differentiable_steps
+
+    @differentiable_steps.setter
+    def differentiable_steps(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"differentiable_steps must be an int or None, got {value!r}.")
+        if value is not None and value < 0:
+            raise ValueError(f"differentiable_steps must be >= 0 or None, got {value}.")
+        self._differentiable_steps = value
+
+    def _hyper_at(self, step: int, detach: bool, n: int) -> dict[str, list[Any]]:
+        idx = range(n)
+        return {
+            "lr": [_at(self.lr, step, i, detach) for i in idx],
+            "momentum": [_at(self.momentum, step, i, detach) for i in idx],
+            "betas": [tuple(_at(b, step, 0, detach) for b in self.betas) for _ in idx],
+            "eps": [_at(self.eps, step, i, detach) for i in idx],
+        }
+
+    def optimize(self, data: Any, target: Any) -> nn.Module:
+        """Run the LL steps on ``(data, target)`` and return the auxiliary model.
+
+        The auxiliary model is the patched module after the last step; its
+        ``trajectory`` attribute (a :class:`Trajectory`) says what was recorded.
+
+        Raises:
+            FloatingPointError: the LL loss became NaN or inf (the message names the step).
+        """
+        reference = next(p for p in self.ll_model.parameters() if p.requires_grad)
+        check_data_matches(data, reference, "data")
+        check_data_matches(target, reference, "target")
+        iters = self.iters
+        tracked = iters if self.differentiable_steps is None else min(self.differentiable_steps, iters)
+        full = tracked == iters
+        fmodel = higher.monkeypatch(
+            self.ll_model, copy_initial_weights=not full, track_higher_grads=full
+        )
+        trainable = [p.requires_grad for p in self.ll_model.parameters()]
+        index = [i for i, t in enumerate(trainable) if t]
+        rule = RULES[self.optimizer]
+        opt_state: dict[str, Any] = {}
+        losses = torch.empty(iters, dtype=reference.dtype, device=reference.device)
+        state = make_state(data, target, self.ul_model, fmodel)
+        for step in range(iters):
+            graph = step >= iters - tracked
+            if graph and not fmodel.track_higher_grads:
+                fmodel.track_higher_grads = True
+            params = list(fmodel.fast_params)
+            loss = check_objective_result(self.ll_objective(state), "ll_objective")
+            losses[step] = loss.detach()
+            active = [params[i] for i in index]
+            grads = torch.autograd.grad(loss, active, create_graph=graph, allow_unused=True)
+            if step == 0:
+                self._check_used(grads)
+            hyper = self._hyper_at(step, detach=not graph, n=len(active))
+            new, opt_state = rule(active, list(grads), opt_state, hyper, step)
+            if not graph:
+                new = [p.detach().requires_grad_() for p in new]
+                opt_state = {k: [t.detach() for t in v] for k, v in opt_state.items()}
+            for i, p in zip(index, new, strict=True):
+                params[i] = p
+            fmodel.update_params(params)
+        self._check_losses(losses)
+        fmodel.trajectory = Trajectory(iters, tracked, losses, trainable)
+        return fmodel
+
+    def _check_used(self, grads: Sequence[torch.Tensor | None]) -> None:
+        unused = [i for i, g in enumerate(grads) if g is None]
+        if unused:
+            params = [p for p in self.ll_model.parameters() if p.requires_grad]
+            names = parameter_names(self.ll_model, [params[i] for i in unused])
+            raise ValueError(
+                f"ll_objective does not depend on ll_model parameter(s) {names}: they would "
+                "never move. Use them in ll_objective or freeze them with requires_grad_(False)."
+            )
+
+    def _check_losses(self, losses: torch.Tensor) -> None:
+        finite, first, last = torch.stack(
+            [torch.isfinite(losses).all().to(losses.dtype), losses[0], losses[-1]]
+        ).tolist()
+        if not finite:
+            bad = int(torch.nonzero(~torch.isfinite(losses))[0])
+            raise FloatingPointError(
+                f"The LL loss became {losses[bad].item()} at LL step {bad} of {self.iters} "
+                f"(lr={self._describe(self.lr)}). Lower the LL learning rate, or check the data "
+                "and the objective for NaN, log(0) or division by zero."
+            )
+        if self.warn_on_growth and self.iters > 1 and last > first:
+            warnings.warn(
+                f"The LL loss grew from {first:.4g} to {last:.4g} over {self.iters} steps: the LL "
+                f"is diverging (lr={self._describe(self.lr)}). Lower the LL learning rate.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    @staticmethod
+    def _describe(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return str(value.detach().cpu().tolist())
+        if isinstance(value, list):
+            return "[" + ", ".join(GradientDescent._describe(v) for v in value) + "]"
+        return f"{value:g}"
+
+
+@contextlib.contextmanager
+def evaluate_at(auxiliary_model: nn.Module, weights: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Temporarily give an auxiliary model other fast weights (e.g. detached copies).
+
+    The model's own fast weights are restored on exit.
+    """
+    saved = list(auxiliary_model.fast_params)
+    auxiliary_model.update_params(list(weights))
+    try:
+        yield
+    finally:
+        auxiliary_model.update_params(saved)

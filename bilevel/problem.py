@@ -1,0 +1,309 @@
+"""BilevelProblem: composes a lower-level optimizer and an upper-level calculator."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from bilevel.ll import GradientDescent
+from bilevel.state import check_finite
+from bilevel.ul.base import HypergradientCalculator
+
+Pair = tuple[Any, Any]
+Batch = Pair | tuple[Pair, Pair] | dict[str, Pair]
+
+
+def split_tasks(batch: dict[str, Pair]) -> list[tuple[Pair, Pair]]:
+    """Split a task batch ``{"train": (x, y), "test": (x, y)}`` (leading task dimension, as
+    torchmeta's loaders give) into a list of ``(train, val)`` pairs, one per task."""
+    if not isinstance(batch, dict) or "train" not in batch or "test" not in batch:
+        raise TypeError('a task batch must be a dict {"train": (x, y), "test": (x, y)}.')
+    (tx, ty), (vx, vy) = batch["train"], batch["test"]
+    n = len(tx)
+    for name, t in (("train x", tx), ("train y", ty), ("test x", vx), ("test y", vy)):
+        if len(t) != n:
+            raise ValueError(
+                f"task batch {name} has {len(t)} tasks along its first dimension, expected {n}."
+            )
+    return [((tx[i], ty[i]), (vx[i], vy[i])) for i in range(n)]
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy is optional
+        pass
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it into place, so that
+    an interruption never leaves a half-written file at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class BilevelProblem:
+    """A bilevel problem: an LL optimizer, a UL calculator and (optionally) a UL optimizer.
+
+    On construction it sets the LL to record exactly the trajectory that the calculator
+    needs (``ll.differentiable_steps``).
+
+    Args:
+        ll: the lower-level optimizer, e.g. :class:`bilevel.ll.GradientDescent`.
+        ul: the upper-level calculator, e.g. :class:`bilevel.ul.Implicit`.
+        ul_optimizer: a ``torch.optim`` optimizer over the UL parameters (needed by
+            :meth:`step` and :meth:`run`).
+        on_nonfinite: what :meth:`step` does with a NaN or inf hypergradient: ``"raise"``, or
+            ``"skip"`` the UL step (counted in ``skipped_steps``). UL parameters never
+            receive NaN.
+    """
+
+    def __init__(
+        self,
+        ll: GradientDescent,
+        ul: HypergradientCalculator,
+        ul_optimizer: torch.optim.Optimizer | None = None,
+        on_nonfinite: str = "raise",
+    ) -> None:
+        if not isinstance(ul, HypergradientCalculator):
+            raise TypeError(f"ul must be a bilevel.ul calculator, got {type(ul).__name__}.")
+        if not hasattr(ll, "optimize") or not hasattr(ll, "iters"):
+            raise TypeError(f"ll must be a bilevel.ll optimizer, got {type(ll).__name__}.")
+        if ll.ll_model is not ul.ll_model or ll.ul_model is not ul.ul_model:
+            raise ValueError(
+                "ll and ul must be built on the same ll_model and ul_model objects."
+            )
+        if ul_optimizer is not None and not isinstance(ul_optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"ul_optimizer must be a torch.optim.Optimizer, got {type(ul_optimizer).__name__}."
+            )
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
+        self.ll = ll
+        self.ul = ul
+        self.ul_optimizer = ul_optimizer
+        self.on_nonfinite = on_nonfinite
+        ll.differentiable_steps = ul.differentiable_steps(ll.iters)
+        self.step_count = 0
+        self.skipped_steps = 0
+        self.last_ll_loss: torch.Tensor | None = None
+
+    @property
+    def ul_params(self) -> list[torch.nn.Parameter]:
+        """The UL parameters that receive hypergradients."""
+        return self.ul.ul_params
+
+    def _accumulate(self, tasks: Sequence[tuple[Pair, Pair]]) -> torch.Tensor:
+        """Set ``.grad`` of the UL parameters (which must be ``None``) to the task-averaged
+        hypergradient; return the mean UL loss."""
+        if not tasks:
+            raise ValueError("no task to compute a hypergradient on.")
+        ul_losses, ll_losses = [], []
+        for (train_x, train_y), (val_x, val_y) in tasks:
+            aux = self.ll.optimize(train_x, train_y)
+            ul_losses.append(self.ul.compute_gradients(val_x, val_y, aux, train_x, train_y))
+            ll_losses.append(aux.trajectory.losses[-1])
+        if len(tasks) > 1:
+            for p in self.ul_params:
+                if p.grad is not None:
+                    p.grad.div_(len(tasks))
+        self.last_ll_loss = torch.stack(ll_losses).mean()
+        return torch.stack(ul_losses).mean()
+
+    def _hypergradient(self, tasks: Sequence[tuple[Pair, Pair]]) -> list[torch.Tensor]:
+        saved = [p.grad for p in self.ul_params]
+        for p in self.ul_params:
+            p.grad = None
+        try:
+            self._accumulate(tasks)
+            return [
+                torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                for p in self.ul_params
+            ]
+        finally:
+            for p, old in zip(self.ul_params, saved, strict=True):
+                p.grad = old
+
+    def hypergradient(self, train: Pair, val: Pair) -> list[torch.Tensor]:
+        """The hypergradient for one task, one tensor per UL parameter.
+
+        UL parameters and their ``.grad`` are left unchanged.
+
+        Args:
+            train: ``(data, target)`` for the LL.
+            val: ``(data, target)`` for the UL.
+        """
+        return self._hypergradient([(train, val)])
+
+    def meta_hypergradient(self, batch: dict[str, Pair]) -> list[torch.Tensor]:
+        """The hypergradient averaged over a task batch ``{"train": .., "test": ..}``."""
+        return self._hypergradient(split_tasks(batch))
+
+    def _step(self, tasks: Sequence[tuple[Pair, Pair]]) -> torch.Tensor:
+        if self.ul_optimizer is None:
+            raise ValueError("step needs a ul_optimizer: BilevelProblem(ll, ul, ul_optimizer).")
+        self.ul_optimizer.zero_grad(set_to_none=True)
+        loss = self._accumulate(tasks)
+        grads = [p.grad for p in self.ul_params if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        if not bool(finite):
+            where = (
+                f"the {self.ul.name} hypergradient at UL step {self.step_count} is not finite"
+            )
+            if self.on_nonfinite == "raise":
+                check_finite(torch.tensor(float("nan")), where)
+            self.skipped_steps += 1
+            self.ul_optimizer.zero_grad(set_to_none=True)
+        else:
+            self.ul_optimizer.step()
+        self.step_count += 1
+        return loss
+
+    def step(self, train: Pair, val: Pair) -> torch.Tensor:
+        """Zero the UL grads, compute the hypergradient, step the UL optimizer.
+
+        Returns:
+            The UL loss before the step (detached).
+        """
+        return self._step([(train, val)])
+
+    def meta_step(self, batch: dict[str, Pair]) -> torch.Tensor:
+        """:meth:`step` on a task batch, with the hypergradient averaged over tasks."""
+        return self._step(split_tasks(batch))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue: UL model, UL optimizer, LL model, step, RNG state."""
+        return {
+            "ul_model": self.ul.ul_model.state_dict(),
+            "ll_model": self.ll.ll_model.state_dict(),
+            "ul_optimizer": None if self.ul_optimizer is None else self.ul_optimizer.state_dict(),
+            "step": self.step_count,
+            "skipped_steps": self.skipped_steps,
+            "rng": _rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.ul.ul_model.load_state_dict(state["ul_model"])
+        self.ll.ll_model.load_state_dict(state["ll_model"])
+        if self.ul_optimizer is not None and state.get("ul_optimizer") is not None:
+            self.ul_optimizer.load_state_dict(state["ul_optimizer"])
+        self.step_count = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        _set_rng_state(state["rng"])
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Write :meth:`state_dict` to ``path`` atomically."""
+        atomic_save(self.state_dict(), path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore a checkpoint written by :meth:`save_checkpoint`."""
+        self.load_state_dict(torch.load(path, weights_only=False))
+
+    def log_record(self, loss: torch.Tensor) -> dict[str, Any]:
+        """What the runner logs after a step: step, losses and the calculator's diagnostics."""
+        record: dict[str, Any] = {"step": self.step_count, "method": self.ul.name}
+        values = {"ul_loss": loss, "ll_loss": self.last_ll_loss}
+        for key, value in self.ul.diagnostics.items():
+            if key != "ul_loss":
+                values[key] = value
+        for key, value in values.items():
+            record[key] = float(value) if isinstance(value, torch.Tensor) else value
+        record["skipped_steps"] = self.skipped_steps
+        return record
+
+    def run(
+        self,
+        data: Callable[[int], Batch] | Iterable[Batch],
+        steps: int,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int = 100,
+        log: Callable[[dict[str, Any]], None] | None = None,
+        log_every: int = 10,
+        progress: bool = True,
+    ) -> dict[str, Any] | None:
+        """Run UL steps until ``steps`` have been taken, resuming from ``checkpoint`` if it
+        exists.
+
+        Args:
+            data: a function ``step -> batch`` (resumes exactly), or an iterable of batches
+                (on resume, the batches of the steps already taken are skipped). A batch is
+                ``(train, val)`` with ``(data, target)`` pairs, or a task batch
+                ``{"train": (x, y), "test": (x, y)}``.
+            steps: total number of UL steps.
+            checkpoint: file to resume from and save to (atomically), or ``None``.
+            checkpoint_every: UL steps between checkpoints (and one at the end).
+            log: called with a dict (step, UL and LL loss, solver diagnostics) every
+                ``log_every`` steps.
+            log_every: UL steps between log records.
+            progress: show a tqdm progress bar.
+
+        Returns:
+            The last log record, or ``None`` if no step was run.
+        """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {steps!r}.")
+        for name, value in (("checkpoint_every", checkpoint_every), ("log_every", log_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if checkpoint is not None and Path(checkpoint).exists():
+            self.load_checkpoint(checkpoint)
+        start = self.step_count
+        if callable(data):
+            batches: Iterable[Batch] = (data(i) for i in range(start, steps))
+        else:
+            batches = itertools.islice(iter(data), start, steps)
+        record = None
+        bar = tqdm(total=steps, initial=start, disable=not progress, desc=f"{self.ul.name}")
+        with bar:
+            for batch in batches:
+                if isinstance(batch, dict):
+                    loss = self.meta_step(batch)
+                else:
+                    train, val = batch
+                    loss = self.step(train, val)
+                bar.update(1)
+                done = self.step_count
+                if done % log_every == 0 or done == steps:
+                    record = self.log_record(loss)
+                    bar.set_postfix(ul_loss=f"{record['ul_loss']:.4g}")
+                    if log is not None:
+                        log(record)
+                if checkpoint is not None and (done % checkpoint_every == 0 or done == steps):
+                    self.save_checkpoint(checkpoint)
+        return record

@@ -1,0 +1,121 @@
+"""The state contract shared by objectives, and the checks on what objectives return.
+
+Objectives are plain callables ``objective(state) -> scalar Tensor``. ``state`` is a dict with
+``"data"`` and ``"target"`` (the batch for this level), ``"ul_model"`` (the upper-level module)
+and ``"ll_model"`` (the lower-level module; during and after lower-level optimization, the
+``higher``-patched module holding the current fast weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+Objective = Callable[[dict[str, Any]], torch.Tensor]
+
+
+def make_state(data: Any, target: Any, ul_model: nn.Module, ll_model: nn.Module) -> dict[str, Any]:
+    """Build the dict that objectives receive."""
+    return {"data": data, "target": target, "ul_model": ul_model, "ll_model": ll_model}
+
+
+def check_objective_result(value: Any, name: str) -> torch.Tensor:
+    """Check that an objective returned a scalar tensor that carries a graph.
+
+    Finiteness is not checked here (that needs a host sync); callers check it where a sync is
+    already paid for.
+
+    Raises:
+        TypeError: ``value`` is not a tensor.
+        ValueError: ``value`` is not a scalar, or has no graph to the parameters.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"{name} must return a scalar torch.Tensor, but it returned {type(value).__name__}."
+        )
+    if value.numel() != 1:
+        raise ValueError(
+            f"{name} must return a scalar, but it returned a tensor of shape "
+            f"{tuple(value.shape)}; reduce it with .mean() or .sum()."
+        )
+    if not value.requires_grad:
+        raise ValueError(
+            f"{name} returned a tensor with no path to any parameter (requires_grad=False): "
+            "compute it from state['ll_model'] and/or state['ul_model'], without .detach(), "
+            ".item() or torch.no_grad()."
+        )
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must return a floating-point tensor, got dtype {value.dtype}.")
+    return value.reshape(())
+
+
+def check_finite(value: torch.Tensor, what: str) -> None:
+    """Raise ``FloatingPointError`` if ``value`` holds NaN or inf (one host sync)."""
+    if not bool(torch.isfinite(value).all()):
+        raise FloatingPointError(
+            f"{what} is not finite ({value.detach().flatten()[:4].tolist()}). Lower the "
+            "learning rate, check the data for NaN, or check the objective for log(0) or "
+            "division by zero."
+        )
+
+
+def trainable_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The parameters of ``model`` that require grad; raise if there are none."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}.")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            f"{name} has no parameters that require grad; wrap the variables to optimize in "
+            "nn.Parameter inside the module."
+        )
+    return params
+
+
+def parameter_names(model: nn.Module, params: Iterable[torch.Tensor]) -> list[str]:
+    """Names of ``params`` in ``model`` (for error messages)."""
+    lookup = {id(p): n for n, p in model.named_parameters()}
+    return [lookup.get(id(p), f"<parameter {i}>") for i, p in enumerate(params)]
+
+
+def check_same_device_and_dtype(**models: nn.Module) -> None:
+    """Raise if the floating-point parameters of the given modules differ in device or dtype."""
+    seen: dict[str, tuple[str, torch.device, torch.dtype]] = {}
+    for name, model in models.items():
+        for pname, p in model.named_parameters():
+            if not p.is_floating_point():
+                continue
+            key = "first"
+            if key not in seen:
+                seen[key] = (f"{name}.{pname}", p.device, p.dtype)
+                continue
+            ref_name, device, dtype = seen[key]
+            if p.device != device:
+                raise ValueError(
+                    f"{name}.{pname} is on {p.device} but {ref_name} is on {device}; move every "
+                    f"model to one device with .to(device) before building the bilevel problem."
+                )
+            if p.dtype != dtype:
+                raise ValueError(
+                    f"{name}.{pname} has dtype {p.dtype} but {ref_name} has {dtype}; convert "
+                    f"every model to one dtype, e.g. model.to(torch.{str(dtype).split('.')[-1]})."
+                )
+
+
+def check_data_matches(data: Any, reference: torch.Tensor, name: str) -> None:
+    """Raise if a data tensor lives on another device, or is floating point of another dtype."""
+    if not isinstance(data, torch.Tensor):
+        return
+    if data.device != reference.device:
+        raise ValueError(
+            f"{name} is on {data.device} but the models are on {reference.device}; move it "
+            f"with {name}.to({str(reference.device)!r})."
+        )
+    if data.is_floating_point() and data.dtype != reference.dtype:
+        raise ValueError(
+            f"{name} has dtype {data.dtype} but the models have {reference.dtype}; convert it "
+            f"with {name}.to({reference.dtype})."
+        )

@@ -1,0 +1,15 @@
+"""Upper-level hypergradient calculators."""
+
+from bilevel.ul.base import HypergradientCalculator
+from bilevel.ul.first_order import FirstOrder
+from bilevel.ul.implicit import HypergradientDivergenceError, Implicit
+from bilevel.ul.reverse import Reverse, Truncated
+
+__all__ = [
+    "FirstOrder",
+    "HypergradientCalculator",
+    "HypergradientDivergenceError",
+    "Implicit",
+    "Reverse",
+    "Truncated",
+]

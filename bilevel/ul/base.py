@@ -1,0 +1,170 @@
+"""What every upper-level calculator shares: argument checks, the auxiliary-model check,
+evaluation of the objectives, and accumulation of the hypergradient into ``.grad``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from bilevel.ll import Trajectory
+from bilevel.state import (
+    Objective,
+    check_finite,
+    check_objective_result,
+    check_same_device_and_dtype,
+    make_state,
+    parameter_names,
+    trainable_parameters,
+)
+
+Grads = list[torch.Tensor | None]
+
+
+class HypergradientCalculator:
+    """Base of the UL calculators.
+
+    A calculator implements :meth:`differentiable_steps` (how much LL graph it needs) and
+    ``_hypergradient`` (the method itself). :meth:`compute_gradients` checks the auxiliary
+    model, runs the method, refuses UL parameters that receive no gradient at all (their
+    hypergradient would be silently zero), and adds the result to ``.grad`` of the UL
+    parameters, so that several tasks can be summed before the caller steps its optimizer.
+
+    Attributes:
+        diagnostics: what the last call measured (UL loss, solver diagnostics, ...).
+    """
+
+    name = "calculator"
+
+    def __init__(
+        self,
+        ul_objective: Objective,
+        ul_model: nn.Module,
+        ll_objective: Objective,
+        ll_model: nn.Module,
+    ) -> None:
+        for arg, value in (("ul_objective", ul_objective), ("ll_objective", ll_objective)):
+            if not callable(value):
+                raise TypeError(f"{arg} must be callable: state -> scalar tensor.")
+        self.ul_objective = ul_objective
+        self.ll_objective = ll_objective
+        self.ul_model = ul_model
+        self.ll_model = ll_model
+        self.ul_params = trainable_parameters(ul_model, "ul_model")
+        trainable_parameters(ll_model, "ll_model")
+        check_same_device_and_dtype(ll_model=ll_model, ul_model=ul_model)
+        position = {id(p): i for i, p in enumerate(ll_model.parameters())}
+        #: for each UL parameter, the index of the LL fast weight it initializes (or None)
+        self.initial_weight_of = [position.get(id(p)) for p in self.ul_params]
+        self.diagnostics: dict[str, Any] = {}
+
+    def differentiable_steps(self, iters: int) -> int:
+        """How many final LL steps must keep a graph, for an LL run of ``iters`` steps."""
+        raise NotImplementedError
+
+    def _check_trajectory(self, auxiliary_model: nn.Module) -> Trajectory:
+        trajectory = getattr(auxiliary_model, "trajectory", None)
+        if not isinstance(trajectory, Trajectory):
+            raise TypeError(
+                "auxiliary_model must be the module returned by ll.optimize(data, target) "
+                f"(a bilevel.ll optimizer), got {type(auxiliary_model).__name__}."
+            )
+        needed = self.differentiable_steps(trajectory.iters)
+        if needed and trajectory.differentiable_steps != needed:
+            raise ValueError(
+                f"{type(self).__name__} needs the graph of the last {needed} of "
+                f"{trajectory.iters} LL steps, but the auxiliary model recorded "
+                f"{trajectory.differentiable_steps}. Set ll.differentiable_steps = {needed} "
+                "before ll.optimize, or let BilevelProblem(ll, ul) configure it."
+            )
+        return trajectory
+
+    def states(
+        self, auxiliary_model: nn.Module, data: Any, target: Any
+    ) -> dict[str, Any]:
+        """The state dict for one level, with the auxiliary model as ``ll_model``."""
+        return make_state(data, target, self.ul_model, auxiliary_model)
+
+    def ul_loss(self, auxiliary_model: nn.Module, data: Any, target: Any) -> torch.Tensor:
+        """Evaluate and check the UL objective on the auxiliary model."""
+        value = self.ul_objective(self.states(auxiliary_model, data, target))
+        return check_objective_result(value, "ul_objective")
+
+    def compute_gradients(
+        self,
+        validate_data: Any,
+        validate_target: Any,
+        auxiliary_model: nn.Module,
+        train_data: Any,
+        train_target: Any,
+    ) -> torch.Tensor:
+        """Add the hypergradient to ``.grad`` of the UL parameters; return the UL loss.
+
+        Args:
+            validate_data: UL batch inputs.
+            validate_target: UL batch targets.
+            auxiliary_model: the result of ``ll.optimize(train_data, train_target)``.
+            train_data: LL batch inputs (used by methods that revisit the LL objective).
+            train_target: LL batch targets.
+
+        Returns:
+            The UL loss at the auxiliary model (detached).
+        """
+        trajectory = self._check_trajectory(auxiliary_model)
+        grads, loss = self._hypergradient(
+            validate_data, validate_target, auxiliary_model, train_data, train_target, trajectory
+        )
+        self._refuse_unused(grads)
+        check_finite(loss.detach(), "the UL loss")
+        for p, g in zip(self.ul_params, grads, strict=True):
+            if p.grad is None:
+                p.grad = g.detach().clone()
+            else:
+                p.grad.add_(g.detach())
+        self.diagnostics["ul_loss"] = loss.detach()
+        return loss.detach()
+
+    def _hypergradient(
+        self,
+        validate_data: Any,
+        validate_target: Any,
+        auxiliary_model: nn.Module,
+        train_data: Any,
+        train_target: Any,
+        trajectory: Trajectory,
+    ) -> tuple[Grads, torch.Tensor]:
+        raise NotImplementedError
+
+    def _refuse_unused(self, grads: Grads) -> None:
+        unused = [p for p, g in zip(self.ul_params, grads, strict=True) if g is None]
+        if unused:
+            names = parameter_names(self.ul_model, unused)
+            raise ValueError(
+                f"UL parameter(s) {names} get no hypergradient from {type(self).__name__}: "
+                "neither objective depends on them along the path this method differentiates, "
+                "so their hypergradient would be silently zero. Use them in an objective, "
+                "freeze them with requires_grad_(False), or pick a method that reaches them "
+                "(e.g. Reverse for the LL's initial weights; Implicit needs a proximal term)."
+            )
+
+
+def add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """Sum of two optional gradients (``None`` means no path)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def detached_weights(
+    auxiliary_model: nn.Module, trajectory: Trajectory
+) -> tuple[list[torch.Tensor], list[int]]:
+    """The auxiliary model's fast weights cut from the LL graph, as new leaves, and the
+    indices of the trainable ones (which require grad)."""
+    weights = [
+        w.detach().requires_grad_(t)
+        for w, t in zip(auxiliary_model.fast_params, trajectory.trainable, strict=True)
+    ]
+    return weights, [i for i, t in enumerate(trajectory.trainable) if t]

@@ -1,0 +1,215 @@
+"""Implicit-function-theorem hypergradients with a matrix-free linear solver."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from bilevel import linalg
+from bilevel.ll import Trajectory, evaluate_at
+from bilevel.state import Objective, check_objective_result
+from bilevel.ul.base import Grads, HypergradientCalculator, detached_weights
+
+
+class HypergradientDivergenceError(FloatingPointError):
+    """The linear solve behind an implicit hypergradient diverged."""
+
+
+METHODS = ("cg", "neumann", "fixed_point")
+
+
+class Implicit(HypergradientCalculator):
+    """Implicit hypergradient at an (approximately) converged LL solution ``w``.
+
+    With ``g = grad_w L_ll(w, lambda)``, ``H = dg/dw`` and ``v = grad_w L_ul``::
+
+        dF/dlambda = grad_lambda L_ul - (dg/dlambda)^T q,    H q = v
+
+    ``q`` comes from a matrix-free solver over Hessian-vector products, all taken from one
+    graph of ``g``: conjugate gradient (``"cg"``, needs ``H`` positive definite), a truncated
+    Neumann series (``"neumann"``) or a fixed-point iteration (``"fixed_point"``). The last
+    two converge only when ``0 < alpha < 2 / lambda_max(H)``: ``alpha="auto"`` estimates
+    ``lambda_max`` by power iteration and uses ``1 / lambda_max``; with any ``alpha``, a
+    growing residual raises :class:`HypergradientDivergenceError` (or warns, with
+    ``on_divergence="warn"``) with the measured ``lambda_max`` and a safe ``alpha``.
+
+    With a proximal LL objective ``L_i(w) + (reg/2)||w - theta||^2`` and ``theta`` the UL
+    parameters this is iMAML: ``dF/dtheta = (I + H_i/reg)^{-1} grad L_test(w)``.
+
+    References: Pedregosa (2016), "Hyperparameter optimization with approximate gradient"
+    (HOAG); Rajeswaran, Finn, Kakade & Levine (2019), "Meta-Learning with Implicit
+    Gradients" (iMAML); Lorraine, Vicol & Duvenaud (2020) (Neumann); Grazzi et al. (2020),
+    "On the Iteration Complexity of Hypergradient Computation" (fixed point).
+
+    Args:
+        ul_objective: ``state -> scalar`` UL loss.
+        ul_model: module with the UL variables.
+        ll_objective: ``state -> scalar`` LL loss.
+        ll_model: the LL module.
+        ll_learning_rate: the LL step size, the default ``alpha`` of Neumann and fixed point.
+        k: solver iterations (CG), series terms after the first (Neumann) or updates (fixed
+            point); >= 1.
+        tolerance: relative residual ``||H q - v|| / ||v||`` at which CG stops (>= 0).
+        method: ``"cg"``, ``"neumann"`` or ``"fixed_point"``.
+        alpha: step of Neumann / fixed point: ``None`` (``ll_learning_rate``), a float, or
+            ``"auto"``.
+        power_iters: power iterations used to estimate ``lambda_max``.
+        on_divergence: ``"raise"`` or ``"warn"``.
+    """
+
+    name = "implicit"
+
+    def __init__(
+        self,
+        ul_objective: Objective,
+        ul_model: nn.Module,
+        ll_objective: Objective,
+        ll_model: nn.Module,
+        ll_learning_rate: float,
+        k: int,
+        tolerance: float = 1e-10,
+        method: str = "cg",
+        alpha: float | str | None = None,
+        power_iters: int = 20,
+        on_divergence: str = "raise",
+    ) -> None:
+        super().__init__(ul_objective, ul_model, ll_objective, ll_model)
+        if isinstance(ll_learning_rate, torch.Tensor):
+            ll_learning_rate = float(ll_learning_rate.detach())
+        if not isinstance(ll_learning_rate, int | float) or not ll_learning_rate > 0:
+            raise ValueError(f"ll_learning_rate must be a number > 0, got {ll_learning_rate!r}.")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}.")
+        if not isinstance(tolerance, int | float) or not tolerance >= 0:
+            raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}.")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+        if not (alpha is None or alpha == "auto" or (isinstance(alpha, int | float) and alpha > 0)):
+            raise ValueError(f"alpha must be None, 'auto' or a number > 0, got {alpha!r}.")
+        if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 1:
+            raise ValueError(f"power_iters must be an integer >= 1, got {power_iters!r}.")
+        if on_divergence not in ("raise", "warn"):
+            raise ValueError(f"on_divergence must be 'raise' or 'warn', got {on_divergence!r}.")
+        self.ll_learning_rate = float(ll_learning_rate)
+        self.k = k
+        self.tolerance = float(tolerance)
+        self.method = method
+        self.alpha = self.ll_learning_rate if alpha is None else alpha
+        self.power_iters = power_iters
+        self.on_divergence = on_divergence
+        self._warned_graph = False
+
+    def differentiable_steps(self, iters: int) -> int:
+        """None: the LL graph is not needed."""
+        return 0
+
+    def _hypergradient(
+        self,
+        validate_data: Any,
+        validate_target: Any,
+        auxiliary_model: nn.Module,
+        train_data: Any,
+        train_target: Any,
+        trajectory: Trajectory,
+    ) -> tuple[Grads, torch.Tensor]:
+        self._warn_if_graph(trajectory)
+        weights, active = detached_weights(auxiliary_model, trajectory)
+        w = [weights[i] for i in active]
+        n = len(self.ul_params)
+        with evaluate_at(auxiliary_model, weights):
+            loss = self.ul_loss(auxiliary_model, validate_data, validate_target)
+            grads = torch.autograd.grad(loss, [*self.ul_params, *w], allow_unused=True)
+            direct = grads[:n]
+            v = [torch.zeros_like(x) if gv is None else gv for x, gv in zip(w, grads[n:], strict=True)]
+            ll_loss = self.ll_objective(self.states(auxiliary_model, train_data, train_target))
+            ll_loss = check_objective_result(ll_loss, "ll_objective")
+            g = torch.autograd.grad(ll_loss, w, create_graph=True, allow_unused=True)
+        g = [torch.zeros_like(x) if gi is None else gi for x, gi in zip(w, g, strict=True)]
+        linked = [(gi, i) for i, gi in enumerate(g) if gi.requires_grad]
+
+        def vjp(q: list[torch.Tensor], inputs: list[torch.Tensor]) -> tuple:
+            if not linked:
+                return (None,) * len(inputs)
+            return torch.autograd.grad(
+                [gi for gi, _ in linked],
+                inputs,
+                grad_outputs=[q[i] for _, i in linked],
+                retain_graph=True,
+                allow_unused=True,
+            )
+
+        def hvp(q: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [torch.zeros_like(x) if h is None else h for x, h in zip(w, vjp(q, w), strict=True)]
+
+        alpha, lambda_max = self._step(hvp, v)
+        if self.method == "cg":
+            q, info = linalg.cg(hvp, v, self.k, self.tolerance)
+        elif self.method == "neumann":
+            q, info = linalg.neumann(hvp, v, alpha, self.k, self.tolerance)
+        else:
+            q, info = linalg.fixed_point(hvp, v, alpha, self.k, self.tolerance)
+        self.diagnostics = {
+            **info.as_dict(),
+            "alpha": None if self.method == "cg" else float(alpha),
+            "lambda_max": lambda_max,
+            "ll_grad_norm": linalg.norm(g).detach(),
+        }
+        if info.diverged:
+            self._report_divergence(info, hvp, v, alpha)
+        indirect = vjp(q, self.ul_params)
+        result = [
+            d if ind is None else (-ind if d is None else d - ind)
+            for d, ind in zip(direct, indirect, strict=True)
+        ]
+        return result, loss
+
+    def _warn_if_graph(self, trajectory: Trajectory) -> None:
+        if trajectory.differentiable_steps and not self._warned_graph:
+            self._warned_graph = True
+            warnings.warn(
+                "Implicit does not use the LL graph the auxiliary model recorded; set "
+                "ll.differentiable_steps = 0 (BilevelProblem does) so that LL memory does not "
+                "grow with the number of steps.",
+                stacklevel=4,
+            )
+
+    def _step(self, hvp: linalg.MatVec, v: list[torch.Tensor]) -> tuple[Any, float | None]:
+        """The series step: as given, or ``1 / lambda_max`` for ``alpha="auto"``."""
+        if self.method == "cg" or self.alpha != "auto":
+            return self.alpha, None
+        lambda_max = float(linalg.power_iteration(hvp, v, self.power_iters))
+        if not lambda_max > 0:
+            raise HypergradientDivergenceError(
+                f"alpha='auto': the LL Hessian has no positive curvature (power iteration "
+                f"gave {lambda_max:.4g}); the LL is not at a minimum. Run more LL steps or add "
+                "L2 regularization to the LL objective."
+            )
+        return 1.0 / lambda_max, lambda_max
+
+    def _report_divergence(
+        self, info: linalg.SolverInfo, hvp: linalg.MatVec, v: list[torch.Tensor], alpha: Any
+    ) -> None:
+        if self.method == "cg":
+            message = (
+                "CG met a direction of non-positive curvature (or a non-finite residual): the LL "
+                "Hessian is not positive definite at the auxiliary model's weights, so the LL "
+                "has not converged to a minimum. Run more LL steps, add L2 regularization to "
+                "the LL objective, or use Reverse/Truncated."
+            )
+        else:
+            lambda_max = float(linalg.power_iteration(hvp, v, self.power_iters))
+            self.diagnostics["lambda_max"] = lambda_max
+            safe = f"{1.0 / lambda_max:.3g}" if lambda_max > 0 else "none (no positive curvature)"
+            message = (
+                f"The {self.method} series diverged: its residual went from {info.rhs_norm:.3g} "
+                f"to {info.residual_norm:.3g} in {info.iterations} steps. It converges only for "
+                f"alpha < 2/lambda_max(H); alpha is {float(alpha):.3g} and the LL Hessian's "
+                f"largest eigenvalue is about {lambda_max:.4g}, so use alpha={safe} "
+                "(alpha='auto' does this) or method='cg'."
+            )
+        if self.on_divergence == "raise":
+            raise HypergradientDivergenceError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)

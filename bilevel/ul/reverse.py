@@ -1,0 +1,90 @@
+"""Reverse-mode hypergradients through the LL trajectory: all steps, or the last K."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from bilevel.ll import Trajectory
+from bilevel.state import Objective
+from bilevel.ul.base import Grads, HypergradientCalculator
+
+
+class Reverse(HypergradientCalculator):
+    """Back-propagation through all LL steps (reverse-mode hypergradient, RHG; MAML).
+
+    The hypergradient is exact for the unrolled map ``lambda -> L_ul(w_T(lambda), lambda)``.
+    Memory grows with the number of LL steps. When the UL parameters are the LL model's own
+    weights, this is MAML: the gradient flows to them as the LL's starting point.
+
+    References: Maclaurin et al. (2015); Franceschi et al. (2017), "Forward and Reverse
+    Gradient-Based Hyperparameter Optimization", ICML; Finn, Abbeel & Levine (2017), MAML.
+
+    Args:
+        ul_objective: ``state -> scalar`` UL loss.
+        ul_model: module with the UL variables.
+        ll_objective: ``state -> scalar`` LL loss.
+        ll_model: the LL module.
+    """
+
+    name = "reverse"
+
+    def differentiable_steps(self, iters: int) -> int:
+        """All of them."""
+        return iters
+
+    def _hypergradient(
+        self,
+        validate_data: Any,
+        validate_target: Any,
+        auxiliary_model: nn.Module,
+        train_data: Any,
+        train_target: Any,
+        trajectory: Trajectory,
+    ) -> tuple[Grads, torch.Tensor]:
+        loss = self.ul_loss(auxiliary_model, validate_data, validate_target)
+        grads = torch.autograd.grad(loss, self.ul_params, allow_unused=True)
+        return list(grads), loss
+
+
+class Truncated(Reverse):
+    """Back-propagation through the last ``truncate_iter`` LL steps only (K-step RMD).
+
+    The earlier steps run without a graph, so memory grows with K, not with the number of LL
+    steps. At a converged LL with step ``alpha`` the result is
+    ``grad_lambda L_ul - alpha (dg/dlambda)^T sum_{k<K} (I - alpha H)^k grad_w L_ul``, a
+    K-term Neumann approximation of the implicit hypergradient; ``K = iters`` is ``Reverse``.
+
+    Reference: Shaban, Cheng, Hatch & Boots (2019), "Truncated Back-propagation for Bilevel
+    Optimization", AISTATS.
+
+    Args:
+        ul_objective: ``state -> scalar`` UL loss.
+        ul_model: module with the UL variables.
+        ll_objective: ``state -> scalar`` LL loss.
+        ll_model: the LL module.
+        truncate_iter: K >= 1, the number of final LL steps to differentiate through.
+    """
+
+    name = "truncated"
+
+    def __init__(
+        self,
+        ul_objective: Objective,
+        ul_model: nn.Module,
+        ll_objective: Objective,
+        ll_model: nn.Module,
+        truncate_iter: int,
+    ) -> None:
+        super().__init__(ul_objective, ul_model, ll_objective, ll_model)
+        if isinstance(truncate_iter, bool) or not isinstance(truncate_iter, int):
+            raise TypeError(f"truncate_iter must be an int >= 1, got {truncate_iter!r}.")
+        if truncate_iter < 1:
+            raise ValueError(f"truncate_iter must be >= 1, got {truncate_iter}.")
+        self.truncate_iter = truncate_iter
+
+    def differentiable_steps(self, iters: int) -> int:
+        """The last ``truncate_iter`` (or all, if fewer)."""
+        return min(self.truncate_iter, iters)

@@ -1,0 +1,25 @@
+"""Install bilevel. torch is pinned by constraints.txt on the project's machines (see README)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="bilevel",
+    version="0.1.0",
+    description="Gradient-based bilevel optimization in PyTorch: exact, fast, safe by default.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["bilevel", "bilevel.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.0", "higher>=0.2.1", "numpy", "tqdm", "pillow"],
+    extras_require={
+        "dev": [
+            "pytest",
+            "ruff",
+            "mkdocs",
+            "mkdocs-material",
+            "mkdocstrings[python]",
+            "matplotlib",
+        ],
+        "examples": ["matplotlib"],
+    },
+)
