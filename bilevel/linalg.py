@@ -236,9 +236,7 @@ def power_iteration(matvec: MatVec, like: Vector, iters: int = 20, seed: int = 0
         seed: seed of the start vector.
     """
     generator = torch.Generator(device=like[0].device).manual_seed(seed)
-    u = [
-        torch.randn(t.shape, generator=generator, dtype=t.dtype, device=t.device) for t in like
-    ]
+    u = [torch.randn(t.shape, generator=generator, dtype=t.dtype, device=t.device) for t in like]
     eig = torch.zeros((), dtype=like[0].dtype, device=like[0].device)
     for _ in range(iters):
         scale = norm(u).clamp_min(torch.finfo(eig.dtype).tiny)

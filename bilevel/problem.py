@@ -105,9 +105,7 @@ class BilevelProblem:
         if not hasattr(ll, "optimize") or not hasattr(ll, "iters"):
             raise TypeError(f"ll must be a bilevel.ll optimizer, got {type(ll).__name__}.")
         if ll.ll_model is not ul.ll_model or ll.ul_model is not ul.ul_model:
-            raise ValueError(
-                "ll and ul must be built on the same ll_model and ul_model objects."
-            )
+            raise ValueError("ll and ul must be built on the same ll_model and ul_model objects.")
         if ul_optimizer is not None and not isinstance(ul_optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"ul_optimizer must be a torch.optim.Optimizer, got {type(ul_optimizer).__name__}."
@@ -182,9 +180,7 @@ class BilevelProblem:
         grads = [p.grad for p in self.ul_params if p.grad is not None]
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
         if not bool(finite):
-            where = (
-                f"the {self.ul.name} hypergradient at UL step {self.step_count} is not finite"
-            )
+            where = f"the {self.ul.name} hypergradient at UL step {self.step_count} is not finite"
             if self.on_nonfinite == "raise":
                 check_finite(torch.tensor(float("nan")), where)
             self.skipped_steps += 1

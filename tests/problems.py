@@ -30,7 +30,7 @@ class FeatureL2(nn.Module):
         self.log_l2 = nn.Parameter(torch.full((d,), float(torch.tensor(value).log()), dtype=DTYPE))
 
     def penalty(self, ll_model: nn.Module) -> torch.Tensor:
-        (w,) = ll_model.parameters()
+        w = next(iter(ll_model.parameters()))
         return 0.5 * (self.log_l2.exp() * w * w).sum()
 
 

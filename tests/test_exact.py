@@ -15,7 +15,6 @@ from problems import (
     ridge,
     ridge_exact_hypergradient,
     ridge_ll,
-    ridge_solution,
     ridge_truncated_hypergradient,
     ridge_ul,
 )
@@ -36,12 +35,19 @@ def hypergradient(p, ul, iters=CONVERGED, lr=LR, ll_objective=ridge_ll, **ll_kwa
 
 
 def implicit(p, method, k, ll_objective=ridge_ll, ul_objective=ridge_ul, **kwargs):
-    return Implicit(ul_objective, p.ul_model, ll_objective, p.ll_model, LR, k, method=method, **kwargs)
+    return Implicit(
+        ul_objective, p.ul_model, ll_objective, p.ll_model, LR, k, method=method, **kwargs
+    )
 
 
 @pytest.mark.parametrize(
     ("method", "k", "kwargs"),
-    [("cg", 10, {}), ("neumann", 200, {}), ("fixed_point", 200, {}), ("neumann", 400, {"alpha": "auto"})],
+    [
+        ("cg", 10, {}),
+        ("neumann", 200, {}),
+        ("fixed_point", 200, {}),
+        ("neumann", 400, {"alpha": "auto"}),
+    ],
 )
 def test_implicit_matches_ridge_closed_form(method, k, kwargs):
     p = ridge()
@@ -102,14 +108,17 @@ def unrolled_ul_loss(p, log_l2, iters, lr, optimizer="sgd", **kwargs):
     opt = opt_cls(model.parameters(), lr=lr, **kwargs)
     for _ in range(iters):
         opt.zero_grad()
-        ridge_ll({"data": p.train[0], "target": p.train[1], "ll_model": model, "ul_model": ul}).backward()
+        ridge_ll(
+            {"data": p.train[0], "target": p.train[1], "ll_model": model, "ul_model": ul}
+        ).backward()
         opt.step()
     with torch.no_grad():
         return ridge_ul({"data": p.val[0], "target": p.val[1], "ll_model": model, "ul_model": ul})
 
 
 @pytest.mark.parametrize(
-    ("optimizer", "kwargs"), [("sgd", {}), ("sgd", {"momentum": 0.8}), ("adam", {"betas": (0.8, 0.9)})]
+    ("optimizer", "kwargs"),
+    [("sgd", {}), ("sgd", {"momentum": 0.8}), ("adam", {"betas": (0.8, 0.9)})],
 )
 def test_reverse_few_steps_matches_finite_differences(optimizer, kwargs):
     p = ridge(d=4)
@@ -118,8 +127,12 @@ def test_reverse_few_steps_matches_finite_differences(optimizer, kwargs):
     lr = 0.1 if optimizer == "adam" else 0.3
     iters = 6
     grad = hypergradient(
-        p, Reverse(ridge_ul, p.ul_model, ridge_ll, p.ll_model), iters=iters, lr=lr,
-        optimizer=optimizer, **kwargs,
+        p,
+        Reverse(ridge_ul, p.ul_model, ridge_ll, p.ll_model),
+        iters=iters,
+        lr=lr,
+        optimizer=optimizer,
+        **kwargs,
     )
     base = p.ul_model.log_l2.detach().clone()
     eps = 1e-6
@@ -136,8 +149,9 @@ def test_reverse_few_steps_matches_finite_differences(optimizer, kwargs):
 def test_ll_rules_follow_torch_optim():
     p = ridge(d=4)
     for optimizer, kwargs in [("sgd", {"momentum": 0.7}), ("adam", {"betas": (0.8, 0.95)})]:
-        ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.05, iters=9,
-                             optimizer=optimizer, **kwargs)
+        ll = GradientDescent(
+            ridge_ll, p.ll_model, p.ul_model, lr=0.05, iters=9, optimizer=optimizer, **kwargs
+        )
         aux = ll.optimize(*p.train)
         model = Linear(4, p.ll_model.w.detach())
         opt = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[optimizer](
@@ -145,8 +159,14 @@ def test_ll_rules_follow_torch_optim():
         )
         for _ in range(9):
             opt.zero_grad()
-            ridge_ll({"data": p.train[0], "target": p.train[1], "ll_model": model,
-                      "ul_model": p.ul_model}).backward()
+            ridge_ll(
+                {
+                    "data": p.train[0],
+                    "target": p.train[1],
+                    "ll_model": model,
+                    "ul_model": p.ul_model,
+                }
+            ).backward()
             opt.step()
         torch.testing.assert_close(aux.fast_params[0], model.w, rtol=1e-12, atol=1e-14)
 
@@ -183,10 +203,20 @@ def test_learning_rate_as_ul_variable_matches_finite_differences():
 def test_implicit_and_reverse_match_logistic_dense_solve():
     p = logistic()
     exact = logistic_exact_hypergradient(p)
-    imp = hypergradient(p, implicit(p, "cg", 20, logistic_ll, logistic_ul), iters=400, lr=1.0,
-                        ll_objective=logistic_ll)
-    rev = hypergradient(p, Reverse(logistic_ul, p.ul_model, logistic_ll, p.ll_model), iters=400,
-                        lr=1.0, ll_objective=logistic_ll)
+    imp = hypergradient(
+        p,
+        implicit(p, "cg", 20, logistic_ll, logistic_ul),
+        iters=400,
+        lr=1.0,
+        ll_objective=logistic_ll,
+    )
+    rev = hypergradient(
+        p,
+        Reverse(logistic_ul, p.ul_model, logistic_ll, p.ll_model),
+        iters=400,
+        lr=1.0,
+        ll_objective=logistic_ll,
+    )
     assert relative_error(imp, exact) < 1e-9
     assert relative_error(rev, exact) < 1e-9
 

@@ -126,7 +126,7 @@ class GradientDescent:
         betas: Adam's ``(beta1, beta2)``, each in [0, 1).
         eps: Adam's epsilon (> 0).
         differentiable_steps: see above.
-        warn_on_growth: warn when the LL loss ends above where it started.
+        warn_on_growth: warn (once) when the LL loss ends above where it started.
     """
 
     def __init__(
@@ -215,7 +215,9 @@ class GradientDescent:
         check_data_matches(data, reference, "data")
         check_data_matches(target, reference, "target")
         iters = self.iters
-        tracked = iters if self.differentiable_steps is None else min(self.differentiable_steps, iters)
+        tracked = (
+            iters if self.differentiable_steps is None else min(self.differentiable_steps, iters)
+        )
         full = tracked == iters
         fmodel = higher.monkeypatch(
             self.ll_model, copy_initial_weights=not full, track_higher_grads=full
@@ -271,6 +273,7 @@ class GradientDescent:
                 "and the objective for NaN, log(0) or division by zero."
             )
         if self.warn_on_growth and self.iters > 1 and last > first:
+            self.warn_on_growth = False  # once per optimizer, not at every UL step
             warnings.warn(
                 f"The LL loss grew from {first:.4g} to {last:.4g} over {self.iters} steps: the LL "
                 f"is diverging (lr={self._describe(self.lr)}). Lower the LL learning rate.",

@@ -17,7 +17,9 @@ Tensors = list[torch.Tensor]
 Rule = Callable[[Tensors, Tensors, dict[str, Any], dict[str, list[Any]], int], tuple[Tensors, dict]]
 
 
-def sgd(params: Tensors, grads: Tensors, state: dict, hyper: dict, step: int) -> tuple[Tensors, dict]:
+def sgd(
+    params: Tensors, grads: Tensors, state: dict, hyper: dict, step: int
+) -> tuple[Tensors, dict]:
     """``w <- w - lr * g``; with ``momentum`` ``mu``: ``b <- mu b + g``, ``w <- w - lr * b``.
 
     Same conventions as ``torch.optim.SGD`` (no dampening; the first buffer is ``g``).
@@ -35,7 +37,9 @@ def sgd(params: Tensors, grads: Tensors, state: dict, hyper: dict, step: int) ->
     return new, {"momentum_buffer": buffers}
 
 
-def adam(params: Tensors, grads: Tensors, state: dict, hyper: dict, step: int) -> tuple[Tensors, dict]:
+def adam(
+    params: Tensors, grads: Tensors, state: dict, hyper: dict, step: int
+) -> tuple[Tensors, dict]:
     """Adam, as ``torch.optim.Adam`` (bias-corrected moments, ``eps`` added after the root).
 
     The root is taken of ``max(v, tiny)`` so that its derivative stays finite where a

@@ -80,9 +80,7 @@ class HypergradientCalculator:
             )
         return trajectory
 
-    def states(
-        self, auxiliary_model: nn.Module, data: Any, target: Any
-    ) -> dict[str, Any]:
+    def states(self, auxiliary_model: nn.Module, data: Any, target: Any) -> dict[str, Any]:
         """The state dict for one level, with the auxiliary model as ``ll_model``."""
         return make_state(data, target, self.ul_model, auxiliary_model)
 

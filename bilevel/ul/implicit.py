@@ -123,7 +123,10 @@ class Implicit(HypergradientCalculator):
             loss = self.ul_loss(auxiliary_model, validate_data, validate_target)
             grads = torch.autograd.grad(loss, [*self.ul_params, *w], allow_unused=True)
             direct = grads[:n]
-            v = [torch.zeros_like(x) if gv is None else gv for x, gv in zip(w, grads[n:], strict=True)]
+            v = [
+                torch.zeros_like(x) if gv is None else gv
+                for x, gv in zip(w, grads[n:], strict=True)
+            ]
             ll_loss = self.ll_objective(self.states(auxiliary_model, train_data, train_target))
             ll_loss = check_objective_result(ll_loss, "ll_objective")
             g = torch.autograd.grad(ll_loss, w, create_graph=True, allow_unused=True)
@@ -142,7 +145,9 @@ class Implicit(HypergradientCalculator):
             )
 
         def hvp(q: list[torch.Tensor]) -> list[torch.Tensor]:
-            return [torch.zeros_like(x) if h is None else h for x, h in zip(w, vjp(q, w), strict=True)]
+            return [
+                torch.zeros_like(x) if h is None else h for x, h in zip(w, vjp(q, w), strict=True)
+            ]
 
         alpha, lambda_max = self._step(hvp, v)
         if self.method == "cg":

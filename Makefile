@@ -1,0 +1,26 @@
+# The two commands of the README: `make quickstart` (the main job) and `make test`.
+# Both install what they need first, so they work on a fresh machine.
+PYTHON ?= python3
+export NO_MKDOCS_2_WARNING = 1
+PIP = $(PYTHON) -m pip install -q -c constraints.txt
+
+.PHONY: install quickstart test lint docs pytest
+
+install:
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev]"
+
+quickstart: install
+	$(PYTHON) examples/quickstart.py
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+docs:
+	$(PYTHON) -m mkdocs build --strict --quiet --site-dir site
+
+pytest:
+	$(PYTHON) -m pytest -q
+
+test: install lint docs pytest

@@ -1,0 +1,108 @@
+"""BilevelProblem: hypergradient, step, run, logging and checkpoints."""
+
+from __future__ import annotations
+
+import torch
+from problems import ridge, ridge_exact_hypergradient, ridge_ll, ridge_ul
+
+from bilevel import BilevelProblem
+from bilevel.ll import GradientDescent
+from bilevel.ul import Implicit, Reverse, Truncated
+
+
+def make(p, ul_cls=Implicit, lr=0.05, **kwargs):
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.5, iters=60)
+    if ul_cls is Implicit:
+        ul = Implicit(ridge_ul, p.ul_model, ridge_ll, p.ll_model, 0.5, k=10)
+    else:
+        ul = ul_cls(ridge_ul, p.ul_model, ridge_ll, p.ll_model, **kwargs)
+    opt = torch.optim.Adam(p.ul_model.parameters(), lr=lr)
+    return BilevelProblem(ll, ul, opt)
+
+
+def test_runner_configures_the_ll_trajectory():
+    p = ridge()
+    assert make(p).ll.differentiable_steps == 0
+    assert make(p, Reverse).ll.differentiable_steps == 60
+    assert make(p, Truncated, truncate_iter=5).ll.differentiable_steps == 5
+
+
+def test_hypergradient_leaves_parameters_and_grads_unchanged():
+    p = ridge()
+    problem = make(p)
+    before = p.ul_model.log_l2.detach().clone()
+    p.ul_model.log_l2.grad = torch.full_like(before, 7.0)
+    (grad,) = problem.hypergradient(p.train, p.val)
+    assert torch.equal(p.ul_model.log_l2.detach(), before)
+    assert torch.equal(p.ul_model.log_l2.grad, torch.full_like(before, 7.0))
+    torch.testing.assert_close(grad, ridge_exact_hypergradient(p), rtol=1e-9, atol=0)
+
+
+def test_seed_flow_accumulates_into_grad():
+    p = ridge()
+    problem = make(p)
+    aux = problem.ll.optimize(*p.train)
+    problem.ul.compute_gradients(*p.val, aux, *p.train)
+    problem.ul.compute_gradients(*p.val, aux, *p.train)
+    torch.testing.assert_close(
+        p.ul_model.log_l2.grad, 2 * ridge_exact_hypergradient(p), rtol=1e-9, atol=0
+    )
+
+
+def test_step_applies_the_ul_optimizer_to_the_hypergradient():
+    p = ridge()
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.5, iters=60)
+    ul = Implicit(ridge_ul, p.ul_model, ridge_ll, p.ll_model, 0.5, k=10)
+    problem = BilevelProblem(ll, ul, torch.optim.SGD(p.ul_model.parameters(), lr=0.1))
+    before = p.ul_model.log_l2.detach().clone()
+    exact = ridge_exact_hypergradient(p)
+    loss = problem.step(p.train, p.val)
+    torch.testing.assert_close(p.ul_model.log_l2.detach(), before - 0.1 * exact, rtol=1e-9, atol=0)
+    assert loss.ndim == 0 and problem.step_count == 1
+
+
+def test_ul_loss_falls_over_a_run_and_logs_diagnostics():
+    p = ridge()
+    problem = make(p, lr=0.1)
+    records = []
+    last = problem.run(
+        lambda step: (p.train, p.val), steps=30, log=records.append, log_every=10, progress=False
+    )
+    assert [r["step"] for r in records] == [10, 20, 30]
+    assert records[-1]["ul_loss"] < records[0]["ul_loss"]
+    assert {"iterations", "residual_norm", "converged", "ll_loss", "ll_grad_norm"} <= set(last)
+    assert last["converged"] is True
+
+
+def test_run_resumes_from_a_checkpoint_exactly(tmp_path):
+    def batch(step):  # random batches: the RNG state must be restored for an exact resume
+        idx = torch.randint(0, 60, (40,))
+        return (p.train[0][idx], p.train[1][idx]), p.val
+
+    p = ridge()
+    torch.manual_seed(0)
+    make(p).run(batch, steps=12, progress=False)
+    uninterrupted = p.ul_model.log_l2.detach().clone()
+
+    p = ridge()
+    torch.manual_seed(0)
+    path = tmp_path / "ckpt.pt"
+    make(p).run(batch, steps=5, checkpoint=path, checkpoint_every=5, progress=False)
+    torch.manual_seed(123)  # a new process would start from another state
+    p = ridge()
+    problem = make(p)
+    problem.run(batch, steps=12, checkpoint=path, checkpoint_every=5, progress=False)
+    assert problem.step_count == 12
+    assert torch.equal(p.ul_model.log_l2.detach(), uninterrupted)
+    saved = torch.load(path, weights_only=False)
+    assert saved["step"] == 12 and "ul_model" in saved and "ul_optimizer" in saved
+
+
+def test_run_accepts_an_iterable_and_task_batches():
+    p = ridge()
+    problem = make(p, Reverse)
+    x, y = p.train
+    xv, yv = p.val
+    batches = [{"train": (x[None], y[None]), "test": (xv[None], yv[None])}] * 3
+    problem.run(batches, steps=3, progress=False)
+    assert problem.step_count == 3

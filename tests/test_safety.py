@@ -1,0 +1,174 @@
+"""Divergent Neumann / fixed point are corrected by alpha="auto" or refused loudly; NaN and
+divergence in the LL are reported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from problems import DTYPE, relative_error, ridge, ridge_exact_hypergradient, ridge_ll, ridge_ul
+from torch import nn
+
+from bilevel import BilevelProblem
+from bilevel.ll import GradientDescent
+from bilevel.ul import HypergradientDivergenceError, Implicit, Reverse
+
+STIFF_LR = 0.045  # the LL converges (lambda_max ~ 40), but 0.1 is too large for the series
+
+
+def stiff():
+    p = ridge(d=5, scale=5.2, l2=0.5)
+    x = p.train[0]
+    lam = torch.linalg.eigvalsh(x.T @ x / len(x) + 0.5 * torch.eye(5, dtype=DTYPE))
+    assert 2 / lam[-1] < 0.1 < 2.0 / lam[-1] * 3 and STIFF_LR < 2 / lam[-1]
+    return p, float(lam[-1])
+
+
+def solve(p, ul):
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=STIFF_LR, iters=2000)
+    (grad,) = BilevelProblem(ll, ul).hypergradient(p.train, p.val)
+    return grad
+
+
+@pytest.mark.parametrize("method", ["neumann", "fixed_point"])
+def test_divergent_series_is_refused_with_lambda_max_and_safe_alpha(method):
+    p, lambda_max = stiff()
+    ul = Implicit(
+        ridge_ul, p.ul_model, ridge_ll, p.ll_model, ll_learning_rate=0.1, k=10, method=method
+    )
+    with pytest.raises(HypergradientDivergenceError) as err:
+        solve(p, ul)
+    message = str(err.value)
+    assert "diverged" in message and "alpha='auto'" in message
+    assert f"{lambda_max:.4g}" in message  # the measured lambda_max
+    assert f"alpha={1 / lambda_max:.3g}" in message  # and a safe step
+
+
+def test_divergent_series_can_warn_instead():
+    p, _ = stiff()
+    ul = Implicit(
+        ridge_ul,
+        p.ul_model,
+        ridge_ll,
+        p.ll_model,
+        ll_learning_rate=0.1,
+        k=10,
+        method="neumann",
+        on_divergence="warn",
+    )
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        solve(p, ul)
+    assert ul.diagnostics["diverged"]
+
+
+@pytest.mark.parametrize("method", ["neumann", "fixed_point"])
+def test_alpha_auto_corrects_the_divergent_case(method):
+    p, lambda_max = stiff()
+    ul = Implicit(
+        ridge_ul,
+        p.ul_model,
+        ridge_ll,
+        p.ll_model,
+        ll_learning_rate=0.1,
+        k=3000,
+        method=method,
+        alpha="auto",
+        power_iters=100,
+    )
+    grad = solve(p, ul)
+    assert ul.diagnostics["lambda_max"] == pytest.approx(lambda_max, rel=1e-3)
+    assert not ul.diagnostics["diverged"]
+    assert relative_error(grad, ridge_exact_hypergradient(p)) < 1e-7
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).to(DTYPE)
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+
+class WeightDecay(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.log_decay = nn.Parameter(torch.tensor(-1.0, dtype=DTYPE))
+
+
+def mlp_ll(state):
+    model = state["ll_model"]
+    fit = F.mse_loss(model(state["data"]), state["target"])
+    decay = sum((w**2).sum() for w in model.parameters())
+    return fit + 0.5 * state["ul_model"].log_decay.exp() * decay
+
+
+def mlp_ul(state):
+    return F.mse_loss(state["ll_model"](state["data"]), state["target"])
+
+
+def test_mlp_weight_decay_neumann_auto_agrees_with_cg_and_the_naive_series_is_refused():
+    """The typical user report: a weight-decay hyperparameter on a small MLP, ten Neumann terms
+    with alpha = the LL learning rate, terms growing each step."""
+    g = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(64, 3, generator=g, dtype=DTYPE)
+    y = torch.sin(x.sum(1))
+    xv = 3 * torch.randn(64, 3, generator=g, dtype=DTYPE)
+    yv = torch.sin(xv.sum(1))
+    net, decay = MLP(), WeightDecay()
+    ll_converged = GradientDescent(mlp_ll, net, decay, lr=0.01, iters=3000, optimizer="adam")
+
+    def hypergradient(ul):
+        (grad,) = BilevelProblem(ll_converged, ul).hypergradient((x, y), (xv, yv))
+        return grad
+
+    naive = Implicit(mlp_ul, decay, mlp_ll, net, ll_learning_rate=1.0, k=10, method="neumann")
+    with pytest.raises(HypergradientDivergenceError, match="lambda_max"):
+        hypergradient(naive)
+    cg = hypergradient(Implicit(mlp_ul, decay, mlp_ll, net, 1.0, k=200, method="cg"))
+    auto = Implicit(
+        mlp_ul, decay, mlp_ll, net, 1.0, k=4000, method="neumann", alpha="auto", power_iters=50
+    )
+    assert relative_error(hypergradient(auto), cg) < 1e-4
+
+
+def test_nan_in_the_ll_loss_names_the_step():
+    p = ridge()
+
+    def ll_objective(state):
+        loss = ridge_ll(state)
+        return loss * torch.where(state["ll_model"].w[0] > 10, float("nan"), 1.0)
+
+    ll = GradientDescent(
+        ll_objective, p.ll_model, p.ul_model, lr=5.0, iters=50, warn_on_growth=False
+    )
+    with pytest.raises(FloatingPointError, match=r"LL step \d+ of 50 \(lr=5\)"):
+        ll.optimize(*p.train)
+
+
+def test_diverging_ll_is_reported_with_the_step_size():
+    p = ridge()
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=4.5, iters=10)
+    with pytest.warns(RuntimeWarning, match=r"diverging \(lr=4.5\)"):
+        ll.optimize(*p.train)
+
+
+def test_nonfinite_hypergradient_raises_or_skips_and_never_reaches_the_parameters():
+    p = ridge()
+
+    def ul_objective(state):
+        return ridge_ul(state) * torch.sqrt(state["ul_model"].log_l2.sum() * 0)  # grad: inf*0
+
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.5, iters=5)
+    ul = Reverse(ul_objective, p.ul_model, ridge_ll, p.ll_model)
+    before = p.ul_model.log_l2.detach().clone()
+    problem = BilevelProblem(ll, ul, torch.optim.SGD(p.ul_model.parameters(), lr=0.1))
+    with pytest.raises(FloatingPointError, match="reverse hypergradient at UL step 0"):
+        problem.step(p.train, p.val)
+    skipping = BilevelProblem(
+        ll, ul, torch.optim.SGD(p.ul_model.parameters(), lr=0.1), on_nonfinite="skip"
+    )
+    skipping.step(p.train, p.val)
+    assert skipping.skipped_steps == 1
+    assert torch.equal(p.ul_model.log_l2.detach(), before)
