@@ -3,6 +3,7 @@ evaluation of the objectives, and accumulation of the hypergradient into ``.grad
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +21,18 @@ from bilevel.state import (
 )
 
 Grads = list[torch.Tensor | None]
+
+
+@dataclass
+class Call:
+    """The arguments of one :meth:`HypergradientCalculator.compute_gradients` call."""
+
+    validate_data: Any
+    validate_target: Any
+    auxiliary_model: nn.Module
+    train_data: Any
+    train_target: Any
+    trajectory: Trajectory
 
 
 class HypergradientCalculator:
@@ -84,10 +97,15 @@ class HypergradientCalculator:
         """The state dict for one level, with the auxiliary model as ``ll_model``."""
         return make_state(data, target, self.ul_model, auxiliary_model)
 
-    def ul_loss(self, auxiliary_model: nn.Module, data: Any, target: Any) -> torch.Tensor:
+    def ul_loss(self, call: Call) -> torch.Tensor:
         """Evaluate and check the UL objective on the auxiliary model."""
-        value = self.ul_objective(self.states(auxiliary_model, data, target))
-        return check_objective_result(value, "ul_objective")
+        state = self.states(call.auxiliary_model, call.validate_data, call.validate_target)
+        return check_objective_result(self.ul_objective(state), "ul_objective")
+
+    def ll_loss(self, call: Call) -> torch.Tensor:
+        """Evaluate and check the LL objective on the auxiliary model."""
+        state = self.states(call.auxiliary_model, call.train_data, call.train_target)
+        return check_objective_result(self.ll_objective(state), "ll_objective")
 
     def compute_gradients(
         self,
@@ -110,9 +128,10 @@ class HypergradientCalculator:
             The UL loss at the auxiliary model (detached).
         """
         trajectory = self._check_trajectory(auxiliary_model)
-        grads, loss = self._hypergradient(
+        call = Call(
             validate_data, validate_target, auxiliary_model, train_data, train_target, trajectory
         )
+        grads, loss = self._hypergradient(call)
         self._refuse_unused(grads)
         check_finite(loss.detach(), "the UL loss")
         for p, g in zip(self.ul_params, grads, strict=True):
@@ -123,15 +142,8 @@ class HypergradientCalculator:
         self.diagnostics["ul_loss"] = loss.detach()
         return loss.detach()
 
-    def _hypergradient(
-        self,
-        validate_data: Any,
-        validate_target: Any,
-        auxiliary_model: nn.Module,
-        train_data: Any,
-        train_target: Any,
-        trajectory: Trajectory,
-    ) -> tuple[Grads, torch.Tensor]:
+    def _hypergradient(self, call: Call) -> tuple[Grads, torch.Tensor]:
+        """The method itself: the hypergradient (``None`` where no path) and the UL loss."""
         raise NotImplementedError
 
     def _refuse_unused(self, grads: Grads) -> None:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import nn
 
-from bilevel.ll import Trajectory, evaluate_at
-from bilevel.ul.base import Grads, HypergradientCalculator, add, detached_weights
+from bilevel.ll import evaluate_at
+from bilevel.ul.base import Call, Grads, HypergradientCalculator, add, detached_weights
 
 
 class FirstOrder(HypergradientCalculator):
@@ -34,18 +31,10 @@ class FirstOrder(HypergradientCalculator):
         """None."""
         return 0
 
-    def _hypergradient(
-        self,
-        validate_data: Any,
-        validate_target: Any,
-        auxiliary_model: nn.Module,
-        train_data: Any,
-        train_target: Any,
-        trajectory: Trajectory,
-    ) -> tuple[Grads, torch.Tensor]:
-        weights, active = detached_weights(auxiliary_model, trajectory)
-        with evaluate_at(auxiliary_model, weights):
-            loss = self.ul_loss(auxiliary_model, validate_data, validate_target)
+    def _hypergradient(self, call: Call) -> tuple[Grads, torch.Tensor]:
+        weights, active = detached_weights(call.auxiliary_model, call.trajectory)
+        with evaluate_at(call.auxiliary_model, weights):
+            loss = self.ul_loss(call)
         grads = torch.autograd.grad(
             loss, [*self.ul_params, *(weights[i] for i in active)], allow_unused=True
         )

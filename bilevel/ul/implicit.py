@@ -10,8 +10,8 @@ from torch import nn
 
 from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
-from bilevel.state import Objective, check_objective_result
-from bilevel.ul.base import Grads, HypergradientCalculator, detached_weights
+from bilevel.state import Objective
+from bilevel.ul.base import Call, Grads, HypergradientCalculator, detached_weights
 
 
 class HypergradientDivergenceError(FloatingPointError):
@@ -106,30 +106,20 @@ class Implicit(HypergradientCalculator):
         """None: the LL graph is not needed."""
         return 0
 
-    def _hypergradient(
-        self,
-        validate_data: Any,
-        validate_target: Any,
-        auxiliary_model: nn.Module,
-        train_data: Any,
-        train_target: Any,
-        trajectory: Trajectory,
-    ) -> tuple[Grads, torch.Tensor]:
-        self._warn_if_graph(trajectory)
-        weights, active = detached_weights(auxiliary_model, trajectory)
+    def _hypergradient(self, call: Call) -> tuple[Grads, torch.Tensor]:
+        self._warn_if_graph(call.trajectory)
+        weights, active = detached_weights(call.auxiliary_model, call.trajectory)
         w = [weights[i] for i in active]
         n = len(self.ul_params)
-        with evaluate_at(auxiliary_model, weights):
-            loss = self.ul_loss(auxiliary_model, validate_data, validate_target)
+        with evaluate_at(call.auxiliary_model, weights):
+            loss = self.ul_loss(call)
             grads = torch.autograd.grad(loss, [*self.ul_params, *w], allow_unused=True)
             direct = grads[:n]
             v = [
                 torch.zeros_like(x) if gv is None else gv
                 for x, gv in zip(w, grads[n:], strict=True)
             ]
-            ll_loss = self.ll_objective(self.states(auxiliary_model, train_data, train_target))
-            ll_loss = check_objective_result(ll_loss, "ll_objective")
-            g = torch.autograd.grad(ll_loss, w, create_graph=True, allow_unused=True)
+            g = torch.autograd.grad(self.ll_loss(call), w, create_graph=True, allow_unused=True)
         g = [torch.zeros_like(x) if gi is None else gi for x, gi in zip(w, g, strict=True)]
         linked = [(gi, i) for i, gi in enumerate(g) if gi.requires_grad]
 

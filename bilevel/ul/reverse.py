@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from bilevel.ll import Trajectory
 from bilevel.state import Objective
-from bilevel.ul.base import Grads, HypergradientCalculator
+from bilevel.ul.base import Call, Grads, HypergradientCalculator
 
 
 class Reverse(HypergradientCalculator):
@@ -35,16 +32,8 @@ class Reverse(HypergradientCalculator):
         """All of them."""
         return iters
 
-    def _hypergradient(
-        self,
-        validate_data: Any,
-        validate_target: Any,
-        auxiliary_model: nn.Module,
-        train_data: Any,
-        train_target: Any,
-        trajectory: Trajectory,
-    ) -> tuple[Grads, torch.Tensor]:
-        loss = self.ul_loss(auxiliary_model, validate_data, validate_target)
+    def _hypergradient(self, call: Call) -> tuple[Grads, torch.Tensor]:
+        loss = self.ul_loss(call)
         grads = torch.autograd.grad(loss, self.ul_params, allow_unused=True)
         return list(grads), loss
 
