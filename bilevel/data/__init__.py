@@ -1,0 +1,38 @@
+"""Data sets and few-shot task sampling.
+
+Data sets are read from a data folder given as ``root=`` or by the ``BILEVEL_DATA``
+environment variable; derived caches go to ``cache_dir=``, ``BILEVEL_CACHE`` or
+``~/.cache/bilevel``.
+"""
+
+from bilevel.data._files import md5sum
+from bilevel.data.mnist import MNIST_MD5, load_mnist, read_idx, verify_mnist
+from bilevel.data.omniglot import (
+    OMNIGLOT_MD5,
+    SPLIT_SIZES,
+    Omniglot,
+    OmniglotSplit,
+    omniglot_split_indices,
+)
+from bilevel.data.root import resolve_cache_dir, resolve_root
+from bilevel.data.tasks import Task, TaskDataset, TaskSampler, collate_tasks, meta_batches
+
+__all__ = [
+    "MNIST_MD5",
+    "OMNIGLOT_MD5",
+    "SPLIT_SIZES",
+    "Omniglot",
+    "OmniglotSplit",
+    "Task",
+    "TaskDataset",
+    "TaskSampler",
+    "collate_tasks",
+    "load_mnist",
+    "md5sum",
+    "meta_batches",
+    "omniglot_split_indices",
+    "read_idx",
+    "resolve_cache_dir",
+    "resolve_root",
+    "verify_mnist",
+]

@@ -1,0 +1,241 @@
+"""MNIST and Fashion-MNIST from their original IDX gzip files.
+
+Expected layout, with ``root`` from the argument or ``BILEVEL_DATA``::
+
+    <root>/MNIST/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
+    <root>/FashionMNIST/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
+
+References:
+    LeCun, Bottou, Bengio & Haffner (1998), "Gradient-based learning applied to document
+    recognition". Xiao, Rasul & Vollgraf (2017), "Fashion-MNIST: a novel image dataset for
+    benchmarking machine learning algorithms", arXiv:1708.07747.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from bilevel.data._files import download_file, md5sum
+from bilevel.data.root import resolve_root
+
+__all__ = [
+    "MNIST_FILES",
+    "MNIST_KINDS",
+    "MNIST_MD5",
+    "MNIST_MIRRORS",
+    "load_mnist",
+    "mnist_folder",
+    "read_idx",
+    "verify_mnist",
+]
+
+#: Data set names, which are also the folder names under the data root.
+MNIST_KINDS = ("MNIST", "FashionMNIST")
+
+#: (images file, labels file) of each split.
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+#: Official md5 sums of the eight gzip files.
+MNIST_MD5 = {
+    "MNIST": {
+        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+    },
+    "FashionMNIST": {
+        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+    },
+}
+
+#: Public mirrors used by ``download=True``, tried in order.
+MNIST_MIRRORS = {
+    "MNIST": (
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    ),
+    "FashionMNIST": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+}
+
+# IDX type codes (third byte of the magic number) -> big-endian numpy dtype.
+_IDX_DTYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
+_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+
+
+def read_idx(path: str | os.PathLike[str], expected_magic: int | None = None) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed, by its ``.gz`` suffix).
+
+    The header is big-endian: a 4-byte magic number (two zero bytes, a type code, the
+    number of dimensions), then one 4-byte size per dimension, then the data.
+
+    Args:
+        path: The IDX file.
+        expected_magic: If given, the magic number the file must have (2051 for MNIST
+            images, 2049 for labels).
+
+    Returns:
+        The array, in native byte order, with the shape given by the header.
+
+    Raises:
+        ValueError: If the magic number is wrong or the data length does not match the
+            sizes in the header.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4:
+        raise ValueError(f"{path}: not an IDX file (only {len(data)} bytes)")
+    (magic,) = struct.unpack(">I", data[:4])
+    if expected_magic is not None and magic != expected_magic:
+        raise ValueError(f"{path}: bad IDX magic number {magic}, expected {expected_magic}")
+    zero, code, ndim = magic >> 16, (magic >> 8) & 0xFF, magic & 0xFF
+    if zero != 0 or code not in _IDX_DTYPES:
+        raise ValueError(f"{path}: bad IDX magic number {magic:#010x}")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    dtype = _IDX_DTYPES[code]
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise ValueError(
+            f"{path}: IDX header gives shape {shape} ({expected} bytes of data), "
+            f"but the file holds {len(data) - header} bytes of data"
+        )
+    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    return array.astype(dtype.newbyteorder("="), copy=False)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in MNIST_KINDS:
+        raise ValueError(f"kind must be one of {MNIST_KINDS}, got {kind!r}")
+
+
+def mnist_folder(root: str | os.PathLike[str] | None = None, kind: str = "MNIST") -> Path:
+    """Return the folder that holds one data set's gzip files: ``<root>/<kind>``.
+
+    Args:
+        root: Data folder; ``None`` reads ``BILEVEL_DATA``.
+        kind: ``"MNIST"`` or ``"FashionMNIST"``.
+
+    Returns:
+        The folder (it may not exist).
+    """
+    _check_kind(kind)
+    return resolve_root(root) / kind
+
+
+def verify_mnist(root: str | os.PathLike[str] | None = None, kind: str = "MNIST") -> None:
+    """Check the four gzip files of a data set against the official md5 sums.
+
+    Args:
+        root: Data folder; ``None`` reads ``BILEVEL_DATA``.
+        kind: ``"MNIST"`` or ``"FashionMNIST"``.
+
+    Raises:
+        FileNotFoundError: If a file is missing.
+        ValueError: If a file's md5 differs from the official one.
+    """
+    folder = mnist_folder(root, kind)
+    _require_files(folder, kind, list(MNIST_MD5[kind]))
+    bad = []
+    for name, expected in MNIST_MD5[kind].items():
+        got = md5sum(folder / name)
+        if got != expected:
+            bad.append(f"{name}: md5 {got}, expected {expected}")
+    if bad:
+        raise ValueError(
+            f"{kind} files in {folder} differ from the official release:\n  " + "\n  ".join(bad)
+        )
+
+
+def _require_files(folder: Path, kind: str, names: list[str]) -> None:
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{kind} files missing from {folder}: {', '.join(missing)}. Expected the original "
+            f"gzip files {', '.join(MNIST_MD5[kind])} in that folder; pass download=True "
+            f"to fetch them, or pass root=/ set BILEVEL_DATA to the folder that holds {kind}/"
+        )
+
+
+def load_mnist(
+    root: str | os.PathLike[str] | None = None,
+    split: Literal["train", "test"] = "train",
+    kind: Literal["MNIST", "FashionMNIST"] = "MNIST",
+    download: bool = False,
+    check_md5: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load MNIST or Fashion-MNIST from the original IDX gzip files.
+
+    Images are returned as ``uint8`` in ``[0, 255]`` (0 = background), exactly as stored;
+    use ``images.float() / 255`` for floats in ``[0, 1]``.
+
+    Args:
+        root: Data folder holding ``MNIST/`` and ``FashionMNIST/``; ``None`` reads the
+            ``BILEVEL_DATA`` environment variable.
+        split: ``"train"`` (60,000 examples) or ``"test"`` (10,000 examples).
+        kind: ``"MNIST"`` or ``"FashionMNIST"``.
+        download: If true and files are missing, download them from the public mirror
+            (``MNIST_MIRRORS``) into ``<root>/<kind>/`` and check their md5.
+        check_md5: If true, check the two files read against the official md5 sums first.
+
+    Returns:
+        ``(images, labels)``: ``uint8`` tensor ``[N, 28, 28]`` and ``int64`` tensor ``[N]``
+        with values in ``0..9``.
+
+    Raises:
+        FileNotFoundError: If files are missing and ``download`` is false.
+        ValueError: On a bad argument, a malformed file, or an md5 mismatch.
+    """
+    _check_kind(kind)
+    if split not in MNIST_FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    folder = mnist_folder(root, kind)
+    names = list(MNIST_FILES[split])
+    if download:
+        for name in names:
+            if not (folder / name).is_file():
+                urls = [base + name for base in MNIST_MIRRORS[kind]]
+                download_file(urls, folder / name, [MNIST_MD5[kind][name]])
+    _require_files(folder, kind, names)
+    if check_md5:
+        for name in names:
+            got = md5sum(folder / name)
+            if got != MNIST_MD5[kind][name]:
+                raise ValueError(f"{folder / name}: md5 {got}, expected {MNIST_MD5[kind][name]}")
+    images = read_idx(folder / names[0], expected_magic=_IMAGES_MAGIC)
+    labels = read_idx(folder / names[1], expected_magic=_LABELS_MAGIC)
+    if images.shape[1:] != (28, 28):
+        raise ValueError(f"{folder / names[0]}: images are {images.shape[1:]}, expected 28x28")
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{folder}: {images.shape[0]} images in {names[0]} but {labels.shape[0]} labels "
+            f"in {names[1]}"
+        )
+    if labels.size and labels.max() > 9:
+        raise ValueError(f"{folder / names[1]}: label {labels.max()} outside 0..9")
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))

@@ -1,0 +1,262 @@
+"""Omniglot reader, cache and character split.
+
+Tests on the real data use the session fixture ``omniglot`` (decoded once, then cached);
+the reader's edge cases use a small synthetic release.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+import warnings
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bilevel.data import SPLIT_SIZES, Omniglot, omniglot_split_indices
+from bilevel.data import omniglot as om
+
+# sha256 of the newline-joined character names of each split (stability of the protocol)
+SPLIT_SHA256 = {
+    "train": "a4ee839ccfe3a85bef5ec5385a7392734efc40911f79a30996663ab393d5bade",
+    "val": "dcfafb4d6abcb6207a6209ba9bc6dcbac6fb39d0409a5a4eed71234ea15f1551",
+    "test": "db7bf32271bd371ef58dd2702c910830dc807acc4cb5272e46028bef952fc14c",
+}
+SPLIT_EXAMPLES = {
+    "train": ["Alphabet_of_the_Magi/character01", "ULOG/character26"],
+    "val": ["Alphabet_of_the_Magi/character17", "ULOG/character17"],
+    "test": ["Alphabet_of_the_Magi/character02", "ULOG/character23"],
+}
+
+
+def test_counts(omniglot: Omniglot) -> None:
+    assert len(omniglot) == 1623
+    assert len(set(omniglot.alphabets)) == 50
+    assert len(set(omniglot.names)) == 1623
+    assert omniglot.images.shape == (1623, 20, 28, 28)
+    assert omniglot.drawings.shape == (1623, 20)
+    parts = Counter(omniglot.parts)
+    assert parts == {"images_background": 964, "images_evaluation": 659}
+    background = {
+        a
+        for a, p in zip(omniglot.alphabets, omniglot.parts, strict=True)
+        if p == "images_background"
+    }
+    assert len(background) == 30
+
+
+def test_canonical_order(omniglot: Omniglot) -> None:
+    keys = [
+        (p, a, c)
+        for p, a, c in zip(omniglot.parts, omniglot.alphabets, omniglot.characters, strict=True)
+    ]
+    assert keys == sorted(keys)
+    assert omniglot.names[0] == "Alphabet_of_the_Magi/character01"
+    for stems in omniglot.drawings[::97]:
+        assert [s.split("_")[1] for s in stems] == [f"{i:02d}" for i in range(1, 21)]
+        assert len({s.split("_")[0] for s in stems}) == 1
+
+
+def test_pixels(omniglot: Omniglot) -> None:
+    images = omniglot.images
+    assert images.dtype == np.uint8
+    assert images.min() == 0 and images.max() == 255
+    # strokes are bright on a dark background: mostly zeros, borders empty
+    assert 0.04 < images.mean() / 255 < 0.15
+    assert images[:, :, 0, :].mean() < 5 and images[:, :, :, -1].mean() < 5
+    assert (images.reshape(len(images) * 20, -1).max(axis=1) > 128).all()  # no empty image
+    # identical to the original release, pixel for pixel
+    assert omniglot.pixel_sha256 == om.OMNIGLOT_PIXEL_SHA256
+
+
+def test_braille_duplicate(omniglot: Omniglot) -> None:
+    """Known quirk: two drawings of Braille/character01 are pixel-identical."""
+    i = omniglot.names.index("Braille/character01")
+    stems = list(omniglot.drawings[i])
+    a, b = stems.index("0192_03"), stems.index("0192_19")
+    assert np.array_equal(omniglot.images[i, a], omniglot.images[i, b])
+
+
+def test_md5_known(data_root: Path, require_data) -> None:
+    folder = require_data(data_root / "omniglot")
+    for part, sums in om.OMNIGLOT_MD5.items():
+        if (folder / f"{part}.zip").is_file():
+            assert om.md5sum(folder / f"{part}.zip") in sums
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_split_stable(omniglot: Omniglot, split: str) -> None:
+    index = omniglot.split_indices(split)
+    names = [omniglot.names[i] for i in index]
+    assert len(names) == SPLIT_SIZES[split]
+    assert hashlib.sha256("\n".join(names).encode()).hexdigest() == SPLIT_SHA256[split]
+    assert names[0] == SPLIT_EXAMPLES[split][0] and names[-1] == SPLIT_EXAMPLES[split][1]
+    # depends on the names only, not on their order
+    shuffled = list(omniglot.names)
+    np.random.default_rng(1).shuffle(shuffled)
+    again = omniglot_split_indices(shuffled, split)
+    assert sorted(shuffled[i] for i in again) == sorted(names)
+
+
+def test_splits_disjoint(omniglot: Omniglot) -> None:
+    index = {s: set(omniglot.split_indices(s).tolist()) for s in SPLIT_SIZES}
+    assert sum(map(len, index.values())) == 1623
+    assert set.union(*index.values()) == set(range(1623))
+    assert not index["train"] & index["val"] and not index["train"] & index["test"]
+    assert not index["val"] & index["test"]
+
+
+def test_split_rotations(omniglot: Omniglot) -> None:
+    split = omniglot.split("val")
+    assert split.images.shape == (400, 20, 28, 28) and len(split) == 400
+    assert len(set(split.class_names)) == 400
+    base = omniglot.images[omniglot.split_indices("val")]
+    for r in range(4):
+        assert np.array_equal(split.images[r::4], np.rot90(base, r, axes=(-2, -1)))
+    assert split.rotation[:5].tolist() == [0, 90, 180, 270, 0]
+    assert split.class_names[1].endswith("/rot090")
+    assert np.array_equal(split.character_index[::4], omniglot.split_indices("val"))
+    plain = omniglot.split("test", rotations=False)
+    assert plain.images.shape == (423, 20, 28, 28)
+    assert np.array_equal(plain.images, omniglot.images[omniglot.split_indices("test")])
+    with pytest.raises(ValueError, match="split must be one of"):
+        omniglot.split("validation")
+
+
+def test_cached_load(omniglot: Omniglot, data_root: Path, data_cache_dir: Path) -> None:
+    assert omniglot.cache_path is not None and omniglot.cache_path.is_file()
+    assert omniglot.cache_path.parent == data_cache_dir
+    assert omniglot.cache_path.name.startswith("omniglot-28px-lanczos-")
+    start = time.perf_counter()
+    again = Omniglot(data_root, cache_dir=data_cache_dir, progress=False)
+    elapsed = time.perf_counter() - start
+    assert again.cache_path == omniglot.cache_path
+    assert np.array_equal(again.images, omniglot.images) and again.names == omniglot.names
+    assert elapsed < 5, f"cached load took {elapsed:.1f} s"
+    assert not list(data_cache_dir.glob("*.tmp"))
+
+
+# --- synthetic releases -------------------------------------------------------------------
+
+
+def _png(rng: np.random.Generator) -> bytes:
+    pixels = np.ones((105, 105), dtype=bool)
+    r, c = rng.integers(10, 90, 2)
+    pixels[r : r + 12, c : c + 8] = False  # a black stroke on white
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _synthetic(root: Path, as_zip: bool, n_drawings: int = 20) -> Path:
+    """Two alphabets x two characters per part, written as zips or extracted folders."""
+    rng = np.random.default_rng(0)
+    folder = root / "omniglot"
+    folder.mkdir(parents=True)
+    for p, part in enumerate(om.OMNIGLOT_PARTS):
+        files = {}
+        for a in range(2):
+            for c in range(1, 3):
+                for d in range(1, n_drawings + 1):
+                    name = f"{part}/Script_{p}{a}/character{c:02d}/{p}{a}{c:02d}_{d:02d}.png"
+                    files[name] = _png(rng)
+        if as_zip:
+            with zipfile.ZipFile(folder / f"{part}.zip", "w") as zf:
+                for name, data in files.items():
+                    zf.writestr(name, data)
+        else:
+            for name, data in files.items():
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                (folder / name).write_bytes(data)
+    return folder
+
+
+def _sources(folder: Path) -> list:
+    return [om._find_source(folder, part, False, False) for part in om.OMNIGLOT_PARTS]
+
+
+def test_zip_and_folder_agree(tmp_path: Path) -> None:
+    zipped = _synthetic(tmp_path / "z", as_zip=True)
+    unzipped = _synthetic(tmp_path / "d", as_zip=False)
+    a = om._decode_sources(_sources(zipped), 28, "lanczos", 0, False)
+    b = om._decode_sources(_sources(unzipped), 28, "lanczos", 2, False)
+    assert a["images"].shape == (8, 20, 28, 28)
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+    assert a["alphabets"].tolist()[:3] == ["Script_00", "Script_00", "Script_01"]
+    # strokes bright after inversion, background 0
+    assert a["images"][:, :, 0, 0].max() == 0 and a["images"].max() > 200
+    full = om._decode_sources(_sources(zipped), 105, "lanczos", 0, False)
+    assert set(np.unique(full["images"]).tolist()) == {0, 255}
+
+
+def test_incomplete_data(tmp_path: Path) -> None:
+    _synthetic(tmp_path, as_zip=True)
+    with pytest.raises(ValueError, match="found 8 characters in 4 alphabets"):
+        Omniglot(tmp_path, cache_dir=tmp_path / "cache", check_md5=False, progress=False)
+    assert not (tmp_path / "cache").exists()  # nothing cached for bad data
+
+
+def test_wrong_drawing_count(tmp_path: Path) -> None:
+    folder = _synthetic(tmp_path, as_zip=False, n_drawings=3)
+    with pytest.raises(ValueError, match="has 3 drawings, expected 20"):
+        om._decode_sources(_sources(folder), 28, "lanczos", 0, False)
+
+
+def test_unknown_md5(tmp_path: Path) -> None:
+    _synthetic(tmp_path, as_zip=True)
+    with pytest.raises(ValueError, match=r"md5 .* is not one of the known sums"):
+        Omniglot(tmp_path, cache_dir=tmp_path / "cache")
+
+
+def test_fingerprint_changes(tmp_path: Path) -> None:
+    folder = _synthetic(tmp_path, as_zip=False)
+    cache = tmp_path / "cache"
+    before = om._cache_path(cache, _sources(folder), 28, "lanczos")
+    assert before == om._cache_path(cache, _sources(folder), 28, "lanczos")
+    assert before != om._cache_path(cache, _sources(folder), 32, "lanczos")
+    assert before != om._cache_path(cache, _sources(folder), 28, "bilinear")
+    png = next((folder / "images_evaluation").rglob("*.png"))
+    png.write_bytes(png.read_bytes() + b"\0")
+    assert before != om._cache_path(cache, _sources(folder), 28, "lanczos")
+
+
+def test_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        Omniglot(tmp_path, cache_dir=tmp_path / "cache")
+    message = str(info.value)
+    assert str(tmp_path / "omniglot") in message
+    assert "images_background.zip" in message and "images_evaluation.zip" in message
+    assert "download=True" in message
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="image_size"):
+        Omniglot(tmp_path, image_size=0)
+    with pytest.raises(ValueError, match="resample must be one of"):
+        Omniglot(tmp_path, resample="cubic")
+
+
+def test_cache_write(tmp_path: Path) -> None:
+    arrays = {key: np.zeros((1, 20, 2, 2), np.uint8) for key in om._CACHE_KEYS}
+    arrays["parts"] = np.array(["images_background"])
+    path = tmp_path / "c" / "x.npz"
+    assert om._save_cache(path, arrays)
+    assert [p.name for p in path.parent.iterdir()] == ["x.npz"]
+    assert np.array_equal(om._load_cache(path)["images"], arrays["images"])
+    # unwritable cache folder (a file in the way): warn, no exception
+    (tmp_path / "file").write_text("")
+    with pytest.warns(RuntimeWarning, match="could not write the Omniglot cache"):
+        assert not om._save_cache(tmp_path / "file" / "x.npz", arrays)
+    # a corrupt cache is ignored with a warning
+    path.write_bytes(b"not a zip")
+    with pytest.warns(RuntimeWarning, match="ignoring unreadable cache"):
+        assert om._load_cache(path) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert om._load_cache(tmp_path / "missing.npz") is None
