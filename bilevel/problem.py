@@ -116,7 +116,7 @@ class BilevelProblem:
         self.ul = ul
         self.ul_optimizer = ul_optimizer
         self.on_nonfinite = on_nonfinite
-        ll.differentiable_steps = ul.differentiable_steps(ll.iters)
+        ul.configure(ll)
         self.step_count = 0
         self.skipped_steps = 0
         self.last_ll_loss: torch.Tensor | None = None

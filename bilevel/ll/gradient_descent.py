@@ -8,17 +8,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import higher
 import torch
 from torch import nn
 
-from bilevel.ll.rules import RULES
+from bilevel.ll.rules import RULES, Rule
+from bilevel.ll.unroll import Unroll
 from bilevel.state import (
     Objective,
     check_data_matches,
-    check_objective_result,
     check_same_device_and_dtype,
-    make_state,
     parameter_names,
     trainable_parameters,
 )
@@ -37,12 +35,19 @@ class Trajectory:
             as ``Implicit`` and ``FirstOrder`` need).
         losses: the LL loss before each step (a detached tensor of length ``iters``).
         trainable: for each fast weight, whether it was optimized (``requires_grad``).
+        tangents: in forward mode, ``d w_T / d lambda`` for each trainable fast weight, with a
+            leading dimension over the scalars of ``tangent_variables``.
+        tangent_variables: the UL tensors of the tangents.
+        tangents_reached: for each of them, whether it has any path to the LL weights.
     """
 
     iters: int
     differentiable_steps: int
     losses: torch.Tensor
     trainable: list[bool]
+    tangents: list[torch.Tensor] | None = None
+    tangent_variables: list[torch.Tensor] | None = None
+    tangents_reached: list[bool] | None = None
 
     @property
     def from_initial_weights(self) -> bool:
@@ -169,6 +174,8 @@ class GradientDescent:
         self.eps = _check_hyper(eps, "eps", iters, n, 0.0, float("inf"), closed_low=False)
         self._check_hyper_devices(params[0])
         self.differentiable_steps = differentiable_steps
+        #: UL tensors whose forward-mode tangents the LL carries (set by ``Forward``)
+        self.forward_variables: list[torch.Tensor] | None = None
         self.warn_on_growth = warn_on_growth
 
     def _check_hyper_devices(self, reference: torch.Tensor) -> None:
@@ -193,7 +200,8 @@ class GradientDescent:
             raise ValueError(f"differentiable_steps must be >= 0 or None, got {value}.")
         self._differentiable_steps = value
 
-    def _hyper_at(self, step: int, detach: bool, n: int) -> dict[str, list[Any]]:
+    def hyper_at(self, step: int, detach: bool, n: int) -> dict[str, list[Any]]:
+        """The hyperparameters of step ``step``, one value per trainable parameter tensor."""
         idx = range(n)
         return {
             "lr": [_at(self.lr, step, i, detach) for i in idx],
@@ -201,6 +209,18 @@ class GradientDescent:
             "betas": [tuple(_at(b, step, 0, detach) for b in self.betas) for _ in idx],
             "eps": [_at(self.eps, step, i, detach) for i in idx],
         }
+
+    @property
+    def rule(self) -> Rule:
+        """The update rule of ``optimizer``."""
+        return RULES[self.optimizer]
+
+    def start(self, data: Any, target: Any, graph_from_start: bool = False) -> Unroll:
+        """Begin an LL run on ``(data, target)``, to be stepped by hand (online methods)."""
+        reference = next(p for p in self.ll_model.parameters() if p.requires_grad)
+        check_data_matches(data, reference, "data")
+        check_data_matches(target, reference, "target")
+        return Unroll(self, data, target, graph_from_start, self.forward_variables)
 
     def optimize(self, data: Any, target: Any) -> nn.Module:
         """Run the LL steps on ``(data, target)`` and return the auxiliary model.
@@ -211,47 +231,24 @@ class GradientDescent:
         Raises:
             FloatingPointError: the LL loss became NaN or inf (the message names the step).
         """
-        reference = next(p for p in self.ll_model.parameters() if p.requires_grad)
-        check_data_matches(data, reference, "data")
-        check_data_matches(target, reference, "target")
         iters = self.iters
-        tracked = (
-            iters if self.differentiable_steps is None else min(self.differentiable_steps, iters)
-        )
-        full = tracked == iters
-        fmodel = higher.monkeypatch(
-            self.ll_model, copy_initial_weights=not full, track_higher_grads=full
-        )
-        trainable = [p.requires_grad for p in self.ll_model.parameters()]
-        index = [i for i, t in enumerate(trainable) if t]
-        rule = RULES[self.optimizer]
-        opt_state: dict[str, Any] = {}
-        losses = torch.empty(iters, dtype=reference.dtype, device=reference.device)
-        state = make_state(data, target, self.ul_model, fmodel)
+        steps = self.differentiable_steps
+        tracked = iters if steps is None else min(steps, iters)
+        unroll = self.start(data, target, graph_from_start=tracked == iters)
+        losses = []
         for step in range(iters):
-            graph = step >= iters - tracked
-            if graph and not fmodel.track_higher_grads:
-                fmodel.track_higher_grads = True
-            params = list(fmodel.fast_params)
-            loss = check_objective_result(self.ll_objective(state), "ll_objective")
-            losses[step] = loss.detach()
-            active = [params[i] for i in index]
-            grads = torch.autograd.grad(loss, active, create_graph=graph, allow_unused=True)
-            if step == 0:
-                self._check_used(grads)
-            hyper = self._hyper_at(step, detach=not graph, n=len(active))
-            new, opt_state = rule(active, list(grads), opt_state, hyper, step)
-            if not graph:
-                new = [p.detach().requires_grad_() for p in new]
-                opt_state = {k: [t.detach() for t in v] for k, v in opt_state.items()}
-            for i, p in zip(index, new, strict=True):
-                params[i] = p
-            fmodel.update_params(params)
+            losses.append(unroll.step(graph=step >= iters - tracked))
+        losses = torch.stack(losses)
         self._check_losses(losses)
-        fmodel.trajectory = Trajectory(iters, tracked, losses, trainable)
-        return fmodel
+        model = unroll.model
+        model.trajectory = Trajectory(iters, tracked, losses, unroll.trainable)
+        if unroll.variables is not None:
+            model.trajectory.tangents = unroll.tangents
+            model.trajectory.tangent_variables = unroll.variables
+            model.trajectory.tangents_reached = unroll.reached
+        return model
 
-    def _check_used(self, grads: Sequence[torch.Tensor | None]) -> None:
+    def check_used(self, grads: Sequence[torch.Tensor | None]) -> None:
         unused = [i for i, g in enumerate(grads) if g is None]
         if unused:
             params = [p for p in self.ll_model.parameters() if p.requires_grad]

@@ -2,11 +2,13 @@
 
 from bilevel.ul.base import HypergradientCalculator
 from bilevel.ul.first_order import FirstOrder
+from bilevel.ul.forward import Forward
 from bilevel.ul.implicit import HypergradientDivergenceError, Implicit
 from bilevel.ul.reverse import Reverse, Truncated
 
 __all__ = [
     "FirstOrder",
+    "Forward",
     "HypergradientCalculator",
     "HypergradientDivergenceError",
     "Implicit",

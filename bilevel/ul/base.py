@@ -76,6 +76,11 @@ class HypergradientCalculator:
         """How many final LL steps must keep a graph, for an LL run of ``iters`` steps."""
         raise NotImplementedError
 
+    def configure(self, ll: Any) -> None:
+        """Make the LL optimizer record exactly what this calculator needs."""
+        ll.differentiable_steps = self.differentiable_steps(ll.iters)
+        ll.forward_variables = None
+
     def _check_trajectory(self, auxiliary_model: nn.Module) -> Trajectory:
         trajectory = getattr(auxiliary_model, "trajectory", None)
         if not isinstance(trajectory, Trajectory):

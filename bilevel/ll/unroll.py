@@ -1,0 +1,171 @@
+"""One lower-level optimization in progress, stepped one LL step at a time."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import higher
+import torch
+
+from bilevel.state import check_objective_result, make_state
+
+if TYPE_CHECKING:
+    from bilevel.ll.gradient_descent import GradientDescent
+
+Tensors = list[torch.Tensor]
+
+
+def _flatten(state: dict[str, Tensors]) -> Tensors:
+    return [t for key in sorted(state) for t in state[key]]
+
+
+def _unflatten(flat: Tensors, like: dict[str, Tensors]) -> dict[str, Tensors]:
+    out, i = {}, 0
+    for key in sorted(like):
+        out[key] = flat[i : i + len(like[key])]
+        i += len(like[key])
+    return out
+
+
+class Unroll:
+    """A lower-level run on one task: the ``higher``-patched model holding the fast weights,
+    the optimizer state, the step counter and, in forward mode, the tangents.
+
+    In forward mode (``tangent_variables`` given) each step also carries
+    ``Z = d(state)/d(lambda)`` for every scalar of the variables, ``Z_{t+1} = A_t Z_t + B_t``,
+    with ``A_t Z`` and ``B_t`` taken as Jacobian-vector products of the step map through a
+    double vector-Jacobian product, batched over the scalars. Only one step's graph lives at a
+    time, so memory does not grow with the number of steps.
+
+    Reference: Franceschi, Donini, Frasconi & Pontil (2017), "Forward and Reverse
+    Gradient-Based Hyperparameter Optimization", ICML (forward mode, RTHO).
+    """
+
+    def __init__(
+        self,
+        optimizer: GradientDescent,
+        data: Any,
+        target: Any,
+        graph_from_start: bool,
+        tangent_variables: Tensors | None = None,
+    ) -> None:
+        self.optimizer = optimizer
+        ll_model = optimizer.ll_model
+        self.model = higher.monkeypatch(
+            ll_model, copy_initial_weights=not graph_from_start, track_higher_grads=graph_from_start
+        )
+        self.trainable = [p.requires_grad for p in ll_model.parameters()]
+        self.index = [i for i, t in enumerate(self.trainable) if t]
+        self.opt_state: dict[str, Tensors] = {}
+        self.steps = 0
+        self.state = make_state(data, target, optimizer.ul_model, self.model)
+        self.variables = tangent_variables
+        if tangent_variables is not None:
+            self._init_tangents(ll_model, tangent_variables)
+
+    def cut(self) -> None:
+        """Cut the graph: continue from detached copies of the current weights and optimizer
+        state, and drop the weights of earlier steps that ``higher`` keeps (online methods,
+        which would otherwise hold every step in memory)."""
+        params = [p.detach().requires_grad_(p.requires_grad) for p in self.model.fast_params]
+        self.opt_state = {k: [t.detach() for t in v] for k, v in self.opt_state.items()}
+        track = self.model.track_higher_grads
+        self.model._fast_params = None  # higher's per-step history of the fast weights
+        self.model.track_higher_grads = True
+        self.model.update_params(params)
+        self.model.track_higher_grads = track
+
+    def set_batch(self, data: Any, target: Any) -> None:
+        """Use another batch for the next steps (online mode)."""
+        self.state["data"], self.state["target"] = data, target
+
+    def _init_tangents(self, ll_model: torch.nn.Module, variables: Tensors) -> None:
+        sizes = [v.numel() for v in variables]
+        self.n = sum(sizes)
+        self.identity: Tensors = []
+        offset = 0
+        for v, size in zip(variables, sizes, strict=True):
+            eye = torch.zeros(self.n, size, dtype=v.dtype, device=v.device)
+            eye[offset : offset + size] = torch.eye(size, dtype=v.dtype, device=v.device)
+            self.identity.append(eye.reshape(self.n, *v.shape))
+            offset += size
+        which = {id(v): k for k, v in enumerate(variables)}
+        params = list(ll_model.parameters())
+        self.tangents = [  # the LL's initial weights may themselves be variables (MAML)
+            self.identity[which[id(params[i])]].clone()
+            if id(params[i]) in which
+            else params[i].new_zeros(self.n, *params[i].shape)
+            for i in self.index
+        ]
+        self.state_tangents: dict[str, Tensors] = {}
+        # whether a variable has a path to the LL state yet: as an initial weight, from the start
+        self.reached = [any(p is v for p in params) for v in variables]
+
+    def step(self, graph: bool) -> torch.Tensor:
+        """Take one LL step; keep its graph if ``graph``. Returns the LL loss (detached)."""
+        gd = self.optimizer
+        forward = self.variables is not None
+        if graph and not self.model.track_higher_grads:
+            self.model.track_higher_grads = True
+        params = list(self.model.fast_params)
+        active = [params[i] for i in self.index]
+        if forward:
+            active = [p.detach().requires_grad_() for p in active]
+            self.opt_state = {
+                k: [t.detach().requires_grad_() for t in v] for k, v in self.opt_state.items()
+            }
+            for i, p in zip(self.index, active, strict=True):
+                params[i] = p
+            self.model.update_params(params)
+        loss = check_objective_result(gd.ll_objective(self.state), "ll_objective")
+        keep = graph or forward
+        grads = torch.autograd.grad(loss, active, create_graph=keep, allow_unused=True)
+        if self.steps == 0:
+            gd.check_used(grads)
+        hyper = gd.hyper_at(self.steps, detach=not keep, n=len(active))
+        new, new_state = gd.rule(active, list(grads), self.opt_state, hyper, self.steps)
+        if forward:
+            self._propagate(active, new, new_state)
+        if not graph:
+            new = [p.detach().requires_grad_() for p in new]
+            new_state = {k: [t.detach() for t in v] for k, v in new_state.items()}
+        self.opt_state = new_state
+        for i, p in zip(self.index, new, strict=True):
+            params[i] = p
+        self.model.update_params(params)
+        self.steps += 1
+        return loss.detach()
+
+    def _propagate(self, active: Tensors, new: Tensors, new_state: dict[str, Tensors]) -> None:
+        """``Z_{t+1} = (d step / d state) Z_t + d step / d lambda``, batched over scalars."""
+        inputs = [*active, *_flatten(self.opt_state), *self.variables]
+        tangents = [*self.tangents, *_flatten(self.state_tangents), *self.identity]
+        outputs = [*new, *_flatten(new_state)]
+        live = [i for i, o in enumerate(outputs) if o.requires_grad]
+        dummies = [torch.zeros_like(outputs[i], requires_grad=True) for i in live]
+        vjps = torch.autograd.grad(
+            [outputs[i] for i in live],
+            inputs,
+            grad_outputs=dummies,
+            create_graph=True,
+            allow_unused=True,
+        )
+        n_state = len(inputs) - len(self.variables)
+        for k, vjp in enumerate(vjps[n_state:]):
+            self.reached[k] = self.reached[k] or vjp is not None
+        pairs = [(v, t) for v, t in zip(vjps, tangents, strict=True) if v is not None]
+        jvps: tuple = (None,) * len(dummies)
+        if pairs:
+            jvps = torch.autograd.grad(
+                [v for v, _ in pairs],
+                dummies,
+                grad_outputs=[t for _, t in pairs],
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+        out = [o.new_zeros(self.n, *o.shape) for o in outputs]
+        for i, j in zip(live, jvps, strict=True):
+            if j is not None:
+                out[i] = j.detach()
+        self.tangents = out[: len(new)]
+        self.state_tangents = _unflatten(out[len(new) :], new_state)
