@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from bilevel import distributed
 from bilevel.ll import GradientDescent
-from bilevel.state import check_finite
 from bilevel.ul.base import HypergradientCalculator
 
 Pair = tuple[Any, Any]
@@ -75,6 +75,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    for stale in path.parent.glob(f"{path.name}.*.tmp"):  # left by a process killed mid-save
+        stale.unlink(missing_ok=True)
 
 
 class BilevelProblem:
@@ -88,9 +90,10 @@ class BilevelProblem:
         ul: the upper-level calculator, e.g. :class:`bilevel.ul.Implicit`.
         ul_optimizer: a ``torch.optim`` optimizer over the UL parameters (needed by
             :meth:`step` and :meth:`run`).
-        on_nonfinite: what :meth:`step` does with a NaN or inf hypergradient: ``"raise"``, or
-            ``"skip"`` the UL step (counted in ``skipped_steps``). UL parameters never
-            receive NaN.
+        on_nonfinite: what :meth:`step` does when the LL loss, the solver or the
+            hypergradient becomes NaN or inf (or a series diverges): ``"raise"`` an error that
+            names the UL step and the method, or ``"skip"`` the UL step (counted in
+            ``skipped_steps``). UL parameters never receive NaN.
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class BilevelProblem:
         self.ul_optimizer = ul_optimizer
         self.on_nonfinite = on_nonfinite
         ul.configure(ll)
+        distributed.broadcast_modules(ul.ul_model, ll.ll_model)
         self.step_count = 0
         self.skipped_steps = 0
         self.last_ll_loss: torch.Tensor | None = None
@@ -128,20 +132,27 @@ class BilevelProblem:
 
     def _accumulate(self, tasks: Sequence[tuple[Pair, Pair]]) -> torch.Tensor:
         """Set ``.grad`` of the UL parameters (which must be ``None``) to the task-averaged
-        hypergradient; return the mean UL loss."""
+        hypergradient; return the mean UL loss. Under ``torch.distributed`` each process
+        takes its share of the tasks and the shares are summed."""
         if not tasks:
             raise ValueError("no task to compute a hypergradient on.")
-        ul_losses, ll_losses = [], []
-        for (train_x, train_y), (val_x, val_y) in tasks:
+        mine, weight = distributed.shard(tasks)
+        ul_loss = ll_loss = torch.zeros(
+            (), dtype=self.ul_params[0].dtype, device=self.ul_params[0].device
+        )
+        for (train_x, train_y), (val_x, val_y) in mine:
             aux = self.ll.optimize(train_x, train_y)
-            ul_losses.append(self.ul.compute_gradients(val_x, val_y, aux, train_x, train_y))
-            ll_losses.append(aux.trajectory.losses[-1])
-        if len(tasks) > 1:
-            for p in self.ul_params:
-                if p.grad is not None:
-                    p.grad.div_(len(tasks))
-        self.last_ll_loss = torch.stack(ll_losses).mean()
-        return torch.stack(ul_losses).mean()
+            loss = self.ul.compute_gradients(val_x, val_y, aux, train_x, train_y)
+            ul_loss = ul_loss + weight * loss
+            ll_loss = ll_loss + weight * aux.trajectory.losses[-1]
+        grads = [
+            torch.zeros_like(p) if p.grad is None else p.grad.mul_(weight) for p in self.ul_params
+        ]
+        *grads, ul_loss, ll_loss = distributed.all_reduce_sum([*grads, ul_loss, ll_loss])
+        for p, g in zip(self.ul_params, grads, strict=True):
+            p.grad = g
+        self.last_ll_loss = ll_loss
+        return ul_loss
 
     def _hypergradient(self, tasks: Sequence[tuple[Pair, Pair]]) -> list[torch.Tensor]:
         saved = [p.grad for p in self.ul_params]
@@ -176,17 +187,20 @@ class BilevelProblem:
         if self.ul_optimizer is None:
             raise ValueError("step needs a ul_optimizer: BilevelProblem(ll, ul, ul_optimizer).")
         self.ul_optimizer.zero_grad(set_to_none=True)
-        loss = self._accumulate(tasks)
-        grads = [p.grad for p in self.ul_params if p.grad is not None]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        if not bool(finite):
-            where = f"the {self.ul.name} hypergradient at UL step {self.step_count} is not finite"
+        where = f"UL step {self.step_count} ({self.ul.name})"
+        try:
+            loss = self._accumulate(tasks)
+            finite = torch.stack([torch.isfinite(p.grad).all() for p in self.ul_params]).all()
+            if not bool(finite):
+                raise FloatingPointError("the hypergradient is not finite (NaN or inf).")
+        except FloatingPointError as error:
             if self.on_nonfinite == "raise":
-                check_finite(torch.tensor(float("nan")), where)
+                raise FloatingPointError(f"{where}: {error}") from error
             self.skipped_steps += 1
             self.ul_optimizer.zero_grad(set_to_none=True)
-        else:
-            self.ul_optimizer.step()
+            self.step_count += 1
+            return torch.tensor(float("nan"))
+        self.ul_optimizer.step()
         self.step_count += 1
         return loss
 
@@ -265,7 +279,8 @@ class BilevelProblem:
             checkpoint: file to resume from and save to (atomically), or ``None``.
             checkpoint_every: UL steps between checkpoints (and one at the end).
             log: called with a dict (step, UL and LL loss, solver diagnostics) every
-                ``log_every`` steps.
+                ``log_every`` steps. Under ``torch.distributed``, only rank 0 logs, shows the
+                progress bar and writes the checkpoint; every rank resumes from it.
             log_every: UL steps between log records.
             progress: show a tqdm progress bar.
 
@@ -285,7 +300,8 @@ class BilevelProblem:
         else:
             batches = itertools.islice(iter(data), start, steps)
         record = None
-        bar = tqdm(total=steps, initial=start, disable=not progress, desc=f"{self.ul.name}")
+        main = distributed.is_main_process()  # only rank 0 prints, logs and saves
+        bar = tqdm(total=steps, initial=start, disable=not (progress and main), desc=self.ul.name)
         with bar:
             for batch in batches:
                 if isinstance(batch, dict):
@@ -298,8 +314,9 @@ class BilevelProblem:
                 if done % log_every == 0 or done == steps:
                     record = self.log_record(loss)
                     bar.set_postfix(ul_loss=f"{record['ul_loss']:.4g}")
-                    if log is not None:
+                    if log is not None and main:
                         log(record)
-                if checkpoint is not None and (done % checkpoint_every == 0 or done == steps):
+                save = done % checkpoint_every == 0 or done == steps
+                if checkpoint is not None and main and save:
                     self.save_checkpoint(checkpoint)
         return record

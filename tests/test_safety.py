@@ -164,11 +164,36 @@ def test_nonfinite_hypergradient_raises_or_skips_and_never_reaches_the_parameter
     ul = Reverse(ul_objective, p.ul_model, ridge_ll, p.ll_model)
     before = p.ul_model.log_l2.detach().clone()
     problem = BilevelProblem(ll, ul, torch.optim.SGD(p.ul_model.parameters(), lr=0.1))
-    with pytest.raises(FloatingPointError, match="reverse hypergradient at UL step 0"):
+    with pytest.raises(
+        FloatingPointError, match=r"UL step 0 \(reverse\): the hypergradient is not finite"
+    ):
         problem.step(p.train, p.val)
     skipping = BilevelProblem(
         ll, ul, torch.optim.SGD(p.ul_model.parameters(), lr=0.1), on_nonfinite="skip"
     )
     skipping.step(p.train, p.val)
     assert skipping.skipped_steps == 1
+    assert torch.equal(p.ul_model.log_l2.detach(), before)
+
+
+def test_nan_in_the_ll_during_a_ul_step_names_the_step_and_method_or_is_skipped():
+    p = ridge()
+
+    def ll_objective(state):  # NaN once the penalty grows past a threshold
+        bad = state["ul_model"].log_l2.sum() > 0
+        return ridge_ll(state) * torch.where(bad, float("nan"), 1.0)
+
+    ll = GradientDescent(ll_objective, p.ll_model, p.ul_model, lr=0.5, iters=5)
+    ul = Implicit(ridge_ul, p.ul_model, ll_objective, p.ll_model, 0.5, k=3)
+    with torch.no_grad():
+        p.ul_model.log_l2.fill_(1.0)
+    problem = BilevelProblem(ll, ul, torch.optim.SGD(p.ul_model.parameters(), lr=0.1))
+    with pytest.raises(FloatingPointError, match=r"UL step 0 \(implicit\): The LL loss became nan"):
+        problem.step(p.train, p.val)
+    skipping = BilevelProblem(
+        ll, ul, torch.optim.SGD(p.ul_model.parameters(), lr=0.1), on_nonfinite="skip"
+    )
+    before = p.ul_model.log_l2.detach().clone()
+    skipping.run(lambda step: (p.train, p.val), steps=3, progress=False)
+    assert skipping.skipped_steps == 3 and skipping.step_count == 3
     assert torch.equal(p.ul_model.log_l2.detach(), before)

@@ -1,0 +1,78 @@
+"""Sharding a UL step across the processes of a ``torch.distributed`` process group.
+
+Every process computes the same meta-batch (or the same UL batch), takes its share, and the
+weighted hypergradients are summed with ``all_reduce``: the result is the one a single
+process would get on the whole batch, so every process takes the same UL step. Launch with
+``torchrun``; use the ``gloo`` backend on CPU and ``nccl`` on GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+Task = tuple[tuple[Any, Any], tuple[Any, Any]]
+
+
+def active() -> bool:
+    """Whether a process group is initialized (with more than one process)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if active() else 0
+
+
+def is_main_process() -> bool:
+    """Rank 0, the one that prints, logs and writes checkpoints."""
+    return rank() == 0
+
+
+def shard(tasks: Sequence[Task]) -> tuple[list[Task], float]:
+    """This process's share of the tasks and the weight of each in the average.
+
+    Several tasks are dealt out round-robin, each weighing ``1 / len(tasks)``. A single task
+    (a hyperparameter problem) has its UL data split along the first dimension instead, each
+    share weighing its fraction of the examples; this assumes, as usual, that the UL objective
+    is a mean over examples.
+    """
+    if not active():
+        return list(tasks), 1.0 / len(tasks)
+    r, world = dist.get_rank(), dist.get_world_size()
+    if len(tasks) > 1:
+        return list(tasks[r::world]), 1.0 / len(tasks)
+    train, (val_x, val_y) = tasks[0]
+    n = len(val_x)
+    if n < world:
+        raise ValueError(
+            f"the UL batch has {n} examples, fewer than the {world} processes sharing it."
+        )
+    return [(train, (val_x[r::world], val_y[r::world]))], len(range(r, n, world)) / n
+
+
+def all_reduce_sum(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Sum equally shaped tensors over all processes, in one flat buffer."""
+    tensors = list(tensors)
+    if not active():
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
+
+
+def broadcast_modules(*modules: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every process, so that all start equal."""
+    if not active():
+        return
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
