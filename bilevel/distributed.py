@@ -8,6 +8,7 @@ process would get on the whole batch, so every process takes the same UL step. L
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -76,3 +77,19 @@ def broadcast_modules(*modules: nn.Module) -> None:
     for module in modules:
         for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor.data, src=0)
+
+
+def init_from_environment(device: str | torch.device = "cpu") -> bool:
+    """Join the process group that ``torchrun`` describes in the environment, if any.
+
+    Uses ``nccl`` for a CUDA ``device`` (each process on GPU ``LOCAL_RANK``) and ``gloo``
+    otherwise. Returns whether a group with more than one process is active. Examples call it
+    first, so that the same command runs alone or under ``torchrun --nproc_per_node N``.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or active():
+        return active()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return active()
