@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from problems import DTYPE, Linear, relative_error, ridge, ridge_exact_hypergradient, ridge_ll
-from problems import ridge_ul
+from problems import (
+    DTYPE,
+    Linear,
+    relative_error,
+    ridge,
+    ridge_exact_hypergradient,
+    ridge_ll,
+    ridge_ul,
+)
 from torch import nn
 
 from bilevel import BilevelProblem
