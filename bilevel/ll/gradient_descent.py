@@ -49,11 +49,6 @@ class Trajectory:
     tangent_variables: list[torch.Tensor] | None = None
     tangents_reached: list[bool] | None = None
 
-    @property
-    def from_initial_weights(self) -> bool:
-        """Whether the graph reaches back to the LL model's own (initial) weights."""
-        return self.differentiable_steps == self.iters
-
 
 def _check_hyper(
     value: Any, name: str, iters: int, n_params: int, low: float, high: float, closed_low: bool
