@@ -145,6 +145,7 @@ class BilevelProblem:
             loss = self.ul.compute_gradients(val_x, val_y, aux, train_x, train_y)
             ul_loss = ul_loss + weight * loss
             ll_loss = ll_loss + weight * aux.trajectory.losses[-1]
+            self.ll.release(aux)  # frees the LL graph now; the next task reuses the model
         grads = [
             torch.zeros_like(p) if p.grad is None else p.grad.mul_(weight) for p in self.ul_params
         ]

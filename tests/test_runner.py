@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from problems import ridge, ridge_exact_hypergradient, ridge_ll, ridge_ul
 
@@ -106,3 +107,45 @@ def test_run_accepts_an_iterable_and_task_batches():
     batches = [{"train": (x[None], y[None]), "test": (xv[None], yv[None])}] * 3
     problem.run(batches, steps=3, progress=False)
     assert problem.step_count == 3
+
+
+def test_released_auxiliary_model_is_reused_and_fails_loudly_if_used():
+    p = ridge()
+    problem = make(p, Reverse)
+    first = problem.hypergradient(p.train, p.val)
+    spare = problem.ll._spare
+    assert spare is not None  # the runner handed the model back
+    with pytest.raises(ValueError, match="not tracking its own fast parameters"):
+        spare(p.train[0])
+    second = problem.hypergradient(p.train, p.val)
+    assert problem.ll._spare is spare  # reused, not patched again
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+class NormNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 1).double()
+        self.norm = torch.nn.BatchNorm1d(5).double()
+
+    def forward(self, x):
+        return self.lin(self.norm(x)).squeeze(-1)
+
+
+def test_reused_model_starts_from_the_original_buffers():
+    p = ridge()
+    net = NormNet()
+    with torch.no_grad():
+        net.norm.running_mean.fill_(3.0)
+
+    def loss(state):
+        return ((state["ll_model"](state["data"]) - state["target"]) ** 2).mean()
+
+    ll = GradientDescent(loss, net, net, lr=0.1, iters=3)
+    BilevelProblem(ll, Reverse(loss, net, loss, net)).hypergradient(p.train, p.val)
+    aux = ll.optimize(*p.train)  # reuses the released model
+    assert aux is not None and ll._spare is None
+    # three training-mode steps from the original running mean, not from the previous run's
+    expected = 3.0 * 0.9**3 + (1 - 0.9**3) * p.train[0].mean(0)
+    torch.testing.assert_close(aux.norm.running_mean, expected, rtol=1e-12, atol=1e-12)
+    assert torch.all(net.norm.running_mean == 3.0)  # the original is untouched

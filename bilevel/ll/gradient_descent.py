@@ -8,11 +8,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import higher
 import torch
 from torch import nn
 
 from bilevel.ll.rules import RULES, Rule
-from bilevel.ll.unroll import Unroll
+from bilevel.ll.unroll import Unroll, restart_history
 from bilevel.state import (
     Objective,
     check_data_matches,
@@ -171,6 +172,7 @@ class GradientDescent:
         self.differentiable_steps = differentiable_steps
         #: UL tensors whose forward-mode tangents the LL carries (set by ``Forward``)
         self.forward_variables: list[torch.Tensor] | None = None
+        self._spare: nn.Module | None = None  # a patched model handed back by release()
         self.warn_on_growth = warn_on_growth
 
     def _check_hyper_devices(self, reference: torch.Tensor) -> None:
@@ -204,6 +206,40 @@ class GradientDescent:
             "betas": [tuple(_at(b, step, 0, detach) for b in self.betas) for _ in idx],
             "eps": [_at(self.eps, step, i, detach) for i in idx],
         }
+
+    def patched_model(self, graph_from_start: bool) -> nn.Module:
+        """A ``higher``-patched copy of ``ll_model`` with fast weights at its weights.
+
+        With ``graph_from_start`` the fast weights keep a graph to ``ll_model``'s weights (so
+        that they can be UL variables, as in MAML); otherwise they are detached copies.
+        Patching creates new classes and costs milliseconds, so a model handed back with
+        :meth:`release` is reused.
+        """
+        model, self._spare = self._spare, None
+        if model is None:
+            return higher.monkeypatch(
+                self.ll_model,
+                copy_initial_weights=not graph_from_start,
+                track_higher_grads=graph_from_start,
+            )
+        higher.patch.buffer_sync(self.ll_model, model)
+        params = [
+            p.clone() if graph_from_start else p.detach().clone().requires_grad_(p.requires_grad)
+            for p in self.ll_model.parameters()
+        ]
+        model.track_higher_grads = graph_from_start
+        restart_history(model, params)
+        return model
+
+    def release(self, auxiliary_model: nn.Module) -> None:
+        """Hand back an auxiliary model that is no longer needed.
+
+        Its weights and graph are freed at once, and the next :meth:`optimize` reuses it
+        instead of patching ``ll_model`` again. Using it afterwards raises an error.
+        """
+        auxiliary_model._fast_params = None  # higher's list of the fast weights of every step
+        auxiliary_model.trajectory = None
+        self._spare = auxiliary_model
 
     @property
     def rule(self) -> Rule:

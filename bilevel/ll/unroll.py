@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import higher
 import torch
 
 from bilevel.state import check_objective_result, make_state
@@ -13,6 +12,16 @@ if TYPE_CHECKING:
     from bilevel.ll.gradient_descent import GradientDescent
 
 Tensors = list[torch.Tensor]
+
+
+def restart_history(model: torch.nn.Module, params: Tensors) -> None:
+    """Give a patched model new fast weights and drop the per-step history that ``higher``
+    keeps of the old ones (and with it their graph)."""
+    track = model.track_higher_grads
+    model._fast_params = None
+    model.track_higher_grads = True
+    model.update_params(params)
+    model.track_higher_grads = track
 
 
 def _flatten(state: dict[str, Tensors]) -> Tensors:
@@ -51,9 +60,7 @@ class Unroll:
     ) -> None:
         self.optimizer = optimizer
         ll_model = optimizer.ll_model
-        self.model = higher.monkeypatch(
-            ll_model, copy_initial_weights=not graph_from_start, track_higher_grads=graph_from_start
-        )
+        self.model = optimizer.patched_model(graph_from_start)
         self.trainable = [p.requires_grad for p in ll_model.parameters()]
         self.index = [i for i, t in enumerate(self.trainable) if t]
         self.opt_state: dict[str, Tensors] = {}
@@ -69,11 +76,7 @@ class Unroll:
         which would otherwise hold every step in memory)."""
         params = [p.detach().requires_grad_(p.requires_grad) for p in self.model.fast_params]
         self.opt_state = {k: [t.detach() for t in v] for k, v in self.opt_state.items()}
-        track = self.model.track_higher_grads
-        self.model._fast_params = None  # higher's per-step history of the fast weights
-        self.model.track_higher_grads = True
-        self.model.update_params(params)
-        self.model.track_higher_grads = track
+        restart_history(self.model, params)
 
     def set_batch(self, data: Any, target: Any) -> None:
         """Use another batch for the next steps (online mode)."""
