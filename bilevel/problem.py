@@ -121,9 +121,44 @@ class BilevelProblem:
         self.on_nonfinite = on_nonfinite
         ul.configure(ll)
         distributed.broadcast_modules(ul.ul_model, ll.ll_model)
+        self.settings = self._settings()
         self.step_count = 0
         self.skipped_steps = 0
         self.last_ll_loss: torch.Tensor | None = None
+
+    def _settings(self) -> dict[str, Any]:
+        """What a checkpoint must agree on to be resumed (taken at construction, so that LR
+        schedulers that change the optimizer's groups later do not count)."""
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, int | float | str | bool | type(None)):
+                return value
+            if isinstance(value, tuple | list):
+                return [plain(v) for v in value]
+            if isinstance(value, torch.Tensor):
+                return value.item() if value.numel() == 1 else f"tensor{list(value.shape)}"
+            return type(value).__name__
+
+        opt = self.ul_optimizer
+        calculator = {
+            key: plain(getattr(self.ul, key))
+            for key in ("k", "method", "tolerance", "alpha", "truncate_iter")
+            if hasattr(self.ul, key)
+        }
+        return {
+            "ul": self.ul.name,
+            "ul_calculator": calculator,
+            "ul_parameters": {
+                n: list(p.shape) for n, p in self.ul.ul_model.named_parameters() if p.requires_grad
+            },
+            "ll_iters": self.ll.iters,
+            "ll_optimizer": self.ll.optimizer,
+            "ll_lr": plain(self.ll.lr),
+            "ul_optimizer": None
+            if opt is None
+            else [type(opt).__name__]
+            + [{k: plain(v) for k, v in g.items() if k != "params"} for g in opt.param_groups],
+        }
 
     @property
     def ul_params(self) -> list[torch.nn.Parameter]:
@@ -226,10 +261,29 @@ class BilevelProblem:
             "step": self.step_count,
             "skipped_steps": self.skipped_steps,
             "rng": _rng_state(),
+            "settings": self.settings,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved."""
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Restore what :meth:`state_dict` saved.
+
+        Raises:
+            ValueError: with ``strict``, the state was saved by a problem with other settings
+                (method, solver, LL steps or learning rate, UL optimizer and its
+                hyperparameters, UL parameter shapes): resuming it would silently mix two runs.
+        """
+        saved = state.get("settings")
+        if strict and saved is not None and saved != self.settings:
+            changed = sorted(
+                k for k in {*saved, *self.settings} if saved.get(k) != self.settings.get(k)
+            )
+            details = "; ".join(
+                f"{k}: {saved.get(k)!r} -> {self.settings.get(k)!r}" for k in changed
+            )
+            raise ValueError(
+                f"the checkpoint was written with other settings ({details}). Resume with the "
+                "same settings, or start a new run with another checkpoint path (or delete it)."
+            )
         self.ul.ul_model.load_state_dict(state["ul_model"])
         self.ll.ll_model.load_state_dict(state["ll_model"])
         if self.ul_optimizer is not None and state.get("ul_optimizer") is not None:
@@ -242,9 +296,10 @@ class BilevelProblem:
         """Write :meth:`state_dict` to ``path`` atomically."""
         atomic_save(self.state_dict(), path)
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore a checkpoint written by :meth:`save_checkpoint`."""
-        self.load_state_dict(torch.load(path, weights_only=False))
+    def load_checkpoint(self, path: str | os.PathLike, strict: bool = True) -> None:
+        """Restore a checkpoint written by :meth:`save_checkpoint` (see
+        :meth:`load_state_dict` for ``strict``)."""
+        self.load_state_dict(torch.load(path, weights_only=False), strict=strict)
 
     def log_record(self, loss: torch.Tensor) -> dict[str, Any]:
         """What the runner logs after a step: step, losses and the calculator's diagnostics."""

@@ -149,3 +149,15 @@ def test_reused_model_starts_from_the_original_buffers():
     expected = 3.0 * 0.9**3 + (1 - 0.9**3) * p.train[0].mean(0)
     torch.testing.assert_close(aux.norm.running_mean, expected, rtol=1e-12, atol=1e-12)
     assert torch.all(net.norm.running_mean == 3.0)  # the original is untouched
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    p = ridge()
+    path = tmp_path / "ckpt.pt"
+    make(p, lr=0.1).run(lambda step: (p.train, p.val), steps=2, checkpoint=path, progress=False)
+    other = make(ridge(), lr=0.5)
+    with pytest.raises(ValueError, match=r"ul_optimizer: .*'lr': 0\.1.* -> .*'lr': 0\.5"):
+        other.run(lambda step: (p.train, p.val), steps=4, checkpoint=path, progress=False)
+    same = make(ridge(), lr=0.1)
+    same.run(lambda step: (p.train, p.val), steps=4, checkpoint=path, progress=False)
+    assert same.step_count == 4

@@ -197,3 +197,25 @@ def test_nan_in_the_ll_during_a_ul_step_names_the_step_and_method_or_is_skipped(
     skipping.run(lambda step: (p.train, p.val), steps=3, progress=False)
     assert skipping.skipped_steps == 3 and skipping.step_count == 3
     assert torch.equal(p.ul_model.log_l2.detach(), before)
+
+
+def test_implicit_warns_once_when_the_ll_is_not_stationary():
+    p = ridge()
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.5, iters=1)  # stopped early
+    ul = Implicit(ridge_ul, p.ul_model, ridge_ll, p.ll_model, 0.5, k=10)
+    problem = BilevelProblem(ll, ul)
+    with pytest.warns(RuntimeWarning, match="the LL is not stationary"):
+        problem.hypergradient(p.train, p.val)
+    assert ul.diagnostics["ll_grad_ratio"] > 0.1
+    ll.iters = 300  # converged: no warning, and a tiny ratio
+    problem.hypergradient(p.train, p.val)
+    assert ul.diagnostics["ll_grad_ratio"] < 1e-10
+
+
+def test_forward_warns_about_thousands_of_hyperparameters():
+    from bilevel.ul import Forward
+
+    p = ridge(d=1200)
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.1, iters=1)
+    with pytest.warns(RuntimeWarning, match="1200 Jacobian-vector products per LL step"):
+        BilevelProblem(ll, Forward(ridge_ul, p.ul_model, ridge_ll, p.ll_model))

@@ -40,6 +40,7 @@ class Trajectory:
             leading dimension over the scalars of ``tangent_variables``.
         tangent_variables: the UL tensors of the tangents.
         tangents_reached: for each of them, whether it has any path to the LL weights.
+        initial_grad_norm: the norm of the LL gradient at the first step (a 0-d tensor).
     """
 
     iters: int
@@ -49,6 +50,7 @@ class Trajectory:
     tangents: list[torch.Tensor] | None = None
     tangent_variables: list[torch.Tensor] | None = None
     tangents_reached: list[bool] | None = None
+    initial_grad_norm: torch.Tensor | None = None
 
 
 def _check_hyper(
@@ -273,6 +275,7 @@ class GradientDescent:
         self._check_losses(losses)
         model = unroll.model
         model.trajectory = Trajectory(iters, tracked, losses, unroll.trainable)
+        model.trajectory.initial_grad_norm = unroll.initial_grad_norm
         if unroll.variables is not None:
             model.trajectory.tangents = unroll.tangents
             model.trajectory.tangent_variables = unroll.variables

@@ -125,6 +125,7 @@ class Unroll:
         grads = torch.autograd.grad(loss, active, create_graph=keep, allow_unused=True)
         if self.steps == 0:
             gd.check_used(grads)
+            self.initial_grad_norm = torch.stack([g.detach().norm() for g in grads]).norm()
         hyper = gd.hyper_at(self.steps, detach=not keep, n=len(active))
         new, new_state = gd.rule(active, list(grads), self.opt_state, hyper, self.steps)
         if forward:

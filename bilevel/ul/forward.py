@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 
 from bilevel.ll import evaluate_at
 from bilevel.ul.base import Call, Grads, HypergradientCalculator, detached_weights
+
+MANY = 1000  # scalar hyperparameters above which Forward warns about its cost
 
 
 class Forward(HypergradientCalculator):
@@ -41,6 +44,15 @@ class Forward(HypergradientCalculator):
         """Make the LL carry tangents for the UL parameters."""
         super().configure(ll)
         ll.forward_variables = self.ul_params
+        n = sum(p.numel() for p in self.ul_params)
+        if n > MANY:
+            warnings.warn(
+                f"Forward carries one tangent per scalar hyperparameter: {n} Jacobian-vector "
+                f"products per LL step, and tangents of {n} times the LL's size in memory. "
+                "For this many hyperparameters use Reverse, Truncated or Implicit.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _hypergradient(self, call: Call) -> tuple[Grads, torch.Tensor]:
         trajectory = call.trajectory

@@ -58,6 +58,10 @@ class Implicit(HypergradientCalculator):
             ``"auto"``.
         power_iters: power iterations used to estimate ``lambda_max``.
         on_divergence: ``"raise"`` or ``"warn"``.
+        stationarity_warning: warn (once) when the LL gradient at the auxiliary model is
+            above this fraction of its norm at the first LL step: the implicit formula
+            assumes a stationary LL, and an LL that oscillates (a step size near
+            ``2 / lambda_max``) or stopped early gives a wrong hypergradient. ``None``: never.
     """
 
     name = "implicit"
@@ -75,6 +79,7 @@ class Implicit(HypergradientCalculator):
         alpha: float | str | None = None,
         power_iters: int = 20,
         on_divergence: str = "raise",
+        stationarity_warning: float | None = 0.1,
     ) -> None:
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
         if isinstance(ll_learning_rate, torch.Tensor):
@@ -100,6 +105,11 @@ class Implicit(HypergradientCalculator):
         self.alpha = self.ll_learning_rate if alpha is None else alpha
         self.power_iters = power_iters
         self.on_divergence = on_divergence
+        if stationarity_warning is not None and not stationarity_warning > 0:
+            raise ValueError(
+                f"stationarity_warning must be None or a number > 0, got {stationarity_warning!r}."
+            )
+        self.stationarity_warning = stationarity_warning
         self._warned_graph = False
 
     def differentiable_steps(self, iters: int) -> int:
@@ -152,6 +162,7 @@ class Implicit(HypergradientCalculator):
             "lambda_max": lambda_max,
             "ll_grad_norm": linalg.norm(g).detach(),
         }
+        self._check_stationary(call.trajectory)
         if info.diverged:
             self._report_divergence(info, hvp, v, alpha)
         indirect = vjp(q, self.ul_params)
@@ -169,6 +180,23 @@ class Implicit(HypergradientCalculator):
                 "ll.differentiable_steps = 0 (BilevelProblem does) so that LL memory does not "
                 "grow with the number of steps.",
                 stacklevel=4,
+            )
+
+    def _check_stationary(self, trajectory: Trajectory) -> None:
+        start = trajectory.initial_grad_norm
+        if start is None:
+            return
+        ratio = float(self.diagnostics["ll_grad_norm"] / start.clamp_min(1e-30))
+        self.diagnostics["ll_grad_ratio"] = ratio
+        if self.stationarity_warning is not None and ratio > self.stationarity_warning:
+            self.stationarity_warning = None  # once per calculator
+            warnings.warn(
+                f"The LL gradient at the auxiliary model is {ratio:.0%} of its norm at the "
+                "first LL step: the LL is not stationary, and the implicit hypergradient "
+                "assumes it is. Run more LL steps, lower the LL learning rate if the LL "
+                "oscillates (it must stay below 2 / lambda_max), or use Reverse.",
+                RuntimeWarning,
+                stacklevel=5,
             )
 
     def _step(self, hvp: linalg.MatVec, v: list[torch.Tensor]) -> tuple[Any, float | None]:
