@@ -100,7 +100,10 @@ def cg(
 
     Stops when ``||b - A x|| <= tolerance * ||b||`` or after ``iters`` iterations and returns
     the iterate after its last update. Once converged, later iterations leave ``x`` unchanged
-    (the update is masked on the device), so the loop needs no host sync per iteration.
+    (the update is masked on the device), so the loop needs no host sync per iteration. If a
+    search direction has non-positive curvature (``A`` is not positive definite), it stops
+    there and returns the last iterate before it, as truncated CG does (Steihaug 1983), with
+    ``info.diverged`` set.
 
     Reference: Hestenes & Stiefel (1952); used for hypergradients by Pedregosa (2016, HOAG)
     and Rajeswaran et al. (2019, iMAML).
@@ -126,11 +129,12 @@ def cg(
     n_iter = torch.zeros_like(rr)
     broken = torch.zeros((), dtype=torch.bool, device=rr.device)
     for i in range(iters):
-        active = rr > threshold
+        active = (rr > threshold) & ~broken
         ap = matvec(p)
         pap = dot(p, ap)
         broken = broken | (active & (pap <= 0))
-        alpha = torch.where(active & (pap > 0), rr / pap, zero)
+        active = active & (pap > 0)  # on non-positive curvature, keep the last iterate
+        alpha = torch.where(active, rr / pap, zero)
         x = _axpy(alpha, p, x)
         r = _axpy(-alpha, ap, r)
         rr_new = dot(r, r)
@@ -138,8 +142,9 @@ def cg(
         p = _axpy(beta, p, r)
         rr = torch.where(active, rr_new, rr)
         n_iter = n_iter + active.to(n_iter.dtype)
-        if (i + 1) % check_every == 0 and i + 1 < iters and not bool(rr > threshold):
-            break
+        if (i + 1) % check_every == 0 and i + 1 < iters:
+            if not bool((rr > threshold) & ~broken):
+                break
     return x, _summary("cg", n_iter, rr.sqrt(), rhs_norm, tolerance, broken)
 
 

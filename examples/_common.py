@@ -38,7 +38,7 @@ def add_run_args(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument(
         "--data-root",
         default=None,
-        help="folder holding MNIST/ and FashionMNIST/ (default: $BILEVEL_DATA)",
+        help="folder holding MNIST/, FashionMNIST/ and omniglot/ (default: $BILEVEL_DATA)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")

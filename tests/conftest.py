@@ -56,3 +56,15 @@ def omniglot(data_root: Path, data_cache_dir: Path):
 
     _require_data(data_root / "omniglot")
     return Omniglot(data_root, cache_dir=data_cache_dir, progress=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Run the tests single-threaded: the problems are small, and on a busy machine two
+    threads per process were measured 10-30x slower than one (oversubscription)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

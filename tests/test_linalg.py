@@ -76,6 +76,15 @@ def test_cg_flags_indefinite_matrix():
     assert info.diverged
 
 
+def test_cg_stops_at_the_last_iterate_before_negative_curvature():
+    """A saddle: the first direction b has curvature 2 (step to [1, 1]); the second,
+    r + 4 p = [6, 2], has curvature -24. Truncated CG returns [1, 1] and stops there."""
+    a = torch.diag(torch.tensor([-1.0, 3.0], dtype=DTYPE))
+    x, info = linalg.cg(lambda v: [a @ v[0]], [torch.ones(2, dtype=DTYPE)], iters=10)
+    torch.testing.assert_close(x[0], torch.ones(2, dtype=DTYPE), rtol=0, atol=0)
+    assert info.diverged and info.iterations == 1
+
+
 def test_neumann_and_fixed_point_converge_for_small_alpha():
     a = spd(cond=5.0)
     b = torch.linspace(-1, 1, 8, dtype=DTYPE)

@@ -219,3 +219,27 @@ def test_forward_warns_about_thousands_of_hyperparameters():
     ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.1, iters=1)
     with pytest.warns(RuntimeWarning, match="1200 Jacobian-vector products per LL step"):
         BilevelProblem(ll, Forward(ridge_ul, p.ul_model, ridge_ll, p.ll_model))
+
+
+def test_divergence_warning_is_given_once_but_every_solve_is_flagged():
+    import warnings
+
+    p, _ = stiff()
+    ul = Implicit(
+        ridge_ul,
+        p.ul_model,
+        ridge_ll,
+        p.ll_model,
+        ll_learning_rate=0.1,
+        k=10,
+        method="neumann",
+        on_divergence="warn",
+    )
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=STIFF_LR, iters=200)
+    problem = BilevelProblem(ll, ul)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            problem.hypergradient(p.train, p.val)
+            assert ul.diagnostics["diverged"]
+    assert sum("diverged" in str(w.message) for w in caught) == 1

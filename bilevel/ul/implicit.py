@@ -57,7 +57,8 @@ class Implicit(HypergradientCalculator):
         alpha: step of Neumann / fixed point: ``None`` (``ll_learning_rate``), a float, or
             ``"auto"``.
         power_iters: power iterations used to estimate ``lambda_max``.
-        on_divergence: ``"raise"`` or ``"warn"``.
+        on_divergence: ``"raise"``, or ``"warn"`` (once per calculator; every solve's
+            ``diagnostics["diverged"]`` says whether it diverged).
         stationarity_warning: warn (once) when the LL gradient at the auxiliary model is
             above this fraction of its norm at the first LL step: the implicit formula
             assumes a stationary LL, and an LL that oscillates (a step size near
@@ -111,6 +112,7 @@ class Implicit(HypergradientCalculator):
             )
         self.stationarity_warning = stationarity_warning
         self._warned_graph = False
+        self._warned_divergence = False
 
     def differentiable_steps(self, iters: int) -> int:
         """None: the LL graph is not needed."""
@@ -235,4 +237,6 @@ class Implicit(HypergradientCalculator):
             )
         if self.on_divergence == "raise":
             raise HypergradientDivergenceError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        if not self._warned_divergence:  # once: diagnostics["diverged"] tells every time
+            self._warned_divergence = True
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
