@@ -93,3 +93,13 @@ def init_from_environment(device: str | torch.device = "cpu") -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
     return active()
+
+
+def agree(flag: bool) -> bool:
+    """Rank 0's value of ``flag`` on every process (e.g. a decision to stop that depends on
+    a clock), so that all processes leave a loop at the same step."""
+    if not active():
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.broadcast(value, src=0)
+    return bool(value.item())

@@ -1,0 +1,475 @@
+"""Few-shot Omniglot: MAML, first-order MAML, iMAML and hyper-representation learning.
+
+Every method is a :class:`bilevel.BilevelProblem` over the 4-conv network of
+:mod:`bilevel.models`, stepped on meta-batches of tasks (``problem.meta_step(batch)``):
+
+- ``maml``: the UL variables are the network's initial weights, the LL adapts all of them
+  by gradient descent, ``Reverse`` differentiates through the LL steps (Finn et al. 2017);
+- ``fomaml``: the same with ``FirstOrder`` (Finn et al. 2017; Nichol et al. 2018);
+- ``imaml``: the LL objective is ``task loss + reg/2 ||w - theta||^2``, ``Implicit`` with
+  conjugate gradient (Rajeswaran et al. 2019);
+- ``hyperrep``: the UL variables are the conv trunk, the LL is a linear head per task,
+  started at zero, with ``--ul-method reverse | truncated | implicit`` (Franceschi et al.
+  2018, "Bilevel Programming for Hyperparameter Optimization and Meta-Learning", ICML).
+
+Evaluation on a task: adapt on the support set (the LL, without any UL graph), accuracy on
+the query set. Batch normalization always uses the statistics of the batch it sees (as in
+MAML's code), so evaluation is transductive: the query images of a task are normalized
+together. Test accuracy: the mean over ``--eval-tasks`` meta-test tasks with its 95%
+confidence interval, taken with the best model on ``--val-tasks`` meta-validation tasks.
+
+Run: ``python examples/omniglot.py --method maml --out runs/omniglot/maml-5w1s`` (``--help``).
+Data: ``--data-root`` or ``BILEVEL_DATA``, the folder holding ``omniglot/``. Running the
+same command again resumes from ``OUT/checkpoint.pt`` (a larger ``--meta-steps`` extends
+the run). Writes ``OUT/log.csv``, ``OUT/curve.png``, ``OUT/best.pt`` and
+``OUT/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import _common  # the examples/ folder is on sys.path when this file is run as a script
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from bilevel import BilevelProblem, distributed
+from bilevel.data import Omniglot, TaskSampler
+from bilevel.ll import GradientDescent
+from bilevel.models import ConvNet4, FewShotNet
+from bilevel.problem import atomic_save
+from bilevel.ul import FirstOrder, Implicit, Reverse, Truncated
+
+METHODS = ("maml", "fomaml", "imaml", "hyperrep")
+UL_METHODS = ("reverse", "truncated", "implicit")
+#: the UL calculator each meta-learning method is defined by
+FIXED_UL_METHOD = {"maml": "reverse", "fomaml": "first_order", "imaml": "implicit"}
+#: per-method defaults of the LL (inner loop); MAML's are those of Finn et al. (2017)
+INNER_DEFAULTS = {
+    "maml": {"inner_steps": 1, "inner_lr": 0.4},
+    "fomaml": {"inner_steps": 1, "inner_lr": 0.4},
+    "imaml": {"inner_steps": 20, "inner_lr": 0.05},
+    "hyperrep": {"inner_steps": 10, "inner_lr": 0.1},
+}
+#: task seeds of the meta-validation and meta-test samplers (fixed, so that every run and
+#: every method is evaluated on the same tasks); meta-training tasks use --seed
+VAL_SEED, TEST_SEED = 1, 2
+#: arguments that may change when a run is resumed (the experiment stays the same)
+RESUMABLE = ("meta_steps", "eval_tasks", "max_minutes", "cache_dir")
+LOG_FIELDS = (
+    "step",
+    "seconds",
+    "cpu_seconds",
+    "loss",
+    "accuracy",
+    "ll_loss",
+    "val_accuracy",
+    "val_ci95",
+    "cg_iterations",
+    "cg_diverged",
+    "ll_grad_ratio",
+)
+
+
+def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and half-width of its 95% confidence interval, ``1.96 * std / sqrt(n)``."""
+    values = values.double()
+    n = values.numel()
+    std = values.std(unbiased=True).item() if n > 1 else 0.0
+    return values.mean().item(), 1.96 * std / math.sqrt(n)
+
+
+class Experiment:
+    """The models, objectives and bilevel problem of one method, and few-shot evaluation.
+
+    Attributes:
+        ul_model: the meta-learned module (the whole network, or the conv trunk).
+        ll_model: the module the LL adapts (the same network, or a zero linear head).
+        problem: the :class:`BilevelProblem` that meta-training steps.
+        query_accuracy: accuracies recorded by the UL objective since the last read.
+    """
+
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        self.args = args
+        torch.manual_seed(args.seed)
+        if args.method == "hyperrep":
+            self.ul_model = ConvNet4(hidden=args.hidden).to(device)
+            self.ll_model = nn.Linear(self.ul_model.out_features, args.ways).to(device)
+            nn.init.zeros_(self.ll_model.weight)
+            nn.init.zeros_(self.ll_model.bias)
+        else:
+            self.ul_model = self.ll_model = FewShotNet(args.ways, hidden=args.hidden).to(device)
+        self.query_accuracy: list[torch.Tensor] = []
+        ll = GradientDescent(
+            self.ll_objective, self.ll_model, self.ul_model, args.inner_lr, args.inner_steps
+        )
+        common = (self.ul_objective, self.ul_model, self.ll_objective, self.ll_model)
+        if args.ul_method == "reverse":
+            ul = Reverse(*common)
+        elif args.ul_method == "truncated":
+            ul = Truncated(*common, truncate_iter=args.truncate)
+        elif args.ul_method == "first_order":
+            ul = FirstOrder(*common)
+        else:
+            # the LL Hessian of a network need not be positive definite away from a minimum:
+            # when CG meets negative curvature it says so (cg_diverged in the log) and the
+            # meta-training goes on, rather than stopping at the first such task
+            ul = Implicit(
+                *common,
+                ll_learning_rate=args.inner_lr,
+                k=args.cg_steps,
+                tolerance=args.cg_tolerance,
+                method="cg",
+                on_divergence="warn",
+            )
+        optimizer = torch.optim.Adam(self.ul_model.parameters(), lr=args.meta_lr)
+        self.problem = BilevelProblem(ll, ul, optimizer)
+        # evaluation: the same LL without any graph, with its own number of steps; for the
+        # hyper-representation the features are fixed, so it adapts the head on them
+        eval_objective = self.head_objective if args.method == "hyperrep" else self.ll_objective
+        self.adapt = GradientDescent(
+            eval_objective,
+            self.ll_model,
+            self.ul_model,
+            args.inner_lr,
+            args.eval_inner_steps,
+            differentiable_steps=0,
+            warn_on_growth=False,
+        )
+
+    def logits(self, state: dict[str, Any]) -> torch.Tensor:
+        """The network's output on ``state["data"]`` with the LL's current weights."""
+        if self.args.method == "hyperrep":
+            return state["ll_model"](state["ul_model"](state["data"]))
+        return state["ll_model"](state["data"])
+
+    def ul_objective(self, state: dict[str, Any]) -> torch.Tensor:
+        """Query-set cross-entropy of the adapted model (records the query accuracy)."""
+        logits = self.logits(state)
+        accuracy = (logits.argmax(-1) == state["target"]).float().mean()
+        self.query_accuracy.append(accuracy.detach())
+        return F.cross_entropy(logits, state["target"])
+
+    def ll_objective(self, state: dict[str, Any]) -> torch.Tensor:
+        """Support-set cross-entropy; iMAML adds ``reg/2 ||w - theta||^2`` with ``theta`` the
+        UL model; the hyper-representation adds ``head_l2/2 ||head||^2``."""
+        loss = F.cross_entropy(self.logits(state), state["target"])
+        if self.args.method == "imaml":
+            pairs = zip(state["ll_model"].parameters(), state["ul_model"].parameters(), strict=True)
+            loss = loss + 0.5 * self.args.reg * sum(((w - t) ** 2).sum() for w, t in pairs)
+        elif self.args.method == "hyperrep" and self.args.head_l2 > 0:
+            loss = loss + self.head_penalty(state["ll_model"])
+        return loss
+
+    def head_penalty(self, head: nn.Module) -> torch.Tensor:
+        """``head_l2/2 ||head||^2`` (hyper-representation)."""
+        return 0.5 * self.args.head_l2 * sum((w**2).sum() for w in head.parameters())
+
+    def head_objective(self, state: dict[str, Any]) -> torch.Tensor:
+        """The hyper-representation's LL objective on precomputed features."""
+        loss = F.cross_entropy(state["ll_model"](state["data"]), state["target"])
+        return loss + self.head_penalty(state["ll_model"]) if self.args.head_l2 > 0 else loss
+
+    def task_accuracy(self, task: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Adapt on the support set, return the accuracy on the query set."""
+        (xs, ys), (xq, yq) = task["train"], task["test"]
+        if self.args.method == "hyperrep":
+            with torch.no_grad():
+                xs, xq = self.ul_model(xs), self.ul_model(xq)
+        adapted = self.adapt.optimize(xs, ys)
+        with torch.no_grad():
+            accuracy = (adapted(xq).argmax(-1) == yq).float().mean()
+        self.adapt.release(adapted)  # the next task reuses the patched model
+        return accuracy
+
+    def evaluate(self, sampler: TaskSampler, tasks: int, progress: bool = False) -> torch.Tensor:
+        """Query accuracy on tasks ``0 .. tasks - 1`` of ``sampler`` (one value per task)."""
+        device = next(self.ul_model.parameters()).device
+        accuracies = []
+        for i in tqdm(range(tasks), desc="evaluate", disable=not progress, leave=False):
+            task = sampler.task(i)
+            task = {k: (x.to(device), y.to(device)) for k, (x, y) in task.items()}
+            accuracies.append(self.task_accuracy(task))
+        return torch.stack(accuracies).cpu()
+
+
+def write_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    """The log records as CSV (rewritten whole: the history of a resumed run is truncated)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def plot_curve(path: Path, history: list[dict[str, Any]], title: str) -> None:
+    """Meta-training loss and accuracy (running means) and meta-validation accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [h for h in history if h.get("loss") is not None]
+    val = [h for h in history if h.get("val_accuracy") is not None]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    left.plot([h["step"] for h in train], [h["loss"] for h in train], color="tab:blue")
+    left.set_xlabel("meta-step")
+    left.set_ylabel("query loss (meta-train)")
+    right.plot(
+        [h["step"] for h in train], [h["accuracy"] for h in train], label="meta-train (query)"
+    )
+    if val:
+        steps = [h["step"] for h in val]
+        acc = [h["val_accuracy"] for h in val]
+        ci = [h["val_ci95"] for h in val]
+        right.errorbar(steps, acc, yerr=ci, marker="o", ms=3, capsize=2, label="meta-validation")
+    right.set_xlabel("meta-step")
+    right.set_ylabel("accuracy")
+    right.legend(loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--method", choices=METHODS, default="maml")
+    parser.add_argument(
+        "--ul-method",
+        choices=UL_METHODS,
+        default=None,
+        help="hypergradient of --method hyperrep (default reverse); maml is reverse, fomaml "
+        "first-order and imaml implicit by definition",
+    )
+    parser.add_argument("--ways", type=int, default=5, help="classes per task (N)")
+    parser.add_argument("--shots", type=int, default=1, help="support examples per class (K)")
+    parser.add_argument("--query", type=int, default=15, help="query examples per class")
+    parser.add_argument("--meta-batch", type=int, default=32, help="tasks per meta-step")
+    parser.add_argument("--meta-steps", type=int, default=60000, help="UL (outer) steps")
+    parser.add_argument("--meta-lr", type=float, default=1e-3, help="Adam step of the UL")
+    parser.add_argument(
+        "--inner-steps", type=int, default=None, help="LL steps (default: per method)"
+    )
+    parser.add_argument(
+        "--inner-lr", type=float, default=None, help="LL step size (default: per method)"
+    )
+    parser.add_argument("--hidden", type=int, default=64, help="filters per conv block")
+    parser.add_argument("--reg", type=float, default=2.0, help="iMAML proximal strength")
+    parser.add_argument("--cg-steps", type=int, default=5, help="iMAML / implicit CG steps")
+    parser.add_argument("--cg-tolerance", type=float, default=1e-6, help="CG relative residual")
+    parser.add_argument(
+        "--truncate", type=int, default=None, help="K of --ul-method truncated (default T/2)"
+    )
+    parser.add_argument(
+        "--head-l2", type=float, default=1e-3, help="L2 on the head (hyperrep LL objective)"
+    )
+    parser.add_argument("--eval-inner-steps", type=int, default=None, help="LL steps at evaluation")
+    parser.add_argument(
+        "--eval-query", type=int, default=15, help="query examples per class at evaluation"
+    )
+    parser.add_argument("--eval-every", type=int, default=500, help="meta-steps between vals")
+    parser.add_argument("--val-tasks", type=int, default=200, help="meta-validation tasks")
+    parser.add_argument("--eval-tasks", type=int, default=600, help="meta-test tasks")
+    parser.add_argument("--log-every", type=int, default=10, help="meta-steps between logs")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop meta-training after this many minutes of this invocation (then evaluate; "
+        "the same command goes on from there)",
+    )
+    parser.add_argument(
+        "--cache-dir", default=None, help="decoded Omniglot cache (default: $BILEVEL_CACHE)"
+    )
+    _common.add_run_args(parser, default_out="runs/omniglot/run")
+    args = parser.parse_args(argv)
+    if args.method == "hyperrep":
+        args.ul_method = args.ul_method or "reverse"
+    elif args.ul_method not in (None, FIXED_UL_METHOD[args.method]):
+        parser.error(
+            f"--method {args.method} is defined by its hypergradient "
+            f"({FIXED_UL_METHOD[args.method]}); --ul-method is for --method hyperrep"
+        )
+    else:
+        args.ul_method = FIXED_UL_METHOD[args.method]
+    for key, value in INNER_DEFAULTS[args.method].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.eval_inner_steps is None:
+        args.eval_inner_steps = args.inner_steps
+    if args.truncate is None:
+        args.truncate = max(1, args.inner_steps // 2)
+    for name in ("ways", "shots", "query", "meta_batch", "inner_steps", "eval_inner_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("eval_every", "log_every", "val_tasks", "eval_tasks", "hidden", "cg_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.meta_steps < 0:
+        parser.error("--meta-steps must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Meta-train, validate, keep the best model, test; write everything to ``--out``."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    distributed.init_from_environment(device)  # a no-op unless launched by torchrun
+    main_process = distributed.is_main_process()  # only rank 0 prints, logs and saves
+    out = Path(args.out)
+    progress = not args.no_progress and main_process
+    settings = {k: v for k, v in _common.settings_of(args).items() if k not in RESUMABLE}
+    record = _common.RunRecord(out, settings)
+
+    omniglot = Omniglot(args.data_root, cache_dir=args.cache_dir, progress=progress)
+    shape = (args.ways, args.shots)
+    train = TaskSampler(omniglot.split("train"), *shape, args.query, seed=args.seed)
+    val = TaskSampler(omniglot.split("val"), *shape, args.eval_query, seed=VAL_SEED)
+    test = TaskSampler(omniglot.split("test"), *shape, args.eval_query, seed=TEST_SEED)
+
+    exp = Experiment(args, device)
+    problem = exp.problem
+    if record.checkpoint.exists():
+        problem.load_checkpoint(record.checkpoint)
+    start = problem.step_count
+    best_path = out / "best.pt"
+    vals = [h["val_accuracy"] for h in record.history if h.get("val_accuracy") is not None]
+    best = max(vals, default=-1.0)
+    label = f"{args.method} ({args.ul_method}), {args.ways}-way {args.shots}-shot"
+    if main_process:
+        print(f"{label}: meta-steps {start} -> {args.meta_steps} in {out}")
+
+    def batch(step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        tasks = train.batch(step, args.meta_batch)
+        return {k: (x.to(device), y.to(device)) for k, (x, y) in tasks.items()}
+
+    losses: list[torch.Tensor] = []
+    accuracies: list[torch.Tensor] = []
+    postfix: dict[str, str] = {}
+    # CPU time of this process (all its threads), summed over resumed runs like the wall time
+    cpu_before = next(
+        (h["cpu_seconds"] for h in reversed(record.history) if "cpu_seconds" in h), 0.0
+    )
+    record.start_clock()
+    invocation_start = time.perf_counter()
+    cpu_start = time.process_time()
+    bar = tqdm(total=args.meta_steps, initial=start, disable=not progress, desc=label)
+    with bar, warnings.catch_warnings():
+        # the CG non-positive-curvature warning is counted in the log instead
+        warnings.filterwarnings("ignore", message="CG met a direction")
+        for step in range(start, args.meta_steps):
+            losses.append(problem.meta_step(batch(step)))
+            accuracies.append(torch.stack(exp.query_accuracy).mean())
+            exp.query_accuracy.clear()
+            bar.update(1)
+            done = step + 1
+            elapsed = time.perf_counter() - invocation_start
+            out_of_time = args.max_minutes is not None and elapsed > 60 * args.max_minutes
+            out_of_time = distributed.agree(out_of_time)  # every rank stops at one step
+            last = done == args.meta_steps or out_of_time
+            validate = done % args.eval_every == 0 or last
+            if not main_process:  # the other ranks only take part in the meta-steps
+                losses.clear()
+                accuracies.clear()
+                if out_of_time:
+                    break
+                continue
+            if not (done % args.log_every == 0 or validate):
+                continue
+            entry: dict[str, Any] = {
+                "step": done,
+                "loss": torch.stack(losses).mean().item(),
+                "accuracy": torch.stack(accuracies).mean().item(),
+                "ll_loss": problem.last_ll_loss.item(),
+                "cpu_seconds": round(cpu_before + time.process_time() - cpu_start, 3),
+            }
+            losses.clear()
+            accuracies.clear()
+            diagnostics = problem.ul.diagnostics
+            if "iterations" in diagnostics:
+                entry["cg_iterations"] = diagnostics["iterations"]
+                entry["cg_diverged"] = int(diagnostics["diverged"])
+            if diagnostics.get("ll_grad_ratio") is not None:
+                entry["ll_grad_ratio"] = diagnostics["ll_grad_ratio"]
+            postfix.update(loss=f"{entry['loss']:.3f}", acc=f"{entry['accuracy']:.3f}")
+            if validate:
+                acc, ci = mean_ci95(exp.evaluate(val, args.val_tasks))
+                entry.update(val_accuracy=acc, val_ci95=ci)
+                postfix["val"] = f"{acc:.3f}"
+                if acc > best:
+                    best = acc
+                    state = {"ul_model": exp.ul_model.state_dict(), "step": done}
+                    atomic_save({**state, "val_accuracy": acc}, best_path)
+                problem.save_checkpoint(record.checkpoint)
+            bar.set_postfix(postfix)
+            record.log(entry, checkpointed=validate)
+            write_csv(out / "log.csv", record.history)
+            if out_of_time:
+                break
+    if not main_process:
+        return {}
+    train_seconds = record.seconds
+    train_cpu_seconds = cpu_before + time.process_time() - cpu_start
+    meta_steps = problem.step_count
+
+    if record.history:
+        plot_curve(out / "curve.png", record.history, label)
+    evaluated = "final"
+    best_step = meta_steps
+    if best_path.exists():
+        saved = torch.load(best_path, weights_only=False)
+        exp.ul_model.load_state_dict(saved["ul_model"])
+        evaluated, best_step = "best", saved["step"]
+    started = time.perf_counter()
+    test_acc, test_ci = mean_ci95(exp.evaluate(test, args.eval_tasks, progress))
+    eval_seconds = time.perf_counter() - started
+    results = {
+        "experiment": "omniglot",
+        "method": args.method,
+        "ul_method": args.ul_method,
+        "ways": args.ways,
+        "shots": args.shots,
+        "test_accuracy": test_acc,
+        "test_ci95": test_ci,
+        "test_tasks": args.eval_tasks,
+        "evaluated_model": evaluated,
+        "best_step": best_step,
+        "best_val_accuracy": best if best >= 0 else None,
+        "meta_steps": meta_steps,
+        "train_seconds": round(train_seconds, 2),
+        "seconds_per_meta_step": round(train_seconds / max(meta_steps, 1), 4),
+        "train_cpu_seconds": round(train_cpu_seconds, 2),
+        "eval_seconds": round(eval_seconds, 2),
+        "resumed_from_step": record.resumed_from,
+        "settings": {**settings, **{k: getattr(args, k) for k in RESUMABLE}},
+        "hardware": _common.hardware(device),
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    _common.write_json(out / _common.RESULTS_FILE, results)
+    print(
+        f"{label}: test accuracy {100 * test_acc:.2f} +- {100 * test_ci:.2f}% on "
+        f"{args.eval_tasks} tasks ({evaluated} model, step {best_step}); {meta_steps} "
+        f"meta-steps in {train_seconds:.0f} s"
+    )
+    return results
+
+
+if __name__ == "__main__":
+    main()
