@@ -1,0 +1,149 @@
+"""Measurement helpers shared by every benchmark process (standard library and torch only).
+
+This module is imported by the workers of all implementations, including the peers' own
+virtual environments, so it must not import ``bilevel`` or any peer library.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+class NotSupported(Exception):
+    """An implementation cannot run a configuration (the reason is the message)."""
+
+
+def sync(device: str) -> None:
+    """Wait for queued device work, so that wall time covers it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_steps(step: Callable[[], Any], n: int, device: str = "cpu") -> list[float]:
+    """Wall time of ``n`` calls of ``step``, each timed on its own, in seconds."""
+    times = []
+    for _ in range(n):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+    """Median, min, max and count of a list of step times (seconds)."""
+    return {
+        "median": statistics.median(times),
+        "min": min(times),
+        "max": max(times),
+        "n": len(times),
+    }
+
+
+def _status_kib(field: str) -> int:
+    """A ``VmRSS``/``VmHWM`` line of /proc/self/status, in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> str:
+    """Reset the process's peak RSS to its current RSS, if the kernel allows it.
+
+    Writing ``5`` to /proc/self/clear_refs resets ``VmHWM`` (Linux >= 4.0). Returns the
+    method the peak will be read with: ``"VmHWM"`` after a reset, else ``"ru_maxrss"``.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return "VmHWM"
+    except OSError:
+        return "ru_maxrss"
+
+
+def peak_rss_kib(method: str) -> int:
+    """Peak resident set size so far, in KiB, by ``method`` (see :func:`reset_peak_rss`)."""
+    if method == "VmHWM":
+        return _status_kib("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def current_rss_kib() -> int:
+    """Current resident set size, in KiB."""
+    return _status_kib("VmRSS")
+
+
+def measure_peak_memory(step: Callable[[], Any], device: str, steps: int = 2) -> dict[str, Any]:
+    """Peak memory of ``steps`` UL steps above what the process holds before them.
+
+    CPU: the peak RSS (VmHWM, reset first through /proc/self/clear_refs; ``ru_maxrss`` when
+    the reset is not allowed) minus the RSS just before the first step, after the problem,
+    the models and the data exist. CUDA: ``torch.cuda.max_memory_allocated`` minus
+    ``torch.cuda.memory_allocated`` before the steps.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return {"method": "cuda.max_memory_allocated", "bytes": peak - base, "baseline": base}
+    method = reset_peak_rss()
+    base = current_rss_kib() if method == "VmHWM" else peak_rss_kib(method)
+    for _ in range(steps):
+        step()
+    peak = peak_rss_kib(method)
+    return {"method": method, "bytes": max(peak - base, 0) * 1024, "baseline": base * 1024}
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (or the platform's processor string)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_revision() -> dict[str, Any]:
+    """The checkout's commit and whether it has uncommitted changes."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "-s"))}
+
+
+def machine() -> dict[str, Any]:
+    """What the page states about the machine."""
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }

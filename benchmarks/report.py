@@ -1,0 +1,615 @@
+"""Write docs/benchmarks.md and its plots from a results file of ``run.py``.
+
+    python benchmarks/report.py [RESULTS_JSON ...]   # default: the newest in benchmarks/results
+
+Given several files, later ones replace the records they repeat (e.g. a ``--memory-only``
+rerun over a full run).
+
+Everything on the page comes from the JSON file: the tables, the plots, the machine, the
+date, the command, and the list of configurations where a peer is faster than us.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import RESULTS, ROOT  # noqa: E402
+
+PAGE = ROOT / "docs" / "benchmarks.md"
+IMAGES = ROOT / "docs" / "img" / "benchmarks"
+IMPLS = ("bilevel", "floor", "boat", "torchopt")
+NAMES = {"bilevel": "bilevel", "floor": "torch floor", "boat": "BOAT", "torchopt": "TorchOpt"}
+PEERS = ("boat", "torchopt")
+METHOD_NAMES = {
+    "reverse": "Reverse",
+    "truncated": "Truncated",
+    "cg": "Implicit CG",
+    "neumann": "Implicit Neumann",
+    "fixed_point": "Implicit fixed point",
+    "forward": "Forward",
+    "first_order": "FirstOrder",
+    "maml": "MAML (Reverse)",
+    "fomaml": "first-order MAML (FirstOrder)",
+    "imaml": "iMAML (Implicit CG)",
+    "hyperrep": "hyper-representation (Reverse)",
+}
+TARGET_BOAT, TARGET_FLOOR = 0.8, 1.1
+COLORS = {"reverse": "C0", "truncated": "C1", "cg": "C2", "forward": "C3"}
+
+
+def key(config: dict[str, Any]) -> tuple:
+    """A hashable identity of a configuration."""
+    return tuple(sorted((k, v) for k, v in config.items() if k != "suite"))
+
+
+def setting(config: dict[str, Any]) -> str:
+    """The configuration's parameters, e.g. ``T=200, K=10``."""
+    parts = [f"{k}={config[k]}" for k in ("T", "K", "k", "batch") if k in config]
+    return ", ".join(parts)
+
+
+def ms(seconds: float) -> str:
+    """Milliseconds with three significant digits."""
+    value = seconds * 1e3
+    return f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
+
+
+def mib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:.1f}"
+
+
+def sci(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1e}"
+
+
+class Results:
+    """The records of one run, indexed by (kind, configuration, implementation)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+        self.index: dict[tuple, dict] = {}
+        self.configs: dict[str, list[dict]] = defaultdict(list)
+        seen = set()
+        for record in data["records"]:
+            config = record["config"]
+            self.index[(record["kind"], key(config), record["impl"])] = record
+            if (config["suite"], key(config)) not in seen:
+                seen.add((config["suite"], key(config)))
+                self.configs[config["suite"]].append(config)
+
+    def get(self, kind: str, config: dict[str, Any], impl: str) -> dict | None:
+        return self.index.get((kind, key(config), impl))
+
+    def median(self, config: dict[str, Any], impl: str) -> float | None:
+        record = self.get("time", config, impl)
+        return record.get("median") if record else None
+
+    def impls(self) -> list[str]:
+        present = {r["impl"] for r in self.data["records"]}
+        return [i for i in IMPLS if i in present]
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def cell_time(record: dict | None) -> str:
+    if record is None:
+        return "–"
+    if "median" not in record:
+        return "fails" if "failed" in record else "–"
+    return f"{ms(record['median'])} ({ms(record['min'])}–{ms(record['max'])})"
+
+
+def ratio(res: Results, config: dict, impl: str) -> str:
+    ours, theirs = res.median(config, "bilevel"), res.median(config, impl)
+    if ours is None or theirs is None:
+        return "–"
+    return f"{ours / theirs:.2f}"
+
+
+def time_table(res: Results, configs: list[dict], first: str = "problem") -> list[str]:
+    impls = res.impls()
+    others = [i for i in impls if i != "bilevel"]
+    head = [
+        first,
+        "method",
+        "setting",
+        *(f"{NAMES[i]} ms" for i in impls),
+        *(f"ours / {NAMES[i]}" for i in others),
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in configs:
+        if not any(res.get("time", c, i) for i in impls):
+            continue
+        row = [
+            c["problem"],
+            METHOD_NAMES[c["method"]],
+            setting(c),
+            *(cell_time(res.get("time", c, i)) for i in impls),
+            *(ratio(res, c, i) for i in others),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def error_table(res: Results, configs: list[dict], field: str, title: str) -> list[str]:
+    impls = res.impls()
+    head = ["problem", "method", "setting", *(f"{NAMES[i]}" for i in impls)]
+    lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in configs:
+        cells = []
+        for i in impls:
+            record = res.get("error", c, i)
+            cells.append(
+                sci(record.get(field))
+                if record and field in record
+                else ("fails" if record and "failed" in record else "–")
+            )
+        if all(x == "–" for x in cells):
+            continue
+        lines.append(
+            "| " + " | ".join([c["problem"], METHOD_NAMES[c["method"]], setting(c), *cells]) + " |"
+        )
+    return lines
+
+
+def memory_table(res: Results, configs: list[dict]) -> list[str]:
+    impls = res.impls()
+    head = ["problem", "method", "setting", *(f"{NAMES[i]} MiB" for i in impls)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in configs:
+        cells = []
+        for i in impls:
+            record = res.get("memory", c, i)
+            cells.append(
+                mib(record["bytes"])
+                if record and "bytes" in record
+                else ("fails" if record and "failed" in record else "–")
+            )
+        if all(x == "–" for x in cells):
+            continue
+        lines.append(
+            "| " + " | ".join([c["problem"], METHOD_NAMES[c["method"]], setting(c), *cells]) + " |"
+        )
+    return lines
+
+
+def peer_findings(res: Results) -> list[str]:
+    """What the run showed about the peers: their own notes, and hypergradients far from
+    the floor's (more than 10x its error) on the same configuration."""
+    lines = []
+    for impl, notes in res.data.get("notes", {}).items():
+        lines.extend(f"- **{NAMES.get(impl, impl)}**: {note}." for note in notes)
+    for suite in ("regression", "cleaning", "meta"):  # the sweep is in the plot
+        for c in res.configs.get(suite, []):
+            floor = res.get("error", c, "floor")
+            if floor is None:
+                continue
+            for peer in PEERS:
+                r = res.get("error", c, peer)
+                for field in ("error_exact", "difference_to_floor"):
+                    if not r or field not in r or field not in floor:
+                        continue
+                    ref = floor[field] if field == "error_exact" else 1e-6
+                    if r[field] > max(10 * ref, 1e-3):
+                        what = "relative error" if field == "error_exact" else "distance to floor"
+                        base = f", the floor's {sci(ref)}" if field == "error_exact" else ""
+                        lines.append(
+                            f"- **{NAMES[peer]}**, {c['problem']} {METHOD_NAMES[c['method']]} "
+                            f"({setting(c)}): {what} {sci(r[field])}{base}."
+                        )
+    if any("BOAT" in line and "Truncated" in line for line in lines):
+        lines.append(
+            "- Why BOAT's truncated hypergradient is off: with `RGT`, its `NGD` "
+            "(`boat_torch/gm_ol/ngd.py`, lines 101-127) runs the first T − K steps as "
+            "`loss.backward(); lower_level_opt.step()` on the LL module, which also adds the LL "
+            "loss's gradient into `.grad` of the UL variables at every one of those steps, and "
+            "then copies the LL module's weights back from a backup taken before them."
+        )
+    return lines
+
+
+def failures(res: Results) -> list[str]:
+    lines = []
+    for impl, why in res.data.get("unavailable", {}).items():
+        lines.append(f"- **{NAMES.get(impl, impl)}** could not run at all: `{why}`")
+    seen = set()
+    for r in res.data["records"]:
+        if "failed" in r:
+            text = r["failed"].splitlines()[0][:300]
+            tag = (r["impl"], r["config"]["method"], text)
+            if tag in seen:
+                continue
+            seen.add(tag)
+            lines.append(
+                f"- {NAMES[r['impl']]}, {r['config']['problem']} "
+                f"{METHOD_NAMES[r['config']['method']]} ({setting(r['config'])}): "
+                f"fails with `{text}`"
+            )
+    return lines
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def verdicts(res: Results) -> tuple[list[str], list[str]]:
+    """Where a peer is faster than us, and how each timing target fares."""
+    faster, targets = [], []
+    boat_ok = floor_ok = 0
+    boat_all, floor_all = [], []
+    for suite in ("regression", "scaling", "cleaning", "meta"):
+        for c in res.configs.get(suite, []):
+            ours = res.median(c, "bilevel")
+            if ours is None:
+                continue
+            mine = res.get("time", c, "bilevel")
+            for peer in PEERS:
+                theirs = res.median(c, peer)
+                if theirs is not None and theirs < ours:
+                    other = res.get("time", c, peer)
+                    overlap = mine["min"] <= other["max"] and other["min"] <= mine["max"]
+                    note = "; the min–max ranges overlap" if overlap else ""
+                    faster.append(
+                        f"- {NAMES[peer]} on {c['problem']} {METHOD_NAMES[c['method']]} "
+                        f"({setting(c)}): {ms(theirs)} ms against our {ms(ours)} ms "
+                        f"(ours / theirs = {ours / theirs:.2f}{note})"
+                    )
+            boat, floor = res.median(c, "boat"), res.median(c, "floor")
+            if boat is not None:
+                boat_all.append(ours / boat)
+                boat_ok += ours / boat <= TARGET_BOAT
+            if floor is not None:
+                floor_all.append(ours / floor)
+                floor_ok += ours / floor <= TARGET_FLOOR
+    if boat_all:
+        targets.append(
+            f"- time at most {TARGET_BOAT}x BOAT's: met on {boat_ok} of "
+            f"{len(boat_all)} configurations (ours / BOAT: median "
+            f"{statistics.median(boat_all):.2f}, range {min(boat_all):.2f}–"
+            f"{max(boat_all):.2f})"
+        )
+    if floor_all:
+        targets.append(
+            f"- time within {TARGET_FLOOR}x the bare-torch floor: met on {floor_ok} of "
+            f"{len(floor_all)} configurations (ours / floor: median "
+            f"{statistics.median(floor_all):.2f}, range {min(floor_all):.2f}–"
+            f"{max(floor_all):.2f})"
+        )
+    return faster, targets
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def columns(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """``[(x, y), ...]`` as ``([x, ...], [y, ...])``."""
+    return [x for x, _ in points], [y for _, y in points]
+
+
+def plots(res: Results) -> dict[str, str]:
+    """Write the PNGs; return their Markdown by name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    out = {}
+    scaling = [
+        c
+        for c in res.configs.get("scaling", [])
+        if not (c["method"] == "truncated" and c.get("K") != 10)
+    ]
+    if scaling:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for method in ("reverse", "truncated", "cg", "forward"):
+            for impl, style in (("bilevel", "-o"), ("floor", ":x")):
+                pts = [
+                    (c["T"], res.median(c, impl), res.get("memory", c, impl))
+                    for c in scaling
+                    if c["method"] == method
+                ]
+                t_pts = [(t, m) for t, m, _ in pts if m is not None]
+                m_pts = [(t, r["bytes"] / 2**20) for t, _, r in pts if r and "bytes" in r]
+                name = f"{METHOD_NAMES[method]} ({NAMES[impl]})"
+                color = COLORS[method]
+                if t_pts:
+                    axes[0].plot(*columns(t_pts), style, color=color, label=name)
+                if m_pts and impl == "bilevel":
+                    axes[1].plot(*columns(m_pts), style, color=color, label=name)
+        axes[0].set(
+            xscale="log",
+            yscale="log",
+            xlabel="LL steps T",
+            ylabel="s per UL step",
+            title="time per UL step",
+        )
+        axes[1].set(
+            xscale="log",
+            xlabel="LL steps T",
+            ylabel="MiB above baseline",
+            title="peak memory (ours)",
+        )
+        axes[0].legend(fontsize=7)
+        axes[1].legend(fontsize=7)
+        fig.suptitle("large ridge (n=1000, d=2000, 20 penalties); K=10, CG k=10")
+        fig.tight_layout()
+        fig.savefig(IMAGES / "scaling.png", dpi=110)
+        plt.close(fig)
+        out["scaling"] = "![time and memory against T](img/benchmarks/scaling.png)"
+    sweep = res.configs.get("sweep", [])
+    if sweep:
+        methods = ("cg", "neumann", "fixed_point", "truncated")
+        fig, axes = plt.subplots(1, 4, figsize=(14, 3.6), sharey=True)
+        for ax, method in zip(axes, methods, strict=True):
+            for impl, style in (
+                ("bilevel", "-o"),
+                ("floor", ":x"),
+                ("boat", "--s"),
+                ("torchopt", "-.^"),
+            ):
+                pts = []
+                for c in sweep:
+                    if c["method"] != method:
+                        continue
+                    r = res.get("error", c, impl)
+                    if r and "error_exact" in r:
+                        pts.append((c.get("k", c.get("K")), max(r["error_exact"], 1e-17)))
+                if pts:
+                    ax.plot(*columns(pts), style, label=NAMES[impl], alpha=0.8)
+            ax.set(
+                xscale="log",
+                yscale="log",
+                title=METHOD_NAMES[method],
+                xlabel="iterations k" if method != "truncated" else "truncation K",
+            )
+            ax.legend(fontsize=7)
+        axes[0].set_ylabel("relative error vs exact")
+        fig.suptitle("hypergradient error against solver iterations (ridge, T=200, converged LL)")
+        fig.tight_layout()
+        fig.savefig(IMAGES / "error_vs_iterations.png", dpi=110)
+        plt.close(fig)
+        out["sweep"] = "![error against solver iterations](img/benchmarks/error_vs_iterations.png)"
+    return out
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def page(res: Results, source: Path, images: dict[str, str]) -> str:
+    d = res.data
+    m = d["machine"]
+    faster, targets = verdicts(res)
+    versions = ", ".join(f"{NAMES.get(i, i)} {v}" for i, v in d.get("versions", {}).items())
+    dirty = " with uncommitted changes" if d["git"]["dirty"] else ""
+    shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source
+    total = f"total {d['duration_s'] / 60:.1f} min" if "duration_s" in d else "cut short"
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- generated by benchmarks/report.py from the JSON named below; edit the script, "
+        "not this page -->",
+        "",
+        f"Generated from `{shown}`"
+        + "".join(f" and {merged}" for merged in d.get("merged", []))
+        + f", measured on {d['date'][:10]} with",
+        "",
+        "```bash",
+        d["command"],
+        "```",
+        "",
+        f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; "
+        f"{m['platform']}; Python {m['python']}, torch {m['torch']}"
+        + (f"; GPU {m['cuda']}" if m.get("cuda") else "; no GPU"),
+        f"- torch threads per process: {d['threads']}; load average "
+        f"{d['loadavg_start'][0]:.2f} at the start, "
+        f"{d.get('loadavg_end', d['loadavg_start'])[0]:.2f} at the end "
+        "(the machine is shared: see min and max)",
+        f"- checkout {d['git']['commit']}{dirty}; {versions}",
+        f"- {d['rounds']} alternation rounds of about {d['budget_s']} s of timed steps per "
+        f"implementation; {'quick mode' if d['quick'] else 'full mode'}; {total}",
+        "",
+        "## Verdict",
+        "",
+        *(targets or ["- no configuration ran for both us and a peer"]),
+        "",
+        "Where a peer is faster than us:"
+        if faster
+        else "No peer is faster than us on any configuration that both run.",
+        "",
+        *faster,
+        "",
+        "## How it is measured",
+        "",
+        "- **Implementations.** *bilevel* is this library through its public API "
+        "(`BilevelProblem.step` / `meta_step`). *torch floor* is the same computation written "
+        "by hand in bare PyTorch (`torch.autograd.grad` loops with `create_graph`, double "
+        "backward for Hessian-vector products, `torch.func.functional_call` for the network), "
+        "with no checks: the floor any library's overhead is measured against. *BOAT* "
+        "(`boat_torch.Problem.run_iter`, ops NGD + RAD / RAD+RGT / CG / NS; MAML as IAD+RAD, "
+        "first-order MAML as FOA+IAD+RAD) and *TorchOpt* (`MetaSGD` for unrolled methods, "
+        "`diff.implicit.custom_root` with `solve_cg` / `solve_inv(ns=True)` for implicit ones) "
+        "run in their own virtual environments, with torch 2.13.0 as ours.",
+        "- **Same work.** Every implementation evaluates the same objective functions "
+        "(`benchmarks/problems.py`) on the same data from the same starting point, runs the LL "
+        "from that point at every UL step, and ends with a UL `SGD(lr=0)` step, so that every "
+        "timed step sees the same problem. For hyper-representation all compute the trunk's "
+        "features once per task.",
+        "- **Time.** Each implementation is a long-lived worker process; the runner alternates "
+        "them A B C D A B C D, and each turn runs one untimed warm-up step then times single "
+        "UL steps for about the budget. Reported: the median over all rounds (min–max in "
+        "brackets), in milliseconds per UL step; ratios are ours / theirs on the medians.",
+        "- **Memory.** A fresh process per configuration and implementation builds the "
+        "problem, frees the allocator's cache (`malloc_trim`), resets the peak RSS "
+        "(`/proc/self/clear_refs`), reads the current RSS as the baseline, runs its first UL "
+        "step and reports the peak RSS (`VmHWM`) minus the baseline (no warm-up step: memory "
+        "a warm-up frees can stay resident and hide the next step's peak). "
+        "On a GPU the same code reports `torch.cuda.max_memory_allocated` above the memory "
+        "allocated before the steps. RSS counts pages, not tensors: differences of a few MiB "
+        "between implementations are the C allocator's, not the method's.",
+        "- **Error.** The relative error ‖g − g*‖ / ‖g*‖ of the hypergradient at the initial "
+        "UL point, in float64: against the implicit-function-theorem hypergradient at the "
+        "exact LL minimizer (ridge: closed form; logistic: Newton's method to convergence and "
+        "a dense Hessian solve), and, for ridge, against the exact derivative of the T-step "
+        "unrolled map (closed form `w_T = H⁻¹(I − (I − αH)^T) b`, differentiated densely). For "
+        "hyper-cleaning and the meta-step, which have no closed form, the distance to the "
+        "floor's hypergradient for the same method instead. CG runs with a relative "
+        "tolerance of 1e-10 in ours and TorchOpt (an absolute one in BOAT, which also returns "
+        "the iterate before its last update); the floor always runs all k iterations, so it "
+        "reaches round-off where the others stop at the tolerance.",
+        "",
+        "## Problems",
+        "",
+        "- **ridge**: n = 200 training and 200 validation rows, d = 20 standard normal "
+        "features, one L2 penalty `exp(λ_i)` per feature (0.1 at the start), LL gradient "
+        "descent with lr 0.3 from zero. It converges at this scaling (rate 0.82 per step): "
+        "T = 200 is converged to round-off, T = 10 is not. float64.",
+        "- **ridge_large** (scaling): n = 1000, d = 2000, features divided by 1 + √(d/n) so "
+        "that lr 0.3 converges; 20 penalties, each on a group of 100 features (so that "
+        "Forward, whose cost grows with the number of hyperparameters, can run too). float32.",
+        "- **logistic**: 1,000 × 100, per-feature L2, 100 LL steps of lr 1.0. float64.",
+        "- **cleaning**: MNIST-shaped data hyper-cleaning, 5,000 training examples of 784 "
+        "random features (30% of labels flipped), one weight `sigmoid(λ_i)` per example, a "
+        "linear 10-class classifier, T = 100 LL steps of lr 0.5, 5,000 validation examples. "
+        "float32.",
+        "- **meta**: Omniglot-shaped meta-step on the 4-conv network (64 filters, 3×3 conv, "
+        "batch norm, ReLU, 2×2 max-pool, ×4, linear head; 28×28×1 random inputs), 5-way "
+        "1-shot, 15 queries per class, 5 inner steps of lr 0.1 (MAML's 0.4 makes the LL "
+        "diverge on random inputs); iMAML with proximal strength 2 and 5 CG iterations; "
+        "hyper-representation with the trunk as UL and the head as LL. "
+        "float32.",
+        "",
+        "## Accuracy",
+        "",
+        *error_table(
+            res,
+            res.configs.get("regression", []),
+            "error_exact",
+            "Relative error against the exact hypergradient at the LL minimizer",
+        ),
+        "",
+        *error_table(
+            res,
+            [c for c in res.configs.get("regression", []) if c["problem"] == "ridge"],
+            "error_unrolled",
+            "Ridge: relative error against the exact T-step unrolled hypergradient",
+        ),
+        "",
+        images.get("sweep", ""),
+        "",
+        "## Time per UL step",
+        "",
+        *time_table(res, res.configs.get("regression", [])),
+        "",
+        "## Scaling with the number of LL steps",
+        "",
+        images.get("scaling", ""),
+        "",
+        *time_table(res, res.configs.get("scaling", [])),
+        "",
+        "Peak memory above the baseline, MiB:",
+        "",
+        *memory_table(res, res.configs.get("scaling", [])),
+        "",
+        "## Data hyper-cleaning",
+        "",
+        *time_table(res, res.configs.get("cleaning", [])),
+        "",
+        "Peak memory, MiB:",
+        "",
+        *memory_table(res, res.configs.get("cleaning", [])),
+        "",
+        *error_table(
+            res,
+            res.configs.get("cleaning", []),
+            "difference_to_floor",
+            "Relative distance to the floor's hypergradient",
+        ),
+        "",
+        "## Meta-learning step",
+        "",
+        *time_table(res, res.configs.get("meta", [])),
+        "",
+        "Peak memory, MiB:",
+        "",
+        *memory_table(res, res.configs.get("meta", [])),
+        "",
+        *error_table(
+            res,
+            res.configs.get("meta", []),
+            "difference_to_floor",
+            "Relative distance to the floor's meta-gradient (float32)",
+        ),
+        "",
+        "## Peak memory of the small problems",
+        "",
+        *memory_table(res, res.configs.get("regression", [])),
+        "",
+        "## Findings about the peers",
+        "",
+        *(peer_findings(res) or ["Nothing to report."]),
+        "",
+        "## What could not run",
+        "",
+        *(failures(res) or ["Everything ran."]),
+        "",
+        "A dash means the implementation has no such method (BOAT and TorchOpt have no fixed "
+        "point or forward mode; TorchOpt no first-order MAML; BOAT no iMAML).",
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        "# the peers, each in its own environment, with the CPU torch first",
+        "python -m venv /work/venvs/boat",
+        "/work/venvs/boat/bin/pip install torch==2.13.0",
+        "/work/venvs/boat/bin/pip install --no-deps boat-torch==1.1.1 higher==0.2.1",
+        "/work/venvs/boat/bin/pip install numpy==1.26.4 matplotlib",
+        "python -m venv /work/venvs/torchopt",
+        "/work/venvs/torchopt/bin/pip install torch==2.13.0",
+        "/work/venvs/torchopt/bin/pip install --no-deps torchopt==0.7.3",
+        "/work/venvs/torchopt/bin/pip install numpy optree typing-extensions graphviz",
+        "python benchmarks/run.py --quick   # or without --quick",
+        "```",
+        "",
+        "Other locations: `BENCH_BOAT_PYTHON=... BENCH_TORCHOPT_PYTHON=...`. A peer whose "
+        "environment is missing is listed above as unavailable and the rest still runs.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv:
+        sources = [Path(a) for a in argv]
+    else:
+        dated = sorted(RESULTS.glob("*.json"), key=lambda f: f.stat().st_mtime)
+        if not dated:
+            raise SystemExit("no results yet: run python benchmarks/run.py first")
+        sources = dated[-1:]
+    source = sources[0]
+    data = json.loads(source.read_text())
+    for extra in sources[1:]:  # later files replace the records they repeat
+        extra_data = json.loads(extra.read_text())
+        more = extra_data["records"]
+        again = {(r["kind"], key(r["config"]), r["impl"]) for r in more}
+        data["records"] = [
+            r for r in data["records"] if (r["kind"], key(r["config"]), r["impl"]) not in again
+        ] + more
+        data.setdefault("merged", []).append(f"`{extra.name}` (`{extra_data['command']}`)")
+    res = Results(data)
+    images = plots(res)
+    PAGE.write_text(page(res, source.resolve(), images))
+    print(f"wrote {PAGE.relative_to(ROOT)} and {len(images)} plots")
+
+
+if __name__ == "__main__":
+    main()
