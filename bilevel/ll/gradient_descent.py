@@ -268,10 +268,10 @@ class GradientDescent:
         steps = self.differentiable_steps
         tracked = iters if steps is None else min(steps, iters)
         unroll = self.start(data, target, graph_from_start=tracked == iters)
-        losses = []
+        reference = next(p for p in self.ll_model.parameters() if p.requires_grad)
+        losses = reference.new_empty(iters)  # filled in place: a list of iters tensors fragments
         for step in range(iters):
-            losses.append(unroll.step(graph=step >= iters - tracked))
-        losses = torch.stack(losses)
+            losses[step] = unroll.step(graph=step >= iters - tracked)
         self._check_losses(losses)
         model = unroll.model
         model.trajectory = Trajectory(iters, tracked, losses, unroll.trainable)
