@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from bilevel.ll import GradientDescent, Trajectory
+from bilevel.ll import GradientDescent
 from bilevel.problem import Pair
 from bilevel.state import check_finite
 from bilevel.ul import Forward, Truncated
@@ -98,16 +98,7 @@ class OnlineHypergradient:
                 continue
             losses = torch.stack(ll_losses)
             check_finite(losses, f"the LL loss before LL step {step + 1}")
-            model = unroll.model
-            model.trajectory = Trajectory(
-                len(ll_losses),
-                len(ll_losses) if graph else 0,
-                losses,
-                unroll.trainable,
-                getattr(unroll, "tangents", None),
-                unroll.variables,
-                getattr(unroll, "reached", None),
-            )
+            model = unroll.record(losses, len(ll_losses) if graph else 0)
             self.ul_optimizer.zero_grad(set_to_none=True)
             ul_loss = self.ul.compute_gradients(*val_batch(updates), model, data, target)
             grads = [p.grad for p in self.ul.ul_params if p.grad is not None]

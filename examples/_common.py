@@ -167,3 +167,15 @@ def mnist_split(
         "val": (x[val] - mean, labels[val]),
         "test": (x_test - mean, test_labels),
     }
+
+
+def start_run(args: Any, settings: dict[str, Any] | None = None) -> tuple[Any, Path, RunRecord]:
+    """Apply ``--threads`` and open the run folder: ``(device, out, record)``.
+
+    ``settings`` are what a resumed run must agree on (default: all the arguments).
+    """
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    record = RunRecord(out, settings_of(args) if settings is None else settings)
+    return torch.device(args.device), out, record

@@ -140,11 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run one experiment; write ``results.json`` and the penalty image to ``--out``."""
     args = parse_args(argv)
     command = sys.argv[1:] if argv is None else argv
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    out = Path(args.out)
-    record = _common.RunRecord(out, _common.settings_of(args))
+    device, out, record = _common.start_run(args)
 
     data = _common.mnist_split(args.data_root, args.dataset, args.n_train, args.n_val, args.seed)
     train, val, test = (tuple(t.to(device) for t in data[k]) for k in ("train", "val", "test"))

@@ -234,11 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run one experiment; write ``results.json`` and the weight histogram to ``--out``."""
     args = parse_args(argv)
     command = sys.argv[1:] if argv is None else argv
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    out = Path(args.out)
-    record = _common.RunRecord(out, _common.settings_of(args))
+    device, out, record = _common.start_run(args)
 
     data = _common.mnist_split(args.data_root, args.dataset, args.n_train, args.n_val, args.seed)
     (x, y_clean), val, test = data["train"], data["val"], data["test"]

@@ -24,6 +24,20 @@ def stiff():
     return p, float(lam[-1])
 
 
+def too_large_step(p, method, **kwargs):
+    """Implicit whose series step, the LL learning rate 0.1, exceeds 2 / lambda_max."""
+    return Implicit(
+        ridge_ul,
+        p.ul_model,
+        ridge_ll,
+        p.ll_model,
+        ll_learning_rate=0.1,
+        k=10,
+        method=method,
+        **kwargs,
+    )
+
+
 def solve(p, ul):
     ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=STIFF_LR, iters=2000)
     (grad,) = BilevelProblem(ll, ul).hypergradient(p.train, p.val)
@@ -33,9 +47,7 @@ def solve(p, ul):
 @pytest.mark.parametrize("method", ["neumann", "fixed_point"])
 def test_divergent_series_is_refused_with_lambda_max_and_safe_alpha(method):
     p, lambda_max = stiff()
-    ul = Implicit(
-        ridge_ul, p.ul_model, ridge_ll, p.ll_model, ll_learning_rate=0.1, k=10, method=method
-    )
+    ul = too_large_step(p, method)
     with pytest.raises(HypergradientDivergenceError) as err:
         solve(p, ul)
     message = str(err.value)
@@ -46,16 +58,7 @@ def test_divergent_series_is_refused_with_lambda_max_and_safe_alpha(method):
 
 def test_divergent_series_can_warn_instead():
     p, _ = stiff()
-    ul = Implicit(
-        ridge_ul,
-        p.ul_model,
-        ridge_ll,
-        p.ll_model,
-        ll_learning_rate=0.1,
-        k=10,
-        method="neumann",
-        on_divergence="warn",
-    )
+    ul = too_large_step(p, "neumann", on_divergence="warn")
     with pytest.warns(RuntimeWarning, match="diverged"):
         solve(p, ul)
     assert ul.diagnostics["diverged"]
@@ -225,16 +228,7 @@ def test_divergence_warning_is_given_once_but_every_solve_is_flagged():
     import warnings
 
     p, _ = stiff()
-    ul = Implicit(
-        ridge_ul,
-        p.ul_model,
-        ridge_ll,
-        p.ll_model,
-        ll_learning_rate=0.1,
-        k=10,
-        method="neumann",
-        on_divergence="warn",
-    )
+    ul = too_large_step(p, "neumann", on_divergence="warn")
     ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=STIFF_LR, iters=200)
     problem = BilevelProblem(ll, ul)
     with warnings.catch_warnings(record=True) as caught:

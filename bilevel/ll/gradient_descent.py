@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import higher
@@ -23,34 +22,6 @@ from bilevel.state import (
 )
 
 Hyper = float | torch.Tensor | Sequence[float | torch.Tensor]
-
-
-@dataclass
-class Trajectory:
-    """What one call of :meth:`GradientDescent.optimize` recorded.
-
-    Attributes:
-        iters: LL steps taken.
-        differentiable_steps: how many of the last steps carry an autograd graph (``iters``:
-            all, as ``Reverse`` needs; ``K``: the last K, as ``Truncated`` needs; ``0``: none,
-            as ``Implicit`` and ``FirstOrder`` need).
-        losses: the LL loss before each step (a detached tensor of length ``iters``).
-        trainable: for each fast weight, whether it was optimized (``requires_grad``).
-        tangents: in forward mode, ``d w_T / d lambda`` for each trainable fast weight, with a
-            leading dimension over the scalars of ``tangent_variables``.
-        tangent_variables: the UL tensors of the tangents.
-        tangents_reached: for each of them, whether it has any path to the LL weights.
-        initial_grad_norm: the norm of the LL gradient at the first step (a 0-d tensor).
-    """
-
-    iters: int
-    differentiable_steps: int
-    losses: torch.Tensor
-    trainable: list[bool]
-    tangents: list[torch.Tensor] | None = None
-    tangent_variables: list[torch.Tensor] | None = None
-    tangents_reached: list[bool] | None = None
-    initial_grad_norm: torch.Tensor | None = None
 
 
 def _check_hyper(
@@ -273,14 +244,7 @@ class GradientDescent:
         for step in range(iters):
             losses[step] = unroll.step(graph=step >= iters - tracked)
         self._check_losses(losses)
-        model = unroll.model
-        model.trajectory = Trajectory(iters, tracked, losses, unroll.trainable)
-        model.trajectory.initial_grad_norm = unroll.initial_grad_norm
-        if unroll.variables is not None:
-            model.trajectory.tangents = unroll.tangents
-            model.trajectory.tangent_variables = unroll.variables
-            model.trajectory.tangents_reached = unroll.reached
-        return model
+        return unroll.record(losses, tracked)
 
     def check_used(self, grads: Sequence[torch.Tensor | None]) -> None:
         unused = [i for i, g in enumerate(grads) if g is None]

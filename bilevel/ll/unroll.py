@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -12,6 +13,34 @@ if TYPE_CHECKING:
     from bilevel.ll.gradient_descent import GradientDescent
 
 Tensors = list[torch.Tensor]
+
+
+@dataclass
+class Trajectory:
+    """What an LL run recorded (:meth:`GradientDescent.optimize`, or a stretch of an online run).
+
+    Attributes:
+        iters: LL steps taken.
+        differentiable_steps: how many of the last steps carry an autograd graph (``iters``:
+            all, as ``Reverse`` needs; ``K``: the last K, as ``Truncated`` needs; ``0``: none,
+            as ``Implicit`` and ``FirstOrder`` need).
+        losses: the LL loss before each step (a detached tensor of length ``iters``).
+        trainable: for each fast weight, whether it was optimized (``requires_grad``).
+        tangents: in forward mode, ``d w_T / d lambda`` for each trainable fast weight, with a
+            leading dimension over the scalars of ``tangent_variables``.
+        tangent_variables: the UL tensors of the tangents.
+        tangents_reached: for each of them, whether it has any path to the LL weights.
+        initial_grad_norm: the norm of the LL gradient at the first step (a 0-d tensor).
+    """
+
+    iters: int
+    differentiable_steps: int
+    losses: torch.Tensor
+    trainable: list[bool]
+    tangents: list[torch.Tensor] | None = None
+    tangent_variables: list[torch.Tensor] | None = None
+    tangents_reached: list[bool] | None = None
+    initial_grad_norm: torch.Tensor | None = None
 
 
 def restart_history(model: torch.nn.Module, params: Tensors) -> None:
@@ -77,6 +106,27 @@ class Unroll:
         params = [p.detach().requires_grad_(p.requires_grad) for p in self.model.fast_params]
         self.opt_state = {k: [t.detach() for t in v] for k, v in self.opt_state.items()}
         restart_history(self.model, params)
+
+    def record(self, losses: torch.Tensor, differentiable_steps: int) -> torch.nn.Module:
+        """Attach what this run recorded to its model, as the auxiliary model's
+        ``trajectory``, and return the model.
+
+        Args:
+            losses: the LL losses of the steps recorded (their number is ``iters``).
+            differentiable_steps: how many of the last of them kept a graph.
+        """
+        forward = self.variables is not None
+        self.model.trajectory = Trajectory(
+            iters=len(losses),
+            differentiable_steps=differentiable_steps,
+            losses=losses,
+            trainable=self.trainable,
+            tangents=self.tangents if forward else None,
+            tangent_variables=self.variables,
+            tangents_reached=self.reached if forward else None,
+            initial_grad_norm=self.initial_grad_norm,
+        )
+        return self.model
 
     def set_batch(self, data: Any, target: Any) -> None:
         """Use another batch for the next steps (online mode)."""
