@@ -71,11 +71,18 @@ def regression(config: dict[str, Any], problem: P.Regression | P.Cleaning) -> Ru
     ll_model = Weights(**{f"w{i}": w for i, w in enumerate(s.w0)})
     ul_model = Weights(**{f"lam{i}": t for i, t in enumerate(s.lam0)})
 
+    ll_names = [f"w{i}" for i in range(len(s.w0))]
+    ul_names = [f"lam{i}" for i in range(len(s.lam0))]
+
+    def weights(state: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        ll, ul = state["ll_model"], state["ul_model"]  # read as attributes, as users write it
+        return [getattr(ll, n) for n in ll_names], [getattr(ul, n) for n in ul_names]
+
     def ll_obj(state: dict) -> torch.Tensor:
-        return s.ll(list(state["ll_model"].parameters()), list(state["ul_model"].parameters()))
+        return s.ll(*weights(state))
 
     def ul_obj(state: dict) -> torch.Tensor:
-        return s.ul(list(state["ll_model"].parameters()), list(state["ul_model"].parameters()))
+        return s.ul(*weights(state))
 
     ll = GradientDescent(ll_obj, ll_model, ul_model, lr=s.lr, iters=config["T"])
     ul = calculator({**config, "lr": s.lr}, ul_obj, ul_model, ll_obj, ll_model)

@@ -49,7 +49,7 @@ def check_objective_result(value: Any, name: str) -> torch.Tensor:
         )
     if not value.is_floating_point():
         raise TypeError(f"{name} must return a floating-point tensor, got dtype {value.dtype}.")
-    return value.reshape(())
+    return value if value.ndim == 0 else value.reshape(())
 
 
 def check_finite(value: torch.Tensor, what: str) -> None:

@@ -180,6 +180,16 @@ class GradientDescent:
             "eps": [_at(self.eps, step, i, detach) for i in idx],
         }
 
+    def constant_hyper(self, n: int) -> dict[bool, dict[str, list[Any]]] | None:
+        """:meth:`hyper_at` for every step, keyed by ``detach``, when no hyperparameter is a
+        per-step schedule (else ``None``). The tensors are the UL tensors themselves (or
+        views of them), so in-place UL updates show through."""
+        values = [self.lr, self.momentum, *self.betas, self.eps]
+        flat = [v for value in values for v in (value if isinstance(value, list) else [value])]
+        if any(isinstance(v, torch.Tensor) and v.ndim == 1 for v in flat):
+            return None
+        return {detach: self.hyper_at(0, detach, n) for detach in (False, True)}
+
     def patched_model(self, graph_from_start: bool) -> nn.Module:
         """A ``higher``-patched copy of ``ll_model`` with fast weights at its weights.
 
@@ -241,15 +251,37 @@ class GradientDescent:
         unroll = self.start(data, target, graph_from_start=tracked == iters)
         reference = next(p for p in self.ll_model.parameters() if p.requires_grad)
         losses = reference.new_empty(iters)  # filled in place: a list of iters tensors fragments
-        for step in range(iters):
-            losses[step] = unroll.step(graph=step >= iters - tracked)
+        untracked = iters - tracked
+        with self._ul_frozen(untracked > 0 and self.forward_variables is None):
+            for step in range(untracked):
+                losses[step] = unroll.step(graph=False)
+        for step in range(untracked, iters):
+            losses[step] = unroll.step(graph=True)
         self._check_losses(losses)
         return unroll.record(losses, tracked)
 
-    def check_used(self, grads: Sequence[torch.Tensor | None]) -> None:
-        unused = [i for i, g in enumerate(grads) if g is None]
+    @contextlib.contextmanager
+    def _ul_frozen(self, freeze: bool) -> Iterator[None]:
+        """Turn ``requires_grad`` off on the UL model's parameters while LL steps run without a
+        graph, so that the LL objective records no autograd graph to them at every step; they
+        are restored on exit, also on error."""
+        frozen = [p for p in self.ul_model.parameters() if p.requires_grad] if freeze else []
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def check_used(self, grads: Sequence[torch.Tensor | None], index: Sequence[int]) -> None:
+        """Raise if ``ll_objective`` gave no gradient to a trainable LL parameter.
+
+        ``grads`` are those of the parameters at positions ``index`` of ``ll_model``.
+        """
+        unused = [i for i, g in zip(index, grads, strict=True) if g is None]
         if unused:
-            params = [p for p in self.ll_model.parameters() if p.requires_grad]
+            params = list(self.ll_model.parameters())
             names = parameter_names(self.ll_model, [params[i] for i in unused])
             raise ValueError(
                 f"ll_objective does not depend on ll_model parameter(s) {names}: they would "

@@ -53,6 +53,28 @@ def restart_history(model: torch.nn.Module, params: Tensors) -> None:
     model.track_higher_grads = track
 
 
+def _parameter_slots(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+    """Where a patched model's fast weights live, ``(submodule, name)``, in the order of
+    ``higher``'s expanded parameter list (a module's own, then its children's)."""
+    slots = [(module, name) for name in module._param_names]
+    for child in module._modules.values():
+        if child is not None:
+            slots += _parameter_slots(child)
+    return slots
+
+
+def install(model: torch.nn.Module, params: Tensors) -> None:
+    """``model.update_params(params)`` without ``higher``'s per-call walk over the modules:
+    the same history and the same tensors in the same places, at a fraction of the cost
+    (it runs at every LL step that keeps a graph)."""
+    slots = model.__dict__.get("_bilevel_slots")
+    if slots is None:
+        slots = model._bilevel_slots = _parameter_slots(model)
+    model.fast_params = params  # higher's setter: appends to the history when tracking
+    for (module, name), param in zip(slots, model._expand_params(params), strict=True):
+        module._parameters[name] = param
+
+
 def _flatten(state: dict[str, Tensors]) -> Tensors:
     return [t for key in sorted(state) for t in state[key]]
 
@@ -94,6 +116,10 @@ class Unroll:
         self.index = [i for i, t in enumerate(self.trainable) if t]
         self.opt_state: dict[str, Tensors] = {}
         self.steps = 0
+        # the fast weights are fresh leaves that no graph has seen: steps without a graph may
+        # update them in place (no new tensors, no re-patching) until a step keeps a graph
+        self.in_place = not graph_from_start and tangent_variables is None
+        self._hyper = optimizer.constant_hyper(len(self.index))
         self.state = make_state(data, target, optimizer.ul_model, self.model)
         self.variables = tangent_variables
         if tangent_variables is not None:
@@ -104,6 +130,7 @@ class Unroll:
         state, and drop the weights of earlier steps that ``higher`` keeps (online methods,
         which would otherwise hold every step in memory)."""
         params = [p.detach().requires_grad_(p.requires_grad) for p in self.model.fast_params]
+        self.in_place = False  # the detached weights share storage with the graph just cut
         self.opt_state = {k: [t.detach() for t in v] for k, v in self.opt_state.items()}
         restart_history(self.model, params)
 
@@ -154,8 +181,17 @@ class Unroll:
         # whether a variable has a path to the LL state yet: as an initial weight, from the start
         self.reached = [any(p is v for p in params) for v in variables]
 
+    def hyper(self, detach: bool) -> dict[str, list[Any]]:
+        """The hyperparameters of the current step (computed once per run when constant)."""
+        if self._hyper is not None:
+            return self._hyper[detach]
+        return self.optimizer.hyper_at(self.steps, detach, len(self.index))
+
     def step(self, graph: bool) -> torch.Tensor:
         """Take one LL step; keep its graph if ``graph``. Returns the LL loss (detached)."""
+        if not graph and self.in_place:
+            return self._step_in_place()
+        self.in_place = False
         gd = self.optimizer
         forward = self.variables is not None
         if graph and not self.model.track_higher_grads:
@@ -169,15 +205,11 @@ class Unroll:
             }
             for i, p in zip(self.index, active, strict=True):
                 params[i] = p
-            self.model.update_params(params)
+            install(self.model, params)
         loss = check_objective_result(gd.ll_objective(self.state), "ll_objective")
         keep = graph or forward
-        grads = torch.autograd.grad(loss, active, create_graph=keep, allow_unused=True)
-        if self.steps == 0:
-            gd.check_used(grads)
-            self.initial_grad_norm = torch.stack([g.detach().norm() for g in grads]).norm()
-        hyper = gd.hyper_at(self.steps, detach=not keep, n=len(active))
-        new, new_state = gd.rule(active, list(grads), self.opt_state, hyper, self.steps)
+        grads = self._grads(loss, active, create_graph=keep)
+        new, new_state = gd.rule(active, grads, self.opt_state, self.hyper(not keep), self.steps)
         if forward:
             self._propagate(active, new, new_state)
         if not graph:
@@ -186,7 +218,30 @@ class Unroll:
         self.opt_state = new_state
         for i, p in zip(self.index, new, strict=True):
             params[i] = p
-        self.model.update_params(params)
+        install(self.model, params)
+        self.steps += 1
+        return loss.detach()
+
+    def _grads(self, loss: torch.Tensor, active: Tensors, create_graph: bool) -> Tensors:
+        grads = torch.autograd.grad(loss, active, create_graph=create_graph, allow_unused=True)
+        if self.steps == 0:
+            self.optimizer.check_used(grads, self.index)
+            self.initial_grad_norm = torch.stack([g.detach().norm() for g in grads]).norm()
+        return list(grads)
+
+    def _step_in_place(self) -> torch.Tensor:
+        """A step without a graph that overwrites the fast weights: the patched model keeps
+        its tensors, so it need not be re-patched, and the update records no graph."""
+        gd = self.optimizer
+        active = [self.model.fast_params[i] for i in self.index]
+        loss = check_objective_result(gd.ll_objective(self.state), "ll_objective")
+        grads = self._grads(loss, active, create_graph=False)
+        with torch.no_grad():
+            new, self.opt_state = gd.rule(
+                active, grads, self.opt_state, self.hyper(True), self.steps
+            )
+            for weight, value in zip(active, new, strict=True):
+                weight.copy_(value)
         self.steps += 1
         return loss.detach()
 
