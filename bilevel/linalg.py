@@ -46,7 +46,11 @@ class SolverInfo:
 
 def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     """Inner product of two lists of tensors, as a 0-d tensor on their device."""
-    return sum((torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)))
+    terms = [torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)]
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
 
 
 def norm(a: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -95,15 +99,17 @@ def cg(
     tolerance: float = 1e-10,
     x0: Vector | None = None,
     check_every: int = 10,
+    host_checks: bool | None = None,
 ) -> tuple[Vector, SolverInfo]:
     """Conjugate gradient for ``A x = b`` with ``A`` symmetric positive definite.
 
     Stops when ``||b - A x|| <= tolerance * ||b||`` or after ``iters`` iterations and returns
-    the iterate after its last update. Once converged, later iterations leave ``x`` unchanged
-    (the update is masked on the device), so the loop needs no host sync per iteration. If a
-    search direction has non-positive curvature (``A`` is not positive definite), it stops
-    there and returns the last iterate before it, as truncated CG does (Steihaug 1983), with
-    ``info.diverged`` set.
+    the iterate after its last update. On an accelerator the loop needs no host sync per
+    iteration: once converged, later iterations leave ``x`` unchanged (the update is masked on
+    the device). On the CPU, where reading a scalar costs nothing, it tests on the host at
+    every iteration instead and skips the masking. If a search direction has non-positive
+    curvature (``A`` is not positive definite), it stops there and returns the last iterate
+    before it, as truncated CG does (Steihaug 1983), with ``info.diverged`` set.
 
     Reference: Hestenes & Stiefel (1952); used for hypergradients by Pedregosa (2016, HOAG)
     and Rajeswaran et al. (2019, iMAML).
@@ -114,17 +120,24 @@ def cg(
         iters: maximum number of iterations (matrix-vector products).
         tolerance: relative residual at which to stop.
         x0: starting point (zeros by default).
-        check_every: iterations between host checks of convergence, for an early exit.
+        check_every: iterations between host checks of convergence, for an early exit (on an
+            accelerator).
+        host_checks: test on the host at every iteration (default: when ``b`` is on the CPU).
 
     Returns:
         ``(x, info)``.
     """
     x = [torch.zeros_like(t) for t in b] if x0 is None else [t.clone() for t in x0]
     r = list(b) if x0 is None else _axpy(-1.0, matvec(x), list(b))
-    p = r
     rr = dot(r, r)
     rhs_norm = norm(b)
     threshold = (tolerance * rhs_norm) ** 2
+    if host_checks is None:
+        host_checks = rr.device.type == "cpu"
+    if host_checks:
+        x, n_iter, rr, broken = _cg_checked_on_host(matvec, x, r, rr, threshold, iters)
+        return x, _summary("cg", n_iter, rr.sqrt(), rhs_norm, tolerance, broken)
+    p = r
     zero = torch.zeros_like(rr)
     n_iter = torch.zeros_like(rr)
     broken = torch.zeros((), dtype=torch.bool, device=rr.device)
@@ -148,10 +161,31 @@ def cg(
     return x, _summary("cg", n_iter, rr.sqrt(), rhs_norm, tolerance, broken)
 
 
-def _monitor(norms: list[torch.Tensor]) -> torch.Tensor:
-    """True when a residual sequence grew: at its end, or overall (a divergent series)."""
-    grew_at_end = norms[-1] > norms[-2] * (1 + 1e-6) if len(norms) > 1 else False
-    return torch.as_tensor(grew_at_end, device=norms[0].device) | (norms[-1] > norms[0])
+def _cg_checked_on_host(
+    matvec: MatVec, x: Vector, r: Vector, rr: torch.Tensor, threshold: torch.Tensor, iters: int
+) -> tuple[Vector, int, torch.Tensor, bool]:
+    """The iterations of :func:`cg`, tested on the host: ``(x, iterations, r.r, broken)``."""
+    p = r
+    for i in range(iters):
+        if not rr > threshold:
+            return x, i, rr, False
+        ap = matvec(p)
+        pap = dot(p, ap)
+        if not pap > 0:
+            return x, i, rr, True
+        alpha = rr / pap
+        x = _axpy(alpha, p, x)
+        r = _axpy(-alpha, ap, r)
+        rr_new = dot(r, r)
+        p = _axpy(rr_new / rr, p, r)
+        rr = rr_new
+    return x, iters, rr, False
+
+
+def _grew(first: torch.Tensor, before_last: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """True when a residual sequence grew: at its last step, or overall (a divergent series).
+    Only these three norms are taken, so the loops pay for no norm per iteration."""
+    return (last > before_last * (1 + 1e-6)) | (last > first)
 
 
 def neumann(
@@ -179,12 +213,13 @@ def neumann(
     """
     term = list(b)
     x = [torch.zeros_like(t) for t in b]
-    norms = [norm(term)]
+    previous = term
     for _ in range(terms + 1):
         x = _axpy(alpha, term, x)
-        term = _axpy(-alpha, matvec(term), term)
-        norms.append(norm(term))
-    return x, _summary("neumann", terms + 1, norms[-1], norms[0], tolerance, _monitor(norms))
+        previous, term = term, _axpy(-alpha, matvec(term), term)
+    first, last = norm(b), norm(term)
+    grew = _grew(first, norm(previous), last)
+    return x, _summary("neumann", terms + 1, last, first, tolerance, grew)
 
 
 def fixed_point(
@@ -217,12 +252,13 @@ def fixed_point(
     """
     x = [torch.zeros_like(t) for t in b] if x0 is None else [t.clone() for t in x0]
     r = list(b) if x0 is None else _axpy(-1.0, matvec(x), list(b))
-    norms = [norm(b), norm(r)]
+    start = previous = r
     for _ in range(iters):
         x = _axpy(alpha, r, x)
-        r = _axpy(-1.0, matvec(x), list(b))
-        norms.append(norm(r))
-    return x, _summary("fixed_point", iters, norms[-1], norms[0], tolerance, _monitor(norms[1:]))
+        previous, r = r, _axpy(-1.0, matvec(x), list(b))
+    last = norm(r)
+    grew = _grew(norm(start), norm(previous), last)
+    return x, _summary("fixed_point", iters, last, norm(b), tolerance, grew)
 
 
 def power_iteration(matvec: MatVec, like: Vector, iters: int = 20, seed: int = 0) -> torch.Tensor:

@@ -36,27 +36,35 @@ def flat(v):
     return torch.cat([t.reshape(-1) for t in v])
 
 
-def test_cg_solves_spd_system():
+HOST = pytest.mark.parametrize("host", [True, False], ids=["host-checks", "masked"])
+
+
+@HOST
+def test_cg_solves_spd_system(host):
     a = spd()
     b = torch.arange(1.0, 9.0, dtype=DTYPE)
-    x, info = linalg.cg(as_matvec(a), split(b), iters=50, tolerance=1e-12)
+    x, info = linalg.cg(as_matvec(a), split(b), iters=50, tolerance=1e-12, host_checks=host)
     torch.testing.assert_close(flat(x), torch.linalg.solve(a, b), rtol=1e-10, atol=0)
     assert info.converged and not info.diverged
     assert info.iterations <= 8 + 1  # at most d iterations in exact arithmetic, plus round-off
     assert info.residual_norm <= 1e-12 * info.rhs_norm
 
 
+@HOST
 @pytest.mark.parametrize("iters", [1, 5])
-def test_cg_one_iteration_returns_the_updated_iterate(iters):
+def test_cg_one_iteration_returns_the_updated_iterate(iters, host):
     """H = c I: one CG step is exact; the answer is that iterate, not the one before it."""
     c = 4.0
     b = torch.tensor([1.0, -2.0, 3.0, 0.5], dtype=DTYPE)
-    x, info = linalg.cg(lambda v: [c * t for t in v], [b], iters=iters, tolerance=1e-12)
+    x, info = linalg.cg(
+        lambda v: [c * t for t in v], [b], iters=iters, tolerance=1e-12, host_checks=host
+    )
     torch.testing.assert_close(x[0], b / c, rtol=1e-15, atol=0)
     assert info.iterations == 1 and info.converged
 
 
-def test_cg_stops_and_freezes_after_convergence():
+@HOST
+def test_cg_stops_and_freezes_after_convergence(host):
     a = spd(d=4, cond=3.0)
     b = torch.ones(4, dtype=DTYPE)
     calls = []
@@ -65,23 +73,29 @@ def test_cg_stops_and_freezes_after_convergence():
         calls.append(1)
         return [a @ v[0]]
 
-    x, info = linalg.cg(matvec, [b], iters=100, tolerance=1e-10, check_every=5)
-    assert info.iterations <= 5 and len(calls) == 5  # converged in <= 4, exits at the check
+    x, info = linalg.cg(matvec, [b], iters=100, tolerance=1e-10, check_every=5, host_checks=host)
+    assert info.iterations <= 4 and info.converged
+    # masked: exits at the check after 5 products; on the host: as soon as it has converged
+    assert len(calls) == (info.iterations if host else 5)
     torch.testing.assert_close(x[0], torch.linalg.solve(a, b), rtol=1e-10, atol=0)
 
 
-def test_cg_flags_indefinite_matrix():
+@HOST
+def test_cg_flags_indefinite_matrix(host):
     a = torch.diag(torch.tensor([1.0, -2.0, 3.0], dtype=DTYPE))
-    _, info = linalg.cg(lambda v: [a @ v[0]], [torch.ones(3, dtype=DTYPE)], iters=10)
+    ones = torch.ones(3, dtype=DTYPE)
+    _, info = linalg.cg(lambda v: [a @ v[0]], [ones], iters=10, host_checks=host)
     assert info.diverged
 
 
-def test_cg_stops_at_the_last_iterate_before_negative_curvature():
+@HOST
+def test_cg_stops_at_the_last_iterate_before_negative_curvature(host):
     """A saddle: the first direction b has curvature 2 (step to [1, 1]); the second,
     r + 4 p = [6, 2], has curvature -24. Truncated CG returns [1, 1] and stops there."""
     a = torch.diag(torch.tensor([-1.0, 3.0], dtype=DTYPE))
-    x, info = linalg.cg(lambda v: [a @ v[0]], [torch.ones(2, dtype=DTYPE)], iters=10)
-    torch.testing.assert_close(x[0], torch.ones(2, dtype=DTYPE), rtol=0, atol=0)
+    ones = torch.ones(2, dtype=DTYPE)
+    x, info = linalg.cg(lambda v: [a @ v[0]], [ones], iters=10, host_checks=host)
+    torch.testing.assert_close(x[0], ones, rtol=0, atol=0)
     assert info.diverged and info.iterations == 1
 
 
@@ -137,3 +151,16 @@ def test_power_iteration_estimates_lambda_max():
     rng_before = torch.get_rng_state()
     linalg.power_iteration(as_matvec(a), split(torch.zeros(8, dtype=DTYPE)), iters=3)
     assert torch.equal(rng_before, torch.get_rng_state())  # the global RNG is untouched
+
+
+@pytest.mark.parametrize("iters", [1, 3, 8, 30])
+def test_cg_host_checks_and_masked_loop_agree(iters):
+    """The two loops of cg are one algorithm: same iterate and diagnostics at every length."""
+    a = spd(cond=50.0)
+    b = split(torch.linspace(-1, 2, 8, dtype=DTYPE))
+    host, info_h = linalg.cg(as_matvec(a), b, iters, tolerance=1e-9, host_checks=True)
+    masked, info_m = linalg.cg(as_matvec(a), b, iters, tolerance=1e-9, host_checks=False)
+    torch.testing.assert_close(flat(host), flat(masked), rtol=1e-12, atol=1e-14)
+    assert info_h.iterations == info_m.iterations
+    assert info_h.converged == info_m.converged and not info_h.diverged
+    assert info_h.residual_norm == pytest.approx(info_m.residual_norm, rel=1e-9, abs=1e-15)

@@ -253,7 +253,9 @@ class GradientDescent:
         losses = reference.new_empty(iters)  # filled in place: a list of iters tensors fragments
         untracked = iters - tracked
         with self._ul_frozen(untracked > 0 and self.forward_variables is None):
-            for step in range(untracked):
+            if unroll.in_place:
+                unroll.run_in_place(untracked, losses[:untracked])
+            for step in range(unroll.steps, untracked):  # forward mode: not in place
                 losses[step] = unroll.step(graph=False)
         for step in range(untracked, iters):
             losses[step] = unroll.step(graph=True)

@@ -230,20 +230,42 @@ class Unroll:
         return list(grads)
 
     def _step_in_place(self) -> torch.Tensor:
-        """A step without a graph that overwrites the fast weights: the patched model keeps
-        its tensors, so it need not be re-patched, and the update records no graph."""
+        loss = self.model.fast_params[self.index[0]].new_empty(1)
+        self.run_in_place(1, loss)
+        return loss[0]
+
+    def run_in_place(self, steps: int, losses: torch.Tensor) -> None:
+        """``steps`` steps without a graph that overwrite the fast weights; the loss before
+        step ``t`` of the run goes to ``losses[t]``. The patched model keeps its tensors, so it
+        need not be re-patched, and the updates record no graph. Only while ``in_place``."""
         gd = self.optimizer
+        objective, state, rule = gd.ll_objective, self.state, gd.rule
         active = [self.model.fast_params[i] for i in self.index]
-        loss = check_objective_result(gd.ll_objective(self.state), "ll_objective")
-        grads = self._grads(loss, active, create_graph=False)
-        with torch.no_grad():
-            new, self.opt_state = gd.rule(
-                active, grads, self.opt_state, self.hyper(True), self.steps
-            )
-            for weight, value in zip(active, new, strict=True):
-                weight.copy_(value)
-        self.steps += 1
-        return loss.detach()
+        plain_lrs = self._plain_sgd_lrs()
+        for t in range(steps):
+            loss = check_objective_result(objective(state), "ll_objective")
+            grads = self._grads(loss, active, create_graph=False)
+            if plain_lrs is not None:  # w -= lr * g: one kernel per tensor, on an alias
+                for weight, grad, lr in zip(active, grads, plain_lrs, strict=True):
+                    weight.detach().add_(grad, alpha=-lr)
+            else:
+                with torch.no_grad():
+                    hyper = self.hyper(True)
+                    new, self.opt_state = rule(active, grads, self.opt_state, hyper, self.steps)
+                    for weight, value in zip(active, new, strict=True):
+                        weight.copy_(value)
+            losses[t] = loss.detach()
+            self.steps += 1
+
+    def _plain_sgd_lrs(self) -> list[float] | None:
+        """The step sizes, when the rule is plain SGD with constant float hyperparameters."""
+        if self.optimizer.optimizer != "sgd" or self._hyper is None:
+            return None
+        hyper = self._hyper[True]
+        numbers = [*hyper["lr"], *hyper["momentum"]]
+        if not all(isinstance(v, float) for v in numbers) or any(hyper["momentum"]):
+            return None
+        return hyper["lr"]
 
     def _propagate(self, active: Tensors, new: Tensors, new_state: dict[str, Tensors]) -> None:
         """``Z_{t+1} = (d step / d state) Z_t + d step / d lambda``, batched over scalars."""
