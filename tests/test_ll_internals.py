@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import higher
+import pytest
 import torch
 from torch import nn
 
@@ -79,3 +80,20 @@ def test_steps_without_a_graph_update_in_place_and_match_out_of_place_steps():
             torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
         # the last two steps kept a graph to the weights they started from
         assert aux.fast_params[0].grad_fn is not None
+
+
+def test_ul_parameters_are_unfrozen_when_the_ll_objective_raises():
+    ll_model, ul_model = nn.Linear(2, 1), nn.Linear(1, 1)
+    calls = []
+
+    def ll_objective(state):
+        calls.append(state["ul_model"].weight.requires_grad)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return state["ll_model"](state["data"]).pow(2).mean() * state["ul_model"].weight.sum()
+
+    gd = GradientDescent(ll_objective, ll_model, ul_model, 0.1, 5, differentiable_steps=0)
+    with pytest.raises(RuntimeError, match="boom"):
+        gd.optimize(torch.randn(4, 2), torch.zeros(4))
+    assert calls == [False, False, False]  # frozen while the steps ran without a graph
+    assert all(p.requires_grad for p in ul_model.parameters())

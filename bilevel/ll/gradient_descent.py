@@ -85,6 +85,11 @@ class GradientDescent:
     ``Implicit``, ``FirstOrder``; memory then does not grow with ``iters``).
     :class:`bilevel.BilevelProblem` sets it from the UL calculator.
 
+    Steps that keep no graph are cheap: they update the fast weights in place, and while they
+    run the UL model's parameters have ``requires_grad`` switched off (restored afterwards,
+    also on error), so that the LL objective records no graph to them. An LL objective
+    therefore must not rely on ``requires_grad`` of the UL parameters.
+
     References: Maclaurin, Duvenaud & Adams (2015); Franceschi et al. (2017), "Forward and
     Reverse Gradient-Based Hyperparameter Optimization", ICML; Grefenstette et al. (2019),
     ``higher``.
