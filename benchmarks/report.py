@@ -182,6 +182,54 @@ def memory_table(res: Results, configs: list[dict]) -> list[str]:
     return lines
 
 
+def vmap_section() -> list[str]:
+    """The loop-against-vmap measurement of ``vmap_tasks.py``, if it was run."""
+    source = RESULTS / "vmap_tasks.json"
+    if not source.exists():
+        return []
+    d = json.loads(source.read_text())
+    lines = [
+        "## Batching the tasks of a meta-batch with vmap",
+        "",
+        "The same MAML meta-gradient (the meta problem above) in bare `torch.func`, one task at "
+        "a time in a loop against all tasks at once under `torch.func.vmap`, measured on "
+        f"{d['date'][:10]} ({d['machine']}, torch {d['torch']}, {d['threads']} thread(s)) with",
+        "",
+        "```bash",
+        d["command"],
+        "```",
+        "",
+        "| meta-batch | loop ms | vmap ms | vmap / loop | relative distance to the loop's "
+        "meta-gradient |",
+        "|---|---|---|---|---|",
+    ]
+    for r in d["rows"]:
+        lines.append(
+            f"| {r['batch']} | {ms(r['loop_ms'] / 1000)} | {ms(r['vmap_ms'] / 1000)} | "
+            f"{r['vmap_over_loop']:.2f} | {sci(r['relative_distance'])} |"
+        )
+    wrong = [r for r in d["rows"] if not r["agrees"]]
+    faster = [r for r in d["rows"] if r["vmap_over_loop"] < 1]
+    if wrong:
+        verdict = (
+            "Under vmap the second-order gradient through batch normalization in training mode "
+            "is not the loop's (the loop's equals the floor's above; in float64 the gap stays "
+            "the same, and it vanishes without batch norm or without inner steps): the "
+            "batching rule of batch norm's backward is known to be wrong for the input "
+            "gradient (functorch issue #534, open). Whatever its speed, a wrong meta-gradient "
+            "rules it out: `BilevelProblem.meta_step` keeps the loop over tasks."
+        )
+    elif faster:
+        verdict = "vmap is exact and faster here; `BilevelProblem.meta_step` does not use it yet."
+    else:
+        verdict = (
+            "vmap is not faster than the loop on this machine, so `BilevelProblem.meta_step` "
+            "keeps the loop over tasks."
+        )
+    lines += ["", verdict, ""]
+    return lines
+
+
 def peer_findings(res: Results) -> list[str]:
     """What the run showed about the peers: their own notes, and hypergradients far from
     the floor's (more than 10x its error) on the same configuration."""
@@ -564,6 +612,7 @@ def page(res: Results, source: Path, images: dict[str, str]) -> str:
         "",
         *memory_table(res, res.configs.get("regression", [])),
         "",
+        *vmap_section(),
         "## Findings about the peers",
         "",
         *(peer_findings(res) or ["Nothing to report."]),
