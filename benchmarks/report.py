@@ -213,9 +213,10 @@ def vmap_section() -> list[str]:
     if wrong:
         verdict = (
             "Under vmap the second-order gradient through batch normalization in training mode "
-            "is not the loop's (the loop's equals the floor's above; in float64 the gap stays "
-            "the same, and it vanishes without batch norm or without inner steps): the "
-            "batching rule of batch norm's backward is known to be wrong for the input "
+            "is not the loop's (the loop's equals the floor's above), and the gap is not "
+            "round-off: "
+            + "; ".join(f"{k}: {sci(v)}" for k, v in d.get("diagnosis", {}).items())
+            + ". The batching rule of batch norm's backward is known to be wrong for the input "
             "gradient (functorch issue #534, open). Whatever its speed, a wrong meta-gradient "
             "rules it out: `BilevelProblem.meta_step` keeps the loop over tasks."
         )
