@@ -48,8 +48,8 @@ def restart_history(model: torch.nn.Module, params: Tensors) -> None:
     keeps of the old ones (and with it their graph)."""
     track = model.track_higher_grads
     model._fast_params = None
-    model.track_higher_grads = True
-    model.update_params(params)
+    model.track_higher_grads = True  # so that higher's setter starts a new history
+    install(model, params)
     model.track_higher_grads = track
 
 
