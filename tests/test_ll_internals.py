@@ -97,3 +97,21 @@ def test_ul_parameters_are_unfrozen_when_the_ll_objective_raises():
         gd.optimize(torch.randn(4, 2), torch.zeros(4))
     assert calls == [False, False, False]  # frozen while the steps ran without a graph
     assert all(p.requires_grad for p in ul_model.parameters())
+
+
+def test_in_place_steps_round_as_the_steps_that_keep_a_graph():
+    """float32, a conv net with batch norm: the weights after the in-place (no-graph) steps
+    are bit for bit those after the same steps taken with a graph."""
+    torch.manual_seed(2)
+    net = FewShotNet(5, hidden=8)
+    x, y = torch.randn(10, 1, 28, 28), torch.arange(5).repeat(2)
+
+    def ll_objective(state):
+        return torch.nn.functional.cross_entropy(state["ll_model"](state["data"]), y)
+
+    results = []
+    for steps in (0, None):
+        gd = GradientDescent(ll_objective, net, net, 0.4, 3, differentiable_steps=steps)
+        results.append([w.detach() for w in gd.optimize(x, y).fast_params])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -245,9 +245,9 @@ class Unroll:
         for t in range(steps):
             loss = check_objective_result(objective(state), "ll_objective")
             grads = self._grads(loss, active, create_graph=False)
-            if plain_lrs is not None:  # w -= lr * g: one kernel per tensor, on an alias
+            if plain_lrs is not None:  # w -= lr * g on an alias: no new weight, no graph
                 for weight, grad, lr in zip(active, grads, plain_lrs, strict=True):
-                    weight.detach().add_(grad, alpha=-lr)
+                    weight.detach().sub_(lr * grad)  # rounded as the rule's w - lr * g
             else:
                 with torch.no_grad():
                     hyper = self.hyper(True)
