@@ -230,6 +230,7 @@ class Unroll:
         return list(grads)
 
     def _step_in_place(self) -> torch.Tensor:
+        """One step of :meth:`run_in_place` (online runners step one at a time)."""
         loss = self.model.fast_params[self.index[0]].new_empty(1)
         self.run_in_place(1, loss)
         return loss[0]
