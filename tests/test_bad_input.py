@@ -62,6 +62,7 @@ def test_model_without_parameters():
         Reverse(ridge_ul, object(), ridge_ll, p.ll_model)
 
 
+@pytest.mark.filterwarnings("ignore:The LL gradient at the auxiliary model")  # short LL here
 def test_unused_ul_parameter_is_refused():
     p = ridge()
 
