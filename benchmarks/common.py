@@ -26,6 +26,14 @@ class NotSupported(Exception):
     """An implementation cannot run a configuration (the reason is the message)."""
 
 
+def apply_hypergradient(opt: torch.optim.Optimizer, params: Any, grads: list[torch.Tensor]) -> None:
+    """One UL step of a hand-built runner: the hypergradient as ``.grad``, then ``opt.step()``."""
+    opt.zero_grad(set_to_none=True)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    opt.step()
+
+
 def sync(device: str) -> None:
     """Wait for queued device work, so that wall time covers it."""
     if device.startswith("cuda"):

@@ -15,7 +15,7 @@ from typing import Any
 import problems as P
 import torch
 import torch.nn.functional as F
-from common import NotSupported
+from common import NotSupported, apply_hypergradient
 from torch.func import functional_call
 
 NAME = "floor"
@@ -146,10 +146,7 @@ class Runner:
         raise NotSupported(f"method {method!r}")
 
     def step(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        for lam, g in zip(self.lams, self.hypergradient(), strict=True):
-            lam.grad = g
-        self.opt.step()
+        apply_hypergradient(self.opt, self.lams, self.hypergradient())
 
 
 class MetaRunner:
@@ -221,10 +218,7 @@ class MetaRunner:
         return [t / self.m.batch for t in total]
 
     def step(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        for p, g in zip(self.params.values(), self.hypergradient(), strict=True):
-            p.grad = g
-        self.opt.step()
+        apply_hypergradient(self.opt, self.params.values(), self.hypergradient())
 
 
 def _strip(params: dict) -> dict:

@@ -16,7 +16,7 @@ import problems as P
 import torch
 import torch.nn.functional as F
 import torchopt
-from common import NotSupported
+from common import NotSupported, apply_hypergradient
 from impl_floor import descend
 from torch import nn
 from torch.func import functional_call
@@ -106,10 +106,7 @@ class Runner:
         return grads
 
     def step(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        for lam, g in zip(self.lams, self.hypergradient(), strict=True):
-            lam.grad = g
-        self.opt.step()
+        apply_hypergradient(self.opt, self.lams, self.hypergradient())
 
 
 class MetaRunner:

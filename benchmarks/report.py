@@ -182,6 +182,23 @@ def memory_table(res: Results, configs: list[dict]) -> list[str]:
     return lines
 
 
+def suite_section(res: Results, suite: str, title: str, distance_title: str) -> list[str]:
+    """A suite without a closed form: time, peak memory and the distance to the floor's
+    hypergradient."""
+    configs = res.configs.get(suite, [])
+    return [
+        f"## {title}",
+        "",
+        *time_table(res, configs),
+        "",
+        "Peak memory, MiB:",
+        "",
+        *memory_table(res, configs),
+        "",
+        *error_table(res, configs, "difference_to_floor", distance_title),
+    ]
+
+
 def vmap_section() -> list[str]:
     """The loop-against-vmap measurement of ``vmap_tasks.py``, if it was run."""
     source = RESULTS / "vmap_tasks.json"
@@ -579,33 +596,14 @@ def page(res: Results, source: Path, images: dict[str, str]) -> str:
         "",
         *memory_table(res, res.configs.get("scaling", [])),
         "",
-        "## Data hyper-cleaning",
-        "",
-        *time_table(res, res.configs.get("cleaning", [])),
-        "",
-        "Peak memory, MiB:",
-        "",
-        *memory_table(res, res.configs.get("cleaning", [])),
-        "",
-        *error_table(
-            res,
-            res.configs.get("cleaning", []),
-            "difference_to_floor",
-            "Relative distance to the floor's hypergradient",
+        *suite_section(
+            res, "cleaning", "Data hyper-cleaning", "Relative distance to the floor's hypergradient"
         ),
         "",
-        "## Meta-learning step",
-        "",
-        *time_table(res, res.configs.get("meta", [])),
-        "",
-        "Peak memory, MiB:",
-        "",
-        *memory_table(res, res.configs.get("meta", [])),
-        "",
-        *error_table(
+        *suite_section(
             res,
-            res.configs.get("meta", []),
-            "difference_to_floor",
+            "meta",
+            "Meta-learning step",
             "Relative distance to the floor's meta-gradient (float32)",
         ),
         "",

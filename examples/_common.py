@@ -46,6 +46,24 @@ def add_run_args(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend (imported when a plot is drawn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Lay out a figure, write it to ``path`` (creating its folder) and close it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
 def hardware(device: torch.device) -> str:
     """A one-line description of the machine a run used (for results tables)."""
     if device.type == "cuda":

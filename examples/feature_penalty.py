@@ -87,10 +87,7 @@ def scalar_penalty(value: float) -> Any:
 def plot_penalty(log_l2: torch.Tensor, varying: torch.Tensor, title: str, path: Path) -> None:
     """The learned penalties as a 28x28 image of log10(l2); pixels with no hypergradient (no
     variance in the training subset) are left blank."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
 
     image = (log_l2 / math.log(10)).detach().cpu().clone()
     image[~varying.cpu()] = float("nan")
@@ -100,10 +97,7 @@ def plot_penalty(log_l2: torch.Tensor, varying: torch.Tensor, title: str, path: 
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

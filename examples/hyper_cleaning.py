@@ -170,10 +170,7 @@ def make_calculator(args: argparse.Namespace, common: tuple, n_hyper: int) -> An
 
 def plot_weights(weights: torch.Tensor, corrupted: torch.Tensor, title: str, path: Path) -> None:
     """Histogram of the learned weights of clean vs corrupted examples."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
 
     w = weights.cpu().numpy()
     c = corrupted.cpu().numpy()
@@ -187,10 +184,7 @@ def plot_weights(weights: torch.Tensor, corrupted: torch.Tensor, title: str, pat
     ax.set_ylabel("examples")
     ax.set_title(title, fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -212,10 +212,7 @@ def write_csv(path: Path, history: list[dict[str, Any]]) -> None:
 
 def plot_curve(path: Path, history: list[dict[str, Any]], title: str) -> None:
     """Meta-training loss and accuracy (running means) and meta-validation accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _common.pyplot()
 
     train = [h for h in history if h.get("loss") is not None]
     val = [h for h in history if h.get("val_accuracy") is not None]
@@ -235,9 +232,7 @@ def plot_curve(path: Path, history: list[dict[str, Any]], title: str) -> None:
     right.set_ylabel("accuracy")
     right.legend(loc="lower right")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=100)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
