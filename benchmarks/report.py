@@ -140,46 +140,41 @@ def time_table(res: Results, configs: list[dict], first: str = "problem") -> lis
     return lines
 
 
-def error_table(res: Results, configs: list[dict], field: str, title: str) -> list[str]:
+def per_impl_table(
+    res: Results, configs: list[dict], kind: str, suffix: str, cell: Any
+) -> list[str]:
+    """One row per configuration, one column per implementation: ``cell(record)`` of its
+    ``kind`` record, "fails" where it failed, "–" where it did not run; empty rows dropped."""
     impls = res.impls()
-    head = ["problem", "method", "setting", *(f"{NAMES[i]}" for i in impls)]
-    lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for c in configs:
-        cells = []
-        for i in impls:
-            record = res.get("error", c, i)
-            cells.append(
-                sci(record.get(field))
-                if record and field in record
-                else ("fails" if record and "failed" in record else "–")
-            )
-        if all(x == "–" for x in cells):
-            continue
-        lines.append(
-            "| " + " | ".join([c["problem"], METHOD_NAMES[c["method"]], setting(c), *cells]) + " |"
-        )
-    return lines
-
-
-def memory_table(res: Results, configs: list[dict]) -> list[str]:
-    impls = res.impls()
-    head = ["problem", "method", "setting", *(f"{NAMES[i]} MiB" for i in impls)]
+    head = ["problem", "method", "setting", *(f"{NAMES[i]}{suffix}" for i in impls)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in configs:
         cells = []
         for i in impls:
-            record = res.get("memory", c, i)
-            cells.append(
-                mib(record["bytes"])
-                if record and "bytes" in record
-                else ("fails" if record and "failed" in record else "–")
-            )
+            record = res.get(kind, c, i)
+            value = cell(record) if record else None
+            failed = record is not None and "failed" in record
+            cells.append(value if value is not None else ("fails" if failed else "–"))
         if all(x == "–" for x in cells):
             continue
         lines.append(
             "| " + " | ".join([c["problem"], METHOD_NAMES[c["method"]], setting(c), *cells]) + " |"
         )
     return lines
+
+
+def error_table(res: Results, configs: list[dict], field: str, title: str) -> list[str]:
+    def cell(record: dict) -> str | None:
+        return sci(record.get(field)) if field in record else None
+
+    return [f"**{title}**", "", *per_impl_table(res, configs, "error", "", cell)]
+
+
+def memory_table(res: Results, configs: list[dict]) -> list[str]:
+    def cell(record: dict) -> str | None:
+        return mib(record["bytes"]) if "bytes" in record else None
+
+    return per_impl_table(res, configs, "memory", " MiB", cell)
 
 
 def suite_section(res: Results, suite: str, title: str, distance_title: str) -> list[str]:
