@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from bilevel import distributed
 from bilevel.ll import GradientDescent
+from bilevel.state import all_finite
 from bilevel.ul.base import HypergradientCalculator
 
 Pair = tuple[Any, Any]
@@ -172,21 +173,23 @@ class BilevelProblem:
         if not tasks:
             raise ValueError("no task to compute a hypergradient on.")
         mine, weight = distributed.shard(tasks)
-        ul_loss = ll_loss = torch.zeros(
-            (), dtype=self.ul_params[0].dtype, device=self.ul_params[0].device
-        )
+        losses = []  # per task: the UL loss and the last LL loss
         for (train_x, train_y), (val_x, val_y) in mine:
             aux = self.ll.optimize(train_x, train_y)
-            loss = self.ul.compute_gradients(val_x, val_y, aux, train_x, train_y)
-            ul_loss = ul_loss + weight * loss
-            ll_loss = ll_loss + weight * aux.trajectory.losses[-1]
+            losses.append(self.ul.compute_gradients(val_x, val_y, aux, train_x, train_y))
+            losses.append(aux.trajectory.losses[-1])
             self.ll.release(aux)  # frees the LL graph now; the next task reuses the model
-        grads = [
-            torch.zeros_like(p) if p.grad is None else p.grad.mul_(weight) for p in self.ul_params
-        ]
-        *grads, ul_loss, ll_loss = distributed.all_reduce_sum([*grads, ul_loss, ll_loss])
+        reference = self.ul_params[0]  # no task on this process: zeros
+        totals = torch.stack(losses).view(-1, 2).sum(0) if losses else reference.new_zeros(2)
+        totals = totals.to(reference.dtype)
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.ul_params]
+        if weight != 1.0:
+            for t in (*grads, totals):
+                t.mul_(weight)
+        *grads, totals = distributed.all_reduce_sum([*grads, totals])
         for p, g in zip(self.ul_params, grads, strict=True):
             p.grad = g
+        ul_loss, ll_loss = totals.unbind()
         self.last_ll_loss = ll_loss
         return ul_loss
 
@@ -226,8 +229,7 @@ class BilevelProblem:
         where = f"UL step {self.step_count} ({self.ul.name})"
         try:
             loss = self._accumulate(tasks)
-            finite = torch.stack([torch.isfinite(p.grad).all() for p in self.ul_params]).all()
-            if not bool(finite):
+            if not all_finite([p.grad for p in self.ul_params]):
                 raise FloatingPointError("the hypergradient is not finite (NaN or inf).")
         except FloatingPointError as error:
             if self.on_nonfinite == "raise":

@@ -8,7 +8,8 @@ and ``"ll_model"`` (the lower-level module; during and after lower-level optimiz
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -52,9 +53,16 @@ def check_objective_result(value: Any, name: str) -> torch.Tensor:
     return value if value.ndim == 0 else value.reshape(())
 
 
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether no entry is NaN or inf, in one host sync: finite entries have a finite sum, and
+    an infinite sum (finite entries can overflow to one) is looked into entry by entry."""
+    total = tensors[0].sum() if len(tensors) == 1 else torch.stack([t.sum() for t in tensors]).sum()
+    return math.isfinite(total.item()) or all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def check_finite(value: torch.Tensor, what: str) -> None:
     """Raise ``FloatingPointError`` if ``value`` holds NaN or inf (one host sync)."""
-    if not bool(torch.isfinite(value).all()):
+    if not all_finite([value]):
         raise FloatingPointError(
             f"{what} is not finite ({value.detach().flatten()[:4].tolist()}). Lower the "
             "learning rate, check the data for NaN, or check the objective for log(0) or "

@@ -25,18 +25,20 @@ class Shared(nn.Module):
         return self.scale * self.body(self.layer(x))
 
 
-def test_install_places_the_weights_where_update_params_does():
+@pytest.mark.parametrize("track", [True, False])
+def test_install_places_the_weights_where_update_params_does(track):
     torch.manual_seed(0)
     for module, x in ((Shared(), torch.randn(5, 3)), (FewShotNet(5, hidden=4), None)):
         if x is None:
             x = torch.randn(5, 1, 28, 28)
-        ours = higher.monkeypatch(module, copy_initial_weights=True)
-        theirs = higher.monkeypatch(module, copy_initial_weights=True)
+        ours = higher.monkeypatch(module, copy_initial_weights=True, track_higher_grads=track)
+        theirs = higher.monkeypatch(module, copy_initial_weights=True, track_higher_grads=track)
         for _ in range(2):  # twice: the second call reuses the cached slots
             params = [torch.randn_like(p) for p in module.parameters()]
             install(ours, params)
             theirs.update_params(params)
             assert len(ours._fast_params) == len(theirs._fast_params)
+            assert all(p is q for p, q in zip(ours.fast_params, params, strict=True))
             for (name, a), (_, b) in zip(
                 ours.named_parameters(), theirs.named_parameters(), strict=True
             ):

@@ -15,6 +15,7 @@ from bilevel.ll.rules import RULES, Rule
 from bilevel.ll.unroll import Unroll, restart_history
 from bilevel.state import (
     Objective,
+    all_finite,
     check_data_matches,
     check_same_device_and_dtype,
     parameter_names,
@@ -260,10 +261,10 @@ class GradientDescent:
         with self._ul_frozen(untracked > 0 and self.forward_variables is None):
             if unroll.in_place:
                 unroll.run_in_place(untracked, losses[:untracked])
-            for step in range(unroll.steps, untracked):  # forward mode: not in place
-                losses[step] = unroll.step(graph=False)
-        for step in range(untracked, iters):
-            losses[step] = unroll.step(graph=True)
+            recorded = [unroll.step(graph=False) for _ in range(unroll.steps, untracked)]
+        recorded += [unroll.step(graph=True) for _ in range(untracked, iters)]
+        if recorded:  # the steps not taken in place, all but forward mode's the graph steps
+            torch.stack(recorded, out=losses[iters - len(recorded) :])
         self._check_losses(losses)
         return unroll.record(losses, tracked)
 
@@ -296,17 +297,17 @@ class GradientDescent:
             )
 
     def _check_losses(self, losses: torch.Tensor) -> None:
-        finite, first, last = torch.stack(
-            [torch.isfinite(losses).all().to(losses.dtype), losses[0], losses[-1]]
-        ).tolist()
-        if not finite:
+        if not all_finite([losses]):
             bad = int(torch.nonzero(~torch.isfinite(losses))[0])
             raise FloatingPointError(
                 f"The LL loss became {losses[bad].item()} at LL step {bad} of {self.iters} "
                 f"(lr={self._describe(self.lr)}). Lower the LL learning rate, or check the data "
                 "and the objective for NaN, log(0) or division by zero."
             )
-        if self.warn_on_growth and self.iters > 1 and last > first:
+        if not self.warn_on_growth or self.iters == 1:
+            return
+        first, last = losses[0].item(), losses[-1].item()
+        if last > first:
             self.warn_on_growth = False  # once per optimizer, not at every UL step
             warnings.warn(
                 f"The LL loss grew from {first:.4g} to {last:.4g} over {self.iters} steps: the LL "

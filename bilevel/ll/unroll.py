@@ -30,7 +30,8 @@ class Trajectory:
             leading dimension over the scalars of ``tangent_variables``.
         tangent_variables: the UL tensors of the tangents.
         tangents_reached: for each of them, whether it has any path to the LL weights.
-        initial_grad_norm: the norm of the LL gradient at the first step (a 0-d tensor).
+        initial_grads: the LL gradient at the first step (detached), for
+            :attr:`initial_grad_norm`.
     """
 
     iters: int
@@ -40,17 +41,22 @@ class Trajectory:
     tangents: list[torch.Tensor] | None = None
     tangent_variables: list[torch.Tensor] | None = None
     tangents_reached: list[bool] | None = None
-    initial_grad_norm: torch.Tensor | None = None
+    initial_grads: list[torch.Tensor] | None = None
+
+    @property
+    def initial_grad_norm(self) -> torch.Tensor | None:
+        """The norm of the LL gradient at the first step (a 0-d tensor; taken when asked,
+        since only ``Implicit`` asks)."""
+        if self.initial_grads is None:
+            return None
+        return torch.stack([g.norm() for g in self.initial_grads]).norm()
 
 
 def restart_history(model: torch.nn.Module, params: Tensors) -> None:
     """Give a patched model new fast weights and drop the per-step history that ``higher``
     keeps of the old ones (and with it their graph)."""
-    track = model.track_higher_grads
-    model._fast_params = None
-    model.track_higher_grads = True  # so that higher's setter starts a new history
+    model.__dict__["_fast_params"] = None  # install() starts a new history
     install(model, params)
-    model.track_higher_grads = track
 
 
 def _parameter_slots(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
@@ -64,15 +70,25 @@ def _parameter_slots(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str
 
 
 def install(model: torch.nn.Module, params: Tensors) -> None:
-    """``model.update_params(params)`` without ``higher``'s per-call walk over the modules:
-    the same history and the same tensors in the same places, at a fraction of the cost
-    (it runs at every LL step that keeps a graph)."""
+    """``model.update_params(params)`` without ``higher``'s per-call walk over the modules and
+    its attribute hooks: the same history and the same tensors in the same places, at a
+    fraction of the cost (it runs at every LL step that keeps a graph)."""
     slots = model.__dict__.get("_bilevel_slots")
-    if slots is None:
-        slots = model._bilevel_slots = _parameter_slots(model)
-    model.fast_params = params  # higher's setter: appends to the history when tracking
-    for (module, name), param in zip(slots, model._expand_params(params), strict=True):
-        module._parameters[name] = param
+    if slots is None:  # (submodule, name, index into params), once per model
+        mapping = model._param_mapping  # a shared weight fills several slots
+        slots = [
+            (m, name, i) for (m, name), i in zip(_parameter_slots(model), mapping, strict=True)
+        ]
+        model._bilevel_slots = slots
+    history = model.__dict__["_fast_params"]  # what higher's fast_params setter keeps
+    if history is None:
+        history = model.__dict__["_fast_params"] = []
+    if model._track_higher_grads or not history:
+        history.append(list(params))
+    else:
+        history[0] = list(params)
+    for module, name, index in slots:
+        module._parameters[name] = params[index]
 
 
 def _flatten(state: dict[str, Tensors]) -> Tensors:
@@ -151,7 +167,7 @@ class Unroll:
             tangents=self.tangents if forward else None,
             tangent_variables=self.variables,
             tangents_reached=self.reached if forward else None,
-            initial_grad_norm=self.initial_grad_norm,
+            initial_grads=self.initial_grads,
         )
         return self.model
 
@@ -226,7 +242,7 @@ class Unroll:
         grads = torch.autograd.grad(loss, active, create_graph=create_graph, allow_unused=True)
         if self.steps == 0:
             self.optimizer.check_used(grads, self.index)
-            self.initial_grad_norm = torch.stack([g.detach().norm() for g in grads]).norm()
+            self.initial_grads = [g.detach() for g in grads]
         return list(grads)
 
     def _step_in_place(self) -> torch.Tensor:
