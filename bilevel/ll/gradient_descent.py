@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from bilevel.ll.rules import RULES, Rule
-from bilevel.ll.unroll import Unroll, restart_history
+from bilevel.ll.unroll import Unroll, install
 from bilevel.state import (
     Objective,
     all_finite,
@@ -217,7 +217,7 @@ class GradientDescent:
             for p in self.ll_model.parameters()
         ]
         model.track_higher_grads = graph_from_start
-        restart_history(model, params)
+        install(model, params)
         return model
 
     def release(self, auxiliary_model: nn.Module) -> None:
@@ -332,8 +332,8 @@ def evaluate_at(auxiliary_model: nn.Module, weights: Sequence[torch.Tensor]) -> 
     The model's own fast weights are restored on exit.
     """
     saved = list(auxiliary_model.fast_params)
-    auxiliary_model.update_params(list(weights))
+    install(auxiliary_model, list(weights))
     try:
         yield
     finally:
-        auxiliary_model.update_params(saved)
+        install(auxiliary_model, saved)
