@@ -10,6 +10,7 @@ from torch import nn
 from bilevel.ll import GradientDescent
 from bilevel.ll.unroll import install
 from bilevel.models import FewShotNet
+from bilevel.state import all_finite
 
 
 class Shared(nn.Module):
@@ -119,3 +120,13 @@ def test_in_place_steps_round_as_the_steps_that_keep_a_graph():
         results.append([w.detach() for w in gd.optimize(x, y).fast_params])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_all_finite_sees_nan_and_inf_and_is_not_fooled_by_an_overflowing_sum():
+    big = torch.full((4,), torch.finfo(torch.float32).max)  # finite entries, infinite sum
+    assert all_finite([big])
+    assert all_finite([torch.zeros(3), big])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        assert not all_finite([torch.tensor([1.0, bad, 2.0])])
+        assert not all_finite([torch.ones(2), torch.tensor([bad])])
+        assert not all_finite([big, torch.tensor([bad])])
