@@ -59,7 +59,7 @@ def setting(config: dict[str, Any]) -> str:
 def ms(seconds: float) -> str:
     """Milliseconds with three significant digits."""
     value = seconds * 1e3
-    return f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
+    return f"{value:.3g}" if value < 999.5 else f"{value:,.0f}"  # 999.7 is 1,000, not 1e+03
 
 
 def mib(n_bytes: float) -> str:
