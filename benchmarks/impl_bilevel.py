@@ -42,8 +42,6 @@ def calculator(config: dict[str, Any], ul_obj: Any, ul_model: nn.Module, ll_obj:
         return bilevel.ul.Truncated(*args, truncate_iter=config["K"])
     if method in ("cg", "neumann", "fixed_point"):
         return bilevel.ul.Implicit(*args, lr, config["k"], tolerance=1e-10, method=method)
-    if method == "first_order":
-        return bilevel.ul.FirstOrder(*args)
     if method == "forward":
         if not hasattr(bilevel.ul, "Forward"):
             raise NotSupported("bilevel.ul.Forward does not exist in this checkout")
@@ -90,19 +88,6 @@ def regression(config: dict[str, Any], problem: P.Regression | P.Cleaning) -> Ru
     # the objectives read the data from their closure (as the other implementations do); the
     # pairs are passed so that the library sees and checks them as in real use
     return Runner(BilevelProblem(ll, ul, opt), s.train, s.val)
-
-
-def network(m: P.Meta) -> nn.Module:
-    """``bilevel.models.FewShotNet`` when the checkout has it, else the benchmark's copy;
-    initialized from the shared weights either way."""
-    reference = P.meta_network(m)
-    try:
-        from bilevel.models import FewShotNet
-    except ImportError:
-        return reference
-    net = FewShotNet(m.ways)
-    net.load_state_dict(reference.state_dict())
-    return net
 
 
 def _ce(state: dict) -> torch.Tensor:
@@ -156,12 +141,12 @@ def meta(config: dict[str, Any], m: P.Meta) -> Any:
     method = config["method"]
     batch = {"train": (m.xs, m.ys), "test": (m.xq, m.yq)}
     if method == "hyperrep":
-        net = network(m)
+        net = P.meta_network(m)
         trunk, head = net.features, net.head
         ll = GradientDescent(_ce, head, trunk, lr=m.lr, iters=m.steps)
         ul = bilevel.ul.Reverse(_ce, trunk, _ce, head)
         return HyperRepRunner(ll, ul, trunk, m)
-    net = network(m)
+    net = P.meta_network(m)
     ll_obj = _ce
     if method == "imaml":
 

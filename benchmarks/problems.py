@@ -2,13 +2,17 @@
 
 Every implementation (ours, the bare ``torch.func`` floor, BOAT, TorchOpt) evaluates the same
 objective functions defined here on the same data, so that only the machinery around them
-differs. This module imports torch only: the peers' virtual environments import it too.
+differs. This module imports torch only (and the library's network from its file): the peers'
+virtual environments import it too.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -223,39 +227,18 @@ def cleaning_ul(c: Cleaning, weight: Tensor, bias: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- meta-learning
 
 
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    """3x3 conv, batch norm (batch statistics), ReLU, 2x2 max-pool."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-        nn.BatchNorm2d(out_channels, track_running_stats=False),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-    )
+def _library_conv() -> ModuleType:
+    """``bilevel/models/conv.py`` loaded from its file, so that every implementation runs the
+    library's own network: the peers' environments cannot import the ``bilevel`` package (its
+    ``__init__`` needs ``higher`` and ``tqdm``), and this file needs torch only."""
+    path = Path(__file__).resolve().parent.parent / "bilevel" / "models" / "conv.py"
+    spec = importlib.util.spec_from_file_location("benchmark_conv", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-class Trunk(nn.Module):
-    """The 4-conv trunk (Vinyals et al. 2016), laid out as ``bilevel.models.ConvNet4``."""
-
-    def __init__(self, hidden: int = 64) -> None:
-        super().__init__()
-        blocks = [conv_block(1 if i == 0 else hidden, hidden) for i in range(4)]
-        self.blocks = nn.Sequential(*blocks)
-        self.out_features = hidden
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.blocks(x).flatten(1)
-
-
-class FewShot(nn.Module):
-    """Trunk plus a linear head, laid out as ``bilevel.models.FewShotNet``."""
-
-    def __init__(self, ways: int, hidden: int = 64) -> None:
-        super().__init__()
-        self.features = Trunk(hidden)
-        self.head = nn.Linear(hidden, ways)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+FewShotNet = _library_conv().FewShotNet
 
 
 @dataclass
@@ -288,10 +271,11 @@ def meta(batch: int, ways: int = 5, shots: int = 1, queries: int = 15, steps: in
     return Meta(xs, ys, xq, yq, ways, lr=0.1, steps=steps, reg=2.0, cg_iters=5)
 
 
-def meta_network(m: Meta) -> FewShot:
-    """The network with a fixed initialization (the same for every implementation)."""
+def meta_network(m: Meta) -> nn.Module:
+    """``bilevel.models.FewShotNet`` with a fixed initialization (the same for every
+    implementation)."""
     torch.manual_seed(3)
-    return FewShot(m.ways).to(m.xs.device)
+    return FewShotNet(m.ways).to(m.xs.device)
 
 
 def proximal(params: list[Tensor], anchor: list[Tensor], reg: float) -> Tensor:

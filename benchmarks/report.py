@@ -35,7 +35,6 @@ METHOD_NAMES = {
     "neumann": "Implicit Neumann",
     "fixed_point": "Implicit fixed point",
     "forward": "Forward",
-    "first_order": "FirstOrder",
     "maml": "MAML (Reverse)",
     "fomaml": "first-order MAML (FirstOrder)",
     "imaml": "iMAML (Implicit CG)",

@@ -38,32 +38,21 @@ PEERS = {
 }
 IMPLS = ("bilevel", "floor", "boat", "torchopt")
 # what each implementation offers (others answer "unsupported" and are not asked)
+ALL_METHODS = {
+    "reverse",
+    "truncated",
+    "cg",
+    "neumann",
+    "fixed_point",
+    "forward",
+    "maml",
+    "fomaml",
+    "imaml",
+    "hyperrep",
+}
 OFFERS = {
-    "bilevel": {
-        "reverse",
-        "truncated",
-        "cg",
-        "neumann",
-        "fixed_point",
-        "forward",
-        "first_order",
-        "maml",
-        "fomaml",
-        "imaml",
-        "hyperrep",
-    },
-    "floor": {
-        "reverse",
-        "truncated",
-        "cg",
-        "neumann",
-        "fixed_point",
-        "forward",
-        "maml",
-        "fomaml",
-        "imaml",
-        "hyperrep",
-    },
+    "bilevel": ALL_METHODS,
+    "floor": ALL_METHODS,
     "boat": {"reverse", "truncated", "cg", "neumann", "maml", "fomaml", "hyperrep"},
     "torchopt": {"reverse", "truncated", "cg", "neumann", "maml", "imaml", "hyperrep"},
 }

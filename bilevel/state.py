@@ -56,7 +56,7 @@ def check_objective_result(value: Any, name: str) -> torch.Tensor:
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether no entry is NaN or inf, in one host sync: finite entries have a finite sum, and
     an infinite sum (finite entries can overflow to one) is looked into entry by entry."""
-    total = tensors[0].sum() if len(tensors) == 1 else torch.stack([t.sum() for t in tensors]).sum()
+    total = torch.stack([t.sum() for t in tensors]).sum()
     return math.isfinite(total.item()) or all(bool(torch.isfinite(t).all()) for t in tensors)
 
 

@@ -206,17 +206,16 @@ class GradientDescent:
         """
         model, self._spare = self._spare, None
         if model is None:
+            # no history of earlier weights is kept (see install), so higher's own readers of
+            # it (parameters(time=t), init_fast_params) refuse rather than answer wrongly
             return higher.monkeypatch(
-                self.ll_model,
-                copy_initial_weights=not graph_from_start,
-                track_higher_grads=graph_from_start,
+                self.ll_model, copy_initial_weights=not graph_from_start, track_higher_grads=False
             )
         higher.patch.buffer_sync(self.ll_model, model)
         params = [
             p.clone() if graph_from_start else p.detach().clone().requires_grad_(p.requires_grad)
             for p in self.ll_model.parameters()
         ]
-        model.track_higher_grads = graph_from_start
         install(model, params)
         return model
 
