@@ -67,7 +67,7 @@ def install(model: torch.nn.Module, params: Tensors) -> None:
     does, without its per-call walk over the modules (this runs at every LL step that keeps a
     graph), and without its history of the weights of every earlier step (kept when it tracks
     higher-order gradients): the autograd graph keeps what a hypergradient needs, and holding
-    the history measured 10-25% slower per step. The model holds the latest weights only."""
+    the history measured 10-23% slower per step. The model holds the latest weights only."""
     slots = model.__dict__.get("_bilevel_slots")
     if slots is None:  # (submodule, name, index into params), once per model
         mapping = model._param_mapping  # a shared weight fills several slots
