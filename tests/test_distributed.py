@@ -62,6 +62,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.save({"meta": meta_step(), "hyper": hyper_step()}, f"{out}.{rank}")
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
