@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["bilevel", "bilevel.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.0", "higher>=0.2.1", "numpy", "tqdm", "pillow"],
+    install_requires=["torch>=2.10", "higher>=0.2.1", "numpy", "tqdm", "pillow"],
     extras_require={
         "dev": [
             "pytest",

@@ -9,13 +9,13 @@ import argparse
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bilevel import checkpoint
 from bilevel.data import load_mnist
 
 DATASETS = {"mnist": "MNIST", "fashion": "FashionMNIST"}
@@ -82,14 +82,18 @@ def hardware(device: torch.device) -> str:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write ``obj`` as indented JSON, atomically (:func:`bilevel.checkpoint.atomic_write`)."""
+    checkpoint.atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The run's checkpoint, read without running code from it.
+
+    Raises:
+        bilevel.checkpoint.CheckpointError: the file is damaged, unsafe, from an older bilevel
+            or not a training checkpoint (the message names it and says what to do).
+    """
+    return checkpoint.load(path, require=("step",))
 
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
@@ -115,13 +119,15 @@ class RunRecord:
         self.history: list[dict[str, Any]] = []
         self.resumed_from = 0
         if self.checkpoint.exists():
+            # read first: a damaged or unsafe file is reported as such, whatever progress.json
+            step = read_checkpoint(self.checkpoint)["step"]
             saved = json.loads(self.path.read_text()) if self.path.exists() else {}
             if saved.get("settings") != settings:
                 raise SystemExit(
                     f"{self.out} holds a run with other settings ({saved.get('settings')}); "
                     "use another --out, or delete that folder to start again."
                 )
-            self.resumed_from = int(torch.load(self.checkpoint, weights_only=False)["step"])
+            self.resumed_from = int(step)
             self.previous_seconds = float(saved.get("seconds_at_checkpoint", 0.0))
             self.seconds_at_checkpoint = self.previous_seconds
             self.previous_cpu = float(saved.get("cpu_seconds_at_checkpoint", 0.0))

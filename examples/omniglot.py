@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import os
 import time
@@ -42,11 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from bilevel import BilevelProblem, distributed
+from bilevel import BilevelProblem, checkpoint, distributed
 from bilevel.data import Omniglot, TaskSampler
 from bilevel.ll import GradientDescent
 from bilevel.models import ConvNet4, FewShotNet
-from bilevel.problem import atomic_save
 from bilevel.ul import FirstOrder, Implicit, Reverse, Truncated
 
 METHODS = ("maml", "fomaml", "imaml", "hyperrep")
@@ -203,11 +203,30 @@ class Experiment:
 
 
 def write_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    """The log records as CSV (rewritten whole: the history of a resumed run is truncated)."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
+    """The log records as CSV (rewritten whole, atomically: the history of a resumed run is
+    truncated)."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=LOG_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    checkpoint.atomic_write_text(path, text.getvalue())
+
+
+def save_best(path: Path, ul_model: nn.Module, step: int, val_accuracy: float) -> None:
+    """Write ``OUT/best.pt``: the UL model with the best meta-validation accuracy so far."""
+    state = {"ul_model": ul_model.state_dict(), "step": step, "val_accuracy": val_accuracy}
+    checkpoint.save(path, state)
+
+
+def read_best(path: Path) -> dict[str, Any]:
+    """Read ``OUT/best.pt`` (``"ul_model"``, ``"step"``, ``"val_accuracy"``) without running
+    code from it.
+
+    Raises:
+        bilevel.checkpoint.CheckpointError: the file is damaged, unsafe, from an older bilevel
+            or not a best-model file (the message names it and says what to do).
+    """
+    return checkpoint.load(path, require=("ul_model", "step"))
 
 
 def plot_curve(path: Path, history: list[dict[str, Any]], title: str) -> None:
@@ -407,8 +426,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 postfix["val"] = f"{acc:.3f}"
                 if acc > best:
                     best = acc
-                    state = {"ul_model": exp.ul_model.state_dict(), "step": done}
-                    atomic_save({**state, "val_accuracy": acc}, best_path)
+                    save_best(best_path, exp.ul_model, done, acc)
                 problem.save_checkpoint(record.checkpoint)
             bar.set_postfix(postfix)
             record.log(entry, checkpointed=validate)
@@ -426,7 +444,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     evaluated = "final"
     best_step = meta_steps
     if best_path.exists():
-        saved = torch.load(best_path, weights_only=False)
+        saved = read_best(best_path)
         exp.ul_model.load_state_dict(saved["ul_model"])
         evaluated, best_step = "best", saved["step"]
     started = time.perf_counter()

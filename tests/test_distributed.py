@@ -77,7 +77,7 @@ def test_two_processes_match_one(tmp_path):
     out = str(tmp_path / "result")
     mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
     single = {"meta": meta_step(), "hyper": hyper_step()}
-    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     for key in ("meta", "hyper"):
         for got in ranks:
             for a, b in zip(got[key], single[key], strict=True):

@@ -48,16 +48,16 @@ def test_sigkill_and_restart_resume_bitwise(tmp_path):
     proc = subprocess.Popen([sys.executable, str(script), str(killed), "0.05"])
     deadline = time.time() + 120
     while time.time() < deadline:  # kill it mid-run, after a few checkpoints
-        if killed.exists() and torch.load(killed, weights_only=False)["step"] >= 5:
+        if killed.exists() and torch.load(killed, weights_only=True)["step"] >= 5:
             break
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    step = torch.load(killed, weights_only=False)["step"]
+    step = torch.load(killed, weights_only=True)["step"]
     assert 5 <= step < 30, step  # the kill did interrupt the run
     subprocess.run([sys.executable, str(script), str(killed), "0"], check=True, timeout=300)
     assert not list(tmp_path.glob("*.tmp"))  # a save cut short leaves no litter behind
 
-    a = torch.load(str(full) + ".final")
-    b = torch.load(str(killed) + ".final")
+    a = torch.load(str(full) + ".final", weights_only=True)
+    b = torch.load(str(killed) + ".final", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -4,14 +4,13 @@ data, and exact resume from OUT/checkpoint.pt."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from example_modules import example_module
 
 from bilevel import BilevelProblem
 
@@ -29,14 +28,8 @@ METHODS = [
 @pytest.fixture(scope="module")
 def example():
     """examples/omniglot.py as a module (its sibling ``_common`` importable)."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location("omniglot_example", EXAMPLES / "omniglot.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with example_module("omniglot") as module:
         yield module
-    finally:
-        sys.path.remove(str(EXAMPLES))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -114,6 +107,7 @@ def test_short_meta_training_beats_chance(example, omniglot, data_root, data_cac
     assert 0 < results["test_ci95"] < 0.06
     for name in ("checkpoint.pt", "best.pt", "log.csv", "curve.png", "results.json"):
         assert (tmp_path / name).exists(), name
+    assert example.read_best(tmp_path / "best.pt")["step"] == results["best_step"] == 40
     saved = json.loads((tmp_path / "results.json").read_text())
     for key in ("test_accuracy", "test_ci95", "meta_steps", "train_seconds", "settings"):
         assert key in saved
@@ -157,8 +151,8 @@ def test_resume_continues_bitwise(
     assert len(rows(tmp_path / "twice")) == 3  # step 3 was logged, not checkpointed
     resumed = _run(example, tmp_path / "twice", data_root, data_cache_dir, *args)
     assert resumed["resumed_from_step"] == 2 and resumed["meta_steps"] == 4
-    once = torch.load(tmp_path / "once" / "checkpoint.pt", weights_only=False)
-    twice = torch.load(tmp_path / "twice" / "checkpoint.pt", weights_only=False)
+    once = torch.load(tmp_path / "once" / "checkpoint.pt", weights_only=True)
+    twice = torch.load(tmp_path / "twice" / "checkpoint.pt", weights_only=True)
     assert once["step"] == twice["step"] == 4
     assert once["ul_model"].keys() == twice["ul_model"].keys()
     for key, value in once["ul_model"].items():
