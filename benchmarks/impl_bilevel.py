@@ -114,7 +114,7 @@ class HyperRepRunner:
     def __init__(self, ll: GradientDescent, ul: Any, trunk: nn.Module, m: P.Meta) -> None:
         self.ll, self.ul, self.trunk, self.m = ll, ul, trunk, m
         self.opt = torch.optim.SGD(trunk.parameters(), lr=0.0)
-        BilevelProblem(ll, ul)  # configures ll for ul
+        BilevelProblem(ll, ul)  # checks that ll and ul agree (Reverse: the default full graph)
 
     def _accumulate(self) -> None:
         m = self.m

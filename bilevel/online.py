@@ -56,13 +56,11 @@ class OnlineHypergradient:
                 f"Truncated online needs truncate_iter == hyper_every ({hyper_every}), got "
                 f"{ul.truncate_iter}: it back-propagates through the steps since the last update."
             )
-        if ll.ll_model is not ul.ll_model or ll.ul_model is not ul.ul_model:
-            raise ValueError("ll and ul must be built on the same ll_model and ul_model objects.")
+        ul.check_against(ll)
         if not isinstance(ul_optimizer, torch.optim.Optimizer):
             raise TypeError("ul_optimizer must be a torch.optim.Optimizer.")
         self.ll, self.ul, self.ul_optimizer = ll, ul, ul_optimizer
         self.hyper_every = hyper_every
-        ul.configure(ll)
 
     def run(
         self,
@@ -87,7 +85,7 @@ class OnlineHypergradient:
         batch = train if callable(train) else (lambda step: train)
         val_batch = val if callable(val) else (lambda update: val)
         graph = isinstance(self.ul, Truncated)
-        unroll = self.ll.start(*batch(0))
+        unroll = self.ll.start(*batch(0), observer=self.ul.observer(self.ll))
         ll_losses = []
         updates = 0
         for step in tqdm(range(ll_steps), disable=not progress, desc=f"online {self.ul.name}"):
@@ -98,9 +96,9 @@ class OnlineHypergradient:
                 continue
             losses = torch.stack(ll_losses)
             check_finite(losses, f"the LL loss before LL step {step + 1}")
-            model = unroll.record(losses, len(ll_losses) if graph else 0)
+            trajectory = unroll.record(losses, len(ll_losses) if graph else 0)
             self.ul_optimizer.zero_grad(set_to_none=True)
-            ul_loss = self.ul.compute_gradients(*val_batch(updates), model, data, target)
+            ul_loss = self.ul.accumulate(trajectory, val_batch(updates), (data, target))
             grads = [p.grad for p in self.ul.ul_params if p.grad is not None]
             check_finite(
                 torch.stack([g.sum() for g in grads]),

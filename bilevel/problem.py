@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,10 +11,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from bilevel import checkpoint as ckpt
 from bilevel import distributed
 from bilevel.ll import GradientDescent
 from bilevel.state import all_finite
-from bilevel.ul.base import HypergradientCalculator
 
 Pair = tuple[Any, Any]
 Batch = Pair | tuple[Pair, Pair] | dict[str, Pair]
@@ -37,54 +35,14 @@ def split_tasks(batch: dict[str, Pair]) -> list[tuple[Pair, Pair]]:
     return [((tx[i], ty[i]), (vx[i], vy[i])) for i in range(n)]
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy is optional
-        pass
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it into place, so that
-    an interruption never leaves a half-written file at ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    for stale in path.parent.glob(f"{path.name}.*.tmp"):  # left by a process killed mid-save
-        stale.unlink(missing_ok=True)
-
-
 class BilevelProblem:
     """A bilevel problem: an LL optimizer, a UL calculator and (optionally) a UL optimizer.
 
-    On construction it sets the LL to record exactly the trajectory that the calculator
-    needs (``ll.differentiable_steps``).
+    The runner drives anything that gives a hypergradient through the method's
+    ``task_gradients(ll, train, val)``: a calculator (which runs the LL recording exactly the
+    trajectory it needs, then adds its hypergradient to ``.grad``), or a method that keeps LL
+    state across UL steps. On construction it checks that the LL and the method were given
+    the same models, objective and LL settings.
 
     Args:
         ll: the lower-level optimizer, e.g. :class:`bilevel.ll.GradientDescent`.
@@ -100,16 +58,18 @@ class BilevelProblem:
     def __init__(
         self,
         ll: GradientDescent,
-        ul: HypergradientCalculator,
+        ul: Any,
         ul_optimizer: torch.optim.Optimizer | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
-        if not isinstance(ul, HypergradientCalculator):
-            raise TypeError(f"ul must be a bilevel.ul calculator, got {type(ul).__name__}.")
-        if not hasattr(ll, "optimize") or not hasattr(ll, "iters"):
+        if not callable(getattr(ul, "task_gradients", None)):
+            raise TypeError(
+                "ul must be a bilevel.ul method (a calculator such as Implicit, or a method with "
+                f"task_gradients(ll, train, val)), got {type(ul).__name__}."
+            )
+        if not hasattr(ll, "run") or not hasattr(ll, "iters"):
             raise TypeError(f"ll must be a bilevel.ll optimizer, got {type(ll).__name__}.")
-        if ll.ll_model is not ul.ll_model or ll.ul_model is not ul.ul_model:
-            raise ValueError("ll and ul must be built on the same ll_model and ul_model objects.")
+        ul.check_against(ll)
         if ul_optimizer is not None and not isinstance(ul_optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"ul_optimizer must be a torch.optim.Optimizer, got {type(ul_optimizer).__name__}."
@@ -120,7 +80,6 @@ class BilevelProblem:
         self.ul = ul
         self.ul_optimizer = ul_optimizer
         self.on_nonfinite = on_nonfinite
-        ul.configure(ll)
         distributed.broadcast_modules(ul.ul_model, ll.ll_model)
         self.settings = self._settings()
         self.step_count = 0
@@ -141,11 +100,8 @@ class BilevelProblem:
             return type(value).__name__
 
         opt = self.ul_optimizer
-        calculator = {
-            key: plain(getattr(self.ul, key))
-            for key in ("k", "method", "tolerance", "alpha", "truncate_iter")
-            if hasattr(self.ul, key)
-        }
+        settings = getattr(self.ul, "settings", None)
+        calculator = {k: plain(v) for k, v in (settings() if settings else {}).items()}
         return {
             "ul": self.ul.name,
             "ul_calculator": calculator,
@@ -174,11 +130,8 @@ class BilevelProblem:
             raise ValueError("no task to compute a hypergradient on.")
         mine, weight = distributed.shard(tasks)
         losses = []  # per task: the UL loss and the last LL loss
-        for (train_x, train_y), (val_x, val_y) in mine:
-            aux = self.ll.optimize(train_x, train_y)
-            losses.append(self.ul.compute_gradients(val_x, val_y, aux, train_x, train_y))
-            losses.append(aux.trajectory.losses[-1])
-            self.ll.release(aux)  # frees the LL graph now; the next task reuses the model
+        for train, val in mine:
+            losses.extend(self.ul.task_gradients(self.ll, train, val))
         reference = self.ul_params[0]  # no task on this process: zeros
         totals = torch.stack(losses).view(-1, 2).sum(0) if losses else reference.new_zeros(2)
         totals = totals.to(reference.dtype)
@@ -255,15 +208,24 @@ class BilevelProblem:
         return self._step(split_tasks(batch))
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue: UL model, UL optimizer, LL model, step, RNG state."""
+        """Everything needed to continue: UL model, UL optimizer, LL model, step counters, RNG
+        states and settings, as tensors and plain values (a weights-only load accepts it)."""
+        optimizer = None
+        if self.ul_optimizer is not None:
+            optimizer = self.ul_optimizer.state_dict()
+            # hyperparameters as Python values: a NumPy learning rate would make the file
+            # unloadable without running code
+            optimizer["param_groups"] = ckpt.plain(optimizer["param_groups"])
         return {
             "ul_model": self.ul.ul_model.state_dict(),
             "ll_model": self.ll.ll_model.state_dict(),
-            "ul_optimizer": None if self.ul_optimizer is None else self.ul_optimizer.state_dict(),
+            "ul_optimizer": optimizer,
             "step": self.step_count,
             "skipped_steps": self.skipped_steps,
-            "rng": _rng_state(),
-            "settings": self.settings,
+            "rng": ckpt.rng_state(),
+            "settings": ckpt.plain(self.settings),
+            # what a method keeps across UL steps (LL or auxiliary variables), if anything
+            "method": self.ul.state_dict() if hasattr(self.ul, "state_dict") else None,
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
@@ -275,13 +237,10 @@ class BilevelProblem:
                 hyperparameters, UL parameter shapes): resuming it would silently mix two runs.
         """
         saved = state.get("settings")
-        if strict and saved is not None and saved != self.settings:
-            changed = sorted(
-                k for k in {*saved, *self.settings} if saved.get(k) != self.settings.get(k)
-            )
-            details = "; ".join(
-                f"{k}: {saved.get(k)!r} -> {self.settings.get(k)!r}" for k in changed
-            )
+        current = ckpt.plain(self.settings)
+        if strict and saved is not None and saved != current:
+            changed = sorted(k for k in {*saved, *current} if saved.get(k) != current.get(k))
+            details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
             raise ValueError(
                 f"the checkpoint was written with other settings ({details}). Resume with the "
                 "same settings, or start a new run with another checkpoint path (or delete it)."
@@ -292,16 +251,27 @@ class BilevelProblem:
             self.ul_optimizer.load_state_dict(state["ul_optimizer"])
         self.step_count = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        _set_rng_state(state["rng"])
+        if state.get("method") is not None:
+            self.ul.load_state_dict(state["method"])
+        ckpt.set_rng_state(state["rng"])
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """Write :meth:`state_dict` to ``path`` atomically."""
-        atomic_save(self.state_dict(), path)
+        """Write :meth:`state_dict` to ``path`` atomically (:func:`bilevel.checkpoint.save`)."""
+        ckpt.save(path, self.state_dict())
 
     def load_checkpoint(self, path: str | os.PathLike, strict: bool = True) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` (see
-        :meth:`load_state_dict` for ``strict``)."""
-        self.load_state_dict(torch.load(path, weights_only=False), strict=strict)
+        :meth:`load_state_dict` for ``strict``).
+
+        The file is read without running code from it (:func:`bilevel.checkpoint.load`).
+
+        Raises:
+            bilevel.checkpoint.CheckpointError: the file is missing, damaged, unsafe (a file
+                crafted to run code, or a checkpoint of an older bilevel) or not a checkpoint
+                of a :class:`BilevelProblem`; the message names it and says what to do.
+        """
+        required = ("ul_model", "ll_model", "step", "rng")
+        self.load_state_dict(ckpt.load(path, require=required), strict=strict)
 
     def log_record(self, loss: torch.Tensor) -> dict[str, Any]:
         """What the runner logs after a step: step, losses and the calculator's diagnostics."""

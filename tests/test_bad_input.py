@@ -115,8 +115,10 @@ def test_bad_implicit_arguments(kwargs, match):
         ({"lr": [0.1, 0.2]}, ValueError, "1 trainable parameter tensors"),
         ({"iters": 0}, ValueError, "iters must be an integer >= 1"),
         ({"momentum": 1.0}, ValueError, r"momentum must lie in \[0.0, 1.0\)"),
-        ({"optimizer": "rmsprop"}, ValueError, "optimizer must be one of"),
-        ({"betas": (0.9,)}, ValueError, "betas must be a pair"),
+        ({"optimizer": "nonsuch"}, ValueError, "unknown update rule 'nonsuch'; valid names"),
+        ({"optimizer": "adam", "betas": (0.9,)}, ValueError, "betas must be a pair"),
+        ({"betas": (0.9, 0.99)}, TypeError, "sgd takes no argument 'betas'"),
+        ({"momentum": True}, TypeError, "momentum must be a number, not a bool"),
     ],
 )
 def test_bad_gradient_descent_arguments(kwargs, error, match):
@@ -191,7 +193,7 @@ def test_runner_rejects_mismatched_parts():
     ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.1, iters=3)
     with pytest.raises(ValueError, match="same ll_model and ul_model"):
         BilevelProblem(ll, Reverse(ridge_ul, q.ul_model, ridge_ll, q.ll_model))
-    with pytest.raises(TypeError, match=r"ul must be a bilevel\.ul calculator"):
+    with pytest.raises(TypeError, match=r"ul must be a bilevel\.ul method"):
         BilevelProblem(ll, object())
     problem = BilevelProblem(ll, Reverse(ridge_ul, p.ul_model, ridge_ll, p.ll_model))
     with pytest.raises(ValueError, match="needs a ul_optimizer"):

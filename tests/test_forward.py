@@ -18,7 +18,7 @@ from torch import nn
 
 from bilevel import BilevelProblem
 from bilevel.ll import GradientDescent
-from bilevel.ul import Forward, Reverse, Truncated
+from bilevel.ul import Forward, Reverse
 
 OPTIMIZERS = [("sgd", {}), ("sgd", {"momentum": 0.8}), ("adam", {"betas": (0.8, 0.9)})]
 
@@ -113,17 +113,15 @@ def test_forward_with_the_initial_weights_as_ul_variables_matches_reverse():
 def test_forward_keeps_no_graph_across_steps():
     p = ridge(d=4)
     ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.1, iters=20)
-    BilevelProblem(ll, Forward(ridge_ul, p.ul_model, ridge_ll, p.ll_model))
-    aux = ll.optimize(*p.train)
-    assert aux.trajectory.differentiable_steps == 0
-    assert all(w.grad_fn is None for w in aux.fast_params)
-    assert all(z.grad_fn is None and z.shape == (4, 4) for z in aux.trajectory.tangents)
+    trajectory = Forward(ridge_ul, p.ul_model, ridge_ll, p.ll_model).run_ll(ll, *p.train)
+    assert trajectory.differentiable_steps == 0
+    assert all(w.grad_fn is None for w in trajectory.weights)
+    assert all(z.grad_fn is None and z.shape == (4, 4) for z in trajectory.observed.tangents)
 
 
 def test_forward_refuses_an_auxiliary_model_without_tangents():
     p = ridge(d=4)
     ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.1, iters=3)
-    BilevelProblem(ll, Truncated(ridge_ul, p.ul_model, ridge_ll, p.ll_model, truncate_iter=2))
     aux = ll.optimize(*p.train)
     forward = Forward(ridge_ul, p.ul_model, ridge_ll, p.ll_model)
     with pytest.raises(ValueError, match="tangents"):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from bilevel.ll import GradientDescent
-from bilevel.ll.unroll import install
+from bilevel.ll.patched import install
 from bilevel.models import FewShotNet
 from bilevel.state import all_finite
 

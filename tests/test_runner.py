@@ -6,7 +6,7 @@ import pytest
 import torch
 from problems import ridge, ridge_exact_hypergradient, ridge_ll, ridge_ul
 
-from bilevel import BilevelProblem
+from bilevel import BilevelProblem, checkpoint
 from bilevel.ll import GradientDescent
 from bilevel.ul import Implicit, Reverse, Truncated
 
@@ -21,11 +21,15 @@ def make(p, ul_cls=Implicit, lr=0.05, **kwargs):
     return BilevelProblem(ll, ul, opt)
 
 
-def test_runner_configures_the_ll_trajectory():
+def test_each_method_runs_the_ll_recording_what_it_needs_and_the_ll_is_left_as_given():
     p = ridge()
-    assert make(p).ll.differentiable_steps == 0
-    assert make(p, Reverse).ll.differentiable_steps == 60
-    assert make(p, Truncated, truncate_iter=5).ll.differentiable_steps == 5
+    for problem, needed in (
+        (make(p), 0),
+        (make(p, Reverse), 60),
+        (make(p, Truncated, truncate_iter=5), 5),
+    ):
+        assert problem.ul.run_ll(problem.ll, *p.train).differentiable_steps == needed
+        assert problem.ll.differentiable_steps is None  # nothing was written into the LL
 
 
 def test_hypergradient_leaves_parameters_and_grads_unchanged():
@@ -95,8 +99,9 @@ def test_run_resumes_from_a_checkpoint_exactly(tmp_path):
     problem.run(batch, steps=12, checkpoint=path, checkpoint_every=5, progress=False)
     assert problem.step_count == 12
     assert torch.equal(p.ul_model.log_l2.detach(), uninterrupted)
-    saved = torch.load(path, weights_only=False)
+    saved = checkpoint.load(path)
     assert saved["step"] == 12 and "ul_model" in saved and "ul_optimizer" in saved
+    assert (saved["format"], saved["version"]) == ("bilevel-checkpoint", 2)
 
 
 def test_run_accepts_an_iterable_and_task_batches():

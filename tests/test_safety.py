@@ -25,13 +25,13 @@ def stiff():
 
 
 def too_large_step(p, method, **kwargs):
-    """Implicit whose series step, the LL learning rate 0.1, exceeds 2 / lambda_max."""
+    """Implicit whose series step 0.1 exceeds 2 / lambda_max."""
     return Implicit(
         ridge_ul,
         p.ul_model,
         ridge_ll,
         p.ll_model,
-        ll_learning_rate=0.1,
+        alpha=0.1,
         k=10,
         method=method,
         **kwargs,

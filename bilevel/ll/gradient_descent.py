@@ -1,4 +1,4 @@
-"""Differentiable lower-level gradient descent (SGD, momentum, Adam) through ``higher``."""
+"""Differentiable lower-level gradient descent: a loop over a step map with a pure update rule."""
 
 from __future__ import annotations
 
@@ -7,105 +7,67 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import higher
 import torch
 from torch import nn
 
-from bilevel.ll.rules import RULES, Rule
-from bilevel.ll.unroll import Unroll, install
+from bilevel.ll import hyper as hyperparameters
+from bilevel.ll.hyper import Schedule
+from bilevel.ll.patched import fast_weights, install, patch, sync_from
+from bilevel.ll.rules import UpdateRule, make_rule
+from bilevel.ll.unroll import GradientStep, Observer, Trajectory, Unroll
 from bilevel.state import (
     Objective,
     all_finite,
     check_data_matches,
     check_same_device_and_dtype,
+    make_state,
     parameter_names,
     trainable_parameters,
 )
 
-Hyper = float | torch.Tensor | Sequence[float | torch.Tensor]
-
-
-def _check_hyper(
-    value: Any, name: str, iters: int, n_params: int, low: float, high: float, closed_low: bool
-) -> Any:
-    """Validate a hyperparameter given as a number, a 0-d tensor, a per-step schedule (1-d
-    tensor of length ``iters``) or a per-parameter list of those; return it normalized."""
-    items = list(value) if isinstance(value, list | tuple) else [value]
-    if isinstance(value, list | tuple) and len(items) != n_params:
-        raise ValueError(
-            f"{name} is a sequence of {len(items)} values, but the LL model has {n_params} "
-            "trainable parameter tensors: give one value per tensor, or a single value."
-        )
-    checked = []
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, int | float | torch.Tensor):
-            raise TypeError(
-                f"{name} must be a float, a tensor or a list of them, got {type(item).__name__}."
-            )
-        if isinstance(item, torch.Tensor):
-            if item.ndim > 1 or (item.ndim == 1 and item.shape[0] != iters):
-                raise ValueError(
-                    f"{name} tensor has shape {tuple(item.shape)}; expected a scalar or a "
-                    f"per-step schedule of shape ({iters},)."
-                )
-            if not item.is_floating_point():
-                raise TypeError(f"{name} tensor must be floating point, got {item.dtype}.")
-        else:
-            item = float(item)
-        values = torch.as_tensor(item).detach()
-        low_ok = bool((values >= low).all()) if closed_low else bool((values > low).all())
-        if not (low_ok and bool((values < high).all()) and bool(torch.isfinite(values).all())):
-            interval = f"{'[' if closed_low else '('}{low}, {high})"
-            raise ValueError(f"{name} must lie in {interval}, got {values.tolist()}.")
-        checked.append(item)
-    return checked if isinstance(value, list | tuple) else checked[0]
-
-
-def _at(value: Any, step: int, index: int, detach: bool) -> Any:
-    """The value of a hyperparameter for one parameter tensor at one step."""
-    if isinstance(value, list):
-        value = value[index]
-    if isinstance(value, torch.Tensor):
-        if value.ndim == 1:
-            value = value[step]
-        if detach:
-            value = value.detach()
-    return value
+#: ``run``'s default: record as many graph steps as ``differentiable_steps`` says
+AS_CONFIGURED: Any = object()
 
 
 class GradientDescent:
-    """Differentiable lower-level optimizer: ``iters`` steps of SGD, momentum or Adam.
+    """Differentiable lower-level optimizer: ``iters`` steps of a pure update rule.
 
     The steps run on a ``higher``-patched copy of ``ll_model`` whose fast weights start from
-    ``ll_model``'s weights. The learning rate, momentum and Adam's betas may be UL tensors
-    (a scalar, a per-step schedule of shape ``(iters,)``, or one per LL parameter tensor), so
-    that they receive a hypergradient.
+    ``ll_model``'s weights; buffers and training flags are copied from ``ll_model`` at every
+    run. The update rule is SGD (with ``momentum``), Adam, or any rule of
+    :mod:`bilevel.ll.rules` (Nesterov, AdamW, RMSprop, Adagrad). Every hyperparameter (the
+    step size included) may be a number, a UL tensor (a leaf that receives a hypergradient),
+    a per-step schedule of shape ``(iters,)``, one value per LL parameter tensor (Meta-SGD),
+    or a callable ``ul_model -> tensor`` evaluated at every run
+    (``lr=lambda ul: ul.log_lr.exp()``).
 
-    How much of the trajectory keeps a graph is set by ``differentiable_steps``: ``None``
-    (all steps; needed by ``Reverse``), ``K`` (the last K; ``Truncated``) or ``0`` (none:
-    ``Implicit``, ``FirstOrder``; memory then does not grow with ``iters``).
-    :class:`bilevel.BilevelProblem` sets it from the UL calculator.
+    How much of the trajectory keeps a graph is set per run (``run(...,
+    differentiable_steps=)``, which :class:`bilevel.BilevelProblem` passes from the UL
+    method), or by ``differentiable_steps`` for :meth:`optimize`: ``None`` (all steps; needed
+    by ``Reverse``), ``K`` (the last K; ``Truncated``) or ``0`` (none: ``Implicit``,
+    ``FirstOrder``; memory then does not grow with ``iters``).
 
     Steps that keep no graph are cheap: they update the fast weights in place, and while they
     run the UL model's parameters have ``requires_grad`` switched off (restored afterwards,
-    also on error), so that the LL objective records no graph to them. An LL objective
-    therefore must not rely on ``requires_grad`` of the UL parameters.
+    also on error), so that the LL objective records no graph to them at every step. An LL
+    objective therefore must not rely on ``requires_grad`` of the UL parameters.
 
     References: Maclaurin, Duvenaud & Adams (2015); Franceschi et al. (2017), "Forward and
-    Reverse Gradient-Based Hyperparameter Optimization", ICML; Grefenstette et al. (2019),
-    ``higher``.
+    Reverse Gradient-Based Hyperparameter Optimization", ICML; Li et al. (2017), "Meta-SGD";
+    Grefenstette et al. (2019), ``higher``.
 
     Args:
         ll_objective: ``state -> scalar`` lower-level loss.
         ll_model: the module whose weights the LL optimizes.
         ul_model: the module holding the UL variables (passed to objectives).
-        lr: step size (> 0).
+        lr: step size (> 0), in any of the forms above.
         iters: number of steps (>= 1).
-        optimizer: ``"sgd"`` (with ``momentum``) or ``"adam"``.
-        momentum: heavy-ball momentum in [0, 1) for ``"sgd"``.
-        betas: Adam's ``(beta1, beta2)``, each in [0, 1).
-        eps: Adam's epsilon (> 0).
-        differentiable_steps: see above.
+        optimizer: a rule name (``"sgd"``, ``"nesterov"``, ``"adam"``, ``"adamw"``,
+            ``"rmsprop"``, ``"adagrad"``) or a rule made by :mod:`bilevel.ll.rules`.
+        momentum: for a named rule that takes it (SGD's heavy-ball momentum, in [0, 1)).
+        betas: for a named Adam-like rule, ``(beta1, beta2)``, each in [0, 1).
+        eps: for a named rule that takes it (> 0).
+        differentiable_steps: the graph :meth:`optimize` records (see above).
         warn_on_growth: warn (once) when the LL loss ends above where it started.
     """
 
@@ -114,12 +76,12 @@ class GradientDescent:
         ll_objective: Objective,
         ll_model: nn.Module,
         ul_model: nn.Module,
-        lr: Hyper,
+        lr: Any,
         iters: int,
-        optimizer: str = "sgd",
-        momentum: Hyper = 0.0,
-        betas: tuple[Hyper, Hyper] = (0.9, 0.999),
-        eps: float = 1e-8,
+        optimizer: str | UpdateRule = "sgd",
+        momentum: Any = None,
+        betas: Any = None,
+        eps: Any = None,
         differentiable_steps: int | None = None,
         warn_on_growth: bool = True,
     ) -> None:
@@ -130,74 +92,71 @@ class GradientDescent:
         check_same_device_and_dtype(ll_model=ll_model, ul_model=ul_model)
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
             raise ValueError(f"iters must be an integer >= 1, got {iters!r}.")
-        if optimizer not in RULES:
-            raise ValueError(f"optimizer must be one of {sorted(RULES)}, got {optimizer!r}.")
-        n = len(params)
         self.ll_objective = ll_objective
         self.ll_model = ll_model
         self.ul_model = ul_model
         self.iters = iters
-        self.optimizer = optimizer
-        self.lr = _check_hyper(lr, "lr", iters, n, 0.0, float("inf"), closed_low=False)
-        self.momentum = _check_hyper(momentum, "momentum", iters, n, 0.0, 1.0, closed_low=True)
-        if not isinstance(betas, tuple | list) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}.")
-        self.betas = tuple(
-            _check_hyper(b, f"betas[{i}]", iters, 1, 0.0, 1.0, closed_low=True)
-            for i, b in enumerate(betas)
-        )
-        self.eps = _check_hyper(eps, "eps", iters, n, 0.0, float("inf"), closed_low=False)
-        self._check_hyper_devices(params[0])
+        self.lr = lr
+        self.rule = self._make_rule(optimizer, momentum=momentum, betas=betas, eps=eps)
+        self.optimizer = self.rule.name
+        given = {"lr": lr, **self.rule.hyper}
+        bounds = {"lr": hyperparameters.LR_BOUND, **self.rule.bounds}
+        self.hyper = {
+            name: hyperparameters.check(value, name, bounds[name], iters, len(params))
+            for name, value in given.items()
+        }
+        for checked in self.hyper.values():
+            hyperparameters.check_device(checked, params[0])
         self.differentiable_steps = differentiable_steps
-        #: UL tensors whose forward-mode tangents the LL carries (set by ``Forward``)
-        self.forward_variables: list[torch.Tensor] | None = None
         self._spare: nn.Module | None = None  # a patched model handed back by release()
         self.warn_on_growth = warn_on_growth
 
-    def _check_hyper_devices(self, reference: torch.Tensor) -> None:
-        for name, value in (("lr", self.lr), ("momentum", self.momentum)):
-            for item in value if isinstance(value, list) else [value]:
-                if isinstance(item, torch.Tensor) and item.device != reference.device:
-                    raise ValueError(
-                        f"{name} is on {item.device} but ll_model is on {reference.device}; "
-                        "keep the UL model and the LL model on one device."
-                    )
+    @staticmethod
+    def _make_rule(optimizer: str | UpdateRule, **options: Any) -> UpdateRule:
+        given = {k: v for k, v in options.items() if v is not None}
+        if isinstance(optimizer, UpdateRule):
+            if given:
+                raise TypeError(
+                    f"{sorted(given)} given beside a rule object: set them in the rule, e.g. "
+                    f"bilevel.ll.rules.{optimizer.name}(...)."
+                )
+            return optimizer
+        if not isinstance(optimizer, str):
+            raise TypeError(
+                f"optimizer must be a rule name or a bilevel.ll.rules rule, got {optimizer!r}."
+            )
+        return make_rule(optimizer, **given)
+
+    def _plain_sgd(self) -> bool:
+        """SGD with no momentum and no weight decay: steps then take ``w - lr * g`` directly."""
+        terms = [self.hyper[name] for name in ("momentum", "weight_decay") if name in self.hyper]
+        return self.rule.name == "sgd" and all(
+            isinstance(v, float) and v == 0.0 for h in terms for v in h.items
+        )
 
     @property
     def differentiable_steps(self) -> int | None:
-        """Steps at the end of the trajectory that keep a graph (``None``: all)."""
+        """Steps at the end of the trajectory that keep a graph in :meth:`optimize` (``None``:
+        all)."""
         return self._differentiable_steps
 
     @differentiable_steps.setter
     def differentiable_steps(self, value: int | None) -> None:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise TypeError(f"differentiable_steps must be an int or None, got {value!r}.")
-        if value is not None and value < 0:
-            raise ValueError(f"differentiable_steps must be >= 0 or None, got {value}.")
-        self._differentiable_steps = value
+        self._differentiable_steps = _check_steps(value)
 
-    def hyper_at(self, step: int, detach: bool, n: int) -> dict[str, list[Any]]:
-        """The hyperparameters of step ``step``, one value per trainable parameter tensor."""
-        idx = range(n)
-        return {
-            "lr": [_at(self.lr, step, i, detach) for i in idx],
-            "momentum": [_at(self.momentum, step, i, detach) for i in idx],
-            "betas": [tuple(_at(b, step, 0, detach) for b in self.betas) for _ in idx],
-            "eps": [_at(self.eps, step, i, detach) for i in idx],
+    def schedule(self) -> Schedule:
+        """The hyperparameters of a run: callables evaluated now, on the UL model."""
+        reference = next(p for p in self.ll_model.parameters() if p.requires_grad)
+        values = {
+            name: (h.resolve(self.ul_model, self.iters, reference), h.per_parameter)
+            for name, h in self.hyper.items()
         }
-
-    def constant_hyper(self, n: int) -> dict[bool, dict[str, list[Any]]] | None:
-        """:meth:`hyper_at` for every step, keyed by ``detach``, when no hyperparameter is a
-        per-step schedule (else ``None``). The tensors are the UL tensors themselves (or
-        views of them), so in-place UL updates show through."""
-        values = [self.lr, self.momentum, *self.betas, self.eps]
-        flat = [v for value in values for v in (value if isinstance(value, list) else [value])]
-        if any(isinstance(v, torch.Tensor) and v.ndim == 1 for v in flat):
-            return None
-        return {detach: self.hyper_at(0, detach, n) for detach in (False, True)}
+        n = sum(p.requires_grad for p in self.ll_model.parameters())
+        return Schedule(values, n)
 
     def patched_model(self, graph_from_start: bool) -> nn.Module:
-        """A ``higher``-patched copy of ``ll_model`` with fast weights at its weights.
+        """A ``higher``-patched copy of ``ll_model`` with fast weights at its weights, and its
+        buffers and training flags.
 
         With ``graph_from_start`` the fast weights keep a graph to ``ll_model``'s weights (so
         that they can be UL variables, as in MAML); otherwise they are detached copies.
@@ -206,12 +165,8 @@ class GradientDescent:
         """
         model, self._spare = self._spare, None
         if model is None:
-            # no history of earlier weights is kept (see install), so higher's own readers of
-            # it (parameters(time=t), init_fast_params) refuse rather than answer wrongly
-            return higher.monkeypatch(
-                self.ll_model, copy_initial_weights=not graph_from_start, track_higher_grads=False
-            )
-        higher.patch.buffer_sync(self.ll_model, model)
+            model = patch(self.ll_model)
+        sync_from(self.ll_model, model)
         params = [
             p.clone() if graph_from_start else p.detach().clone().requires_grad_(p.requires_grad)
             for p in self.ll_model.parameters()
@@ -229,17 +184,76 @@ class GradientDescent:
         auxiliary_model.trajectory = None
         self._spare = auxiliary_model
 
-    @property
-    def rule(self) -> Rule:
-        """The update rule of ``optimizer``."""
-        return RULES[self.optimizer]
+    def step_map(self) -> GradientStep:
+        """The map ``(weights, opt_state, hyper, state) -> (weights, opt_state, loss)``."""
+        trainable = [p.requires_grad for p in self.ll_model.parameters()]
+        index = [i for i, t in enumerate(trainable) if t]
+        return GradientStep(self.ll_objective, self.rule, lambda g: self.check_used(g, index))
 
-    def start(self, data: Any, target: Any, graph_from_start: bool = False) -> Unroll:
+    def start(
+        self,
+        data: Any,
+        target: Any,
+        graph_from_start: bool = False,
+        observer: Observer | None = None,
+    ) -> Unroll:
         """Begin an LL run on ``(data, target)``, to be stepped by hand (online methods)."""
         reference = next(p for p in self.ll_model.parameters() if p.requires_grad)
         check_data_matches(data, reference, "data")
         check_data_matches(target, reference, "target")
-        return Unroll(self, data, target, graph_from_start, self.forward_variables)
+        schedule = self.schedule()  # before any freezing: callables see live UL parameters
+        model = self.patched_model(graph_from_start)
+        return Unroll(
+            model,
+            self.step_map(),
+            schedule,
+            make_state(data, target, self.ul_model, model),
+            [p.requires_grad for p in self.ll_model.parameters()],
+            plain_sgd=self._plain_sgd(),
+            observer=observer,
+            in_place=not graph_from_start,
+        )
+
+    def run(
+        self,
+        data: Any,
+        target: Any,
+        differentiable_steps: int | None = AS_CONFIGURED,
+        observer: Observer | None = None,
+    ) -> Trajectory:
+        """Run the LL steps on ``(data, target)`` and return what they recorded.
+
+        Args:
+            data: LL batch inputs.
+            target: LL batch targets.
+            differentiable_steps: steps at the end that keep a graph (``None``: all); by
+                default the optimizer's ``differentiable_steps``.
+            observer: sees every step with its graph (forward-mode tangents).
+
+        Returns:
+            The :class:`Trajectory`; the patched model holding the final fast weights is
+            ``trajectory``'s auxiliary model, :meth:`optimize`'s return value.
+
+        Raises:
+            FloatingPointError: the LL loss became NaN or inf (the message names the step).
+        """
+        steps = self.differentiable_steps
+        if differentiable_steps is not AS_CONFIGURED:
+            steps = _check_steps(differentiable_steps)
+        iters = self.iters
+        tracked = iters if steps is None else min(steps, iters)
+        unroll = self.start(data, target, tracked == iters, observer)
+        losses = fast_weights(unroll.model)[0].new_empty(iters)  # filled in place
+        untracked = iters - tracked
+        with self._ul_frozen(untracked > 0 and observer is None):
+            if unroll.in_place:
+                unroll.run_in_place(untracked, losses[:untracked])
+            recorded = [unroll.step(graph=False) for _ in range(unroll.steps, untracked)]
+        recorded += [unroll.step(graph=True) for _ in range(untracked, iters)]
+        if recorded:  # the steps not taken in place
+            torch.stack(recorded, out=losses[iters - len(recorded) :])
+        self._check_losses(losses)
+        return unroll.record(losses, tracked)
 
     def optimize(self, data: Any, target: Any) -> nn.Module:
         """Run the LL steps on ``(data, target)`` and return the auxiliary model.
@@ -250,22 +264,7 @@ class GradientDescent:
         Raises:
             FloatingPointError: the LL loss became NaN or inf (the message names the step).
         """
-        iters = self.iters
-        steps = self.differentiable_steps
-        tracked = iters if steps is None else min(steps, iters)
-        unroll = self.start(data, target, graph_from_start=tracked == iters)
-        reference = next(p for p in self.ll_model.parameters() if p.requires_grad)
-        losses = reference.new_empty(iters)  # filled in place: a list of iters tensors fragments
-        untracked = iters - tracked
-        with self._ul_frozen(untracked > 0 and self.forward_variables is None):
-            if unroll.in_place:
-                unroll.run_in_place(untracked, losses[:untracked])
-            recorded = [unroll.step(graph=False) for _ in range(unroll.steps, untracked)]
-        recorded += [unroll.step(graph=True) for _ in range(untracked, iters)]
-        if recorded:  # the steps not taken in place, all but forward mode's the graph steps
-            torch.stack(recorded, out=losses[iters - len(recorded) :])
-        self._check_losses(losses)
-        return unroll.record(losses, tracked)
+        return self.run(data, target).model
 
     @contextlib.contextmanager
     def _ul_frozen(self, freeze: bool) -> Iterator[None]:
@@ -319,20 +318,16 @@ class GradientDescent:
     def _describe(value: Any) -> str:
         if isinstance(value, torch.Tensor):
             return str(value.detach().cpu().tolist())
+        if callable(value):
+            return "a callable of the UL model"
         if isinstance(value, list):
             return "[" + ", ".join(GradientDescent._describe(v) for v in value) + "]"
         return f"{value:g}"
 
 
-@contextlib.contextmanager
-def evaluate_at(auxiliary_model: nn.Module, weights: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Temporarily give an auxiliary model other fast weights (e.g. detached copies).
-
-    The model's own fast weights are restored on exit.
-    """
-    saved = list(auxiliary_model.fast_params)
-    install(auxiliary_model, list(weights))
-    try:
-        yield
-    finally:
-        install(auxiliary_model, saved)
+def _check_steps(value: int | None) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError(f"differentiable_steps must be an int or None, got {value!r}.")
+    if value is not None and value < 0:
+        raise ValueError(f"differentiable_steps must be >= 0 or None, got {value}.")
+    return value

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bilevel.ll import Trajectory
+from bilevel.ll.unroll import Observer
 from bilevel.state import (
     Objective,
     check_finite,
@@ -34,15 +35,25 @@ class Call:
     train_target: Any
     trajectory: Trajectory
 
+    @property
+    def val(self) -> tuple[Any, Any]:
+        """The UL batch ``(data, target)``."""
+        return self.validate_data, self.validate_target
+
 
 class HypergradientCalculator:
     """Base of the UL calculators.
 
-    A calculator implements :meth:`differentiable_steps` (how much LL graph it needs) and
-    ``_hypergradient`` (the method itself). :meth:`compute_gradients` checks the auxiliary
-    model, runs the method, refuses UL parameters that receive no gradient at all (their
-    hypergradient would be silently zero), and adds the result to ``.grad`` of the UL
+    A calculator implements :meth:`differentiable_steps` (how much LL graph it needs), may
+    give an :meth:`observer` of the LL steps, and implements ``_hypergradient`` (the method
+    itself) on the :class:`~bilevel.ll.Trajectory` value that the LL run returns.
+    :meth:`accumulate` runs the method, refuses UL parameters that receive no gradient at all
+    (their hypergradient would be silently zero), and adds the result to ``.grad`` of the UL
     parameters, so that several tasks can be summed before the caller steps its optimizer.
+
+    :meth:`task_gradients` is what :class:`bilevel.BilevelProblem` drives: one LL run that
+    records exactly what the method needs, then :meth:`accumulate`. Methods that keep LL
+    state across UL steps implement the same call their own way.
 
     Attributes:
         diagnostics: what the last call measured (UL loss, solver diagnostics, ...).
@@ -76,10 +87,41 @@ class HypergradientCalculator:
         """How many final LL steps must keep a graph, for an LL run of ``iters`` steps."""
         raise NotImplementedError
 
-    def configure(self, ll: Any) -> None:
-        """Make the LL optimizer record exactly what this calculator needs."""
-        ll.differentiable_steps = self.differentiable_steps(ll.iters)
-        ll.forward_variables = None
+    def settings(self) -> dict[str, Any]:
+        """The method's settings that a checkpoint must agree on to be resumed."""
+        return {}
+
+    def observer(self, ll: Any) -> Observer | None:
+        """What must watch every LL step (forward-mode tangents), or ``None``."""
+        return None
+
+    def check_against(self, ll: Any) -> None:
+        """Raise if this calculator and the LL optimizer were given disagreeing inputs."""
+        if ll.ll_model is not self.ll_model or ll.ul_model is not self.ul_model:
+            raise ValueError("ll and ul must be built on the same ll_model and ul_model objects.")
+        if ll.ll_objective != self.ll_objective:  # bound methods are new objects, but equal
+            raise ValueError(
+                f"{type(self).__name__} was given another ll_objective than the LL optimizer: "
+                "the hypergradient would be taken for a problem the LL does not solve. Pass "
+                "the same function to both."
+            )
+
+    def run_ll(self, ll: Any, data: Any, target: Any) -> Trajectory:
+        """One LL run on ``(data, target)`` that records exactly what this method needs."""
+        steps = self.differentiable_steps(ll.iters)
+        return ll.run(data, target, differentiable_steps=steps, observer=self.observer(ll))
+
+    def task_gradients(
+        self, ll: Any, train: tuple[Any, Any], val: tuple[Any, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add one task's hypergradient to ``.grad``; return its UL loss and final LL loss
+        (detached). The LL's patched model is handed back to ``ll`` when done."""
+        trajectory = self.run_ll(ll, *train)
+        try:
+            loss = self.accumulate(trajectory, val, train)
+        finally:
+            ll.release(trajectory.model)  # frees the LL graph now; the next task reuses it
+        return loss, trajectory.losses[-1]
 
     def _check_trajectory(self, auxiliary_model: nn.Module) -> Trajectory:
         trajectory = getattr(auxiliary_model, "trajectory", None)
@@ -88,15 +130,17 @@ class HypergradientCalculator:
                 "auxiliary_model must be the module returned by ll.optimize(data, target) "
                 f"(a bilevel.ll optimizer), got {type(auxiliary_model).__name__}."
             )
+        return trajectory
+
+    def _check_recorded(self, trajectory: Trajectory) -> None:
         needed = self.differentiable_steps(trajectory.iters)
         if needed and trajectory.differentiable_steps != needed:
             raise ValueError(
                 f"{type(self).__name__} needs the graph of the last {needed} of "
                 f"{trajectory.iters} LL steps, but the auxiliary model recorded "
                 f"{trajectory.differentiable_steps}. Set ll.differentiable_steps = {needed} "
-                "before ll.optimize, or let BilevelProblem(ll, ul) configure it."
+                "before ll.optimize, or use ul.run_ll(ll, data, target) / BilevelProblem."
             )
-        return trajectory
 
     def states(self, auxiliary_model: nn.Module, data: Any, target: Any) -> dict[str, Any]:
         """The state dict for one level, with the auxiliary model as ``ll_model``."""
@@ -133,9 +177,22 @@ class HypergradientCalculator:
             The UL loss at the auxiliary model (detached).
         """
         trajectory = self._check_trajectory(auxiliary_model)
-        call = Call(
-            validate_data, validate_target, auxiliary_model, train_data, train_target, trajectory
+        return self.accumulate(
+            trajectory, (validate_data, validate_target), (train_data, train_target)
         )
+
+    def accumulate(
+        self, trajectory: Trajectory, val: tuple[Any, Any], train: tuple[Any, Any]
+    ) -> torch.Tensor:
+        """Add the hypergradient at an LL run's result to ``.grad``; return the UL loss.
+
+        Args:
+            trajectory: what the LL run returned (``ll.run`` or :meth:`run_ll`).
+            val: the UL batch ``(data, target)``.
+            train: the LL batch ``(data, target)`` (for methods that revisit the LL objective).
+        """
+        self._check_recorded(trajectory)
+        call = Call(*val, trajectory.model, *train, trajectory)
         grads, loss = self._hypergradient(call)
         self._refuse_unused(grads)
         check_finite(loss.detach(), "the UL loss")
@@ -173,13 +230,11 @@ def add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return a + b
 
 
-def detached_weights(
-    auxiliary_model: nn.Module, trajectory: Trajectory
-) -> tuple[list[torch.Tensor], list[int]]:
-    """The auxiliary model's fast weights cut from the LL graph, as new leaves, and the
-    indices of the trainable ones (which require grad)."""
+def detached_weights(trajectory: Trajectory) -> tuple[list[torch.Tensor], list[int]]:
+    """An LL run's final weights cut from the LL graph, as new leaves, and the indices of the
+    trainable ones (which require grad)."""
     weights = [
         w.detach().requires_grad_(t)
-        for w, t in zip(auxiliary_model.fast_params, trajectory.trainable, strict=True)
+        for w, t in zip(trajectory.weights, trajectory.trainable, strict=True)
     ]
     return weights, [i for i, t in enumerate(trajectory.trainable) if t]

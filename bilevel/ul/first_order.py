@@ -32,7 +32,7 @@ class FirstOrder(HypergradientCalculator):
         return 0
 
     def _hypergradient(self, call: Call) -> tuple[Grads, torch.Tensor]:
-        weights, active = detached_weights(call.auxiliary_model, call.trajectory)
+        weights, active = detached_weights(call.trajectory)
         with evaluate_at(call.auxiliary_model, weights):
             loss = self.ul_loss(call)
         grads = torch.autograd.grad(

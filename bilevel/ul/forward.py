@@ -10,6 +10,8 @@ import torch
 from bilevel.ll import evaluate_at
 from bilevel.ul.base import Call, Grads, HypergradientCalculator, detached_weights
 
+Tensors = list[torch.Tensor]
+
 MANY = 1000  # scalar hyperparameters above which Forward warns about its cost
 
 
@@ -22,7 +24,7 @@ class Forward(HypergradientCalculator):
     steps, and cost grows with the number of scalar hyperparameters. Then
     ``dF/dlambda = grad_lambda L_ul + Z_T^T grad_w L_ul``: the same number as ``Reverse``.
     Use it for a few hyperparameters (an L2 coefficient, the LL step size, the momentum) and
-    long LL runs; it is the basis of the online method :class:`bilevel.online.OnlineForward`.
+    long LL runs; it is the basis of online RTHO (:class:`bilevel.online.OnlineHypergradient`).
 
     Reference: Franceschi, Donini, Frasconi & Pontil (2017), "Forward and Reverse
     Gradient-Based Hyperparameter Optimization", ICML; Williams & Zipser (1989) (RTRL).
@@ -40,10 +42,8 @@ class Forward(HypergradientCalculator):
         """None: the tangents replace the graph."""
         return 0
 
-    def configure(self, ll: Any) -> None:
-        """Make the LL carry tangents for the UL parameters."""
-        super().configure(ll)
-        ll.forward_variables = self.ul_params
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         n = sum(p.numel() for p in self.ul_params)
         if n > MANY:
             warnings.warn(
@@ -54,16 +54,20 @@ class Forward(HypergradientCalculator):
                 stacklevel=3,
             )
 
+    def observer(self, ll: Any) -> Tangents:
+        """Fresh tangents for one LL run, starting at ``dw_0/dlambda``."""
+        return Tangents(self.ul_params, list(ll.ll_model.parameters()))
+
     def _hypergradient(self, call: Call) -> tuple[Grads, torch.Tensor]:
         trajectory = call.trajectory
-        variables = trajectory.tangent_variables
-        if variables is None or [id(v) for v in variables] != [id(p) for p in self.ul_params]:
+        carried = trajectory.observed
+        if not isinstance(carried, Carried) or carried.variables != self.ul_params:
             raise ValueError(
-                "Forward needs the auxiliary model to carry tangents for its UL parameters. Set "
-                "ll.forward_variables = ul.ul_params (ul.configure(ll) does) before ll.optimize, "
-                "or let BilevelProblem(ll, ul) configure it."
+                "Forward needs an LL run that carried tangents for its UL parameters: run the "
+                "LL with ul.run_ll(ll, data, target) (or ll.run(data, target, "
+                "observer=ul.observer(ll))), or let BilevelProblem(ll, ul) drive it."
             )
-        weights, active = detached_weights(call.auxiliary_model, trajectory)
+        weights, active = detached_weights(trajectory)
         with evaluate_at(call.auxiliary_model, weights):
             loss = self.ul_loss(call)
         w = [weights[i] for i in active]
@@ -71,15 +75,116 @@ class Forward(HypergradientCalculator):
         direct, v = grads[: len(self.ul_params)], grads[len(self.ul_params) :]
         through = sum(
             (z.reshape(z.shape[0], -1) @ vi.reshape(-1))
-            for z, vi in zip(trajectory.tangents, v, strict=True)
+            for z, vi in zip(carried.tangents, v, strict=True)
             if vi is not None
         )
         result: Grads = []
         offset = 0
-        for p, d, reached in zip(self.ul_params, direct, trajectory.tangents_reached, strict=True):
+        for p, d, reached in zip(self.ul_params, direct, carried.reached, strict=True):
             part = None
             if reached and isinstance(through, torch.Tensor):
                 part = through[offset : offset + p.numel()].reshape(p.shape)
             offset += p.numel()
             result.append(part if d is None else (d if part is None else d + part))
         return result, loss
+
+
+class Carried:
+    """The tangents at the end of an LL run: ``d w_T / d lambda`` for each trainable weight,
+    with a leading dimension over the scalars of ``variables``, and for each variable whether
+    it has any path to the LL weights."""
+
+    def __init__(self, variables: Tensors, tangents: Tensors, reached: list[bool]) -> None:
+        self.variables = variables
+        self.tangents = tangents
+        self.reached = reached
+
+
+def _flatten(state: dict[str, Tensors]) -> Tensors:
+    return [t for key in sorted(state) for t in state[key]]
+
+
+def _unflatten(flat: Tensors, like: dict[str, Tensors]) -> dict[str, Tensors]:
+    out, i = {}, 0
+    for key in sorted(like):
+        out[key] = flat[i : i + len(like[key])]
+        i += len(like[key])
+    return out
+
+
+class Tangents:
+    """The LL-step observer of forward mode: ``Z_{t+1} = A_t Z_t + B_t``.
+
+    ``Z = d(state)/d(lambda)`` for every scalar of the variables (the optimizer state's
+    tangents included: momentum buffers, Adam moments), with ``A_t Z`` and ``B_t`` taken as
+    Jacobian-vector products of the step map through a double vector-Jacobian product,
+    batched over the scalars. Only one step's graph lives at a time, so memory does not grow
+    with the number of steps.
+
+    Args:
+        variables: the UL tensors (``lambda``).
+        ll_params: the LL model's parameters (those that are variables start with an identity
+            tangent: MAML's initial weights).
+    """
+
+    detach_inputs = True
+
+    def __init__(self, variables: Tensors, ll_params: Tensors) -> None:
+        self.variables = variables
+        sizes = [v.numel() for v in variables]
+        self.n = sum(sizes)
+        self.identity: Tensors = []
+        offset = 0
+        for v, size in zip(variables, sizes, strict=True):
+            eye = torch.zeros(self.n, size, dtype=v.dtype, device=v.device)
+            eye[offset : offset + size] = torch.eye(size, dtype=v.dtype, device=v.device)
+            self.identity.append(eye.reshape(self.n, *v.shape))
+            offset += size
+        which = {id(v): k for k, v in enumerate(variables)}
+        self.tangents = [
+            self.identity[which[id(p)]].clone() if id(p) in which else p.new_zeros(self.n, *p.shape)
+            for p in ll_params
+            if p.requires_grad
+        ]
+        self.state_tangents: dict[str, Tensors] = {}
+        # whether a variable has a path to the LL state yet: as an initial weight, from the start
+        self.reached = [any(p is v for p in ll_params) for v in variables]
+
+    def propagate(self, weights: Tensors, opt_state: dict, new: Tensors, new_state: dict) -> None:
+        """Carry the tangents through one step (``weights -> new``)."""
+        inputs = [*weights, *_flatten(opt_state), *self.variables]
+        tangents = [*self.tangents, *_flatten(self.state_tangents), *self.identity]
+        outputs = [*new, *_flatten(new_state)]
+        live = [i for i, o in enumerate(outputs) if o.requires_grad]
+        dummies = [torch.zeros_like(outputs[i], requires_grad=True) for i in live]
+        vjps = torch.autograd.grad(
+            [outputs[i] for i in live],
+            inputs,
+            grad_outputs=dummies,
+            create_graph=True,
+            allow_unused=True,
+        )
+        n_state = len(inputs) - len(self.variables)
+        for k, vjp in enumerate(vjps[n_state:]):
+            self.reached[k] = self.reached[k] or vjp is not None
+        pairs = [(v, t) for v, t in zip(vjps, tangents, strict=True) if v is not None]
+        jvps: tuple = (None,) * len(dummies)
+        if pairs:
+            jvps = torch.autograd.grad(
+                [v for v, _ in pairs],
+                dummies,
+                grad_outputs=[t for _, t in pairs],
+                is_grads_batched=True,
+                allow_unused=True,
+                retain_graph=True,  # hyperparameters evaluated once per run share their graph
+            )
+        out = [o.new_zeros(self.n, *o.shape) for o in outputs]
+        for i, j in zip(live, jvps, strict=True):
+            if j is not None:
+                out[i] = j.detach()
+        self.tangents = out[: len(new)]
+        self.state_tangents = _unflatten(out[len(new) :], new_state)
+
+    def result(self) -> Carried:
+        """The tangents after the last step."""
+        return Carried(self.variables, self.tangents, self.reached)

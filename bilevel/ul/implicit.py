@@ -10,15 +10,20 @@ from torch import nn
 
 from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
-from bilevel.state import Objective
+from bilevel.state import Objective, all_finite
 from bilevel.ul.base import Call, Grads, HypergradientCalculator, detached_weights
+
+
+def _positive(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and value > 0
 
 
 class HypergradientDivergenceError(FloatingPointError):
     """The linear solve behind an implicit hypergradient diverged."""
 
 
-METHODS = ("cg", "neumann", "fixed_point")
+METHODS = ("cg", "neumann", "fixed_point", "normal_cg", "minres")
+SERIES = ("neumann", "fixed_point")
 
 
 class Implicit(HypergradientCalculator):
@@ -28,13 +33,17 @@ class Implicit(HypergradientCalculator):
 
         dF/dlambda = grad_lambda L_ul - (dg/dlambda)^T q,    H q = v
 
-    ``q`` comes from a matrix-free solver over Hessian-vector products, all taken from one
-    graph of ``g``: conjugate gradient (``"cg"``, needs ``H`` positive definite), a truncated
-    Neumann series (``"neumann"``) or a fixed-point iteration (``"fixed_point"``). The last
-    two converge only when ``0 < alpha < 2 / lambda_max(H)``: ``alpha="auto"`` estimates
-    ``lambda_max`` by power iteration and uses ``1 / lambda_max``; with any ``alpha``, a
-    growing residual raises :class:`HypergradientDivergenceError` (or warns, with
-    ``on_divergence="warn"``) with the measured ``lambda_max`` and a safe ``alpha``.
+    ``q`` comes from a matrix-free linear solver over Hessian-vector products, all taken from
+    one graph of ``g``: conjugate gradient (``"cg"``, needs ``H`` positive definite), a
+    truncated Neumann series (``"neumann"``), a fixed-point iteration (``"fixed_point"``),
+    MINRES (``"minres"``, symmetric indefinite ``H``: an LL at a saddle point), CG on the
+    normal equations (``"normal_cg"``, any nonsingular ``H``), or any callable
+    ``solve(matvec, b) -> x`` on lists of tensors (e.g. a dense solve; its residual is checked
+    with one extra product). The two series converge only when ``0 < alpha < 2 /
+    lambda_max(H)``: ``alpha="auto"`` estimates ``lambda_max`` by power iteration and uses
+    ``1 / lambda_max``; with any ``alpha``, a series that provably diverges raises
+    :class:`HypergradientDivergenceError` (or warns, with ``on_divergence="warn"``) with the
+    measured ``lambda_max`` and a safe ``alpha``.
 
     With a proximal LL objective ``L_i(w) + (reg/2)||w - theta||^2`` and ``theta`` the UL
     parameters this is iMAML: ``dF/dtheta = (I + H_i/reg)^{-1} grad L_test(w)``.
@@ -49,12 +58,15 @@ class Implicit(HypergradientCalculator):
         ul_model: module with the UL variables.
         ll_objective: ``state -> scalar`` LL loss.
         ll_model: the LL module.
-        ll_learning_rate: the LL step size, the default ``alpha`` of Neumann and fixed point.
-        k: solver iterations (CG), series terms after the first (Neumann) or updates (fixed
-            point); >= 1.
-        tolerance: relative residual ``||H q - v|| / ||v||`` at which CG stops (>= 0).
-        method: ``"cg"``, ``"neumann"`` or ``"fixed_point"``.
-        alpha: step of Neumann / fixed point: ``None`` (``ll_learning_rate``), a float, or
+        ll_learning_rate: the LL step size, the default ``alpha`` of Neumann and fixed point;
+            ``None`` (the default) reads it from the LL run. Given, it must agree with the LL
+            optimizer's (:class:`bilevel.BilevelProblem` checks).
+        k: solver iterations (CG, MINRES, normal CG), series terms after the first (Neumann)
+            or updates (fixed point); >= 1.
+        tolerance: relative residual ``||H q - v|| / ||v||`` at which the solver stops (>= 0).
+        method: one of ``"cg"``, ``"neumann"``, ``"fixed_point"``, ``"minres"``,
+            ``"normal_cg"``, or a callable ``solve(matvec, b) -> x``.
+        alpha: step of Neumann / fixed point: ``None`` (the LL step size), a float, or
             ``"auto"``.
         power_iters: power iterations used to estimate ``lambda_max``.
         on_divergence: ``"raise"``, or ``"warn"`` (once per calculator; every solve's
@@ -73,10 +85,10 @@ class Implicit(HypergradientCalculator):
         ul_model: nn.Module,
         ll_objective: Objective,
         ll_model: nn.Module,
-        ll_learning_rate: float,
-        k: int,
+        ll_learning_rate: float | None = None,
+        k: int = 10,
         tolerance: float = 1e-10,
-        method: str = "cg",
+        method: str | linalg.Solve = "cg",
         alpha: float | str | None = None,
         power_iters: int = 20,
         on_divergence: str = "raise",
@@ -85,25 +97,32 @@ class Implicit(HypergradientCalculator):
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
         if isinstance(ll_learning_rate, torch.Tensor):
             ll_learning_rate = float(ll_learning_rate.detach())
-        if not isinstance(ll_learning_rate, int | float) or not ll_learning_rate > 0:
-            raise ValueError(f"ll_learning_rate must be a number > 0, got {ll_learning_rate!r}.")
+        if ll_learning_rate is not None and not _positive(ll_learning_rate):
+            raise ValueError(
+                f"ll_learning_rate must be a number > 0 or None, got {ll_learning_rate!r}."
+            )
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}.")
-        if not isinstance(tolerance, int | float) or not tolerance >= 0:
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float):
             raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}.")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-        if not (alpha is None or alpha == "auto" or (isinstance(alpha, int | float) and alpha > 0)):
+        if not tolerance >= 0:
+            raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}.")
+        if not (callable(method) or method in METHODS):
+            raise ValueError(
+                f"method must be one of {METHODS} or a callable solve(matvec, b) -> x, got "
+                f"{method!r}."
+            )
+        if not (alpha is None or alpha == "auto" or _positive(alpha)):
             raise ValueError(f"alpha must be None, 'auto' or a number > 0, got {alpha!r}.")
         if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 1:
             raise ValueError(f"power_iters must be an integer >= 1, got {power_iters!r}.")
         if on_divergence not in ("raise", "warn"):
             raise ValueError(f"on_divergence must be 'raise' or 'warn', got {on_divergence!r}.")
-        self.ll_learning_rate = float(ll_learning_rate)
+        self.ll_learning_rate = None if ll_learning_rate is None else float(ll_learning_rate)
         self.k = k
         self.tolerance = float(tolerance)
         self.method = method
-        self.alpha = self.ll_learning_rate if alpha is None else alpha
+        self.alpha = alpha
         self.power_iters = power_iters
         self.on_divergence = on_divergence
         if stationarity_warning is not None and not stationarity_warning > 0:
@@ -118,9 +137,31 @@ class Implicit(HypergradientCalculator):
         """None: the LL graph is not needed."""
         return 0
 
+    def settings(self) -> dict[str, Any]:
+        """Solver, iterations, tolerance and series step."""
+        method = self.method if isinstance(self.method, str) else type(self.method).__name__
+        return {"k": self.k, "method": method, "tolerance": self.tolerance, "alpha": self.alpha}
+
+    def check_against(self, ll: Any) -> None:
+        """Also: a given ``ll_learning_rate`` that the solver uses (a series' default step)
+        equals the LL optimizer's step size. (The seed signature made it required for every
+        solver, so a value that CG never reads is not held against it.)"""
+        super().check_against(ll)
+        lr = ll.lr
+        used = self.method in SERIES and self.alpha is None
+        plain = getattr(ll, "optimizer", None) == "sgd"  # where the LL step is the series' step
+        if not (used and plain) or self.ll_learning_rate is None or not _positive(lr):
+            return
+        if float(lr) != self.ll_learning_rate:
+            raise ValueError(
+                f"Implicit(ll_learning_rate={self.ll_learning_rate:g}) disagrees with the LL "
+                f"optimizer's lr={float(lr):g}. Leave ll_learning_rate out (it is read from the "
+                "LL run), or pass alpha=<number> to give the series another step on purpose."
+            )
+
     def _hypergradient(self, call: Call) -> tuple[Grads, torch.Tensor]:
         self._warn_if_graph(call.trajectory)
-        weights, active = detached_weights(call.auxiliary_model, call.trajectory)
+        weights, active = detached_weights(call.trajectory)
         w = [weights[i] for i in active]
         n = len(self.ul_params)
         with evaluate_at(call.auxiliary_model, weights):
@@ -151,22 +192,12 @@ class Implicit(HypergradientCalculator):
                 torch.zeros_like(x) if h is None else h for x, h in zip(w, vjp(q, w), strict=True)
             ]
 
-        alpha, lambda_max = self._step(hvp, v)
-        if self.method == "cg":
-            q, info = linalg.cg(hvp, v, self.k, self.tolerance)
-        elif self.method == "neumann":
-            q, info = linalg.neumann(hvp, v, alpha, self.k, self.tolerance)
-        else:
-            q, info = linalg.fixed_point(hvp, v, alpha, self.k, self.tolerance)
-        self.diagnostics = {
-            **info.as_dict(),
-            "alpha": None if self.method == "cg" else float(alpha),
-            "lambda_max": lambda_max,
-            "ll_grad_norm": linalg.norm(g).detach(),
-        }
+        matvec = linalg.Operator(hvp, symmetric=True)
+        q, info = self._solver(call.trajectory).run(matvec, v)
+        self.diagnostics = {**info.as_dict(), "ll_grad_norm": linalg.norm(g).detach()}
         self._check_stationary(call.trajectory)
         if info.diverged:
-            self._report_divergence(info, hvp, v, alpha)
+            self._report_divergence(info, matvec, v, loss)
         indirect = vjp(q, self.ul_params)
         result = [
             d if ind is None else (-ind if d is None else d - ind)
@@ -201,39 +232,71 @@ class Implicit(HypergradientCalculator):
                 stacklevel=5,
             )
 
-    def _step(self, hvp: linalg.MatVec, v: list[torch.Tensor]) -> tuple[Any, float | None]:
-        """The series step: as given, or ``1 / lambda_max`` for ``alpha="auto"``."""
-        if self.method == "cg" or self.alpha != "auto":
-            return self.alpha, None
-        lambda_max = float(linalg.power_iteration(hvp, v, self.power_iters))
-        if not lambda_max > 0:
-            raise HypergradientDivergenceError(
-                f"alpha='auto': the LL Hessian has no positive curvature (power iteration "
-                f"gave {lambda_max:.4g}); the LL is not at a minimum. Run more LL steps or add "
-                "L2 regularization to the LL objective."
+    def _solver(self, trajectory: Trajectory) -> linalg.Solver:
+        """The linear solver of this call (the series' step may come from the LL run)."""
+        if callable(self.method):
+            return linalg.as_solver(self.method, self.tolerance)
+        if self.method not in SERIES:
+            return linalg.make_solver(self.method, self.k, self.tolerance)
+        if self.alpha == "auto":
+            return linalg.auto_alpha(
+                lambda a: linalg.make_solver(self.method, self.k, self.tolerance, alpha=a),
+                self.power_iters,
             )
-        return 1.0 / lambda_max, lambda_max
+        alpha = self.alpha if self.alpha is not None else self._ll_step_size(trajectory)
+        return linalg.make_solver(self.method, self.k, self.tolerance, alpha=alpha)
+
+    def _ll_step_size(self, trajectory: Trajectory) -> float:
+        step = self.ll_learning_rate
+        if step is None:
+            step = trajectory.step_size
+        if step is None:
+            raise ValueError(
+                f"method={self.method!r} needs a step alpha < 2 / lambda_max(H), and the LL step "
+                "size is not one number (per-parameter or per-step step sizes): pass "
+                "alpha=<number> or alpha='auto'."
+            )
+        return step
 
     def _report_divergence(
-        self, info: linalg.SolverInfo, hvp: linalg.MatVec, v: list[torch.Tensor], alpha: Any
+        self,
+        info: linalg.SolverInfo,
+        matvec: linalg.MatVec,
+        v: list[torch.Tensor],
+        loss: torch.Tensor,
     ) -> None:
+        if not all_finite([loss.detach(), *v]):
+            raise FloatingPointError(
+                "the UL loss or its gradient with respect to the LL weights is not finite "
+                f"(UL loss {float(loss):.4g}): check the validation data and the UL objective "
+                "for NaN, log(0) or division by zero."
+            )
+        name = self.method if isinstance(self.method, str) else "the given solver"
         if self.method == "cg":
             message = (
                 "CG met a direction of non-positive curvature (or a non-finite residual): the LL "
                 "Hessian is not positive definite at the auxiliary model's weights, so the LL "
                 "has not converged to a minimum. Run more LL steps, add L2 regularization to "
-                "the LL objective, or use Reverse/Truncated."
+                "the LL objective, use method='minres' (symmetric indefinite) or "
+                "method='normal_cg', or use Reverse/Truncated."
             )
-        else:
-            lambda_max = float(linalg.power_iteration(hvp, v, self.power_iters))
+        elif self.method in SERIES:
+            lambda_max = float(linalg.power_iteration(matvec, v, self.power_iters))
             self.diagnostics["lambda_max"] = lambda_max
             safe = f"{1.0 / lambda_max:.3g}" if lambda_max > 0 else "none (no positive curvature)"
+            alpha = info.alpha
             message = (
-                f"The {self.method} series diverged: its residual went from {info.rhs_norm:.3g} "
+                f"The {name} series diverged: its residual went from {info.rhs_norm:.3g} "
                 f"to {info.residual_norm:.3g} in {info.iterations} steps. It converges only for "
-                f"alpha < 2/lambda_max(H); alpha is {float(alpha):.3g} and the LL Hessian's "
+                f"alpha < 2/lambda_max(H); alpha is {alpha:.3g} and the LL Hessian's "
                 f"largest eigenvalue is about {lambda_max:.4g}, so use alpha={safe} "
                 "(alpha='auto' does this) or method='cg'."
+            )
+        else:
+            message = (
+                f"{name} returned a non-finite solution or residual ({info.residual_norm:.3g}): "
+                "the LL Hessian may be singular at the auxiliary model's weights. Run more LL "
+                "steps or add L2 regularization to the LL objective."
             )
         if self.on_divergence == "raise":
             raise HypergradientDivergenceError(message)

@@ -74,6 +74,10 @@ class Truncated(Reverse):
             raise ValueError(f"truncate_iter must be >= 1, got {truncate_iter}.")
         self.truncate_iter = truncate_iter
 
+    def settings(self) -> dict[str, int]:
+        """The truncation."""
+        return {"truncate_iter": self.truncate_iter}
+
     def differentiable_steps(self, iters: int) -> int:
         """The last ``truncate_iter`` (or all, if fewer)."""
         return min(self.truncate_iter, iters)

@@ -1,0 +1,171 @@
+"""The LL's hyperparameters (step size, momentum, betas, ...): checked once, evaluated per run.
+
+A hyperparameter is a number, a 0-d tensor (a UL leaf that receives a hypergradient), a
+per-step schedule (a 1-d tensor of length ``iters``), a list of those with one value per LL
+parameter tensor, or a callable ``ul_model -> tensor`` evaluated at the start of every LL run
+(``lr=lambda ul: ul.log_lr.exp()``), so that a value computed from UL parameters is never
+stale and its graph is fresh at every run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from bilevel.ll.rules import LR_BOUND, Bound
+
+__all__ = ["LR_BOUND", "Hyper", "Schedule", "check", "check_device"]
+
+
+def _interval(bound: Bound) -> str:
+    return f"{'[' if bound.closed_low else '('}{bound.low}, {bound.high})"
+
+
+def _check_tensor(value: torch.Tensor, name: str, iters: int) -> None:
+    if value.grad_fn is not None:
+        raise TypeError(
+            f"{name} is a tensor computed from other tensors (it has a grad_fn, e.g. "
+            "ul.log_lr.exp()): it would be used stale after the UL step changes its inputs, "
+            f"and its graph would be reused across runs. Pass a callable instead: "
+            f"{name}=lambda ul: ul.log_lr.exp(), evaluated at every LL run."
+        )
+    if value.ndim > 1 or (value.ndim == 1 and value.shape[0] != iters):
+        raise ValueError(
+            f"{name} tensor has shape {tuple(value.shape)}; expected a scalar or a per-step "
+            f"schedule of shape ({iters},)."
+        )
+    if not value.is_floating_point():
+        raise TypeError(f"{name} tensor must be floating point, got {value.dtype}.")
+
+
+def _check_range(values: list[Any], name: str, bound: Bound) -> None:
+    """One host sync for all the values of one hyperparameter."""
+    flat = [torch.as_tensor(v).detach().reshape(-1).double().cpu() for v in values]
+    every = torch.cat(flat)
+    low_ok = (every >= bound.low) if bound.closed_low else (every > bound.low)
+    if not bool((low_ok & (every < bound.high) & torch.isfinite(every)).all()):
+        shown = [v.tolist() for v in flat] if len(flat) > 1 else flat[0].tolist()
+        raise ValueError(f"{name} must lie in {_interval(bound)}, got {shown}.")
+
+
+@dataclass
+class Hyper:
+    """One hyperparameter as given, checked: per-parameter ``items`` (or one shared item)."""
+
+    name: str
+    items: list[Any]
+    per_parameter: bool
+    bound: Bound
+
+    def resolve(self, ul_model: nn.Module, iters: int, reference: torch.Tensor) -> list[Any]:
+        """The values for this run: callables evaluated on ``ul_model`` and checked."""
+        values = []
+        for item in self.items:
+            if callable(item):
+                value = item(ul_model)
+                what = f"{self.name} (the value its callable returned)"
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    value = float(value)
+                elif not isinstance(value, torch.Tensor):
+                    raise TypeError(f"{what} must be a tensor or a float, got {type(value)}.")
+                else:
+                    if value.ndim > 1 or (value.ndim == 1 and value.shape[0] != iters):
+                        raise ValueError(
+                            f"{what} has shape {tuple(value.shape)}; expected a scalar or a "
+                            f"per-step schedule of shape ({iters},)."
+                        )
+                    if value.device != reference.device:
+                        raise ValueError(
+                            f"{what} is on {value.device} but ll_model is on {reference.device}."
+                        )
+                _check_range([value], what, self.bound)
+                item = value
+            values.append(item)
+        return values
+
+
+def check(value: Any, name: str, bound: Bound, iters: int, n_params: int) -> Hyper:
+    """Validate a hyperparameter as given (see the module docstring)."""
+    per_parameter = isinstance(value, list | tuple)
+    items = list(value) if per_parameter else [value]
+    if per_parameter and len(items) != n_params:
+        raise ValueError(
+            f"{name} is a sequence of {len(items)} values, but the LL model has {n_params} "
+            "trainable parameter tensors: give one value per tensor, or a single value."
+        )
+    fixed = []
+    for item in items:
+        if callable(item) and not isinstance(item, torch.Tensor):
+            continue
+        if isinstance(item, bool) or not isinstance(item, int | float | torch.Tensor):
+            raise TypeError(
+                f"{name} must be a float, a tensor, a callable ul_model -> tensor, or a list of "
+                f"them, got {type(item).__name__}."
+            )
+        if isinstance(item, torch.Tensor):
+            _check_tensor(item, name, iters)
+        fixed.append(item)
+    if fixed:
+        _check_range(fixed, name, bound)
+    items = [float(i) if isinstance(i, int | float) else i for i in items]
+    return Hyper(name, items, per_parameter, bound)
+
+
+def check_device(hyper: Hyper, reference: torch.Tensor) -> None:
+    """Refuse tensors on another device than the LL model's."""
+    for item in hyper.items:
+        if isinstance(item, torch.Tensor) and item.device != reference.device:
+            raise ValueError(
+                f"{hyper.name} is on {item.device} but ll_model is on {reference.device}; keep "
+                "the UL model and the LL model on one device."
+            )
+
+
+class Schedule:
+    """The resolved hyperparameters of one LL run, looked up per step and per parameter.
+
+    Args:
+        values: name -> (resolved items, whether they are per parameter).
+        n: number of trainable LL parameter tensors.
+    """
+
+    def __init__(self, values: dict[str, tuple[list[Any], bool]], n: int) -> None:
+        self.values = values
+        self.n = n
+        flat = [v for items, _ in values.values() for v in items]
+        self.constant = not any(isinstance(v, torch.Tensor) and v.ndim == 1 for v in flat)
+        self._cache = {d: self._lookup(0, d) for d in (False, True)} if self.constant else None
+
+    def _lookup(self, step: int, detach: bool) -> dict[str, list[Any]]:
+        out = {}
+        for name, (items, per_parameter) in self.values.items():
+            row = []
+            for i in range(self.n):
+                value = items[i] if per_parameter else items[0]
+                if isinstance(value, torch.Tensor):
+                    if value.ndim == 1:
+                        value = value[step]
+                    if detach:
+                        value = value.detach()
+                row.append(value)
+            out[name] = row
+        return out
+
+    def at(self, step: int, detach: bool) -> dict[str, list[Any]]:
+        """Each hyperparameter's value at ``step``, one per trainable parameter tensor."""
+        if self._cache is not None:
+            return self._cache[detach]
+        return self._lookup(step, detach)
+
+    def plain_sgd_lrs(self) -> list[float] | None:
+        """The step sizes, when every hyperparameter is a constant float (plain SGD then
+        takes ``w - lr * g`` directly)."""
+        if self._cache is None:
+            return None
+        hyper = self._cache[True]
+        if not all(isinstance(v, float) for row in hyper.values() for v in row):
+            return None
+        return hyper["lr"]
