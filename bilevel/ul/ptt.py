@@ -1,0 +1,93 @@
+"""Pessimistic trajectory truncation: back-propagate from the LL iterate with the largest UL
+loss (IAPTT-GM)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bilevel.ll import evaluate_at
+from bilevel.ul.base import Call, Grads, HypergradientCalculator
+
+Tensors = list[torch.Tensor]
+
+
+class Iterates:
+    """An LL-step observer that keeps every iterate (with its graph): ``w_1 .. w_T``."""
+
+    detach_inputs = False
+
+    def __init__(self) -> None:
+        self.iterates: list[Tensors] = []
+
+    def propagate(self, weights: Tensors, opt_state: dict, new: Tensors, new_state: dict) -> None:
+        """Keep the weights after the step."""
+        self.iterates.append(new)
+
+    def result(self) -> list[Tensors]:
+        """The iterates, one list of trainable weights per step."""
+        return self.iterates
+
+
+class PTT(HypergradientCalculator):
+    """Pessimistic trajectory truncation: the UL loss is taken at the LL iterate where it is
+    largest, ``k* = argmax_{1 <= k <= T} L_ul(w_k, lambda)``, and the hypergradient is that of
+    ``L_ul(w_{k*}(lambda), lambda)`` back-propagated through the first ``k*`` LL steps.
+
+    Truncating at the worst iterate rather than the last one makes the UL step pessimistic
+    about where the LL dynamics pass, which is what lets IAPTT-GM handle non-convex LL
+    problems whose solution set is not a singleton. Cost: one UL forward pass per LL step
+    (without a graph) to choose ``k*``, then one backward pass through ``k*`` steps; memory as
+    ``Reverse`` (all steps keep their graph).
+
+    Reference: Liu, Liu, Yuan, Zeng & Zhang (2021), "Towards Gradient-based Bilevel
+    Optimization with Non-convex Followers and Beyond" (IAPTT-GM), NeurIPS.
+
+    Args:
+        ul_objective: ``state -> scalar`` UL loss.
+        ul_model: module with the UL variables.
+        ll_objective: ``state -> scalar`` LL loss.
+        ll_model: the LL module.
+    """
+
+    name = "ptt"
+
+    def differentiable_steps(self, iters: int) -> int:
+        """All of them."""
+        return iters
+
+    def observer(self, ll: Any) -> Iterates:
+        """Keep every iterate."""
+        return Iterates()
+
+    def _hypergradient(self, call: Call) -> tuple[Grads, torch.Tensor]:
+        iterates = call.trajectory.observed
+        if not isinstance(iterates, list) or len(iterates) != call.trajectory.iters:
+            raise ValueError(
+                "PTT needs an LL run that kept every iterate: run the LL with "
+                "ul.run_ll(ll, data, target), or let BilevelProblem(ll, ul) drive it."
+            )
+        chosen = self._worst(call, iterates)
+        self.diagnostics["ptt_step"] = chosen + 1
+        with evaluate_at(call.auxiliary_model, self._weights(call, iterates[chosen])):
+            loss = self.ul_loss(call)
+        grads = torch.autograd.grad(loss, self.ul_params, allow_unused=True)
+        return list(grads), loss
+
+    def _weights(self, call: Call, trainable: Tensors) -> Tensors:
+        """All the LL weights at one iterate (frozen ones as they are)."""
+        weights = list(call.trajectory.weights)
+        index = [i for i, t in enumerate(call.trajectory.trainable) if t]
+        for i, w in zip(index, trainable, strict=True):
+            weights[i] = w
+        return weights
+
+    def _worst(self, call: Call, iterates: list[Tensors]) -> int:
+        """The index of the iterate with the largest UL loss (one host sync)."""
+        losses = []
+        with torch.no_grad():
+            for trainable in iterates:
+                with evaluate_at(call.auxiliary_model, self._weights(call, trainable)):
+                    losses.append(self.ul_objective(self.states(call.auxiliary_model, *call.val)))
+        return int(torch.stack([loss.reshape(()) for loss in losses]).argmax())
