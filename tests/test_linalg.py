@@ -164,3 +164,179 @@ def test_cg_host_checks_and_masked_loop_agree(iters):
     assert info_h.iterations == info_m.iterations
     assert info_h.converged == info_m.converged and not info_h.diverged
     assert info_h.residual_norm == pytest.approx(info_m.residual_norm, rel=1e-9, abs=1e-15)
+
+
+# ---- divergence of the series: no false alarm at round-off, no miss at small k ----------------
+
+
+def noisy(a, seed, relative=1e-16):
+    """``a @ v`` with a seeded relative perturbation of ``relative`` on each output: another
+    CPU's rounding (a different summation order or FMA), deterministic."""
+    generator = torch.Generator().manual_seed(10_000 + seed)
+
+    def matvec(v):
+        out = a @ flat(v)
+        out = out + relative * out * torch.randn(out.shape, generator=generator, dtype=out.dtype)
+        return split(out)
+
+    return matvec
+
+
+SERIES = pytest.mark.parametrize("solver", [linalg.neumann, linalg.fixed_point])
+
+
+@SERIES
+def test_series_do_not_flag_jitter_at_roundoff(solver):
+    """The residual reaches round-off (~1e-16) long before 200 steps and then jitters; on
+    another CPU's rounding, the old last-step growth test flagged 14 of these 20 fixed-point
+    solves as diverged although they had converged."""
+    for seed in range(20):
+        a = spd(cond=5.0, seed=seed)
+        b = torch.randn(8, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+        x, info = solver(noisy(a, seed), split(b), 1.0 / 5.0, 200, tolerance=1e-10)
+        assert info.converged and not info.diverged, (seed, info)
+        torch.testing.assert_close(flat(x), torch.linalg.solve(a, b), rtol=1e-12, atol=0)
+
+
+def test_fixed_point_warm_started_at_the_answer_is_not_flagged():
+    """The residual starts at round-off: growth from there is noise, not divergence."""
+    for seed in range(10):
+        a = spd(cond=5.0, seed=seed)
+        b = torch.randn(8, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+        exact = split(torch.linalg.solve(a, b))
+        _, info = linalg.fixed_point(noisy(a, seed), split(b), 0.2, 50, x0=exact)
+        assert info.converged and not info.diverged
+
+
+@SERIES
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("k", range(5, 11))
+def test_series_flag_a_step_slightly_too_large_within_few_steps(solver, seed, k):
+    """alpha = 1.02 * 2 / lambda_max: the top eigen-component grows by 4% a step, but after
+    5 to 10 steps it has not overtaken the decaying ones, so the residual still shrinks while
+    x is several percent wrong. The Rayleigh–Ritz values of the residuals certify it."""
+    a = spd(cond=5.0, seed=seed)
+    b = torch.ones(8, dtype=DTYPE)
+    alpha = 1.02 * 2 / 5.0
+    x, info = solver(as_matvec(a), split(b), alpha, k)
+    exact = torch.linalg.solve(a, b)
+    assert float((flat(x) - exact).norm() / exact.norm()) > 0.02
+    assert info.residual_norm < info.rhs_norm  # no growth to see
+    assert info.diverged and not info.converged
+    assert 4.5 <= info.curvature_max <= 5.0 * (1 + 1e-9)  # a lower bound of lambda_max = 5
+
+
+@SERIES
+@pytest.mark.parametrize("k", range(6, 11))
+def test_series_flag_a_step_too_large_while_the_residual_still_shrinks(solver, k):
+    """Here the residual shrinks at every step, so no growth test can see the divergence,
+    yet the growing component already puts a 3.5-4.5% error into x."""
+    a = spd(cond=3.0, seed=1)
+    b = torch.ones(8, dtype=DTYPE)
+    alpha = 1.02 * 2 / 3.0
+    residuals = [b]
+    for _ in range(k + 1):
+        residuals.append(residuals[-1] - alpha * a @ residuals[-1])
+    norms = torch.stack([r.norm() for r in residuals])
+    assert (norms[1:] < norms[:-1]).all()
+    x, info = solver(as_matvec(a), split(b), alpha, k)
+    exact = torch.linalg.solve(a, b)
+    assert float((flat(x) - exact).norm() / exact.norm()) > 0.03
+    assert info.diverged
+
+
+@SERIES
+@pytest.mark.parametrize("seed", [0, 1])
+def test_series_with_a_step_just_below_the_limit_are_not_flagged(solver, seed):
+    a = spd(cond=5.0, seed=seed)
+    b = torch.ones(8, dtype=DTYPE)
+    alpha = 0.98 * 2 / 5.0
+    for k in (*range(1, 11), 50):
+        _, info = solver(as_matvec(a), split(b), alpha, k)
+        assert not info.diverged, k
+    x, info = solver(as_matvec(a), split(b), alpha, 900)
+    assert info.converged and not info.diverged
+    torch.testing.assert_close(flat(x), torch.linalg.solve(a, b), rtol=1e-10, atol=0)
+
+
+@SERIES
+def test_series_flag_negative_curvature(solver):
+    """A has a negative eigenvalue: alpha is small, the residual shrinks at first (its other
+    components decay faster than the negative one grows), and the quotient < 0 flags it."""
+    a = torch.diag(torch.tensor([-0.05, 1.0, 2.0, 3.0], dtype=DTYPE))
+    b = torch.tensor([0.1, 1.0, 1.0, 1.0], dtype=DTYPE)
+    _, info = solver(lambda v: [a @ v[0]], [b], 0.3, 5)
+    assert info.residual_norm < info.rhs_norm
+    assert info.diverged
+
+
+@SERIES
+def test_series_certificate_costs_no_extra_product(solver):
+    a = spd(cond=5.0)
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return as_matvec(a)(v)
+
+    _, info = solver(matvec, split(torch.ones(8, dtype=DTYPE)), 0.2, 7)
+    assert len(calls) == (8 if solver is linalg.neumann else 7) == info.iterations
+    assert 1.0 <= info.curvature_max <= 5.0 * (1 + 1e-9) and info.alpha == 0.2
+
+
+@SERIES
+def test_series_curvature_max_approaches_lambda_max(solver):
+    a = spd(cond=30.0)
+    b = split(torch.linspace(-1, 2, 8, dtype=DTYPE))
+    _, info = solver(as_matvec(a), b, 1.9 / 30.0, 60)
+    assert info.curvature_max == pytest.approx(30.0, rel=1e-3)
+    assert info.curvature_max <= 30.0 * (1 + 1e-9)
+
+
+@SERIES
+def test_series_in_float32_do_not_flag_roundoff(solver):
+    for seed in range(10):
+        a = spd(cond=5.0, seed=seed).float()
+        b = torch.randn(8, generator=torch.Generator().manual_seed(seed)).float()
+        _, info = solver(noisy(a, seed, relative=1e-7), split(b), 0.2, 300, tolerance=1e-5)
+        assert info.converged and not info.diverged, (seed, info)
+
+
+@SERIES
+def test_series_nonfinite_residual_is_flagged(solver):
+    a = spd(cond=5.0) * 1e200
+    _, info = solver(as_matvec(a), split(torch.ones(8, dtype=DTYPE)), 1.0, 5)
+    assert info.diverged and not info.converged
+
+
+def test_solver_info_stays_backward_compatible():
+    info = linalg.SolverInfo("cg", 3, 1e-12, 1.0, True)
+    assert not info.diverged and info.curvature_max is None
+    assert info.alpha is None and info.lambda_max is None
+    assert set(info.as_dict()) >= {"method", "iterations", "residual_norm", "converged"}
+    _, cg_info = linalg.cg(as_matvec(spd()), split(torch.ones(8, dtype=DTYPE)), 20)
+    assert cg_info.curvature_max is None and cg_info.alpha is None
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Records the torch functions called, to find reads of device values on the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@SERIES
+def test_series_read_the_device_once(solver):
+    """No host sync in the loop: the one transfer (``to``) comes before any read of a value."""
+    a = spd(cond=5.0)
+    with _HostReads() as log:
+        solver(as_matvec(a), split(torch.ones(8, dtype=DTYPE)), torch.tensor(0.2, dtype=DTYPE), 30)
+    reads = {"__bool__", "__float__", "__int__", "__index__", "item", "tolist", "cpu", "numpy"}
+    transfer = log.names.index("to")
+    assert not reads & set(log.names[:transfer])
+    assert log.names.count("to") + log.names.count("cpu") == 1
