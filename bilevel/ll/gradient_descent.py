@@ -100,9 +100,10 @@ class GradientDescent:
         self.rule = self._make_rule(optimizer, momentum=momentum, betas=betas, eps=eps)
         self.optimizer = self.rule.name
         given = {"lr": lr, **self.rule.hyper}
+        shapes = [p.shape for p in params]
         bounds = {"lr": hyperparameters.LR_BOUND, **self.rule.bounds}
         self.hyper = {
-            name: hyperparameters.check(value, name, bounds[name], iters, len(params))
+            name: hyperparameters.check(value, name, bounds[name], iters, shapes)
             for name, value in given.items()
         }
         for checked in self.hyper.values():

@@ -1,9 +1,10 @@
 """The LL's hyperparameters (step size, momentum, betas, ...): checked once, evaluated per run.
 
 A hyperparameter is a number, a 0-d tensor (a UL leaf that receives a hypergradient), a
-per-step schedule (a 1-d tensor of length ``iters``), a list of those with one value per LL
-parameter tensor, or a callable ``ul_model -> tensor`` evaluated at the start of every LL run
-(``lr=lambda ul: ul.log_lr.exp()``), so that a value computed from UL parameters is never
+per-step schedule (a 1-d tensor of length ``iters``), a list with one value per LL parameter
+tensor, in which a tensor shaped like its parameter is a per-element value (Meta-SGD's
+learned step sizes), or a callable ``ul_model -> value`` evaluated at the start of every LL
+run (``lr=lambda ul: ul.log_lr.exp()``), so that a value computed from UL parameters is never
 stale and its graph is fresh at every run.
 """
 
@@ -19,26 +20,33 @@ from bilevel.ll.rules import LR_BOUND, Bound
 
 __all__ = ["LR_BOUND", "Hyper", "Schedule", "check", "check_device"]
 
+SCALAR, SCHEDULE, ELEMENTWISE = "scalar", "schedule", "elementwise"
+
 
 def _interval(bound: Bound) -> str:
     return f"{'[' if bound.closed_low else '('}{bound.low}, {bound.high})"
 
 
-def _check_tensor(value: torch.Tensor, name: str, iters: int) -> None:
-    if value.grad_fn is not None:
-        raise TypeError(
-            f"{name} is a tensor computed from other tensors (it has a grad_fn, e.g. "
-            "ul.log_lr.exp()): it would be used stale after the UL step changes its inputs, "
-            f"and its graph would be reused across runs. Pass a callable instead: "
-            f"{name}=lambda ul: ul.log_lr.exp(), evaluated at every LL run."
-        )
-    if value.ndim > 1 or (value.ndim == 1 and value.shape[0] != iters):
-        raise ValueError(
-            f"{name} tensor has shape {tuple(value.shape)}; expected a scalar or a per-step "
-            f"schedule of shape ({iters},)."
-        )
+def kind_of(value: Any, what: str, iters: int, shape: torch.Size | None) -> str:
+    """Whether a value is a scalar, a per-step schedule or a per-element value (``shape``:
+    the parameter's shape when the value is for one parameter, else ``None``)."""
+    if not isinstance(value, torch.Tensor) or value.ndim == 0:
+        return SCALAR
     if not value.is_floating_point():
-        raise TypeError(f"{name} tensor must be floating point, got {value.dtype}.")
+        raise TypeError(f"{what} tensor must be floating point, got {value.dtype}.")
+    schedule = value.shape == (iters,)
+    elementwise = shape is not None and value.shape == shape
+    if schedule and elementwise:
+        raise ValueError(
+            f"{what} has shape {tuple(value.shape)}, both a per-step schedule of {iters} steps "
+            "and its parameter's shape: reshape the parameter, or change iters."
+        )
+    if schedule or elementwise:
+        return SCHEDULE if schedule else ELEMENTWISE
+    expected = f"a scalar or a per-step schedule of shape ({iters},)"
+    if shape is not None:
+        expected += f", or its parameter's shape {tuple(shape)}"
+    raise ValueError(f"{what} has shape {tuple(value.shape)}; expected {expected}.")
 
 
 def _check_range(values: list[Any], name: str, bound: Bound) -> None:
@@ -59,45 +67,46 @@ class Hyper:
     items: list[Any]
     per_parameter: bool
     bound: Bound
+    shapes: list[torch.Size]
 
-    def resolve(self, ul_model: nn.Module, iters: int, reference: torch.Tensor) -> list[Any]:
-        """The values for this run: callables evaluated on ``ul_model`` and checked."""
+    def _shape(self, index: int) -> torch.Size | None:
+        return self.shapes[index] if self.per_parameter else None
+
+    def resolve(
+        self, ul_model: nn.Module, iters: int, reference: torch.Tensor
+    ) -> list[tuple[Any, str]]:
+        """The values for this run, with their kinds: callables evaluated on ``ul_model``."""
         values = []
-        for item in self.items:
+        for i, item in enumerate(self.items):
             if callable(item):
-                value = item(ul_model)
+                item = item(ul_model)
                 what = f"{self.name} (the value its callable returned)"
-                if isinstance(value, int | float) and not isinstance(value, bool):
-                    value = float(value)
-                elif not isinstance(value, torch.Tensor):
-                    raise TypeError(f"{what} must be a tensor or a float, got {type(value)}.")
-                else:
-                    if value.ndim > 1 or (value.ndim == 1 and value.shape[0] != iters):
-                        raise ValueError(
-                            f"{what} has shape {tuple(value.shape)}; expected a scalar or a "
-                            f"per-step schedule of shape ({iters},)."
-                        )
-                    if value.device != reference.device:
-                        raise ValueError(
-                            f"{what} is on {value.device} but ll_model is on {reference.device}."
-                        )
-                _check_range([value], what, self.bound)
-                item = value
-            values.append(item)
+                if isinstance(item, int | float) and not isinstance(item, bool):
+                    item = float(item)
+                elif not isinstance(item, torch.Tensor):
+                    raise TypeError(f"{what} must be a tensor or a float, got {type(item)}.")
+                elif item.device != reference.device:
+                    raise ValueError(
+                        f"{what} is on {item.device} but ll_model is on {reference.device}."
+                    )
+                kind_of(item, what, iters, self._shape(i))
+                _check_range([item], what, self.bound)
+            values.append((item, kind_of(item, self.name, iters, self._shape(i))))
         return values
 
 
-def check(value: Any, name: str, bound: Bound, iters: int, n_params: int) -> Hyper:
-    """Validate a hyperparameter as given (see the module docstring)."""
+def check(value: Any, name: str, bound: Bound, iters: int, shapes: list[torch.Size]) -> Hyper:
+    """Validate a hyperparameter as given (see the module docstring); ``shapes`` are those of
+    the trainable LL parameters."""
     per_parameter = isinstance(value, list | tuple)
     items = list(value) if per_parameter else [value]
-    if per_parameter and len(items) != n_params:
+    if per_parameter and len(items) != len(shapes):
         raise ValueError(
-            f"{name} is a sequence of {len(items)} values, but the LL model has {n_params} "
+            f"{name} is a sequence of {len(items)} values, but the LL model has {len(shapes)} "
             "trainable parameter tensors: give one value per tensor, or a single value."
         )
     fixed = []
-    for item in items:
+    for i, item in enumerate(items):
         if callable(item) and not isinstance(item, torch.Tensor):
             continue
         if isinstance(item, bool) or not isinstance(item, int | float | torch.Tensor):
@@ -105,13 +114,19 @@ def check(value: Any, name: str, bound: Bound, iters: int, n_params: int) -> Hyp
                 f"{name} must be a float, a tensor, a callable ul_model -> tensor, or a list of "
                 f"them, got {type(item).__name__}."
             )
-        if isinstance(item, torch.Tensor):
-            _check_tensor(item, name, iters)
+        if isinstance(item, torch.Tensor) and item.grad_fn is not None:
+            raise TypeError(
+                f"{name} is a tensor computed from other tensors (it has a grad_fn, e.g. "
+                "ul.log_lr.exp()): it would be used stale after the UL step changes its "
+                "inputs, and its graph would be reused across runs. Pass a callable instead: "
+                f"{name}=lambda ul: ul.log_lr.exp(), evaluated at every LL run."
+            )
+        kind_of(item, name, iters, shapes[i] if per_parameter else None)
         fixed.append(item)
     if fixed:
         _check_range(fixed, name, bound)
     items = [float(i) if isinstance(i, int | float) else i for i in items]
-    return Hyper(name, items, per_parameter, bound)
+    return Hyper(name, items, per_parameter, bound, shapes)
 
 
 def check_device(hyper: Hyper, reference: torch.Tensor) -> None:
@@ -128,15 +143,15 @@ class Schedule:
     """The resolved hyperparameters of one LL run, looked up per step and per parameter.
 
     Args:
-        values: name -> (resolved items, whether they are per parameter).
+        values: name -> (resolved ``(value, kind)`` items, whether they are per parameter).
         n: number of trainable LL parameter tensors.
     """
 
-    def __init__(self, values: dict[str, tuple[list[Any], bool]], n: int) -> None:
+    def __init__(self, values: dict[str, tuple[list[tuple[Any, str]], bool]], n: int) -> None:
         self.values = values
         self.n = n
-        flat = [v for items, _ in values.values() for v in items]
-        self.constant = not any(isinstance(v, torch.Tensor) and v.ndim == 1 for v in flat)
+        kinds = [kind for items, _ in values.values() for _, kind in items]
+        self.constant = SCHEDULE not in kinds
         self._cache = {d: self._lookup(0, d) for d in (False, True)} if self.constant else None
 
     def _lookup(self, step: int, detach: bool) -> dict[str, list[Any]]:
@@ -144,12 +159,11 @@ class Schedule:
         for name, (items, per_parameter) in self.values.items():
             row = []
             for i in range(self.n):
-                value = items[i] if per_parameter else items[0]
-                if isinstance(value, torch.Tensor):
-                    if value.ndim == 1:
-                        value = value[step]
-                    if detach:
-                        value = value.detach()
+                value, kind = items[i] if per_parameter else items[0]
+                if kind == SCHEDULE:
+                    value = value[step]
+                if detach and isinstance(value, torch.Tensor):
+                    value = value.detach()
                 row.append(value)
             out[name] = row
         return out
