@@ -185,8 +185,10 @@ class GradientDescent:
         auxiliary_model.trajectory = None
         self._spare = auxiliary_model
 
-    def step_map(self) -> GradientStep:
-        """The map ``(weights, opt_state, hyper, state) -> (weights, opt_state, loss)``."""
+    def step_map(self, model: nn.Module, ul_batch: tuple[Any, Any] | None) -> GradientStep:
+        """The map ``(weights, opt_state, hyper, state) -> (weights, opt_state, loss)`` of a
+        run on the patched ``model``. Plain gradient descent does not look at the UL batch;
+        dynamics that do (BDA) override this."""
         trainable = [p.requires_grad for p in self.ll_model.parameters()]
         index = [i for i, t in enumerate(trainable) if t]
         return GradientStep(self.ll_objective, self.rule, lambda g: self.check_used(g, index))
@@ -197,6 +199,7 @@ class GradientDescent:
         target: Any,
         graph_from_start: bool = False,
         observer: Observer | None = None,
+        ul_batch: tuple[Any, Any] | None = None,
     ) -> Unroll:
         """Begin an LL run on ``(data, target)``, to be stepped by hand (online methods)."""
         reference = next(p for p in self.ll_model.parameters() if p.requires_grad)
@@ -206,7 +209,7 @@ class GradientDescent:
         model = self.patched_model(graph_from_start)
         return Unroll(
             model,
-            self.step_map(),
+            self.step_map(model, ul_batch),
             schedule,
             make_state(data, target, self.ul_model, model),
             [p.requires_grad for p in self.ll_model.parameters()],
@@ -221,6 +224,7 @@ class GradientDescent:
         target: Any,
         differentiable_steps: int | None = AS_CONFIGURED,
         observer: Observer | None = None,
+        ul_batch: tuple[Any, Any] | None = None,
     ) -> Trajectory:
         """Run the LL steps on ``(data, target)`` and return what they recorded.
 
@@ -230,6 +234,8 @@ class GradientDescent:
             differentiable_steps: steps at the end that keep a graph (``None``: all); by
                 default the optimizer's ``differentiable_steps``.
             observer: sees every step with its graph (forward-mode tangents).
+            ul_batch: the UL batch ``(data, target)``, for LL dynamics that look at the UL
+                objective (BDA); plain gradient descent ignores it.
 
         Returns:
             The :class:`Trajectory`; the patched model holding the final fast weights is
@@ -243,7 +249,7 @@ class GradientDescent:
             steps = _check_steps(differentiable_steps)
         iters = self.iters
         tracked = iters if steps is None else min(steps, iters)
-        unroll = self.start(data, target, tracked == iters, observer)
+        unroll = self.start(data, target, tracked == iters, observer, ul_batch)
         losses = fast_weights(unroll.model)[0].new_empty(iters)  # filled in place
         untracked = iters - tracked
         with self._ul_frozen(untracked > 0 and observer is None):

@@ -106,17 +106,23 @@ class HypergradientCalculator:
                 "the same function to both."
             )
 
-    def run_ll(self, ll: Any, data: Any, target: Any) -> Trajectory:
-        """One LL run on ``(data, target)`` that records exactly what this method needs."""
+    def run_ll(
+        self, ll: Any, data: Any, target: Any, ul_batch: tuple[Any, Any] | None = None
+    ) -> Trajectory:
+        """One LL run on ``(data, target)`` that records exactly what this method needs
+        (``ul_batch``: the UL batch, for LL dynamics that look at it, such as BDA)."""
         steps = self.differentiable_steps(ll.iters)
-        return ll.run(data, target, differentiable_steps=steps, observer=self.observer(ll))
+        observer = self.observer(ll)
+        return ll.run(
+            data, target, differentiable_steps=steps, observer=observer, ul_batch=ul_batch
+        )
 
     def task_gradients(
         self, ll: Any, train: tuple[Any, Any], val: tuple[Any, Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Add one task's hypergradient to ``.grad``; return its UL loss and final LL loss
         (detached). The LL's patched model is handed back to ``ll`` when done."""
-        trajectory = self.run_ll(ll, *train)
+        trajectory = self.run_ll(ll, *train, ul_batch=val)
         try:
             loss = self.accumulate(trajectory, val, train)
         finally:
