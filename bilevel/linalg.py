@@ -303,6 +303,12 @@ def _noise_scales(
     return rhs_norm + 2 * x_squares.sqrt() / abs(alpha)
 
 
+def _symmetric(matvec: MatVec) -> bool:
+    """Whether the series may assume a symmetric operator: plain callables are taken to be
+    (as documented); an :class:`Operator` says."""
+    return not isinstance(matvec, Operator) or matvec.symmetric
+
+
 def _series_summary(
     method: str,
     iterations: int,
@@ -311,8 +317,14 @@ def _series_summary(
     rhs_norm: torch.Tensor,
     alpha: float | torch.Tensor,
     tolerance: float,
+    symmetric: bool = True,
 ) -> SolverInfo:
     """Diagnostics of a series, brought to the host in one transfer.
+
+    The Rayleigh-Ritz certificate holds for a symmetric ``A`` only: a non-normal ``M`` can
+    grow a residual for a while and still converge, so for an :class:`Operator` marked
+    non-symmetric the series is declared diverged only when its last residual is above the
+    first (the answer is then worse than zero) or not finite.
 
     ``moments`` are ``<r_j, r_j>`` and ``<r_j, r_{j+1}>`` for each step, then the last
     ``<r, r>``; ``x_squares`` are ``<x_j, x_j>`` for each residual (fixed point) or empty
@@ -331,6 +343,8 @@ def _series_summary(
     bound = 1.0 + max(1e-6, 16 * eps**0.5)
     certified = bool((ritz.abs() > bound).any()) or bool((ritz_squared > bound).any())
     residual = float(moments_h[-1].sqrt())
+    if not symmetric:
+        certified = residual > rhs * bound
     finite = math.isfinite(residual)
     curvature = float(((1 - ritz) / alpha_h).max()) if ritz.numel() and alpha_h else None
     return SolverInfo(
@@ -383,7 +397,9 @@ def neumann(
         _record(moments, term, following)
         term = following
     moments.append(dot(term, term).detach())
-    return x, _series_summary("neumann", terms + 1, moments, [], norm(b), alpha, tolerance)
+    return x, _series_summary(
+        "neumann", terms + 1, moments, [], norm(b), alpha, tolerance, _symmetric(matvec)
+    )
 
 
 def fixed_point(
@@ -426,7 +442,9 @@ def fixed_point(
         r = following
     x_squares.append(dot(x, x).detach())
     moments.append(dot(r, r).detach())
-    info = _series_summary("fixed_point", iters, moments, x_squares, norm(b), alpha, tolerance)
+    info = _series_summary(
+        "fixed_point", iters, moments, x_squares, norm(b), alpha, tolerance, _symmetric(matvec)
+    )
     return x, info
 
 

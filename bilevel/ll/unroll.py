@@ -39,6 +39,7 @@ class Trajectory:
         step_sizes: the LL step size of the last step, one per trainable parameter tensor
             (detached); :attr:`step_size` is their common value.
         observed: what the run's observer returned (forward-mode tangents), or ``None``.
+        step_map: the step map of the run (its ``residual`` is what ``Implicit`` solves).
         initial_grads: the LL gradient at the first step (detached), for
             :attr:`initial_grad_norm`.
     """
@@ -51,6 +52,7 @@ class Trajectory:
     weights: Tensors
     step_sizes: list[Any] | None = None
     observed: Any = None
+    step_map: Any = None
     initial_grads: Tensors | None = None
 
     @property
@@ -107,6 +109,16 @@ class GradientStep:
         self.objective = objective
         self.rule = rule
         self.on_first_grads = on_first_grads
+
+    #: whether the Jacobian of :meth:`residual` in the weights is symmetric (a Hessian)
+    symmetric = True
+
+    def residual(self, weights: Tensors, state: dict) -> list[torch.Tensor | None]:
+        """The LL stationarity residual ``g(w, lambda)`` at ``weights`` (installed in the
+        model), with its graph: here the gradient of the LL objective (``None`` where a
+        weight has no path), whose zero the implicit function theorem differentiates."""
+        loss = check_objective_result(self.objective(state), "ll_objective")
+        return list(torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True))
 
     def direction(
         self, weights: Tensors, state: dict, step: int, create_graph: bool
@@ -270,8 +282,9 @@ class Unroll:
             trainable=self.trainable,
             model=self.model,
             weights=fast_weights(self.model),
-            step_sizes=self.schedule.at(max(self.steps - 1, 0), detach=True)["lr"],
+            step_sizes=self.schedule.at(max(self.steps - 1, 0), detach=True).get("lr"),
             observed=None if self.observer is None else self.observer.result(),
+            step_map=self.step_map,
             initial_grads=self.initial_grads,
         )
         self.model.trajectory = trajectory

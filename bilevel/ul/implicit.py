@@ -172,11 +172,11 @@ class Implicit(HypergradientCalculator):
                 torch.zeros_like(x) if gv is None else gv
                 for x, gv in zip(w, grads[n:], strict=True)
             ]
-            g = torch.autograd.grad(self.ll_loss(call), w, create_graph=True, allow_unused=True)
+            g = self._residual(call, w)
         g = [torch.zeros_like(x) if gi is None else gi for x, gi in zip(w, g, strict=True)]
         linked = [(gi, i) for i, gi in enumerate(g) if gi.requires_grad]
 
-        def vjp(q: list[torch.Tensor], inputs: list[torch.Tensor]) -> tuple:
+        def vjp(q: list[torch.Tensor], inputs: list[torch.Tensor], graph: bool = False) -> tuple:
             if not linked:
                 return (None,) * len(inputs)
             return torch.autograd.grad(
@@ -184,6 +184,7 @@ class Implicit(HypergradientCalculator):
                 inputs,
                 grad_outputs=[q[i] for _, i in linked],
                 retain_graph=True,
+                create_graph=graph,
                 allow_unused=True,
             )
 
@@ -192,7 +193,7 @@ class Implicit(HypergradientCalculator):
                 torch.zeros_like(x) if h is None else h for x, h in zip(w, vjp(q, w), strict=True)
             ]
 
-        matvec = linalg.Operator(hvp, symmetric=True)
+        matvec = self._operator(hvp, w, call.trajectory, vjp)
         q, info = self._solver(call.trajectory).run(matvec, v)
         self.diagnostics = {**info.as_dict(), "ll_grad_norm": linalg.norm(g).detach()}
         self._check_stationary(call.trajectory)
@@ -204,6 +205,51 @@ class Implicit(HypergradientCalculator):
             for d, ind in zip(direct, indirect, strict=True)
         ]
         return result, loss
+
+    def _residual(self, call: Call, w: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The LL stationarity residual ``g`` at the auxiliary model's weights, with its
+        graph: the gradient of ``ll_objective`` for gradient dynamics, ``w - Phi(w)`` for a
+        fixed-point map (the run's step map says which)."""
+        step_map = call.trajectory.step_map
+        if step_map is None or step_map.symmetric:
+            loss = self.ll_loss(call)
+            return list(torch.autograd.grad(loss, w, create_graph=True, allow_unused=True))
+        state = self.states(call.auxiliary_model, call.train_data, call.train_target)
+        return step_map.residual(w, state)
+
+    def _operator(
+        self, hvp: linalg.MatVec, w: list[torch.Tensor], trajectory: Trajectory, vjp: Any
+    ) -> linalg.Operator:
+        """``q -> (dg/dw)^T q``; for a non-symmetric ``dg/dw`` (a fixed-point map) also its
+        transpose, by a double vector-Jacobian product, for ``normal_cg``."""
+        step_map = trajectory.step_map
+        if step_map is None or step_map.symmetric:
+            return linalg.Operator(hvp, symmetric=True)
+        if self.method in ("cg", "minres"):
+            raise ValueError(
+                f"method={self.method!r} needs a symmetric system, but the LL is a fixed-point "
+                "map: (I - dPhi/dw)^T q = v is not symmetric. Use method='fixed_point' (it "
+                "converges when Phi is a contraction) or method='normal_cg'."
+            )
+        dummy = [torch.zeros_like(x, requires_grad=True) for x in w]
+        with torch.enable_grad():
+            products = vjp(dummy, w, graph=True)  # (dg/dw)^T d, linear in the dummy d
+        linear = [torch.zeros_like(x) if h is None else h for x, h in zip(w, products, strict=True)]
+
+        def jvp(u: list[torch.Tensor]) -> list[torch.Tensor]:
+            live = [(h, ui) for h, ui in zip(linear, u, strict=True) if h.requires_grad]
+            if not live:
+                return [torch.zeros_like(x) for x in w]
+            out = torch.autograd.grad(
+                [h for h, _ in live],
+                dummy,
+                grad_outputs=[ui for _, ui in live],
+                retain_graph=True,
+                allow_unused=True,
+            )
+            return [torch.zeros_like(x) if o is None else o for x, o in zip(w, out, strict=True)]
+
+        return linalg.Operator(hvp, rmatvec=jvp)
 
     def _warn_if_graph(self, trajectory: Trajectory) -> None:
         if trajectory.differentiable_steps and not self._warned_graph:

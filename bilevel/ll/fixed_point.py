@@ -1,0 +1,125 @@
+"""Any fixed-point map as the lower level: ``w <- Phi(w, lambda)`` (equilibrium models)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from bilevel.ll.gradient_descent import GradientDescent
+from bilevel.ll.unroll import GradientStep
+
+Tensors = list[torch.Tensor]
+FixedPointMapFn = Callable[[dict[str, Any]], Tensors]
+
+
+class FixedPointStep(GradientStep):
+    """The step map ``w <- Phi(w, lambda)`` of a fixed-point iteration.
+
+    Its stationarity residual is ``g = w - Phi(w, lambda)``, whose Jacobian
+    ``I - dPhi/dw`` need not be symmetric. The loss it reports per step is
+    ``1/2 ||Phi(w) - w||^2`` (so a diverging iteration is caught like a diverging LL loss).
+    """
+
+    symmetric = False
+
+    def __init__(self, fixed_point_map: FixedPointMapFn) -> None:
+        self.fixed_point_map = fixed_point_map
+
+    def _image(self, weights: Tensors, state: dict) -> Tensors:
+        image = self.fixed_point_map(state)
+        if not isinstance(image, list | tuple) or len(image) != len(weights):
+            raise TypeError(
+                f"fixed_point_map must return a list of {len(weights)} tensors (one per trainable "
+                f"LL parameter, in ll_model.parameters() order), got {type(image).__name__}"
+                + (f" of length {len(image)}" if isinstance(image, list | tuple) else "")
+                + "."
+            )
+        for i, (w, p) in enumerate(zip(weights, image, strict=True)):
+            if not isinstance(p, torch.Tensor) or p.shape != w.shape or p.dtype != w.dtype:
+                got = (p.shape, p.dtype) if isinstance(p, torch.Tensor) else type(p).__name__
+                raise ValueError(
+                    f"fixed_point_map's output {i} must be a tensor of shape {tuple(w.shape)} and "
+                    f"dtype {w.dtype} (its LL parameter's), got {got}."
+                )
+        return list(image)
+
+    def residual(self, weights: Tensors, state: dict) -> list[torch.Tensor | None]:
+        """``w - Phi(w, lambda)``, with its graph."""
+        return [w - p for w, p in zip(weights, self._image(weights, state), strict=True)]
+
+    def __call__(
+        self,
+        weights: Tensors,
+        opt_state: dict,
+        hyper: dict[str, list[Any]],
+        state: dict,
+        step: int,
+        create_graph: bool,
+    ) -> tuple[Tensors, dict, torch.Tensor, Tensors]:
+        """One iteration: ``(Phi(w), opt_state, 1/2 ||Phi(w) - w||^2, w - Phi(w))``."""
+        with torch.set_grad_enabled(create_graph):
+            image = self._image(weights, state)
+        residual = [(w - p).detach() for w, p in zip(weights, image, strict=True)]
+        loss = 0.5 * torch.stack([r.pow(2).sum() for r in residual]).sum()
+        return image, opt_state, loss, residual
+
+
+class FixedPointMap(GradientDescent):
+    """The lower level as ``iters`` iterations of any fixed-point map ``w <- Phi(w, lambda)``
+    that is not a gradient step: equilibrium models, message passing, a solver's own update.
+
+    ``fixed_point_map(state)`` returns the new values of the trainable LL parameters (a list,
+    in ``ll_model.parameters()`` order), computed from ``state["ll_model"]`` (the patched
+    model holding the current iterate) and ``state["ul_model"]``. With ``Reverse`` the
+    hypergradient is back-propagated through the iterations; with ``Implicit`` it is taken at
+    the fixed point from ``(I - dPhi/dw)^T q = grad_w F``, a non-symmetric system: use
+    ``method="fixed_point"`` (``q <- (dPhi/dw)^T q + grad_w F``, converging when ``Phi`` is a
+    contraction) or ``"normal_cg"``; ``"cg"`` and ``"minres"`` are refused. The LL loss it
+    reports is ``1/2 ||Phi(w) - w||^2``: an iteration that moves away from its fixed point is
+    caught as a diverging LL.
+
+    Reference: Grazzi, Franceschi, Pontil & Salzo (2020), "On the Iteration Complexity of
+    Hypergradient Computation", ICML (fixed-point maps, equilibrium models); Bai, Kolter &
+    Koltun (2019), "Deep Equilibrium Models", NeurIPS.
+
+    Args:
+        fixed_point_map: ``state -> list of tensors``, the map ``Phi``.
+        ll_model: the module whose parameters hold the iterate (its values are the start).
+        ul_model: the module holding the UL variables.
+        iters: number of iterations (>= 1).
+        differentiable_steps: the graph :meth:`optimize` records (``None``: all).
+    """
+
+    def __init__(
+        self,
+        fixed_point_map: FixedPointMapFn,
+        ll_model: nn.Module,
+        ul_model: nn.Module,
+        iters: int,
+        differentiable_steps: int | None = None,
+    ) -> None:
+        if not callable(fixed_point_map):
+            raise TypeError("fixed_point_map must be callable: state -> list of tensors.")
+        self.fixed_point_map = fixed_point_map
+        # a step of size 1 on the residual w - Phi(w): the series' default step is then the
+        # plain fixed-point iteration of the adjoint system
+        # (the map stands where a gradient LL has its objective: give it to the UL method as
+        # its ll_objective, so that the runner's check that both agree holds)
+        super().__init__(
+            fixed_point_map,
+            ll_model,
+            ul_model,
+            1.0,
+            iters,
+            differentiable_steps=differentiable_steps,
+        )
+
+    def step_map(self, model: nn.Module, ul_batch: tuple[Any, Any] | None) -> FixedPointStep:
+        """The map ``w <- Phi(w, lambda)``."""
+        return FixedPointStep(self.fixed_point_map)
+
+    def _plain_sgd(self) -> bool:
+        return False
