@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 
 from bilevel import BilevelProblem
@@ -126,3 +127,10 @@ def test_first_order_maml_through_batch_norm_is_the_gradient_at_the_adapted_weig
     expected = torch.autograd.grad(F.cross_entropy(logits, val[1]), w)
     for g, e in zip(grads, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_convolutions_before_batch_norm_carry_no_bias():
+    """A bias before batch normalization has a zero gradient that Adam would amplify."""
+    net = FewShotNet(5, hidden=4)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 4 and all(conv.bias is None for conv in convs)

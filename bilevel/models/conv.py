@@ -21,9 +21,15 @@ from torch import nn
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    """3x3 conv (padding 1) -> BatchNorm (batch statistics) -> ReLU -> 2x2 max-pool."""
+    """3x3 conv (padding 1, no bias) -> BatchNorm (batch statistics) -> ReLU -> 2x2 max-pool.
+
+    The convolution has no bias: batch normalization subtracts the batch mean right after it,
+    so a bias there changes nothing and its gradient is zero up to round-off, which an
+    adaptive UL optimizer (Adam) would turn into steps of the full learning rate (a 2-process
+    and a 1-process run were measured to differ by 1.2e-3 on those biases, 3.6e-8 elsewhere).
+    """
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
         nn.BatchNorm2d(out_channels, track_running_stats=False),
         nn.ReLU(),
         nn.MaxPool2d(2),
