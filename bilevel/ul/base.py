@@ -105,6 +105,12 @@ class HypergradientCalculator:
                 "the hypergradient would be taken for a problem the LL does not solve. Pass "
                 "the same function to both."
             )
+        ll_ul_objective = getattr(ll, "ul_objective", None)  # LL dynamics that look at F (BDA)
+        if ll_ul_objective is not None and ll_ul_objective != self.ul_objective:
+            raise ValueError(
+                f"{type(ll).__name__} steers the LL with another ul_objective than "
+                f"{type(self).__name__} differentiates: pass the same function to both."
+            )
 
     def run_ll(
         self, ll: Any, data: Any, target: Any, ul_batch: tuple[Any, Any] | None = None

@@ -147,6 +147,13 @@ class Implicit(HypergradientCalculator):
         equals the LL optimizer's step size. (The seed signature made it required for every
         solver, so a value that CG never reads is not held against it.)"""
         super().check_against(ll)
+        if not getattr(ll, "solves_ll_objective", True):
+            raise ValueError(
+                "Implicit needs an LL run that ends at a stationary point of ll_objective; "
+                f"{type(ll).__name__} aggregates the UL gradient into its steps (alpha > 0), so "
+                "the implicit function theorem does not apply. Use Reverse or Truncated, or "
+                "alpha=0."
+            )
         lr = ll.lr
         used = self.method in SERIES and self.alpha is None
         plain = getattr(ll, "optimizer", None) == "sgd"  # where the LL step is the series' step
