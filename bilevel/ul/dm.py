@@ -1,0 +1,219 @@
+"""DM: the single-loop method of multipliers of sl-BAMM (warm-started LL and multiplier)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from bilevel.ll import evaluate_at
+from bilevel.state import Objective, all_finite, parameter_names
+from bilevel.ul.base import Call, Grads, HypergradientCalculator, add, detached_weights
+
+Tensors = list[torch.Tensor]
+
+
+def _zeros_for_none(values: Any, like: Tensors) -> Tensors:
+    return [torch.zeros_like(x) if v is None else v for x, v in zip(like, values, strict=True)]
+
+
+def _dot(a: Tensors, b: Tensors) -> torch.Tensor:
+    return torch.stack([(x * y).sum() for x, y in zip(a, b, strict=True)]).sum()
+
+
+class DM(HypergradientCalculator):
+    """Single-loop bilevel method of multipliers (sl-BAMM's multiplier update): the LL
+    weights ``y`` and a multiplier ``z`` (the running estimate of ``H^{-1} grad_y F``) are
+    kept across UL steps and advanced once per UL step, together with the UL variables ``x``.
+
+    UL step ``k`` (``f`` the LL objective, ``F`` the UL objective)::
+
+        y_{k+1} = the LL optimizer's run from y_k at x_k         (iters = 1: one LL step)
+        z_{k+1} = z_k - eta_k (grad2_yy f(x_k, y_{k+1}) z_k - grad_y F(x_k, y_{k+1}))
+        d_k     = grad_x F(x_k, y_{k+1}) - grad2_xy f(x_k, y_{k+1}) z_{k+1}
+        x_{k+1} = the UL optimizer's step along d_k              (BilevelProblem.step)
+
+    with ``z_0 = 0`` and ``y_0`` the LL model's weights. ``eta_k`` is ``eta`` when a number,
+    or with ``eta="auto"`` the exact line search of one steepest-descent step on
+    ``z^T H z / 2 - z^T grad_y F``: ``eta_k = ||r||^2 / (r^T H r)``, ``r = H z_k - grad_y F``
+    (0 where ``r^T H r <= 0``). This is the update of the authors' reference code
+    (``Darts_W_RHG`` for a number, ``Darts_W_CG`` for ``"auto"``); BOAT's ``DM`` takes its
+    derivatives at ``y_k`` (before the LL step) and uses ``z_k`` in ``d_k``. The LL weights
+    live in ``ll_model`` itself: each call writes ``y_{k+1}`` into its parameters, so they
+    are checkpointed with it; ``z`` and ``k`` are in :meth:`state_dict`.
+
+    At a fixed point ``z = H^{-1} grad_y F`` and ``d`` is the implicit hypergradient. Cost per
+    UL step: the LL run, one UL gradient, one LL gradient with its graph, one
+    Hessian-vector product (two with ``"auto"``) and one mixed second-derivative product;
+    memory of one LL step. The paper's averaging (LL steps on ``mu_k F + (1 - mu_k) f``, for
+    LLs without strong convexity) is the LL's business here: run DM over
+    :class:`bilevel.ll.BDA` dynamics; the multiplier step uses the Hessian of ``f`` (the
+    authors' code with averaging on, and BOAT's GDA variant, use the averaged objective's;
+    they agree as ``mu_k -> 0``). DM is stateful: each call (``BilevelProblem.hypergradient``
+    too) advances ``y`` and ``z``; it keeps ONE LL problem, so it is not for batches of tasks.
+    The UL variables must not be LL weights (MAML-style initializations).
+
+    Reference: Liu, Liu, Yao, Zeng & Zhang (2023), "Averaged Method of Multipliers for
+    Bi-Level Optimization without Lower-Level Strong Convexity", ICML (sl-BAMM).
+
+    Args:
+        ul_objective: ``state -> scalar`` UL loss ``F``.
+        ul_model: module with the UL variables ``x``.
+        ll_objective: ``state -> scalar`` LL loss ``f``.
+        ll_model: the LL module (weights ``y``, kept across UL steps).
+        eta: the multiplier's step, a number > 0 (below ``2 / lambda_max(H)``) or
+            ``"auto"`` (exact line search, the default).
+    """
+
+    name = "dm"
+
+    def __init__(
+        self,
+        ul_objective: Objective,
+        ul_model: nn.Module,
+        ll_objective: Objective,
+        ll_model: nn.Module,
+        eta: float | str = "auto",
+    ) -> None:
+        super().__init__(ul_objective, ul_model, ll_objective, ll_model)
+        if eta != "auto":
+            if isinstance(eta, bool) or not isinstance(eta, int | float):
+                raise TypeError(f"eta must be a number > 0 or 'auto', got {eta!r}.")
+            if not (math.isfinite(eta) and eta > 0):
+                raise ValueError(f"eta must be a finite number > 0 or 'auto', got {eta!r}.")
+            eta = float(eta)
+        self.eta = eta
+        pairs = zip(self.ul_params, self.initial_weight_of, strict=True)
+        shared = [p for p, j in pairs if j is not None]
+        if shared:
+            raise ValueError(
+                f"DM keeps the LL weights across UL steps, so UL parameter(s) "
+                f"{parameter_names(ul_model, shared)} cannot also be LL weights (an "
+                "initialization, as in MAML). Use Reverse, Implicit or Reptile for those."
+            )
+        #: the multiplier ``z_k``, one tensor per trainable LL parameter (``None``: zeros)
+        self.multiplier: Tensors | None = None
+        #: UL steps taken
+        self.steps = 0
+        self._pending: Tensors | None = None
+
+    def differentiable_steps(self, iters: int) -> int:
+        """None: derivatives are taken at the last LL iterate."""
+        return 0
+
+    def settings(self) -> dict[str, Any]:
+        """The multiplier's step."""
+        return {"eta": self.eta}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The multiplier and the step count (the LL weights are ``ll_model``'s)."""
+        multiplier = None if self.multiplier is None else [z.clone() for z in self.multiplier]
+        return {"multiplier": multiplier, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved.
+
+        Raises:
+            ValueError: the multiplier does not match the LL model's trainable parameters.
+        """
+        if not isinstance(state, dict) or set(state) != {"multiplier", "steps"}:
+            raise ValueError(
+                "DM state must be a dict with 'multiplier' and 'steps' (from DM.state_dict())."
+            )
+        steps, multiplier = state["steps"], state["multiplier"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"DM state 'steps' must be an integer >= 0, got {steps!r}.")
+        if multiplier is not None:
+            params = [p for p in self.ll_model.parameters() if p.requires_grad]
+            ok = isinstance(multiplier, list | tuple) and len(multiplier) == len(params)
+            ok = ok and all(
+                isinstance(z, torch.Tensor) and z.shape == p.shape
+                for z, p in zip(multiplier, params, strict=True)
+            )
+            if not ok:
+                raise ValueError(
+                    "DM state 'multiplier' must hold one tensor per trainable LL parameter, "
+                    f"shaped {[tuple(p.shape) for p in params]}: it was saved for another model."
+                )
+            multiplier = [z.detach().to(p).clone() for z, p in zip(multiplier, params, strict=True)]
+        self.multiplier = multiplier
+        self.steps = steps
+
+    def compute_gradients(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Not available: DM keeps state across UL steps."""
+        raise TypeError(
+            "DM keeps the LL weights and its multiplier across UL steps: drive it with "
+            "BilevelProblem(ll, dm, ul_optimizer).step(train, val) (or "
+            "dm.task_gradients(ll, train, val)), not with ll.optimize + compute_gradients."
+        )
+
+    def task_gradients(
+        self, ll: Any, train: tuple[Any, Any], val: tuple[Any, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One UL step's hypergradient (added to ``.grad``); advances ``y`` (written into
+        ``ll_model``) and ``z``. Returns the UL loss and the last LL loss (detached)."""
+        trajectory = self.run_ll(ll, *train, ul_batch=val)
+        try:
+            loss = self.accumulate(trajectory, val, train)
+            pending = self._pending
+            new_weights, _ = detached_weights(trajectory)
+            new_weights = [w for w, t in zip(new_weights, trajectory.trainable, strict=True) if t]
+            if pending is None or not all_finite([*pending, *new_weights]):
+                raise FloatingPointError(
+                    f"DM's multiplier or LL weights became NaN or inf at UL step {self.steps}: "
+                    "lower eta (or use eta='auto') and the LL learning rate."
+                )
+            self.multiplier = pending
+            self.steps += 1
+            params = [p for p in self.ll_model.parameters() if p.requires_grad]
+            with torch.no_grad():
+                for p, w in zip(params, new_weights, strict=True):
+                    p.copy_(w)
+        finally:
+            self._pending = None
+            ll.release(trajectory.model)
+        return loss, trajectory.losses[-1]
+
+    def _hypergradient(self, call: Call) -> tuple[Grads, torch.Tensor]:
+        weights, active = detached_weights(call.trajectory)
+        y = [weights[i] for i in active]
+        z = self.multiplier if self.multiplier is not None else [torch.zeros_like(x) for x in y]
+        n = len(self.ul_params)
+        with evaluate_at(call.auxiliary_model, weights):
+            loss = self.ul_loss(call)
+            grads = torch.autograd.grad(loss, [*self.ul_params, *y], allow_unused=True)
+            g = torch.autograd.grad(self.ll_loss(call), y, create_graph=True, allow_unused=True)
+        direct, v = grads[:n], _zeros_for_none(grads[n:], y)
+        linked = [(gi, i) for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+
+        def vjp(q: Tensors, inputs: list) -> tuple:
+            """``sum_i q_i^T d g_i / d inputs`` (``None`` where no path)."""
+            if not linked:
+                return (None,) * len(inputs)
+            return torch.autograd.grad(
+                [gi for gi, _ in linked],
+                inputs,
+                grad_outputs=[q[i] for _, i in linked],
+                retain_graph=True,
+                allow_unused=True,
+            )
+
+        residual = [hz - vi for hz, vi in zip(_zeros_for_none(vjp(z, y), y), v, strict=True)]
+        squared = _dot(residual, residual)
+        if self.eta == "auto":
+            curvature = _dot(residual, _zeros_for_none(vjp(residual, y), y))
+            tiny = torch.finfo(curvature.dtype).tiny
+            eta = torch.where(
+                curvature > 0, squared / curvature.clamp_min(tiny), torch.zeros_like(curvature)
+            )
+        else:
+            eta = self.eta
+        new = [(zi - eta * ri).detach() for zi, ri in zip(z, residual, strict=True)]
+        cross = vjp(new, self.ul_params)
+        self._pending = new
+        self.diagnostics["multiplier_residual"] = squared.sqrt().detach()
+        self.diagnostics["eta"] = torch.as_tensor(eta).detach()
+        result = [add(d, None if c is None else -c) for d, c in zip(direct, cross, strict=True)]
+        return result, loss
