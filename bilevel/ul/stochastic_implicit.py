@@ -1,0 +1,451 @@
+"""Stochastic implicit hypergradients: the linear system solved by a stochastic optimizer with
+minibatch Hessian (or Gauss-Newton) vector products (SID)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from bilevel import linalg
+from bilevel.ll import Trajectory, evaluate_at
+from bilevel.state import Objective, check_objective_result, make_state
+from bilevel.ul.base import Call, Grads, HypergradientCalculator, detached_weights
+from bilevel.ul.implicit import HypergradientDivergenceError
+
+Tensors = list[torch.Tensor]
+Batch = tuple[Any, Any]
+#: ``ll_outputs(state) -> (outputs, output_loss, rest)``: see :class:`StochasticImplicit`
+Outputs = Callable[
+    [dict[str, Any]], tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], Any]
+]
+
+CURVATURES = ("hessian", "gauss_newton")
+CROSS = ("minibatch", "full")
+#: the last minibatch residual above this multiple of ``||v||`` declares the solve diverged
+DIVERGED = 1e6
+
+
+def _count(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+@contextlib.contextmanager
+def _frozen(params: Tensors) -> Iterator[None]:
+    """``requires_grad`` off on ``params`` while Hessian-vector products are taken in the LL
+    weights only (no graph to the UL parameters is recorded), restored on exit."""
+    frozen = [p for p in params if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _or_zeros(grads: tuple, like: Tensors) -> Tensors:
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like, strict=True)]
+
+
+class StochasticImplicit(HypergradientCalculator):
+    """Implicit hypergradient with the linear system solved stochastically (SID).
+
+    With ``v = grad_w L_ul(w, lambda)`` at the LL solution ``w``, ``q`` approximately solves
+    ``H q = v`` by running a ``torch.optim`` optimizer for ``steps`` steps on the quadratic
+    ``1/2 q^T H q - v^T q``, whose gradient ``H_b q - v`` is taken with a Hessian-vector product
+    of ``ll_objective`` on a fresh minibatch ``b`` of the LL data at every step (an unbiased
+    estimate of ``H q - v`` when the LL objective is a mean over samples plus terms that do not
+    depend on the data). Then::
+
+        dF/dlambda = grad_lambda L_ul - (d g_c / dlambda)^T q
+
+    with ``g_c`` the LL gradient on ``cross="minibatch"``: one more fresh minibatch, drawn
+    independently of the solver's, as in the paper's algorithm (so that the product is
+    unbiased given ``q``), or ``cross="full"``: the full LL batch. Plain SGD on the quadratic
+    with a constant step ``alpha`` is the paper's stochastic fixed-point iteration
+    ``q <- q - alpha (H_b q - v)``; it converges when ``alpha < 2 / lambda_max`` of the
+    minibatch Hessians, to a noise ball whose size decreasing steps shrink (pass a
+    ``solver_scheduler``). With independent draws, the mean of the hypergradient over draws is
+    the full-batch hypergradient with the same solver steps (for SGD or heavy ball with fixed
+    step sizes, whose iterates are linear in the draws' Hessians), and its error falls as
+    ``1 / sqrt(draws)``.
+
+    ``curvature="gauss_newton"`` replaces ``H`` by the generalized Gauss-Newton matrix
+    ``J^T H_out J + H_rest`` of ``ll_objective(state) = output_loss(outputs) + rest`` (``J``:
+    the Jacobian of the model's outputs in the LL weights, ``H_out``: the Hessian of
+    ``output_loss`` in the outputs), given by ``ll_outputs(state) -> (outputs, output_loss,
+    rest)``: positive semi-definite when ``output_loss`` is convex in the outputs and ``rest``
+    convex, even where the LL Hessian is not. Each product costs about one Hessian-vector
+    product (a Jacobian-vector product by the double-backward trick, a product with
+    ``H_out``, a vector-Jacobian product). The cross term keeps the exact mixed derivative.
+
+    Cost per call: ``steps`` minibatch Hessian (or Gauss-Newton) vector products, one cross
+    product, one UL gradient; memory of one minibatch graph. Draws come from the method's own
+    ``torch.Generator`` (seeded by ``seed``, saved by :meth:`state_dict`), never from the
+    global RNG.
+
+    References: Grazzi, Pontil & Salzo (2021), "Convergence Properties of Stochastic
+    Hypergradients", AISTATS (SID); Pedregosa (2016), "Hyperparameter optimization with
+    approximate gradient", ICML (HOAG); Schraudolph (2002), "Fast Curvature Matrix-Vector
+    Products for Second-Order Gradient Descent", Neural Computation (Gauss-Newton products).
+
+    Args:
+        ul_objective: ``state -> scalar`` UL loss.
+        ul_model: module with the UL variables.
+        ll_objective: ``state -> scalar`` LL loss (a mean over the samples of its batch plus
+            data-independent terms, for unbiased minibatch products).
+        ll_model: the LL module.
+        solver_optimizer: ``params -> torch.optim.Optimizer`` over the solution ``q`` (a list of
+            tensors shaped like the trainable LL weights); default plain SGD with the LL run's
+            step size (``alpha < 2 / lambda_max`` if the LL converged with gradient descent).
+        steps: optimizer steps on the quadratic (>= 1).
+        batches: the minibatches of the solver steps and of a minibatch cross term: ``None``
+            (the full LL batch: deterministic), an int (that many samples, drawn without
+            replacement from the LL batch, whose tensors ``(data, target)`` have one row per
+            sample), or a callable ``draw -> (data, target)`` (``draw`` counts the draws since
+            construction; the callable owns its randomness).
+        cross: ``"minibatch"`` (the paper's choice) or ``"full"``.
+        curvature: ``"hessian"`` or ``"gauss_newton"`` (needs ``ll_outputs``).
+        ll_outputs: for ``"gauss_newton"``: ``state -> (outputs, output_loss, rest)``, with
+            ``outputs`` computed from ``state["ll_model"]``, ``output_loss`` a function of the
+            outputs alone (targets and UL variables may be captured), and ``rest`` the other
+            terms of ``ll_objective`` (a scalar tensor, e.g. a weight penalty, or ``0.0``);
+            checked once per call against ``ll_objective`` on the full batch.
+        solver_scheduler: optional ``optimizer -> scheduler`` (``torch.optim.lr_scheduler``),
+            stepped after every solver step (decreasing steps, as the paper's analysis).
+        seed: seeds the generator of the int ``batches`` draws.
+    """
+
+    name = "stochastic_implicit"
+
+    def __init__(
+        self,
+        ul_objective: Objective,
+        ul_model: nn.Module,
+        ll_objective: Objective,
+        ll_model: nn.Module,
+        solver_optimizer: Callable[[Tensors], torch.optim.Optimizer] | None = None,
+        steps: int = 100,
+        batches: int | Callable[[int], Batch] | None = None,
+        cross: str = "minibatch",
+        curvature: str = "hessian",
+        ll_outputs: Outputs | None = None,
+        solver_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(ul_objective, ul_model, ll_objective, ll_model)
+        if solver_optimizer is not None and not callable(solver_optimizer):
+            raise TypeError(
+                "solver_optimizer must be a callable params -> torch.optim.Optimizer, e.g. "
+                f"lambda params: torch.optim.SGD(params, lr=0.1), got {solver_optimizer!r}."
+            )
+        self.steps = _count(steps, "steps", 1)
+        if batches is not None and not callable(batches):
+            batches = _count(batches, "batches (a minibatch size)", 1)
+        if cross not in CROSS:
+            raise ValueError(f"cross must be one of {CROSS}, got {cross!r}.")
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
+        if curvature == "gauss_newton" and not callable(ll_outputs):
+            raise ValueError(
+                "curvature='gauss_newton' needs ll_outputs: a callable state -> (outputs, "
+                "output_loss, rest) that splits ll_objective into a loss of the model's outputs "
+                "and the other terms, e.g. lambda s: (s['ll_model'](s['data']), lambda z: "
+                "F.cross_entropy(z, s['target']), penalty(s))."
+            )
+        if solver_scheduler is not None and not callable(solver_scheduler):
+            raise TypeError(
+                f"solver_scheduler must be a callable optimizer -> scheduler, got "
+                f"{solver_scheduler!r}."
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}.")
+        self.solver_optimizer = solver_optimizer
+        self.batches = batches
+        self.cross = cross
+        self.curvature = curvature
+        self.ll_outputs = ll_outputs
+        self.solver_scheduler = solver_scheduler
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.draws = 0
+
+    def differentiable_steps(self, iters: int) -> int:
+        """None: the LL graph is not needed."""
+        return 0
+
+    def check_against(self, ll: Any) -> None:
+        """Also: the LL ends at a stationary point of ``ll_objective`` (not BDA with
+        ``alpha > 0``), whose Hessian is the system this method solves."""
+        super().check_against(ll)
+        if not getattr(ll, "solves_ll_objective", True):
+            raise ValueError(
+                "StochasticImplicit needs an LL run that ends at a stationary point of "
+                f"ll_objective; {type(ll).__name__} aggregates the UL gradient into its steps "
+                "(alpha > 0), so the implicit function theorem does not apply. Use Reverse or "
+                "Truncated, or alpha=0."
+            )
+
+    def settings(self) -> dict[str, Any]:
+        """Solver steps, batches, cross term, curvature and seed."""
+        batches = "callable" if callable(self.batches) else self.batches
+        return {
+            "steps": self.steps,
+            "batches": batches,
+            "cross": self.cross,
+            "curvature": self.curvature,
+            "seed": self.seed,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator's state and the number of draws (the next draws follow from them)."""
+        return {"generator": self.generator.get_state(), "draws": self.draws}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`: the next draws are bitwise those that followed it."""
+        try:
+            generator, draws = state["generator"], int(state["draws"])
+        except (KeyError, TypeError) as error:
+            raise ValueError(
+                f"not a StochasticImplicit state (missing {error}); load what "
+                "StochasticImplicit.state_dict() returned."
+            ) from None
+        self.generator.set_state(generator.cpu())
+        self.draws = draws
+
+    # -- minibatches ------------------------------------------------------------------------
+
+    def draw(self, train: Batch) -> Batch:
+        """The next minibatch of the LL batch ``train`` (itself when ``batches`` is None)."""
+        draw, self.draws = self.draws, self.draws + 1
+        if self.batches is None:
+            return train
+        if callable(self.batches):
+            batch = self.batches(draw)
+            if not isinstance(batch, tuple | list) or len(batch) != 2:
+                raise TypeError(
+                    f"batches({draw}) must return a pair (data, target), got "
+                    f"{type(batch).__name__}."
+                )
+            return batch[0], batch[1]
+        data, target = train
+        if not isinstance(data, torch.Tensor) or not isinstance(target, torch.Tensor):
+            raise TypeError(
+                "batches=<int> draws rows of the LL (data, target) tensors; they are "
+                f"{type(data).__name__} and {type(target).__name__}: pass a callable batches="
+                "lambda draw: (data, target) instead."
+            )
+        n = data.shape[0] if data.ndim else 0
+        if data.ndim == 0 or target.ndim == 0 or target.shape[0] != n:
+            raise ValueError(
+                "batches=<int> needs LL data and target with one row per sample along their "
+                f"first dimension, got shapes {tuple(data.shape)} and {tuple(target.shape)}."
+            )
+        if self.batches >= n:
+            return train
+        index = torch.randperm(n, generator=self.generator)[: self.batches]
+        index = index.to(data.device)
+        return data.index_select(0, index), target.index_select(0, index)
+
+    # -- products ---------------------------------------------------------------------------
+
+    def _state(self, model: nn.Module, batch: Batch) -> dict[str, Any]:
+        return make_state(batch[0], batch[1], self.ul_model, model)
+
+    def _hessian_product(self, state: dict[str, Any], w: Tensors, q: Tensors) -> Tensors:
+        loss = check_objective_result(self.ll_objective(state), "ll_objective")
+        g = torch.autograd.grad(loss, w, create_graph=True, allow_unused=True)
+        linked = [(gi, qi) for gi, qi in zip(g, q, strict=True) if gi is not None]
+        linked = [(gi, qi) for gi, qi in linked if gi.requires_grad]
+        if not linked:
+            return [torch.zeros_like(x) for x in w]
+        hv = torch.autograd.grad(
+            [gi for gi, _ in linked], w, grad_outputs=[qi for _, qi in linked], allow_unused=True
+        )
+        return _or_zeros(hv, w)
+
+    def _split(self, state: dict[str, Any], graph: bool = True) -> tuple[torch.Tensor, Any, Any]:
+        """``ll_outputs(state)``, checked (``graph``: the outputs must have a graph)."""
+        result = self.ll_outputs(state)
+        if not isinstance(result, tuple | list) or len(result) != 3:
+            got = type(result).__name__
+            if isinstance(result, tuple | list):
+                got += f" of length {len(result)}"
+            raise TypeError(
+                f"ll_outputs must return a tuple (outputs, output_loss, rest), got {got}."
+            )
+        outputs, output_loss, rest = result
+        if not isinstance(outputs, torch.Tensor) or (graph and not outputs.requires_grad):
+            raise TypeError(
+                "ll_outputs' outputs must be a tensor computed from state['ll_model'] (with its "
+                "graph to the LL weights)."
+            )
+        if not callable(output_loss):
+            raise TypeError("ll_outputs' output_loss must be a callable outputs -> scalar.")
+        if isinstance(rest, bool) or not isinstance(rest, torch.Tensor | int | float):
+            raise TypeError("ll_outputs' rest must be a scalar tensor or a number (0.0).")
+        return outputs, output_loss, rest
+
+    def _gauss_newton_product(self, state: dict[str, Any], w: Tensors, q: Tensors) -> Tensors:
+        outputs, output_loss, rest = self._split(state)
+        # J q by the double-backward trick: J^T u is linear in u, so d(J^T u . q)/du = J q
+        u = torch.zeros_like(outputs, requires_grad=True)
+        jtu = torch.autograd.grad(outputs, w, grad_outputs=u, create_graph=True, allow_unused=True)
+        linked = [(a, qi) for a, qi in zip(jtu, q, strict=True) if a is not None]
+        out = [torch.zeros_like(x) for x in w]
+        if linked:
+            (jq,) = torch.autograd.grad(
+                [a for a, _ in linked], u, grad_outputs=[qi for _, qi in linked], allow_unused=True
+            )
+            if jq is not None:
+                z = outputs.detach().requires_grad_()
+                loss = check_objective_result(output_loss(z), "ll_outputs' output_loss")
+                (gz,) = torch.autograd.grad(loss, z, create_graph=True)
+                hq = torch.zeros_like(z)
+                if gz.requires_grad:
+                    (hq,) = torch.autograd.grad(gz, z, grad_outputs=jq, allow_unused=True)
+                    hq = torch.zeros_like(z) if hq is None else hq
+                jthq = torch.autograd.grad(outputs, w, grad_outputs=hq, allow_unused=True)
+                out = _or_zeros(jthq, w)
+        if isinstance(rest, torch.Tensor) and rest.requires_grad:
+            rest = check_objective_result(rest, "ll_outputs' rest")
+            out = [a + b for a, b in zip(out, self._second(rest, w, q), strict=True)]
+        return out
+
+    @staticmethod
+    def _second(value: torch.Tensor, w: Tensors, q: Tensors) -> Tensors:
+        g = torch.autograd.grad(value, w, create_graph=True, allow_unused=True)
+        linked = [(gi, qi) for gi, qi in zip(g, q, strict=True) if gi is not None]
+        linked = [(gi, qi) for gi, qi in linked if gi.requires_grad]
+        if not linked:
+            return [torch.zeros_like(x) for x in w]
+        hv = torch.autograd.grad(
+            [gi for gi, _ in linked], w, grad_outputs=[qi for _, qi in linked], allow_unused=True
+        )
+        return _or_zeros(hv, w)
+
+    def _check_split(self, model: nn.Module, train: Batch) -> None:
+        """``ll_objective == output_loss(outputs) + rest`` on the full batch (to round-off)."""
+        with torch.no_grad():
+            state = self._state(model, train)
+            outputs, output_loss, rest = self._split(state, graph=False)
+            split = output_loss(outputs) + rest
+            whole = self.ll_objective(state)
+        eps = torch.finfo(whole.dtype).eps
+        gap = float((split - whole).abs())
+        if not gap <= math.sqrt(eps) * (1.0 + float(whole.abs())):
+            raise ValueError(
+                f"ll_outputs does not split ll_objective: output_loss(outputs) + rest = "
+                f"{float(split):.6g} but ll_objective = {float(whole):.6g} on the LL batch. "
+                "Return every term of ll_objective that is not a loss of the outputs as rest "
+                "(weight penalties, proximal terms)."
+            )
+
+    # -- the method -------------------------------------------------------------------------
+
+    def _solver(self, q: Tensors, trajectory: Trajectory) -> torch.optim.Optimizer:
+        if self.solver_optimizer is None:
+            step = trajectory.step_size
+            if step is None:
+                raise ValueError(
+                    "StochasticImplicit's default solver is SGD with the LL step size, which is "
+                    "not one number here (per-parameter or per-step step sizes): pass "
+                    "solver_optimizer=lambda params: torch.optim.SGD(params, lr=<alpha>) with "
+                    "alpha < 2 / lambda_max(H)."
+                )
+            return torch.optim.SGD(q, lr=step)
+        optimizer = self.solver_optimizer(q)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "solver_optimizer must return a torch.optim.Optimizer over the params it is "
+                f"given, got {type(optimizer).__name__}."
+            )
+        return optimizer
+
+    def _hypergradient(self, call: Call) -> tuple[Grads, torch.Tensor]:
+        step_map = getattr(call.trajectory, "step_map", None)
+        if not getattr(step_map, "symmetric", True):
+            raise ValueError(
+                "StochasticImplicit solves H q = v with the Hessian of ll_objective, but this LL "
+                "is a fixed-point map, whose implicit system (I - dPhi/dw)^T q = v is not a "
+                "Hessian: use Implicit(method='fixed_point') or Implicit(method='normal_cg')."
+            )
+        model = call.auxiliary_model
+        train = (call.train_data, call.train_target)
+        weights, active = detached_weights(call.trajectory)
+        w = [weights[i] for i in active]
+        n = len(self.ul_params)
+        product = (
+            self._hessian_product if self.curvature == "hessian" else self._gauss_newton_product
+        )
+        with evaluate_at(model, weights):
+            if self.curvature == "gauss_newton":
+                self._check_split(model, train)
+            loss = self.ul_loss(call)
+            grads = torch.autograd.grad(loss, [*self.ul_params, *w], allow_unused=True)
+            direct, v = grads[:n], _or_zeros(grads[n:], w)
+            q = [torch.zeros_like(x, requires_grad=True) for x in w]
+            optimizer = self._solver(q, call.trajectory)
+            scheduler = None if self.solver_scheduler is None else self.solver_scheduler(optimizer)
+            with _frozen(self.ul_params):
+                for _ in range(self.steps):
+                    state = self._state(model, self.draw(train))
+                    hq = product(state, w, [qi.detach() for qi in q])
+                    for qi, h, vi in zip(q, hq, v, strict=True):
+                        qi.grad = h - vi
+                    optimizer.step()
+                    if scheduler is not None:
+                        scheduler.step()
+            residual = [qi.grad for qi in q]  # H_b q - v at the last step's q
+            cross = self.draw(train) if self.cross == "minibatch" else train
+            ll_loss = check_objective_result(
+                self.ll_objective(self._state(model, cross)), "ll_objective"
+            )
+            g = torch.autograd.grad(ll_loss, w, create_graph=True, allow_unused=True)
+        solution = [qi.detach() for qi in q]
+        self._check_solution(solution, residual, v)
+        linked = [(gi, qi) for gi, qi in zip(g, solution, strict=True) if gi is not None]
+        linked = [(gi, qi) for gi, qi in linked if gi.requires_grad]
+        indirect: tuple = (None,) * n
+        if linked:
+            indirect = torch.autograd.grad(
+                [gi for gi, _ in linked],
+                self.ul_params,
+                grad_outputs=[qi for _, qi in linked],
+                allow_unused=True,
+            )
+        result = [
+            d if ind is None else (-ind if d is None else d - ind)
+            for d, ind in zip(direct, indirect, strict=True)
+        ]
+        return result, loss
+
+    def _check_solution(self, q: Tensors, residual: Tensors, v: Tensors) -> None:
+        """Raise if the solve diverged: ``q`` not finite, or the last step's minibatch residual
+        above ``1e6 ||v||`` (SGD on the quadratic grows geometrically when its step is above
+        ``2 / lambda_max``)."""
+        values = torch.stack([linalg.norm(q), linalg.norm(residual), linalg.norm(v)]).tolist()
+        q_norm, res, rhs = values
+        self.diagnostics = {
+            "steps": self.steps,
+            "draws": self.draws,
+            "q_norm": q_norm,
+            "minibatch_residual_norm": res,
+            "rhs_norm": rhs,
+        }
+        if math.isfinite(q_norm) and math.isfinite(res) and res <= DIVERGED * max(rhs, 1e-300):
+            return
+        raise HypergradientDivergenceError(
+            f"The stochastic linear solve diverged: ||q|| = {q_norm:.3g}, last minibatch "
+            f"residual {res:.3g} against ||v|| = {rhs:.3g}. SGD on the quadratic converges only "
+            "for a step below 2 / lambda_max of the minibatch Hessians (small minibatches have "
+            "larger ones): lower the solver's learning rate, use larger batches, or "
+            "curvature='gauss_newton' where the LL Hessian is not positive definite."
+        )
