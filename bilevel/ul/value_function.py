@@ -1,0 +1,495 @@
+"""What the first-order (Hessian-free) bilevel methods share.
+
+BOME, PBGD, BVFIM, MESO, GAFFO, Alternating and F2SA do not differentiate through the LL:
+they replace the bilevel problem by a single-level surrogate built from the LL's value
+function (``min_y f(x, y)``), a penalty or a gap function, and take plain gradient steps on
+the UL variables ``x`` and on the LL variables ``y`` together. The LL variables (and the
+auxiliary ones: a second LL copy ``z``, a proximal point ``theta``, multipliers) are kept
+across UL steps, so every method here is a state machine driven by
+:class:`bilevel.BilevelProblem` through :meth:`FirstOrderMethod.task_gradients`.
+
+Where the state lives:
+
+- ``y`` is ``ll_model``'s own trainable parameters: they are updated in place at every UL
+  step, warm-start every inner loop, and are what the user reads after training. They are
+  checkpointed with ``ll_model``.
+- The auxiliary variables and the step counter are the method's :meth:`state_dict`.
+
+Conventions: ``F`` is the UL objective on the UL batch (``val``), ``f`` the LL objective on
+the LL batch (``train``); ``ll.lr`` (``alpha``) and ``ll.iters`` (``T``) are the step size and
+the number of steps of the plain gradient-descent inner loops; ``lr_y`` is the step size of a
+method's own update of ``y`` (``ll.lr`` unless given). The UL step is taken by the runner's UL
+optimizer on the direction the method adds to ``.grad``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from bilevel import distributed
+from bilevel.ll import evaluate_at
+from bilevel.state import (
+    Objective,
+    all_finite,
+    check_objective_result,
+    make_state,
+    parameter_names,
+)
+from bilevel.ul.base import HypergradientCalculator
+
+Tensors = list[torch.Tensor]
+Batch = tuple[Any, Any]
+Grads = list[torch.Tensor | None]
+
+
+# --- argument checks -----------------------------------------------------------------------
+
+
+def check_number(
+    value: Any, name: str, low: float = 0.0, closed: bool = False, high: float = math.inf
+) -> float:
+    """``value`` as a float after checking it is a real number in ``(low, high]`` (``[low,
+    high]`` with ``closed``); a bool is not a number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.")
+    value = float(value)
+    above = value >= low if closed else value > low
+    if not (above and value <= high and math.isfinite(value)):
+        interval = f"{'[' if closed else '('}{low}, {high}{']' if math.isfinite(high) else ')'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}.")
+    return value
+
+
+def check_optional_number(value: Any, name: str, **bounds: Any) -> float | None:
+    """``None``, or a number checked by :func:`check_number`."""
+    return None if value is None else check_number(value, name, **bounds)
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
+    return value
+
+
+def check_schedule(value: Any, name: str) -> float | Callable[[int], float]:
+    """A positive number, or a callable ``step -> positive number`` (checked when called)."""
+    if callable(value) and not isinstance(value, torch.Tensor):
+        return value
+    return check_number(value, name)
+
+
+def evaluate_schedule(value: float | Callable[[int], float], name: str, step: int) -> float:
+    """The value of a number-or-schedule at UL step ``step`` (checked)."""
+    if callable(value):
+        return check_number(value(step), f"{name}({step})")
+    return value
+
+
+# --- vector arithmetic on lists of tensors -------------------------------------------------
+
+
+def dot(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """``sum_i <a_i, b_i>`` over the pairs where both are given (a 0-d tensor)."""
+    terms = [(u * v).sum() for u, v in zip(a, b, strict=True) if u is not None and v is not None]
+    if not terms:
+        raise ValueError("dot of two empty lists")
+    return torch.stack(terms).sum()
+
+
+def add_scaled(a: Tensors, b: Tensors, scale: float | torch.Tensor) -> Tensors:
+    """``a + scale * b``, elementwise over the lists."""
+    return [u + scale * v for u, v in zip(a, b, strict=True)]
+
+
+def combine(*terms: tuple[float | torch.Tensor, Grads]) -> Grads:
+    """``sum_j scale_j * g_j`` per entry, skipping ``None`` (no path); ``None`` where every
+    term is ``None``."""
+    result: Grads = []
+    for entries in zip(*(g for _, g in terms), strict=True):
+        total = None
+        for (scale, _), g in zip(terms, entries, strict=True):
+            if g is None:
+                continue
+            term = g if isinstance(scale, float) and scale == 1.0 else scale * g
+            total = term if total is None else total + term
+        result.append(total)
+    return result
+
+
+# --- one UL step's work --------------------------------------------------------------------
+
+
+@dataclass
+class Update:
+    """What a method computed in one UL step; committed only if every entry is finite.
+
+    Attributes:
+        ul_loss: the UL loss reported for this step (detached).
+        ll_loss: the LL loss reported for this step (detached).
+        x_direction: the UL direction, one entry per UL parameter (``None``: no path).
+        y: the new LL variables (one tensor per trainable LL parameter).
+        auxiliary: new values of the method's auxiliary variables.
+        diagnostics: what the step measured (0-d tensors or numbers).
+    """
+
+    ul_loss: torch.Tensor
+    ll_loss: torch.Tensor
+    x_direction: Grads
+    y: Tensors
+    auxiliary: dict[str, Tensors] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepContext:
+    """The inputs of one UL step: the batches and the inner-loop settings from ``ll``."""
+
+    train: Batch
+    val: Batch
+    lr: float  # ll.lr: the inner loops' step size (alpha)
+    iters: int  # ll.iters: the inner loops' number of steps (T)
+    step: int  # the UL step's index (for schedules)
+
+
+class FirstOrderMethod(HypergradientCalculator):
+    """Base of the first-order methods that keep LL (and auxiliary) variables across UL steps.
+
+    A method implements :meth:`_update` (one UL step's arithmetic, on lists of tensors,
+    returning an :class:`Update`), :meth:`settings` and, if it keeps auxiliary variables,
+    lists their names in ``auxiliary_names``. This class evaluates the objectives at given LL
+    weights, runs plain gradient-descent inner loops, checks everything for NaN/inf before it
+    commits anything (so a refused step leaves the state as it was), writes ``y`` into
+    ``ll_model``, adds the UL direction to ``.grad`` and checkpoints the state.
+
+    The inner loops take plain gradient steps with ``ll.lr`` for ``ll.iters`` steps, as the
+    papers do: ``ll`` must be ``GradientDescent(..., optimizer="sgd")`` without momentum or
+    weight decay, with a constant step size (a number).
+
+    One LL variable is kept: a task batch (``meta_step``) updates it once per task in turn
+    (and counts one step per task), which is meaningful only when the tasks share one LL
+    problem (minibatches of one data set), and ``torch.distributed`` is refused (each
+    process would keep its own copy). Every call advances the state, including
+    ``BilevelProblem.hypergradient``, which for these methods is not free of side effects.
+    """
+
+    name = "first_order_method"
+    #: names of the auxiliary variables in the state (lists of tensors shaped like ``y``)
+    auxiliary_names: tuple[str, ...] = ()
+    #: auxiliary variables not shaped like ``y`` (multipliers of LL constraints)
+    free_shape_auxiliary: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        ul_objective: Objective,
+        ul_model: nn.Module,
+        ll_objective: Objective,
+        ll_model: nn.Module,
+    ) -> None:
+        super().__init__(ul_objective, ul_model, ll_objective, ll_model)
+        shared = [j is not None for j in self.initial_weight_of]
+        if any(shared):
+            names = parameter_names(
+                ul_model, [p for p, s in zip(self.ul_params, shared, strict=True) if s]
+            )
+            raise ValueError(
+                f"UL parameter(s) {names} are also parameters of ll_model. {type(self).__name__} "
+                "keeps the LL variables as its own state and never differentiates through the "
+                "LL, so it cannot learn the LL's initial weights: use Reverse, Implicit with a "
+                "proximal term, FirstOrder or Reptile for meta-learning an initialization."
+            )
+        self._ll_params = [p for p in ll_model.parameters() if p.requires_grad]
+        self._trainable = [p.requires_grad for p in ll_model.parameters()]
+        self.steps_taken = 0
+        self.auxiliary: dict[str, Tensors | None] = dict.fromkeys(self.auxiliary_names)
+        self._model: nn.Module | None = None
+
+    # --- the contract with the runner ------------------------------------------------------
+
+    def differentiable_steps(self, iters: int) -> int:
+        """None: these methods never differentiate through LL steps."""
+        return 0
+
+    def check_against(self, ll: Any) -> None:
+        """Raise if ``ll`` was built on other models or objective, or is not the plain
+        gradient descent with a constant step size that the inner loops take."""
+        super().check_against(ll)
+        self._inner_settings(ll)
+        if distributed.active() and distributed.world_size() > 1:
+            raise NotImplementedError(
+                f"{type(self).__name__} keeps one copy of the LL variables and is not yet "
+                "supported under torch.distributed (each process would update its own copy). "
+                "Run it in one process."
+            )
+
+    def _inner_settings(self, ll: Any) -> tuple[float, int]:
+        rule = getattr(ll, "rule", None)
+        extra = {
+            name: h.items
+            for name, h in getattr(ll, "hyper", {}).items()
+            if name != "lr" and any(not (isinstance(v, float) and v == 0.0) for v in h.items)
+        }
+        if getattr(rule, "name", None) != "sgd" or extra:
+            raise ValueError(
+                f"{type(self).__name__} runs its inner loops as plain gradient descent with "
+                f"ll.lr, as its paper does; ll has rule {getattr(rule, 'name', None)!r}"
+                + (f" with {sorted(extra)}" if extra else "")
+                + ". Build ll = GradientDescent(..., lr=..., iters=..., optimizer='sgd') "
+                "without momentum or weight decay."
+            )
+        lr = ll.lr
+        if isinstance(lr, bool) or not isinstance(lr, int | float):
+            raise TypeError(
+                f"{type(self).__name__} needs ll.lr to be a number (the inner step size), got "
+                f"{type(lr).__name__}: schedules, per-parameter and UL-dependent step sizes do "
+                "not apply to value-function methods."
+            )
+        return float(lr), int(ll.iters)
+
+    def compute_gradients(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Not available: the method keeps state across UL steps; drive it with
+        ``BilevelProblem(ll, method, ul_optimizer).step(train, val)`` (or call
+        :meth:`task_gradients`)."""
+        raise TypeError(
+            f"{type(self).__name__} keeps LL variables across UL steps and takes no auxiliary "
+            "model: use BilevelProblem(ll, method, ul_optimizer).step(train, val), or "
+            "method.task_gradients(ll, train, val)."
+        )
+
+    def task_gradients(
+        self, ll: Any, train: tuple[Any, Any], val: tuple[Any, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One UL step of the method: update the LL (and auxiliary) variables, add the UL
+        direction to ``.grad`` of the UL parameters, and return the UL and LL losses
+        (detached). Nothing is changed if any result is NaN or inf (FloatingPointError).
+
+        Args:
+            ll: the ``GradientDescent`` that gives the inner step size ``ll.lr`` and number of
+                inner steps ``ll.iters``.
+            train: the LL batch ``(data, target)``.
+            val: the UL batch ``(data, target)``.
+        """
+        if ll.ll_model is not self.ll_model:
+            raise ValueError("ll and the method must be built on the same ll_model object.")
+        lr, iters = self._inner_settings(ll)
+        context = StepContext(tuple(train), tuple(val), lr, iters, self.steps_taken)
+        self._model = ll.patched_model(graph_from_start=False)
+        try:
+            update = self._update(context)
+        finally:
+            ll.release(self._model)
+            self._model = None
+        self._commit(update)
+        return update.ul_loss, update.ll_loss
+
+    def _update(self, context: StepContext) -> Update:
+        """The method itself: one UL step's arithmetic."""
+        raise NotImplementedError
+
+    def _commit(self, update: Update) -> None:
+        self._refuse_unused(update.x_direction)
+        tensors = [update.ul_loss, update.ll_loss, *update.y]
+        tensors += [g for g in update.x_direction if g is not None]
+        for values in update.auxiliary.values():
+            tensors += values
+        if not all_finite([t.detach().reshape(-1) for t in tensors]):
+            raise FloatingPointError(
+                f"{type(self).__name__} step {self.steps_taken}: the UL direction, the losses or "
+                "the LL variables became NaN or inf; nothing was updated. Lower the step sizes "
+                "(the UL optimizer's lr, ll.lr, lr_y) or the penalty, or check the objectives "
+                "for log(0) or division by zero."
+            )
+        with torch.no_grad():
+            for p, w in zip(self._ll_params, update.y, strict=True):
+                p.copy_(w)
+        for key, values in update.auxiliary.items():
+            self.auxiliary[key] = [v.detach() for v in values]
+        for p, g in zip(self.ul_params, update.x_direction, strict=True):
+            if p.grad is None:
+                p.grad = g.detach().clone()
+            else:
+                p.grad.add_(g.detach())
+        self.steps_taken += 1
+        self.diagnostics = {"ul_loss": update.ul_loss, **update.diagnostics}
+
+    # --- evaluation at given LL weights ----------------------------------------------------
+
+    def current_y(self) -> Tensors:
+        """The LL variables now: detached copies of ``ll_model``'s trainable parameters."""
+        return [p.detach().clone() for p in self._ll_params]
+
+    def _full(self, weights: Tensors) -> Tensors:
+        """All of ``ll_model``'s weights: ``weights`` for the trainable ones, the frozen ones
+        as they are."""
+        it = iter(weights)
+        return [
+            next(it) if t else p.detach()
+            for p, t in zip(self.ll_model.parameters(), self._trainable, strict=True)
+        ]
+
+    def value(
+        self,
+        objective: Objective,
+        name: str,
+        weights: Tensors,
+        batch: Batch,
+        require_graph: bool = True,
+    ) -> torch.Tensor:
+        """``objective`` at the LL weights ``weights`` (trainable ones), on ``batch``; without
+        ``require_graph`` a result with no path to any tensor that requires grad is accepted
+        (a validation loss that depends on ``x`` only through ``y``, evaluated at a fixed
+        ``y``)."""
+        model = self._model
+        if model is None:
+            raise RuntimeError("value() is only available during task_gradients.")
+        with evaluate_at(model, self._full(weights)):
+            result = objective(make_state(batch[0], batch[1], self.ul_model, model))
+        if (
+            not require_graph
+            and isinstance(result, torch.Tensor)
+            and not result.requires_grad
+            and result.is_floating_point()
+        ):
+            return check_objective_result(result.detach().requires_grad_(), name).detach()
+        return check_objective_result(result, name)
+
+    def grad(
+        self,
+        objective: Objective,
+        name: str,
+        weights: Tensors,
+        batch: Batch,
+        wrt_x: bool = False,
+        wrt_y: bool = True,
+    ) -> tuple[torch.Tensor, Tensors, Grads]:
+        """``objective`` at ``weights`` and its gradients: with respect to the LL variables
+        (zeros where it does not depend on one) and, with ``wrt_x``, to the UL parameters
+        (``None`` where no path). Returns ``(value, grad_y, grad_x)``, all detached."""
+        leaves = [w.detach().requires_grad_(wrt_y) for w in weights]
+        with self._ul_frozen(not wrt_x):
+            value = self.value(objective, name, leaves, batch, require_graph=wrt_y)
+            inputs = (leaves if wrt_y else []) + (list(self.ul_params) if wrt_x else [])
+            if inputs and value.requires_grad:
+                grads = torch.autograd.grad(value, inputs, allow_unused=True)
+            else:  # no path to x at a fixed y: no direction from this term
+                grads = (None,) * len(inputs)
+        n = len(leaves) if wrt_y else 0
+        grad_y = [
+            torch.zeros_like(w) if g is None else g
+            for w, g in zip(leaves[:n], grads[:n], strict=True)
+        ]
+        grad_x: Grads = list(grads[n:]) if wrt_x else [None] * len(self.ul_params)
+        return value.detach(), grad_y, grad_x
+
+    def descend(
+        self,
+        loss: Callable[[Tensors], torch.Tensor],
+        start: Tensors,
+        steps: int,
+        lr: float,
+    ) -> Tensors:
+        """``steps`` plain gradient steps ``w <- w - lr * grad loss(w)`` from ``start``;
+        ``loss(w)`` evaluates the objective at the LL weights ``w`` (see :meth:`value`). The UL
+        parameters record no graph meanwhile."""
+        weights = [w.detach() for w in start]
+        with self._ul_frozen(True):
+            for _ in range(steps):
+                leaves = [w.requires_grad_() for w in weights]
+                grads = torch.autograd.grad(loss(leaves), leaves, allow_unused=True)
+                with torch.no_grad():
+                    weights = [
+                        w if g is None else w - lr * g for w, g in zip(leaves, grads, strict=True)
+                    ]
+                weights = [w.detach() for w in weights]
+        return weights
+
+    def ll_descend(self, start: Tensors, steps: int, lr: float, batch: Batch) -> Tensors:
+        """:meth:`descend` on the LL objective."""
+        return self.descend(
+            lambda w: self.value(self.ll_objective, "ll_objective", w, batch), start, steps, lr
+        )
+
+    @contextlib.contextmanager
+    def _ul_frozen(self, freeze: bool) -> Iterator[None]:
+        """Switch ``requires_grad`` off on the UL parameters (restored on exit, also on
+        error), so that evaluations that need no UL gradient record no graph to them."""
+        frozen = [p for p in self.ul_params if p.requires_grad] if freeze else []
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    # --- state -----------------------------------------------------------------------------
+
+    def _auxiliary_or(self, key: str, default: Tensors) -> Tensors:
+        """An auxiliary variable, or ``default`` before it exists (the first step)."""
+        value = self.auxiliary.get(key)
+        return [v.clone() for v in default] if value is None else [v.clone() for v in value]
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this method keeps across UL steps (tensors and plain values; ``y`` itself is
+        ``ll_model``'s parameters, checkpointed with ``ll_model``)."""
+        return {
+            "method": self.name,
+            "steps_taken": self.steps_taken,
+            "auxiliary": {
+                k: None if v is None else [t.detach().clone() for t in v]
+                for k, v in self.auxiliary.items()
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (tensors go to the LL model's device and
+        dtype).
+
+        Raises:
+            ValueError: the state was saved by another method, or its variables do not match
+                the LL model's trainable parameters.
+        """
+        if not isinstance(state, dict) or state.get("method") != self.name:
+            found = state.get("method") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"this state was saved by {found!r}, not by {self.name!r}.")
+        steps = state.get("steps_taken")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps_taken must be an integer >= 0, got {steps!r}.")
+        saved = state.get("auxiliary", {})
+        if set(saved) != set(self.auxiliary_names):
+            raise ValueError(
+                f"the state holds auxiliary variables {sorted(saved)}, {self.name} keeps "
+                f"{sorted(self.auxiliary_names)}."
+            )
+        restored: dict[str, Tensors | None] = {}
+        for key, values in saved.items():
+            if values is None:
+                restored[key] = None
+                continue
+            restored[key] = self._restore(key, values)
+        self.steps_taken = steps
+        self.auxiliary = restored
+
+    def _restore(self, key: str, values: Any) -> Tensors:
+        """An auxiliary variable from a state dict, checked and moved to the LL model's device
+        and dtype; shaped like ``y`` unless its name is in ``free_shape_auxiliary``."""
+        if not isinstance(values, list | tuple) or not all(
+            isinstance(v, torch.Tensor) for v in values
+        ):
+            raise ValueError(f"auxiliary variable {key!r} must be a list of tensors.")
+        reference = self._ll_params[0]
+        restored = [v.detach().to(reference.device, reference.dtype).clone() for v in values]
+        shapes = [tuple(p.shape) for p in self._ll_params]
+        if key not in self.free_shape_auxiliary and [tuple(v.shape) for v in restored] != shapes:
+            raise ValueError(
+                f"auxiliary variable {key!r} has shapes {[tuple(v.shape) for v in restored]}, "
+                f"the LL model's trainable parameters have {shapes}."
+            )
+        return restored
