@@ -95,6 +95,22 @@ def init_from_environment(device: str | torch.device = "cpu") -> bool:
     return active()
 
 
+def world_size() -> int:
+    """The number of processes (1 without a process group)."""
+    return dist.get_world_size() if active() else 1
+
+
+def barrier() -> None:
+    """Wait until every process gets here (nothing without a process group)."""
+    if active():
+        dist.barrier()
+
+
+class PeerError(RuntimeError):
+    """Another process raised an error during a UL step; this process stops with it, so that
+    no process is left waiting in a collective for one that is gone."""
+
+
 def agree(flag: bool) -> bool:
     """Rank 0's value of ``flag`` on every process (e.g. a decision to stop that depends on
     a clock), so that all processes leave a loop at the same step."""

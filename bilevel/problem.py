@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
-from collections.abc import Callable, Iterable, Sequence
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +25,77 @@ Pair = tuple[Any, Any]
 Batch = Pair | tuple[Pair, Pair] | dict[str, Pair]
 
 
+def check_pair(pair: Any, name: str) -> None:
+    """Raise if ``pair`` is not a ``(data, target)`` pair (a tuple or list of two)."""
+    if isinstance(pair, tuple | list) and len(pair) == 2:
+        return
+    if isinstance(pair, torch.Tensor):
+        what = f"a tensor of shape {tuple(pair.shape)}"
+    elif isinstance(pair, tuple | list):
+        what = f"a {type(pair).__name__} of {len(pair)} item(s)"
+    else:
+        what = f"a {type(pair).__name__}"
+    raise TypeError(
+        f"{name} must be a pair (data, target), got {what}. Pass ({name}_x, {name}_y); give "
+        "None as the target if the objective does not read state['target']."
+    )
+
+
 def split_tasks(batch: dict[str, Pair]) -> list[tuple[Pair, Pair]]:
     """Split a task batch ``{"train": (x, y), "test": (x, y)}`` (leading task dimension, as
-    torchmeta's loaders give) into a list of ``(train, val)`` pairs, one per task."""
+    torchmeta's loaders give) into a list of ``(train, val)`` pairs, one per task.
+
+    Every tensor of the batch has a task dimension and an example dimension first: data of
+    shape ``(tasks, examples, ...)`` and targets of shape ``(tasks, examples, ...)``, all with
+    the same number of tasks, and data and target of a pair with the same number of examples.
+    (A 2-D ``x`` of shape ``(40, 5)`` with ``y`` of shape ``(40,)`` is one task of 40
+    examples, not 40 tasks: it is refused, not run as 40 one-example tasks.)
+    """
     if not isinstance(batch, dict) or "train" not in batch or "test" not in batch:
         raise TypeError('a task batch must be a dict {"train": (x, y), "test": (x, y)}.')
+    for key in ("train", "test"):
+        check_pair(batch[key], f'batch["{key}"]')
     (tx, ty), (vx, vy) = batch["train"], batch["test"]
     n = len(tx)
+    for key, (x, y) in (("train", (tx, ty)), ("test", (vx, vy))):
+        for i, t in enumerate((x, y)):
+            if isinstance(t, torch.Tensor) and t.ndim < 2:
+                raise ValueError(
+                    f'batch["{key}"][{i}] has shape {tuple(t.shape)}: a task batch needs a task '
+                    "dimension and an example dimension first, data of shape (tasks, examples, "
+                    "...) and targets of shape (tasks, examples, ...). For one task, call "
+                    "step(train, val) / hypergradient(train, val); for several, stack them."
+                )
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape[1] != y.shape[1]:
+            raise ValueError(
+                f'batch["{key}"] has data of shape {tuple(x.shape)} and targets of shape '
+                f"{tuple(y.shape)}: their second dimensions (examples per task) differ. Data "
+                "and targets need shapes (tasks, examples, ...)."
+            )
     for name, t in (("train x", tx), ("train y", ty), ("test x", vx), ("test y", vy)):
         if len(t) != n:
             raise ValueError(
                 f"task batch {name} has {len(t)} tasks along its first dimension, expected {n}."
             )
     return [((tx[i], ty[i]), (vx[i], vy[i])) for i in range(n)]
+
+
+class Interrupted(SystemExit):
+    """:meth:`BilevelProblem.run` stopped on SIGTERM (or because another process of the group
+    was told to stop) after saving its checkpoint. Uncaught, the process exits with status
+    ``128 + signal`` (143 for SIGTERM), as if the signal had terminated it.
+
+    Attributes:
+        signal: the signal's number.
+        step: UL steps done (and saved, when a checkpoint path was given).
+        checkpoint: the checkpoint written, or ``None``.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: str | os.PathLike | None) -> None:
+        super().__init__(128 + signum)
+        self.signal = signum
+        self.step = step
+        self.checkpoint = checkpoint
 
 
 class BilevelProblem:
@@ -76,6 +139,8 @@ class BilevelProblem:
             )
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
+        if ul_optimizer is not None:
+            _check_optimizer(ul_optimizer, ul, ll)
         self.ll = ll
         self.ul = ul
         self.ul_optimizer = ul_optimizer
@@ -85,6 +150,8 @@ class BilevelProblem:
         self.step_count = 0
         self.skipped_steps = 0
         self.last_ll_loss: torch.Tensor | None = None
+        self._signal: int | None = None  # a stop asked for by SIGTERM / SIGINT during run
+        self._peer_stop = False  # a process of the group asked to stop (distributed)
 
     def _settings(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed (taken at construction, so that LR
@@ -125,26 +192,74 @@ class BilevelProblem:
     def _accumulate(self, tasks: Sequence[tuple[Pair, Pair]]) -> torch.Tensor:
         """Set ``.grad`` of the UL parameters (which must be ``None``) to the task-averaged
         hypergradient; return the mean UL loss. Under ``torch.distributed`` each process
-        takes its share of the tasks and the shares are summed."""
+        takes its share of the tasks and the shares are summed.
+
+        Under ``torch.distributed`` every process enters the one ``all_reduce`` even when its
+        share failed: a flag per process (a non-finite value or a diverging LL; any other
+        error) travels in the same buffer, so all processes learn of a failure at once and
+        raise together (a ``FloatingPointError`` where only such faults occurred, which
+        ``on_nonfinite="skip"`` skips on every process; :class:`bilevel.distributed.PeerError`
+        otherwise). No process is left waiting in a collective, and no collective is added.
+        """
         if not tasks:
             raise ValueError("no task to compute a hypergradient on.")
         mine, weight = distributed.shard(tasks)
         losses = []  # per task: the UL loss and the last LL loss
-        for train, val in mine:
-            losses.extend(self.ul.task_gradients(self.ll, train, val))
+        fault: Exception | None = None
+        try:
+            for train, val in mine:
+                losses.extend(self.ul.task_gradients(self.ll, train, val))
+        except Exception as error:
+            if not distributed.active():
+                raise
+            fault = error  # raised after the all-reduce, with every other process
         reference = self.ul_params[0]  # no task on this process: zeros
-        totals = torch.stack(losses).view(-1, 2).sum(0) if losses else reference.new_zeros(2)
-        totals = totals.to(reference.dtype)
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.ul_params]
+        if fault is None and losses:
+            totals = torch.stack(losses).view(-1, 2).sum(0).to(reference.dtype)
+        else:
+            totals = reference.new_zeros(2)
+        grads = [
+            torch.zeros_like(p) if p.grad is None or fault is not None else p.grad
+            for p in self.ul_params
+        ]
         if weight != 1.0:
             for t in (*grads, totals):
                 t.mul_(weight)
-        *grads, totals = distributed.all_reduce_sum([*grads, totals])
+        if distributed.active():
+            world, rank = distributed.world_size(), distributed.rank()
+            flags = reference.new_zeros(2 * world + 1)  # [numeric fault | other error | stop]
+            if fault is not None:
+                flags[rank + (0 if isinstance(fault, FloatingPointError) else world)] = 1
+            flags[-1] = float(self._signal is not None)
+            *grads, totals, flags = distributed.all_reduce_sum([*grads, totals, flags])
+            self._raise_for_faults(flags.tolist(), world, fault)
         for p, g in zip(self.ul_params, grads, strict=True):
             p.grad = g
         ul_loss, ll_loss = totals.unbind()
         self.last_ll_loss = ll_loss
         return ul_loss
+
+    def _raise_for_faults(self, flags: list[float], world: int, fault: Exception | None) -> None:
+        """After the all-reduce: raise on every process if any process failed."""
+        self._peer_stop = flags[-1] > 0
+        numeric = [r for r in range(world) if flags[r] > 0]
+        errors = [r for r in range(world) if flags[world + r] > 0]
+        if errors:
+            if fault is not None and not isinstance(fault, FloatingPointError):
+                raise fault
+            raise distributed.PeerError(
+                f"process(es) of rank {errors} raised an error in this UL step (see their "
+                "tracebacks); this process stops with them, so that none waits for the others "
+                "in a collective."
+            ) from fault
+        if numeric:
+            if fault is not None:
+                raise fault
+            raise FloatingPointError(
+                f"process(es) of rank {numeric} met a non-finite value or a diverging LL in "
+                "their share of this UL step (their messages say which); every process skips "
+                "or raises with them."
+            )
 
     def _hypergradient(self, tasks: Sequence[tuple[Pair, Pair]]) -> list[torch.Tensor]:
         saved = [p.grad for p in self.ul_params]
@@ -160,6 +275,38 @@ class BilevelProblem:
             for p, old in zip(self.ul_params, saved, strict=True):
                 p.grad = old
 
+    def _one_task(self, train: Pair, val: Pair) -> list[tuple[Pair, Pair]]:
+        """Check the arguments of one task (before any LL step): pairs, dtypes and devices."""
+        check_pair(train, "train")
+        check_pair(val, "val")
+        self._check_data({"train": train, "val": val})
+        return [(train, val)]
+
+    def _tasks(self, batch: dict[str, Pair]) -> list[tuple[Pair, Pair]]:
+        tasks = split_tasks(batch)
+        self._check_data({'batch["train"]': batch["train"], 'batch["test"]': batch["test"]})
+        return tasks
+
+    def _check_data(self, pairs: dict[str, Pair]) -> None:
+        """Refuse data on another device, or floating-point data of another dtype than the
+        models' (checked here, before the LL runs, rather than met as a raw error inside an
+        objective)."""
+        reference = self.ul_params[0]
+        for name, pair in pairs.items():
+            for i, t in enumerate(pair):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                if t.device != reference.device:
+                    raise ValueError(
+                        f"{name}[{i}] is on {t.device} but the models are on "
+                        f"{reference.device}; move it with .to({str(reference.device)!r})."
+                    )
+                if t.is_floating_point() and t.dtype != reference.dtype:
+                    raise ValueError(
+                        f"{name}[{i}] has dtype {t.dtype} but the models have "
+                        f"{reference.dtype}; convert it with .to({reference.dtype})."
+                    )
+
     def hypergradient(self, train: Pair, val: Pair) -> list[torch.Tensor]:
         """The hypergradient for one task, one tensor per UL parameter.
 
@@ -169,11 +316,11 @@ class BilevelProblem:
             train: ``(data, target)`` for the LL.
             val: ``(data, target)`` for the UL.
         """
-        return self._hypergradient([(train, val)])
+        return self._hypergradient(self._one_task(train, val))
 
     def meta_hypergradient(self, batch: dict[str, Pair]) -> list[torch.Tensor]:
         """The hypergradient averaged over a task batch ``{"train": .., "test": ..}``."""
-        return self._hypergradient(split_tasks(batch))
+        return self._hypergradient(self._tasks(batch))
 
     def _step(self, tasks: Sequence[tuple[Pair, Pair]]) -> torch.Tensor:
         if self.ul_optimizer is None:
@@ -185,10 +332,12 @@ class BilevelProblem:
             if not all_finite([p.grad for p in self.ul_params]):
                 raise FloatingPointError("the hypergradient is not finite (NaN or inf).")
         except FloatingPointError as error:
-            if self.on_nonfinite == "raise":
-                raise FloatingPointError(f"{where}: {error}") from error
-            self.skipped_steps += 1
+            # a failed LL run (NaN, inf, or a loss that grew), a diverged solver or a
+            # non-finite hypergradient: the UL parameters are not touched either way
             self.ul_optimizer.zero_grad(set_to_none=True)
+            if self.on_nonfinite == "raise":
+                raise _located(error, where) from error
+            self.skipped_steps += 1
             self.step_count += 1
             return torch.tensor(float("nan"))
         self.ul_optimizer.step()
@@ -198,14 +347,19 @@ class BilevelProblem:
     def step(self, train: Pair, val: Pair) -> torch.Tensor:
         """Zero the UL grads, compute the hypergradient, step the UL optimizer.
 
+        A failed UL step (NaN or inf anywhere, an LL whose loss grew over its run, a diverged
+        linear solve) leaves the UL parameters bitwise unchanged: it raises (the error's type
+        is kept, its message starts with the UL step and the method) or, under
+        ``on_nonfinite="skip"``, is skipped and counted in ``skipped_steps``.
+
         Returns:
-            The UL loss before the step (detached).
+            The UL loss before the step (detached); NaN for a skipped step.
         """
-        return self._step([(train, val)])
+        return self._step(self._one_task(train, val))
 
     def meta_step(self, batch: dict[str, Pair]) -> torch.Tensor:
         """:meth:`step` on a task batch, with the hypergradient averaged over tasks."""
-        return self._step(split_tasks(batch))
+        return self._step(self._tasks(batch))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue: UL model, UL optimizer, LL model, step counters, RNG
@@ -294,15 +448,27 @@ class BilevelProblem:
         log: Callable[[dict[str, Any]], None] | None = None,
         log_every: int = 10,
         progress: bool = True,
+        checkpoint_seconds: float | None = None,
     ) -> dict[str, Any] | None:
         """Run UL steps until ``steps`` have been taken, resuming from ``checkpoint`` if it
         exists.
+
+        With a ``checkpoint``, SIGTERM (what schedulers send before preemption) and SIGINT
+        (Ctrl-C) stop the run cleanly: the UL step under way is finished, the checkpoint is
+        saved, and ``run`` raises :class:`Interrupted` (a ``SystemExit``: uncaught, the
+        process exits with status 143 for SIGTERM) or ``KeyboardInterrupt`` (SIGINT; a second
+        Ctrl-C stops at once). Starting the same command again resumes where it stopped.
+        Under ``torch.distributed`` a signal to any process stops every process after the
+        same UL step. The handlers are installed for the duration of ``run`` only (and only
+        from the main thread); the previous ones are restored afterwards.
 
         Args:
             data: a function ``step -> batch`` (resumes exactly), or an iterable of batches
                 (on resume, the batches of the steps already taken are skipped). A batch is
                 ``(train, val)`` with ``(data, target)`` pairs, or a task batch
-                ``{"train": (x, y), "test": (x, y)}``.
+                ``{"train": (x, y), "test": (x, y)}``. An iterable must yield at least
+                ``steps`` batches: one with a length shorter than that is refused before the
+                first step, and one that runs out raises (after saving the checkpoint).
             steps: total number of UL steps.
             checkpoint: file to resume from and save to (atomically), or ``None``.
             checkpoint_every: UL steps between checkpoints (and one at the end).
@@ -311,15 +477,67 @@ class BilevelProblem:
                 progress bar and writes the checkpoint; every rank resumes from it.
             log_every: UL steps between log records.
             progress: show a tqdm progress bar.
+            checkpoint_seconds: also save when this many seconds have passed since the last
+                save (checked after each UL step), so that a kill loses at most about that
+                much work; ``None``: by steps only.
 
         Returns:
             The last log record, or ``None`` if no step was run.
+
+        Raises:
+            Interrupted: SIGTERM arrived (the checkpoint was saved first).
+            KeyboardInterrupt: SIGINT arrived (the checkpoint was saved first).
+            ValueError: ``data`` holds or yields fewer than ``steps`` batches.
         """
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {steps!r}.")
         for name, value in (("checkpoint_every", checkpoint_every), ("log_every", log_every)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if checkpoint_seconds is not None and (
+            isinstance(checkpoint_seconds, bool)
+            or not isinstance(checkpoint_seconds, int | float)
+            or not checkpoint_seconds > 0
+        ):
+            raise ValueError(
+                f"checkpoint_seconds must be None or a number > 0, got {checkpoint_seconds!r}."
+            )
+        if not callable(data):
+            if not isinstance(data, Iterable):
+                raise TypeError(
+                    "data must be a function step -> batch or an iterable of batches, got "
+                    f"{type(data).__name__}."
+                )
+            length = _length(data)
+            if length is not None and length < steps:
+                raise ValueError(
+                    f"data holds {length} batches but steps={steps}: the run would stop early. "
+                    "Give at least steps batches (a function step -> batch, or e.g. "
+                    "itertools.cycle(loader) for several epochs), or lower steps."
+                )
+        with self._signals(checkpoint is not None):
+            return self._run(
+                data,
+                steps,
+                checkpoint,
+                checkpoint_every,
+                log,
+                log_every,
+                progress,
+                checkpoint_seconds,
+            )
+
+    def _run(
+        self,
+        data: Callable[[int], Batch] | Iterable[Batch],
+        steps: int,
+        checkpoint: str | os.PathLike | None,
+        checkpoint_every: int,
+        log: Callable[[dict[str, Any]], None] | None,
+        log_every: int,
+        progress: bool,
+        checkpoint_seconds: float | None,
+    ) -> dict[str, Any] | None:
         if checkpoint is not None and Path(checkpoint).exists():
             self.load_checkpoint(checkpoint)
         start = self.step_count
@@ -329,14 +547,26 @@ class BilevelProblem:
             batches = itertools.islice(iter(data), start, steps)
         record = None
         main = distributed.is_main_process()  # only rank 0 prints, logs and saves
+        saved = {"step": start, "time": time.monotonic()}
+
+        def save() -> None:
+            if checkpoint is not None and main and saved["step"] != self.step_count:
+                self.save_checkpoint(checkpoint)
+            saved["step"], saved["time"] = self.step_count, time.monotonic()
+
         bar = tqdm(total=steps, initial=start, disable=not (progress and main), desc=self.ul.name)
         with bar:
             for batch in batches:
                 if isinstance(batch, dict):
                     loss = self.meta_step(batch)
+                elif isinstance(batch, tuple | list) and len(batch) == 2:
+                    loss = self.step(*batch)
                 else:
-                    train, val = batch
-                    loss = self.step(train, val)
+                    raise TypeError(
+                        "each batch of data must be (train, val), with (data, target) pairs, "
+                        'or a task batch {"train": (x, y), "test": (x, y)}; got a '
+                        f"{type(batch).__name__} at UL step {self.step_count}."
+                    )
                 bar.update(1)
                 done = self.step_count
                 if done % log_every == 0 or done == steps:
@@ -344,7 +574,137 @@ class BilevelProblem:
                     bar.set_postfix(ul_loss=f"{record['ul_loss']:.4g}")
                     if log is not None and main:
                         log(record)
-                save = done % checkpoint_every == 0 or done == steps
-                if checkpoint is not None and main and save:
-                    self.save_checkpoint(checkpoint)
+                late = checkpoint_seconds is not None and (
+                    time.monotonic() - saved["time"] >= checkpoint_seconds
+                )
+                if done % checkpoint_every == 0 or done == steps or late:
+                    save()
+                if self._stopping():
+                    save()
+                    distributed.barrier()  # no process exits while rank 0 still writes
+                    self._stop(steps, checkpoint)
+        if self.step_count < steps:
+            save()
+            kept = f"; the checkpoint {checkpoint} holds it" if checkpoint is not None else ""
+            raise ValueError(
+                f"data ran out after {self.step_count - start} batches (UL steps {start} to "
+                f"{self.step_count}), but steps={steps}: the run stopped at UL step "
+                f"{self.step_count}{kept}. Give at least steps batches (a function step -> "
+                "batch, or e.g. itertools.cycle(loader) for several epochs), or lower steps."
+            )
+        if self._signal is not None:  # arrived after the last step, which was saved
+            self._stop(steps, checkpoint)
         return record
+
+    @contextlib.contextmanager
+    def _signals(self, enabled: bool) -> Iterator[None]:
+        """While ``run`` runs: SIGTERM and SIGINT ask for a stop after the UL step under way
+        (a second SIGINT stops at once). Only from the main thread (elsewhere Python cannot
+        install handlers, and signals keep their usual effect)."""
+        self._signal, self._peer_stop = None, False
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            if self._signal is None:
+                self._signal = signum
+
+        previous = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError, OSError):
+                previous[signum] = signal.signal(signum, handler)
+        try:
+            yield
+        finally:
+            for signum, old in previous.items():
+                signal.signal(signum, signal.SIG_DFL if old is None else old)
+
+    def _stopping(self) -> bool:
+        """Whether to stop after this UL step: under ``torch.distributed`` the flag every
+        process read from the step's all-reduce (all agree); otherwise this process's."""
+        if distributed.active():
+            return self._peer_stop
+        return self._signal is not None
+
+    def _stop(self, steps: int, checkpoint: str | os.PathLike | None) -> None:
+        signum = signal.SIGTERM if self._signal is None else self._signal
+        self._signal, self._peer_stop = None, False
+        name = signal.Signals(signum).name
+        if checkpoint is not None:
+            kept = f"checkpoint saved to {checkpoint}: run the same command to resume"
+        else:
+            kept = "no checkpoint path was given: nothing was saved"
+        message = f"{name}: stopped after UL step {self.step_count} of {steps}; {kept}."
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt(message)
+        if distributed.is_main_process():
+            print(f"bilevel: {message}", file=sys.stderr, flush=True)
+        raise Interrupted(signum, self.step_count, checkpoint)
+
+
+def _length(data: Iterable[Any]) -> int | None:
+    """``len(data)`` if it has one (a list, a ``DataLoader``), else ``None``."""
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _located(error: FloatingPointError, where: str) -> FloatingPointError:
+    """``error`` again, of the same type, its message prefixed with where it happened."""
+    try:
+        located = type(error)(f"{where}: {error}")
+    except Exception:  # a subclass with another signature
+        located = FloatingPointError(f"{where}: {error}")
+    located.__dict__.update(error.__dict__)  # e.g. the measurements of a diverging LL
+    return located
+
+
+#: ``torch.optim`` hyperparameters that are numbers (bools are refused: True reads as 1)
+NUMERIC_OPTIONS = (
+    "lr", "momentum", "dampening", "weight_decay", "eps", "betas", "alpha", "lr_decay",
+    "initial_accumulator_value", "rho", "etas", "step_sizes", "lambd", "t0",
+)  # fmt: skip
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, ul: Any, ll: Any) -> None:
+    """Refuse a UL optimizer over tensors that are not the UL model's parameters (they never
+    receive a hypergradient and would silently never move), or over none of them."""
+    mine = {id(p) for p in ul.ul_model.parameters()}
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    foreign = [p for p in held if id(p) not in mine]
+    kind = type(optimizer).__name__
+    if foreign:
+        ll_names = {id(p): n for n, p in ll.ll_model.named_parameters()}
+        named = [
+            f"ll_model.{ll_names[id(p)]}"
+            if id(p) in ll_names
+            else f"a tensor of shape {list(p.shape)}"
+            for p in foreign[:4]
+        ]
+        more = f" and {len(foreign) - 4} more" if len(foreign) > 4 else ""
+        raise ValueError(
+            f"ul_optimizer holds {len(foreign)} tensor(s) that are not parameters of the UL model "
+            f"(ul_model): {', '.join(named)}{more}. They never receive a hypergradient, so they "
+            f"would never move. Build it over the UL model: torch.optim.{kind}("
+            "ul_model.parameters(), ...)."
+        )
+    for i, group in enumerate(optimizer.param_groups):
+        for key in NUMERIC_OPTIONS:
+            values = group.get(key)
+            values = values if isinstance(values, tuple | list) else [values]
+            if any(isinstance(v, bool) for v in values):
+                raise TypeError(
+                    f"ul_optimizer's {key} is {group[key]!r} (param group {i}): a bool is not a "
+                    f"number (True would be read as 1). Give {key} as a number."
+                )
+    trainable = {id(p) for p in ul.ul_params}
+    if not any(id(p) in trainable for p in held):
+        raise ValueError(
+            "ul_optimizer holds none of the UL parameters that receive hypergradients (those of "
+            f"ul_model with requires_grad): nothing would move. Build it over the UL model: "
+            f"torch.optim.{kind}(ul_model.parameters(), ...)."
+        )

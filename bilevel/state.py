@@ -70,6 +70,43 @@ def check_finite(value: torch.Tensor, what: str) -> None:
         )
 
 
+class LowerLevelDivergenceError(FloatingPointError):
+    """An LL run whose loss grew from its first step to its last: its result must not reach
+    the UL (a UL step taken at the weights of a diverging LL moves the UL parameters by
+    orders of magnitude, even while every number stays finite).
+
+    Raised by :class:`bilevel.ll.GradientDescent` (``on_growth="raise"``, the default);
+    :class:`bilevel.BilevelProblem` skips the UL step instead under ``on_nonfinite="skip"``.
+
+    Attributes:
+        first: the LL loss before the first step.
+        last: the LL loss before the last step.
+        iters: LL steps in the run.
+        lambda_max: the LL Hessian's largest eigenvalue at the start weights, estimated by
+            power iteration (``None`` if not estimated).
+        safe_lr: a step size that is stable for plain gradient descent on the local quadratic
+            model, ``1 / lambda_max`` (``None`` for other update rules, or without an
+            estimate: halve the step size until the loss decreases over the run).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        first: float | None = None,
+        last: float | None = None,
+        iters: int | None = None,
+        lambda_max: float | None = None,
+        safe_lr: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.first = first
+        self.last = last
+        self.iters = iters
+        self.lambda_max = lambda_max
+        self.safe_lr = safe_lr
+
+
 def trainable_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
     """The parameters of ``model`` that require grad; raise if there are none."""
     if not isinstance(model, nn.Module):

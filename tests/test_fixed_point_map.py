@@ -9,7 +9,7 @@ from problems import DTYPE, Linear, relative_error
 from torch import nn
 
 from bilevel import BilevelProblem
-from bilevel.ll import FixedPointMap
+from bilevel.ll import FixedPointMap, LowerLevelDivergenceError
 from bilevel.ul import Implicit, Reverse
 
 D, M = 6, 3
@@ -72,7 +72,7 @@ def test_reverse_through_the_iterations_reaches_the_same_answer():
 
 @pytest.mark.parametrize("method", ["cg", "minres"])
 def test_symmetric_solvers_are_refused_on_a_fixed_point_map(method):
-    with pytest.raises(ValueError, match="not symmetric.*method='fixed_point'"):
+    with pytest.raises(ValueError, match=r"not symmetric.*method='fixed_point'"):
         hypergradient(Implicit, k=10, method=method)
 
 
@@ -91,6 +91,9 @@ def test_an_expanding_map_is_caught_as_a_diverging_ll():
     """``w <- 2 w + 1`` moves away from its fixed point: the LL loss ``1/2 ||Phi(w) - w||^2``
     grows, as a diverging gradient LL's would."""
     ul_model, ll_model = Equilibrium(), Linear(D)
-    ll = FixedPointMap(lambda s: [2 * s["ll_model"].w + 1], ll_model, ul_model, iters=6)
+    expanding = lambda s: [2 * s["ll_model"].w + 1]  # noqa: E731
+    with pytest.raises(LowerLevelDivergenceError, match="not a contraction"):
+        FixedPointMap(expanding, ll_model, ul_model, iters=6).run((), ())
+    ll = FixedPointMap(expanding, ll_model, ul_model, iters=6, on_growth="ignore")
     losses = ll.run((), ()).losses
     assert bool((losses[1:] > losses[:-1]).all())

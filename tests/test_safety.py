@@ -143,17 +143,28 @@ def test_nan_in_the_ll_loss_names_the_step():
         loss = ridge_ll(state)
         return loss * torch.where(state["ll_model"].w[0] > 10, float("nan"), 1.0)
 
-    ll = GradientDescent(
-        ll_objective, p.ll_model, p.ul_model, lr=5.0, iters=50, warn_on_growth=False
-    )
+    ll = GradientDescent(ll_objective, p.ll_model, p.ul_model, lr=5.0, iters=50, on_growth="ignore")
     with pytest.raises(FloatingPointError, match=r"LL step \d+ of 50 \(lr=5\)"):
         ll.optimize(*p.train)
 
 
 def test_diverging_ll_is_reported_with_the_step_size():
+    """Refused by default (LowerLevelDivergenceError, a FloatingPointError), with the step
+    size, the measured lambda_max (power iteration) and 1/lambda_max; warned with "warn"."""
+    from problems import ridge_hessian
+
+    from bilevel.ll import LowerLevelDivergenceError
+
     p = ridge()
+    lam = float(torch.linalg.eigvalsh(ridge_hessian(p))[-1])
     ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=4.5, iters=10)
-    with pytest.warns(RuntimeWarning, match=r"diverging \(lr=4.5\)"):
+    with pytest.raises(LowerLevelDivergenceError, match=r"lr=4.5.*the LL is diverging") as err:
+        ll.optimize(*p.train)
+    # 20 power iterations approach lambda_max from below; 1/lambda_max keeps a factor ~2
+    assert lam * (1 - 1e-3) < err.value.lambda_max <= lam * (1 + 1e-12)
+    assert f"use lr={1 / lam:.3g}" in str(err.value) and err.value.safe_lr < 2 / lam
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=4.5, iters=10, on_growth="warn")
+    with pytest.warns(RuntimeWarning, match=r"lr=4.5.*the LL is diverging"):
         ll.optimize(*p.train)
 
 

@@ -91,6 +91,9 @@ class FixedPointMap(GradientDescent):
         ul_model: the module holding the UL variables.
         iters: number of iterations (>= 1).
         differentiable_steps: the graph :meth:`optimize` records (``None``: all).
+        on_growth: what a run whose residual ``1/2 ||Phi(w) - w||^2`` grows does:
+            ``"raise"`` (:class:`~bilevel.ll.LowerLevelDivergenceError`), ``"warn"``, ``"ignore"``.
+        growth_tolerance: the relative growth allowed before that.
     """
 
     def __init__(
@@ -100,6 +103,8 @@ class FixedPointMap(GradientDescent):
         ul_model: nn.Module,
         iters: int,
         differentiable_steps: int | None = None,
+        on_growth: str = "raise",
+        growth_tolerance: float = 1e-3,
     ) -> None:
         if not callable(fixed_point_map):
             raise TypeError("fixed_point_map must be callable: state -> list of tensors.")
@@ -115,6 +120,8 @@ class FixedPointMap(GradientDescent):
             1.0,
             iters,
             differentiable_steps=differentiable_steps,
+            on_growth=on_growth,
+            growth_tolerance=growth_tolerance,
         )
 
     def step_map(self, model: nn.Module, ul_batch: tuple[Any, Any] | None) -> FixedPointStep:
@@ -123,3 +130,13 @@ class FixedPointMap(GradientDescent):
 
     def _plain_sgd(self) -> bool:
         return False
+
+    def _stable_step(self, unroll: Any) -> tuple[float | None, float | None, str]:
+        """Advice for a growing residual: the map is not a contraction where it runs."""
+        return (
+            None,
+            None,
+            "The fixed-point map moves its iterate away from its fixed point (it is not a "
+            "contraction there): make it one (e.g. scale a recurrent weight below norm 1) or "
+            "start closer to the fixed point.",
+        )

@@ -17,7 +17,6 @@ from bilevel.ll.rules import UpdateRule, make_rule
 from bilevel.ll.unroll import GradientStep, Observer, Trajectory, Unroll
 from bilevel.state import (
     Objective,
-    all_finite,
     check_data_matches,
     check_same_device_and_dtype,
     make_state,
@@ -68,7 +67,23 @@ class GradientDescent:
         betas: for a named Adam-like rule, ``(beta1, beta2)``, each in [0, 1).
         eps: for a named rule that takes it (> 0).
         differentiable_steps: the graph :meth:`optimize` records (see above).
-        warn_on_growth: warn (once) when the LL loss ends above where it started.
+        on_growth: what a run whose LL loss grows does (see below): ``"raise"``
+            :class:`~bilevel.ll.LowerLevelDivergenceError` (the default: the run's result
+            never reaches the UL, and :class:`bilevel.BilevelProblem` skips the UL step under
+            ``on_nonfinite="skip"``), ``"warn"`` (once per optimizer) or ``"ignore"``.
+        growth_tolerance: relative growth allowed before a run counts as diverging (>= 0).
+        warn_on_growth: deprecated: ``True`` is ``on_growth="warn"``, ``False`` is
+            ``on_growth="ignore"``.
+
+    The growth check: with ``first`` and ``last`` the LL loss before the first and before the
+    last step, a run of two or more steps diverges when ``last > first + growth_tolerance *
+    |first| + eps`` (``eps`` of the loss's dtype). The batch is fixed during a run, so the
+    loss carries no minibatch noise; the default relative tolerance ``1e-3`` is far above
+    round-off and below any real divergence, which grows geometrically. An LL objective that
+    is noisy by design (dropout, sampling inside the objective) may need a larger
+    ``growth_tolerance``. A diverging run raises with the growth, the LL Hessian's largest
+    eigenvalue at the start weights (power iteration, on this failure path only) and a
+    stable step size. The check costs no host sync beyond the NaN check's one per run.
     """
 
     def __init__(
@@ -83,7 +98,9 @@ class GradientDescent:
         betas: Any = None,
         eps: Any = None,
         differentiable_steps: int | None = None,
-        warn_on_growth: bool = True,
+        warn_on_growth: bool | None = None,
+        on_growth: str | None = None,
+        growth_tolerance: float = 1e-3,
     ) -> None:
         if not callable(ll_objective):
             raise TypeError("ll_objective must be callable: state -> scalar tensor.")
@@ -110,7 +127,18 @@ class GradientDescent:
             hyperparameters.check_device(checked, params[0])
         self.differentiable_steps = differentiable_steps
         self._spare: nn.Module | None = None  # a patched model handed back by release()
-        self.warn_on_growth = warn_on_growth
+        self.on_growth = _growth_policy(on_growth, warn_on_growth)
+        if (
+            isinstance(growth_tolerance, bool)
+            or not isinstance(growth_tolerance, int | float)
+            or not growth_tolerance >= 0
+            or growth_tolerance == float("inf")
+        ):
+            raise ValueError(
+                f"growth_tolerance must be a finite number >= 0, got {growth_tolerance!r}."
+            )
+        self.growth_tolerance = float(growth_tolerance)
+        self._warned_growth = False
 
     @staticmethod
     def _make_rule(optimizer: str | UpdateRule, **options: Any) -> UpdateRule:
@@ -259,7 +287,7 @@ class GradientDescent:
         recorded += [unroll.step(graph=True) for _ in range(untracked, iters)]
         if recorded:  # the steps not taken in place
             torch.stack(recorded, out=losses[iters - len(recorded) :])
-        self._check_losses(losses)
+        self._check_losses(losses, unroll)
         return unroll.record(losses, tracked)
 
     def optimize(self, data: Any, target: Any) -> nn.Module:
@@ -301,25 +329,121 @@ class GradientDescent:
                 "never move. Use them in ll_objective or freeze them with requires_grad_(False)."
             )
 
-    def _check_losses(self, losses: torch.Tensor) -> None:
-        if not all_finite([losses]):
+    def _check_losses(self, losses: torch.Tensor, unroll: Unroll | None = None) -> None:
+        """Raise if the LL loss of a run became NaN or inf, or grew (``on_growth``): one host
+        sync per run. ``unroll`` (the run) lets a diverging run measure the curvature at its
+        start weights for the message."""
+        import math
+
+        total, first, last = torch.stack([losses.sum(), losses[0], losses[-1]]).tolist()
+        if not math.isfinite(total) and not bool(torch.isfinite(losses).all()):
             bad = int(torch.nonzero(~torch.isfinite(losses))[0])
             raise FloatingPointError(
                 f"The LL loss became {losses[bad].item()} at LL step {bad} of {self.iters} "
                 f"(lr={self._describe(self.lr)}). Lower the LL learning rate, or check the data "
                 "and the objective for NaN, log(0) or division by zero."
             )
-        if not self.warn_on_growth or self.iters == 1:
+        if self.on_growth == "ignore" or len(losses) < 2:
             return
-        first, last = losses[0].item(), losses[-1].item()
-        if last > first:
-            self.warn_on_growth = False  # once per optimizer, not at every UL step
-            warnings.warn(
-                f"The LL loss grew from {first:.4g} to {last:.4g} over {self.iters} steps: the LL "
-                f"is diverging (lr={self._describe(self.lr)}). Lower the LL learning rate.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        eps = torch.finfo(losses.dtype).eps
+        if not last > first + self.growth_tolerance * abs(first) + eps:
+            return
+        if self.on_growth == "warn" and self._warned_growth:
+            return  # once per optimizer
+        lambda_max, safe_lr, advice = self._stable_step(unroll)
+        ratio = f" (x{last / first:.3g})" if first > 0 else ""
+        message = (
+            f"The LL loss grew from {first:.4g} to {last:.4g}{ratio} over {len(losses)} LL steps "
+            f"(lr={self._describe(self.lr)}, rule {self.rule.name}), beyond the tolerance "
+            f"last <= first + {self.growth_tolerance:g}*|first|: the LL is diverging. {advice}"
+        )
+        if self.on_growth == "warn":
+            self._warned_growth = True
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            return
+        from bilevel.state import LowerLevelDivergenceError
+
+        raise LowerLevelDivergenceError(
+            message + " Its result is not used (on_growth='warn' or 'ignore' would let it "
+            "through).",
+            first=first,
+            last=last,
+            iters=len(losses),
+            lambda_max=lambda_max,
+            safe_lr=safe_lr,
+        )
+
+    def _stable_step(self, unroll: Unroll | None) -> tuple[float | None, float | None, str]:
+        """The LL Hessian's largest eigenvalue at the run's start weights (power iteration over
+        products with the Jacobian of the step map's direction, which is the Hessian of
+        ``ll_objective`` for gradient descent; on this failure path only), a step size that
+        plain gradient descent is stable with, and advice in words."""
+        halve = (
+            "Halve the LL learning rate until the LL loss decreases over the run (the stable "
+            f"step of the {self.rule.name} rule also depends on its other settings)."
+        )
+        if unroll is None:
+            return None, None, "Lower the LL learning rate: halve it until the loss decreases."
+        import math
+
+        from bilevel import linalg
+        from bilevel.ll.patched import evaluate_at
+
+        iters = 20
+        try:
+            start = [
+                p.detach().clone().requires_grad_(p.requires_grad)
+                for p in self.ll_model.parameters()
+            ]
+            active = [start[i] for i in unroll.index]
+            with torch.enable_grad(), evaluate_at(unroll.model, start):
+                # the step map's direction (the LL gradient for gradient descent; a later
+                # step's index, so that no first-step hook runs again)
+                _, grads = unroll.step_map.direction(active, unroll.state, unroll.steps, True)
+                linked = [(g, i) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+
+                def hvp(v: list[torch.Tensor]) -> list[torch.Tensor]:
+                    if not linked:
+                        return [torch.zeros_like(w) for w in active]
+                    out = torch.autograd.grad(
+                        [g for g, _ in linked],
+                        active,
+                        grad_outputs=[v[i] for _, i in linked],
+                        retain_graph=True,
+                        allow_unused=True,
+                    )
+                    return [
+                        torch.zeros_like(w) if h is None else h
+                        for w, h in zip(active, out, strict=True)
+                    ]
+
+                lambda_max = float(linalg.power_iteration(hvp, active, iters))
+        except Exception as error:  # only a message is at stake: never hide the divergence
+            return None, None, f"{halve} (The curvature could not be measured: {error}.)"
+        measured = (
+            f"The LL Hessian's largest eigenvalue at the start weights is about {lambda_max:.4g} "
+            f"({iters} power iterations; exact for a quadratic LL, local otherwise)"
+        )
+        if not lambda_max > 0 or not math.isfinite(lambda_max):
+            return lambda_max, None, f"{measured}, with no positive curvature: {halve}"
+        if not self._plain_sgd():
+            return lambda_max, None, f"{measured}. {halve}"
+        safe = 1.0 / lambda_max
+        return (
+            lambda_max,
+            safe,
+            f"{measured}, so gradient descent is stable only for lr < 2/lambda_max = "
+            f"{2 * safe:.3g}: use lr={safe:.3g} (1/lambda_max) or less.",
+        )
+
+    @property
+    def warn_on_growth(self) -> bool:
+        """Deprecated: whether ``on_growth`` is not ``"ignore"``."""
+        return self.on_growth != "ignore"
+
+    @warn_on_growth.setter
+    def warn_on_growth(self, value: bool) -> None:
+        self.on_growth = _growth_policy(None, value)
 
     @staticmethod
     def _describe(value: Any) -> str:
@@ -338,3 +462,29 @@ def _check_steps(value: int | None) -> int | None:
     if value is not None and value < 0:
         raise ValueError(f"differentiable_steps must be >= 0 or None, got {value}.")
     return value
+
+
+def _growth_policy(on_growth: str | None, warn_on_growth: bool | None) -> str:
+    """``on_growth`` from the arguments, with the deprecated ``warn_on_growth`` mapped onto it."""
+    if warn_on_growth is not None:
+        if not isinstance(warn_on_growth, bool):
+            raise TypeError(f"warn_on_growth must be a bool, got {warn_on_growth!r}.")
+        mapped = "warn" if warn_on_growth else "ignore"
+        if on_growth is not None and on_growth != mapped:
+            raise TypeError(
+                f"warn_on_growth={warn_on_growth} contradicts on_growth={on_growth!r}: give "
+                "on_growth only (warn_on_growth is deprecated)."
+            )
+        warnings.warn(
+            f"warn_on_growth is deprecated: use on_growth={mapped!r}. The default, "
+            "on_growth='raise', refuses a diverging LL run (the UL step is skipped under "
+            "BilevelProblem(on_nonfinite='skip')).",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        on_growth = mapped
+    if on_growth is None:
+        return "raise"
+    if on_growth not in ("raise", "warn", "ignore"):
+        raise ValueError(f"on_growth must be 'raise', 'warn' or 'ignore', got {on_growth!r}.")
+    return on_growth

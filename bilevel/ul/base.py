@@ -137,6 +137,11 @@ class HypergradientCalculator:
 
     def _check_trajectory(self, auxiliary_model: nn.Module) -> Trajectory:
         trajectory = getattr(auxiliary_model, "trajectory", None)
+        if trajectory is None and auxiliary_model.__dict__.get("_fast_params", ()) is None:
+            raise TypeError(
+                "auxiliary_model was released (ll.release, which BilevelProblem calls after each "
+                "task) and holds no weights: use the result of a new ll.optimize(data, target)."
+            )
         if not isinstance(trajectory, Trajectory):
             raise TypeError(
                 "auxiliary_model must be the module returned by ll.optimize(data, target) "

@@ -125,7 +125,7 @@ class Implicit(HypergradientCalculator):
         self.alpha = alpha
         self.power_iters = power_iters
         self.on_divergence = on_divergence
-        if stationarity_warning is not None and not stationarity_warning > 0:
+        if stationarity_warning is not None and not _positive(stationarity_warning):
             raise ValueError(
                 f"stationarity_warning must be None or a number > 0, got {stationarity_warning!r}."
             )
@@ -174,6 +174,12 @@ class Implicit(HypergradientCalculator):
         with evaluate_at(call.auxiliary_model, weights):
             loss = self.ul_loss(call)
             grads = torch.autograd.grad(loss, [*self.ul_params, *w], allow_unused=True)
+            if all(g is None for g in grads):
+                raise ValueError(
+                    "ul_objective depends neither on the LL weights nor on the UL parameters: "
+                    "its hypergradient would be silently zero. Compute it from "
+                    "state['ll_model'] and/or state['ul_model']."
+                )
             direct = grads[:n]
             v = [
                 torch.zeros_like(x) if gv is None else gv
@@ -321,8 +327,8 @@ class Implicit(HypergradientCalculator):
         if not all_finite([loss.detach(), *v]):
             raise FloatingPointError(
                 "the UL loss or its gradient with respect to the LL weights is not finite "
-                f"(UL loss {float(loss):.4g}): check the validation data and the UL objective "
-                "for NaN, log(0) or division by zero."
+                f"(UL loss {float(loss.detach()):.4g}): check the validation data and the UL "
+                "objective for NaN, log(0) or division by zero."
             )
         name = self.method if isinstance(self.method, str) else "the given solver"
         if self.method == "cg":
