@@ -164,8 +164,12 @@ class BDA(GradientDescent):
         alpha: the aggregation weight of the first step, ``alpha_0``, in [0, 1].
         alpha_decay: the factor of ``alpha_k`` per step, in (0, 1] (1: constant).
         ul_scale: ``s_u / s_l`` (> 0): the UL term's step relative to the LL term's.
-        optimizer, momentum, betas, eps, differentiable_steps, growth_tolerance: as in
-            :class:`GradientDescent`.
+        optimizer: the update rule, as in :class:`GradientDescent`.
+        momentum: as in :class:`GradientDescent`.
+        betas: as in :class:`GradientDescent`.
+        eps: as in :class:`GradientDescent`.
+        differentiable_steps: as in :class:`GradientDescent`.
+        growth_tolerance: as in :class:`GradientDescent`.
         on_growth: what a run whose ``f`` grows does (``"raise"``, ``"warn"`` or
             ``"ignore"``, as in :class:`GradientDescent`). ``"ignore"`` by default: the UL term
             may raise ``f`` on purpose (it picks among the LL solutions); a run that blows up

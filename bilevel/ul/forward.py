@@ -6,8 +6,10 @@ import warnings
 from typing import Any
 
 import torch
+from torch import nn
 
 from bilevel.ll import evaluate_at
+from bilevel.state import Objective
 from bilevel.ul.base import Call, Grads, HypergradientCalculator, detached_weights
 
 Tensors = list[torch.Tensor]
@@ -42,8 +44,14 @@ class Forward(HypergradientCalculator):
         """None: the tangents replace the graph."""
         return 0
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        ul_objective: Objective,
+        ul_model: nn.Module,
+        ll_objective: Objective,
+        ll_model: nn.Module,
+    ) -> None:
+        super().__init__(ul_objective, ul_model, ll_objective, ll_model)
         n = sum(p.numel() for p in self.ul_params)
         if n > MANY:
             warnings.warn(

@@ -33,8 +33,8 @@ class GAFFO(FirstOrderMethod):
     With the LL Lagrangian ``L(x, y, z) = f(x, y) + <z, g(x, y)>`` (``z >= 0``), the doubly
     regularized gap function
 
-        ``G(x, y, z) = max_{theta, lam >= 0} L(x, y, lam) - L(x, theta, z)
-        - ||theta - y||^2 / (2 gamma1) - ||lam - z||^2 / (2 gamma2)``
+        ``G(x, y, z) = max_{theta, lam >= 0} L(x, y, lam) - L(x, theta, z) - R``,
+        ``R = ||theta - y||^2 / (2 gamma1) + ||lam - z||^2 / (2 gamma2)``
 
     is ``>= 0`` and vanishes exactly at the LL's KKT pairs ``(y, z)`` (for an LL convex in
     ``y``), so the bilevel problem is ``min F(x, y) s.t. G(x, y, z) <= 0``; the method descends
@@ -49,8 +49,8 @@ class GAFFO(FirstOrderMethod):
        ``lam = max(0, z_k + gamma2 g(x_k, y_k))``;
     2. ``d_x = grad_x F / c_k + grad_x L(x_k, y_k, lam) - grad_x L(x_k, theta_{k+1}, z_k)``
        goes to the UL parameters;
-    3. ``y_{k+1} = y_k - lr_y (grad_y F / c_k + grad_y L(x_k, y_k, lam)
-       - (y_k - theta_{k+1}) / gamma1)``;
+    3. ``y_{k+1} = y_k - lr_y g_y`` with
+       ``g_y = grad_y F / c_k + grad_y L(x_k, y_k, lam) + (theta_{k+1} - y_k) / gamma1``;
     4. ``z_{k+1} = max(0, z_k - lr_z (-g(x_k, theta_{k+1}) + (lam - z_k) / gamma2))``.
 
     Without constraints ``G`` is ``f - v_gamma1``, the Moreau-envelope gap of

@@ -34,8 +34,9 @@ class MESO(FirstOrderMethod):
     1. ``theta_{k+1} = theta_k - eta (grad_y f(x_k, theta_k) + (theta_k - y_k) / gamma)``;
     2. the UL parameters receive
        ``d_x = grad_x F(x_k, y_k) / c_k + grad_x f(x_k, y_k) - grad_x f(x_k, theta_{k+1})``;
-    3. ``y_{k+1} = y_k - lr_y (grad_y F(x_{k+1}, y_k) / c_k + grad_y f(x_{k+1}, y_k)
-       - (y_k - theta_{k+1}) / gamma)``.
+    3. ``y_{k+1} = y_k - lr_y g_y`` with
+       ``g_y = grad_y F(x', y_k) / c_k + grad_y f(x', y_k) + (theta_{k+1} - y_k) / gamma``,
+       ``x' = x_{k+1}``.
 
     Step 3 needs ``x_{k+1}``, which the runner's UL optimizer makes after this method
     returns, so it is taken at the start of the next UL step (with that step's batches): the
