@@ -4,7 +4,7 @@ PYTHON ?= python3
 export NO_MKDOCS_2_WARNING = 1
 PIP = $(PYTHON) -m pip install -q -c constraints.txt
 
-.PHONY: install quickstart test lint docs pytest
+.PHONY: install quickstart test lint docs pytest screenshots
 
 install:
 	$(PIP) torch==2.13.0
@@ -22,5 +22,10 @@ docs:
 
 pytest:
 	$(PYTHON) -m pytest -q
+
+# Every page of the site in headless Chromium: screenshots and a check of what it shows
+# (formulas typeset, no raw markup, no request to another host). Not part of `make test`.
+screenshots:
+	$(PYTHON) docs/screenshots.py  # PNGs and report.json in /tmp/bilevel-docs-screenshots
 
 test: install lint docs pytest

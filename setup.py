@@ -18,6 +18,7 @@ setup(
             "mkdocs",
             "mkdocs-material",
             "mkdocstrings[python]",
+            "django-static-mathjax",  # MathJax's files, shipped with the docs (no CDN)
             "matplotlib",
         ],
         "examples": ["matplotlib"],

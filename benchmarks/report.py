@@ -100,11 +100,13 @@ class Results:
 
 
 def cell_time(record: dict | None) -> str:
+    """The median in ms, with the min–max range below it in small type (narrow columns)."""
     if record is None:
         return "–"
     if "median" not in record:
         return "fails" if "failed" in record else "–"
-    return f"{ms(record['median'])} ({ms(record['min'])}–{ms(record['max'])})"
+    spread = f"{ms(record['min'])}–{ms(record['max'])}"
+    return f"{ms(record['median'])}<br><small>{spread}</small>"
 
 
 def ratio(res: Results, config: dict, impl: str) -> str:
@@ -114,29 +116,33 @@ def ratio(res: Results, config: dict, impl: str) -> str:
     return f"{ours / theirs:.2f}"
 
 
-def time_table(res: Results, configs: list[dict], first: str = "problem") -> list[str]:
+def label(c: dict) -> str:
+    """The method and its setting in one cell."""
+    return f"{METHOD_NAMES[c['method']]}<br><small>{setting(c)}</small>"
+
+
+def time_table(res: Results, configs: list[dict]) -> list[str]:
+    """Milliseconds per UL step (median, min–max), one column per implementation, then the
+    ratios ours / theirs: seven columns at most, so that the table fits the page."""
     impls = res.impls()
     others = [i for i in impls if i != "bilevel"]
-    head = [
-        first,
-        "method",
-        "setting",
-        *(f"{NAMES[i]} ms" for i in impls),
-        *(f"ours / {NAMES[i]}" for i in others),
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = ["method", *(f"{NAMES[i]}" for i in impls), *(f"÷ {NAMES[i]}" for i in others)]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "--:|" * (len(head) - 1)]
     for c in configs:
         if not any(res.get("time", c, i) for i in impls):
             continue
         row = [
-            c["problem"],
-            METHOD_NAMES[c["method"]],
-            setting(c),
+            label(c),
             *(cell_time(res.get("time", c, i)) for i in impls),
             *(ratio(res, c, i) for i in others),
         ]
         lines.append("| " + " | ".join(row) + " |")
-    return lines
+    return [
+        "Milliseconds per UL step: the median over all timed steps, the fastest and slowest "
+        "below it; `÷ X` is ours divided by X's median (below 1: we are faster).",
+        "",
+        *lines,
+    ]
 
 
 def per_impl_table(
@@ -145,8 +151,8 @@ def per_impl_table(
     """One row per configuration, one column per implementation: ``cell(record)`` of its
     ``kind`` record, "fails" where it failed, "–" where it did not run; empty rows dropped."""
     impls = res.impls()
-    head = ["problem", "method", "setting", *(f"{NAMES[i]}{suffix}" for i in impls)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = ["method", *(f"{NAMES[i]}{suffix}" for i in impls)]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "--:|" * len(impls)]
     for c in configs:
         cells = []
         for i in impls:
@@ -156,9 +162,7 @@ def per_impl_table(
             cells.append(value if value is not None else ("fails" if failed else "–"))
         if all(x == "–" for x in cells):
             continue
-        lines.append(
-            "| " + " | ".join([c["problem"], METHOD_NAMES[c["method"]], setting(c), *cells]) + " |"
-        )
+        lines.append("| " + " | ".join([label(c), *cells]) + " |")
     return lines
 
 
@@ -381,6 +385,17 @@ def columns(points: list[tuple[float, float]]) -> tuple[list[float], list[float]
     return [x for x, _ in points], [y for _, y in points]
 
 
+#: Figures are drawn for the page's text column (about 700 CSS pixels wide): 7 inches at
+#: 100 dpi per CSS pixel, saved at 2x for sharp text on high-density screens, and shown at
+#: that width (``{ width="700" }``), so that their 8-point text reads as 11 pixels.
+FIG_WIDTH, FIG_DPI, PAGE_PX = 7.0, 200, 700
+
+
+def figure_markdown(name: str, alt: str) -> str:
+    """The image at the page width."""
+    return f'![{alt}](img/benchmarks/{name}){{ width="{PAGE_PX}" }}'
+
+
 def plots(res: Results) -> dict[str, str]:
     """Write the PNGs; return their Markdown by name."""
     import matplotlib
@@ -388,6 +403,7 @@ def plots(res: Results) -> dict[str, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update({"font.size": 8, "axes.titlesize": 9, "legend.fontsize": 8})
     IMAGES.mkdir(parents=True, exist_ok=True)
     out = {}
     scaling = [
@@ -396,7 +412,7 @@ def plots(res: Results) -> dict[str, str]:
         if not (c["method"] == "truncated" and c.get("K") != 10)
     ]
     if scaling:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(FIG_WIDTH, 3.4))
         for method in ("reverse", "truncated", "cg", "forward"):
             for impl, style in (("bilevel", "-o"), ("floor", ":x")):
                 pts = [
@@ -409,34 +425,28 @@ def plots(res: Results) -> dict[str, str]:
                 name = f"{METHOD_NAMES[method]} ({NAMES[impl]})"
                 color = COLORS[method]
                 if t_pts:
-                    axes[0].plot(*columns(t_pts), style, color=color, label=name)
+                    axes[0].plot(*columns(t_pts), style, color=color, label=name, markersize=4)
                 if m_pts and impl == "bilevel":
-                    axes[1].plot(*columns(m_pts), style, color=color, label=name)
+                    axes[1].plot(*columns(m_pts), style, color=color, markersize=4)
         axes[0].set(
-            xscale="log",
-            yscale="log",
-            xlabel="LL steps T",
-            ylabel="s per UL step",
-            title="time per UL step",
+            xscale="log", yscale="log", xlabel="LL steps T", ylabel="s per UL step", title="time"
         )
         axes[1].set(
-            xscale="log",
-            xlabel="LL steps T",
-            ylabel="MiB above baseline",
-            title="peak memory (ours)",
+            xscale="log", xlabel="LL steps T", ylabel="MiB above baseline", title="peak memory"
         )
-        axes[0].legend(fontsize=7)
-        axes[1].legend(fontsize=7)
+        # one legend for both panels, below them: it covers no curve
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False)
         fig.suptitle("large ridge (n=1000, d=2000, 20 penalties); K=10, CG k=10")
-        fig.tight_layout()
-        fig.savefig(IMAGES / "scaling.png", dpi=110)
+        fig.tight_layout(rect=(0, 0.2, 1, 1))
+        fig.savefig(IMAGES / "scaling.png", dpi=FIG_DPI)
         plt.close(fig)
-        out["scaling"] = "![time and memory against T](img/benchmarks/scaling.png)"
+        out["scaling"] = figure_markdown("scaling.png", "time and memory against T")
     sweep = res.configs.get("sweep", [])
     if sweep:
         methods = ("cg", "neumann", "fixed_point", "truncated")
-        fig, axes = plt.subplots(1, 4, figsize=(14, 3.6), sharey=True)
-        for ax, method in zip(axes, methods, strict=True):
+        fig, axes = plt.subplots(2, 2, figsize=(FIG_WIDTH, 5.0), sharey=True)
+        for ax, method in zip(axes.flat, methods, strict=True):
             for impl, style in (
                 ("bilevel", "-o"),
                 ("floor", ":x"),
@@ -451,24 +461,148 @@ def plots(res: Results) -> dict[str, str]:
                     if r and "error_exact" in r:
                         pts.append((c.get("k", c.get("K")), max(r["error_exact"], 1e-17)))
                 if pts:
-                    ax.plot(*columns(pts), style, label=NAMES[impl], alpha=0.8)
+                    ax.plot(*columns(pts), style, label=NAMES[impl], alpha=0.8, markersize=4)
             ax.set(
                 xscale="log",
                 yscale="log",
                 title=METHOD_NAMES[method],
                 xlabel="iterations k" if method != "truncated" else "truncation K",
             )
-            ax.legend(fontsize=7)
-        axes[0].set_ylabel("relative error vs exact")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("relative error")
+        handles = {}
+        for ax in axes.flat:  # every implementation once, whichever panel has it
+            for h, name in zip(*ax.get_legend_handles_labels(), strict=True):
+                handles.setdefault(name, h)
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, frameon=False)
         fig.suptitle("hypergradient error against solver iterations (ridge, T=200, converged LL)")
-        fig.tight_layout()
-        fig.savefig(IMAGES / "error_vs_iterations.png", dpi=110)
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
+        fig.savefig(IMAGES / "error_vs_iterations.png", dpi=FIG_DPI)
         plt.close(fig)
-        out["sweep"] = "![error against solver iterations](img/benchmarks/error_vs_iterations.png)"
+        out["sweep"] = figure_markdown("error_vs_iterations.png", "error against solver iterations")
     return out
 
 
 # --------------------------------------------------------------------------- the page
+
+
+def portable(command: str) -> str:
+    """The command without options that name a file of the measuring machine (``--partial``
+    only saves progress; the measurement is the same without it)."""
+    words, kept = command.split(), []
+    skip = False
+    for word in words:
+        if skip:
+            skip = False
+            continue
+        if word == "--partial":
+            skip = True
+            continue
+        if word.startswith("--partial="):
+            continue
+        kept.append(word)
+    return " ".join(kept)
+
+
+def spread(values: list[float]) -> str:
+    """``median m (range a–b)`` of ratios."""
+    return f"median {statistics.median(values):.2f} (range {min(values):.2f}–{max(values):.2f})"
+
+
+def ratios(res: Results, peer: str) -> list[float]:
+    """ours / peer on the medians, over every timed configuration both ran."""
+    found = []
+    for suite in ("regression", "scaling", "cleaning", "meta"):
+        for c in res.configs.get(suite, []):
+            ours, theirs = res.median(c, "bilevel"), res.median(c, peer)
+            if ours is not None and theirs is not None:
+                found.append(ours / theirs)
+    return found
+
+
+def largest(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def takeaways(res: Results) -> list[str]:
+    """What a reader should know first, computed from the records."""
+    d, m = res.data, res.data["machine"]
+    lines = []
+    ridge = [c for c in res.configs.get("regression", []) if c["problem"] == "ridge"]
+
+    def errors(method: str, field: str, impl: str = "bilevel") -> list[float | None]:
+        return [
+            (res.get("error", c, impl) or {}).get(field) for c in ridge if c["method"] == method
+        ]
+
+    exact = largest(errors("reverse", "error_unrolled") + errors("forward", "error_unrolled"))
+    distances = [
+        (res.get("error", c, "bilevel") or {}).get("difference_to_floor")
+        for suite in ("cleaning", "meta")
+        for c in res.configs.get(suite, [])
+    ]
+    if exact is not None:
+        text = (
+            f"- **Exact.** `Reverse` and `Forward` match the exact derivative of the unrolled LL "
+            f"to {exact:.0e} (float64 ridge regression with a closed form); every method gives "
+            "the hypergradient of the same computation written by hand in bare PyTorch"
+        )
+        far = largest(distances)
+        if far is not None:
+            text += f" (relative distance at most {far:.0e} on hyper-cleaning and meta-learning"
+            text += ", float32)"
+        lines.append(text + ".")
+    floor = ratios(res, "floor")
+    if floor:
+        lines.append(
+            f"- **Fast.** Time per UL step divided by the hand-written floor's: {spread(floor)}: "
+            "the library adds a few percent to a step, more on the smallest problems."
+        )
+    peers = [(NAMES[p], ratios(res, p)) for p in PEERS]
+    peers = [(name, r) for name, r in peers if r]
+    if peers:
+        parts = [f"{name}'s: {spread(r)}" for name, r in peers]
+        lines.append("- **Against the peers**, ours divided by " + "; ".join(parts) + ".")
+    scaling = res.configs.get("scaling", [])
+    longest = max((c["T"] for c in scaling), default=None)
+    if longest is not None:
+
+        def memory(method: str) -> float | None:
+            for c in scaling:
+                if c["T"] == longest and c["method"] == method and c.get("K", 10) == 10:
+                    r = res.get("memory", c, "bilevel")
+                    return r["bytes"] / 2**20 if r and "bytes" in r else None
+            return None
+
+        rev, trunc, cg = memory("reverse"), memory("truncated"), memory("cg")
+        if rev is not None and cg is not None and trunc is not None:
+            lines.append(
+                f"- **Memory.** With {longest:,} LL steps `Reverse` needs {rev:.0f} MiB above "
+                f"the baseline, `Truncated(K=10)` {trunc:.0f} MiB and `Implicit` {cg:.0f} MiB: "
+                "only `Reverse` grows with the number of LL steps."
+            )
+    wrong = [f for f in peer_findings(res) if "relative error" in f or "distance to floor" in f]
+    if wrong:
+        lines.append(
+            "- **Peers.** BOAT's truncated hypergradient is off on every problem it ran (see "
+            "[findings](#findings-about-the-peers))."
+        )
+    gpu = f"GPU {m['cuda']}" if m.get("cuda") else "no GPU"
+    lines.append(
+        f"- **Machine.** {m['cpu']}, {m['cores']} cores shared with other jobs, "
+        f"{d['threads']} torch thread per process, torch {m['torch']}, {gpu}; "
+        f"measured on {d['date'][:10]}."
+    )
+    return lines
+
+
+def by_problem(configs: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The configurations grouped by problem, in order."""
+    groups: dict[str, list[dict]] = {}
+    for c in configs:
+        groups.setdefault(c["problem"], []).append(c)
+    return list(groups.items())
 
 
 def page(res: Results, source: Path, images: dict[str, str]) -> str:
@@ -480,40 +614,86 @@ def page(res: Results, source: Path, images: dict[str, str]) -> str:
     shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source
     total = f"total {d['duration_s'] / 60:.1f} min" if "duration_s" in d else "cut short"
     lines = [
+        "---",
+        "hide:",
+        "  - toc",
+        "---",
+        "",
         "# Benchmarks",
         "",
         "<!-- generated by benchmarks/report.py from the JSON named below; edit the script, "
         "not this page -->",
         "",
-        f"Generated from `{shown}`"
+        "How the library's hypergradients compare with exact answers, with the same "
+        "computation written by hand in bare PyTorch (the *floor*), and with BOAT and "
+        "TorchOpt: error, time and memory per UL step.",
+        "",
+        "## What to take away",
+        "",
+        *takeaways(res),
+        "",
+        f"Measured from `{shown}`"
         + "".join(f" and {merged}" for merged in d.get("merged", []))
-        + f", measured on {d['date'][:10]} with",
+        + "; the command to reproduce it is at the [end of the page](#reproduce).",
         "",
-        "```bash",
-        d["command"],
-        "```",
+        "## Accuracy",
         "",
-        f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; "
-        f"{m['platform']}; Python {m['python']}, torch {m['torch']}"
-        + (f"; GPU {m['cuda']}" if m.get("cuda") else "; no GPU"),
-        f"- torch threads per process: {d['threads']}; load average "
-        f"{d['loadavg_start'][0]:.2f} at the start, "
-        f"{d.get('loadavg_end', d['loadavg_start'])[0]:.2f} at the end "
-        "(the machine is shared: see min and max)",
-        f"- checkout {d['git']['commit']}{dirty}; {versions}",
-        f"- {d['rounds']} alternation rounds of about {d['budget_s']} s of timed steps per "
-        f"implementation; {'quick mode' if d['quick'] else 'full mode'}; {total}",
+        *[
+            line
+            for problem, configs in by_problem(res.configs.get("regression", []))
+            for line in [
+                *error_table(
+                    res,
+                    configs,
+                    "error_exact",
+                    f"{problem}: relative error against the exact hypergradient at the LL "
+                    "minimizer",
+                ),
+                "",
+            ]
+        ],
+        *error_table(
+            res,
+            [c for c in res.configs.get("regression", []) if c["problem"] == "ridge"],
+            "error_unrolled",
+            "ridge: relative error against the exact T-step unrolled hypergradient",
+        ),
         "",
-        "## Verdict",
+        images.get("sweep", ""),
         "",
-        *(targets or ["- no configuration ran for both us and a peer"]),
+        "## Time per UL step",
         "",
-        "Where a peer is faster than us:"
-        if faster
-        else "No peer is faster than us on any configuration that both run.",
+        *[
+            line
+            for problem, configs in by_problem(res.configs.get("regression", []))
+            for line in [f"### {problem}", "", *time_table(res, configs), ""]
+        ],
+        "## Scaling with the number of LL steps",
         "",
-        *faster,
+        images.get("scaling", ""),
         "",
+        *time_table(res, res.configs.get("scaling", [])),
+        "",
+        "Peak memory above the baseline, MiB:",
+        "",
+        *memory_table(res, res.configs.get("scaling", [])),
+        "",
+        *suite_section(
+            res, "cleaning", "Data hyper-cleaning", "Relative distance to the floor's hypergradient"
+        ),
+        "",
+        *suite_section(
+            res,
+            "meta",
+            "Meta-learning step",
+            "Relative distance to the floor's meta-gradient (float32)",
+        ),
+        "",
+        "## Peak memory of the small problems",
+        "",
+        *memory_table(res, res.configs.get("regression", [])),
+        "",
+        *vmap_section(),
         "## How it is measured",
         "",
         "- **Implementations.** *bilevel* is this library through its public API "
@@ -574,54 +754,19 @@ def page(res: Results, source: Path, images: dict[str, str]) -> str:
         "hyper-representation with the trunk as UL and the head as LL. "
         "float32.",
         "",
-        "## Accuracy",
+        "## Against the targets",
         "",
-        *error_table(
-            res,
-            res.configs.get("regression", []),
-            "error_exact",
-            "Relative error against the exact hypergradient at the LL minimizer",
-        ),
+        "The library's own goals, checked on every configuration: a step at most "
+        f"{TARGET_BOAT}x BOAT's time and within {TARGET_FLOOR}x the floor's.",
         "",
-        *error_table(
-            res,
-            [c for c in res.configs.get("regression", []) if c["problem"] == "ridge"],
-            "error_unrolled",
-            "Ridge: relative error against the exact T-step unrolled hypergradient",
-        ),
+        *(targets or ["- no configuration ran for both us and a peer"]),
         "",
-        images.get("sweep", ""),
+        "Where a peer is faster than us:"
+        if faster
+        else "No peer is faster than us on any configuration that both run.",
         "",
-        "## Time per UL step",
+        *faster,
         "",
-        *time_table(res, res.configs.get("regression", [])),
-        "",
-        "## Scaling with the number of LL steps",
-        "",
-        images.get("scaling", ""),
-        "",
-        *time_table(res, res.configs.get("scaling", [])),
-        "",
-        "Peak memory above the baseline, MiB:",
-        "",
-        *memory_table(res, res.configs.get("scaling", [])),
-        "",
-        *suite_section(
-            res, "cleaning", "Data hyper-cleaning", "Relative distance to the floor's hypergradient"
-        ),
-        "",
-        *suite_section(
-            res,
-            "meta",
-            "Meta-learning step",
-            "Relative distance to the floor's meta-gradient (float32)",
-        ),
-        "",
-        "## Peak memory of the small problems",
-        "",
-        *memory_table(res, res.configs.get("regression", [])),
-        "",
-        *vmap_section(),
         "## Findings about the peers",
         "",
         *(peer_findings(res) or ["Nothing to report."]),
@@ -645,8 +790,19 @@ def page(res: Results, source: Path, images: dict[str, str]) -> str:
         "/work/venvs/torchopt/bin/pip install torch==2.13.0",
         "/work/venvs/torchopt/bin/pip install --no-deps torchopt==0.7.3",
         "/work/venvs/torchopt/bin/pip install numpy optree typing-extensions graphviz",
-        "python benchmarks/run.py --quick   # or without --quick",
+        f"{portable(d['command'])}   # what produced this page; --quick for a short run",
+        "python benchmarks/report.py     # this page and its figures, from the newest results",
         "```",
+        "",
+        f"Measured with {d['rounds']} alternation rounds of about {d['budget_s']} s of timed "
+        f"steps per implementation ({'quick mode' if d['quick'] else 'full mode'}; {total}); "
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['platform']}; "
+        f"Python {m['python']}, torch {m['torch']}"
+        + (f"; GPU {m['cuda']}" if m.get("cuda") else "; no GPU")
+        + f"; torch threads per process: {d['threads']}; load average "
+        f"{d['loadavg_start'][0]:.2f} at the start, "
+        f"{d.get('loadavg_end', d['loadavg_start'])[0]:.2f} at the end; checkout "
+        f"{d['git']['commit']}{dirty}; {versions}.",
         "",
         "Other locations: `BENCH_BOAT_PYTHON=... BENCH_TORCHOPT_PYTHON=...`. A peer whose "
         "environment is missing is listed above as unavailable and the rest still runs.",
