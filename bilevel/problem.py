@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import os
 import signal
@@ -265,6 +266,7 @@ class BilevelProblem:
         saved = [p.grad for p in self.ul_params]
         for p in self.ul_params:
             p.grad = None
+        kept = self._method_state()
         try:
             self._accumulate(tasks)
             return [
@@ -274,6 +276,22 @@ class BilevelProblem:
         finally:
             for p, old in zip(self.ul_params, saved, strict=True):
                 p.grad = old
+            self._restore_method_state(kept)
+
+    def _method_state(self) -> tuple[dict, dict] | None:
+        """A copy of what a stateful method keeps across UL steps (its state and the LL
+        model's weights, which such methods move), so that :meth:`hypergradient` can leave
+        them as they were; ``None`` for methods that keep nothing."""
+        if not hasattr(self.ul, "state_dict"):
+            return None
+        method = copy.deepcopy(self.ul.state_dict())
+        ll_model = copy.deepcopy(self.ll.ll_model.state_dict())
+        return method, ll_model
+
+    def _restore_method_state(self, kept: tuple[dict, dict] | None) -> None:
+        if kept is not None:
+            self.ul.load_state_dict(kept[0])
+            self.ll.ll_model.load_state_dict(kept[1])
 
     def _one_task(self, train: Pair, val: Pair) -> list[tuple[Pair, Pair]]:
         """Check the arguments of one task (before any LL step): pairs, dtypes and devices."""

@@ -11,6 +11,7 @@ an inequality constraint (GAFFO). Checkpoints resume bitwise.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -535,3 +536,18 @@ def test_bvfim_refuses_an_empty_interior():
     with pytest.raises(FloatingPointError, match="no interior"):
         problem.step(NO_DATA, NO_DATA)
     assert m.steps_taken == 0
+
+
+@pytest.mark.parametrize("method", [MESO, F2SA])
+def test_hypergradient_leaves_a_stateful_methods_state_as_it_was(method):
+    """``hypergradient`` is a question, not a step: the method's state and the LL weights it
+    keeps come back as they were, so two calls agree and the next step is unchanged."""
+    problem, m, _, llm = quadratic(method)
+    run(problem, 3)
+    state, weights = copy.deepcopy(m.state_dict()), llm.v.detach().clone()
+    first = problem.hypergradient(NO_DATA, NO_DATA)
+    second = problem.hypergradient(NO_DATA, NO_DATA)
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(llm.v.detach(), weights)
+    assert str(m.state_dict()) == str(state)
