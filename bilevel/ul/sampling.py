@@ -1,0 +1,291 @@
+"""Minibatch sampling for the stochastic bilevel methods (SOBA, SABA, StocBiO, AmIGO).
+
+The runner hands a stochastic method the FULL train and validation data at every step; the
+method draws its own minibatches from them through a :class:`Sampler`. The default sampler
+splits each data set once into ``ceil(n / batch_size)`` fixed batches of equal size (up to
+one sample), made of a random permutation of the samples, and visits them in a random order
+each epoch (``order="reshuffle"``, as benchopt's ``benchmark_bilevel`` does) or draws one
+uniformly at random at every call (``order="uniform"``, the i.i.d. sampling of the papers'
+analyses). Fixed batches are what SABA's memory is indexed by.
+
+Everything random comes from the sampler's own ``torch.Generator``, seeded by ``seed``, so a
+run is reproducible whatever else draws from torch's global generator, and its state is
+saved in checkpoints: a resumed run draws bitwise the batches the uninterrupted run would
+have drawn.
+
+A user replaces the sampler by subclassing :class:`Sampler` and overriding :meth:`draw`
+(and :meth:`state_dict` / :meth:`load_state_dict` / :meth:`settings` if it keeps state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+LEVELS = ("train", "val")
+#: ``val_batch_size``'s default: the train batch size
+SAME = "same"
+
+
+@dataclass(frozen=True)
+class Minibatch:
+    """One drawn minibatch of one level.
+
+    Attributes:
+        index: indices of its samples in the full data (a CPU ``LongTensor``), or ``None``
+            when the minibatch is the whole data set, used as given.
+        id: which of the fixed batches it is, in ``range(count)`` (SABA's memory slot).
+        count: the number of fixed batches the data set is split into.
+        weight: ``count * len(batch) / n``: the factor that makes the minibatch's loss (a mean
+            over its samples) an unbiased estimate of the full loss under uniform batch
+            sampling; ``1.0`` when all batches have the same size.
+    """
+
+    index: torch.Tensor | None
+    id: int
+    count: int
+    weight: float
+
+    @property
+    def full(self) -> bool:
+        """Whether this minibatch is the whole data set."""
+        return self.index is None
+
+
+def check_batch_size(value: Any, name: str) -> int | None:
+    """Return ``value`` if it is a batch size (an integer >= 1) or ``None`` (full batch)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{name} must be an integer >= 1, or None for the full data set, got {value!r}."
+        )
+    return value
+
+
+def num_samples(data: Any, target: Any, level: str) -> int:
+    """The number of samples of ``(data, target)``: the common length of the first dimension
+    of every tensor in them (tensors, or tuples, lists and dicts of tensors; ``None``
+    allowed)."""
+    lengths: list[int] = []
+    _lengths(data, f"{level} data", lengths)
+    _lengths(target, f"{level} target", lengths)
+    if not lengths:
+        raise TypeError(
+            f"the {level} (data, target) hold no tensor: the sampler draws minibatches along the "
+            "first dimension of tensors."
+        )
+    if any(n != lengths[0] for n in lengths):
+        raise ValueError(
+            f"the tensors of the {level} (data, target) have different numbers of samples along "
+            f"their first dimension ({sorted(set(lengths))}); every tensor must hold one row per "
+            "sample."
+        )
+    if lengths[0] < 1:
+        raise ValueError(f"the {level} data set is empty (0 samples).")
+    return lengths[0]
+
+
+def _lengths(value: Any, name: str, out: list[int]) -> None:
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 0:
+            raise ValueError(
+                f"{name} holds a 0-dimensional tensor: the sampler needs one row per sample "
+                "along the first dimension (pass batch_size=None to use the data as given)."
+            )
+        out.append(value.shape[0])
+    elif isinstance(value, tuple | list):
+        for item in value:
+            _lengths(item, name, out)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            _lengths(item, name, out)
+    else:
+        raise TypeError(
+            f"{name} must be a tensor, or a tuple, list or dict of tensors with one row per "
+            f"sample, to draw minibatches from; got {type(value).__name__}. Pass "
+            "batch_size=None to use the data as given."
+        )
+
+
+def select(value: Any, index: torch.Tensor | None) -> Any:
+    """The rows ``index`` of every tensor in ``value`` (tensors, tuples, lists, dicts, None);
+    ``value`` itself when ``index`` is ``None``."""
+    if index is None or value is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, index.to(value.device))
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(select(v, index) for v in value))
+    if isinstance(value, tuple | list):
+        return type(value)(select(v, index) for v in value)
+    if isinstance(value, Mapping):
+        return {k: select(v, index) for k, v in value.items()}
+    raise TypeError(f"cannot draw a minibatch from a {type(value).__name__}.")
+
+
+@dataclass
+class _Level:
+    """The sampler's state for one level: the fixed split and where the epoch stands."""
+
+    n: int
+    perm: torch.Tensor  # the samples, permuted once; batch b is a slice of it
+    order: torch.Tensor  # the batches' order in the current epoch
+    position: int  # how many batches of the epoch were drawn
+
+
+class Sampler:
+    """Draws index minibatches from the full train and validation data, reproducibly.
+
+    Each level's data set (``n`` samples) is split once, at its first draw, into
+    ``count = ceil(n / batch_size)`` fixed batches: consecutive slices of a random
+    permutation, of sizes ``n // count`` or ``n // count + 1``. With ``count == 1`` (a
+    ``batch_size`` of ``None`` or at least ``n``) the data are used as given, untouched (a
+    method then takes its deterministic, full-batch steps) and nothing random is drawn.
+
+    Every draw comes from the sampler's own ``torch.Generator`` seeded with ``seed``; its
+    state, the splits and the epochs' positions are in :meth:`state_dict`.
+
+    References: the minibatch scheme of benchopt's ``benchmark_bilevel`` (fixed batches,
+    reshuffled each epoch); Dagréou, Ablin, Vaiter & Moreau (2022), "A framework for bilevel
+    optimization that enables stochastic and global variance reduction algorithms", NeurIPS
+    (uniform sampling).
+
+    Args:
+        batch_size: samples per train (LL) minibatch, or ``None`` for the full data set.
+        val_batch_size: samples per validation (UL) minibatch, ``None`` for the full data
+            set, or ``"same"`` (default) for ``batch_size``.
+        seed: seeds the sampler's generator.
+        order: ``"reshuffle"`` (each epoch visits every batch once, in a random order) or
+            ``"uniform"`` (every draw picks a batch uniformly, with replacement).
+    """
+
+    def __init__(
+        self,
+        batch_size: int | None = 64,
+        val_batch_size: int | str | None = SAME,
+        seed: int = 0,
+        order: str = "reshuffle",
+    ) -> None:
+        batch_size = check_batch_size(batch_size, "batch_size")
+        if isinstance(val_batch_size, str) and val_batch_size == SAME:
+            val_batch_size = batch_size
+        else:
+            val_batch_size = check_batch_size(val_batch_size, "val_batch_size")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}.")
+        if order not in ("reshuffle", "uniform"):
+            raise ValueError(f"order must be 'reshuffle' or 'uniform', got {order!r}.")
+        self.batch_sizes: dict[str, int | None] = {"train": batch_size, "val": val_batch_size}
+        self.seed = seed
+        self.order = order
+        self.generator = torch.Generator().manual_seed(seed)
+        self._levels: dict[str, _Level] = {}
+
+    def settings(self) -> dict[str, Any]:
+        """What a checkpoint must agree on to be resumed."""
+        return {
+            "sampler": type(self).__name__,
+            "batch_size": self.batch_sizes["train"],
+            "val_batch_size": self.batch_sizes["val"],
+            "seed": self.seed,
+            "order": self.order,
+        }
+
+    def count(self, level: str, n: int) -> int:
+        """How many fixed batches a data set of ``n`` samples of ``level`` is split into."""
+        size = self.batch_sizes[_check_level(level)]
+        return 1 if size is None or size >= n else -(-n // size)
+
+    def draw(self, level: str, n: int) -> Minibatch:
+        """The next minibatch of ``level`` (``"train"`` or ``"val"``) from ``n`` samples.
+
+        Raises:
+            ValueError: ``n`` differs from the size of the data set this level was split from
+                (the method is meant to be given the same full data at every step).
+        """
+        count = self.count(level, n)
+        if count == 1:
+            return Minibatch(None, 0, 1, 1.0)
+        state = self._levels.get(level)
+        if state is not None and state.n != n:
+            raise ValueError(
+                f"the sampler split the {level} data ({state.n} samples) into fixed batches, but "
+                f"was now given {n} samples. Pass the same full {level} data set at every step "
+                "(the method draws its own minibatches), or use batch_size=None to take the "
+                "data as given."
+            )
+        state = self.split(level, n)
+        if self.order == "uniform":
+            batch = int(torch.randint(count, (1,), generator=self.generator))
+        else:
+            if state.position == count:
+                state.order = torch.randperm(count, generator=self.generator)
+                state.position = 0
+            batch = int(state.order[state.position])
+            state.position += 1
+        return self.batch(level, batch)
+
+    def split(self, level: str, n: int) -> _Level:
+        """Split ``level``'s data set of ``n`` samples into its fixed batches, if not done yet
+        (this draws the permutation and the first epoch's order), and return the level's
+        state."""
+        state = self._levels.get(_check_level(level))
+        if state is None:
+            perm = torch.randperm(n, generator=self.generator)
+            order = torch.randperm(self.count(level, n), generator=self.generator)
+            state = self._levels[level] = _Level(n, perm, order, 0)
+        return state
+
+    def batch(self, level: str, batch: int) -> Minibatch:
+        """Fixed batch number ``batch`` of ``level``, whose data set must have been split
+        (:meth:`split`, or a first :meth:`draw`). Draws nothing: SABA reads every batch
+        through it to fill its memory at the initial point."""
+        state = self._levels[_check_level(level)]
+        count = self.count(level, state.n)
+        base, extra = divmod(state.n, count)
+        size = base + (batch < extra)
+        start = batch * base + min(batch, extra)
+        return Minibatch(state.perm[start : start + size], batch, count, count * size / state.n)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator's state, the splits and the epochs' positions (tensors and plain
+        values)."""
+        return {
+            "generator": self.generator.get_state(),
+            "levels": {
+                name: {"n": s.n, "perm": s.perm, "order": s.order, "position": s.position}
+                for name, s in self._levels.items()
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`: the next draws are bitwise those that followed it."""
+        try:
+            generator = state["generator"]
+            levels = {
+                _check_level(name): _Level(
+                    int(s["n"]), s["perm"].long().cpu(), s["order"].long().cpu(), int(s["position"])
+                )
+                for name, s in state["levels"].items()
+            }
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(
+                f"not a Sampler state (missing or malformed {error}); load what "
+                "Sampler.state_dict() returned."
+            ) from None
+        self.generator.set_state(
+            generator.cpu() if isinstance(generator, torch.Tensor) else generator
+        )
+        self._levels = levels
+
+
+def _check_level(level: str) -> str:
+    if level not in LEVELS:
+        raise ValueError(f"level must be 'train' or 'val', got {level!r}.")
+    return level

@@ -1,0 +1,450 @@
+"""What the stochastic bilevel methods (SOBA, SABA, StocBiO, AmIGO) share: the LL variable
+kept in ``ll_model`` across UL steps, minibatch oracles (gradients, Hessian-vector and cross
+products on a drawn minibatch), the checks on the LL optimizer that supplies the step sizes,
+and the per-step bookkeeping (finiteness, commit, ``.grad``, checkpoint state).
+
+Notation (Dagréou et al. 2022): ``G(y, x)`` is the LL objective on the train data, ``F(y, x)``
+the UL objective on the validation data, ``y`` the LL variable (the trainable parameters of
+``ll_model``), ``x`` the UL parameters and ``v`` the auxiliary variable of the linear system
+``H v = -grad_y F`` with ``H = grad_yy G``. The hypergradient is
+``grad_x F + grad_xy G v`` at ``v = -H^{-1} grad_y F``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from bilevel.ll import evaluate_at
+from bilevel.state import (
+    Objective,
+    all_finite,
+    check_objective_result,
+    make_state,
+    parameter_names,
+)
+from bilevel.ul.base import Call, Grads, HypergradientCalculator
+from bilevel.ul.sampling import SAME, Minibatch, Sampler, num_samples, select
+
+Tensors = list[torch.Tensor]
+
+
+def dense(like: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> Tensors:
+    """``grads`` with zeros (shaped like ``like``) where a gradient is ``None`` (no path)."""
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(like, grads, strict=True)]
+
+
+class StochasticMethod(HypergradientCalculator):
+    """Base of the stochastic methods that keep the LL variable (and an auxiliary variable)
+    alive across UL steps and draw their own minibatches.
+
+    The LL variable ``y`` is ``ll_model``'s trainable parameters themselves: every UL step
+    moves them in place (so ``ll_model`` holds the current LL iterate, and the runner's
+    checkpoint of ``ll_model`` saves it). :meth:`task_gradients` is one iteration of the
+    method: it draws minibatches from the full ``train`` and ``val`` data with
+    its ``sampler``, updates ``y`` (and ``v``), adds the UL direction to ``.grad`` of the UL
+    parameters and returns the minibatch UL and LL losses. The UL step itself is the UL
+    optimizer's (``torch.optim.SGD(lr=gamma)`` is the papers' update). Every call advances the
+    state, also through :meth:`bilevel.BilevelProblem.hypergradient`.
+
+    The LL optimizer ``ll`` (a :class:`bilevel.ll.GradientDescent`) supplies the LL step size
+    ``ll.lr`` (a positive number; plain SGD without momentum or weight decay) and, for the
+    methods with inner loops, their length ``ll.iters``. Objectives are taken to be means over
+    the samples of their batch (a minibatch's loss is then an estimate of the full one).
+
+    One task per UL step: the LL variable is one per method (and per process), so a
+    meta-batch of several tasks (``meta_step``) would move it once per task, and under
+    ``torch.distributed`` each process would move its own copy.
+
+    Args:
+        ul_objective: ``state -> scalar`` UL loss ``F``.
+        ul_model: module with the UL variables ``x`` (not LL parameters).
+        ll_objective: ``state -> scalar`` LL loss ``G``.
+        ll_model: the LL module; its trainable parameters are ``y``.
+        batch_size: samples per train minibatch; ``None``: the data as given at every call
+            (the full data set, for the deterministic steps, or minibatches the caller draws
+            itself); used to build the default :class:`~bilevel.ul.sampling.Sampler`.
+        val_batch_size: samples per validation minibatch (``"same"``: ``batch_size``).
+        seed: seeds the default sampler's generator.
+        sampler: a :class:`~bilevel.ul.sampling.Sampler` (or subclass) to use instead; then
+            ``batch_size``, ``val_batch_size`` and ``seed`` are not given.
+    """
+
+    name = "stochastic"
+    #: whether ``ll.iters`` is the length of an inner loop (else it must be 1)
+    inner_loop = False
+
+    def __init__(
+        self,
+        ul_objective: Objective,
+        ul_model: nn.Module,
+        ll_objective: Objective,
+        ll_model: nn.Module,
+        batch_size: int | None = 64,
+        val_batch_size: int | str | None = SAME,
+        seed: int = 0,
+        sampler: Sampler | None = None,
+    ) -> None:
+        super().__init__(ul_objective, ul_model, ll_objective, ll_model)
+        pairs = zip(self.ul_params, self.initial_weight_of, strict=True)
+        shared = [p for p, j in pairs if j is not None]
+        if shared:
+            names = parameter_names(ul_model, shared)
+            raise ValueError(
+                f"UL parameter(s) {names} are also parameters of ll_model: {type(self).__name__} "
+                "keeps the LL variable in ll_model and moves it at every step, so it cannot also "
+                "be a UL variable (an initialization to meta-learn). Use Reverse, FirstOrder or "
+                "Reptile for that."
+            )
+        if sampler is None:
+            sampler = Sampler(batch_size, val_batch_size, seed)
+        else:
+            if not isinstance(sampler, Sampler):
+                raise TypeError(
+                    f"sampler must be a bilevel.ul.sampling.Sampler (or a subclass), got "
+                    f"{type(sampler).__name__}."
+                )
+            if batch_size != 64 or val_batch_size != SAME or seed != 0:
+                raise TypeError(
+                    "batch_size, val_batch_size and seed were given beside sampler: give them "
+                    "to the Sampler."
+                )
+        self.sampler = sampler
+        self.ll_trainable = [p for p in ll_model.parameters() if p.requires_grad]
+        #: UL iterations taken (the step counter of the step-size schedules)
+        self.t = 0
+        #: the linear-system variable (``None`` until the first step)
+        self.v: Tensors | None = None
+
+    # --- settings, checks, state -----------------------------------------------------------
+
+    def settings(self) -> dict[str, Any]:
+        """The method's and its sampler's settings (a checkpoint must agree on them)."""
+        return dict(self.sampler.settings())
+
+    def differentiable_steps(self, iters: int) -> int:
+        """None: the method takes its own LL steps, without an LL graph."""
+        return 0
+
+    def check_against(self, ll: Any) -> None:
+        """Raise if ``ll`` cannot supply this method's LL steps (see the class docstring)."""
+        super().check_against(ll)
+        for attr in ("patched_model", "release", "lr", "iters"):
+            if not hasattr(ll, attr):
+                raise TypeError(
+                    f"{type(self).__name__} needs a bilevel.ll.GradientDescent as ll, got "
+                    f"{type(ll).__name__}."
+                )
+        self.ll_lr(ll)
+        hyper = getattr(ll, "hyper", {})
+        extra = [
+            name
+            for name in ("momentum", "weight_decay", "dampening")
+            if name in hyper
+            and any(not (isinstance(v, float) and v == 0.0) for v in hyper[name].items)
+        ]
+        rule = getattr(ll, "optimizer", "sgd")
+        if rule != "sgd" or extra:
+            what = f"optimizer={rule!r}" if rule != "sgd" else ", ".join(extra)
+            raise ValueError(
+                f"{type(self).__name__} takes plain SGD steps on the LL (the paper's update), "
+                f"but the LL optimizer has {what}. Build GradientDescent(..., optimizer='sgd') "
+                "without momentum or weight decay."
+            )
+        if not self.inner_loop and ll.iters != 1:
+            raise ValueError(
+                f"{type(self).__name__} takes one LL step per UL step (the LL variable, v and "
+                f"the UL variable move together), but ll.iters = {ll.iters}. Build "
+                "GradientDescent(..., iters=1)."
+            )
+
+    def ll_lr(self, ll: Any) -> float:
+        """``ll.lr`` as a number, or a clear error."""
+        lr = ll.lr
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr):
+            raise TypeError(
+                f"{type(self).__name__} takes its LL step size from ll.lr, which must be one "
+                f"finite number, got {lr!r}. Build GradientDescent(..., lr=0.1); step-size "
+                "schedules are the method's own (e.g. SOBA's ll_decay)."
+            )
+        if lr <= 0:
+            raise ValueError(f"ll.lr must be > 0, got {lr}.")
+        return float(lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step counter, ``v``, the sampler's state and the method's own state (tensors
+        and plain values; the LL variable is ``ll_model``, saved by the runner)."""
+        return {
+            "t": self.t,
+            "v": None if self.v is None else [t.detach().clone() for t in self.v],
+            "sampler": self.sampler.state_dict(),
+            **self._extra_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (tensors go to the LL parameters' device and dtype)."""
+        if not isinstance(state, Mapping) or "t" not in state or "sampler" not in state:
+            raise ValueError(
+                f"not a {type(self).__name__} state: load what {type(self).__name__}.state_dict() "
+                "returned (a checkpoint of the same method)."
+            )
+        v = state.get("v")
+        self.v = None if v is None else self._like(v, self.ll_trainable, "v")
+        self.sampler.load_state_dict(state["sampler"])
+        self._load_extra_state(state)
+        self.t = int(state["t"])
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    def _like(
+        self, saved: Sequence[torch.Tensor], params: Sequence[torch.Tensor], what: str
+    ) -> Tensors:
+        shapes = [tuple(p.shape) for p in params]
+        if len(saved) != len(params) or any(
+            tuple(s.shape) != shape for s, shape in zip(saved, shapes, strict=True)
+        ):
+            raise ValueError(
+                f"the saved {what} has shapes {[tuple(s.shape) for s in saved]}, but the model "
+                f"needs {shapes}: the checkpoint is of another model."
+            )
+        return [s.to(device=p.device, dtype=p.dtype) for s, p in zip(saved, params, strict=True)]
+
+    # --- the calculator path does not apply ------------------------------------------------
+
+    def _hypergradient(self, call: Call) -> tuple[Grads, torch.Tensor]:
+        raise TypeError(
+            f"{type(self).__name__} keeps its own LL variable and draws its own minibatches: "
+            "drive it with BilevelProblem(ll, method, ul_optimizer).step(train, val) (or "
+            "method.task_gradients(ll, train, val)), not with an auxiliary model."
+        )
+
+    # --- minibatches and oracles -----------------------------------------------------------
+
+    def draw(self, level: str, pair: tuple[Any, Any]) -> tuple[Minibatch, tuple[Any, Any]]:
+        """The next minibatch of ``level`` from the full ``(data, target)``."""
+        data, target = pair
+        if self.sampler.batch_sizes.get(level, 1) is None:  # the data as given: no rows needed
+            return Minibatch(None, 0, 1, 1.0), (data, target)
+        batch = self.sampler.draw(level, num_samples(data, target, level))
+        return batch, (select(data, batch.index), select(target, batch.index))
+
+    def leaves(self) -> Tensors:
+        """The current LL variable, as new leaves that require grad."""
+        return [p.detach().clone().requires_grad_(True) for p in self.ll_trainable]
+
+    def _weights(self, y: Sequence[torch.Tensor]) -> Tensors:
+        it = iter(y)
+        return [next(it) if p.requires_grad else p.detach() for p in self.ll_model.parameters()]
+
+    def _loss(
+        self,
+        objective: Objective,
+        what: str,
+        model: nn.Module,
+        y: Tensors,
+        batch: Any,
+        weight: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objective at ``y`` on ``batch``: (its value, the value times ``weight``)."""
+        with evaluate_at(model, self._weights(y)):
+            loss = check_objective_result(objective(make_state(*batch, self.ul_model, model)), what)
+        return loss, loss if weight == 1.0 else loss * weight
+
+    def _ll_grad(
+        self, model: nn.Module, y: Tensors, mb: Minibatch, batch: Any, create_graph: bool
+    ) -> tuple[torch.Tensor, Tensors]:
+        loss, scaled = self._loss(self.ll_objective, "ll_objective", model, y, batch, mb.weight)
+        grads = torch.autograd.grad(scaled, y, create_graph=create_graph, allow_unused=True)
+        if any(g is None for g in grads):
+            names = parameter_names(
+                self.ll_model,
+                [p for p, g in zip(self.ll_trainable, grads, strict=True) if g is None],
+            )
+            raise ValueError(
+                f"ll_objective does not depend on ll_model parameter(s) {names}: they would "
+                "never move. Use them in ll_objective or freeze them with requires_grad_(False)."
+            )
+        return loss.detach(), list(grads)
+
+    def ll_gradient(
+        self, model: nn.Module, y: Tensors, mb: Minibatch, batch: Any
+    ) -> tuple[torch.Tensor, Tensors]:
+        """LL loss and ``grad_y G`` on a minibatch (one gradient)."""
+        return self._ll_grad(model, y, mb, batch, create_graph=False)
+
+    def ll_products(
+        self,
+        model: nn.Module,
+        y: Tensors,
+        mb: Minibatch,
+        batch: Any,
+        vector: Tensors,
+        hessian: bool = True,
+        cross: bool = True,
+    ) -> tuple[torch.Tensor, Tensors, Tensors | None, Grads | None]:
+        """LL loss, ``grad_y G``, ``grad_yy G @ vector`` and ``grad_xy G @ vector`` (``None``
+        for a UL parameter that ``G`` does not depend on) on one minibatch: one gradient with
+        its graph, then one backward pass through it for both products."""
+        loss, grads = self._ll_grad(model, y, mb, batch, create_graph=True)
+        hv, cv = self.products(y, grads, vector, hessian=hessian, cross=cross)
+        return loss, [g.detach() for g in grads], hv, cv
+
+    def products(
+        self, y: Tensors, grads: Tensors, vector: Tensors, hessian: bool = True, cross: bool = True
+    ) -> tuple[Tensors | None, Grads | None]:
+        """``(grad_yy G @ vector, grad_xy G @ vector)`` from ``grads = grad_y G`` taken with its
+        graph; either may be skipped."""
+        inputs = (list(y) if hessian else []) + (list(self.ul_params) if cross else [])
+        pairs = [(g, u) for g, u in zip(grads, vector, strict=True) if g.requires_grad]
+        if pairs:
+            out = torch.autograd.grad(
+                [g for g, _ in pairs], inputs, grad_outputs=[u for _, u in pairs], allow_unused=True
+            )
+        else:  # G is linear in y: no second derivatives at all
+            out = (None,) * len(inputs)
+        k = len(y) if hessian else 0
+        hv = None
+        if hessian:
+            hv = dense(y, out[:k])
+        return hv, (list(out[k:]) if cross else None)
+
+    def hvp(
+        self, model: nn.Module, y: Tensors, mb: Minibatch, batch: Any, vector: Tensors
+    ) -> Tensors:
+        """``grad_yy G @ vector`` on a minibatch (one Hessian-vector product)."""
+        _, grads = self._ll_grad(model, y, mb, batch, create_graph=True)
+        hv, _ = self.products(y, grads, vector, cross=False)
+        return hv
+
+    def cross(
+        self, model: nn.Module, y: Tensors, mb: Minibatch, batch: Any, vector: Tensors
+    ) -> Grads:
+        """``grad_xy G @ vector`` on a minibatch (one cross product)."""
+        _, grads = self._ll_grad(model, y, mb, batch, create_graph=True)
+        _, cv = self.products(y, grads, vector, hessian=False)
+        return cv
+
+    def ul_gradients(
+        self, model: nn.Module, y: Tensors, mb: Minibatch, batch: Any
+    ) -> tuple[torch.Tensor, Tensors, Grads]:
+        """UL loss, ``grad_y F`` (zeros where ``F`` does not depend on ``y``) and
+        ``grad_x F`` (``None`` where it does not depend on ``x``) on a minibatch."""
+        loss, scaled = self._loss(self.ul_objective, "ul_objective", model, y, batch, mb.weight)
+        grads = torch.autograd.grad(scaled, [*y, *self.ul_params], allow_unused=True)
+        fy = dense(y, grads[: len(y)])
+        return loss.detach(), fy, list(grads[len(y) :])
+
+    def inner_sgd(
+        self, model: nn.Module, y: Tensors, train: tuple[Any, Any], steps: int, lr: float
+    ) -> tuple[Tensors, torch.Tensor]:
+        """``steps`` SGD steps on the LL from ``y`` (warm start), a new train minibatch each:
+        the final LL variable (new leaves) and the LL loss at every step (one tensor, checked
+        later in one sync)."""
+        losses = y[0].new_empty(steps)
+        for s in range(steps):
+            mb, batch = self.draw("train", train)
+            losses[s], grads = self.ll_gradient(model, y, mb, batch)
+            with torch.no_grad():
+                y = [w - lr * g for w, g in zip(y, grads, strict=True)]
+            y = [w.requires_grad_(True) for w in y]
+        return y, losses
+
+    def initial_v(self) -> Tensors:
+        """``v`` (zeros at the first step)."""
+        if self.v is None:
+            self.v = [
+                torch.zeros_like(p, memory_format=torch.contiguous_format)
+                for p in self.ll_trainable
+            ]
+        return self.v
+
+    # --- the end of a step -----------------------------------------------------------------
+
+    def direction(self, fx: Grads, cv: Grads, sign: float) -> Tensors:
+        """``fx + sign * cv`` per UL parameter; refuses UL parameters reached by neither."""
+        out: Grads = []
+        for f, c in zip(fx, cv, strict=True):
+            if c is None:
+                out.append(f)
+            elif f is None:
+                out.append(c if sign == 1.0 else -c)
+            else:
+                out.append(f + c if sign == 1.0 else f - c)
+        self._refuse_unused(out)
+        return out  # type: ignore[return-value]
+
+    def finish(
+        self,
+        ll_loss: torch.Tensor,
+        ul_loss: torch.Tensor,
+        direction: Tensors,
+        y: Tensors,
+        v: Tensors | None,
+        scale: float = 1.0,
+        losses: torch.Tensor | None = None,
+        commit: Callable[[], None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check the step (one host sync), commit ``y`` to ``ll_model`` and ``v`` (and run
+        ``commit``, the method's own state update), add ``scale * direction`` to ``.grad`` of
+        the UL parameters, count the step.
+
+        Nothing is changed when a value is not finite (but the sampler has moved on): the
+        step raises ``FloatingPointError`` naming the cause (the runner's
+        ``on_nonfinite="skip"`` then skips a step that left the state as it was)."""
+        direction = [d.detach() for d in direction]
+        y = [w.detach() for w in y]
+        checked = [ll_loss, ul_loss, *direction, *y, *(v or [])]
+        if losses is not None:
+            checked.append(losses)
+        if not all_finite(checked):
+            raise FloatingPointError(self._nonfinite(ll_loss, ul_loss, direction, y, v, losses))
+        with torch.no_grad():
+            for p, w in zip(self.ll_trainable, y, strict=True):
+                p.copy_(w)
+        if v is not None:
+            self.v = [u.detach() for u in v]
+        if commit is not None:
+            commit()
+        for p, d in zip(self.ul_params, direction, strict=True):
+            d = d if scale == 1.0 else d * scale
+            if p.grad is None:
+                p.grad = d.clone()
+            else:
+                p.grad.add_(d)
+        self.t += 1
+        self.diagnostics["ul_loss"] = ul_loss
+        return ul_loss, ll_loss
+
+    def _nonfinite(
+        self,
+        ll_loss: torch.Tensor,
+        ul_loss: torch.Tensor,
+        direction: Tensors,
+        y: Tensors,
+        v: Tensors | None,
+        losses: torch.Tensor | None,
+    ) -> str:
+        where = f"{type(self).__name__} step {self.t}"
+        if not all_finite([ll_loss] + ([losses] if losses is not None else [])):
+            cause = "the LL loss is not finite"
+        elif not all_finite(y):
+            cause = "the LL variable diverged"
+        elif v is not None and not all_finite(v):
+            cause = "the linear-system variable v diverged"
+        elif not all_finite([ul_loss]):
+            cause = "the UL loss is not finite"
+        else:
+            cause = "the UL direction is not finite"
+        return (
+            f"{where}: {cause}; the state was left as it was before this step. Lower the LL "
+            "step size ll.lr (it must be below 2 / the largest curvature of every minibatch's "
+            "LL loss), lower the UL learning rate, or check the data and objectives for NaN."
+        )
