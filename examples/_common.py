@@ -1,29 +1,81 @@
-"""Small command-line helpers shared by the examples: output folder, resume, results.json.
+"""Small command-line helpers shared by the examples: the output folder (checked, locked,
+resumed), signals, results.json, optional plots.
 
 Not part of the library: the examples import it as a sibling module.
+
+What a run with ``--out OUT`` guarantees (see :class:`Run`):
+
+- ``OUT`` is created and a probe file is written there (atomically, then deleted) before any
+  work: a read-only folder, a file in its place or a full disk are reported at once, with the
+  folder's name;
+- ``OUT/run.lock`` is locked (``fcntl.flock``) for as long as the run lasts: a second run on
+  the same folder is refused with the first one's PID. The operating system releases the
+  lock when the process ends, however it ends (a crash, SIGKILL): a stale lock is impossible;
+- SIGTERM (what schedulers send before preemption) and SIGINT (Ctrl-C) during the UL loop
+  save a checkpoint of the steps done at the end of the current step, then the process exits
+  with status ``128 + signal number`` (143 for SIGTERM, 130 for SIGINT); the same command
+  resumes. Outside the loop (loading data, evaluating) it exits at once: nothing there would
+  be lost. A second signal exits at once, the last checkpoint standing;
+- a checkpoint is also written every ``--checkpoint-minutes`` (besides every N steps);
+- a damaged or foreign ``checkpoint.pt`` or ``progress.json`` (or a checkpoint without its
+  ``progress.json``) stops the run with a message that names the file and what to do, before
+  any file is written;
+- every file is written atomically (:func:`bilevel.checkpoint.atomic_write`), plots included:
+  a full disk or a kill leaves the previous version, never a part of one;
+- without matplotlib, plots are skipped (with a note): results.json, the checkpoint and the
+  CSV are written all the same.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import platform
+import shutil
+import signal
+import socket
+import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from bilevel import checkpoint
 from bilevel.data import load_mnist
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: runs are not locked
+    fcntl = None
+
 DATASETS = {"mnist": "MNIST", "fashion": "FashionMNIST"}
 PROGRESS_FILE = "progress.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 RESULTS_FILE = "results.json"
+LOCK_FILE = "run.lock"
+#: what every training checkpoint of the examples holds (BilevelProblem.state_dict)
+CHECKPOINT_KEYS = ("ul_model", "ll_model", "step", "rng")
 # arguments that may change between a run and its resume without changing the experiment
-NOT_SETTINGS = ("out", "data_root", "device", "threads", "no_progress", "ul_steps")
+NOT_SETTINGS = (
+    "out",
+    "data_root",
+    "device",
+    "threads",
+    "no_progress",
+    "ul_steps",
+    "checkpoint_minutes",
+)
+#: the signals a run stops on, saving first; the exit status is 128 + the signal's number
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# a folder must have room for this much besides two checkpoints (the old stays until the new
+# one is complete) and the logs
+SPACE_MARGIN = 1 << 20
 
 
 def add_run_args(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -33,35 +85,76 @@ def add_run_args(parser: argparse.ArgumentParser, default_out: str) -> None:
         "--out",
         default=default_out,
         help="output folder: results.json, checkpoint.pt (resumed when the same command is "
-        "run again), plots (default: %(default)s)",
+        "run again), progress.json, plots",
     )
     parser.add_argument(
         "--data-root",
         default=None,
         help="folder holding MNIST/, FashionMNIST/ and omniglot/ (default: $BILEVEL_DATA)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the run")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_checkpoint_minutes(parser: argparse.ArgumentParser, default: float = 10.0) -> None:
+    """Add ``--checkpoint-minutes``: a checkpoint at least this often, besides every N steps."""
+
+    def minutes(text: str) -> float:
+        value = float(text)
+        if not value >= 0:  # NaN too
+            raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+        return value
+
+    parser.add_argument(
+        "--checkpoint-minutes",
+        type=minutes,
+        default=default,
+        help="also write the checkpoint when this many minutes have passed since the last one "
+        "(at the end of a UL step; 0: only every N steps), so that a kill loses at most that",
+    )
+
+
+# --- plots: optional ---------------------------------------------------------------------
+
+_warned_no_matplotlib = False
+
+
 def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the file-only Agg backend (imported when a plot is drawn)."""
-    import matplotlib
+    """``matplotlib.pyplot`` on the file-only Agg backend, or ``None`` (with a note, once)
+    when matplotlib is not installed: plots are optional, the run's other files are not."""
+    global _warned_no_matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        if not _warned_no_matplotlib:
+            _warned_no_matplotlib = True
+            print(
+                f"note: no plots ({error}); install matplotlib to get them. The results, "
+                "checkpoint and logs are written all the same.",
+                file=sys.stderr,
+            )
+        return None
     return plt
 
 
 def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
-    """Lay out a figure, write it to ``path`` (creating its folder) and close it."""
+    """Lay out a figure, write it to ``path`` atomically (creating its folder) and close it."""
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    pyplot().close(fig)
+    fmt = path.suffix.lstrip(".") or "png"
+    try:
+        checkpoint.atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
+    finally:
+        pyplot().close(fig)
+
+
+# --- small helpers -----------------------------------------------------------------------
 
 
 def hardware(device: torch.device) -> str:
@@ -87,13 +180,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The run's checkpoint, read without running code from it.
+    """The run's checkpoint (a :meth:`bilevel.BilevelProblem.state_dict`), read without
+    running code from it.
 
     Raises:
         bilevel.checkpoint.CheckpointError: the file is damaged, unsafe, from an older bilevel
             or not a training checkpoint (the message names it and says what to do).
     """
-    return checkpoint.load(path, require=("step",))
+    return checkpoint.load(path, require=CHECKPOINT_KEYS)
 
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
@@ -101,12 +195,314 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
 
 
+def mnist_split(
+    root: str | None, dataset: str, n_train: int, n_val: int, seed: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Disjoint random train and validation subsets of the training set, and the test set;
+    pixels in [0, 1], flattened, centered by the training subset's mean image."""
+    images, labels = load_mnist(root, split="train", kind=DATASETS[dataset])
+    test_images, test_labels = load_mnist(root, split="test", kind=DATASETS[dataset])
+    if n_train + n_val > images.shape[0]:
+        raise ValueError(f"n_train + n_val must be at most {images.shape[0]}.")
+    order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
+    x = images.flatten(1).float() / 255
+    x_test = test_images.flatten(1).float() / 255
+    train, val = order[:n_train], order[n_train : n_train + n_val]
+    mean = x[train].mean(0)
+    return {
+        "train": (x[train] - mean, labels[train]),
+        "val": (x[val] - mean, labels[val]),
+        "test": (x_test - mean, test_labels),
+    }
+
+
+def nbytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (through dicts, lists and tuples): about the size of a
+    checkpoint of it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(nbytes(v) for v in obj)
+    return 0
+
+
+# --- the output folder: checked, locked ------------------------------------------------
+
+
+def check_folder(out: Path) -> None:
+    """Create ``out`` if needed and check that files can be written there: a probe file is
+    written atomically (fsync included) and deleted.
+
+    Raises:
+        SystemExit: ``out`` is a file, cannot be created, is read-only or on a full disk (the
+            message names it and says what to do).
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise SystemExit(
+            f"--out {out} is a file, not a folder: give --out a folder (new or existing)."
+        ) from None
+    except OSError as error:
+        raise SystemExit(
+            f"cannot create the output folder --out {out} ({error.strerror or error}): check "
+            "the path (a file in the way?) and its permissions, or choose another --out."
+        ) from None
+    probe = out / f".write-probe.{os.getpid()}"
+    try:
+        checkpoint.atomic_write_text(probe, "bilevel: checking that this folder is writable\n")
+    except OSError as error:
+        raise SystemExit(
+            f"cannot write to the output folder {out} ({error.strerror or error}): "
+            f"{_cure(error)}, or choose another --out."
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+def _cure(error: OSError) -> str:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space on its disk (or raise the quota)"
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "make it writable"
+    return "check the folder"
+
+
+def check_space(out: Path, checkpoint_bytes: int) -> None:
+    """Refuse to start when ``out``'s disk cannot hold two checkpoints of
+    ``checkpoint_bytes`` (a save keeps the old one until the new one is complete) and a
+    margin for the logs.
+
+    Raises:
+        SystemExit: too little free space (the message names the folder and the sizes).
+    """
+    try:
+        free = shutil.disk_usage(out).free
+    except OSError:  # cannot tell: the writes will say
+        return
+    needed = 2 * checkpoint_bytes + SPACE_MARGIN
+    if free < needed:
+        raise SystemExit(
+            f"the output folder {out} has {free / 2**20:.1f} MiB free; this run's checkpoint "
+            f"takes about {checkpoint_bytes / 2**20:.1f} MiB and a save needs room for two "
+            f"(the old one stays until the new one is complete), {needed / 2**20:.1f} MiB "
+            "with the logs. Free some space, or choose another --out."
+        )
+
+
+class FolderLock:
+    """An exclusive lock on a run folder: ``fcntl.flock`` on ``FOLDER/run.lock``, which
+    holds the PID and host of the process that has it.
+
+    The operating system releases the lock when its holder ends, however it ends (SIGKILL
+    too), so a lock cannot go stale; the file is left in place (deleting it would let two
+    runs lock two different files). Without ``fcntl`` (not POSIX) nothing is locked.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock.
+
+        Raises:
+            SystemExit: another process holds it (the message names the folder and the PID).
+        """
+        if fcntl is None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise SystemExit(
+                f"cannot create the lock file {self.path} ({error.strerror or error}): "
+                f"{_cure(error)}, or choose another --out."
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+            os.close(fd)
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                print(
+                    f"warning: cannot lock {self.path} ({error.strerror or error}); make sure "
+                    "no other run writes to this folder.",
+                    file=sys.stderr,
+                )
+                return
+            who = "another process"
+            if holder:
+                who = f"process {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "")
+            raise SystemExit(
+                f"the output folder {self.folder} is in use by another run ({who} holds "
+                f"{self.path.name}): two runs in one folder would overwrite each other's "
+                "checkpoint. Wait for that run to end (or stop it), or give this one another "
+                "--out."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Release the lock (also done by the operating system when the process ends)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+# --- signals -----------------------------------------------------------------------------
+
+
+class Stopped(SystemExit):
+    """The run stopped on a signal (SIGTERM, SIGINT): exit status ``128 + signal number``.
+    ``message`` says what was saved and how to go on."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+        self.message = message
+
+
+def signal_name(signum: int) -> str:
+    """``"SIGTERM"`` for ``signal.SIGTERM``, ..."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class Signals:
+    """SIGTERM and SIGINT handlers for the length of a run.
+
+    Inside :meth:`deferred` (the UL loop), the first signal only sets :attr:`received`: the
+    loop saves a checkpoint at the end of the current step and stops. Elsewhere, and for a
+    second signal, the handler raises :class:`Stopped` at once. Handlers are installed only in
+    the main thread (elsewhere Python does not deliver signals to them).
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._deferring = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        """Install the handlers (remembering the previous ones)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        """Put the previous handlers back."""
+        while self._previous:
+            signum, handler = self._previous.popitem()
+            # None: a handler installed from C, which Python cannot put back
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Within: the first signal is acted on at a step boundary (see the class)."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        # no printing here: the signal may have interrupted a write to the same stream
+        if self._deferring and self.received is None:
+            self.received = signum
+            return
+        name = signal_name(signum)
+        if self.received is not None:
+            message = f"{name} again: stopped at once; the last checkpoint stands."
+        else:
+            message = (
+                f"{name}: stopped outside the UL loop (there was nothing to save: the same "
+                "command starts again from the last checkpoint, if there is one)."
+            )
+        raise Stopped(signum, message)
+
+
+# --- progress.json -----------------------------------------------------------------------
+
+
+def _progress_problem(path: Path, checkpoint_path: Path, what: str) -> NoReturn:
+    raise SystemExit(
+        f"{path} {what}. It holds the settings, log and timings of the run whose checkpoint is "
+        f"{checkpoint_path.name}, beside it. Restore it from a copy to resume that run; or start "
+        f"again: delete {checkpoint_path.name} and {path.name} from {path.parent} (or choose "
+        "another --out). Nothing was written."
+    )
+
+
+def read_progress(path: Path, checkpoint_path: Path) -> dict[str, Any]:
+    """``progress.json`` of a run that has a checkpoint, checked.
+
+    Raises:
+        SystemExit: it is missing, empty, unreadable, truncated or corrupted JSON, or not the
+            progress file of an example (the message names it and what to do).
+    """
+    if not path.exists():
+        _progress_problem(
+            path,
+            checkpoint_path,
+            f"is missing, though {checkpoint_path.name} is there (deleted, or the checkpoint "
+            "was copied alone)",
+        )
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        _progress_problem(path, checkpoint_path, "is not text: it is corrupted")
+    except OSError as error:
+        _progress_problem(path, checkpoint_path, f"cannot be read ({error.strerror or error})")
+    if not text.strip():
+        _progress_problem(path, checkpoint_path, "is empty (0 bytes of JSON)")
+    try:
+        saved = json.loads(text)
+    except json.JSONDecodeError as error:
+        _progress_problem(
+            path, checkpoint_path, f"is truncated or corrupted (not valid JSON: {error})"
+        )
+    history = saved.get("history") if isinstance(saved, dict) else None
+    valid = (
+        isinstance(saved, dict)
+        and isinstance(saved.get("settings"), dict)
+        and isinstance(history, list)
+        and all(isinstance(h, dict) and type(h.get("step")) is int for h in history)
+        and all(
+            type(saved.get(k, 0.0)) in (int, float)
+            for k in ("seconds_at_checkpoint", "cpu_seconds_at_checkpoint")
+        )
+    )
+    if not valid:
+        _progress_problem(
+            path,
+            checkpoint_path,
+            "is JSON but not the progress file of an example run (it needs 'settings', "
+            "'history' with a 'step' in each record, and the seconds at the checkpoint)",
+        )
+    return saved
+
+
 class RunRecord:
     """Elapsed seconds and log history of a run, kept in ``OUT/progress.json`` so that they
     survive an interruption and resume together with ``OUT/checkpoint.pt``.
 
     A resumed run must have the same settings (:func:`settings_of`); otherwise this raises
-    ``SystemExit`` rather than mixing two experiments in one folder.
+    ``SystemExit`` rather than mixing two experiments in one folder. Nothing is written here:
+    see :meth:`begin`, :meth:`log` and :meth:`mark_checkpoint`.
+
+    Raises:
+        bilevel.checkpoint.CheckpointError: ``checkpoint.pt`` is damaged, unsafe or foreign.
+        SystemExit: ``progress.json`` is missing beside a checkpoint, damaged or foreign, or
+            holds a run with other settings.
     """
 
     def __init__(self, out: str | os.PathLike, settings: dict[str, Any]) -> None:
@@ -121,11 +517,17 @@ class RunRecord:
         if self.checkpoint.exists():
             # read first: a damaged or unsafe file is reported as such, whatever progress.json
             step = read_checkpoint(self.checkpoint)["step"]
-            saved = json.loads(self.path.read_text()) if self.path.exists() else {}
-            if saved.get("settings") != settings:
+            saved = read_progress(self.path, self.checkpoint)
+            if saved["settings"] != settings:
+                keys = sorted({*saved["settings"], *settings})
+                changed = [k for k in keys if saved["settings"].get(k) != settings.get(k)]
+                details = ", ".join(
+                    f"{k}: {saved['settings'].get(k)!r} there, {settings.get(k)!r} now"
+                    for k in changed
+                )
                 raise SystemExit(
-                    f"{self.out} holds a run with other settings ({saved.get('settings')}); "
-                    "use another --out, or delete that folder to start again."
+                    f"{self.out} holds a run with other settings ({details}); use another "
+                    "--out, or delete that folder to start again."
                 )
             self.resumed_from = int(step)
             self.previous_seconds = float(saved.get("seconds_at_checkpoint", 0.0))
@@ -152,6 +554,11 @@ class RunRecord:
         shared machine a steadier measure of cost than wall-clock time."""
         return self.previous_cpu + time.process_time() - self.started_cpu
 
+    def begin(self) -> None:
+        """Write ``progress.json`` of a fresh run (a checkpoint never goes without one)."""
+        if not self.checkpoint.exists():
+            self._write()
+
     def log(self, record: dict[str, Any], checkpointed: bool) -> None:
         """Append ``record`` (with the elapsed seconds) and save; ``checkpointed`` says that
         the runner saves a checkpoint at this step."""
@@ -164,6 +571,15 @@ class RunRecord:
         if checkpointed:
             self.seconds_at_checkpoint = record["seconds"]
             self.cpu_at_checkpoint = record["cpu_seconds"]
+        self._write()
+
+    def mark_checkpoint(self) -> None:
+        """A checkpoint was just written (between log records): record the elapsed time."""
+        self.seconds_at_checkpoint = round(self.seconds, 3)
+        self.cpu_at_checkpoint = round(self.cpu_seconds, 3)
+        self._write()
+
+    def _write(self) -> None:
         saved = {
             "settings": self.settings,
             "seconds_at_checkpoint": self.seconds_at_checkpoint,
@@ -172,34 +588,245 @@ class RunRecord:
         write_json(self.path, {**saved, "history": self.history})
 
 
-def mnist_split(
-    root: str | None, dataset: str, n_train: int, n_val: int, seed: int
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Disjoint random train and validation subsets of the training set, and the test set;
-    pixels in [0, 1], flattened, centered by the training subset's mean image."""
-    images, labels = load_mnist(root, split="train", kind=DATASETS[dataset])
-    test_images, test_labels = load_mnist(root, split="test", kind=DATASETS[dataset])
-    if n_train + n_val > images.shape[0]:
-        raise ValueError(f"n_train + n_val must be at most {images.shape[0]}.")
-    order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
-    x = images.flatten(1).float() / 255
-    x_test = test_images.flatten(1).float() / 255
-    train, val = order[:n_train], order[n_train : n_train + n_val]
-    mean = x[train].mean(0)
-    return {
-        "train": (x[train] - mean, labels[train]),
-        "val": (x[val] - mean, labels[val]),
-        "test": (x_test - mean, test_labels),
-    }
-
-
 def start_run(args: Any, settings: dict[str, Any] | None = None) -> tuple[Any, Path, RunRecord]:
-    """Apply ``--threads`` and open the run folder: ``(device, out, record)``.
+    """Apply ``--threads``, check the output folder and read what a previous run left:
+    ``(device, out, record)``. ``settings`` are what a resumed run must agree on (default:
+    all the arguments).
 
-    ``settings`` are what a resumed run must agree on (default: all the arguments).
+    The older, smaller form of :class:`Run`: no lock and no signal handling (use
+    ``with Run(...) as run`` for those).
     """
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    record = RunRecord(out, settings_of(args) if settings is None else settings)
+    check_folder(out)
+    try:
+        record = RunRecord(out, settings_of(args) if settings is None else settings)
+    except checkpoint.CheckpointError as error:
+        raise SystemExit(str(error)) from None
+    record.begin()
     return torch.device(args.device), out, record
+
+
+# --- one run -----------------------------------------------------------------------------
+
+
+class Run:
+    """One invocation of an example on its output folder: a context manager.
+
+    On entry: apply ``--threads``; create and check ``out`` (:func:`check_folder`), lock it
+    (:class:`FolderLock`), read what a previous run left (:class:`RunRecord`; a damaged file
+    stops here, before anything is written), write ``progress.json`` of a fresh run, and
+    install the SIGTERM/SIGINT handlers (:class:`Signals`). On exit: restore the handlers,
+    release the lock, print what a signal stop saved, and turn a failed write into the run's
+    folder (a full disk) into a message that names it.
+
+    ``out=None`` (the quickstart without ``--out``): no folder, nothing saved; a signal ends
+    the run at once. Under ``torch.distributed``, only the main process (``main=True``)
+    checks, locks and writes; every process handles signals.
+
+    Args:
+        out: the output folder, or ``None``.
+        settings: what a resumed run must agree on (see :func:`settings_of`).
+        checkpoint_minutes: write a checkpoint when this many minutes have passed since the
+            last one (``None`` or 0: only the runner's every-N-steps checkpoints).
+        threads: ``torch.set_num_threads`` (``None``: leave it).
+        main: this process writes the folder (rank 0).
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike | None,
+        settings: dict[str, Any],
+        checkpoint_minutes: float | None = None,
+        threads: int | None = None,
+        main: bool = True,
+    ) -> None:
+        self.out = None if out is None else Path(out)
+        self.settings = settings
+        self.checkpoint_seconds = 60.0 * checkpoint_minutes if checkpoint_minutes else None
+        self.threads = threads
+        self.main = main
+        self.signals = Signals()
+        self.lock: FolderLock | None = None
+        self.record: RunRecord | None = None
+        self._last_save = time.monotonic()
+
+    def __enter__(self) -> Run:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            if self.out is not None:
+                if self.main:
+                    check_folder(self.out)
+                    self.lock = FolderLock(self.out)
+                    self.lock.acquire()
+                try:
+                    self.record = RunRecord(self.out, self.settings)
+                except checkpoint.CheckpointError as error:
+                    raise SystemExit(str(error)) from None
+                if self.main:
+                    self.record.begin()
+            self.signals.install()
+        except BaseException:
+            self._close()
+            raise
+        self._last_save = time.monotonic()
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> bool:
+        self._close()
+        if isinstance(error, Stopped) and error.message:
+            print(error.message, file=sys.stderr, flush=True)
+        elif isinstance(error, checkpoint.CheckpointError):
+            raise SystemExit(str(error)) from None
+        elif isinstance(error, OSError) and self._failed_write(error):
+            raise SystemExit(
+                f"writing the run's files in {self.out} failed ({error.strerror or error}): "
+                f"{_cure(error)}, then run the same command to resume. Every file there is "
+                "whole (each is written atomically: a failed save leaves the previous one), "
+                f"so the last checkpoint{self._saved_step()} stands."
+            ) from error
+        return False
+
+    def _close(self) -> None:
+        self.signals.restore()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _failed_write(self, error: OSError) -> bool:
+        if self.out is None or not self.main:
+            return False
+        if error.filename is not None:
+            try:
+                Path(error.filename).resolve().relative_to(self.out.resolve())
+            except (ValueError, OSError):
+                return False
+            return True
+        return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+    def _saved_step(self) -> str:
+        try:
+            return f" (UL step {int(read_checkpoint(self.out / CHECKPOINT_FILE)['step'])})"
+        except (checkpoint.CheckpointError, OSError):
+            return ""
+
+    # --- the UL loop ---
+
+    @contextlib.contextmanager
+    def loop(self) -> Iterator[None]:
+        """The UL loop: a signal is acted on at the next step boundary (see :class:`Signals`).
+        Also starts the record's clock."""
+        if self.record is not None:
+            self.record.start_clock()
+        self._last_save = time.monotonic()
+        with self.signals.deferred():
+            yield
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a SIGTERM or SIGINT arrived during the UL loop."""
+        return self.signals.received is not None
+
+    def checkpoint_due(self) -> bool:
+        """Whether ``checkpoint_minutes`` have passed since the last checkpoint."""
+        if self.checkpoint_seconds is None or self.out is None:
+            return False
+        return time.monotonic() - self._last_save >= self.checkpoint_seconds
+
+    def checkpointed(self) -> None:
+        """A checkpoint was written now: restart the ``checkpoint_minutes`` clock."""
+        self._last_save = time.monotonic()
+
+    def reserve(self, state: dict[str, Any]) -> None:
+        """Check the disk has room for checkpoints of ``state`` (:func:`check_space`)."""
+        if self.out is not None and self.main:
+            check_space(self.out, nbytes(state))
+
+    def stop(self, step: int) -> NoReturn:
+        """Stop after a signal, once the checkpoint of ``step`` steps is written (or with
+        nothing to save, without ``--out``): raise :class:`Stopped`."""
+        signum = self.signals.received or signal.SIGTERM
+        name = signal_name(signum)
+        if self.out is None:
+            message = (
+                f"{name}: stopped after UL step {step}; nothing saved (no --out: give one to "
+                "keep a checkpoint that the same command resumes)."
+            )
+        else:
+            message = (
+                f"{name}: stopped after UL step {step}; the checkpoint of the steps done is "
+                f"saved in {self.out / CHECKPOINT_FILE}. Run the same command to resume."
+            )
+        raise Stopped(signum, message if self.main else "")
+
+    def run_problem(
+        self, problem: Any, data: Callable[[int], Any], steps: int, **kwargs: Any
+    ) -> dict[str, Any] | None:
+        """``problem.run(data, steps, checkpoint=OUT/checkpoint.pt, **kwargs)`` as the UL
+        loop of this run: resumed from the checkpoint, saved every ``checkpoint_minutes``
+        too, stopped (after saving) by SIGTERM or SIGINT (:class:`Stopped`).
+
+        A runner that handles the signals itself (it installs its handlers for the length of
+        ``run``, saves after the step under way and raises ``bilevel.Interrupted`` for
+        SIGTERM or ``KeyboardInterrupt`` for SIGINT) is met half-way: its stop becomes this
+        run's :class:`Stopped`, with ``progress.json`` brought up to date."""
+        path = None if self.record is None else self.record.checkpoint
+        with self.loop():
+            try:
+                last = problem.run(self.steps(data, problem), steps, checkpoint=path, **kwargs)
+            except Stopped:
+                raise
+            except (KeyboardInterrupt, SystemExit) as error:
+                signum = signal.SIGINT if isinstance(error, KeyboardInterrupt) else None
+                signum = getattr(error, "signal", signum)
+                if signum is None:  # not a stop on a signal
+                    raise
+                self._stopped_by_runner(signum, problem, error)
+        if self.stop_requested:  # during the last step, which the runner saved
+            self.stop(problem.step_count)
+        return last
+
+    def _stopped_by_runner(self, signum: int, problem: Any, error: BaseException) -> NoReturn:
+        saved = None
+        if self.record is not None and self.main:
+            with contextlib.suppress(checkpoint.CheckpointError, OSError):
+                saved = int(read_checkpoint(self.record.checkpoint)["step"])
+        name = signal_name(signum)
+        if saved is not None and saved == problem.step_count:
+            self.record.mark_checkpoint()
+            message = (
+                f"{name}: stopped after UL step {saved}; the checkpoint of the steps done is "
+                f"saved in {self.record.checkpoint}. Run the same command to resume."
+            )
+        elif saved is not None:
+            message = f"{name}: stopped at once; the last checkpoint (UL step {saved}) stands."
+        else:
+            message = f"{name}: stopped after UL step {problem.step_count}; nothing saved."
+        if isinstance(error, SystemExit):  # the runner said it already
+            message = ""
+        raise Stopped(signum, message) from None
+
+    def steps(self, data: Callable[[int], Any], problem: Any) -> Callable[[int], Any]:
+        """``data`` for :meth:`bilevel.BilevelProblem.run` (a function ``step -> batch``),
+        with the step boundary's duties: after a signal, save the checkpoint and stop; when
+        ``checkpoint_minutes`` have passed, save. The runner asks for the batch of step ``i``
+        once ``i`` steps are done and saved or logged: the checkpoint written here is the
+        one the runner would write after step ``i``."""
+
+        started: list[int] = []  # the step this invocation starts at (after the resume)
+
+        def batch(step: int) -> Any:
+            if not started:
+                started.append(step)
+            save = self.stop_requested or self.checkpoint_due()
+            if save and step != started[0] and self.out is not None and self.main:
+                problem.save_checkpoint(self.record.checkpoint)
+                self.record.mark_checkpoint()
+                self.checkpointed()
+            if self.stop_requested:
+                self.stop(problem.step_count)
+            return data(step)
+
+        return batch

@@ -84,10 +84,15 @@ def scalar_penalty(value: float) -> Any:
     return lambda weight: 0.5 * value * (weight**2).sum()
 
 
-def plot_penalty(log_l2: torch.Tensor, varying: torch.Tensor, title: str, path: Path) -> None:
+def plot_penalty(
+    log_l2: torch.Tensor, varying: torch.Tensor, title: str, path: Path
+) -> Path | None:
     """The learned penalties as a 28x28 image of log10(l2); pixels with no hypergradient (no
-    variance in the training subset) are left blank."""
+    variance in the training subset) are left blank. Returns ``path``, or ``None`` without
+    matplotlib."""
     plt = _common.pyplot()
+    if plt is None:
+        return None
 
     image = (log_l2 / math.log(10)).detach().cpu().clone()
     image[~varying.cpu()] = float("nan")
@@ -98,14 +103,17 @@ def plot_penalty(log_l2: torch.Tensor, varying: torch.Tensor, title: str, path: 
     ax.set_yticks([])
     ax.set_title(title, fontsize=8)
     _common.save_figure(fig, path)
+    return path
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--dataset", choices=sorted(_common.DATASETS), default="mnist")
+    parser.add_argument(
+        "--dataset", choices=sorted(_common.DATASETS), default="mnist", help="MNIST or FashionMNIST"
+    )
     parser.add_argument(
         "--method",
         choices=["implicit-cg", "reverse", "forward"],
@@ -115,26 +123,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ul-steps", type=int, default=100, help="UL (outer) steps")
     parser.add_argument("--ll-steps", type=int, default=200, help="LL gradient-descent steps")
     parser.add_argument("--ll-lr", type=float, default=1.0, help="LL learning rate")
-    parser.add_argument("--ul-optimizer", choices=["adam", "sgd"], default="adam")
+    parser.add_argument(
+        "--ul-optimizer", choices=["adam", "sgd"], default="adam", help="UL optimizer"
+    )
     parser.add_argument("--ul-lr", type=float, default=0.03, help="UL step on log penalties")
     parser.add_argument("--init-l2", type=float, default=1e-2, help="initial penalty")
-    parser.add_argument("--n-train", type=int, default=1000)
-    parser.add_argument("--n-val", type=int, default=5000)
-    parser.add_argument("--cg-iters", type=int, default=30)
+    parser.add_argument(
+        "--n-train", type=int, default=1000, help="training examples (random subset)"
+    )
+    parser.add_argument(
+        "--n-val", type=int, default=5000, help="validation examples (disjoint from training)"
+    )
+    parser.add_argument("--cg-iters", type=int, default=30, help="CG iterations (implicit-cg)")
     parser.add_argument("--tolerance", type=float, default=1e-6, help="CG relative residual")
     parser.add_argument(
         "--final-steps", type=int, default=1000, help="GD steps of the final and reference models"
     )
-    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument(
+        "--log-every", type=int, default=10, help="UL steps between log records (checkpoints: 5x)"
+    )
+    _common.add_checkpoint_minutes(parser)
     _common.add_run_args(parser, default_out="runs/feature_penalty")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed."""
+    return make_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run one experiment; write ``results.json`` and the penalty image to ``--out``."""
     args = parse_args(argv)
     command = sys.argv[1:] if argv is None else argv
-    device, out, record = _common.start_run(args)
+    settings = _common.settings_of(args)
+    with _common.Run(args.out, settings, args.checkpoint_minutes, args.threads) as run:
+        return experiment(args, run, command)
+
+
+def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -> dict[str, Any]:
+    """The body of :func:`main`, in its open :class:`_common.Run` (folder checked and locked,
+    signals handled)."""
+    device, out, record = torch.device(args.device), run.out, run.record
 
     data = _common.mnist_split(args.data_root, args.dataset, args.n_train, args.n_val, args.seed)
     train, val, test = (tuple(t.to(device) for t in data[k]) for k in ("train", "val", "test"))
@@ -173,11 +203,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         done = rec["step"]
         record.log(entry, done % checkpoint_every == 0 or done == args.ul_steps)
 
-    record.start_clock()
-    problem.run(
+    run.reserve(problem.state_dict())
+    run.run_problem(
+        problem,
         lambda step: (train, val),
         steps=args.ul_steps,
-        checkpoint=record.checkpoint,
         checkpoint_every=checkpoint_every,
         log=log,
         log_every=args.log_every,
@@ -219,15 +249,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "history": record.history,
     }
     title = f"{args.dataset}, {args.method}: test acc {final['test_acc']:.4f}"
-    plot_penalty(ul_model.log_l2, varying, title, out / "penalty.png")
     _common.write_json(out / _common.RESULTS_FILE, results)
+    plotted = plot_penalty(ul_model.log_l2, varying, title, out / "penalty.png")
     print(
         f"{args.method}: test acc {final['test_acc']:.4f} with per-pixel penalties (single "
         f"penalty {args.init_l2:g}: {results['initial_penalty']['test_acc']:.4f}, best single "
         f"{best:g}: {scalar[best]['test_acc']:.4f}), {problem.step_count} UL steps in "
         f"{seconds:.1f} s"
     )
-    print(f"wrote {out / _common.RESULTS_FILE} and {out / 'penalty.png'}")
+    print(f"wrote {out / _common.RESULTS_FILE}" + (f" and {plotted}" if plotted else ""))
     return results
 
 

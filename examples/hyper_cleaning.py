@@ -168,9 +168,14 @@ def make_calculator(args: argparse.Namespace, common: tuple, n_hyper: int) -> An
     )
 
 
-def plot_weights(weights: torch.Tensor, corrupted: torch.Tensor, title: str, path: Path) -> None:
-    """Histogram of the learned weights of clean vs corrupted examples."""
+def plot_weights(
+    weights: torch.Tensor, corrupted: torch.Tensor, title: str, path: Path
+) -> Path | None:
+    """Histogram of the learned weights of clean vs corrupted examples; returns ``path``, or
+    ``None`` without matplotlib."""
     plt = _common.pyplot()
+    if plt is None:
+        return None
 
     w = weights.cpu().numpy()
     c = corrupted.cpu().numpy()
@@ -185,25 +190,37 @@ def plot_weights(weights: torch.Tensor, corrupted: torch.Tensor, title: str, pat
     ax.set_title(title, fontsize=9)
     ax.legend()
     _common.save_figure(fig, path)
+    return path
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     methods = [*METHODS, "forward"] if HAS_FORWARD else METHODS
-    parser.add_argument("--dataset", choices=sorted(_common.DATASETS), default="mnist")
-    parser.add_argument("--model", choices=["linear", "mlp"], default="linear")
-    parser.add_argument("--method", choices=methods, default="implicit-cg")
+    parser.add_argument(
+        "--dataset", choices=sorted(_common.DATASETS), default="mnist", help="MNIST or FashionMNIST"
+    )
+    parser.add_argument(
+        "--model",
+        choices=["linear", "mlp"],
+        default="linear",
+        help="LL classifier: softmax regression, or an MLP with one tanh hidden layer",
+    )
+    parser.add_argument("--method", choices=methods, default="implicit-cg", help="hypergradient")
     parser.add_argument("--ul-steps", type=int, default=100, help="UL (outer) steps")
     parser.add_argument("--ll-steps", type=int, default=100, help="LL gradient-descent steps")
     parser.add_argument("--ll-lr", type=float, default=1.0, help="LL learning rate")
     parser.add_argument("--ul-lr", type=float, default=0.1, help="Adam step on the logits")
     parser.add_argument("--l2", type=float, default=1e-2, help="LL L2 on weight matrices")
     parser.add_argument("--hidden", type=int, default=32, help="MLP hidden units")
-    parser.add_argument("--n-train", type=int, default=5000)
-    parser.add_argument("--n-val", type=int, default=5000)
+    parser.add_argument(
+        "--n-train", type=int, default=5000, help="training examples (random subset)"
+    )
+    parser.add_argument(
+        "--n-val", type=int, default=5000, help="validation examples (disjoint from training)"
+    )
     parser.add_argument("--corrupt", type=float, default=0.5, help="fraction of noisy labels")
     parser.add_argument("--truncate", type=int, default=20, help="K for --method truncated")
     parser.add_argument("--solver-iters", type=int, default=20, help="CG / Neumann iterations")
@@ -214,8 +231,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--final-steps", type=int, default=500, help="GD steps of the final/baseline/oracle models"
     )
-    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument(
+        "--log-every", type=int, default=10, help="UL steps between log records (checkpoints: 5x)"
+    )
+    _common.add_checkpoint_minutes(parser)
     _common.add_run_args(parser, default_out="runs/hyper_cleaning")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed and checked."""
+    parser = make_parser()
     args = parser.parse_args(argv)
     if args.final_steps < args.ll_steps:
         parser.error("--final-steps must be at least --ll-steps.")
@@ -228,7 +254,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run one experiment; write ``results.json`` and the weight histogram to ``--out``."""
     args = parse_args(argv)
     command = sys.argv[1:] if argv is None else argv
-    device, out, record = _common.start_run(args)
+    settings = _common.settings_of(args)
+    with _common.Run(args.out, settings, args.checkpoint_minutes, args.threads) as run:
+        return experiment(args, run, command)
+
+
+def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -> dict[str, Any]:
+    """The body of :func:`main`, in its open :class:`_common.Run` (folder checked and locked,
+    signals handled)."""
+    device, out, record = torch.device(args.device), run.out, run.record
 
     data = _common.mnist_split(args.data_root, args.dataset, args.n_train, args.n_val, args.seed)
     (x, y_clean), val, test = data["train"], data["val"], data["test"]
@@ -290,12 +324,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {**_common.settings_of(args), "ul_steps": args.ul_steps},
         "hardware": _common.hardware(device),
     }
-    record.start_clock()
+    run.reserve(problem.state_dict())
     try:
-        problem.run(
+        run.run_problem(
+            problem,
             lambda step: ((x, y), val),
             steps=args.ul_steps,
-            checkpoint=record.checkpoint,
             checkpoint_every=checkpoint_every,
             log=log,
             log_every=args.log_every,
@@ -336,8 +370,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{args.dataset} {args.model} {args.method}: F1 {scores['f1']:.3f}, "
         f"test acc {final['test_acc']:.4f}"
     )
-    plot_weights(weights, corrupted, title, out / "weights_hist.png")
     _common.write_json(out / _common.RESULTS_FILE, results)
+    plotted = plot_weights(weights, corrupted, title, out / "weights_hist.png")
     print(
         f"{args.method}: test acc {final['test_acc']:.4f} (baseline {baseline['test_acc']:.4f}, "
         f"oracle {oracle['test_acc']:.4f}), F1 {scores['f1']:.3f} "
@@ -351,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "from stationary (Implicit assumes it is). If the LL loss oscillates, --ll-lr is above "
             "2/lambda_max of the LL Hessian: lower it; else raise --ll-steps."
         )
-    print(f"wrote {out / _common.RESULTS_FILE} and {out / 'weights_hist.png'}")
+    print(f"wrote {out / _common.RESULTS_FILE}" + (f" and {plotted}" if plotted else ""))
     return results
 
 

@@ -64,7 +64,7 @@ INNER_DEFAULTS = {
 #: every method is evaluated on the same tasks); meta-training tasks use --seed
 VAL_SEED, TEST_SEED = 1, 2
 #: arguments that may change when a run is resumed (the experiment stays the same)
-RESUMABLE = ("meta_steps", "eval_tasks", "max_minutes", "cache_dir")
+RESUMABLE = ("meta_steps", "eval_tasks", "max_minutes", "checkpoint_minutes", "cache_dir")
 LOG_FIELDS = (
     "step",
     "seconds",
@@ -230,8 +230,11 @@ def read_best(path: Path) -> dict[str, Any]:
 
 
 def plot_curve(path: Path, history: list[dict[str, Any]], title: str) -> None:
-    """Meta-training loss and accuracy (running means) and meta-validation accuracy."""
+    """Meta-training loss and accuracy (running means) and meta-validation accuracy (nothing
+    without matplotlib)."""
     plt = _common.pyplot()
+    if plt is None:
+        return
 
     train = [h for h in history if h.get("loss") is not None]
     val = [h for h in history if h.get("val_accuracy") is not None]
@@ -254,12 +257,17 @@ def plot_curve(path: Path, history: list[dict[str, Any]], title: str) -> None:
     _common.save_figure(fig, path, dpi=100)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--method", choices=METHODS, default="maml")
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="maml",
+        help="maml, first-order maml, imaml, or hyperrep (a learned conv trunk, linear heads)",
+    )
     parser.add_argument(
         "--ul-method",
         choices=UL_METHODS,
@@ -304,10 +312,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="stop meta-training after this many minutes of this invocation (then evaluate; "
         "the same command goes on from there)",
     )
+    _common.add_checkpoint_minutes(parser)
     parser.add_argument(
         "--cache-dir", default=None, help="decoded Omniglot cache (default: $BILEVEL_CACHE)"
     )
     _common.add_run_args(parser, default_out="runs/omniglot/run")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed and checked."""
+    parser = make_parser()
     args = parser.parse_args(argv)
     if args.method == "hyperrep":
         args.ul_method = args.ul_method or "reverse"
@@ -336,18 +351,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def agree_any(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag, true on every process if it is true on any (one all-reduce under
+    ``torch.distributed``), so that all processes stop at the same step."""
+    if not distributed.active():
+        return flags
+    (total,) = distributed.all_reduce_sum([torch.tensor(flags, dtype=torch.int32, device=device)])
+    return [bool(v) for v in total.tolist()]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Meta-train, validate, keep the best model, test; write everything to ``--out``."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     distributed.init_from_environment(device)  # a no-op unless launched by torchrun
     main_process = distributed.is_main_process()  # only rank 0 prints, logs and saves
-    out = Path(args.out)
-    progress = not args.no_progress and main_process
     settings = {k: v for k, v in _common.settings_of(args).items() if k not in RESUMABLE}
-    record = _common.RunRecord(out, settings)
+    minutes = args.checkpoint_minutes
+    with _common.Run(args.out, settings, minutes, args.threads, main=main_process) as run:
+        return experiment(args, run, device, settings)
+
+
+def experiment(
+    args: argparse.Namespace, run: _common.Run, device: torch.device, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """The body of :func:`main`, in its open :class:`_common.Run` (folder checked and locked,
+    signals handled)."""
+    main_process = run.main
+    out, record = run.out, run.record
+    progress = not args.no_progress and main_process
 
     omniglot = Omniglot(args.data_root, cache_dir=args.cache_dir, progress=progress)
     shape = (args.ways, args.shots)
@@ -357,10 +389,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     exp = Experiment(args, device)
     problem = exp.problem
+    # the log's running means over the steps since the last log record, saved with a
+    # checkpoint taken between records (on a signal, or by time) so that the log goes on
+    # exactly as without the interruption
+    losses: list[torch.Tensor] = []
+    accuracies: list[torch.Tensor] = []
     if record.checkpoint.exists():
-        problem.load_checkpoint(record.checkpoint)
+        state = _common.read_checkpoint(record.checkpoint)
+        problem.load_state_dict(state)
+        pending = state.get("pending_log") or {}
+        losses = [t.to(device) for t in pending.get("losses", torch.zeros(0)).unbind()]
+        accuracies = [t.to(device) for t in pending.get("accuracies", torch.zeros(0)).unbind()]
+    run.reserve(problem.state_dict())
     start = problem.step_count
     best_path = out / "best.pt"
+    if best_path.exists():  # a damaged file is reported now, not after the training
+        read_best(best_path)
     vals = [h["val_accuracy"] for h in record.history if h.get("val_accuracy") is not None]
     best = max(vals, default=-1.0)
     label = f"{args.method} ({args.ul_method}), {args.ways}-way {args.shots}-shot"
@@ -371,18 +415,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tasks = train.batch(step, args.meta_batch)
         return {k: (x.to(device), y.to(device)) for k, (x, y) in tasks.items()}
 
-    losses: list[torch.Tensor] = []
-    accuracies: list[torch.Tensor] = []
+    def save_checkpoint() -> None:
+        state = problem.state_dict()
+        stacked = {"losses": losses, "accuracies": accuracies}
+        state["pending_log"] = {
+            k: torch.stack(v).cpu() if v else torch.zeros(0) for k, v in stacked.items()
+        }
+        checkpoint.save(record.checkpoint, state)
+        run.checkpointed()
+
     postfix: dict[str, str] = {}
     # CPU time of this process (all its threads), summed over resumed runs like the wall time
     cpu_before = next(
         (h["cpu_seconds"] for h in reversed(record.history) if "cpu_seconds" in h), 0.0
     )
-    record.start_clock()
     invocation_start = time.perf_counter()
     cpu_start = time.process_time()
     bar = tqdm(total=args.meta_steps, initial=start, disable=not progress, desc=label)
-    with bar, warnings.catch_warnings():
+    with bar, warnings.catch_warnings(), run.loop():
         # the CG non-positive-curvature warning is counted in the log instead
         warnings.filterwarnings("ignore", message="CG met a direction")
         for step in range(start, args.meta_steps):
@@ -393,44 +443,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             done = step + 1
             elapsed = time.perf_counter() - invocation_start
             out_of_time = args.max_minutes is not None and elapsed > 60 * args.max_minutes
-            out_of_time = distributed.agree(out_of_time)  # every rank stops at one step
+            # every process stops at the same step, on a clock or a signal of any of them
+            out_of_time, stop = agree_any([out_of_time, run.stop_requested], device)
             last = done == args.meta_steps or out_of_time
             validate = done % args.eval_every == 0 or last
             if not main_process:  # the other ranks only take part in the meta-steps
                 losses.clear()
                 accuracies.clear()
-                if out_of_time:
-                    break
-                continue
-            if not (done % args.log_every == 0 or validate):
-                continue
-            entry: dict[str, Any] = {
-                "step": done,
-                "loss": torch.stack(losses).mean().item(),
-                "accuracy": torch.stack(accuracies).mean().item(),
-                "ll_loss": problem.last_ll_loss.item(),
-                "cpu_seconds": round(cpu_before + time.process_time() - cpu_start, 3),
-            }
-            losses.clear()
-            accuracies.clear()
-            diagnostics = problem.ul.diagnostics
-            if "iterations" in diagnostics:
-                entry["cg_iterations"] = diagnostics["iterations"]
-                entry["cg_diverged"] = int(diagnostics["diverged"])
-            if diagnostics.get("ll_grad_ratio") is not None:
-                entry["ll_grad_ratio"] = diagnostics["ll_grad_ratio"]
-            postfix.update(loss=f"{entry['loss']:.3f}", acc=f"{entry['accuracy']:.3f}")
-            if validate:
-                acc, ci = mean_ci95(exp.evaluate(val, args.val_tasks))
-                entry.update(val_accuracy=acc, val_ci95=ci)
-                postfix["val"] = f"{acc:.3f}"
-                if acc > best:
-                    best = acc
-                    save_best(best_path, exp.ul_model, done, acc)
-                problem.save_checkpoint(record.checkpoint)
-            bar.set_postfix(postfix)
-            record.log(entry, checkpointed=validate)
-            write_csv(out / "log.csv", record.history)
+            else:
+                save = validate or stop or run.checkpoint_due()
+                entry: dict[str, Any] | None = None
+                if done % args.log_every == 0 or validate:
+                    entry = {
+                        "step": done,
+                        "loss": torch.stack(losses).mean().item(),
+                        "accuracy": torch.stack(accuracies).mean().item(),
+                        "ll_loss": problem.last_ll_loss.item(),
+                        "cpu_seconds": round(cpu_before + time.process_time() - cpu_start, 3),
+                    }
+                    losses.clear()
+                    accuracies.clear()
+                    diagnostics = problem.ul.diagnostics
+                    if "iterations" in diagnostics:
+                        entry["cg_iterations"] = diagnostics["iterations"]
+                        entry["cg_diverged"] = int(diagnostics["diverged"])
+                    if diagnostics.get("ll_grad_ratio") is not None:
+                        entry["ll_grad_ratio"] = diagnostics["ll_grad_ratio"]
+                    postfix.update(loss=f"{entry['loss']:.3f}", acc=f"{entry['accuracy']:.3f}")
+                    if validate:
+                        acc, ci = mean_ci95(exp.evaluate(val, args.val_tasks))
+                        entry.update(val_accuracy=acc, val_ci95=ci)
+                        postfix["val"] = f"{acc:.3f}"
+                        if acc > best:
+                            best = acc
+                            save_best(best_path, exp.ul_model, done, acc)
+                    bar.set_postfix(postfix)
+                if save:
+                    save_checkpoint()
+                if entry is not None:
+                    record.log(entry, checkpointed=save)
+                    write_csv(out / "log.csv", record.history)
+                elif save:
+                    record.mark_checkpoint()
+            if stop:
+                if distributed.active():  # no process exits while rank 0 still writes
+                    torch.distributed.barrier()
+                run.stop(done)
             if out_of_time:
                 break
     if not main_process:
@@ -439,8 +497,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_cpu_seconds = cpu_before + time.process_time() - cpu_start
     meta_steps = problem.step_count
 
-    if record.history:
-        plot_curve(out / "curve.png", record.history, label)
     evaluated = "final"
     best_step = meta_steps
     if best_path.exists():
@@ -476,6 +532,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
     }
     _common.write_json(out / _common.RESULTS_FILE, results)
+    if record.history:
+        plot_curve(out / "curve.png", record.history, label)
     print(
         f"{label}: test accuracy {100 * test_acc:.2f} +- {100 * test_ci:.2f}% on "
         f"{args.eval_tasks} tasks ({evaluated} model, step {best_step}); {meta_steps} "

@@ -2,13 +2,19 @@
 
 Only a few of the features carry signal; the rest are noise. The UL minimizes the validation
 loss over per-feature penalties, so the penalties of the noise features grow. Needs no
-download. Run: ``python examples/quickstart.py`` (``--help`` for the options).
+download. Run: ``python examples/quickstart.py`` (``--help`` for the options). With
+``--out DIR`` it also writes ``DIR/results.json`` and a checkpoint that the same command
+resumes from (after SIGTERM or Ctrl-C too); without it, nothing is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
+from typing import Any
 
+import _common  # the examples/ folder is on sys.path when this file is run as a script
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,8 +23,12 @@ from bilevel import BilevelProblem
 from bilevel.ll import GradientDescent
 from bilevel.ul import Implicit, Reverse, Truncated
 
+METHODS = ["implicit-cg", "implicit-neumann", "implicit-fixed_point", "reverse", "truncated"]
+
 
 class LinearModel(nn.Module):
+    """LL model: a linear regression without bias."""
+
     def __init__(self, features: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(features))
@@ -39,15 +49,19 @@ class FeaturePenalty(nn.Module):
 
 
 def ll_objective(state: dict) -> torch.Tensor:
+    """Training MSE plus the per-feature penalties."""
     fit = F.mse_loss(state["ll_model"](state["data"]), state["target"])
     return fit + state["ul_model"].penalty(state["ll_model"])
 
 
 def ul_objective(state: dict) -> torch.Tensor:
+    """Validation MSE."""
     return F.mse_loss(state["ll_model"](state["data"]), state["target"])
 
 
 def make_data(n: int, features: int, informative: int, seed: int) -> tuple:
+    """Train, validation and test sets of ``n`` examples each: ``y = x w + noise`` with only
+    the first ``informative`` entries of ``w`` nonzero."""
     g = torch.Generator().manual_seed(seed)
     w = torch.zeros(features)
     w[:informative] = torch.randn(informative, generator=g)
@@ -56,23 +70,55 @@ def make_data(n: int, features: int, informative: int, seed: int) -> tuple:
     return (x[:n], y[:n]), (x[n : 2 * n], y[n : 2 * n]), (x[2 * n :], y[2 * n :])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--method",
-        default="implicit-cg",
-        choices=["implicit-cg", "implicit-neumann", "implicit-fixed_point", "reverse", "truncated"],
+def make_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--ul-steps", type=int, default=60)
-    parser.add_argument("--ll-steps", type=int, default=200)
-    parser.add_argument("--ll-lr", type=float, default=0.15)
-    parser.add_argument("--ul-lr", type=float, default=0.05)
-    parser.add_argument("--features", type=int, default=30)
-    parser.add_argument("--informative", type=int, default=5)
-    parser.add_argument("--samples", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--method", default="implicit-cg", choices=METHODS, help="hypergradient")
+    parser.add_argument("--ul-steps", type=int, default=60, help="UL (outer) steps")
+    parser.add_argument("--ll-steps", type=int, default=200, help="LL gradient-descent steps")
+    parser.add_argument("--ll-lr", type=float, default=0.15, help="LL learning rate")
+    parser.add_argument("--ul-lr", type=float, default=0.05, help="Adam step on the log penalties")
+    parser.add_argument("--features", type=int, default=30, help="features of the regression")
+    parser.add_argument(
+        "--informative", type=int, default=5, help="features that carry signal (the first ones)"
+    )
+    parser.add_argument(
+        "--samples", type=int, default=60, help="examples in each of train, validation, test"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (data and run)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder for results.json and checkpoint.pt, which the same command "
+        "resumes from; if not given, nothing is written",
+    )
+    return parser
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed and checked."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    for name in ("ul_steps", "ll_steps", "features", "samples"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.informative <= args.features:
+        parser.error("--informative must lie between 0 and --features")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the quickstart; with ``--out``, write ``results.json`` and the checkpoint."""
+    args = parse_args(argv)
+    command = sys.argv[1:] if argv is None else argv
+    with _common.Run(args.out, _common.settings_of(args)) as run:
+        return experiment(args, run, command)
+
+
+def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -> dict[str, Any]:
+    """The body of :func:`main`, in its open :class:`_common.Run`."""
     torch.manual_seed(args.seed)
     train, val, test = make_data(args.samples, args.features, args.informative, args.seed)
     ll_model, ul_model = LinearModel(args.features), FeaturePenalty(args.features)
@@ -92,30 +138,68 @@ def main() -> None:
     else:
         ul = Truncated(*common, truncate_iter=10)
     problem = BilevelProblem(ll, ul, torch.optim.Adam(ul_model.parameters(), lr=args.ul_lr))
+    log_every = checkpoint_every = 10
+    record = run.record
+    if record is not None and record.resumed_from:
+        print(f"resuming from UL step {record.resumed_from} ({record.checkpoint})")
 
-    def show(record: dict) -> None:
+    def show(entry: dict) -> None:
         solver = ""
-        if "residual_norm" in record:
+        if "residual_norm" in entry:
             solver = (
-                f"  solver: {record['iterations']} it, residual "
-                f"{record['residual_norm']:.1e}, converged={record['converged']}"
+                f"  solver: {entry['iterations']} it, residual "
+                f"{entry['residual_norm']:.1e}, converged={entry['converged']}"
             )
         print(
-            f"UL step {record['step']:4d}  val loss {record['ul_loss']:.4f}  "
-            f"LL loss {record['ll_loss']:.4f}{solver}"
+            f"UL step {entry['step']:4d}  val loss {entry['ul_loss']:.4f}  "
+            f"LL loss {entry['ll_loss']:.4f}{solver}"
         )
+        if record is not None:
+            keep = ("step", "ul_loss", "ll_loss", "iterations", "residual_norm", "converged")
+            done = entry["step"]
+            record.log(
+                {k: entry[k] for k in keep if entry.get(k) is not None},
+                done % checkpoint_every == 0 or done == args.ul_steps,
+            )
 
-    problem.run(
-        lambda step: (train, val), steps=args.ul_steps, log=show, log_every=10, progress=False
+    run.reserve(problem.state_dict())
+    run.run_problem(
+        problem,
+        lambda step: (train, val),
+        steps=args.ul_steps,
+        checkpoint_every=checkpoint_every,
+        log=show,
+        log_every=log_every,
+        progress=False,
     )
     aux = ll.optimize(*train)
     test_mse = ul_objective({"data": test[0], "target": test[1], "ll_model": aux}).item()
     penalties = ul_model.log_l2.detach().exp()
+    informative = penalties[: args.informative].mean().item()
+    noise = penalties[args.informative :].mean().item()
     print(f"test MSE {test_mse:.4f}")
-    print(
-        f"mean L2 penalty: informative features {penalties[: args.informative].mean():.3g}, "
-        f"noise features {penalties[args.informative :].mean():.3g}"
-    )
+    print(f"mean L2 penalty: informative features {informative:.3g}, noise features {noise:.3g}")
+    results = {
+        "experiment": "quickstart",
+        "method": args.method,
+        "command": shlex.join(["python", "examples/quickstart.py", *command]),
+        "test_mse": test_mse,
+        "mean_l2_informative": informative,
+        "mean_l2_noise": noise,
+        "log_l2": ul_model.log_l2.detach().tolist(),
+        "ul_steps": problem.step_count,
+        "settings": {**_common.settings_of(args), "ul_steps": args.ul_steps},
+    }
+    if record is not None:
+        results.update(
+            seconds=round(record.seconds, 3),
+            resumed_from_step=record.resumed_from,
+            history=record.history,
+            hardware=_common.hardware(torch.device("cpu")),
+        )
+        _common.write_json(run.out / _common.RESULTS_FILE, results)
+        print(f"wrote {run.out / _common.RESULTS_FILE}")
+    return results
 
 
 if __name__ == "__main__":
