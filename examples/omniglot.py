@@ -143,7 +143,7 @@ class Experiment:
             args.inner_lr,
             args.eval_inner_steps,
             differentiable_steps=0,
-            warn_on_growth=False,
+            on_growth="ignore",
         )
 
     def logits(self, state: dict[str, Any]) -> torch.Tensor:
