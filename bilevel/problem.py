@@ -204,6 +204,7 @@ class BilevelProblem:
         """
         if not tasks:
             raise ValueError("no task to compute a hypergradient on.")
+        self._check_single_state(len(tasks))
         mine, weight = distributed.shard(tasks)
         losses = []  # per task: the UL loss and the last LL loss
         fault: Exception | None = None
@@ -260,6 +261,23 @@ class BilevelProblem:
                 f"process(es) of rank {numeric} met a non-finite value or a diverging LL in "
                 "their share of this UL step (their messages say which); every process skips "
                 "or raises with them."
+            )
+
+    def _check_single_state(self, n_tasks: int) -> None:
+        """Refuse what would move a method's one LL state several times in one UL step."""
+        if not getattr(self.ul, "keeps_ll_state", False):
+            return
+        name = type(self.ul).__name__
+        if n_tasks > 1:
+            raise ValueError(
+                f"{name} keeps one LL state across UL steps, and a batch of {n_tasks} tasks would "
+                "move it once per task: give it one task per step (step(train, val)), or use a "
+                "method that starts the LL afresh for each task (Reverse, Implicit, ...)."
+            )
+        if distributed.active():
+            raise ValueError(
+                f"{name} keeps one LL state across UL steps, which each process would move on "
+                "its own under torch.distributed: run it in one process."
             )
 
     def _hypergradient(self, tasks: Sequence[tuple[Pair, Pair]]) -> list[torch.Tensor]:

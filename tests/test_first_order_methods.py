@@ -551,3 +551,11 @@ def test_hypergradient_leaves_a_stateful_methods_state_as_it_was(method):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert torch.equal(llm.v.detach(), weights)
     assert str(m.state_dict()) == str(state)
+
+
+def test_a_batch_of_several_tasks_is_refused_for_a_method_with_one_ll_state():
+    """One LL state would be moved once per task within one UL step."""
+    two = (torch.zeros(2, 1, 1, dtype=DTYPE), torch.zeros(2, 1, 1, dtype=DTYPE))
+    problem, *_ = quadratic(MESO)
+    with pytest.raises(ValueError, match=r"keeps one LL state .* batch of 2 tasks"):
+        problem.meta_step({"train": two, "test": two})

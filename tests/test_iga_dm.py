@@ -215,9 +215,11 @@ def test_dm_at_its_fixed_point_gives_the_implicit_hypergradient_on_ridge():
     implicit hypergradient."""
     p = ridge(seed=4)
     ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.5, iters=200)
-    problem = BilevelProblem(ll, DM(ridge_ul, p.ul_model, ridge_ll, p.ll_model))
-    for _ in range(60):  # hypergradient() advances y and z, and leaves lambda unchanged
-        (grad,) = problem.hypergradient(p.train, p.val)
+    frozen = torch.optim.SGD(p.ul_model.parameters(), lr=0.0)  # lambda held fixed
+    problem = BilevelProblem(ll, DM(ridge_ul, p.ul_model, ridge_ll, p.ll_model), frozen)
+    for _ in range(60):  # each step advances y and z
+        problem.step(p.train, p.val)
+    (grad,) = problem.hypergradient(p.train, p.val)  # a question: y and z stay
     assert relative_error(grad, ridge_exact_hypergradient(p)) < 1e-9
     assert (
         relative_error(

@@ -67,6 +67,10 @@ class DM(HypergradientCalculator):
             ``"auto"`` (exact line search, the default).
     """
 
+    #: one LL state moves across UL steps: the runner refuses task batches and processes
+    #: that would each move it
+    keeps_ll_state = True
+
     name = "dm"
 
     def __init__(

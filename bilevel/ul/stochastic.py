@@ -74,6 +74,10 @@ class StochasticMethod(HypergradientCalculator):
             ``batch_size``, ``val_batch_size`` and ``seed`` are not given.
     """
 
+    #: one LL state moves across UL steps: the runner refuses task batches and processes
+    #: that would each move it
+    keeps_ll_state = True
+
     name = "stochastic"
     #: whether ``ll.iters`` is the length of an inner loop (else it must be 1)
     inner_loop = False

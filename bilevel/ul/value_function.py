@@ -180,6 +180,10 @@ class FirstOrderMethod(HypergradientCalculator):
     ``BilevelProblem.hypergradient``, which for these methods is not free of side effects.
     """
 
+    #: one LL state moves across UL steps: the runner refuses task batches and processes
+    #: that would each move it
+    keeps_ll_state = True
+
     name = "first_order_method"
     #: names of the auxiliary variables in the state (lists of tensors shaped like ``y``)
     auxiliary_names: tuple[str, ...] = ()
