@@ -54,6 +54,11 @@ def fast_weights(model: nn.Module) -> Tensors:
     return list(params[-1])
 
 
+def is_released(model: nn.Module) -> bool:
+    """Whether a patched model was handed back with ``ll.release`` (it holds no weights)."""
+    return "_fast_params" in model.__dict__ and model.__dict__["_fast_params"] is None
+
+
 def sync_from(model: nn.Module, patched: nn.Module) -> None:
     """Copy what the patched copy carries of the user's module besides its parameters: the
     buffers (batch-norm running statistics) and the training flags, at every LL run, so that

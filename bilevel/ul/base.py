@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bilevel.ll import Trajectory
+from bilevel.ll.patched import is_released
 from bilevel.ll.unroll import Observer
 from bilevel.state import (
     Objective,
@@ -137,7 +138,7 @@ class HypergradientCalculator:
 
     def _check_trajectory(self, auxiliary_model: nn.Module) -> Trajectory:
         trajectory = getattr(auxiliary_model, "trajectory", None)
-        if trajectory is None and auxiliary_model.__dict__.get("_fast_params", ()) is None:
+        if trajectory is None and is_released(auxiliary_model):
             raise TypeError(
                 "auxiliary_model was released (ll.release, which BilevelProblem calls after each "
                 "task) and holds no weights: use the result of a new ll.optimize(data, target)."
