@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set up benchopt's bilevel benchmark (benchopt/benchmark_bilevel, JAX) OUTSIDE this repository,
+# for timing its own SOBA/SABA/StocBiO/AmIGO/F2SA/BOME on the quadratic problem against
+# benchmarks/bilevel_curves.py (issue 15). Nothing it fetches is committed here.
+#
+#   SCRATCH=/work/scratch bash benchmarks/benchopt_setup.sh
+#
+# It needs a copy of the benchmark in $SCRATCH/benchmark_bilevel (git clone
+# https://github.com/benchopt/benchmark_bilevel, or a snapshot of it) and network access to
+# the Python package index for jax, jaxlib, numpy and benchopt. It says what is missing and
+# stops when either is absent.
+set -euo pipefail
+SCRATCH=${SCRATCH:-/work/scratch}
+REPO_ROOT=$(cd "$(dirname "$0")/.." && pwd)
+case "$(cd "$SCRATCH" 2>/dev/null && pwd || echo "$SCRATCH")/" in
+  "$REPO_ROOT"/*) echo "SCRATCH=$SCRATCH is inside the repository; choose a folder outside it." >&2; exit 2;;
+esac
+mkdir -p "$SCRATCH"
+BENCH="$SCRATCH/benchmark_bilevel"
+if [ ! -f "$BENCH/objective.py" ]; then
+  echo "benchopt's benchmark is ABSENT: no $BENCH/objective.py." >&2
+  echo "Get it with: git clone https://github.com/benchopt/benchmark_bilevel $BENCH" >&2
+  echo "(or export a snapshot there: git --git-dir=<mirror> archive HEAD | tar -x -C $BENCH)" >&2
+  exit 1
+fi
+VENV="$SCRATCH/jaxenv"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install --quiet jax jaxlib numpy scipy benchopt
+"$VENV/bin/python" -c "import jax, benchopt; print('jax', jax.__version__, 'benchopt', benchopt.__version__)"
+echo "Ready. Run, from $BENCH (float64 as bilevel_curves.py's quadratic, CPU):"
+echo "  JAX_ENABLE_X64=1 JAX_PLATFORMS=cpu $VENV/bin/benchopt run . -d quadratic \\"
+echo "    -s soba -s saba -s stocbio -s amigo --max-runs 100 --timeout 60"
