@@ -1,0 +1,555 @@
+"""The method families of issue 14 measured in one run: ours, BOAT 1.1.1's equivalent
+operation, and a hand-written torch loop (the floor), side by side.
+
+    python benchmarks/method_families.py            # the whole run (about 10-15 min on 2 cores)
+    python benchmarks/method_families.py --quick    # a few configurations (a minute or two)
+
+What is measured, per method:
+
+- **hypergradient error** on ridge regression with one L2 penalty per feature (closed form)
+  and logistic regression with per-feature L2 (Newton's method, a dense solve): relative
+  error and cosine against the exact implicit hypergradient at the LL minimizer, and on ridge
+  against the exact value of what the method computes (the T-step unrolled hypergradient,
+  the one-step DARTS hypergradient, the IGA formula, ...; dense float64 algebra). Methods that
+  keep state across UL steps (DM, SOBA, ...) first take ``warm`` UL steps at a fixed UL point;
+- **MNIST data hyper-cleaning** (``BILEVEL_DATA``, as ``examples/hyper_cleaning.py``, on a
+  small subset): the validation loss, test accuracy and F1 of the flagged examples after a
+  fixed number of UL steps with Adam;
+- **time per UL step** (median over repeats, one torch thread, the implementations
+  alternated A B C A B C as ``run.py`` does) and **peak memory** (a fresh process per
+  configuration) on hyper-cleaning and on an Omniglot-shaped meta-step (random 28x28
+  images, ``FewShotNet``).
+
+The workers are ``worker.py``'s, run through this file so that they build this benchmark's
+problems (:class:`FamilyWorker`); the alternation and the memory protocol are ``run.py``'s
+(:class:`FamilyRun`). The results go to ``benchmarks/results/method_families.json``, then
+``method_families_report.py`` writes ``docs/method_families.md`` from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import problems as P  # noqa: E402
+import run  # noqa: E402
+import worker  # noqa: E402
+from common import RESULTS, ROOT, git_revision, machine, summarize  # noqa: E402
+
+OUT = RESULTS / "method_families.json"
+IMPLS = ("bilevel", "boat", "floor")
+DATA_CACHE = Path(tempfile.gettempdir()) / "bilevel-method-families"
+
+# --------------------------------------------------------------------------- the settings
+
+# MNIST hyper-cleaning: a small subset so that the whole run fits in minutes on 2 cores
+CLEANING = {
+    "n_train": 1000,
+    "n_val": 1000,
+    "corrupt": 0.5,
+    "seed": 0,
+    "T": 50,
+    "lr": 1.0,
+    "reg": 1e-3,
+    "ul_steps": 20,
+    "ul_lr": 0.1,
+    "eval_every": 5,
+}
+META_BATCH = 1
+WARM = 200  # UL steps at a fixed UL point before a stateful method's direction is measured
+STATE = {"warm": WARM}
+BDA = {"alpha": 0.5, "decay": 0.9}  # BOAT's configurations' values
+# PTT and one-step DARTS on regression start the LL from its iterate after START GD steps: from
+# w = 0 their first step does not depend on the penalties (their hypergradient would be zero)
+START = 20
+
+# per method: its options, and which problems it runs on ("r": ridge and logistic, "c":
+# hyper-cleaning, "m": the meta-step)
+METHODS: dict[str, tuple[dict[str, Any], str]] = {
+    "reverse": ({}, "rcm"),
+    "truncated": ({"K": 10}, "rc"),
+    "cg": ({"k": 10}, "rc"),
+    "neumann": ({"k": 50}, "rc"),
+    "fixed_point": ({"k": 50}, "rc"),
+    "minres": ({"k": 10}, "rc"),
+    "normal_cg": ({"k": 10}, "rc"),
+    "forward": ({}, "r"),
+    "memory_saving_reverse": ({}, "rcm"),
+    "ptt": ({"start": START}, "rcm"),
+    "fd": ({"r": 1e-2}, "rcm"),
+    "fd_one_step": ({"r": 1e-2, "T": 1, "start": START}, "r"),
+    "iga": ({"T": 10}, "rc"),
+    "bda": (BDA, "rc"),
+    "fixed_point_map": ({"k": 50}, "r"),
+    "reverse_di": ({"T": 10}, "r"),
+    "stochastic_implicit": ({"k": 100, "minibatch": 50}, "r"),
+    "dm": ({**STATE, "T": 1}, "rc"),
+    "soba": ({**STATE, "T": 1}, "rc"),
+    "saba": ({**STATE, "T": 1}, "rc"),
+    "stocbio": ({**STATE, "T": 10}, "rc"),
+    "amigo": ({**STATE, "T": 10}, "rc"),
+    "bome": ({}, "c"),
+    "pbgd": ({}, "c"),
+    "bvfim": ({}, "c"),
+    "meso": ({}, "c"),
+    "gaffo": ({}, "c"),
+    "f2sa": ({}, "c"),
+    "first_order": ({}, "m"),
+    "reptile": ({}, "m"),
+}
+OFFERS = {
+    "bilevel": set(METHODS),
+    "boat": {"reverse", "truncated", "cg", "neumann", "ptt", "fd", "fd_one_step", "iga", "bda"}
+    | {"reverse_di", "dm", "bome", "pbgd", "bvfim", "meso", "first_order"},
+    "floor": {"reverse", "truncated", "cg", "neumann", "fixed_point", "forward", "ptt", "fd"}
+    | {"fd_one_step", "bda", "first_order"},
+}
+# what the meta-step offers per implementation (the rest answer "unsupported")
+META_OFFERS = {"boat": {"reverse", "first_order", "ptt"}, "floor": {"reverse", "first_order"}}
+MEMORY = {"reverse", "truncated", "cg", "memory_saving_reverse", "ptt", "fd", "bda"}
+MEMORY |= {"first_order", "reptile"}
+QUICK = {"reverse", "cg", "ptt", "fd", "bda", "dm"}
+LL_STEPS = {"ridge": 200, "logistic": 100}
+# the minibatch of the stochastic implicit solver's Hessian-vector products, per problem
+MINIBATCH = {"ridge": 50, "logistic": 250}
+
+
+def method_config(suite: str, problem: str, method: str) -> dict[str, Any]:
+    """One configuration: the problem's defaults, then the method's options."""
+    options = dict(METHODS[method][0])
+    base = {"suite": suite, "problem": problem, "method": method}
+    if problem in LL_STEPS:
+        base["T"] = LL_STEPS[problem]
+        if "minibatch" in options:
+            options["minibatch"] = MINIBATCH[problem]
+    elif problem == "mnist":
+        base.update(T=CLEANING["T"], data=cleaning_data_key())
+        for key in ("minibatch", "warm", "start"):
+            options.pop(key, None)
+        if method == "iga":
+            options.pop("T")
+    else:
+        base["batch"] = META_BATCH
+        options = {}
+    if method == "fd_one_step":
+        base["method"], options["T"] = "fd", 1
+    return {**base, **options}
+
+
+def configurations(quick: bool) -> dict[str, list[dict[str, Any]]]:
+    """The configurations of each suite: ``regression`` (errors, time), ``cleaning`` (time,
+    memory; ``training``: UL steps with Adam) and ``meta`` (time, memory)."""
+    chosen = [m for m in METHODS if not quick or m in QUICK]
+    suites: dict[str, list[dict[str, Any]]] = {"regression": [], "cleaning": [], "training": []}
+    suites["meta"] = []
+    for method in chosen:
+        where = METHODS[method][1]
+        if "r" in where:
+            for problem in ("ridge",) if quick else ("ridge", "logistic"):
+                suites["regression"].append(method_config("regression", problem, method))
+        if "c" in where:
+            suites["cleaning"].append(method_config("cleaning", "mnist", method))
+            train = method_config("training", "mnist", method)
+            suites["training"].append({**train, "ul_lr": CLEANING["ul_lr"]})
+        if "m" in where:
+            suites["meta"].append(method_config("meta", "meta", method))
+    return suites
+
+
+# --------------------------------------------------------------------------- MNIST cleaning
+
+
+def cleaning_data_key() -> str:
+    """The name of the prepared subset (its settings)."""
+    c = CLEANING
+    return f"mnist-{c['n_train']}-{c['n_val']}-{c['corrupt']}-{c['seed']}"
+
+
+def prepare_cleaning_data() -> Path:
+    """Write the MNIST subset, its noisy labels and the test set to a torch file that the
+    workers of every environment load (BOAT's cannot import ``bilevel``). The split and the
+    noise are ``examples/hyper_cleaning.py``'s."""
+    path = DATA_CACHE / f"{cleaning_data_key()}.pt"
+    if path.exists():
+        return path
+    sys.path.insert(0, str(ROOT / "examples"))
+    import _common
+    from hyper_cleaning import corrupt_labels
+
+    c = CLEANING
+    data = _common.mnist_split(None, "mnist", c["n_train"], c["n_val"], c["seed"])
+    (x, y_clean), (xv, yv), (xt, yt) = data["train"], data["val"], data["test"]
+    y, corrupted = corrupt_labels(y_clean, c["corrupt"], 10, c["seed"])
+    DATA_CACHE.mkdir(parents=True, exist_ok=True)
+    tensors = {"x": x, "y": y, "xv": xv, "yv": yv, "xt": xt, "yt": yt, "corrupted": corrupted}
+    torch.save(tensors, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return path
+
+
+@dataclass
+class Started(P.Regression):
+    """``problems.Regression`` whose LL starts at ``start`` instead of zero."""
+
+    start: torch.Tensor = None
+
+    def w0(self) -> torch.Tensor:
+        return self.start.clone()
+
+
+def make_problem(config: dict[str, Any]) -> Any:
+    """The problem of a configuration: ``problems.build``'s, the MNIST subset, or a regression
+    started at its ``config["start"]``-th GD iterate."""
+    if config["problem"] == "mnist":
+        return mnist_cleaning(config["data"])
+    p = P.build(config)
+    if not config.get("start"):
+        return p
+    from impl_floor import descend
+
+    (start,) = descend(P.spec(p), [p.w0()], [p.log_l2], config["start"])
+    return Started(**vars(p), start=start)
+
+
+@dataclass
+class MnistCleaning(P.Cleaning):
+    """``problems.Cleaning`` on real MNIST, with the test set and the corrupted examples."""
+
+    xt: torch.Tensor = None
+    yt: torch.Tensor = None
+    corrupted: torch.Tensor = None
+
+
+@functools.lru_cache(maxsize=1)
+def mnist_cleaning(key: str) -> MnistCleaning:
+    """The prepared subset as a hyper-cleaning problem (example weights ``sigmoid(lam)``)."""
+    t = torch.load(DATA_CACHE / f"{key}.pt", weights_only=True)
+    lam = torch.zeros(len(t["y"]))
+    c = CLEANING
+    fields = {k: t[k] for k in ("x", "y", "xv", "yv", "xt", "yt", "corrupted")}
+    return MnistCleaning(lam=lam, lr=c["lr"], reg=c["reg"], classes=10, **fields)
+
+
+def evaluate_cleaning(problem: MnistCleaning, lam: torch.Tensor) -> dict[str, float]:
+    """A fresh LL run (``T`` GD steps from zero, no graph) at the example logits ``lam``: its
+    validation loss (the UL objective), test accuracy, and the F1 of the examples whose
+    weight is below 0.5 as a detector of the corrupted ones."""
+    from impl_floor import descend
+
+    s = P.spec(problem)
+    ws = descend(s, s.w0, [lam.detach()], CLEANING["T"])
+    with torch.no_grad():
+        ul = float(s.ul(ws, [lam]))
+        test = float(((problem.xt @ ws[0] + ws[1]).argmax(1) == problem.yt).float().mean())
+    flagged, bad = torch.sigmoid(lam) < 0.5, problem.corrupted
+    tp = int((flagged & bad).sum())
+    precision, recall = tp / max(int(flagged.sum()), 1), tp / max(int(bad.sum()), 1)
+    f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
+    return {"ul_objective": ul, "test_accuracy": test, "f1": f1}
+
+
+# --------------------------------------------------------------------------- exact answers
+
+
+class DenseRidge:
+    """Ridge regression as dense float64 matrices: ``H = X^T X / n + diag(exp(log_l2))``,
+    ``b = X^T y / n`` (and ``Hv``, ``bv`` of the validation set), with the GD (and BDA)
+    recursion ``w <- w - lr ((1 - a) (H w - b) + a (Hv w - bv))`` differentiable in
+    ``log_l2`` and the start. Independent of the implementations measured (no losses, no
+    autograd through them)."""
+
+    def __init__(self, p: P.Regression) -> None:
+        x, y, xv, yv = (t.double() for t in (p.x, p.y, p.xv, p.yv))
+        n = len(x)
+        self.p, self.h0, self.b = p, x.T @ x / n, x.T @ y / n
+        self.hv, self.bv, self.xv, self.yv = xv.T @ xv / n, xv.T @ yv / n, xv, yv
+
+    def run(self, lam: torch.Tensor, w: torch.Tensor, steps: int, alphas=None) -> torch.Tensor:
+        h = self.h0 + torch.diag(lam.exp()[self.p.group])
+        for k in range(steps):
+            g = h @ w - self.b
+            if alphas is not None:
+                g = (1 - alphas[k]) * g + alphas[k] * (self.hv @ w - self.bv)
+            w = w - self.p.lr * g
+        return w
+
+    def ul(self, w: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((self.xv @ w - self.yv) ** 2).mean()
+
+    def gradient(self, fn, *inputs: torch.Tensor) -> torch.Tensor:
+        """``d ul(fn(*inputs)) / d inputs``, flattened."""
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        return torch.cat([g.flatten() for g in torch.autograd.grad(self.ul(fn(*leaves)), leaves)])
+
+
+def own_target(config: dict[str, Any], p: P.Regression) -> torch.Tensor | None:
+    """The exact value of what the method computes, on ridge (``None`` where that is the
+    implicit hypergradient itself, or not defined)."""
+    r, method, steps = DenseRidge(p), config["method"], config["T"]
+    lam0, w0 = p.log_l2.double(), p.w0().double()
+    with torch.no_grad():
+        path = [w0]
+        for _ in range(steps):
+            path.append(r.run(lam0, path[-1], 1))
+    if method in ("reverse", "memory_saving_reverse", "forward"):
+        return r.gradient(lambda lam: r.run(lam, w0, steps), lam0)
+    if method == "reverse_di":
+        return r.gradient(lambda lam, w: r.run(lam, w, steps), lam0, w0)
+    if method == "truncated":
+        return r.gradient(lambda lam: r.run(lam, path[steps - config["K"]], config["K"]), lam0)
+    if method == "fd":  # one step from w_{T-1}; DARTS is this to O(r^2)
+        return r.gradient(lambda lam: r.run(lam, path[steps - 1], 1), lam0)
+    if method == "ptt":
+        worst = 1 + int(torch.stack([r.ul(w) for w in path[1:]]).argmax())
+        return r.gradient(lambda lam: r.run(lam, w0, worst), lam0)
+    if method == "bda":
+        alphas = [config["alpha"] * config["decay"] ** k for k in range(steps)]
+        return r.gradient(lambda lam: r.run(lam, w0, steps, alphas), lam0)
+    if method == "iga":
+        return iga_formula(p, lam0, path[-1], r)
+    return None
+
+
+def iga_formula(p: P.Regression, lam: torch.Tensor, w: torch.Tensor, r: DenseRidge):
+    """IGA at ``w``: ``grad_lam F - c grad_lam f``, ``c = <grad_w F, grad_w f> / |grad_w f|^2``
+    (``grad_lam F = 0`` here), from the closed-form gradients."""
+    l2 = lam.exp()[p.group]
+    grad_w_f = r.h0 @ w - r.b + l2 * w
+    grad_w_ul = r.hv @ w - r.bv
+    grad_lam_f = torch.zeros_like(lam).index_add_(0, p.group, 0.5 * l2 * w * w)
+    return -(grad_w_ul @ grad_w_f) / (grad_w_f @ grad_w_f) * grad_lam_f
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine of two flattened tensors, in float64."""
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+class FamilyWorker(worker.Worker):
+    """``worker.Worker`` on this benchmark's problems. Its ``error`` is the accuracy
+    measurement of a configuration: the hypergradient's errors (regression), or the UL
+    steps of hyper-cleaning with what they reached (``training`` suite)."""
+
+    def build(self, config: dict[str, Any]) -> tuple[Any, bool]:
+        """``worker.Worker.build`` with this benchmark's problems (:func:`make_problem`)."""
+        key = json.dumps(config, sort_keys=True)
+        fresh = key != self.key
+        if fresh:
+            self.key, self.runner = None, None
+            self.runner = self.module.build(config, make_problem(config))
+            self.key = key
+        return self.runner, fresh
+
+    def error(self, config: dict[str, Any], save: str | None) -> dict:
+        if config["suite"] == "training":
+            return self.train(config)
+        runner, _ = self.build(config)
+        for _ in range(config.get("warm", 0)):
+            runner.step()
+        grads = [g.detach().cpu() for g in runner.hypergradient()]
+        p = make_problem({**config, "device": "cpu"})
+        exact = self._exact_ift(config, p)
+        out: dict[str, Any] = {"norm": float(torch.cat([g.flatten() for g in grads]).norm())}
+        out["error_exact"] = P.relative_error(grads[0], exact)
+        out["cosine_exact"] = cosine(grads[0], exact)
+        target = own_target(config, p) if p.kind == "ridge" else None
+        if target is not None:
+            flat = torch.cat([g.flatten() for g in grads])
+            out["error_target"] = P.relative_error(flat, target)
+            out["cosine_target"] = cosine(flat, target)
+            out["target_norm"] = float(target.norm())
+        if save:
+            torch.save(grads, save)
+            out["saved"] = save
+        return out
+
+    def train(self, config: dict[str, Any]) -> dict:
+        """``ul_steps`` UL steps (Adam) from the start; every ``eval_every`` steps the UL
+        point is evaluated by :func:`evaluate_cleaning`. A step that fails (a diverged
+        solver, NaN) ends the run; what was reached until then is kept."""
+        runner, _ = self.build(config)
+        problem = mnist_cleaning(config["data"])
+        curve = [{"step": 0, **evaluate_cleaning(problem, problem.lam)}]
+        times, failed = [], None
+        for step in range(1, CLEANING["ul_steps"] + 1):
+            start = time.perf_counter()
+            try:
+                runner.step()
+            except Exception as exc:  # recorded with the curve so far
+                failed = f"UL step {step}: {type(exc).__name__}: {str(exc)[:300]}"
+                break
+            times.append(time.perf_counter() - start)
+            if step % CLEANING["eval_every"] == 0 or step == CLEANING["ul_steps"]:
+                (lam,) = self.module.ul_tensors(runner)
+                curve.append({"step": step, **evaluate_cleaning(problem, lam)})
+        out: dict[str, Any] = {"curve": curve, "final": curve[-1]}
+        if times:
+            out["step_time"] = summarize(times)
+        if failed:
+            out["failed_at"] = failed
+        return out
+
+
+def worker_main() -> None:
+    """``worker.py``'s command line (``serve`` / ``memory``) with :class:`FamilyWorker`."""
+    worker.Worker = FamilyWorker  # worker.serve and worker.memory build the module's Worker
+    worker.main()
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+class FamilyProcess(run.WorkerProcess):
+    """``run.WorkerProcess`` started through this file (``impl_<name>_families``)."""
+
+    def __init__(self, impl: str, python: str, threads: int) -> None:
+        self.impl, self.python, self.threads = impl, python, threads
+        path = [str(ROOT), str(HERE)] if impl == "bilevel" else [str(HERE)]
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+        pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+        self.proc = subprocess.Popen(self.command("serve"), env=self.env, cwd=HERE, **pipes)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {impl} worker exited at start ({python})")
+        self.hello = json.loads(line)
+
+    def command(self, mode: str, *extra: str) -> list[str]:
+        module = f"{self.impl}_families"
+        threads = ["--threads", str(self.threads)]
+        return [self.python, str(Path(__file__)), mode, "--impl", module, *threads, *extra]
+
+    def memory(self, config: dict[str, Any], steps: int) -> dict[str, Any]:
+        cmd = self.command("memory", "--steps", str(steps), "--config", json.dumps(config))
+        done = subprocess.run(cmd, capture_output=True, text=True, env=self.env, cwd=HERE)
+        lines = done.stdout.strip().splitlines()
+        if done.returncode or not lines:
+            return {"failed": f"exit {done.returncode}: {done.stderr.strip()[-500:]}"}
+        return json.loads(lines[-1])
+
+
+# seconds of timed steps per implementation and round, per suite
+BUDGET = {"regression": 0.15, "cleaning": 0.5, "meta": 0.6}
+
+
+class FamilyRun(run.Run):
+    """``run.Run``'s alternation, errors and memory runs over this benchmark's suites."""
+
+    def offers(self, impl: str, config: dict[str, Any], measure: str = "error") -> bool:
+        method = "fd_one_step" if config.get("T") == 1 and config["method"] == "fd" else None
+        if config["problem"] == "meta" and impl in META_OFFERS:
+            return config["method"] in META_OFFERS[impl]
+        return (method or config["method"]) in OFFERS[impl]
+
+    def heavy(self, config: dict[str, Any]) -> int:
+        return int(config["problem"] == "meta")
+
+    def wants_memory(self, config: dict[str, Any]) -> bool:
+        return not self.args.no_memory and config["method"] in MEMORY
+
+    def run(self) -> dict[str, Any]:
+        started = time.time()
+        header: dict[str, Any] = {
+            "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": shlex.join(["python", "benchmarks/method_families.py", *sys.argv[1:]]),
+            "quick": self.quick,
+            "threads": self.args.threads,
+            "rounds": self.rounds,
+            "budget_s": BUDGET,
+            "settings": {"cleaning": CLEANING, "meta_batch": META_BATCH, "warm": WARM},
+            "methods": {m: options for m, (options, _) in METHODS.items()},
+            "ll_steps": LL_STEPS,
+            "machine": machine(),
+            "git": git_revision(),
+            "loadavg_start": os.getloadavg(),
+        }
+        prepare_cleaning_data()
+        workers, unavailable = {}, {}
+        for impl in self.args.impls.split(","):
+            var, default = run.PEERS.get(impl, ("", sys.executable))
+            python = os.environ.get(var, default) if var else default
+            try:
+                workers[impl] = FamilyProcess(impl, python, self.args.threads)
+            except Exception as exc:  # a peer that cannot start is reported, not fatal
+                unavailable[impl] = f"{type(exc).__name__}: {exc}"
+        header["versions"] = {i: w.hello["version"] for i, w in workers.items()}
+        header["unavailable"] = unavailable
+        try:
+            for suite, configs in configurations(self.quick).items():
+                self.log(f"[{suite}]")
+                self.budget = BUDGET.get(suite, 0.3)
+                for config in configs:
+                    self.measure(workers, suite, config)
+                    if self.args.partial:
+                        Path(self.args.partial).write_text(json.dumps(self.records))
+        finally:
+            for w in workers.values():
+                w.close()
+        end = {"loadavg_end": os.getloadavg(), "duration_s": round(time.time() - started, 1)}
+        return {**header, **end, "records": self.records}
+
+    def measure(self, workers: dict[str, FamilyProcess], suite: str, config: dict) -> None:
+        """What each suite measures of a configuration."""
+        if suite in ("regression", "training"):
+            self.error(workers, config, agreement=suite == "regression")
+        if suite != "training":
+            self.time(workers, config)
+        if suite in ("cleaning", "meta") and self.wants_memory(config):
+            self.memory(workers, config)
+        if suite == "training":
+            for r in self.records:
+                if r["config"] is config and "final" in r:
+                    final = r["final"]
+                    self.log(f"    {r['impl']}: test accuracy {final['test_accuracy']:.4f}")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in ("serve", "memory"):
+        worker_main()
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    options = {
+        "--quick": {"action": "store_true", "help": "a few configurations only"},
+        "--impls": {"default": ",".join(IMPLS), "help": "comma-separated"},
+        "--threads": {"type": int, "default": 1, "help": "torch threads per worker"},
+        "--rounds": {"type": int, "default": 2, "help": "alternation rounds"},
+        "--no-memory": {"action": "store_true", "help": "skip the memory runs"},
+        "--out": {"default": str(OUT), "help": "results file"},
+        "--partial": {"help": "file to rewrite with the records after each configuration"},
+        "--no-report": {"action": "store_true", "help": "do not write the docs page"},
+    }
+    for flag, spec in options.items():
+        parser.add_argument(flag, **spec)
+    args = parser.parse_args()
+    args.budget = None
+    result = FamilyRun(args).run()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out} in {result['duration_s'] / 60:.1f} minutes")
+    if not args.no_report:
+        import method_families_report
+
+        method_families_report.main([args.out])
+
+
+if __name__ == "__main__":
+    main()

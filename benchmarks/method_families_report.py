@@ -1,0 +1,733 @@
+"""Write docs/method_families.md and its figures from the results of ``method_families.py``.
+
+    python benchmarks/method_families_report.py [RESULTS_JSON]
+    # default: benchmarks/results/method_families.json
+
+Everything on the page comes from the JSON file: the tables, the figures, the machine, the
+date, the command, the targets met or missed, and where a BOAT operation is faster or more
+accurate than ours. Table cells and helpers are ``report.py``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import RESULTS, ROOT  # noqa: E402
+from report import FIG_DPI, FIG_WIDTH, PAGE_PX, Results, cell_time, mib, portable, sci  # noqa: E402
+
+SOURCE = RESULTS / "method_families.json"
+PAGE = ROOT / "docs" / "method_families.md"
+IMAGES = ROOT / "docs" / "img" / "method_families"
+IMPLS = ("bilevel", "boat", "floor")
+IMPL_NAMES = {"bilevel": "bilevel", "boat": "BOAT", "floor": "torch floor"}
+TARGET_FLOOR = 1.1
+FLOOR_TARGETS = {"bda": "BDA", "ptt": "PTT", "fd": "DARTS"}
+NAMES = {
+    "reverse": "Reverse",
+    "truncated": "Truncated",
+    "cg": "Implicit CG",
+    "neumann": "Implicit Neumann",
+    "fixed_point": "Implicit fixed point",
+    "minres": "Implicit MINRES",
+    "normal_cg": "Implicit normal CG",
+    "forward": "Forward",
+    "memory_saving_reverse": "MemorySavingReverse",
+    "ptt": "PTT",
+    "fd": "FiniteDifference (DARTS)",
+    "iga": "IGA",
+    "bda": "BDA + Reverse",
+    "fixed_point_map": "FixedPointMap + Implicit",
+    "reverse_di": "Reverse + learned LL start (DI)",
+    "stochastic_implicit": "StochasticImplicit",
+    "dm": "DM",
+    "soba": "SOBA",
+    "saba": "SABA",
+    "stocbio": "StocBiO",
+    "amigo": "AmIGO",
+    "bome": "BOME",
+    "pbgd": "PBGD",
+    "bvfim": "BVFIM",
+    "meso": "MESO",
+    "gaffo": "GAFFO",
+    "f2sa": "F2SA",
+    "first_order": "FirstOrder (first-order MAML)",
+    "reptile": "Reptile",
+}
+# BOAT 1.1.1's operations for each method (impl_boat_families.py builds them)
+BOAT_OPS = {
+    "reverse": "NGD + RAD",
+    "truncated": "NGD + RAD + RGT",
+    "cg": "NGD + CG",
+    "neumann": "NGD + NS",
+    "ptt": "NGD + PTT + RAD",
+    "fd": "NGD + FD",
+    "iga": "NGD + IGA",
+    "bda": "NGD + GDA + RAD",
+    "reverse_di": "NGD + DI + RAD",
+    "dm": "DM + CG",
+    "bome": "VFO",
+    "pbgd": "PGDO",
+    "bvfim": "VSO",
+    "meso": "MESO",
+    "first_order": "FOA + IAD + RAD",
+}
+# BOAT's first-order operations are other algorithms than ours in their details
+NOT_STEP_FOR_STEP = {"bome", "pbgd", "bvfim", "meso"}
+PROBLEMS = {
+    "ridge": "ridge regression, 20 per-feature L2 penalties",
+    "logistic": "logistic regression, 100 per-feature L2 penalties",
+    "mnist": "MNIST data hyper-cleaning",
+    "meta": "Omniglot-shaped meta-step",
+}
+
+
+def setting(c: dict[str, Any]) -> str:
+    """The configuration's parameters, e.g. ``T=200, K=10``."""
+    keys = ("T", "K", "k", "r", "start", "minibatch", "warm", "alpha", "decay", "batch")
+    return ", ".join(f"{k}={c[k]}" for k in keys if k in c)
+
+
+def name(c: dict[str, Any]) -> str:
+    """The method's name; DARTS with one LL step is told apart from DARTS after T steps."""
+    if c["method"] == "fd" and c.get("T") == 1:
+        return "DARTS, one LL step"
+    return NAMES[c["method"]]
+
+
+def label(c: dict[str, Any]) -> str:
+    """The method and its setting in one cell."""
+    return f"{NAMES[c['method']]}<br><small>{setting(c)}</small>"
+
+
+def table(head: list[str], rows: list[list[str]], align: str = "--:") -> list[str]:
+    """A Markdown table, the first column left-aligned."""
+    lines = ["| " + " | ".join(head) + " |", "|---|" + f"{align}|" * (len(head) - 1)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
+
+
+def fmt(x: float | None, digits: str = ".2f") -> str:
+    return "–" if x is None else format(x, digits)
+
+
+class Page:
+    """The results, and what the page says about them."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data, self.res = data, Results(data)
+
+    def configs(self, suite: str, problem: str | None = None) -> list[dict]:
+        found = self.res.configs.get(suite, [])
+        return [c for c in found if problem is None or c["problem"] == problem]
+
+    def error(self, c: dict, impl: str, field: str = "error_exact") -> float | None:
+        record = self.res.get("error", c, impl)
+        return None if record is None else record.get(field)
+
+    def final(self, c: dict, impl: str) -> dict | None:
+        record = self.res.get("error", c, impl)
+        return None if record is None else record.get("final")
+
+    def memory(self, c: dict, impl: str) -> float | None:
+        record = self.res.get("memory", c, impl)
+        return None if record is None else record.get("bytes")
+
+    # ------------------------------------------------------------------ comparisons
+
+    def accuracy_pairs(self) -> list[tuple[str, dict, float, float, bool]]:
+        """(what, config, ours, BOAT's, ours at least as accurate) for every shared op:
+        error against the exact hypergradient (lower is better; equal to round-off counts as
+        equal) and hyper-cleaning test accuracy (higher is better)."""
+        pairs = []
+        for c in self.configs("regression"):
+            ours, boat = self.error(c, "bilevel"), self.error(c, "boat")
+            if ours is not None and boat is not None:
+                ok = ours <= boat * 1.01 or ours <= 1e-12
+                pairs.append(("error", c, ours, boat, ok))
+        for c in self.configs("training"):
+            ours, boat = self.final(c, "bilevel"), self.final(c, "boat")
+            if ours and boat:
+                a, b = ours["test_accuracy"], boat["test_accuracy"]
+                pairs.append(("test accuracy", c, a, b, a >= b - 1e-4))
+        return pairs
+
+    def time_pairs(self, other: str) -> list[tuple[dict, float]]:
+        """(config, ours / other's median time per UL step) for every config both timed."""
+        out = []
+        for suite in ("regression", "cleaning", "meta"):
+            for c in self.configs(suite):
+                r = ratio(self.res.median(c, "bilevel"), self.res.median(c, other))
+                if r is not None:
+                    out.append((c, r))
+        return out
+
+    # ------------------------------------------------------------------ sections
+
+    def takeaways(self) -> list[str]:
+        d, m = self.data, self.data["machine"]
+        lines = ["## What to take away", ""]
+        lines += self.which_method()
+        best = sorted(
+            (
+                (f["test_accuracy"], c["method"])
+                for c in self.configs("training")
+                if (f := self.final(c, "bilevel"))
+            ),
+            reverse=True,
+        )[:3]
+        if best:
+            start = self.final_start()
+            lines.append(
+                f"- **Hyper-cleaning** on MNIST ({self.cleaning_size()}; {self.ul_steps()} UL "
+                "steps): "
+                "the best test accuracy is reached by "
+                + ", ".join(f"`{NAMES[m]}` {100 * a:.2f}%" for a, m in best)
+                + (f" (from {100 * start:.2f}% with every weight 0.5)." if start else ".")
+            )
+        pairs = self.accuracy_pairs()
+        worse = [p for p in pairs if not p[4]]
+        lines.append(
+            f"- **Accuracy against BOAT.** On {len(pairs)} comparisons of the same operation "
+            f"(hypergradient error on ridge and logistic, test accuracy after hyper-cleaning), "
+            f"ours is at least as accurate in {len(pairs) - len(worse)}"
+            + (
+                "; BOAT is more accurate in "
+                + ", ".join(self.pair_text(p) for p in worse)
+                + " (see [where BOAT is ahead](#where-boat-is-faster-or-more-accurate))."
+                if worse
+                else "."
+            )
+        )
+        boat = self.time_pairs("boat")
+        if boat:
+            values = [r for _, r in boat]
+            slower = [c for c, r in boat if r >= 1]
+            lines.append(
+                f"- **Speed against BOAT.** Time per UL step, ours ÷ BOAT's: median "
+                f"{statistics.median(values):.2f} (range {min(values):.2f}–{max(values):.2f}) "
+                f"over {len(values)} shared configurations; ours is slower in {len(slower)}."
+            )
+        floor = self.floor_targets()
+        if floor:
+            worst = max(floor, key=lambda x: x[1])
+            met = sum(r <= TARGET_FLOOR for _, r in floor)
+            lines.append(
+                f"- **Against the hand-written loop** (BDA, PTT, DARTS): within "
+                f"{TARGET_FLOOR}x in {met} of {len(floor)} configurations; the largest ratio "
+                f"is {worst[1]:.2f} ({name(worst[0])}, {worst[0]['problem']})."
+            )
+        lines += self.memory_takeaway()
+        cores = f"{m['cores']} cores" if m.get("cores") else "CPU"
+        load = d.get("loadavg_start", [None])[0]
+        lines.append(
+            f"- **Machine.** {m['cpu']}, {cores} shared with other jobs (load average "
+            f"{load:.1f} at the start), {d['threads']} torch thread per process, torch "
+            f"{m['torch']}, BOAT {d['versions'].get('boat', 'not run')}; measured on "
+            f"{d['date'][:10]}, the run took {d['duration_s'] / 60:.1f} minutes."
+        )
+        return [*lines, ""]
+
+    def which_method(self) -> list[str]:
+        """The methods exact to 1e-6 on logistic regression, from scratch at every UL step or
+        after warm-up (stateful), and the fastest of the first group."""
+        configs = self.configs("regression", "logistic")
+        exact = [c for c in configs if (self.error(c, "bilevel") or 1) < 1e-6]
+        fresh = [c for c in exact if "warm" not in c]
+        warm = [c for c in exact if "warm" in c]
+        if not exact:
+            return []
+        line = "- **Which method.** At a converged LL (logistic regression, T = 100)"
+        if fresh:
+            fastest = min(fresh, key=lambda c: self.res.median(c, "bilevel") or float("inf"))
+            line += (
+                ", computed afresh at every UL step, "
+                + ", ".join(f"`{name(c)}` ({sci(self.error(c, 'bilevel'))})" for c in fresh)
+                + " give the exact hypergradient to better than 1e-6; the fastest is "
+                f"`{name(fastest)}` at {self.res.median(fastest, 'bilevel') * 1e3:.3g} ms per "
+                "UL step"
+            )
+        if warm:
+            line += (
+                "; keeping their state across UL steps, "
+                + ", ".join(f"`{name(c)}`" for c in warm)
+                + f" reach it after {warm[0]['warm']} cheap UL steps at a fixed UL point"
+            )
+        return [line + "."]
+
+    def memory_takeaway(self) -> list[str]:
+        """MemorySavingReverse against Reverse, where both were measured."""
+        parts = []
+        for suite, problem in (("cleaning", "mnist"), ("meta", "meta")):
+            by_method = {
+                c["method"]: self.memory(c, "bilevel") for c in self.configs(suite, problem)
+            }
+            full, saving = by_method.get("reverse"), by_method.get("memory_saving_reverse")
+            if full and saving:
+                parts.append(f"{mib(saving)} MiB vs {mib(full)} MiB on the {PROBLEMS[problem]}")
+        if not parts:
+            return []
+        return [
+            "- **Memory.** `MemorySavingReverse` against `Reverse`, peak above the baseline: "
+            + "; ".join(parts)
+            + " (the saving grows with the number of LL steps: see the [methods page]"
+            "(methods.md#memory-saving-reverse-mode))."
+        ]
+
+    def pair_text(self, p: tuple) -> str:
+        what, c, ours, boat, _ = p
+        if what == "error":
+            return f"{name(c)} on {c['problem']} ({sci(ours)} vs {sci(boat)})"
+        return f"{NAMES[c['method']]} on hyper-cleaning ({100 * ours:.2f}% vs {100 * boat:.2f}%)"
+
+    def floor_targets(self) -> list[tuple[dict, float]]:
+        """ours / floor for the methods of the issue's 1.1x target."""
+        return [(c, r) for c, r in self.time_pairs("floor") if c["method"] in FLOOR_TARGETS]
+
+    def targets(self) -> list[str]:
+        pairs = self.accuracy_pairs()
+        worse = [p for p in pairs if not p[4]]
+        boat = self.time_pairs("boat")
+        slower = [(c, r) for c, r in boat if r >= 1]
+        floor = self.floor_targets()
+        over = [(c, r) for c, r in floor if r > TARGET_FLOOR]
+
+        def where(items: list[tuple[dict, float]]) -> str:
+            return ", ".join(f"{name(c)} on {c['problem']} ({r:.2f})" for c, r in items)
+
+        rows = [
+            [
+                "every method at least as accurate as BOAT's equivalent op",
+                f"{len(pairs) - len(worse)} of {len(pairs)}",
+                ", ".join(self.pair_text(p) for p in worse) or "met everywhere",
+            ],
+            [
+                "time per UL step below BOAT's on every shared op",
+                f"{len(boat) - len(slower)} of {len(boat)}",
+                ("slower: " + where(slower)) if slower else "met everywhere",
+            ],
+            [
+                f"within {TARGET_FLOOR}x of a hand-written torch loop for BDA, PTT and DARTS",
+                f"{len(floor) - len(over)} of {len(floor)}",
+                ("over: " + where(over)) if over else "met everywhere",
+            ],
+        ]
+        return ["## The issue's targets", "", *table(["target", "met", "where not"], rows, "---")]
+
+    def accuracy(self) -> list[str]:
+        out = [
+            "## Hypergradient error",
+            "",
+            "Relative error $\\|g - g^*\\| / \\|g^*\\|$ against the exact hypergradient $g^*$ at "
+            "the LL minimizer (implicit function theorem, float64; the cosine below it), at the "
+            "initial UL point. Methods that keep state across UL steps first take `warm` UL "
+            "steps with the UL point held fixed.",
+            "",
+        ]
+        for problem in ("ridge", "logistic"):
+            configs = self.configs("regression", problem)
+            if not configs:
+                continue
+            rows = [[label(c), *(self.error_cell(c, i) for i in IMPLS)] for c in configs]
+            out += [f"**{PROBLEMS[problem]}**", ""]
+            out += table(["method", *(IMPL_NAMES[i] for i in IMPLS)], rows)
+        targeted = [c for c in self.configs("regression", "ridge") if self.has_target(c)]
+        if targeted:
+            out += [
+                "**What each computes, exactly** (ridge): relative error against the exact "
+                "value of the method's own definition, from dense float64 algebra: the T-step "
+                "unrolled hypergradient (Reverse, Forward, MemorySavingReverse, DI with the "
+                "gradient for the start), the last K steps (Truncated), the pessimistic "
+                "iterate's (PTT), one step from the last iterate (DARTS, exact up to $O(r^2)$), "
+                "the BDA recursion, the IGA formula.",
+                "",
+            ]
+            rows = [
+                [label(c), *(self.error_cell(c, i, "error_target") for i in IMPLS)]
+                for c in targeted
+            ]
+            out += table(["method", *(IMPL_NAMES[i] for i in IMPLS)], rows)
+        return out
+
+    def has_target(self, c: dict) -> bool:
+        return any(self.error(c, i, "error_target") is not None for i in IMPLS)
+
+    def error_cell(self, c: dict, impl: str, field: str = "error_exact") -> str:
+        record = self.res.get("error", c, impl)
+        if record is None:
+            return "–"
+        if field not in record:
+            return "fails" if "failed" in record else "–"
+        cos = record.get(field.replace("error", "cosine"))
+        below = f"<br><small>cos {cos:.3f}</small>" if cos is not None else ""
+        return f"{sci(record[field])}{below}"
+
+    def cleaning(self) -> list[str]:
+        configs = self.configs("training")
+        if not configs:
+            return []
+        s = self.data["settings"]["cleaning"]
+        out = [
+            "## Data hyper-cleaning on MNIST",
+            "",
+            f"{self.cleaning_size()}; a linear softmax classifier trained by {s['T']} GD steps "
+            f"(step {s['lr']}) on the example-weighted loss; {s['ul_steps']} UL steps of Adam "
+            f"(step {s['ul_lr']}) on the example logits. After the UL steps a fresh LL run at "
+            "the learned weights is evaluated: test accuracy (all 10,000 test images), and in "
+            "small type the F1 of the examples with weight below 0.5 as a detector of the "
+            "corrupted ones and the validation loss (the UL objective).",
+            "",
+        ]
+        rows = []
+        for c in configs:
+            cells = []
+            for impl in IMPLS:
+                f = self.final(c, impl)
+                record = self.res.get("error", c, impl)
+                if f is None:
+                    cells.append("fails" if record and "failed" in record else "–")
+                    continue
+                stop = " (stopped)" if record.get("failed_at") else ""
+                small = f"F1 {f['f1']:.3f}, loss {f['ul_objective']:.3f}{stop}"
+                cells.append(f"{100 * f['test_accuracy']:.2f}%<br><small>{small}</small>")
+            rows.append([label(c), *cells])
+        out += table(["method", *(IMPL_NAMES[i] for i in IMPLS)], rows)
+        stopped = [
+            (c, impl, r["failed_at"])
+            for c in configs
+            for impl in IMPLS
+            if (r := self.res.get("error", c, impl)) and r.get("failed_at")
+        ]
+        for c, impl, why in stopped:
+            out.append(f"- {NAMES[c['method']]} ({IMPL_NAMES[impl]}) stopped at {why}")
+        if stopped:
+            out.append("")
+        if any(c["method"] in NOT_STEP_FOR_STEP for c in configs):
+            out += [
+                "BOAT's VFO, PGDO, VSO and MESO are the operations BOAT offers for BOME, PBGD, "
+                "BVFIM and MESO; their details differ from ours (see the [methods page]"
+                "(methods.md#first-order-hessian-free-methods)), so those rows compare two "
+                "algorithms of the same family with the same step sizes, not one algorithm. "
+                "The single-loop methods (DM, SOBA, SABA, MESO, GAFFO) move the LL by one step "
+                "per UL step and are made for many cheap UL steps, not for the "
+                f"{s['ul_steps']} steps here.",
+                "",
+            ]
+        return out
+
+    def times(self) -> list[str]:
+        out = [
+            "## Time per UL step",
+            "",
+            "Milliseconds per UL step, median over the repeats (the range below it), one torch "
+            "thread; then ours divided by BOAT's and by the hand-written floor's.",
+            "",
+        ]
+        for suite, problem in (
+            ("regression", "ridge"),
+            ("regression", "logistic"),
+            ("cleaning", "mnist"),
+            ("meta", "meta"),
+        ):
+            configs = [c for c in self.configs(suite, problem) if self.res.median(c, "bilevel")]
+            if not configs:
+                continue
+            rows = []
+            for c in configs:
+                ours = self.res.median(c, "bilevel")
+                cells = [cell_time(self.res.get("time", c, i)) for i in IMPLS]
+                ratios = [fmt(ratio(ours, self.res.median(c, i))) for i in ("boat", "floor")]
+                rows.append([label(c), *cells, *ratios])
+            head = ["method", *(IMPL_NAMES[i] for i in IMPLS), "÷ BOAT", "÷ floor"]
+            out += [f"**{PROBLEMS[problem]}**", "", *table(head, rows)]
+        return out
+
+    def memories(self) -> list[str]:
+        out = [
+            "## Peak memory",
+            "",
+            "MiB above the memory held once the problem is built, during the first UL step, "
+            "each configuration in a fresh process (peak resident set size).",
+            "",
+        ]
+        found = False
+        for suite, problem in (("cleaning", "mnist"), ("meta", "meta")):
+            configs = [c for c in self.configs(suite, problem) if self.memory(c, "bilevel")]
+            if not configs:
+                continue
+            found = True
+            rows = [[label(c), *(self.mib_cell(c, i) for i in IMPLS)] for c in configs]
+            out += [f"**{PROBLEMS[problem]}**", ""]
+            out += table(["method", *(IMPL_NAMES[i] for i in IMPLS)], rows)
+        return out if found else []
+
+    def mib_cell(self, c: dict, impl: str) -> str:
+        found = self.memory(c, impl)
+        return "–" if found is None else mib(found)
+
+    def boat_ahead(self) -> list[str]:
+        out = ["## Where BOAT is faster or more accurate", ""]
+        worse = [p for p in self.accuracy_pairs() if not p[4]]
+        faster = [(c, r) for c, r in self.time_pairs("boat") if r >= 1]
+        for p in worse:
+            out.append(f"- **More accurate**: {self.pair_text(p)}, ours vs BOAT's.")
+        for c, r in sorted(faster, key=lambda x: -x[1]):
+            ours, boat = self.res.median(c, "bilevel"), self.res.median(c, "boat")
+            out.append(
+                f"- **Faster**: {name(c)} on {PROBLEMS[c['problem']]} "
+                f"({setting(c)}): {ours * 1e3:.3g} ms vs BOAT's {boat * 1e3:.3g} ms ({r:.2f}x)."
+            )
+        for c, ours, boat in self.less_memory():
+            out.append(
+                f"- **Less memory**: {name(c)} on {PROBLEMS[c['problem']]} ({setting(c)}): "
+                f"BOAT's peak {mib(boat)} MiB vs ours {mib(ours)} MiB."
+            )
+        if len(out) == 2:
+            out.append("- Nowhere in this run.")
+        load = self.data.get("loadavg_start", [0])[0]
+        out += [
+            "",
+            f"The machine was shared (load average {load:.1f} on {self.data['machine']['cores']} "
+            "cores): differences of 10% or less lie within the spread of the repeats (the "
+            "ranges in the time tables), and the smallest problems (ridge, logistic, about "
+            "0.2-0.5 ms per LL step) show the library's fixed cost per UL step most.",
+        ]
+        out += ["", *self.boat_findings(), ""]
+        return out
+
+    def less_memory(self) -> list[tuple[dict, float, float]]:
+        """(config, ours, BOAT's) where BOAT's peak is more than 5% below ours."""
+        found = []
+        for suite in ("cleaning", "meta"):
+            for c in self.configs(suite):
+                ours, boat = self.memory(c, "bilevel"), self.memory(c, "boat")
+                if ours and boat and boat < 0.95 * ours:
+                    found.append((c, ours, boat))
+        return found
+
+    def boat_findings(self) -> list[str]:
+        """What BOAT's answers are, where they differ from the exact ones."""
+        lines = []
+        for c in self.configs("regression"):
+            err, cos = self.error(c, "boat"), self.error(c, "boat", "cosine_exact")
+            target = self.error(c, "boat", "error_target")
+            ours = self.error(c, "bilevel", "error_target")
+            if target is not None and ours is not None and target > 100 * max(ours, 1e-12):
+                lines.append(
+                    f"- BOAT's {BOAT_OPS[c['method']]} for {name(c)} on {c['problem']} "
+                    f"({setting(c)}) is {sci(target)} from what the operation is defined to "
+                    f"compute (ours {sci(ours)}); its error against the exact hypergradient is "
+                    f"{sci(err)}, cosine {cos:.2f}."
+                )
+        one_step = [
+            c for c in self.configs("regression") if c["method"] == "fd" and c.get("T") == 1
+        ]
+        for c in one_step:
+            target = self.error(c, "boat", "error_target")
+            if target is not None and lines:
+                lines.append(
+                    f"- With one LL step (T = 1, {c['problem']}) BOAT's FD is DARTS as the paper "
+                    f"defines it ({sci(target)} from the exact one-step value): it perturbs the "
+                    "run's starting weights, which are the last iterate only when T = 1."
+                )
+        if lines:
+            lines.insert(0, "BOAT's answers that differ from their own definition:")
+            lines.insert(1, "")
+        return lines
+
+    def protocol(self) -> list[str]:
+        d = self.data
+        s, ll = d["settings"], d["ll_steps"]
+        return [
+            "## How it was measured",
+            "",
+            f"- **Problems.** Ridge: 200 training and 200 validation rows, 20 features, one L2 "
+            f"penalty $e^{{\\lambda_i}}$ per feature, LL step 0.3, T = {ll['ridge']} GD steps "
+            f"from zero (converged to round-off), float64. Logistic: 1,000 rows, 100 features, "
+            f"LL step 1.0, T = {ll['logistic']}, float64. The exact hypergradient: closed form "
+            "(ridge), Newton's method and a dense solve (logistic). PTT and one-step DARTS "
+            f"start the LL at its {d['methods']['ptt'].get('start')}-th GD iterate (from zero, "
+            "their first step does not depend on the penalties). Hyper-cleaning: "
+            f"{self.cleaning_size()}, float32 (`examples/hyper_cleaning.py`'s split and noise). "
+            f"Meta-step: {s['meta_batch']} task(s) of 5-way 1-shot with 15 queries per class, "
+            "random 28x28 images, `FewShotNet` (4 conv blocks of 64 filters), 5 SGD steps of "
+            "0.1 in the LL, the network's initial weights as the UL variables.",
+            "- **Methods.** The same objective functions for every implementation "
+            "(`benchmarks/problems.py`); ours through the public API and `BilevelProblem` "
+            "(`impl_bilevel_families.py`), BOAT 1.1.1 through `boat_torch.Problem.run_iter` "
+            "with the operations named below (`impl_boat_families.py`), the floor in bare "
+            "PyTorch (`impl_floor_families.py`, `impl_floor.py`). Stateful methods "
+            f"(DM, SOBA, SABA, StocBiO, AmIGO) take {s['warm']} UL steps at the fixed initial "
+            "UL point before their direction is measured.",
+            "- **BOAT's operations.** "
+            + "; ".join(f"{NAMES[m]}: `{op}`" for m, op in BOAT_OPS.items())
+            + ". The UL step is BOAT's whole `run_iter` (it also evaluates both losses and "
+            "writes its loss log each call).",
+            f"- **Time.** Each implementation in its own worker process (BOAT in its virtual "
+            f"environment), one torch thread, alternated A B C A B C over {d['rounds']} rounds; "
+            "a warm-up step, then as many steps as fit in "
+            + ", ".join(f"{v} s ({k})" for k, v in d["budget_s"].items())
+            + " per round; the median of all timed steps.",
+            "- **Memory.** A fresh process per configuration and implementation: the peak "
+            "resident set size during the first UL step minus the resident size just before "
+            "it (`benchmarks/common.py`).",
+            "- **Accuracy on hyper-cleaning.** After the UL steps, a fresh LL run from zero at "
+            "the learned weights (the same evaluation for every implementation).",
+            "- **Left out.** `Alternating` (and BOAT's ALTO): the penalties and example weights "
+            "enter only the LL objective, where a method that follows the partial UL gradient "
+            "has no direction (ours refuses; ALTO returns zero); `FirstOrder` likewise outside "
+            "meta-learning. `Forward` is not run on hyper-cleaning (one Jacobian-vector product "
+            "per example weight per LL step).",
+            "",
+        ]
+
+    def reproduce(self, source: Path) -> list[str]:
+        d = self.data
+        command = portable(d["command"])
+        git = d.get("git", {})
+        state = f"commit `{git.get('commit')}`" + (
+            ", with local changes" if git.get("dirty") else ""
+        )
+        shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source.name
+        return [
+            "## Reproduce",
+            "",
+            "```",
+            "BILEVEL_DATA=<folder with MNIST/> " + command,
+            "python benchmarks/method_families_report.py   # this page, from the JSON",
+            "```",
+            "",
+            f"Measured from `{shown}` ({state}). BOAT's Python is `BENCH_BOAT_PYTHON` (default "
+            "`/work/venvs/boat/bin/python`; see [benchmarks](benchmarks.md) for how it is "
+            "installed).",
+            "",
+        ]
+
+    # ------------------------------------------------------------------ small facts
+
+    def cleaning_size(self) -> str:
+        s = self.data["settings"]["cleaning"]
+        return (
+            f"{s['n_train']:,} training examples, {100 * s['corrupt']:.0f}% of them with a "
+            f"wrong label, and {s['n_val']:,} validation examples"
+        )
+
+    def ul_steps(self) -> int:
+        return self.data["settings"]["cleaning"]["ul_steps"]
+
+    def final_start(self) -> float | None:
+        for c in self.configs("training"):
+            record = self.res.get("error", c, "bilevel")
+            if record and record.get("curve"):
+                return record["curve"][0]["test_accuracy"]
+        return None
+
+    # ------------------------------------------------------------------ figures
+
+    def figures(self) -> dict[str, str]:
+        """The PNGs; their Markdown by name."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        plt.rcParams.update({"font.size": 8, "axes.titlesize": 9, "legend.fontsize": 8})
+        IMAGES.mkdir(parents=True, exist_ok=True)
+        out = {}
+        boat, floor = self.time_pairs("boat"), self.floor_targets()
+        if boat or floor:
+            fig, axes = plt.subplots(1, 2, figsize=(FIG_WIDTH, 0.5 + 0.16 * max(len(boat), 6)))
+            for ax, pairs, title, line in (
+                (axes[0], boat, "ours ÷ BOAT", 1.0),
+                (axes[1], floor, "ours ÷ floor", TARGET_FLOOR),
+            ):
+                names = [f"{name(c)} · {c['problem']}" for c, _ in pairs]
+                values = [r for _, r in pairs]
+                colors = ["C3" if r > line else "C0" for r in values]
+                ax.barh(range(len(values)), values, color=colors)
+                ax.set_yticks(range(len(values)), names)
+                ax.invert_yaxis()
+                ax.axvline(line, color="black", lw=0.8, ls="--")
+                ax.set_title(title)
+            fig.tight_layout()
+            fig.savefig(IMAGES / "time_ratios.png", dpi=FIG_DPI)
+            plt.close(fig)
+            out["time"] = self.figure("time_ratios.png", "time ratios")
+        curves = {
+            c["method"]: self.res.get("error", c, "bilevel") for c in self.configs("training")
+        }
+        curves = {m: r["curve"] for m, r in curves.items() if r and r.get("curve")}
+        if curves:
+            fig, ax = plt.subplots(figsize=(FIG_WIDTH, 3.6))
+            for i, (method, curve) in enumerate(curves.items()):
+                style = "-" if i < 10 else "--" if i < 20 else ":"
+                steps = [p["step"] for p in curve]
+                ax.plot(steps, [p["test_accuracy"] for p in curve], style, label=NAMES[method])
+            ax.set_xlabel("UL step")
+            ax.set_ylabel("test accuracy")
+            ax.legend(ncol=2, fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+            ax.set_title("hyper-cleaning with bilevel: test accuracy of a fresh LL run")
+            fig.tight_layout()
+            fig.savefig(IMAGES / "cleaning_accuracy.png", dpi=FIG_DPI)
+            plt.close(fig)
+            out["cleaning"] = self.figure("cleaning_accuracy.png", "hyper-cleaning accuracy")
+        return out
+
+    @staticmethod
+    def figure(name: str, alt: str) -> str:
+        return f'![{alt}](img/method_families/{name}){{ width="{PAGE_PX}" }}'
+
+    # ------------------------------------------------------------------ the page
+
+    def render(self, source: Path) -> str:
+        images = self.figures()
+        intro = (
+            "Every hypergradient method and LL dynamics of the library on the same problems, "
+            "with BOAT 1.1.1's equivalent operation and a hand-written PyTorch loop (the "
+            "*floor*) in the same run: error against exact answers, what hyper-cleaning "
+            "reaches, time per UL step and peak memory."
+        )
+        lines = [
+            "# Method families against BOAT",
+            "",
+            "<!-- generated by benchmarks/method_families_report.py from the JSON named below; "
+            "edit the script, not this page -->",
+            "",
+            intro,
+            "",
+            *self.takeaways(),
+            f"Measured from `{source.name}`; the command is at the [end of the page](#reproduce).",
+            "",
+            *self.targets(),
+            *self.accuracy(),
+            *self.cleaning(),
+            *([images["cleaning"], ""] if "cleaning" in images else []),
+            *self.times(),
+            *([images["time"], ""] if "time" in images else []),
+            *self.memories(),
+            *self.boat_ahead(),
+            *self.protocol(),
+            *self.reproduce(source),
+        ]
+        return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    source = Path(argv[0]) if argv else SOURCE
+    data = json.loads(source.read_text())
+    PAGE.write_text(Page(data).render(source.resolve()))
+    print(f"wrote {PAGE.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
