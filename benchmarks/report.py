@@ -636,6 +636,11 @@ def page(res: Results, source: Path, images: dict[str, str]) -> str:
         + "".join(f" and {merged}" for merged in d.get("merged", []))
         + "; the command to reproduce it is at the [end of the page](#reproduce).",
         "",
+        "Every method of the library, with BOAT 1.1.1's equivalent operation and a "
+        "hand-written torch loop, is measured in one run on the [method families "
+        "page](method_families.md); convergence curves of the stochastic and first-order "
+        "methods are on the [curves page](bilevel_curves.md).",
+        "",
         "## Accuracy",
         "",
         *[
