@@ -53,10 +53,14 @@ METHODS = ("maml", "fomaml", "imaml", "hyperrep")
 UL_METHODS = ("reverse", "truncated", "implicit")
 #: the UL calculator each meta-learning method is defined by
 FIXED_UL_METHOD = {"maml": "reverse", "fomaml": "first_order", "imaml": "implicit"}
-#: per-method defaults of the LL (inner loop); MAML's are those of Finn et al. (2017)
+#: per-method defaults of the LL (inner loop); MAML's are those of Finn et al. (2017).
+#: First-order MAML drops the factor (I - lr H) of each inner step, and with one step of 0.4
+#: on this network lr * eig(H) spans about [-80, 50] at initialization and [-4, 7.5] at a
+#: MAML-trained point: far from I. It learns with small steps (several, as Nichol et al. 2018
+#: run it); see benchmarks/omniglot_diagnosis.py.
 INNER_DEFAULTS = {
     "maml": {"inner_steps": 1, "inner_lr": 0.4},
-    "fomaml": {"inner_steps": 1, "inner_lr": 0.4},
+    "fomaml": {"inner_steps": 5, "inner_lr": 0.1},
     "imaml": {"inner_steps": 20, "inner_lr": 0.05},
     "hyperrep": {"inner_steps": 10, "inner_lr": 0.1},
 }
@@ -120,15 +124,17 @@ class Experiment:
         elif args.ul_method == "first_order":
             ul = FirstOrder(*common)
         else:
-            # the LL Hessian of a network need not be positive definite away from a minimum:
-            # when CG meets negative curvature it says so (cg_diverged in the log) and the
-            # meta-training goes on, rather than stopping at the first such task
+            # the LL Hessian of a network need not be positive definite away from a minimum
+            # (iMAML under batch norm: H + reg I is indefinite on most tasks); truncated CG
+            # then returns an iterate that can be thousands of times too large, which stalls
+            # Adam, and MINRES (the default for imaml) does not. A solver's trouble is
+            # reported (cg_diverged in the log) and meta-training goes on
             ul = Implicit(
                 *common,
                 ll_learning_rate=args.inner_lr,
                 k=args.cg_steps,
                 tolerance=args.cg_tolerance,
-                method="cg",
+                method=args.solver,
                 on_divergence="warn",
             )
         optimizer = torch.optim.Adam(self.ul_model.parameters(), lr=args.meta_lr)
@@ -290,6 +296,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hidden", type=int, default=64, help="filters per conv block")
     parser.add_argument("--reg", type=float, default=2.0, help="iMAML proximal strength")
     parser.add_argument("--cg-steps", type=int, default=5, help="iMAML / implicit CG steps")
+    parser.add_argument(
+        "--solver",
+        choices=("cg", "minres", "normal_cg"),
+        default=None,
+        help="linear solver of the implicit hypergradient (default: minres for imaml, whose "
+        "LL Hessian is indefinite away from a minimum; cg for hyperrep, whose is not)",
+    )
     parser.add_argument("--cg-tolerance", type=float, default=1e-6, help="CG relative residual")
     parser.add_argument(
         "--truncate", type=int, default=None, help="K of --ul-method truncated (default T/2)"
@@ -336,6 +349,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in INNER_DEFAULTS[args.method].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.solver is None:
+        args.solver = "minres" if args.method == "imaml" else "cg"
     if args.eval_inner_steps is None:
         args.eval_inner_steps = args.inner_steps
     if args.truncate is None:

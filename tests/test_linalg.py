@@ -89,14 +89,32 @@ def test_cg_flags_indefinite_matrix(host):
 
 
 @HOST
-def test_cg_stops_at_the_last_iterate_before_negative_curvature(host):
-    """A saddle: the first direction b has curvature 2 (step to [1, 1]); the second,
-    r + 4 p = [6, 2], has curvature -24. Truncated CG returns [1, 1] and stops there."""
+def test_cg_stops_at_negative_curvature_with_its_smallest_residual_iterate(host):
+    """A saddle: the first direction b has curvature 2 (step to [1, 1], residual [2, -2]); the
+    second, r + 4 p = [6, 2], has curvature -24. Truncated CG stops there and returns the
+    iterate of smallest residual: x0 = 0 (residual ||b|| = sqrt 2 < ||[2, -2]||)."""
     a = torch.diag(torch.tensor([-1.0, 3.0], dtype=DTYPE))
     ones = torch.ones(2, dtype=DTYPE)
     x, info = linalg.cg(lambda v: [a @ v[0]], [ones], iters=10, host_checks=host)
-    torch.testing.assert_close(x[0], ones, rtol=0, atol=0)
+    torch.testing.assert_close(x[0], torch.zeros(2, dtype=DTYPE), rtol=0, atol=0)
     assert info.diverged and info.iterations == 1
+    assert info.residual_norm == pytest.approx(2**0.5, rel=1e-12)
+
+
+@HOST
+def test_cg_breakdown_returns_the_iterate_with_the_smallest_residual(host):
+    """A = [[2, 1, 0], [1, 1/2 + eps, 1], [0, 1, 0]] (indefinite: det = -2), b = e1. By hand:
+    x1 = (1/2, 0, 0) with residual (0, -1/2, 0); the next direction (1/4, -1/2, 0) has
+    curvature eps/4 > 0, so x2 = x1 + p1 / eps with residual (0, 0, 1/(2 eps)); the third
+    direction has negative curvature. CG returns x1, not x2 (which has a norm of 1/(2 eps):
+    on few-shot Omniglot, iMAML's such iterates were up to 4,700 times the right-hand side)."""
+    eps = 1e-6
+    a = torch.tensor([[2.0, 1.0, 0.0], [1.0, 0.5 + eps, 1.0], [0.0, 1.0, 0.0]], dtype=DTYPE)
+    b = [torch.tensor([1.0, 0.0, 0.0], dtype=DTYPE)]
+    x, info = linalg.cg(lambda v: [a @ v[0]], b, 10, host_checks=host)
+    assert info.diverged and not info.converged and info.iterations == 2
+    assert torch.equal(x[0], torch.tensor([0.5, 0.0, 0.0], dtype=DTYPE))
+    assert info.residual_norm == pytest.approx(0.5, rel=1e-12)
 
 
 def test_neumann_and_fixed_point_converge_for_small_alpha():
