@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -10,12 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from bilevel import linalg
 from bilevel.ll import hyper as hyperparameters
 from bilevel.ll.hyper import Schedule
-from bilevel.ll.patched import fast_weights, install, patch, sync_from
+from bilevel.ll.patched import evaluate_at, fast_weights, install, patch, sync_from
 from bilevel.ll.rules import UpdateRule, make_rule
 from bilevel.ll.unroll import GradientStep, Observer, Trajectory, Unroll
 from bilevel.state import (
+    LowerLevelDivergenceError,
     Objective,
     check_data_matches,
     check_same_device_and_dtype,
@@ -333,8 +336,6 @@ class GradientDescent:
         """Raise if the LL loss of a run became NaN or inf, or grew (``on_growth``): one host
         sync per run. ``unroll`` (the run) lets a diverging run measure the curvature at its
         start weights for the message."""
-        import math
-
         total, first, last = torch.stack([losses.sum(), losses[0], losses[-1]]).tolist()
         if not math.isfinite(total) and not bool(torch.isfinite(losses).all()):
             bad = int(torch.nonzero(~torch.isfinite(losses))[0])
@@ -361,8 +362,6 @@ class GradientDescent:
             self._warned_growth = True
             warnings.warn(message, RuntimeWarning, stacklevel=3)
             return
-        from bilevel.state import LowerLevelDivergenceError
-
         raise LowerLevelDivergenceError(
             message + " Its result is not used (on_growth='warn' or 'ignore' would let it "
             "through).",
@@ -384,11 +383,6 @@ class GradientDescent:
         )
         if unroll is None:
             return None, None, "Lower the LL learning rate: halve it until the loss decreases."
-        import math
-
-        from bilevel import linalg
-        from bilevel.ll.patched import evaluate_at
-
         iters = 20
         try:
             start = [

@@ -68,6 +68,7 @@ class Hyper:
     per_parameter: bool
     bound: Bound
     shapes: list[torch.Size]
+    kinds: list[str | None]  # per item, known at check; ``None`` for callables (per run)
 
     def _shape(self, index: int) -> torch.Size | None:
         return self.shapes[index] if self.per_parameter else None
@@ -77,8 +78,8 @@ class Hyper:
     ) -> list[tuple[Any, str]]:
         """The values for this run, with their kinds: callables evaluated on ``ul_model``."""
         values = []
-        for i, item in enumerate(self.items):
-            if callable(item):
+        for i, (item, kind) in enumerate(zip(self.items, self.kinds, strict=True)):
+            if kind is None:
                 item = item(ul_model)
                 what = f"{self.name} (the value its callable returned)"
                 if isinstance(item, int | float) and not isinstance(item, bool):
@@ -89,9 +90,9 @@ class Hyper:
                     raise ValueError(
                         f"{what} is on {item.device} but ll_model is on {reference.device}."
                     )
-                kind_of(item, what, iters, self._shape(i))
+                kind = kind_of(item, what, iters, self._shape(i))
                 _check_range([item], what, self.bound)
-            values.append((item, kind_of(item, self.name, iters, self._shape(i))))
+            values.append((item, kind))
         return values
 
 
@@ -105,9 +106,10 @@ def check(value: Any, name: str, bound: Bound, iters: int, shapes: list[torch.Si
             f"{name} is a sequence of {len(items)} values, but the LL model has {len(shapes)} "
             "trainable parameter tensors: give one value per tensor, or a single value."
         )
-    fixed = []
+    fixed, kinds = [], []
     for i, item in enumerate(items):
         if callable(item) and not isinstance(item, torch.Tensor):
+            kinds.append(None)
             continue
         if isinstance(item, bool) or not isinstance(item, int | float | torch.Tensor):
             raise TypeError(
@@ -121,12 +123,12 @@ def check(value: Any, name: str, bound: Bound, iters: int, shapes: list[torch.Si
                 "inputs, and its graph would be reused across runs. Pass a callable instead: "
                 f"{name}=lambda ul: ul.log_lr.exp(), evaluated at every LL run."
             )
-        kind_of(item, name, iters, shapes[i] if per_parameter else None)
+        kinds.append(kind_of(item, name, iters, shapes[i] if per_parameter else None))
         fixed.append(item)
     if fixed:
         _check_range(fixed, name, bound)
     items = [float(i) if isinstance(i, int | float) else i for i in items]
-    return Hyper(name, items, per_parameter, bound, shapes)
+    return Hyper(name, items, per_parameter, bound, shapes, kinds)
 
 
 def check_device(hyper: Hyper, reference: torch.Tensor) -> None:
