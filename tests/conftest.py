@@ -33,7 +33,8 @@ def require_data():
 def data_root() -> Path:
     """The real data folder: ``$BILEVEL_DATA`` or ``<repo>/../shared/data``."""
     env = os.environ.get("BILEVEL_DATA")
-    return _require_data(Path(env) if env else REPO_ROOT.parent / "shared" / "data")
+    # absolute: the README's BILEVEL_DATA=../shared/data is relative, and file:// URIs are not
+    return _require_data((Path(env) if env else REPO_ROOT.parent / "shared" / "data").resolve())
 
 
 @pytest.fixture(scope="session")
