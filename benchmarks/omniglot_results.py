@@ -1,15 +1,17 @@
-"""Write the results table of docs/omniglot.md from the runs' results.json files.
+"""Write the results tables of docs/omniglot.md from the runs' results.json files.
 
     python benchmarks/omniglot_results.py [RUNS_FOLDER]   # default: runs/omniglot
 
 Every ``results.json`` under the folder written by ``examples/omniglot.py`` gives one row;
 its ``curve.png`` is copied to ``docs/img/omniglot/<run>.png`` and shown below the tables.
-What the page shows of each run is also written to ``benchmarks/results/omniglot_runs.json``
-(committed), from which the page is rewritten when the runs' folders are not at hand. The
-page is rewritten between the ``summary:begin``/``summary:end`` marker comments (what to take
-away, at the top) and the ``results:begin``/``results:end`` ones (the tables) only; nothing
-in them is typed by hand. The published numbers next to each row come from the papers
-(``PUBLISHED``), for comparison.
+What the page shows of each run is kept in ``benchmarks/results/omniglot_runs.json``
+(committed): the runs found update their rows there (by run name) and the others stay, so
+the page is rewritten whole even when only some runs' folders are at hand. The page is
+rewritten between the ``summary:begin``/``summary:end`` marker comments (what to take away,
+at the top), the ``equal:begin``/``equal:end`` ones (the equal-compute table: the runs made
+with ``--budget-cpu-minutes``) and the ``results:begin``/``results:end`` ones (every run)
+only; nothing in them is typed by hand. The published numbers next to each row come from
+the papers (``PUBLISHED``), for comparison.
 """
 
 from __future__ import annotations
@@ -27,37 +29,38 @@ IMAGES = ROOT / "docs" / "img" / "omniglot"
 DIGEST = ROOT / "benchmarks" / "results" / "omniglot_runs.json"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 SUMMARY = ("<!-- summary:begin -->", "<!-- summary:end -->")
-METHOD_ORDER = ("maml", "fomaml", "imaml", "hyperrep")
+EQUAL = ("<!-- equal:begin -->", "<!-- equal:end -->")
+METHOD_ORDER = ("maml", "fomaml", "imaml", "reptile", "metasgd", "hyperrep")
 NAMES = {
     "maml": "MAML",
     "fomaml": "first-order MAML",
     "imaml": "iMAML",
+    "reptile": "Reptile",
+    "metasgd": "Meta-SGD",
     "hyperrep": "hyper-representation",
 }
 UL_NAMES = {
     "reverse": "Reverse",
     "first_order": "FirstOrder",
-    "implicit": "Implicit (CG)",
+    "implicit": "Implicit",
     "truncated": "Truncated",
+    "reptile": "Reptile",
 }
 #: Published test accuracies (%) on Omniglot with the 4-conv network, by (method, ways, shots):
 #: Finn et al. (2017) Table 1 (MAML, first-order MAML); Rajeswaran et al. (2019) Table 2
-#: (iMAML, GD); Franceschi et al. (2018) Table 2 (hyper-representation).
+#: (iMAML, GD). No figure is shown for Reptile (Nichol et al. 2018), Meta-SGD (Li et al. 2017)
+#: or the hyper-representation (Franceschi et al. 2018): their tables could not be read
+#: offline to check figures that would otherwise come from memory.
 PUBLISHED = {
     "maml": {(5, 1): 98.7, (5, 5): 99.9, (20, 1): 95.8, (20, 5): 98.9},
     "fomaml": {(5, 1): 98.3, (5, 5): 99.2, (20, 1): 89.4, (20, 5): 97.9},
     "imaml": {(5, 1): 99.16, (5, 5): 99.67, (20, 1): 94.46, (20, 5): 98.69},
-    "hyperrep": {(5, 1): 98.6, (5, 5): 99.5, (20, 1): 95.5, (20, 5): 98.4},
 }
-#: Figures not yet checked against the paper (written from memory, no copy at hand offline).
-UNVERIFIED = {"hyperrep"}
 
 
-def published_text(method: str, published: float | None) -> str:
-    """The published figure for the table, flagged when it is not verified."""
-    if published is None:
-        return "–"
-    return f"{published} (unverified)" if method in UNVERIFIED else str(published)
+def published_text(published: float | None) -> str:
+    """The published figure for the table."""
+    return "–" if published is None else str(published)
 
 
 def load_runs(folder: Path) -> list[tuple[str, dict[str, Any], Path]]:
@@ -70,12 +73,13 @@ def load_runs(folder: Path) -> list[tuple[str, dict[str, Any], Path]]:
         name = path.parent.relative_to(folder).as_posix().replace("/", "-")
         runs.append((name, results, path.parent))
 
-    def order(run: tuple[str, dict[str, Any], Path]) -> tuple:
-        r = run[1]
-        method = METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else 99
-        return (r["ways"], r["shots"], method, r["ul_method"], run[0])
+    return runs
 
-    return sorted(runs, key=order)
+
+def row_order(r: dict[str, Any]) -> tuple:
+    """Task shape, then method, then run name."""
+    method = METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else 99
+    return (r["ways"], r["shots"], method, r["ul_method"], r["name"])
 
 
 def setting(r: dict[str, Any]) -> str:
@@ -85,10 +89,15 @@ def setting(r: dict[str, Any]) -> str:
         f"{r['ways']}-way {r['shots']}-shot",
         f"{s['hidden']} filters",
         f"{s['inner_steps']} inner step{'s' if s['inner_steps'] > 1 else ''} (lr {s['inner_lr']})",
-        f"meta-batch {s['meta_batch']}, {s['query']} queries/class, Adam {s['meta_lr']}",
+        f"meta-batch {s['meta_batch']}, {s['query']} queries/class, "
+        f"{'SGD' if s.get('meta_optimizer') == 'sgd' else 'Adam'} {s['meta_lr']}",
     ]
+    if s.get("ll") == "bda":
+        parts.append(f"BDA alpha {s['bda_alpha']}, decay {s['bda_alpha_decay']}")
     if r["method"] == "imaml":
-        parts.append(f"reg {s['reg']}, CG {s['cg_steps']}")
+        parts.append(f"reg {s['reg']}, {solver_of(r).upper()} {s['cg_steps']}")
+    elif r["ul_method"] == "implicit":
+        parts.append(f"{solver_of(r).upper()} {s['cg_steps']}")
     if r["ul_method"] == "truncated":
         parts.append(f"K={s['truncate']}")
     if r["method"] == "hyperrep" and s.get("head_l2"):
@@ -96,6 +105,11 @@ def setting(r: dict[str, Any]) -> str:
     if s["eval_inner_steps"] != s["inner_steps"]:
         parts.append(f"{s['eval_inner_steps']} steps at test")
     return "; ".join(parts)
+
+
+def solver_of(r: dict[str, Any]) -> str:
+    """The linear solver of an implicit run (runs from before ``--solver`` used CG)."""
+    return r["settings"].get("solver") or "cg"
 
 
 def cg_breakdowns(folder: Path) -> tuple[int, int] | None:
@@ -119,11 +133,19 @@ def summarize(name: str, r: dict[str, Any], folder: Path) -> dict[str, Any]:
     hardware = r["hardware"]
     if r.get("cpu_count") and r.get("device") == "cpu":
         hardware += f"; {r['cpu_count']} CPU cores"
-    cg = cg_breakdowns(folder)
+    implicit = r["ul_method"] == "implicit"
+    cg = cg_breakdowns(folder) if implicit and solver_of(r) == "cg" else None
+    budget = r["settings"].get("budget_cpu_minutes")
     return {
         "name": name,
         "method": r["method"],
         "ul_method": r["ul_method"],
+        "solver": solver_of(r) if implicit else None,
+        "ll": r["settings"].get("ll", "gd"),
+        "budget_cpu_minutes": budget,
+        "cpu_seconds_per_meta_step": None
+        if budget is None
+        else round(r["train_cpu_seconds_without_validation"] / max(r["meta_steps"], 1), 3),
         "ways": r["ways"],
         "shots": r["shots"],
         "setting": setting(r),
@@ -149,10 +171,14 @@ def task(row: dict[str, Any]) -> str:
 
 
 def method_name(row: dict[str, Any]) -> str:
-    return (
-        f"{NAMES.get(row['method'], row['method'])} "
-        f"({UL_NAMES.get(row['ul_method'], row['ul_method'])})"
-    )
+    """E.g. "iMAML (Implicit, MINRES)", "hyper-representation with BDA (Reverse)"."""
+    name = NAMES.get(row["method"], row["method"])
+    if row.get("ll") == "bda":
+        name += " with BDA"
+    ul = UL_NAMES.get(row["ul_method"], row["ul_method"])
+    if row["ul_method"] == "implicit":
+        ul += f", {(row.get('solver') or 'cg').upper()}"
+    return name if ul == name else f"{name} ({ul})"
 
 
 def published(row: dict[str, Any]) -> float | None:
@@ -170,12 +196,7 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
             continue
         best = max(mine, key=lambda r: r["test_accuracy_pct"])
         paper = published(best)
-        versus = (
-            f" (published: {paper}%{', unverified' if method in UNVERIFIED else ''}, after "
-            "60,000 meta-steps on a GPU)"
-            if paper
-            else ""
-        )
+        versus = f" (published: {paper}%, after tens of thousands of meta-steps)" if paper else ""
         lines.append(
             f"- **{method_name(best)}**, 5-way 1-shot: **{best['test_accuracy_pct']:.2f} ± "
             f"{best['test_ci95_pct']:.2f}%** on {best['test_tasks']} meta-test tasks{versus}, "
@@ -183,15 +204,63 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
             f"({best['seconds_per_meta_step']:.2f} s per meta-step)."
         )
     hardware = sorted({r["hardware"] for r in rows})
+    equal = equal_rows(rows)
+    if equal:
+        budget = equal[0]["budget_cpu_minutes"]
+        ranked = sorted(equal, key=lambda r: -r["test_accuracy_pct"])
+        order = ", ".join(f"{method_name(r)} {r['test_accuracy_pct']:.2f}%" for r in ranked)
+        lines += [
+            "",
+            f"With the same compute ({budget:g} CPU minutes of meta-training each, one "
+            f"thread; the equal-compute table below): {order}.",
+        ]
     lines += [
         "",
-        "MAML gets closest to the published numbers in the time these runs had; first-order "
-        "MAML and iMAML learn more slowly per minute here, and the hyper-representation's "
-        "meta-training collapses once its head's gradient descent becomes unstable (see the "
-        "notes below the tables). All runs: "
+        "All runs: "
         f"{'; '.join(hardware)}, with 32 filters instead of 64 and meta-batches of 8: what "
-        "the methods reach in minutes on a CPU, not a reproduction of the papers.",
+        "the methods reach in minutes on a CPU, not a reproduction of the papers' runs.",
     ]
+    return lines
+
+
+def equal_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The 5-way 1-shot runs of the largest CPU budget given to several runs."""
+    budgets = [r["budget_cpu_minutes"] for r in rows if r.get("budget_cpu_minutes")]
+    shared = [b for b in set(budgets) if budgets.count(b) > 1]
+    if not shared:
+        return []
+    budget = max(shared)
+    return [
+        r
+        for r in rows
+        if r.get("budget_cpu_minutes") == budget and (r["ways"], r["shots"]) == (5, 1)
+    ]
+
+
+def equal_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Every method given the same CPU minutes: accuracy, meta-steps, cost per meta-step."""
+    equal = equal_rows(rows)
+    if not equal:
+        return ["No equal-compute runs yet (`examples/omniglot.py --budget-cpu-minutes`)."]
+    budget = equal[0]["budget_cpu_minutes"]
+    lines = [
+        f"Each method meta-trained for **{budget:g} CPU minutes** on one thread (validation "
+        "excluded), 5-way 1-shot, then tested on 600 meta-test tasks with the model of best "
+        "validation accuracy (95% CI). CPU s / meta-step: meta-training's CPU time divided "
+        "by the meta-steps done.",
+        "",
+        "| method (hypergradient) | test accuracy | meta-steps | CPU s / meta-step | best "
+        "val. step | published |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    for r in sorted(equal, key=lambda r: -r["test_accuracy_pct"]):
+        lines.append(
+            f"| {method_name(r)} | **{r['test_accuracy_pct']:.2f}** ± {r['test_ci95_pct']:.2f} "
+            f"| {r['meta_steps']:,} | {r['cpu_seconds_per_meta_step']:.3f} | "
+            f"{r['best_step']:,} | {published_text(published(r))} |"
+        )
+    lines += ["", "Settings (run names as in the tables below):", ""]
+    lines += [f"- `{r['name']}`: {r['setting']}" for r in equal]
     return lines
 
 
@@ -210,7 +279,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| `{r['name']}` | {method_name(r)} | {task(r)} | "
             f"**{r['test_accuracy_pct']:.2f}** ± {r['test_ci95_pct']:.2f} | "
-            f"{published_text(r['method'], published(r))} |"
+            f"{published_text(published(r))} |"
         )
     lines += ["", "**Settings** of each run:", "", "| run | settings |", "|---|---|"]
     for r in rows:
@@ -282,17 +351,17 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     folder = Path(argv[0]) if argv else ROOT / "runs" / "omniglot"
     runs = load_runs(folder) if folder.exists() else []
+    kept = json.loads(DIGEST.read_text())["runs"] if DIGEST.exists() else []
+    found = {name for name, _, _ in runs}
+    rows = [r for r in kept if r["name"] not in found]
+    rows += [summarize(name, r, run_folder) for name, r, run_folder in runs]
+    rows = sorted(rows, key=row_order)
     if runs:
-        rows = [summarize(name, r, run_folder) for name, r, run_folder in runs]
         copy_curves(runs)
         DIGEST.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
-        source = f"{len(runs)} run(s) from {folder}, digest written to {DIGEST}"
-    elif DIGEST.exists():
-        rows = json.loads(DIGEST.read_text())["runs"]
-        source = f"{len(rows)} run(s) from {DIGEST} ({folder} has none)"
-    else:
-        rows, source = [], f"no runs under {folder} and no {DIGEST}"
+    source = f"{len(runs)} run(s) from {folder}, {len(rows) - len(runs)} kept from {DIGEST}"
     rewrite(PAGE, summary(rows), *SUMMARY)
+    rewrite(PAGE, equal_table(rows), *EQUAL)
     rewrite(PAGE, table(rows))
     print(f"wrote {PAGE}: {source}")
 

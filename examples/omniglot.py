@@ -1,4 +1,4 @@
-"""Few-shot Omniglot: MAML, first-order MAML, iMAML and hyper-representation learning.
+"""Few-shot Omniglot: MAML, first-order MAML, iMAML, Reptile, Meta-SGD and hyper-representation.
 
 Every method is a :class:`bilevel.BilevelProblem` over the 4-conv network of
 :mod:`bilevel.models`, stepped on meta-batches of tasks (``problem.meta_step(batch)``):
@@ -8,9 +8,15 @@ Every method is a :class:`bilevel.BilevelProblem` over the 4-conv network of
 - ``fomaml``: the same with ``FirstOrder`` (Finn et al. 2017; Nichol et al. 2018);
 - ``imaml``: the LL objective is ``task loss + reg/2 ||w - theta||^2``, ``Implicit`` with
   conjugate gradient (Rajeswaran et al. 2019);
+- ``reptile``: the initial weights moved towards the weights adapted on each task's support
+  and query images together, ``Reptile`` stepped by SGD (Nichol, Achiam & Schulman 2018);
+- ``metasgd``: MAML with one learned step size per weight (Li et al. 2017, "Meta-SGD"), the
+  step sizes UL variables beside the initialization;
 - ``hyperrep``: the UL variables are the conv trunk, the LL is a linear head per task,
   started at zero, with ``--ul-method reverse | truncated | implicit`` (Franceschi et al.
-  2018, "Bilevel Programming for Hyperparameter Optimization and Meta-Learning", ICML).
+  2018, "Bilevel Programming for Hyperparameter Optimization and Meta-Learning", ICML);
+  ``--ll bda`` steps the head on BDA's aggregation of the query and support losses (Liu et
+  al. 2020) instead of plain gradient descent.
 
 Evaluation on a task: adapt on the support set (the LL, without any UL graph), accuracy on
 the query set. Batch normalization always uses the statistics of the batch it sees (as in
@@ -20,9 +26,10 @@ confidence interval, taken with the best model on ``--val-tasks`` meta-validatio
 
 Run: ``python examples/omniglot.py --method maml --out runs/omniglot/maml-5w1s`` (``--help``).
 Data: ``--data-root`` or ``BILEVEL_DATA``, the folder holding ``omniglot/``. Running the
-same command again resumes from ``OUT/checkpoint.pt`` (a larger ``--meta-steps`` extends
-the run). Writes ``OUT/log.csv``, ``OUT/curve.png``, ``OUT/best.pt`` and
-``OUT/results.json``.
+same command again resumes from ``OUT/checkpoint.pt`` (a larger ``--meta-steps`` or
+``--budget-cpu-minutes`` extends the run). ``--budget-cpu-minutes`` gives every method the
+same compute: meta-training stops once its CPU time, validation excluded, reaches it.
+Writes ``OUT/log.csv``, ``OUT/curve.png``, ``OUT/best.pt`` and ``OUT/results.json``.
 """
 
 from __future__ import annotations
@@ -45,14 +52,20 @@ from tqdm.auto import tqdm
 
 from bilevel import BilevelProblem, checkpoint, distributed
 from bilevel.data import Omniglot, TaskSampler
-from bilevel.ll import GradientDescent
+from bilevel.ll import BDA, GradientDescent
 from bilevel.models import ConvNet4, FewShotNet
-from bilevel.ul import FirstOrder, Implicit, Reverse, Truncated
+from bilevel.ul import FirstOrder, Implicit, Reptile, Reverse, Truncated
 
-METHODS = ("maml", "fomaml", "imaml", "hyperrep")
+METHODS = ("maml", "fomaml", "imaml", "reptile", "metasgd", "hyperrep")
 UL_METHODS = ("reverse", "truncated", "implicit")
 #: the UL calculator each meta-learning method is defined by
-FIXED_UL_METHOD = {"maml": "reverse", "fomaml": "first_order", "imaml": "implicit"}
+FIXED_UL_METHOD = {
+    "maml": "reverse",
+    "fomaml": "first_order",
+    "imaml": "implicit",
+    "reptile": "reptile",
+    "metasgd": "reverse",
+}
 #: per-method defaults of the LL (inner loop); MAML's are those of Finn et al. (2017).
 #: First-order MAML drops the factor (I - lr H) of each inner step, and with one step of 0.4
 #: on this network lr * eig(H) spans about [-80, 50] at initialization and [-4, 7.5] at a
@@ -62,17 +75,30 @@ INNER_DEFAULTS = {
     "maml": {"inner_steps": 1, "inner_lr": 0.4},
     "fomaml": {"inner_steps": 5, "inner_lr": 0.1},
     "imaml": {"inner_steps": 20, "inner_lr": 0.05},
+    "reptile": {"inner_steps": 5, "inner_lr": 0.1},
+    "metasgd": {"inner_steps": 1, "inner_lr": 0.4},
     "hyperrep": {"inner_steps": 10, "inner_lr": 0.1},
 }
+#: the UL optimizer and its step: Adam for the hypergradient methods; Reptile's direction
+#: ``theta - w_T`` is not a gradient, and its paper steps it with SGD (outer step 1)
+META_DEFAULTS = {"reptile": ("sgd", 1.0)}
 #: task seeds of the meta-validation and meta-test samplers (fixed, so that every run and
 #: every method is evaluated on the same tasks); meta-training tasks use --seed
 VAL_SEED, TEST_SEED = 1, 2
 #: arguments that may change when a run is resumed (the experiment stays the same)
-RESUMABLE = ("meta_steps", "eval_tasks", "max_minutes", "checkpoint_minutes", "cache_dir")
+RESUMABLE = (
+    "meta_steps",
+    "budget_cpu_minutes",
+    "eval_tasks",
+    "max_minutes",
+    "checkpoint_minutes",
+    "cache_dir",
+)
 LOG_FIELDS = (
     "step",
     "seconds",
     "cpu_seconds",
+    "val_cpu_seconds",
     "loss",
     "accuracy",
     "ll_loss",
@@ -90,6 +116,23 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
     n = values.numel()
     std = values.std(unbiased=True).item() if n > 1 else 0.0
     return values.mean().item(), 1.96 * std / math.sqrt(n)
+
+
+class MetaSGD(nn.Module):
+    """A network's initialization and one learned step size per weight (Li et al. 2017,
+    "Meta-SGD: Learning to Learn Quickly for Few-Shot Learning").
+
+    Args:
+        net: the network whose weights are the initialization.
+        lr: the step sizes' initial value.
+    """
+
+    def __init__(self, net: nn.Module, lr: float) -> None:
+        super().__init__()
+        self.net = net
+        self.lr = nn.ParameterList(
+            nn.Parameter(torch.full_like(p.detach(), lr)) for p in net.parameters()
+        )
 
 
 class Experiment:
@@ -110,14 +153,29 @@ class Experiment:
             self.ll_model = nn.Linear(self.ul_model.out_features, args.ways).to(device)
             nn.init.zeros_(self.ll_model.weight)
             nn.init.zeros_(self.ll_model.bias)
+        elif args.method == "metasgd":
+            self.ll_model = FewShotNet(args.ways, hidden=args.hidden).to(device)
+            self.ul_model = MetaSGD(self.ll_model, args.inner_lr).to(device)
         else:
             self.ul_model = self.ll_model = FewShotNet(args.ways, hidden=args.hidden).to(device)
         self.query_accuracy: list[torch.Tensor] = []
-        ll = GradientDescent(
-            self.ll_objective, self.ll_model, self.ul_model, args.inner_lr, args.inner_steps
-        )
+        # Meta-SGD's step sizes are UL leaves shaped like the weights
+        lr = list(self.ul_model.lr) if args.method == "metasgd" else args.inner_lr
+        models = (self.ll_model, self.ul_model, lr, args.inner_steps)
+        if args.ll == "bda":
+            ll = BDA(
+                self.ll_objective,
+                *models,
+                ul_objective=self.ul_objective,
+                alpha=args.bda_alpha,
+                alpha_decay=args.bda_alpha_decay,
+            )
+        else:
+            ll = GradientDescent(self.ll_objective, *models)
         common = (self.ul_objective, self.ul_model, self.ll_objective, self.ll_model)
-        if args.ul_method == "reverse":
+        if args.ul_method == "reptile":
+            ul = Reptile(*common)
+        elif args.ul_method == "reverse":
             ul = Reverse(*common)
         elif args.ul_method == "truncated":
             ul = Truncated(*common, truncate_iter=args.truncate)
@@ -137,7 +195,10 @@ class Experiment:
                 method=args.solver,
                 on_divergence="warn",
             )
-        optimizer = torch.optim.Adam(self.ul_model.parameters(), lr=args.meta_lr)
+        if args.meta_optimizer == "sgd":
+            optimizer = torch.optim.SGD(self.ul_model.parameters(), lr=args.meta_lr)
+        else:
+            optimizer = torch.optim.Adam(self.ul_model.parameters(), lr=args.meta_lr)
         self.problem = BilevelProblem(ll, ul, optimizer)
         # evaluation: the same LL without any graph, with its own number of steps; for the
         # hyper-representation the features are fixed, so it adapts the head on them
@@ -146,7 +207,7 @@ class Experiment:
             eval_objective,
             self.ll_model,
             self.ul_model,
-            args.inner_lr,
+            lr,
             args.eval_inner_steps,
             differentiable_steps=0,
             on_growth="ignore",
@@ -164,6 +225,20 @@ class Experiment:
         accuracy = (logits.argmax(-1) == state["target"]).float().mean()
         self.query_accuracy.append(accuracy.detach())
         return F.cross_entropy(logits, state["target"])
+
+    def take_query_accuracy(self) -> torch.Tensor:
+        """The mean query accuracy of the adapted models since the last call. BDA evaluates
+        the UL objective at each of its LL steps too (unless its alpha is 0):
+        ``inner_steps + 1`` records per task, of which the last is the adapted model's."""
+        recorded = self.query_accuracy
+        if self.args.ll == "bda" and self.args.bda_alpha > 0:
+            per_task = self.args.inner_steps + 1
+            if len(recorded) % per_task:
+                raise RuntimeError(f"expected {per_task} UL evaluations per task with BDA")
+            recorded = recorded[per_task - 1 :: per_task]
+        accuracy = torch.stack(recorded).mean()
+        self.query_accuracy.clear()
+        return accuracy
 
     def ll_objective(self, state: dict[str, Any]) -> torch.Tensor:
         """Support-set cross-entropy; iMAML adds ``reg/2 ||w - theta||^2`` with ``theta`` the
@@ -272,21 +347,50 @@ def make_parser() -> argparse.ArgumentParser:
         "--method",
         choices=METHODS,
         default="maml",
-        help="maml, first-order maml, imaml, or hyperrep (a learned conv trunk, linear heads)",
+        help="maml, first-order maml, imaml, reptile, metasgd, or hyperrep (a learned conv "
+        "trunk, linear heads)",
     )
     parser.add_argument(
         "--ul-method",
         choices=UL_METHODS,
         default=None,
-        help="hypergradient of --method hyperrep (default reverse); maml is reverse, fomaml "
-        "first-order and imaml implicit by definition",
+        help="hypergradient of --method hyperrep (default reverse); maml and metasgd are "
+        "reverse, fomaml first-order, imaml implicit and reptile reptile by definition",
+    )
+    parser.add_argument(
+        "--ll",
+        choices=("gd", "bda"),
+        default="gd",
+        help="LL dynamics of --method hyperrep: gradient descent on the support loss, or BDA's "
+        "aggregation with the query loss (Liu et al. 2020)",
+    )
+    parser.add_argument(
+        "--bda-alpha", type=float, default=0.5, help="BDA: weight of the query loss at step 0"
+    )
+    parser.add_argument(
+        "--bda-alpha-decay", type=float, default=0.9, help="BDA: alpha_k = alpha * decay**k"
     )
     parser.add_argument("--ways", type=int, default=5, help="classes per task (N)")
     parser.add_argument("--shots", type=int, default=1, help="support examples per class (K)")
     parser.add_argument("--query", type=int, default=15, help="query examples per class")
     parser.add_argument("--meta-batch", type=int, default=32, help="tasks per meta-step")
     parser.add_argument("--meta-steps", type=int, default=60000, help="UL (outer) steps")
-    parser.add_argument("--meta-lr", type=float, default=1e-3, help="Adam step of the UL")
+    parser.add_argument(
+        "--meta-lr", type=float, default=None, help="UL step (default 1e-3; reptile 1.0)"
+    )
+    parser.add_argument(
+        "--meta-optimizer",
+        choices=("adam", "sgd"),
+        default=None,
+        help="UL optimizer (default adam; reptile sgd)",
+    )
+    parser.add_argument(
+        "--budget-cpu-minutes",
+        type=float,
+        default=None,
+        help="stop meta-training once its CPU time (summed over resumed runs, validation "
+        "excluded) reaches this: the same compute for every method (use with --threads 1)",
+    )
     parser.add_argument(
         "--inner-steps", type=int, default=None, help="LL steps (default: per method)"
     )
@@ -339,6 +443,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.method == "hyperrep":
         args.ul_method = args.ul_method or "reverse"
+    elif args.ll != "gd":
+        parser.error("--ll bda is for --method hyperrep")
     elif args.ul_method not in (None, FIXED_UL_METHOD[args.method]):
         parser.error(
             f"--method {args.method} is defined by its hypergradient "
@@ -349,6 +455,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in INNER_DEFAULTS[args.method].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    optimizer, meta_lr = META_DEFAULTS.get(args.method, ("adam", 1e-3))
+    args.meta_optimizer = args.meta_optimizer or optimizer
+    args.meta_lr = meta_lr if args.meta_lr is None else args.meta_lr
+    if args.budget_cpu_minutes is not None and args.budget_cpu_minutes <= 0:
+        parser.error("--budget-cpu-minutes must be > 0")
+    if not 0.0 <= args.bda_alpha <= 1.0 or not 0.0 < args.bda_alpha_decay <= 1.0:
+        parser.error("--bda-alpha must lie in [0, 1] and --bda-alpha-decay in (0, 1]")
     if args.solver is None:
         args.solver = "minres" if args.method == "imaml" else "cg"
     if args.eval_inner_steps is None:
@@ -422,12 +535,15 @@ def experiment(
         read_best(best_path)
     vals = [h["val_accuracy"] for h in record.history if h.get("val_accuracy") is not None]
     best = max(vals, default=-1.0)
-    label = f"{args.method} ({args.ul_method}), {args.ways}-way {args.shots}-shot"
+    ll_label = " with BDA" if args.ll == "bda" else ""
+    label = f"{args.method} ({args.ul_method}{ll_label}), {args.ways}-way {args.shots}-shot"
     if main_process:
         print(f"{label}: meta-steps {start} -> {args.meta_steps} in {out}")
 
     def batch(step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         tasks = train.batch(step, args.meta_batch)
+        if args.method == "reptile":  # it needs no query split: the LL trains on all images
+            tasks["train"] = tuple(torch.cat(pair, 1) for pair in zip(*tasks.values(), strict=True))
         return {k: (x.to(device), y.to(device)) for k, (x, y) in tasks.items()}
 
     def save_checkpoint() -> None:
@@ -444,6 +560,14 @@ def experiment(
     cpu_before = next(
         (h["cpu_seconds"] for h in reversed(record.history) if "cpu_seconds" in h), 0.0
     )
+    # ... of which validation (not counted in --budget-cpu-minutes)
+    val_cpu = next(
+        (h["val_cpu_seconds"] for h in reversed(record.history) if "val_cpu_seconds" in h), 0.0
+    )
+
+    def train_cpu_seconds() -> float:
+        return cpu_before + time.process_time() - cpu_start - val_cpu
+
     invocation_start = time.perf_counter()
     cpu_start = time.process_time()
     bar = tqdm(total=args.meta_steps, initial=start, disable=not progress, desc=label)
@@ -452,12 +576,13 @@ def experiment(
         warnings.filterwarnings("ignore", message="CG met a direction")
         for step in range(start, args.meta_steps):
             losses.append(problem.meta_step(batch(step)))
-            accuracies.append(torch.stack(exp.query_accuracy).mean())
-            exp.query_accuracy.clear()
+            accuracies.append(exp.take_query_accuracy())
             bar.update(1)
             done = step + 1
             elapsed = time.perf_counter() - invocation_start
             out_of_time = args.max_minutes is not None and elapsed > 60 * args.max_minutes
+            if args.budget_cpu_minutes is not None:
+                out_of_time |= train_cpu_seconds() >= 60 * args.budget_cpu_minutes
             # every process stops at the same step, on a clock or a signal of any of them
             out_of_time, stop = agree_any([out_of_time, run.stop_requested], device)
             last = done == args.meta_steps or out_of_time
@@ -486,8 +611,11 @@ def experiment(
                         entry["ll_grad_ratio"] = diagnostics["ll_grad_ratio"]
                     postfix.update(loss=f"{entry['loss']:.3f}", acc=f"{entry['accuracy']:.3f}")
                     if validate:
+                        val_start = time.process_time()
                         acc, ci = mean_ci95(exp.evaluate(val, args.val_tasks))
+                        val_cpu += time.process_time() - val_start
                         entry.update(val_accuracy=acc, val_ci95=ci)
+                        entry["val_cpu_seconds"] = round(val_cpu, 3)
                         postfix["val"] = f"{acc:.3f}"
                         if acc > best:
                             best = acc
@@ -509,7 +637,7 @@ def experiment(
     if not main_process:
         return {}
     train_seconds = record.seconds
-    train_cpu_seconds = cpu_before + time.process_time() - cpu_start
+    cpu_seconds = cpu_before + time.process_time() - cpu_start
     meta_steps = problem.step_count
 
     evaluated = "final"
@@ -536,7 +664,8 @@ def experiment(
         "meta_steps": meta_steps,
         "train_seconds": round(train_seconds, 2),
         "seconds_per_meta_step": round(train_seconds / max(meta_steps, 1), 4),
-        "train_cpu_seconds": round(train_cpu_seconds, 2),
+        "train_cpu_seconds": round(cpu_seconds, 2),
+        "train_cpu_seconds_without_validation": round(cpu_seconds - val_cpu, 2),
         "eval_seconds": round(eval_seconds, 2),
         "resumed_from_step": record.resumed_from,
         "settings": {**settings, **{k: getattr(args, k) for k in RESUMABLE}},

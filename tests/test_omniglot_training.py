@@ -23,6 +23,7 @@ METHODS = [
     ("hyperrep", "truncated"),
     ("hyperrep", "implicit"),
 ]
+TINY_NET = ("--hidden", "8", "--inner-steps", "3", "--inner-lr", "0.1")
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +79,122 @@ def test_hypergradient_reaches_every_ul_parameter(example, method, ul_method):
     assert len(exp.query_accuracy) == 2  # the UL objective saw both tasks
 
 
+def _double(exp):
+    """The experiment's models in float64 (exact comparisons)."""
+    exp.ul_model.double()
+    exp.ll_model.double()
+    return {
+        k: tuple(t.double() if t.is_floating_point() else t for t in v)
+        for k, v in _random_batch().items()
+    }
+
+
+def test_metasgd_at_uniform_step_sizes_is_maml_and_learns_them(example):
+    """Meta-SGD's step sizes start at --inner-lr: its meta-gradient of the initialization is
+    then MAML's, and its step sizes' gradient is, for one step from theta,
+    dL/d(alpha) = -grad f(theta) * grad L(theta - alpha grad f(theta)) (elementwise)."""
+    one_step = ("--hidden", "8", "--inner-steps", "1", "--inner-lr", "0.1")
+    torch.manual_seed(0)
+    meta = example.Experiment(example.parse_args(["--method", "metasgd", *one_step]), "cpu")
+    maml = example.Experiment(example.parse_args(["--method", "maml", *one_step]), "cpu")
+    maml.ul_model.load_state_dict(meta.ll_model.state_dict())
+    batch = _double(meta)
+    _double(maml)
+    with torch.no_grad():  # 0.1 exactly, not its float32 rounding
+        for lr in meta.ul_model.lr:
+            lr.fill_(0.1)
+    assert meta.ul_model is not meta.ll_model and meta.ul_model.net is meta.ll_model
+    grads = meta.problem.meta_hypergradient(batch)
+    names = [n for n, _ in meta.ul_model.named_parameters()]
+    init = [g for n, g in zip(names, grads, strict=True) if n.startswith("net.")]
+    lrs = [g for n, g in zip(names, grads, strict=True) if n.startswith("lr.")]
+    for a, b in zip(init, maml.problem.meta_hypergradient(batch), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    # by hand, task by task, with torch.func
+    net = maml.ul_model
+    theta = dict(net.named_parameters())
+    expected = [torch.zeros_like(p) for p in theta.values()]
+    for t in range(2):
+        xs, ys = batch["train"][0][t], batch["train"][1][t]
+        xq, yq = batch["test"][0][t], batch["test"][1][t]
+        support = torch.nn.functional.cross_entropy(torch.func.functional_call(net, theta, xs), ys)
+        g_support = torch.autograd.grad(support, list(theta.values()))
+        adapted = {
+            k: (v - 0.1 * g).detach().requires_grad_()
+            for (k, v), g in zip(theta.items(), g_support, strict=True)
+        }
+        query = torch.nn.functional.cross_entropy(torch.func.functional_call(net, adapted, xq), yq)
+        g_query = torch.autograd.grad(query, list(adapted.values()))
+        for e, gs, gq in zip(expected, g_support, g_query, strict=True):
+            e -= gs * gq / 2
+    for got, want in zip(lrs, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert any(g.abs().sum() > 0 for g in lrs)
+
+
+def test_reptile_moves_towards_weights_adapted_on_support_and_query(example):
+    """Reptile's direction is theta - w_T, w_T from GD on the support and query images
+    together (the example concatenates them), averaged over the tasks."""
+    torch.manual_seed(0)
+    exp = example.Experiment(example.parse_args(["--method", "reptile", *TINY_NET]), "cpu")
+    assert exp.args.meta_optimizer == "sgd" and exp.args.meta_lr == 1.0
+    batch = _double(exp)
+    joined = {
+        "train": tuple(torch.cat(p, 1) for p in zip(*batch.values(), strict=True)),
+        "test": batch["test"],
+    }
+    grads = exp.problem.meta_hypergradient(joined)
+    net = exp.ll_model
+    theta = {k: v.detach() for k, v in net.named_parameters()}
+    expected = [torch.zeros_like(v) for v in theta.values()]
+    for t in range(2):
+        w = {k: v.clone().requires_grad_() for k, v in theta.items()}
+        for _ in range(3):
+            x, y = joined["train"][0][t], joined["train"][1][t]
+            loss = torch.nn.functional.cross_entropy(torch.func.functional_call(net, w, x), y)
+            g = torch.autograd.grad(loss, list(w.values()))
+            w = {
+                k: (v - 0.1 * gi).detach().requires_grad_()
+                for (k, v), gi in zip(w.items(), g, strict=True)
+            }
+        for e, v0, v in zip(expected, theta.values(), w.values(), strict=True):
+            e += (v0 - v.detach()) / 2
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+def test_bda_at_alpha_zero_is_gradient_descent_and_logs_the_adapted_accuracy(example):
+    """--ll bda with alpha 0 is the hyper-representation's GD: the same meta-gradient, and the
+    query accuracy logged is the adapted head's (BDA also evaluates the UL objective at each
+    of its LL steps; those records are dropped)."""
+    torch.manual_seed(0)
+    bda = example.Experiment(
+        example.parse_args(["--method", "hyperrep", "--ll", "bda", "--bda-alpha", "0", *TINY_NET]),
+        "cpu",
+    )
+    gd = example.Experiment(example.parse_args(["--method", "hyperrep", *TINY_NET]), "cpu")
+    gd.ul_model.load_state_dict(bda.ul_model.state_dict())
+    batch = _double(bda)
+    _double(gd)
+    for a, b in zip(
+        bda.problem.meta_hypergradient(batch), gd.problem.meta_hypergradient(batch), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert torch.equal(bda.take_query_accuracy(), gd.take_query_accuracy())
+    # with alpha > 0 it records at each LL step: only each task's last record is kept
+    bda.args.bda_alpha = 0.5
+    bda.query_accuracy[:] = [torch.tensor(float(i)) for i in range(2 * (3 + 1))]
+    assert bda.take_query_accuracy().item() == (3 + 7) / 2 and not bda.query_accuracy
+    with pytest.raises(SystemExit):
+        example.parse_args(["--method", "maml", "--ll", "bda"])
+
+
 def test_method_and_ul_method_must_agree(example):
     assert example.parse_args(["--method", "maml"]).ul_method == "reverse"
     assert example.parse_args(["--method", "fomaml"]).ul_method == "first_order"
     assert example.parse_args(["--method", "hyperrep"]).ul_method == "reverse"
+    assert example.parse_args(["--method", "reptile"]).ul_method == "reptile"
+    assert example.parse_args(["--method", "metasgd"]).ul_method == "reverse"
     with pytest.raises(SystemExit):
         example.parse_args(["--method", "maml", "--ul-method", "implicit"])
 
@@ -169,3 +282,24 @@ def test_resume_continues_bitwise(
     # another experiment in the same folder is refused
     with pytest.raises(SystemExit):
         _run(example, tmp_path / "twice", data_root, data_cache_dir, *args, "--reg", "1.0")
+
+
+def test_cpu_budget_stops_meta_training_and_a_larger_one_resumes(
+    example, omniglot, data_root, data_cache_dir, tmp_path, monkeypatch
+):
+    """--budget-cpu-minutes: meta-training stops once its CPU time, validation excluded,
+    reaches the budget, and the same command with a larger budget goes on from there. The
+    clock is faked: each reading of the process time advances it by one second."""
+    clock = iter(range(10**6))
+    monkeypatch.setattr(example.time, "process_time", lambda: float(next(clock)))
+    args = ("--method", "maml", *TINY, "--meta-steps", "1000")
+    first = _run(example, tmp_path, data_root, data_cache_dir, *args, "--budget-cpu-minutes", "0.2")
+    # 12 s of budget; the loop reads the clock about twice per step (validation excluded)
+    assert 3 <= first["meta_steps"] < 12, first["meta_steps"]
+    assert first["train_cpu_seconds_without_validation"] >= 12
+    assert first["train_cpu_seconds_without_validation"] < first["train_cpu_seconds"]
+    second = _run(
+        example, tmp_path, data_root, data_cache_dir, *args, "--budget-cpu-minutes", "0.4"
+    )
+    assert second["resumed_from_step"] > 0 and second["meta_steps"] > first["meta_steps"]
+    assert second["train_cpu_seconds_without_validation"] >= 24
