@@ -178,10 +178,17 @@ def ref_gaffo(x, y, k, s, lr, iters, ul_lr, gamma1=10.0, c0=1.0, p=0.25):
     return x - ul_lr * dx, y - lr * dy, {"theta": theta}
 
 
-def ref_bvfim(x, y, k, s, lr, iters, ul_lr, mu=0.01, theta=0.01, sigma=0.01):
+def ref_bvfim(
+    x, y, k, s, lr, iters, ul_lr, mu=0.01, theta=0.01, sigma=0.01, slack="barrier", floor=0.3
+):
     m, t, g = mu / (k + 1) ** 1.1, theta / (k + 1) ** 1.1, sigma / (k + 1) ** 0.5
     z = gd(x, s.get("z", y), iters, lr, lambda x, w: gyf(x, w) + m * w)
-    rho = g / (0.5 * m * (z @ z))
+    reg = 0.5 * m * (z @ z)
+    if slack == "barrier":  # the paper's slack phi_mu(x) - f(x, y) at the kept y, floored
+        slack_value = torch.clamp_min(fval(x, z) + reg - fval(x, y), floor * reg)
+    else:
+        slack_value = reg
+    rho = g / slack_value
     y = gd(x, y, iters, lr / (1 + rho), lambda x, w: gyF(x, w) + t * w + rho * gyf(x, w))
     d = gxF(x, y) + rho * (gxf(x, y) - gxf(x, z))
     return x - ul_lr * d, y, {"z": z}
@@ -201,6 +208,11 @@ CASES = {
     "meso": (MESO, ref_meso, {"gamma": 2.0, "c0": 3.0, "p": 0.4}),
     "gaffo": (GAFFO, ref_gaffo, {"gamma1": 2.0, "c0": 3.0, "p": 0.4}),
     "bvfim": (BVFIM, ref_bvfim, {"mu": 0.1, "theta": 0.05, "sigma": 0.02}),
+    "bvfim_regularized": (
+        BVFIM,
+        ref_bvfim,
+        {"mu": 0.1, "theta": 0.05, "sigma": 0.02, "slack": "regularized"},
+    ),
     "alternating": (Alternating, ref_alternating, {}),
 }
 
@@ -288,13 +300,59 @@ def test_bome_reaches_x_star_with_decreasing_steps():
 
 
 def test_bvfim_reaches_x_star():
-    """BVFIM with sigma decaying more slowly than mu (the default schedules): the barrier's
-    weight grows and x approaches x*. (Start away from x = 0, where y*(x) = 0 leaves the
-    value-function constraint without interior.)"""
+    """BVFIM with its default schedules (sigma decaying more slowly than mu) and the paper's
+    slack at the kept y: the barrier's weight grows and x approaches x*. (Start away from
+    x = 0, where y*(x) = 0 leaves the value-function constraint without interior.)"""
     problem, m, ul, _ = quadratic(BVFIM, iters=3, x0=0.1)
-    run(problem, 100)
-    assert (ul.v.detach() - X_STAR).norm() < 5e-3
+    run(problem, 200)
+    assert (ul.v.detach() - X_STAR).norm() < 6e-3
     assert m.diagnostics["rho"] > 30
+
+
+def _indefinite_ul(slack):
+    """x, y scalars: f = (y - x - 2)^2 / 2, F = 5x^2/2 - 2xy + y^2/4: F(x, y*(x)) is strongly
+    convex (x* = 2) but F is indefinite in (x, y), so F + rho (f - f*) is unbounded below for
+    rho < 1 (its Hessian's determinant is 1.5 (rho - 1))."""
+
+    def f(state):
+        return 0.5 * ((state["ll_model"].v - state["ul_model"].v - 2.0) ** 2).sum()
+
+    def F(state):
+        x, y = state["ul_model"].v, state["ll_model"].v
+        return (2.5 * x**2 - 2.0 * x * y + 0.25 * y**2).sum()
+
+    ul, llm = Vector(1), Vector(1)
+    ll = GradientDescent(f, llm, ul, lr=0.5, iters=5)
+    m = BVFIM(F, ul, f, llm) if slack is None else BVFIM(F, ul, f, llm, slack=slack)
+    return BilevelProblem(ll, m, torch.optim.SGD(ul.parameters(), lr=0.1)), m, ul
+
+
+def test_bvfim_default_slack_keeps_the_penalized_problem_bounded():
+    """The authors' code uses a slack that does not look at y, so the barrier's weight
+    rho = sigma / slack stays what the schedules make it (0.02 to 0.06 here, below the 1 that
+    this problem needs) and x runs away (the old default, slack='regularized'). The paper's
+    slack phi_mu(x) - f(x, y) at the kept y (the default) shrinks when y leaves the LL's
+    level set, which raises rho: x converges, O(1/rho) from x* = 2."""
+    problem, _m, ul = _indefinite_ul("regularized")
+    run(problem, 200)
+    assert not abs(float(ul.v.detach())) < 1e6  # diverged (or NaN)
+    problem, m, ul = _indefinite_ul(None)
+    run(problem, 200)
+    assert abs(float(ul.v.detach()) - 2.0) < 0.35
+    assert 4 < m.diagnostics["rho"] < 20
+
+
+def test_bvfim_says_which_step_size_to_lower():
+    """An inner loop whose step is above 2 / curvature increases its objective: BVFIM refuses
+    the step and names the step size (ll.lr for the z loop, lr_y for the y loop)."""
+    problem, m, _ul, _llm = quadratic(BVFIM, lr=1.0, x0=0.1)  # A's largest eigenvalue is 3
+    with pytest.raises(FloatingPointError, match=r"Lower ll\.lr"):
+        problem.step(NO_DATA, NO_DATA)
+    assert m.steps_taken == 0
+    problem, m, _ul, _llm = quadratic(BVFIM, lr=0.3, x0=0.1, lr_y=1e3)
+    with pytest.raises(FloatingPointError, match="Lower lr_y"):
+        problem.step(NO_DATA, NO_DATA)
+    assert m.steps_taken == 0
 
 
 def test_alternating_converges_to_its_own_stationary_point_not_x_star():
@@ -449,6 +507,63 @@ def test_gaffo_with_an_active_ll_constraint():
     assert (ul.v.detach() - torch.tensor([1.5, 0.15], dtype=DTYPE)).norm() < 0.03
     z = m.auxiliary["z"][0]
     assert abs(float(z[0]) - 1.0) < 0.1 and float(z[1]) == 0.0
+
+
+def test_gaffo_constrained_step_matches_hand_written():
+    """Three steps with an LL constraint, from a generic point with nonzero multipliers,
+    equal the authors' update written by hand (BiC-GAFFA: theta step on L(x, theta, z) +
+    |theta - y|^2 / (2 gamma1), lam = max(0, z + gamma2 g(x, y)), the x and y directions at
+    (x_k, y_k), then z projected on [0, z_max])."""
+    g0 = torch.Generator().manual_seed(3)
+    x = torch.randn(2, generator=g0, dtype=DTYPE)
+    y = torch.randn(2, generator=g0, dtype=DTYPE)
+    gamma1, gamma2, c0, p, lr, eta, lr_z, ul_lr, z_max = 2.0, 0.5, 3.0, 0.3, 0.2, 0.4, 0.3, 0.1, 0.8
+    ul, llm = Vector(2, x), Vector(2, y)
+    ll = GradientDescent(f_con, llm, ul, lr=lr, iters=1)
+    settings = {"gamma1": gamma1, "gamma2": gamma2, "c0": c0, "p": p, "eta": eta}
+    m = GAFFO(
+        F_con,
+        ul,
+        f_con,
+        llm,
+        ll_constraints=lambda s: s["ll_model"].v - B_CON,
+        lr_z=lr_z,
+        z_max=z_max,
+        **settings,
+    )
+    m.auxiliary = {"theta": None, "z": [torch.tensor([0.7, 0.0], dtype=DTYPE)]}
+    problem = BilevelProblem(ll, m, torch.optim.SGD(ul.parameters(), lr=ul_lr))
+    theta, z = y.clone(), torch.tensor([0.7, 0.0], dtype=DTYPE)
+    for k in range(3):
+        problem.step(NO_DATA, NO_DATA)
+        # f = |y - x|^2 / 2, g = y - b (grad_y g = I, grad_x g = 0), F as in F_con
+        theta = theta - eta * ((theta - x) + z + (theta - y) / gamma1)
+        lam = torch.clamp_min(z + gamma2 * (y - B_CON), 0.0)
+        ck = c0 * (k + 1) ** p
+        dx = (x - X0_CON) / ck + (x - y) - (x - theta)
+        dy = (y - C_CON) / ck + (y - x) + lam + (theta - y) / gamma1
+        dz = -(theta - B_CON) + (lam - z) / gamma2
+        x, y = x - ul_lr * dx, y - lr * dy
+        z = torch.clamp(z - lr_z * dz, 0.0, z_max)
+        torch.testing.assert_close(ul.v.detach(), x, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(llm.v.detach(), y, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(m.auxiliary["theta"][0], theta, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(m.auxiliary["z"][0], z, rtol=1e-10, atol=1e-12)
+
+
+def test_gaffo_reaches_x_star_as_c_grows():
+    """With c_k = c0 (k + 1)^p growing, GAFFO's x approaches x* on the strongly convex
+    quadratic: the error at step k stays within a constant over c_k (its O(1/c) bias) and
+    falls as c grows."""
+    problem, m, ul, _ = quadratic(GAFFO, gamma1=1.0, c0=3.0, p=0.4, ul_lr=0.5)
+    errors = {}
+    for k in range(1, 1601):
+        problem.step(NO_DATA, NO_DATA)
+        if k in (100, 400, 1600):
+            errors[k] = float((ul.v.detach() - X_STAR).norm()) * m.c_at(k - 1)
+    # measured: error * c_k = 1.26, 0.45, 0.41 (error 0.067, 0.014, 0.0071)
+    assert errors[400] < 0.6 and errors[1600] < 0.6
+    assert errors[1600] / m.c_at(1599) < 0.01
 
 
 # --- checkpoints -----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from bilevel.ul.value_function import (
     FirstOrderMethod,
     StepContext,
     Update,
+    check_choice,
     check_number,
     check_optional_number,
     check_schedule,
@@ -44,27 +46,38 @@ class BVFIM(FirstOrderMethod):
        ``grad_x F(x_k, y) + rho (grad_x f(x_k, y) - grad_x f(x_k, z))``.
 
     The slack. In the paper the barrier is ``-sigma ln(phi_mu(x) - f(x, y))``, whose gradient
-    weight is ``sigma / (phi_mu(x) - f(x, y))``; steps 3-4 are exactly its gradient with that
-    weight frozen at ``rho``. The authors' code (and BOAT's VSO) evaluate the logarithm's
-    argument as ``phi_mu(x) - f_lb`` (``f_lb`` a lower bound of ``f``: the negated dimension
-    in their example, 0 in BOAT) so that it never becomes non-positive, which makes the
-    barrier act as a penalty with weight ``rho = sigma / (phi_mu(x) - f_lb)``. Plain
-    gradient steps on the true barrier leave its domain or stall (measured), so this class
-    takes the code's form: ``ll_lower_bound=None`` (default) uses the slack of the
-    regularized LL solution itself, ``s = phi_mu(x) - f(x, z) = (mu_k / 2) ||z||^2``, which
-    is the code's slack when ``f_lb`` is the LL's minimum value; a number ``f_lb`` uses
-    ``s = phi - f_lb`` as the code does. The LL is enforced only as far as ``rho`` grows:
-    with the code's schedules (``mu, theta, sigma`` all divided by ``(k + 1)^1.1``) ``rho``
-    stays constant and the result keeps an O(1) bias on a quadratic test problem; the
-    defaults here let ``sigma`` decay more slowly (``(k + 1)^-0.5``) so that ``rho`` grows.
-    The step ``lr_y / (1 + rho)`` keeps the ``y`` steps stable as ``rho`` grows.
+    weight is ``sigma / (phi_mu(x) - f(x, y))``; steps 3-4 are its gradient with that weight
+    frozen at ``rho`` for the UL step (plain gradient steps with the weight re-evaluated at
+    every inner iterate stall: measured, x stays 0.2 from x* on the test quadratic).
+    ``slack="barrier"`` (default) takes the paper's slack at the kept ``y``,
+    ``s = max(phi_mu(x_k) - f(x_k, y_k), slack_floor * (mu_k / 2) ||z||^2)``: when ``y``
+    leaves the LL's near-optimal level set the slack shrinks and ``rho`` grows (up to
+    ``1 / slack_floor`` times the regularized value), as an interior-point method's barrier
+    does. ``slack="regularized"`` (the default before) uses the largest slack,
+    ``(mu_k / 2) ||z||^2``, whatever ``y`` is; ``slack="lower_bound"`` with
+    ``ll_lower_bound = f_lb`` takes ``phi - f_lb`` as the authors' code (and BOAT's VSO) do.
+    These two make the barrier a penalty whose weight does not look at ``y``.
+
+    Why the old default diverged. The penalty form solves ``min F + rho (f - phi)``, which is
+    bounded below only when ``rho`` exceeds a problem-dependent ``rho_min`` (about the UL's
+    curvature in ``y`` over the LL's; 1.2 on the benchmark quadratic of
+    ``benchmarks/bilevel_curves.py``, where ``F`` is indefinite in ``(x, y)``). With the
+    regularized slack ``rho = 2 sigma / (mu ||z||^2)`` depends on the size of ``z`` (0.14 to
+    0.35 there), and shrinks as the iterates grow: a runaway. The paper gives no scale-free
+    rule for ``sigma`` (it has the units of ``F``, the slack those of ``f``); the default slack
+    removes the runaway, and a problem that needs more should raise ``sigma``.
+
+    Checks (one device sync per UL step): a non-positive slack, and an inner loop that
+    increased its objective (gradient descent on an L-smooth function decreases it whenever
+    the step is below 2/L, so an increase beyond round-off proves the step too large) raise
+    FloatingPointError naming the step size to lower (``ll.lr`` for ``z``, ``lr_y`` for ``y``).
 
     Assumptions: none on convexity in the paper's analysis (which concerns the barrier
     problems' solutions as the parameters vanish); a non-singleton LL solution set is
-    handled (the optimistic solution is approached). The slack of the default form vanishes
-    where the regularized LL solution ``z`` is 0: there ``rho`` is infinite and the step is
-    refused. Cost per UL step: ``T + y_iters + 3`` gradient evaluations (``y_iters`` of them of
-    ``F`` and ``f`` together); memory: ``z``.
+    handled (the optimistic solution is approached). The slack vanishes where the
+    regularized LL solution ``z`` is 0: there the step is refused. Cost per UL step:
+    ``T + y_iters + 3`` gradient evaluations (``y_iters`` of them of ``F`` and ``f``
+    together) and 3 forward evaluations (the checks and the slack); memory: ``z``.
 
     Reference: Liu, Liu, Yuan, Zeng & Zhang (2021), "A Value-Function-based Interior-point
     Method for Non-convex Bi-level Optimization", ICML.
@@ -80,7 +93,11 @@ class BVFIM(FirstOrderMethod):
         sigma: the barrier parameter: a number (``/ (k + 1)^0.5``) or a callable.
         y_iters: steps of ``y`` per UL step; ``None``: ``ll.iters``.
         lr_y: base step size of ``y``; ``None``: ``ll.lr``.
-        ll_lower_bound: ``f_lb`` (see above); ``None``: the self-calibrated slack.
+        ll_lower_bound: ``f_lb`` for ``slack="lower_bound"`` (see above).
+        slack: ``"barrier"`` (default; ``"lower_bound"`` when ``ll_lower_bound`` is given),
+            ``"regularized"`` or ``"lower_bound"`` (see above).
+        slack_floor: the barrier slack's floor, as a fraction of ``(mu_k / 2) ||z||^2``
+            (in ``(0, 1]``; 1 gives ``"regularized"``).
     """
 
     name = "bvfim"
@@ -98,6 +115,8 @@ class BVFIM(FirstOrderMethod):
         y_iters: int | None = None,
         lr_y: float | None = None,
         ll_lower_bound: float | None = None,
+        slack: str | None = None,
+        slack_floor: float = 0.3,
     ) -> None:
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
         self.mu = check_schedule(mu, "mu")
@@ -114,6 +133,15 @@ class BVFIM(FirstOrderMethod):
             if ll_lower_bound is None
             else check_number(ll_lower_bound, "ll_lower_bound", low=-float("inf"))
         )
+        if slack is None:
+            slack = "barrier" if ll_lower_bound is None else "lower_bound"
+        self.slack = check_choice(slack, "slack", ("barrier", "regularized", "lower_bound"))
+        if (self.slack == "lower_bound") != (ll_lower_bound is not None):
+            raise ValueError(
+                "ll_lower_bound is needed with slack='lower_bound' and only there, got "
+                f"slack={self.slack!r} and ll_lower_bound={ll_lower_bound!r}."
+            )
+        self.slack_floor = check_number(slack_floor, "slack_floor", high=1.0)
 
     def settings(self) -> dict[str, Any]:
         """The hyperparameters a resumed run must share."""
@@ -128,6 +156,8 @@ class BVFIM(FirstOrderMethod):
             "y_iters": self.y_iters,
             "lr_y": self.lr_y,
             "ll_lower_bound": self.ll_lower_bound,
+            "slack": self.slack,
+            "slack_floor": self.slack_floor,
         }
 
     def parameters_at(self, step: int) -> tuple[float, float, float]:
@@ -150,21 +180,24 @@ class BVFIM(FirstOrderMethod):
             value = self.value(self.ll_objective, "ll_objective", w, c.train)
             return value + 0.5 * mu * sum((v * v).sum() for v in w)
 
-        z = self.descend(regularized, self._auxiliary_or("z", y), c.iters, c.lr)
+        z_start = self._auxiliary_or("z", y)
+        with torch.no_grad(), self._ul_frozen(True):
+            before_z = self.value(self.ll_objective, "ll_objective", z_start, c.train, False)
+            before_z = before_z + 0.5 * mu * sum((v * v).sum() for v in z_start)
+        z = self.descend(regularized, z_start, c.iters, c.lr)
         f_z, _, f_z_x = self.grad(self.ll_objective, "ll_objective", z, c.train, True, False)
         reg = 0.5 * mu * torch.stack([(v * v).sum() for v in z]).sum()
-        slack = reg if self.ll_lower_bound is None else f_z + reg - self.ll_lower_bound
-        if not bool(slack > 0):
-            raise FloatingPointError(
-                f"BVFIM step {c.step}: the barrier's slack is {float(slack):.3g} <= 0 "
-                + (
-                    "(the regularized LL solution z is 0, so the value-function constraint has "
-                    "no interior); pass ll_lower_bound (a lower bound of the LL objective) or "
-                    "use PBGD or F2SA."
-                    if self.ll_lower_bound is None
-                    else "(the LL objective went below ll_lower_bound); pass a true lower bound."
-                )
-            )
+        phi = f_z + reg
+        with torch.no_grad(), self._ul_frozen(True):
+            f_y = self.value(self.ll_objective, "ll_objective", y, c.train, False).detach()
+            F_y = self.value(self.ul_objective, "ul_objective", y, c.val, False).detach()
+        y_iters = c.iters if self.y_iters is None else self.y_iters
+        if self.slack == "barrier":  # the paper's slack at the kept y, floored
+            slack = torch.maximum(phi - f_y, self.slack_floor * reg)
+        elif self.slack == "regularized":
+            slack = reg
+        else:
+            slack = phi - self.ll_lower_bound
         rho = sigma / slack
 
         def barrier(w: list[torch.Tensor]) -> torch.Tensor:
@@ -172,16 +205,64 @@ class BVFIM(FirstOrderMethod):
             ll = self.value(self.ll_objective, "ll_objective", w, c.train)
             return ul + 0.5 * theta * sum((v * v).sum() for v in w) + rho * ll
 
+        before_y = F_y + 0.5 * theta * sum((v * v).sum() for v in y) + rho * f_y
         lr_y = (c.lr if self.lr_y is None else self.lr_y) / (1.0 + rho)
-        y_iters = c.iters if self.y_iters is None else self.y_iters
         y = self.descend(barrier, y, y_iters, lr_y)
         ul_loss, _, ul_x = self.grad(self.ul_objective, "ul_objective", y, c.val, True, False)
         ll_loss, _, ll_x = self.grad(self.ll_objective, "ll_objective", y, c.train, True, False)
+        after_y = ul_loss + 0.5 * theta * sum((v * v).sum() for v in y) + rho * ll_loss
+        self._check(c.step, slack, (before_z, phi), (before_y, after_y))
         return Update(
             ul_loss=ul_loss,
             ll_loss=ll_loss,
             x_direction=combine((1.0, ul_x), (rho, ll_x), (-rho, f_z_x)),
             y=y,
             auxiliary={"z": z},
-            diagnostics={"mu": mu, "theta": theta, "sigma": sigma, "rho": rho.detach()},
+            diagnostics={
+                "mu": mu,
+                "theta": theta,
+                "sigma": sigma,
+                "rho": rho.detach(),
+                "slack": slack.detach(),
+                "ll_gap": (f_y - phi).detach(),
+            },
         )
+
+    def _check(
+        self,
+        step: int,
+        slack: torch.Tensor,
+        z_values: tuple[torch.Tensor, torch.Tensor],
+        y_values: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        """Refuse the step (FloatingPointError, with the cure) if the barrier has no interior,
+        or if an inner loop increased its objective: plain gradient descent on an L-smooth
+        function decreases it whenever the step is below 2/L, so an increase beyond round-off
+        proves the step too large for the problem's curvature."""
+        values = torch.stack([slack.detach(), *z_values, *y_values]).to(torch.float64)
+        s, z0, z1, y0, y1 = values.tolist()  # one device sync per UL step
+        tol = math.sqrt(torch.finfo(slack.dtype).eps)
+        if not s > 0:
+            raise FloatingPointError(
+                f"BVFIM step {step}: the barrier's slack is {s:.3g} <= 0 "
+                + (
+                    "(the regularized LL solution z is 0, so the value-function constraint has "
+                    "no interior); pass ll_lower_bound (a lower bound of the LL objective) or "
+                    "use PBGD or F2SA."
+                    if self.slack != "lower_bound"
+                    else "(the LL objective went below ll_lower_bound); pass a true lower bound."
+                )
+            )
+        if not z1 <= z0 + tol * (abs(z0) + abs(z1)):
+            raise FloatingPointError(
+                f"BVFIM step {step}: the inner loop on the regularized LL objective increased it "
+                f"({z0:.6g} -> {z1:.6g}): ll.lr is above 2 / (the LL's curvature) here. Lower "
+                "ll.lr (the LL's curvature may have grown with the UL variables)."
+            )
+        if not y1 <= y0 + tol * (abs(y0) + abs(y1)):
+            raise FloatingPointError(
+                f"BVFIM step {step}: the y loop increased its objective F + theta/2 |y|^2 + rho f "
+                f"({y0:.6g} -> {y1:.6g}): its step lr_y / (1 + rho) is above 2 / (its "
+                "curvature). Lower lr_y (default ll.lr): the UL objective's curvature in y "
+                "exceeds the LL's."
+            )

@@ -43,7 +43,7 @@ class GAFFO(FirstOrderMethod):
     gradient step per UL step; Danskin's theorem gives ``grad G`` from gradients of ``f`` and
     ``g`` only.
 
-    One UL step ``k`` (all at ``(x_k, y_k, z_k)``):
+    One UL step ``k`` (all at ``(x_k, y_k, z_k)``; the paper's Algorithm 1, BiC-GAFFA):
 
     1. ``theta_{k+1} = theta_k - eta (grad_y L(x_k, theta_k, z_k) + (theta_k - y_k) / gamma1)``;
        ``lam = max(0, z_k + gamma2 g(x_k, y_k))``;
@@ -51,11 +51,30 @@ class GAFFO(FirstOrderMethod):
        goes to the UL parameters;
     3. ``y_{k+1} = y_k - lr_y g_y`` with
        ``g_y = grad_y F / c_k + grad_y L(x_k, y_k, lam) + (theta_{k+1} - y_k) / gamma1``;
-    4. ``z_{k+1} = max(0, z_k - lr_z (-g(x_k, theta_{k+1}) + (lam - z_k) / gamma2))``.
+    4. ``z_{k+1} = Proj_[0, z_max](z_k - lr_z d_z)``,
+       ``d_z = -g(x_k, theta_{k+1}) + (lam - z_k) / gamma2``.
+
+    What is verified. The paper's text (Algorithm 1 and its equation numbers) could not be
+    read here: only its abstract was available. The rule above was checked line by line
+    against the authors' published code (github.com/PerryChuh/BiC-GAFFA, ``1. Toy/Toy.py``,
+    the synthetic experiment of the paper's Section 6.1; the SVM and hyper-cleaning scripts
+    have the same structure): the same four directions, evaluated at the same points
+    (``theta_{k+1}`` in ``d_x`` and ``d_z``, ``lam`` from ``y_k``, ``x`` and ``y`` moved
+    together at ``x_k``), ``c_k = c0 (k + 1)^p`` (the code uses ``p = 0.3`` and sweeps
+    ``p`` up to 0.49), and ``z`` clipped to ``[0, R]`` (``R = 10`` in the hyperparameter
+    experiments: ``z_max`` here, unbounded by default). Not taken from the code: its cap
+    ``c_k <= 10`` in the toy script (not in the other scripts), its projections of ``theta``
+    and ``y`` onto a set ``Y`` (this class has no set constraint on ``y``; put such
+    constraints in ``ll_constraints``), and its step-size ratios (``eta = 10 lr_y``,
+    ``lr_z = lr_y`` in the toy script; here all default to ``ll.lr``). BOAT 1.1.1's
+    ``GAFFO`` operation is a different algorithm (a finite-difference probe of the LL
+    gradient, with UL and LL variables of the same shape) and was not used as a reference.
 
     Without constraints ``G`` is ``f - v_gamma1``, the Moreau-envelope gap of
     :class:`~bilevel.ul.MESO`, and the two methods differ only in the order of the updates
-    (here ``x`` and ``y`` move together, at ``x_k``). Cost per UL step: 3 gradient
+    (here ``x`` and ``y`` move together, at ``x_k``). Assumptions (the paper's abstract): an
+    LL convex in ``y`` (no strong convexity, no joint convexity of the constraints).
+    Cost per UL step: 3 gradient
     evaluations of ``f`` (with constraints: of ``L``, plus 2 evaluations of ``g`` and one of
     ``f``) and one of ``F``; ``ll.iters`` is not used; memory: ``theta`` and the
     multipliers ``z``.
@@ -77,6 +96,8 @@ class GAFFO(FirstOrderMethod):
         eta: step size of ``theta``; ``None``: ``ll.lr``.
         lr_y: step size of ``y``; ``None``: ``ll.lr``.
         lr_z: step size of ``z``; ``None``: ``lr_y``.
+        z_max: upper bound of the multipliers (the authors' code clips them to ``[0, R]``);
+            ``None``: no upper bound.
     """
 
     name = "gaffo"
@@ -97,6 +118,7 @@ class GAFFO(FirstOrderMethod):
         eta: float | None = None,
         lr_y: float | None = None,
         lr_z: float | None = None,
+        z_max: float | None = None,
     ) -> None:
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
         if ll_constraints is not None and not callable(ll_constraints):
@@ -109,6 +131,7 @@ class GAFFO(FirstOrderMethod):
         self.eta = check_optional_number(eta, "eta")
         self.lr_y = check_optional_number(lr_y, "lr_y")
         self.lr_z = check_optional_number(lr_z, "lr_z")
+        self.z_max = check_optional_number(z_max, "z_max")
 
     def settings(self) -> dict[str, Any]:
         """The hyperparameters a resumed run must share."""
@@ -121,6 +144,7 @@ class GAFFO(FirstOrderMethod):
             "eta": self.eta,
             "lr_y": self.lr_y,
             "lr_z": self.lr_z,
+            "z_max": self.z_max,
         }
 
     def c_at(self, step: int) -> float:
@@ -199,7 +223,7 @@ class GAFFO(FirstOrderMethod):
             lr_z = lr_y if self.lr_z is None else self.lr_z
             g_theta = self._constraint_values(theta, c.train)
             d_z = -g_theta + (lam - z) / self.gamma2
-            auxiliary["z"] = [torch.clamp_min(z - lr_z * d_z, 0.0)]
+            auxiliary["z"] = [torch.clamp(z - lr_z * d_z, min=0.0, max=self.z_max)]
             gap = gap - ((lam - z) ** 2).sum() / (2 * self.gamma2)
         return Update(
             ul_loss=ul_loss,
