@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up benchopt's bilevel benchmark (benchopt/benchmark_bilevel, JAX) OUTSIDE this repository,
-# for timing its own SOBA/SABA/StocBiO/AmIGO/F2SA/BOME on the quadratic problem against
-# benchmarks/bilevel_curves.py (issue 15). Nothing it fetches is committed here.
+# for timing its own SOBA/SABA/StocBiO/AmIGO/BOME on the quadratic problem against
+# benchmarks/bilevel_curves.py (issue 15; benchmarks/benchopt_quadratic.py runs the timing).
+# Nothing it fetches is committed here.
 #
 #   SCRATCH=/work/scratch bash benchmarks/benchopt_setup.sh
 #
@@ -29,6 +30,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/pip" install --quiet jax jaxlib numpy scipy benchopt
 "$VENV/bin/python" -c "import jax, benchopt; print('jax', jax.__version__, 'benchopt', benchopt.__version__)"
-echo "Ready. Run, from $BENCH (float64 as bilevel_curves.py's quadratic, CPU):"
-echo "  JAX_ENABLE_X64=1 JAX_PLATFORMS=cpu $VENV/bin/benchopt run . -d quadratic \\"
+echo "Ready. The side-by-side timing on bilevel_curves.py's quadratic (same data, same"
+echo "hyperparameters, benchopt's solvers called from benchmarks/benchopt_driver_jax.py):"
+echo "  SCRATCH=$SCRATCH python3 benchmarks/benchopt_quadratic.py --repeats 3"
+echo "benchopt's own CLI on its own simulated quadratic, from $BENCH:"
+echo "  JAX_ENABLE_X64=1 JAX_PLATFORMS=cpu $VENV/bin/benchopt run . -d simulated \\"
 echo "    -s soba -s saba -s stocbio -s amigo --max-runs 100 --timeout 60"

@@ -257,7 +257,7 @@ def quadratic_setting(p: int = 50, d: int = 10, n: int = 1024, seed: int = 0) ->
         "AmIGO": {"lr": slr, "iters": 10, "ul_lr": 0.5 * ul_lr, "options": {"batch_size": 64}},
         "BOME": {"lr": lr, "iters": 10, "ul_lr": 0.5 * ul_lr, "options": {}},
         "PBGD": {"lr": lr, "iters": 10, "ul_lr": 0.1 * ul_lr, "options": {"gamma": 10.0}},
-        "BVFIM": {"lr": lr, "iters": 10, "ul_lr": 0.1 * ul_lr, "options": {}, "x0": 0.1},
+        "BVFIM": {"lr": lr, "iters": 10, "ul_lr": 0.1 * ul_lr, "options": {}},
         "MESO": {"lr": lr, "iters": 1, "ul_lr": 0.5 * ul_lr, "options": {}},
         "GAFFO": {"lr": lr, "iters": 1, "ul_lr": 0.5 * ul_lr, "options": {}},
         "Alternating": {"lr": lr, "iters": 10, "ul_lr": ul_lr, "options": {}},
@@ -394,7 +394,7 @@ def logreg_setting(n: int = 49_990, d: int = 22, seed: int = 0) -> Setting:
         "AmIGO": {**base, "iters": 10, "options": {"batch_size": 256}},
         "BOME": {**base, "iters": 10, "options": {}},
         "PBGD": {**base, "iters": 10, "ul_lr": 0.5, "options": {"gamma": 10.0}},
-        "BVFIM": {**base, "iters": 10, "options": {}, "x0": 0.1},
+        "BVFIM": {**base, "iters": 10, "options": {}},
         "MESO": {**base, "iters": 1, "options": {}},
         "GAFFO": {**base, "iters": 1, "options": {}},
         "Alternating": {**base, "iters": 10, "options": {}},
@@ -509,7 +509,7 @@ def cleaning_setting(
         "AmIGO": {**base, "iters": 10, "options": {"batch_size": 64}},
         "BOME": {**base, "iters": 10, "options": {}},
         "PBGD": {**base, "iters": 10, "options": {"gamma": 10.0}},
-        "BVFIM": {**base, "iters": 10, "options": {}, "x0": 0.1},
+        "BVFIM": {**base, "iters": 10, "options": {}},
         "MESO": {**base, "iters": 1, "options": {}},
         "GAFFO": {**base, "iters": 1, "options": {}},
         "Alternating": {**base, "iters": 10, "options": {}},
@@ -664,6 +664,12 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument(
+        "--update",
+        action="store_true",
+        help="replace only the --methods runs in --out (same per-method budget: --max-minutes "
+        "scaled by the number of methods), recording the update",
+    )
+    parser.add_argument(
         "--out",
         default="benchmarks/results/bilevel_curves.json",
         help="JSON file written (default benchmarks/results/bilevel_curves.json)",
@@ -672,6 +678,32 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 SHARES = {"quadratic": 0.15, "logreg": 0.30, "cleaning": 0.45}
+
+
+def updated(path: Path, new: dict, methods: list[str]) -> dict:
+    """The results in ``path`` with the runs of ``methods`` replaced by those of ``new``
+    (each problem's per-method budget must be the same), the update recorded."""
+    if not path.exists():
+        raise SystemExit(f"--update: {path} does not exist; run without --update first.")
+    old = json.loads(path.read_text())
+    for pname, problem in new["problems"].items():
+        if pname not in old["problems"]:
+            raise SystemExit(f"--update: {path} has no problem {pname!r}.")
+        kept = old["problems"][pname]
+        if abs(kept["budget_per_method_s"] - problem["budget_per_method_s"]) > 1e-6 * max(
+            1.0, kept["budget_per_method_s"]
+        ):
+            raise SystemExit(
+                f"--update: {pname}: {problem['budget_per_method_s']:.2f} s per method, but "
+                f"{path} gave {kept['budget_per_method_s']:.2f} s; choose --max-minutes so "
+                "that they agree."
+            )
+        fresh = {run["method"]: run for run in problem["runs"]}
+        kept["runs"] = [fresh.get(run["method"], run) for run in kept["runs"]]
+    old.setdefault("updates", []).append(
+        {k: new[k] for k in ("command", "date", "machine", "wall_seconds")} | {"methods": methods}
+    )
+    return old
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -727,6 +759,8 @@ def main(argv: list[str] | None = None) -> dict:
             "runs": runs,
         }
     result["wall_seconds"] = time.perf_counter() - started
+    if args.update:
+        result = updated(Path(args.out), result, methods)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out} in {result['wall_seconds']:.0f}s")
