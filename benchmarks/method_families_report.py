@@ -227,6 +227,15 @@ class Page:
                 f"is {worst[1]:.2f} ({name(worst[0])}, {worst[0]['problem']})."
             )
         lines += self.memory_takeaway()
+        for note in d.get("remeasured", []):
+            shown = {**NAMES, "fd_one_step": "DARTS with one LL step"}
+            methods = ", ".join(shown.get(x, x) for x in note.get("methods") or []) or "some"
+            lines.append(
+                f"- **Re-measured.** The rows of {methods} were measured again on "
+                f"{note['date'][:10]} (load average {note['loadavg_start'][0]:.1f} at the start, "
+                f"{note['duration_s'] / 60:.1f} minutes), all implementations alternated in "
+                "that run; the other rows are from the full run below."
+            )
         cores = f"{m['cores']} cores" if m.get("cores") else "CPU"
         load = d.get("loadavg_start", [None])[0]
         lines.append(
@@ -449,7 +458,37 @@ class Page:
                 rows.append([label(c), *cells, *ratios])
             head = ["method", *(IMPL_NAMES[i] for i in IMPLS), "÷ BOAT", "÷ floor"]
             out += [f"**{PROBLEMS[problem]}**", "", *table(head, rows)]
-        return out
+        return out + self.floor_notes()
+
+    def floor_notes(self) -> list[str]:
+        """What the hand-written floors of BDA, PTT and DARTS do, and how they were timed."""
+        rounds = max(self.data.get("target_rounds") or 0, self.data.get("rounds") or 0)
+        one_step = [
+            (c, self.res.median(c, "floor"))
+            for c in self.configs("regression")
+            if c["method"] == "fd" and c.get("T") == 1 and self.res.median(c, "floor")
+        ]
+        lines = [
+            "The floors of BDA, PTT and DARTS (`benchmarks/impl_floor_families.py`) do the same "
+            "work as ours: the same LL steps, gradient evaluations and UL evaluations (PTT: the "
+            "UL loss at every iterate without a graph, then one backward pass from the worst; "
+            "DARTS: the LL steps without a graph, one UL gradient and two LL gradients in the "
+            "UL variables only). What they leave out is what the library adds for safety: the "
+            "checks of the arguments and of the objectives' results, the LL loss of every step "
+            "with its NaN and growth check, the finite checks of the UL loss and the "
+            "hypergradient, and the state dict and patched module through which objectives "
+            "see the weights."
+            + (f" Their rows are timed over {rounds} alternation rounds." if rounds else ""),
+        ]
+        if one_step:
+            shown = ", ".join(f"{t * 1e3:.2g} ms ({c['problem']})" for c, t in one_step)
+            lines[0] += (
+                " DARTS with one LL step takes the floor "
+                f"{shown} per UL step: its ratio is the library's fixed cost per UL step (those "
+                "checks, and building the run's state), which longer LL runs spread over their "
+                "steps."
+            )
+        return ["", *lines, ""]
 
     def memories(self) -> list[str]:
         out = [
@@ -603,6 +642,10 @@ class Page:
             "",
             "```",
             "BILEVEL_DATA=<folder with MNIST/> " + command,
+            *(
+                "BILEVEL_DATA=<folder with MNIST/> " + portable(note["command"])
+                for note in d.get("remeasured", [])
+            ),
             "python benchmarks/method_families_report.py   # this page, from the JSON",
             "```",
             "",

@@ -205,6 +205,7 @@ class BilevelProblem:
         if not tasks:
             raise ValueError("no task to compute a hypergradient on.")
         self._check_single_state(len(tasks))
+        group = distributed.active()
         mine, weight = distributed.shard(tasks)
         losses = []  # per task: the UL loss and the last LL loss
         fault: Exception | None = None
@@ -212,10 +213,17 @@ class BilevelProblem:
             for train, val in mine:
                 losses.extend(self.ul.task_gradients(self.ll, train, val))
         except Exception as error:
-            if not distributed.active():
+            if not group:
                 raise
             fault = error  # raised after the all-reduce, with every other process
         reference = self.ul_params[0]  # no task on this process: zeros
+        if not group and len(losses) == 2:  # one task in one process: the sums are its own
+            for p in self.ul_params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            ul_loss, ll_loss = (t.to(reference.dtype).reshape(()) for t in losses)
+            self.last_ll_loss = ll_loss
+            return ul_loss
         if fault is None and losses:
             totals = torch.stack(losses).view(-1, 2).sum(0).to(reference.dtype)
         else:
@@ -227,7 +235,7 @@ class BilevelProblem:
         if weight != 1.0:
             for t in (*grads, totals):
                 t.mul_(weight)
-        if distributed.active():
+        if group:
             world, rank = distributed.world_size(), distributed.rank()
             flags = reference.new_zeros(2 * world + 1)  # [numeric fault | other error | stop]
             if fault is not None:

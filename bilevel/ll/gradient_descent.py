@@ -14,9 +14,16 @@ from torch import nn
 from bilevel import linalg
 from bilevel.ll import hyper as hyperparameters
 from bilevel.ll.hyper import Schedule
-from bilevel.ll.patched import evaluate_at, fast_weights, install, patch, sync_from
+from bilevel.ll.patched import evaluate_at, install, patch, sync_from
 from bilevel.ll.rules import UpdateRule, make_rule
-from bilevel.ll.unroll import GradientStep, Observer, Trajectory, Unroll
+from bilevel.ll.unroll import (
+    GradientStep,
+    Observer,
+    Trajectory,
+    Unroll,
+    last_step_only,
+    needs_graph,
+)
 from bilevel.state import (
     LowerLevelDivergenceError,
     Objective,
@@ -29,6 +36,9 @@ from bilevel.state import (
 
 #: ``run``'s default: record as many graph steps as ``differentiable_steps`` says
 AS_CONFIGURED: Any = object()
+#: runs up to this many steps read their losses back whole for the checks (cheaper than
+#: reducing them on the device first)
+SHORT_RUN = 4096
 
 
 class GradientDescent:
@@ -176,34 +186,52 @@ class GradientDescent:
     def differentiable_steps(self, value: int | None) -> None:
         self._differentiable_steps = _check_steps(value)
 
-    def schedule(self) -> Schedule:
-        """The hyperparameters of a run: callables evaluated now, on the UL model."""
+    def schedule(self, trainable: Sequence[bool] | None = None) -> Schedule:
+        """The hyperparameters of a run: callables evaluated now, on the UL model.
+
+        ``trainable`` (whether each LL parameter requires grad) may be passed when known.
+        When every hyperparameter is a plain number the schedule is the same at every run: it
+        is built once per set of trainable parameters and reused.
+        """
+        if trainable is None:
+            trainable = [p.requires_grad for p in self.ll_model.parameters()]
+        n = sum(trainable)
+        cached = self.__dict__.get("_constant_schedule")
+        if cached is not None and cached[0] == n:
+            return cached[1]
         reference = next(p for p in self.ll_model.parameters() if p.requires_grad)
         values = {
             name: (h.resolve(self.ul_model, self.iters, reference), h.per_parameter)
             for name, h in self.hyper.items()
         }
-        n = sum(p.requires_grad for p in self.ll_model.parameters())
-        return Schedule(values, n)
+        schedule = Schedule(values, n)
+        if all(isinstance(v, float) for h in self.hyper.values() for v in h.items):
+            self._constant_schedule = (n, schedule)  # numbers only: nothing to evaluate per run
+        return schedule
 
-    def patched_model(self, graph_from_start: bool) -> nn.Module:
+    def patched_model(
+        self, graph_from_start: bool, params: Sequence[torch.Tensor] | None = None
+    ) -> nn.Module:
         """A ``higher``-patched copy of ``ll_model`` with fast weights at its weights, and its
         buffers and training flags.
 
         With ``graph_from_start`` the fast weights keep a graph to ``ll_model``'s weights (so
         that they can be UL variables, as in MAML); otherwise they are detached copies.
         Patching creates new classes and costs milliseconds, so a model handed back with
-        :meth:`release` is reused.
+        :meth:`release` is reused. ``params``: ``ll_model``'s parameters, when the caller has
+        them at hand.
         """
         model, self._spare = self._spare, None
         if model is None:
             model = patch(self.ll_model)
         sync_from(self.ll_model, model)
-        params = [
+        if params is None:
+            params = list(self.ll_model.parameters())
+        weights = [
             p.clone() if graph_from_start else p.detach().clone().requires_grad_(p.requires_grad)
-            for p in self.ll_model.parameters()
+            for p in params
         ]
-        install(model, params)
+        install(model, weights)
         return model
 
     def release(self, auxiliary_model: nn.Module) -> None:
@@ -233,17 +261,20 @@ class GradientDescent:
         ul_batch: tuple[Any, Any] | None = None,
     ) -> Unroll:
         """Begin an LL run on ``(data, target)``, to be stepped by hand (online methods)."""
-        reference = next(p for p in self.ll_model.parameters() if p.requires_grad)
+        params = list(self.ll_model.parameters())
+        trainable = [p.requires_grad for p in params]
+        reference = next(p for p, t in zip(params, trainable, strict=True) if t)
         check_data_matches(data, reference, "data")
         check_data_matches(target, reference, "target")
-        schedule = self.schedule()  # before any freezing: callables see live UL parameters
-        model = self.patched_model(graph_from_start)
+        # before any freezing: callables see live UL parameters
+        schedule = self.schedule(trainable)
+        model = self.patched_model(graph_from_start, params)
         return Unroll(
             model,
             self.step_map(model, ul_batch),
             schedule,
             make_state(data, target, self.ul_model, model),
-            [p.requires_grad for p in self.ll_model.parameters()],
+            trainable,
             plain_sgd=self._plain_sgd(),
             observer=observer,
             in_place=not graph_from_start,
@@ -281,15 +312,17 @@ class GradientDescent:
         iters = self.iters
         tracked = iters if steps is None else min(steps, iters)
         unroll = self.start(data, target, tracked == iters, observer, ul_batch)
-        losses = fast_weights(unroll.model)[0].new_empty(iters)  # filled in place
         untracked = iters - tracked
-        with self._ul_frozen(untracked > 0 and observer is None):
-            if unroll.in_place:
-                unroll.run_in_place(untracked, losses[:untracked])
-            recorded = [unroll.step(graph=False) for _ in range(unroll.steps, untracked)]
+        recorded: list[torch.Tensor] = []  # the LL loss before each step (detached)
+        with self._ul_frozen(untracked > 0 and not needs_graph(observer)):
+            if unroll.in_place:  # the steps that no observer sees overwrite the weights
+                shown = 0 if observer is None else untracked
+                if last_step_only(observer):  # the last step: one of these, or a graph step
+                    shown = 1 if tracked == 0 else 0
+                recorded = unroll.run_in_place(untracked - shown)
+            recorded += [unroll.step(graph=False) for _ in range(unroll.steps, untracked)]
         recorded += [unroll.step(graph=True) for _ in range(untracked, iters)]
-        if recorded:  # the steps not taken in place
-            torch.stack(recorded, out=losses[iters - len(recorded) :])
+        losses = torch.stack(recorded)
         self._check_losses(losses, unroll)
         return unroll.record(losses, tracked)
 
@@ -336,7 +369,11 @@ class GradientDescent:
         """Raise if the LL loss of a run became NaN or inf, or grew (``on_growth``): one host
         sync per run. ``unroll`` (the run) lets a diverging run measure the curvature at its
         start weights for the message."""
-        total, first, last = torch.stack([losses.sum(), losses[0], losses[-1]]).tolist()
+        if len(losses) <= SHORT_RUN:  # the values themselves: one transfer, few small ops
+            values = losses.tolist()
+            total, first, last = sum(values), values[0], values[-1]
+        else:
+            total, first, last = torch.stack([losses.sum(), losses[0], losses[-1]]).tolist()
         if not math.isfinite(total) and not bool(torch.isfinite(losses).all()):
             bad = int(torch.nonzero(~torch.isfinite(losses))[0])
             raise FloatingPointError(

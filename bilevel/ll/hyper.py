@@ -178,10 +178,13 @@ class Schedule:
 
     def plain_sgd_lrs(self) -> list[float] | None:
         """The step sizes, when every hyperparameter is a constant float (plain SGD then
-        takes ``w - lr * g`` directly)."""
-        if self._cache is None:
-            return None
-        hyper = self._cache[True]
-        if not all(isinstance(v, float) for row in hyper.values() for v in row):
-            return None
-        return hyper["lr"]
+        takes ``w - lr * g`` directly). Worked out once per schedule (it does not change)."""
+        if "_plain_lrs" in self.__dict__:
+            return self._plain_lrs
+        lrs = None
+        if self._cache is not None:
+            hyper = self._cache[True]
+            if all(isinstance(v, float) for row in hyper.values() for v in row):
+                lrs = hyper["lr"]
+        self._plain_lrs = lrs
+        return lrs

@@ -80,6 +80,16 @@ class Observer(Protocol):
 
     With ``detach_inputs`` each step's graph starts at its inputs (forward mode: tangents
     carry the past); otherwise the steps keep the graph the run was asked for.
+
+    Two optional attributes make an observer cheaper to run (both absent: every step is
+    observed with its graph, as forward-mode tangents need):
+
+    - ``needs_graph = False``: :meth:`propagate` only reads values (the weights before a
+      step), so steps that keep no graph take their gradient without one, and the UL
+      parameters are frozen during them as without an observer;
+    - ``last_step_only = True``: only the last step of a run matters to it, so in a run of
+      known length (``GradientDescent.run``) the earlier steps without a graph are taken in
+      place and not shown to it. Steps taken one by one (online methods) are all shown.
     """
 
     detach_inputs: bool
@@ -89,6 +99,16 @@ class Observer(Protocol):
     ) -> None: ...
 
     def result(self) -> Any: ...
+
+
+def needs_graph(observer: Observer | None) -> bool:
+    """Whether ``observer`` needs the graph of every LL step (``False`` without one)."""
+    return observer is not None and getattr(observer, "needs_graph", True)
+
+
+def last_step_only(observer: Observer | None) -> bool:
+    """Whether ``observer`` looks at the last LL step of a run only."""
+    return observer is not None and getattr(observer, "last_step_only", False)
 
 
 class GradientStep:
@@ -158,7 +178,8 @@ class Unroll:
             take ``w - lr * g`` directly.
         observer: sees every step with its graph (forward mode), or ``None``.
         in_place: the starting weights are fresh leaves that no graph has seen, so steps
-            without a graph may overwrite them (until a step keeps a graph).
+            without a graph may overwrite them (until a step keeps a graph, or an observer
+            sees one: :meth:`step` with an observer never overwrites).
     """
 
     def __init__(
@@ -179,7 +200,9 @@ class Unroll:
         self.trainable = trainable
         self.index = [i for i, t in enumerate(trainable) if t]
         self.observer = observer
-        self.in_place = in_place and observer is None
+        #: whether the observer needs the graph of every step (see :class:`Observer`)
+        self.observer_graph = needs_graph(observer)
+        self.in_place = in_place
         self.plain_lrs = schedule.plain_sgd_lrs() if plain_sgd else None
         self.opt_state: dict[str, Tensors] = {}
         self.steps = 0
@@ -195,10 +218,8 @@ class Unroll:
 
     def step(self, graph: bool) -> torch.Tensor:
         """Take one LL step; keep its graph if ``graph``. Returns the LL loss (detached)."""
-        if not graph and self.in_place:
-            loss = fast_weights(self.model)[self.index[0]].new_empty(1)
-            self.run_in_place(1, loss)
-            return loss[0]
+        if not graph and self.in_place and self.observer is None:
+            return self.run_in_place(1)[0]
         self.in_place = False
         params = fast_weights(self.model)
         active = [params[i] for i in self.index]
@@ -209,22 +230,25 @@ class Unroll:
                 k: [t.detach().requires_grad_() for t in v] for k, v in self.opt_state.items()
             }
             self._install(params, active)
-        keep = graph or observe
+        keep = graph or self.observer_graph
         new, new_state, loss, grads = self._apply(active, keep)
         if observe:
             self.observer.propagate(active, self.opt_state, new, new_state)
         if not graph:
             new = [p.detach().requires_grad_() for p in new]
             new_state = {k: [t.detach() for t in v] for k, v in new_state.items()}
-        self._record_first(grads)
+        if self.steps == 0:
+            self._record_first(grads)
         self.opt_state = new_state
-        self._install(params, new)
+        for i, p in zip(self.index, new, strict=True):
+            params[i] = p
+        install(self.model, params)
         self.steps += 1
         return loss.detach()
 
     def _apply(self, active: Tensors, keep: bool) -> tuple[Tensors, dict, torch.Tensor, Tensors]:
-        hyper = self.schedule.at(self.steps, detach=not keep)
         if self.plain_lrs is None:
+            hyper = self.schedule.at(self.steps, detach=not keep)
             return self.step_map(active, self.opt_state, hyper, self.state, self.steps, keep)
         loss, grads = self.step_map.direction(active, self.state, self.steps, keep)
         new = [p - lr * g for p, g, lr in zip(active, grads, self.plain_lrs, strict=True)]
@@ -235,17 +259,19 @@ class Unroll:
             params[i] = p
         install(self.model, params)
 
-    def run_in_place(self, steps: int, losses: torch.Tensor) -> None:
-        """``steps`` steps without a graph that overwrite the fast weights; the loss before
-        step ``t`` of the run goes to ``losses[t]``. The patched model keeps its tensors, so it
-        need not be re-patched, and the updates record no graph. Only while ``in_place``."""
+    def run_in_place(self, steps: int) -> Tensors:
+        """``steps`` steps without a graph that overwrite the fast weights; returns the loss
+        before each of them (detached). The patched model keeps its tensors, so it need not
+        be re-patched, and the updates record no graph. Only while ``in_place``."""
         params = fast_weights(self.model)
         active = [params[i] for i in self.index]
-        for t in range(steps):
+        aliases = [w.detach() for w in active]  # the same storage, updated without a graph
+        losses = []
+        for _ in range(steps):
             if self.plain_lrs is not None:  # w -= lr * g on an alias: no new weight, no graph
                 loss, grads = self.step_map.direction(active, self.state, self.steps, False)
-                for weight, grad, lr in zip(active, grads, self.plain_lrs, strict=True):
-                    weight.detach().sub_(lr * grad)  # rounded as the rule's w - lr * g
+                for weight, grad, lr in zip(aliases, grads, self.plain_lrs, strict=True):
+                    weight.sub_(lr * grad)  # rounded as the rule's w - lr * g
             else:
                 hyper = self.schedule.at(self.steps, detach=True)
                 new, state, loss, grads = self.step_map(
@@ -256,8 +282,9 @@ class Unroll:
                         weight.copy_(value)
                 self.opt_state = {k: [s.detach() for s in v] for k, v in state.items()}
             self._record_first(grads)
-            losses[t] = loss.detach()
+            losses.append(loss.detach())
             self.steps += 1
+        return losses
 
     def cut(self) -> None:
         """Cut the graph: continue from detached copies of the current weights and optimizer

@@ -3,6 +3,7 @@ evaluation of the objectives, and accumulation of the hypergradient into ``.grad
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,14 +214,16 @@ class HypergradientCalculator:
         call = Call(*val, trajectory.model, *train, trajectory)
         grads, loss = self._hypergradient(call)
         self._refuse_unused(grads)
-        check_finite(loss.detach(), "the UL loss")
+        loss = loss.detach()
+        if loss.numel() != 1 or not math.isfinite(loss.item()):  # one host sync
+            check_finite(loss, "the UL loss")  # raises if not finite, with the values
         for p, g in zip(self.ul_params, grads, strict=True):
             if p.grad is None:
                 p.grad = g.detach().clone()
             else:
                 p.grad.add_(g.detach())
-        self.diagnostics["ul_loss"] = loss.detach()
-        return loss.detach()
+        self.diagnostics["ul_loss"] = loss
+        return loss
 
     def _hypergradient(self, call: Call) -> tuple[Grads, torch.Tensor]:
         """The method itself: the hypergradient (``None`` where no path) and the UL loss."""

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bilevel.ll import GradientDescent, Trajectory, evaluate_at
+from bilevel.ll.patched import install
 from bilevel.state import Objective
 from bilevel.ul.base import Call, Grads, HypergradientCalculator, add, detached_weights
 
@@ -18,9 +19,13 @@ Tensors = list[torch.Tensor]
 
 class WeightsBeforeLastStep:
     """An LL-step observer that keeps the (detached) trainable weights at the input of the
-    latest step: after the run, the weights ``w_{T-1}`` from which the last step started."""
+    latest step: after the run, the weights ``w_{T-1}`` from which the last step started.
+    It reads values of the last step only, so the steps keep no graph for it and the earlier
+    ones run in place (``needs_graph``, ``last_step_only``)."""
 
     detach_inputs = False
+    needs_graph = False
+    last_step_only = True
 
     def __init__(self) -> None:
         self.weights: Tensors | None = None
@@ -32,6 +37,13 @@ class WeightsBeforeLastStep:
     def result(self) -> Tensors | None:
         """The trainable weights before the last step."""
         return self.weights
+
+
+def _minus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """``a - b`` of two optional gradients (``None`` means no path)."""
+    if b is None:
+        return a
+    return -b if a is None else a - b
 
 
 def _plain_gradient_descent(ll: Any) -> str | None:
@@ -80,8 +92,8 @@ class FiniteDifference(HypergradientCalculator):
     at condition number ~2, 0.69-0.98 at ~50). A ``RuntimeWarning`` says so once. DARTS uses
     it this way, alternating one LL step and one UL step.
 
-    Cost: no LL graph (the LL runs with an observer that keeps ``w_{T-1}``, so its steps are
-    not taken in place); then one UL gradient and two LL gradients. No Hessian-vector
+    Cost: no LL graph (the LL runs with an observer that keeps ``w_{T-1}``; all steps but the
+    last are taken in place); then one UL gradient and two LL gradients. No Hessian-vector
     product. The LL must be plain SGD (no momentum, no weight decay).
 
     Reference: Liu, Simonyan & Yang (2019), "DARTS: Differentiable Architecture Search", ICLR.
@@ -154,46 +166,59 @@ class FiniteDifference(HypergradientCalculator):
         self._warn_if_many_steps(trajectory)
         xi = self._step_sizes(trajectory, len(active))
         n = len(self.ul_params)
-        with evaluate_at(call.auxiliary_model, weights):
+        # the LL gradient in the weights only where a UL parameter is an initial weight
+        position = {j: k for k, j in enumerate(active)}
+        initial = {j for j in self.initial_weight_of if j is not None and j in position}
+        wanted = [position[j] for j in active if j in initial]
+        with evaluate_at(call.auxiliary_model, weights):  # restores the weights on exit
             loss = self.ul_loss(call)
-        w = [weights[i] for i in active]
-        grads = torch.autograd.grad(loss, [*self.ul_params, *w], allow_unused=True)
-        direct = grads[:n]
-        v = [torch.zeros_like(x) if g is None else g for x, g in zip(w, grads[n:], strict=True)]
-        u = [lr * g for lr, g in zip(xi, v, strict=True)]
-        norm = torch.stack([ui.pow(2).sum() for ui in u]).sum().sqrt()
-        # u = 0 (the UL loss is flat in w): w+- = w, and the difference is exactly 0
-        eps = self.r / norm.clamp_min(torch.finfo(norm.dtype).tiny)
-        plus = self._ll_gradients(call, before, u, eps)
-        minus = self._ll_gradients(call, before, u, -eps)
+            w = [weights[i] for i in active]
+            grads = torch.autograd.grad(loss, [*self.ul_params, *w], allow_unused=True)
+            direct = grads[:n]
+            v = [torch.zeros_like(x) if g is None else g for x, g in zip(w, grads[n:], strict=True)]
+            u = [lr * g for lr, g in zip(xi, v, strict=True)]
+            squares = [ui.pow(2).sum() for ui in u]
+            norm = (squares[0] if len(squares) == 1 else torch.stack(squares).sum()).sqrt()
+            # u = 0 (the UL loss is flat in w): w+- = w, and the difference is exactly 0
+            eps = self.r / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+            plus = self._ll_gradients(call, weights, active, before, u, eps, wanted)
+            minus = self._ll_gradients(call, weights, active, before, u, -eps, wanted)
         mixed = [
             None if p is None or m is None else (p - m) / (2 * eps)
             for p, m in zip(plus, minus, strict=True)
         ]
         self.diagnostics["fd_epsilon"] = eps.detach()
-        result = [add(d, None if m is None else -m) for d, m in zip(direct, mixed[:n], strict=True)]
-        position = {j: k for k, j in enumerate(active)}
+        result = [_minus(d, m) for d, m in zip(direct, mixed[:n], strict=True)]
+        curvatures = dict(zip(wanted, mixed[n:], strict=True))
         for i, j in enumerate(self.initial_weight_of):
             if j is not None and j in position:  # (I - xi H) v for an initial weight
                 k = position[j]
-                curvature = mixed[n + k]
+                curvature = curvatures[k]
                 result[i] = add(result[i], v[k] if curvature is None else v[k] - curvature)
         return result, loss
 
     def _ll_gradients(
-        self, call: Call, before: Tensors, u: Tensors, eps: torch.Tensor
+        self,
+        call: Call,
+        weights: Tensors,
+        active: list[int],
+        before: Tensors,
+        u: Tensors,
+        eps: torch.Tensor,
+        wanted: list[int],
     ) -> list[torch.Tensor | None]:
-        """``grad f`` with respect to the UL parameters and the trainable weights, at
-        ``w_{T-1} + eps * u``."""
-        trajectory = call.trajectory
-        weights = [x.detach() for x in trajectory.weights]  # frozen ones: as they are
+        """``grad f`` with respect to the UL parameters and the trainable weights at positions
+        ``wanted`` (those that UL parameters initialize), at ``w_{T-1} + eps * u`` (the other
+        LL weights from ``weights``, as they are). Installs the moved weights in the auxiliary
+        model: call it where they are restored afterwards."""
         moved = [(b + eps * ui).requires_grad_() for b, ui in zip(before, u, strict=True)]
-        index = [i for i, t in enumerate(trajectory.trainable) if t]
-        for i, x in zip(index, moved, strict=True):
-            weights[i] = x
-        with evaluate_at(call.auxiliary_model, weights):
-            loss = self.ll_loss(call)
-        return list(torch.autograd.grad(loss, [*self.ul_params, *moved], allow_unused=True))
+        at = list(weights)
+        for i, x in zip(active, moved, strict=True):
+            at[i] = x
+        install(call.auxiliary_model, at)
+        loss = self.ll_loss(call)
+        inputs = [*self.ul_params, *(moved[k] for k in wanted)]
+        return list(torch.autograd.grad(loss, inputs, allow_unused=True))
 
     def _step_sizes(self, trajectory: Trajectory, count: int) -> list[Any]:
         values = trajectory.step_sizes

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from bilevel.ll import evaluate_at
+from bilevel.ll.patched import install
 from bilevel.ul.base import Call, Grads, HypergradientCalculator
 
 Tensors = list[torch.Tensor]
@@ -85,9 +86,16 @@ class PTT(HypergradientCalculator):
 
     def _worst(self, call: Call, iterates: list[Tensors]) -> int:
         """The index of the iterate with the largest UL loss (one host sync)."""
+        model = call.auxiliary_model
+        weights = list(call.trajectory.weights)  # frozen ones as they are
+        index = [i for i, t in enumerate(call.trajectory.trainable) if t]
+        state = self.states(model, *call.val)  # one state, as the LL steps share theirs
         losses = []
-        with torch.no_grad():
+        with torch.no_grad(), evaluate_at(model, weights):  # the final weights back on exit
             for trainable in iterates:
-                with evaluate_at(call.auxiliary_model, self._weights(call, trainable)):
-                    losses.append(self.ul_objective(self.states(call.auxiliary_model, *call.val)))
-        return int(torch.stack([loss.reshape(()) for loss in losses]).argmax())
+                for i, w in zip(index, trainable, strict=True):
+                    weights[i] = w
+                install(model, weights)
+                losses.append(self.ul_objective(state))
+        losses = [loss if loss.ndim == 0 else loss.reshape(()) for loss in losses]
+        return int(torch.stack(losses).argmax())
