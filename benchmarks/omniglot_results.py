@@ -162,6 +162,7 @@ def summarize(name: str, r: dict[str, Any], folder: Path) -> dict[str, Any]:
         "best_step": r["best_step"],
         "eval_seconds": round(r["eval_seconds"]),
         "cg_nonpositive": None if cg is None else list(cg),
+        "stopped": r.get("stopped"),
         "hardware": hardware,
     }
 
@@ -254,11 +255,21 @@ def equal_table(rows: list[dict[str, Any]]) -> list[str]:
         "|---|--:|--:|--:|--:|--:|",
     ]
     for r in sorted(equal, key=lambda r: -r["test_accuracy_pct"]):
+        steps = f"{r['meta_steps']:,}" + (" (stopped)" if r.get("stopped") else "")
         lines.append(
             f"| {method_name(r)} | **{r['test_accuracy_pct']:.2f}** ± {r['test_ci95_pct']:.2f} "
-            f"| {r['meta_steps']:,} | {r['cpu_seconds_per_meta_step']:.3f} | "
+            f"| {steps} | {r['cpu_seconds_per_meta_step']:.3f} | "
             f"{r['best_step']:,} | {published_text(published(r))} |"
         )
+    stopped = [r for r in equal if r.get("stopped")]
+    if stopped:
+        lines += [
+            "",
+            "(stopped): meta-training ended before the budget because the LL's gradient "
+            "descent diverged on a task (`LowerLevelDivergenceError`); the model tested is the "
+            "best one before it. "
+            + " ".join(f"`{r['name']}`: {r['stopped'].split(':')[0]}." for r in stopped),
+        ]
     lines += ["", "Settings (run names as in the tables below):", ""]
     lines += [f"- `{r['name']}`: {r['setting']}" for r in equal]
     return lines
@@ -307,6 +318,8 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             f"meta-step {r['best_step']:,} of {r['meta_steps']:,}; test evaluation "
             f"{r['eval_seconds']} s."
         )
+        if r.get("stopped"):
+            line += f" Meta-training stopped: {r['stopped'].split(':')[0]}."
         if r.get("cg_nonpositive"):
             bad, total = r["cg_nonpositive"]
             line += (

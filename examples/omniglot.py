@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from bilevel import BilevelProblem, checkpoint, distributed
 from bilevel.data import Omniglot, TaskSampler
-from bilevel.ll import BDA, GradientDescent
+from bilevel.ll import BDA, GradientDescent, LowerLevelDivergenceError
 from bilevel.models import ConvNet4, FewShotNet
 from bilevel.ul import FirstOrder, Implicit, Reptile, Reverse, Truncated
 
@@ -556,6 +556,7 @@ def experiment(
         run.checkpointed()
 
     postfix: dict[str, str] = {}
+    stopped: str | None = None
     # CPU time of this process (all its threads), summed over resumed runs like the wall time
     cpu_before = next(
         (h["cpu_seconds"] for h in reversed(record.history) if "cpu_seconds" in h), 0.0
@@ -575,7 +576,18 @@ def experiment(
         # the CG non-positive-curvature warning is counted in the log instead
         warnings.filterwarnings("ignore", message="CG met a direction")
         for step in range(start, args.meta_steps):
-            losses.append(problem.meta_step(batch(step)))
+            try:
+                losses.append(problem.meta_step(batch(step)))
+            except LowerLevelDivergenceError as error:
+                # the LL's descent diverged on a task (the hyper-representation's features
+                # can outgrow its step): meta-training stops, and the best model so far is
+                # tested; the same command stops here again (lower --inner-lr or --meta-lr
+                # in a new run)
+                stopped = f"the LL diverged at meta-step {step + 1}: {error}"
+                exp.query_accuracy.clear()
+                if main_process:
+                    print(f"{label}: meta-training stopped, {stopped}")
+                break
             accuracies.append(exp.take_query_accuracy())
             bar.update(1)
             done = step + 1
@@ -668,6 +680,7 @@ def experiment(
         "train_cpu_seconds_without_validation": round(cpu_seconds - val_cpu, 2),
         "eval_seconds": round(eval_seconds, 2),
         "resumed_from_step": record.resumed_from,
+        "stopped": stopped,
         "settings": {**settings, **{k: getattr(args, k) for k in RESUMABLE}},
         "hardware": _common.hardware(device),
         "device": str(device),

@@ -303,3 +303,29 @@ def test_cpu_budget_stops_meta_training_and_a_larger_one_resumes(
     )
     assert second["resumed_from_step"] > 0 and second["meta_steps"] > first["meta_steps"]
     assert second["train_cpu_seconds_without_validation"] >= 24
+
+
+def test_a_diverging_ll_stops_meta_training_and_tests_the_best_model(
+    example, omniglot, data_root, data_cache_dir, tmp_path, monkeypatch
+):
+    """The LL's descent diverging on a task (LowerLevelDivergenceError) ends meta-training:
+    the best model so far is tested and results.json says why it stopped."""
+    from bilevel.ll import LowerLevelDivergenceError
+
+    calls = 0
+    meta_step = BilevelProblem.meta_step
+
+    def diverging(self, batch):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise LowerLevelDivergenceError("The LL loss grew (test)")
+        return meta_step(self, batch)
+
+    monkeypatch.setattr(BilevelProblem, "meta_step", diverging)
+    results = _run(
+        example, tmp_path, data_root, data_cache_dir, "--method", "maml", *TINY, "--meta-steps", "6"
+    )
+    assert results["meta_steps"] == 2 and results["best_step"] == 2
+    assert results["stopped"].startswith("the LL diverged at meta-step 3")
+    assert json.loads((tmp_path / "results.json").read_text())["stopped"] == results["stopped"]
