@@ -206,7 +206,8 @@ class BilevelProblem:
             raise ValueError("no task to compute a hypergradient on.")
         self._check_single_state(len(tasks))
         group = distributed.active()
-        mine, weight = distributed.shard(tasks)
+        # without a process group every task is this process's, each weighing 1 / len(tasks)
+        mine, weight = distributed.shard(tasks) if group else (tasks, 1.0 / len(tasks))
         losses = []  # per task: the UL loss and the last LL loss
         fault: Exception | None = None
         try:
@@ -221,7 +222,10 @@ class BilevelProblem:
             for p in self.ul_params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            ul_loss, ll_loss = (t.to(reference.dtype).reshape(()) for t in losses)
+            dtype = reference.dtype
+            ul_loss, ll_loss = (
+                t if t.dtype == dtype and t.ndim == 0 else t.to(dtype).reshape(()) for t in losses
+            )
             self.last_ll_loss = ll_loss
             return ul_loss
         if fault is None and losses:

@@ -56,6 +56,9 @@ def check_objective_result(value: Any, name: str) -> torch.Tensor:
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether no entry is NaN or inf, in one host sync: finite entries have a finite sum, and
     an infinite sum (finite entries can overflow to one) is looked into entry by entry."""
+    if len(tensors) == 1:  # one tensor: its own sum (no stack)
+        (only,) = tensors
+        return math.isfinite(only.sum().item()) or bool(torch.isfinite(only).all())
     total = torch.stack([t.sum() for t in tensors]).sum()
     return math.isfinite(total.item()) or all(bool(torch.isfinite(t).all()) for t in tensors)
 

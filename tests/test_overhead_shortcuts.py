@@ -237,3 +237,73 @@ def test_a_non_finite_ul_loss_is_refused():
     problem = BilevelProblem(ll, Reverse(nan_ul, p.ul_model, ridge_ll, p.ll_model))
     with pytest.raises(FloatingPointError, match="UL loss is not finite"):
         problem.hypergradient(p.train, p.val)
+
+
+def test_parameter_list_is_parameters_in_order():
+    """The direct walk gives ``list(module.parameters())``: same tensors, same order, shared
+    modules and parameters once, ``None`` slots skipped, an override of ``parameters`` asked."""
+    from bilevel.ll.patched import parameter_list
+
+    shared = nn.Linear(3, 3)
+    net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Sequential(shared, nn.Tanh()))
+    net.add_module("again", shared)
+    net.extra = nn.Parameter(torch.zeros(2))
+    net[0].register_parameter("bias", None)
+
+    class Reordered(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.ones(1))
+
+        def parameters(self, recurse: bool = True):
+            return iter([self.b, self.a])
+
+    for module in (net, nn.GRU(2, 3, num_layers=2), Reordered()):
+        expected = list(module.parameters())
+        got = parameter_list(module)
+        assert len(got) == len(expected)
+        assert all(a is b for a, b in zip(got, expected, strict=True))
+
+
+def test_the_run_plan_follows_replaced_and_frozen_parameters():
+    """The plan kept across runs is rebuilt when a parameter is replaced or frozen: each run
+    gives what a newly built LL gives on the models as they are then."""
+    p = ridge(seed=9)
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=LR, iters=ITERS)
+    problem = BilevelProblem(ll, Reverse(ridge_ul, p.ul_model, ridge_ll, p.ll_model))
+    problem.hypergradient(p.train, p.val)
+    plan = ll.plan()
+    assert ll.plan() is plan  # nothing changed: reused
+    p.ll_model.w = nn.Parameter(torch.randn(len(p.ll_model.w), dtype=DTYPE))
+    (got,) = problem.hypergradient(p.train, p.val)
+    assert ll.plan() is not plan and ll.plan().params[0] is p.ll_model.w
+    fresh = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=LR, iters=ITERS)
+    (exact,) = BilevelProblem(
+        fresh, Reverse(ridge_ul, p.ul_model, ridge_ll, p.ll_model)
+    ).hypergradient(p.train, p.val)
+    assert torch.equal(got, exact)  # the same arithmetic on the new start
+    p.ll_model.w.requires_grad_(False)  # nothing left to optimize: refused as at construction
+    with pytest.raises(ValueError, match="no parameters that require grad"):
+        problem.hypergradient(p.train, p.val)
+
+
+def test_one_step_darts_reads_the_weights_without_moving_them():
+    """One-step DARTS starts from aliases of the LL weights (no copy): the user's weights are
+    bitwise unchanged by the run, and the answer is the copied run's."""
+    p = ridge(seed=10)
+    before = p.ll_model.w.detach().clone()
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=LR, iters=1)
+    fd = FiniteDifference(ridge_ul, p.ul_model, ridge_ll, p.ll_model, r=1e-3)
+    (got,) = BilevelProblem(ll, fd).hypergradient(p.train, p.val)
+    assert torch.equal(p.ll_model.w.detach(), before)
+    original = gd_module.GradientDescent.start
+
+    def copying(self, *args, **kwargs):
+        return original(self, *args[:5], copy=True)
+
+    gd_module.GradientDescent.start = copying
+    try:
+        (copied,) = BilevelProblem(ll, fd).hypergradient(p.train, p.val)
+    finally:
+        gd_module.GradientDescent.start = original
+    assert torch.equal(got, copied)

@@ -245,25 +245,26 @@ class BDA(GradientDescent):
         graph_from_start: bool = False,
         observer: Observer | None = None,
         ul_batch: tuple[Any, Any] | None = None,
+        copy: bool = True,
     ) -> Unroll:
-        """Begin an LL run on ``(data, target)`` with the UL batch ``ul_batch``."""
+        """Begin an LL run on ``(data, target)`` with the UL batch ``ul_batch`` (``copy``: as
+        :meth:`GradientDescent.start`)."""
         if ul_batch is None:
             raise ValueError(NEEDS_UL_BATCH)
         if not isinstance(ul_batch, tuple | list) or len(ul_batch) != 2:
             raise TypeError(
                 f"ul_batch must be a pair (data, target), got {type(ul_batch).__name__}."
             )
-        reference = next(p for p in self.ll_model.parameters() if p.requires_grad)
+        reference = self.plan().reference
         check_data_matches(ul_batch[0], reference, "ul_batch data")
         check_data_matches(ul_batch[1], reference, "ul_batch target")
-        return super().start(data, target, graph_from_start, observer, ul_batch)
+        return super().start(data, target, graph_from_start, observer, ul_batch, copy)
 
     def step_map(self, model: nn.Module, ul_batch: tuple[Any, Any] | None) -> BDAStep:
         """The aggregated step map on the patched ``model``, ``F`` on ``ul_batch``."""
         if ul_batch is None:
             raise ValueError(NEEDS_UL_BATCH)
-        trainable = [p.requires_grad for p in self.ll_model.parameters()]
-        index = [i for i, t in enumerate(trainable) if t]
+        index = self.plan().index
         ul_state = make_state(ul_batch[0], ul_batch[1], self.ul_model, model)
         return BDAStep(
             self.ll_objective,

@@ -14,7 +14,7 @@ from torch import nn
 from bilevel import linalg
 from bilevel.ll import hyper as hyperparameters
 from bilevel.ll.hyper import Schedule
-from bilevel.ll.patched import evaluate_at, install, patch, sync_from
+from bilevel.ll.patched import evaluate_at, install, parameter_list, patch, sync_from
 from bilevel.ll.rules import UpdateRule, make_rule
 from bilevel.ll.unroll import (
     GradientStep,
@@ -39,6 +39,40 @@ AS_CONFIGURED: Any = object()
 #: runs up to this many steps read their losses back whole for the checks (cheaper than
 #: reducing them on the device first)
 SHORT_RUN = 4096
+
+
+class RunPlan:
+    """What every LL run reads from the LL model, worked out once and reused while the model's
+    parameters stay the same tensors with the same ``requires_grad`` (checked at every run,
+    :meth:`GradientDescent.plan`; any change builds a new plan).
+
+    Attributes:
+        params: ``ll_model``'s parameters, in ``parameters()`` order.
+        trainable: whether each requires grad.
+        index: the positions of the trainable ones.
+        reference: the first trainable parameter (the device and dtype data must match).
+        plain_sgd: the rule takes ``w - lr * g`` (see ``GradientDescent._plain_sgd``).
+        step_map: the plain gradient step map, built once (``None`` for dynamics whose step
+            map depends on the run, such as BDA's on the UL batch).
+    """
+
+    __slots__ = ("index", "params", "plain_sgd", "reference", "step_map", "trainable")
+
+    def __init__(self, params: list[torch.Tensor], trainable: list[bool], plain_sgd: bool) -> None:
+        self.params = params
+        self.trainable = trainable
+        self.index = [i for i, t in enumerate(trainable) if t]
+        self.reference = params[self.index[0]] if self.index else None
+        self.plain_sgd = plain_sgd
+        self.step_map: GradientStep | None = None
+
+    def matches(self, params: list[torch.Tensor]) -> bool:
+        """Whether ``params`` are this plan's tensors, equally trainable."""
+        mine = self.params
+        return len(params) == len(mine) and all(
+            p is q and p.requires_grad is t
+            for p, q, t in zip(params, mine, self.trainable, strict=True)
+        )
 
 
 class GradientDescent:
@@ -209,8 +243,24 @@ class GradientDescent:
             self._constant_schedule = (n, schedule)  # numbers only: nothing to evaluate per run
         return schedule
 
+    def plan(self) -> RunPlan:
+        """The ``RunPlan`` of the next run: the last one while ``ll_model``'s parameters
+        are the same tensors, equally trainable; a new one otherwise."""
+        params = parameter_list(self.ll_model)
+        plan = self.__dict__.get("_run_plan")
+        if plan is None or not plan.matches(params):
+            trainable = [p.requires_grad for p in params]
+            if not any(trainable):  # the construction checked; all frozen since
+                trainable_parameters(self.ll_model, "ll_model")  # raises, saying so
+            plan = RunPlan(params, trainable, self._plain_sgd())
+            self._run_plan = plan
+        return plan
+
     def patched_model(
-        self, graph_from_start: bool, params: Sequence[torch.Tensor] | None = None
+        self,
+        graph_from_start: bool,
+        params: Sequence[torch.Tensor] | None = None,
+        copy: bool = True,
     ) -> nn.Module:
         """A ``higher``-patched copy of ``ll_model`` with fast weights at its weights, and its
         buffers and training flags.
@@ -219,7 +269,8 @@ class GradientDescent:
         that they can be UL variables, as in MAML); otherwise they are detached copies.
         Patching creates new classes and costs milliseconds, so a model handed back with
         :meth:`release` is reused. ``params``: ``ll_model``'s parameters, when the caller has
-        them at hand.
+        them at hand. ``copy=False`` (without ``graph_from_start``): the fast weights are
+        detached aliases of the weights, for runs that never overwrite them in place.
         """
         model, self._spare = self._spare, None
         if model is None:
@@ -227,10 +278,12 @@ class GradientDescent:
         sync_from(self.ll_model, model)
         if params is None:
             params = list(self.ll_model.parameters())
-        weights = [
-            p.clone() if graph_from_start else p.detach().clone().requires_grad_(p.requires_grad)
-            for p in params
-        ]
+        if graph_from_start:
+            weights = [p.clone() for p in params]
+        elif copy:
+            weights = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+        else:
+            weights = [p.detach().requires_grad_(p.requires_grad) for p in params]
         install(model, weights)
         return model
 
@@ -248,8 +301,7 @@ class GradientDescent:
         """The map ``(weights, opt_state, hyper, state) -> (weights, opt_state, loss)`` of a
         run on the patched ``model``. Plain gradient descent does not look at the UL batch;
         dynamics that do (BDA) override this."""
-        trainable = [p.requires_grad for p in self.ll_model.parameters()]
-        index = [i for i, t in enumerate(trainable) if t]
+        index = self.plan().index
         return GradientStep(self.ll_objective, self.rule, lambda g: self.check_used(g, index))
 
     def start(
@@ -259,25 +311,33 @@ class GradientDescent:
         graph_from_start: bool = False,
         observer: Observer | None = None,
         ul_batch: tuple[Any, Any] | None = None,
+        copy: bool = True,
     ) -> Unroll:
-        """Begin an LL run on ``(data, target)``, to be stepped by hand (online methods)."""
-        params = list(self.ll_model.parameters())
-        trainable = [p.requires_grad for p in params]
-        reference = next(p for p, t in zip(params, trainable, strict=True) if t)
-        check_data_matches(data, reference, "data")
-        check_data_matches(target, reference, "target")
+        """Begin an LL run on ``(data, target)``, to be stepped by hand (online methods).
+
+        ``copy=False``: the run starts from aliases of the weights and takes no step in place
+        (for runs whose steps all keep a graph or are shown to an observer)."""
+        plan = self.plan()
+        check_data_matches(data, plan.reference, "data")
+        check_data_matches(target, plan.reference, "target")
         # before any freezing: callables see live UL parameters
-        schedule = self.schedule(trainable)
-        model = self.patched_model(graph_from_start, params)
+        schedule = self.schedule(plan.trainable)
+        model = self.patched_model(graph_from_start, plan.params, copy)
+        if type(self).step_map is GradientDescent.step_map:  # the same map at every run
+            if plan.step_map is None:
+                plan.step_map = self.step_map(model, ul_batch)
+            step_map = plan.step_map
+        else:
+            step_map = self.step_map(model, ul_batch)
         return Unroll(
             model,
-            self.step_map(model, ul_batch),
+            step_map,
             schedule,
             make_state(data, target, self.ul_model, model),
-            trainable,
-            plain_sgd=self._plain_sgd(),
+            plan.trainable,
+            plain_sgd=plan.plain_sgd,
             observer=observer,
-            in_place=not graph_from_start,
+            in_place=not graph_from_start and copy,
         )
 
     def run(
@@ -311,15 +371,17 @@ class GradientDescent:
             steps = _check_steps(differentiable_steps)
         iters = self.iters
         tracked = iters if steps is None else min(steps, iters)
-        unroll = self.start(data, target, tracked == iters, observer, ul_batch)
         untracked = iters - tracked
+        shown = 0 if observer is None else untracked  # steps without a graph it sees
+        if last_step_only(observer):  # the last step: one of these, or a graph step
+            shown = 1 if tracked == 0 else 0
+        # steps that no observer sees overwrite the weights: only then are they copied first
+        overwritten = untracked - shown
+        unroll = self.start(data, target, tracked == iters, observer, ul_batch, overwritten > 0)
         recorded: list[torch.Tensor] = []  # the LL loss before each step (detached)
         with self._ul_frozen(untracked > 0 and not needs_graph(observer)):
-            if unroll.in_place:  # the steps that no observer sees overwrite the weights
-                shown = 0 if observer is None else untracked
-                if last_step_only(observer):  # the last step: one of these, or a graph step
-                    shown = 1 if tracked == 0 else 0
-                recorded = unroll.run_in_place(untracked - shown)
+            if unroll.in_place:
+                recorded = unroll.run_in_place(overwritten)
             recorded += [unroll.step(graph=False) for _ in range(unroll.steps, untracked)]
         recorded += [unroll.step(graph=True) for _ in range(untracked, iters)]
         losses = torch.stack(recorded)
@@ -342,7 +404,7 @@ class GradientDescent:
         """Turn ``requires_grad`` off on the UL model's parameters while LL steps run without a
         graph, so that the LL objective records no autograd graph to them at every step; they
         are restored on exit, also on error."""
-        frozen = [p for p in self.ul_model.parameters() if p.requires_grad] if freeze else []
+        frozen = [p for p in parameter_list(self.ul_model) if p.requires_grad] if freeze else []
         for p in frozen:
             p.requires_grad_(False)
         try:

@@ -26,6 +26,34 @@ def _parameter_slots(module: nn.Module) -> list[tuple[nn.Module, str]]:
     return slots
 
 
+def parameter_list(module: nn.Module) -> Tensors:
+    """``list(module.parameters())`` by a direct walk over the modules' parameter dicts: the
+    same tensors in the same order (a module's own, then its children's, depth first; a
+    shared module or parameter once), without ``named_modules``' chain of generators (this
+    runs at every LL run). A module that overrides ``parameters`` is asked instead."""
+    kind = type(module)
+    if kind.parameters is not nn.Module.parameters or (
+        kind.named_parameters is not nn.Module.named_parameters
+    ):
+        return list(module.parameters())
+    params: Tensors = []
+    seen_params: set[int] = set()
+    seen_modules: set[int] = set()
+
+    def walk(m: nn.Module) -> None:
+        seen_modules.add(id(m))
+        for p in m._parameters.values():
+            if p is not None and id(p) not in seen_params:
+                seen_params.add(id(p))
+                params.append(p)
+        for child in m._modules.values():
+            if child is not None and id(child) not in seen_modules:
+                walk(child)
+
+    walk(module)
+    return params
+
+
 def install(model: nn.Module, params: Sequence[torch.Tensor]) -> None:
     """Give a patched model the fast weights ``params``: what ``higher``'s ``update_params``
     does, without its per-call walk over the modules (this runs at every LL step that keeps a

@@ -46,6 +46,12 @@ def _minus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | Non
     return -b if a is None else a - b
 
 
+def _dynamics_key(ll: Any) -> tuple[Any, ...]:
+    """What :func:`_plain_gradient_descent` reads of ``ll``: the object, its class, rule and
+    hyperparameters (compared by identity)."""
+    return (ll, type(ll), getattr(ll, "rule", None), getattr(ll, "hyper", None))
+
+
 def _plain_gradient_descent(ll: Any) -> str | None:
     """Why ``ll``'s step is not ``w - lr * grad_w f(w, lambda)`` (``None`` when it is)."""
     if not isinstance(ll, GradientDescent) or type(ll).step_map is not GradientDescent.step_map:
@@ -139,8 +145,13 @@ class FiniteDifference(HypergradientCalculator):
         self._check_dynamics(ll)
 
     def observer(self, ll: Any) -> WeightsBeforeLastStep:
-        """Keep the weights before the last LL step."""
-        self._check_dynamics(ll)
+        """Keep the weights before the last LL step (the LL's dynamics checked once per LL
+        object, its rule and hyperparameters: they are fixed at its construction)."""
+        checked = self.__dict__.get("_checked_ll")
+        key = _dynamics_key(ll)
+        if checked is None or any(a is not b for a, b in zip(checked, key, strict=True)):
+            self._check_dynamics(ll)
+            self._checked_ll = key
         return WeightsBeforeLastStep()
 
     @staticmethod
