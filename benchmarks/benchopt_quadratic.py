@@ -30,6 +30,9 @@ Usage::
 
     python3 benchmarks/benchopt_quadratic.py --repeats 3 --budget 25 \
         --out benchmarks/results/benchopt_quadratic.json
+    # re-measure some solvers only, keeping the others' results
+    python3 benchmarks/benchopt_quadratic.py --methods SOBA,SABA --update \
+        --out benchmarks/results/benchopt_quadratic.json
     # our SOBA with benchopt's minibatch order (explains SOBA's late floor), added to the JSON
     python3 benchmarks/benchopt_quadratic.py --sampler-check \
         --out benchmarks/results/benchopt_quadratic.json
@@ -377,6 +380,26 @@ def _note_command(result: dict, command: str) -> None:
         commands.append(command)
 
 
+def merge_update(base: dict, new: dict, summary: dict, raw: dict) -> dict:
+    """``base`` (an earlier result) with the solvers of ``new`` replaced by their new
+    summaries and runs; each replaced solver records when, how and under which load it was
+    measured (``summary[name]["measured"]``), and the run is listed in ``base["updates"]``."""
+    measured = {
+        "date": new["date"],
+        "command": new["command"],
+        "repeats": new["repeats"],
+        "limits": new["limits"],
+        "load_average_start": new["machine"]["load_average_start"],
+        "load_average_end": new["machine"]["load_average_end"],
+        "checks": new["checks"],
+    }
+    for name in summary:
+        base["summary"][name] = {**summary[name], "measured": measured}
+        base["runs"][name] = raw[name]
+    base.setdefault("updates", []).append({"methods": list(summary), **measured})
+    return base
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -406,6 +429,12 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only run our SOBA with benchopt's minibatch order (and uniform draws) and add "
         "the result to --out",
+    )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="run only --methods and replace their results in --out, keeping the other "
+        "solvers' (each updated solver records its own date, command and load)",
     )
     parser.add_argument(
         "--resummarize",
@@ -563,15 +592,20 @@ def main(argv: list[str] | None = None) -> int:
             "sides": {side: summarize(runs, per_iter) for side, runs in raw[name].items()},
             "benchopt_compile": compile_s[name],
         }
-    result["summary"] = summary
     for runs in raw.values():
         for side_runs in runs.values():
             for run in side_runs:
                 run["curve"] = thin(run["curve"])
-    result["runs"] = raw
     result["machine"]["load_average_end"] = os.getloadavg()
+    if args.update and Path(args.out).exists():
+        result = merge_update(json.loads(Path(args.out).read_text()), result, summary, raw)
+    else:
+        result["summary"] = summary
+        result["runs"] = raw
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    tmp_out = Path(args.out).with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(result, indent=1))
+    tmp_out.replace(args.out)
     print(f"wrote {args.out}")
     return 0
 

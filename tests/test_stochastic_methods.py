@@ -582,12 +582,150 @@ def test_saga_estimate_is_unbiased_with_batches_of_unequal_size():
     table = torch.randn(3, 2, generator=g, dtype=DTYPE)
     new = torch.randn(3, 2, generator=g, dtype=DTYPE)
     shares = torch.tensor([len(b.index) / 10 for b in batches], dtype=DTYPE)
-    memory = _Memory(3, 10, {"t": [table]}, {"t": [shares @ table]})
-    estimates = [memory.reduce("t", [new[b.id]], b, [])[0] for b in batches]
+    memory = _Memory(3, 10, {"t": [table[0]]})
+    memory.load({"t": [table]}, {"t": [shares @ table]})
+    estimates = [memory.reduce({"t": [new[b.id]]}, b, [])["t"][0] for b in batches]
     torch.testing.assert_close(sum(estimates) / 3, shares @ new, rtol=1e-13, atol=1e-15)
     # the pending update stores the new value and keeps the average consistent
     pending = []
-    memory.reduce("t", [new[0]], batches[0], pending)
+    memory.reduce({"t": [new[0]]}, batches[0], pending)
     pending[0]()
     assert torch.equal(memory.tables["t"][0][0], new[0])
     torch.testing.assert_close(memory.average["t"][0], shares @ memory.tables["t"][0])
+
+
+class _Shaped(nn.Module):
+    """Parameters of several shapes (a matrix, a vector, a scalar), one of them frozen."""
+
+    def __init__(self, seed: int, frozen: bool = False) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = nn.Parameter(0.3 * torch.randn(2, 3, generator=g, dtype=DTYPE))
+        self.b = nn.Parameter(0.1 * torch.randn(2, generator=g, dtype=DTYPE))
+        self.s = nn.Parameter(torch.tensor(0.2, dtype=DTYPE))
+        if frozen:
+            self.s.requires_grad_(False)
+
+
+def _shaped_ll(state: dict) -> torch.Tensor:
+    m, u, x, t = state["ll_model"], state["ul_model"], state["data"], state["target"]
+    r = x @ m.w.T + m.b * m.s - t @ (torch.eye(2, dtype=DTYPE) + 0.2 * u.w[:, :2])
+    penalty = (u.b.exp()[:, None] * m.w**2).sum() + u.s * (m.b**2).sum()
+    return (r**2).mean() + 0.1 * penalty
+
+
+def _shaped_ul(state: dict) -> torch.Tensor:
+    m, u, x, t = state["ll_model"], state["ul_model"], state["data"], state["target"]
+    return ((x @ m.w.T + m.b * m.s - t) ** 2).mean() + 0.01 * (u.w**2).sum()
+
+
+def _shaped_terms(ll_model, ul_model, y, v, batch):
+    """SABA's five terms on one batch at ``(y, v, x)``, unweighted, by plain autograd."""
+    ys = [t.clone().requires_grad_(True) for t in y]
+    xs = list(ul_model.parameters())
+    names = [n for n, p in ll_model.named_parameters() if p.requires_grad]
+    frozen = {n: p.detach() for n, p in ll_model.named_parameters() if not p.requires_grad}
+    weights = dict(zip(names, ys, strict=True)) | frozen
+    state = {"data": batch[0], "target": batch[1], "ul_model": ul_model}
+    out = {}
+    with torch.nn.utils.stateless._reparametrize_module(ll_model, weights):
+        state["ll_model"] = ll_model
+        gy = torch.autograd.grad(_shaped_ll(state), ys, create_graph=True)
+        prod = sum((g * u).sum() for g, u in zip(gy, v, strict=True))
+        hv = torch.autograd.grad(prod, ys, retain_graph=True)
+        cv = torch.autograd.grad(prod, xs)
+        fy_fx = torch.autograd.grad(_shaped_ul(state), [*ys, *xs], allow_unused=True)
+    fy_fx = [
+        torch.zeros_like(p) if g is None else g for p, g in zip([*ys, *xs], fy_fx, strict=True)
+    ]
+    out["ll_grad"], out["hvp"], out["cross"] = [g.detach() for g in gy], list(hv), list(cv)
+    out["ul_grad_y"], out["ul_grad_x"] = list(fy_fx[: len(ys)]), list(fy_fx[len(ys) :])
+    return out
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_saba_memory_holds_every_term_of_parameters_of_any_shape(frozen):
+    """SABA's tables (one flat buffer per level, read through per-term views) hold, for
+    every batch, each of the five terms of every parameter (a matrix, a vector, a scalar;
+    a frozen one left out) as plain autograd gives them at the point where the batch was
+    last drawn, with batches of unequal sizes (10 samples in 4, 3, 3; 7 in 3, 2, 2); the
+    averages are the tables weighted by the batch sizes; the checkpoint layout is one tensor
+    ``(count, *shape)`` per term and parameter."""
+    g = torch.Generator().manual_seed(5)
+    train = (
+        torch.randn(10, 3, generator=g, dtype=DTYPE),
+        torch.randn(10, 2, generator=g, dtype=DTYPE),
+    )
+    val = (torch.randn(7, 3, generator=g, dtype=DTYPE), torch.randn(7, 2, generator=g, dtype=DTYPE))
+    ll_model, ul_model = _Shaped(0, frozen), _Shaped(1)
+    ll = GradientDescent(_shaped_ll, ll_model, ul_model, lr=0.1, iters=1)
+    ul = SABA(_shaped_ul, ul_model, _shaped_ll, ll_model, batch_size=4, val_batch_size=3, seed=2)
+    problem = BilevelProblem(ll, ul, torch.optim.SGD(ul_model.parameters(), lr=0.05))
+    expected: dict[str, dict[int, dict]] = {"train": {}, "val": {}}
+    terms = {"train": ("ll_grad", "hvp", "cross"), "val": ("ul_grad_y", "ul_grad_x")}
+    for step in range(8):
+        y = [p.detach().clone() for p in ll_model.parameters() if p.requires_grad]
+        v = [torch.zeros_like(t) for t in y] if ul.v is None else [t.clone() for t in ul.v]
+        ul_model_then = _Shaped(1)
+        ul_model_then.load_state_dict(ul_model.state_dict())
+        sampler = Sampler(4, 3, seed=2)
+        sampler.load_state_dict(ul.sampler.state_dict())
+        for level, pair in (("train", train), ("val", val)):
+            if step == 0:
+                sampler.split(level, len(pair[0]))  # the memory's fill draws nothing
+            mb = sampler.draw(level, len(pair[0]))
+            batch = (select(pair[0], mb.index), select(pair[1], mb.index))
+            every = _shaped_terms(ll_model, ul_model_then, y, v, batch)
+            expected[level][mb.id] = {t: every[t] for t in terms[level]}
+        problem.step(train, val)
+    for level, n, count in (("train", 10, 3), ("val", 7, 3)):
+        memory = ul.memory[level]
+        assert memory.count == count and set(expected[level]) == set(range(count))
+        sizes = [len(ul.sampler.batch(level, b).index) for b in range(count)]
+        assert sorted(sizes) == ([3, 3, 4] if level == "train" else [2, 2, 3])
+        for term in terms[level]:
+            for k, table in enumerate(memory.tables[term]):
+                like = expected[level][0][term][k]
+                assert table.shape == (count, *like.shape)
+                for b in range(count):
+                    torch.testing.assert_close(
+                        table[b], expected[level][b][term][k], rtol=1e-12, atol=1e-14
+                    )
+                weighted = sum(sizes[b] / n * table[b] for b in range(count))
+                torch.testing.assert_close(
+                    memory.average[term][k], weighted, rtol=1e-12, atol=1e-14
+                )
+    assert len(ul.memory["train"].tables["ll_grad"]) == (2 if frozen else 3)
+    assert len(ul.memory["train"].tables["cross"]) == 3
+
+
+def test_saba_loads_a_memory_saved_as_separate_tensors(tmp_path):
+    """A SABA state whose tables are tensors of their own (as written before the tables
+    were held in one buffer per level), saved and loaded with ``weights_only=True``,
+    resumes bitwise the run it was taken from."""
+    straight = build(SABA, batch_size=16)
+    steps(straight[0], 5)
+    state = straight[1].state_dict()
+    state["memory"] = {
+        level: {
+            **m,
+            "tables": {t: [x.clone() for x in xs] for t, xs in m["tables"].items()},
+            "average": {t: [x.clone() for x in xs] for t, xs in m["average"].items()},
+        }
+        for level, m in state["memory"].items()
+    }
+    torch.save(state, tmp_path / "saba.pt")
+    loaded = torch.load(tmp_path / "saba.pt", weights_only=True)
+    resumed = build(SABA, straight[2].y.detach(), straight[3].x.detach(), batch_size=16)
+    resumed[1].load_state_dict(loaded)
+    steps(straight[0], 6)
+    steps(resumed[0], 6)
+    for a, b in zip(finals(*straight[1:]), finals(*resumed[1:]), strict=True):
+        assert torch.equal(a, b)
+    for level, memory in straight[1].memory.items():
+        for term, tables in memory.tables.items():
+            for a, b in zip(tables, resumed[1].memory[level].tables[term], strict=True):
+                assert torch.equal(a, b)
+    bad = {**loaded, "memory": {"train": {**loaded["memory"]["train"], "count": 3}}}
+    with pytest.raises(ValueError, match="another model"):
+        build(SABA, batch_size=16)[1].load_state_dict(bad)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,54 +18,116 @@ TERMS = {"train": ("ll_grad", "hvp", "cross"), "val": ("ul_grad_y", "ul_grad_x")
 _UL_SHAPED = ("cross", "ul_grad_x")
 
 
+class _Group:
+    """The part of a level's memory held in one flat buffer: the term tensors of one device
+    and dtype, laid end to end (``slots`` are ``(term, index)`` in that order)."""
+
+    def __init__(self, count: int, slots: list[tuple[str, int]], like: list[torch.Tensor]):
+        self.slots = slots
+        self.shapes = [tuple(p.shape) for p in like]
+        self.sizes = [p.numel() for p in like]
+        self.flat = all(len(shape) == 1 for shape in self.shapes)  # no reshape needed
+        self.table = like[0].new_zeros((count, sum(self.sizes)))
+        self.average = like[0].new_zeros(sum(self.sizes))
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``flat`` (the last dimension laid out as the slots) cut into the slots' shapes."""
+        pieces = flat.split_with_sizes(self.sizes, dim=-1)
+        if self.flat:
+            return list(pieces)
+        lead = tuple(flat.shape[:-1])
+        return [p.view((*lead, *shape)) for p, shape in zip(pieces, self.shapes, strict=True)]
+
+    def gather(self, values: Mapping[str, Tensors]) -> torch.Tensor:
+        """The slots' new values as one flat vector (a copy, without graph)."""
+        parts = [values[term][i] for term, i in self.slots]
+        if not self.flat:
+            parts = [p.reshape(-1) for p in parts]
+        new = torch.cat(parts)
+        return new.detach() if new.requires_grad else new
+
+
 class _Memory:
     """SAGA's table for one level: the last value of each term on each fixed batch, and
-    their weighted average (the weights ``len(batch) / n`` sum to one)."""
+    their weighted average (the weights ``len(batch) / n`` sum to one).
 
-    def __init__(self, count: int, n: int, tables: dict[str, Tensors], average: dict[str, Tensors]):
+    The terms are held flat, one row per batch with every term of the level end to end (one
+    buffer per device and dtype), so that a step updates the level with a handful of tensor
+    operations whatever the number of terms and parameters; ``tables`` and ``average`` are
+    per-term views of it (the checkpoint format: ``{term: [tensor per parameter]}``)."""
+
+    def __init__(self, count: int, n: int, terms: Mapping[str, Sequence[torch.Tensor]]):
         self.count = count
         self.n = n
-        self.tables = tables
-        self.average = average
+        self.terms = {term: len(like) for term, like in terms.items()}
+        keyed: dict[tuple[torch.device, torch.dtype], list[tuple[str, int]]] = {}
+        for term, like in terms.items():
+            for i, p in enumerate(like):
+                keyed.setdefault((p.device, p.dtype), []).append((term, i))
+        self.groups = [
+            _Group(count, slots, [terms[t][i] for t, i in slots]) for slots in keyed.values()
+        ]
+        self.tables: dict[str, Tensors] = {t: [None] * k for t, k in self.terms.items()}  # type: ignore[misc]
+        self.average: dict[str, Tensors] = {t: [None] * k for t, k in self.terms.items()}  # type: ignore[misc]
+        for group in self.groups:
+            slots = group.slots
+            for (t, i), view in zip(slots, group.views(group.table), strict=True):
+                self.tables[t][i] = view
+            for (t, i), view in zip(slots, group.views(group.average), strict=True):
+                self.average[t][i] = view
 
     @classmethod
-    def zeros(cls, count: int, n: int, terms: dict[str, list[torch.Tensor]]) -> _Memory:
-        tables = {k: [p.new_zeros((count, *p.shape)) for p in ps] for k, ps in terms.items()}
-        average = {k: [torch.zeros_like(p) for p in ps] for k, ps in terms.items()}
-        return cls(count, n, tables, average)
+    def zeros(cls, count: int, n: int, terms: Mapping[str, Sequence[torch.Tensor]]) -> _Memory:
+        """An empty memory (zeros) for ``count`` batches of terms shaped like ``terms``."""
+        return cls(count, n, terms)
 
     def reduce(
-        self, term: str, values: Tensors, mb: Minibatch, pending: list[Callable[[], None]]
-    ) -> Tensors:
-        """SAGA's direction for ``term`` from its new values on batch ``mb``:
+        self, values: Mapping[str, Tensors], mb: Minibatch, pending: list[Callable[[], None]]
+    ) -> dict[str, Tensors]:
+        """SAGA's direction for every term from its new values on batch ``mb``:
         ``weight (new - old) + average``, with ``weight = count len(batch) / n`` (1 for batches
         of equal size), which keeps it unbiased when batches differ in size. The update of
         the table and the average (to the new values) is appended to ``pending``."""
-        out, diffs = [], []
-        for table, average, new in zip(self.tables[term], self.average[term], values, strict=True):
-            diff = new - table[mb.id]
-            out.append((diff if mb.weight == 1.0 else mb.weight * diff) + average)
-            diffs.append(diff)
+        out: dict[str, Tensors] = {t: [None] * k for t, k in self.terms.items()}  # type: ignore[misc]
+        updates = []
+        for group in self.groups:  # no graph: the new values and the buffers have none
+            new = group.gather(values)
+            row = group.table[mb.id]
+            diff = new - row
+            estimate = (diff if mb.weight == 1.0 else mb.weight * diff) + group.average
+            for (t, i), view in zip(group.slots, group.views(estimate), strict=True):
+                out[t][i] = view
+            updates.append((group, row, new, diff))
 
         def update() -> None:
             share = mb.weight / mb.count  # len(batch) / n
-            for table, average, new, diff in zip(
-                self.tables[term], self.average[term], values, diffs, strict=True
-            ):
-                average.add_(diff, alpha=share)
-                table[mb.id] = new
+            for group, row, new, diff in updates:
+                group.average.add_(diff, alpha=share)
+                row.copy_(new)
 
         pending.append(update)
         return out
 
-    def fill(self, term: str, values: Tensors, mb: Minibatch) -> None:
-        """Store ``values`` as batch ``mb``'s entry (memory initialization)."""
-        for table, average, new in zip(self.tables[term], self.average[term], values, strict=True):
-            table[mb.id] = new
-            average.add_(new, alpha=mb.weight / mb.count)
+    def fill(self, values: Mapping[str, Tensors], mb: Minibatch) -> None:
+        """Store ``values`` (every term) as batch ``mb``'s entry (memory initialization)."""
+        with torch.no_grad():
+            for group in self.groups:
+                new = group.gather(values)
+                group.table[mb.id] = new
+                group.average.add_(new, alpha=mb.weight / mb.count)
 
     def state(self) -> dict[str, Any]:
+        """``{"count", "n", "tables": {term: [tables]}, "average": {term: [averages]}}``."""
         return {"count": self.count, "n": self.n, "tables": self.tables, "average": self.average}
+
+    def load(self, tables: Mapping[str, Tensors], average: Mapping[str, Tensors]) -> None:
+        """Copy saved tables and averages (already checked to fit) into the memory."""
+        with torch.no_grad():
+            for term in self.terms:
+                for mine, saved in zip(self.tables[term], tables[term], strict=True):
+                    mine.copy_(saved)
+                for mine, saved in zip(self.average[term], average[term], strict=True):
+                    mine.copy_(saved)
 
 
 class SABA(StochasticMethod):
@@ -169,8 +231,7 @@ class SABA(StochasticMethod):
             for b in range(count):
                 mb = self.sampler.batch(level, b)
                 batch = (select(pair[0], mb.index), select(pair[1], mb.index))
-                for term, values in self._terms(level, model, y, v, mb, batch)[2].items():
-                    memory[level].fill(term, values, mb)
+                memory[level].fill(self._terms(level, model, y, v, mb, batch)[2], mb)
         return memory
 
     def _terms(
@@ -204,15 +265,14 @@ class SABA(StochasticMethod):
                 mb, batch = self.draw(level, pair)
                 losses[level], raw[level], terms = self._terms(level, model, y, v, mb, batch)
                 memory = self.memory.get(level)
-                for term, values in terms.items():
-                    if memory is None:  # one batch: the term itself (weight 1)
-                        reduced[term] = values
-                    else:
-                        self._check_memory(memory, level, mb)
-                        values = [t.detach() for t in values]
-                        reduced[term] = memory.reduce(term, values, mb, pending)
+                if memory is None:  # one batch: the terms themselves (weight 1)
+                    reduced.update(terms)
+                else:
+                    self._check_memory(memory, level, mb)
+                    reduced.update(memory.reduce(terms, mb, pending))
             # refuse UL parameters that neither objective reaches, before using the sums
-            self.direction(raw["val"], raw["train"], 1.0)
+            pairs = zip(raw["val"], raw["train"], strict=True)
+            self._refuse_unused([c if f is None else f for f, c in pairs])
             with torch.no_grad():
                 direction = [
                     f + c for f, c in zip(reduced["ul_grad_x"], reduced["cross"], strict=True)
@@ -258,7 +318,6 @@ class SABA(StochasticMethod):
                 raise ValueError(f"SABA memory has an unknown level {level!r}.")
             count = int(m["count"])
             shapes = self._shapes(level)
-            tables, average = {}, {}
             for term in TERMS[level]:
                 params = shapes[term]
                 saved_tables = list(m["tables"][term])
@@ -270,10 +329,7 @@ class SABA(StochasticMethod):
                         f"the saved SABA memory {term!r} does not fit the model: the checkpoint "
                         "is of another model."
                     )
-                tables[term] = [
-                    t.to(device=p.device, dtype=p.dtype)
-                    for t, p in zip(saved_tables, params, strict=True)
-                ]
-                average[term] = self._like(m["average"][term], params, f"SABA memory {term}")
-            memory[level] = _Memory(count, int(m["n"]), tables, average)
+                self._like(m["average"][term], params, f"SABA memory {term}")
+            memory[level] = _Memory(count, int(m["n"]), shapes)
+            memory[level].load(m["tables"], m["average"])
         self.memory = memory

@@ -99,6 +99,9 @@ def _lengths(value: Any, name: str, out: list[int]) -> None:
                 "along the first dimension (pass batch_size=None to use the data as given)."
             )
         out.append(value.shape[0])
+    elif type(value) is dict:  # the common case, before the slower abstract-class check
+        for item in value.values():
+            _lengths(item, name, out)
     elif isinstance(value, tuple | list):
         for item in value:
             _lengths(item, name, out)
@@ -119,7 +122,10 @@ def select(value: Any, index: torch.Tensor | None) -> Any:
     if index is None or value is None:
         return value
     if isinstance(value, torch.Tensor):
-        return value.index_select(0, index.to(value.device))
+        same = index.device == value.device
+        return value.index_select(0, index if same else index.to(value.device))
+    if type(value) is dict:  # the common case, without the checks below
+        return {k: select(v, index) for k, v in value.items()}
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
         return type(value)(*(select(v, index) for v in value))
     if isinstance(value, tuple | list):
@@ -137,6 +143,16 @@ class _Level:
     perm: torch.Tensor  # the samples, permuted once; batch b is a slice of it
     order: torch.Tensor  # the batches' order in the current epoch
     position: int  # how many batches of the epoch were drawn
+    #: ``order`` as Python ints, and the tensor it was read from (a subclass may replace
+    #: ``order``: the list is then read again)
+    order_list: list[int] | None = None
+    order_of: torch.Tensor | None = None
+
+    def batch_at(self, position: int) -> int:
+        """The batch drawn at ``position`` of the current epoch (no tensor indexing)."""
+        if self.order_of is not self.order:
+            self.order_list, self.order_of = self.order.tolist(), self.order
+        return self.order_list[position]  # type: ignore[index]
 
 
 class Sampler:
@@ -186,6 +202,8 @@ class Sampler:
         self.order = order
         self.generator = torch.Generator().manual_seed(seed)
         self._levels: dict[str, _Level] = {}
+        #: the fixed batches made so far, per (level, batch): they never change once split
+        self._batches: dict[tuple[str, int], Minibatch] = {}
 
     def settings(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed."""
@@ -227,7 +245,7 @@ class Sampler:
             if state.position == count:
                 state.order = torch.randperm(count, generator=self.generator)
                 state.position = 0
-            batch = int(state.order[state.position])
+            batch = state.batch_at(state.position)
             state.position += 1
         return self.batch(level, batch)
 
@@ -240,18 +258,24 @@ class Sampler:
             perm = torch.randperm(n, generator=self.generator)
             order = torch.randperm(self.count(level, n), generator=self.generator)
             state = self._levels[level] = _Level(n, perm, order, 0)
+            self._batches = {k: b for k, b in self._batches.items() if k[0] != level}
         return state
 
     def batch(self, level: str, batch: int) -> Minibatch:
         """Fixed batch number ``batch`` of ``level``, whose data set must have been split
         (:meth:`split`, or a first :meth:`draw`). Draws nothing: SABA reads every batch
         through it to fill its memory at the initial point."""
+        made = self._batches.get((level, batch))
+        if made is not None:
+            return made
         state = self._levels[_check_level(level)]
         count = self.count(level, state.n)
         base, extra = divmod(state.n, count)
         size = base + (batch < extra)
         start = batch * base + min(batch, extra)
-        return Minibatch(state.perm[start : start + size], batch, count, count * size / state.n)
+        made = Minibatch(state.perm[start : start + size], batch, count, count * size / state.n)
+        self._batches[(level, batch)] = made
+        return made
 
     def state_dict(self) -> dict[str, Any]:
         """The generator's state, the splits and the epochs' positions (tensors and plain
@@ -283,6 +307,7 @@ class Sampler:
             generator.cpu() if isinstance(generator, torch.Tensor) else generator
         )
         self._levels = levels
+        self._batches = {}
 
 
 def _check_level(level: str) -> str:

@@ -119,6 +119,9 @@ class StochasticMethod(HypergradientCalculator):
                 )
         self.sampler = sampler
         self.ll_trainable = [p for p in ll_model.parameters() if p.requires_grad]
+        #: ll_model's parameters and which of them are ``y`` (fixed here, as ``ll_trainable``)
+        self._ll_params = list(ll_model.parameters())
+        self._all_trainable = len(self._ll_params) == len(self.ll_trainable)
         #: UL iterations taken (the step counter of the step-size schedules)
         self.t = 0
         #: the linear-system variable (``None`` until the first step)
@@ -245,8 +248,10 @@ class StochasticMethod(HypergradientCalculator):
         return [p.detach().clone().requires_grad_(True) for p in self.ll_trainable]
 
     def _weights(self, y: Sequence[torch.Tensor]) -> Tensors:
+        if self._all_trainable:
+            return list(y)
         it = iter(y)
-        return [next(it) if p.requires_grad else p.detach() for p in self.ll_model.parameters()]
+        return [next(it) if p.requires_grad else p.detach() for p in self._ll_params]
 
     def _loss(
         self,
@@ -403,8 +408,8 @@ class StochasticMethod(HypergradientCalculator):
         Nothing is changed when a value is not finite (but the sampler has moved on): the
         step raises ``FloatingPointError`` naming the cause (the runner's
         ``on_nonfinite="skip"`` then skips a step that left the state as it was)."""
-        direction = [d.detach() for d in direction]
-        y = [w.detach() for w in y]
+        direction = [d.detach() if d.requires_grad else d for d in direction]
+        y = [w.detach() if w.requires_grad else w for w in y]
         checked = [ll_loss, ul_loss, *direction, *y, *(v or [])]
         if losses is not None:
             checked.append(losses)
