@@ -142,6 +142,7 @@ def summarize(name: str, r: dict[str, Any], folder: Path) -> dict[str, Any]:
         "ul_method": r["ul_method"],
         "solver": solver_of(r) if implicit else None,
         "ll": r["settings"].get("ll", "gd"),
+        "meta_optimizer": r["settings"].get("meta_optimizer", "adam"),
         "budget_cpu_minutes": budget,
         "cpu_seconds_per_meta_step": None
         if budget is None
@@ -177,6 +178,8 @@ def method_name(row: dict[str, Any]) -> str:
     if row.get("ll") == "bda":
         name += " with BDA"
     ul = UL_NAMES.get(row["ul_method"], row["ul_method"])
+    if row["ul_method"] == "reptile":  # its direction is stepped by SGD or Adam
+        ul = "SGD" if row.get("meta_optimizer") == "sgd" else "Adam"
     if row["ul_method"] == "implicit":
         ul += f", {(row.get('solver') or 'cg').upper()}"
     return name if ul == name else f"{name} ({ul})"
