@@ -227,6 +227,21 @@ def test_short_meta_training_beats_chance(example, omniglot, data_root, data_cac
     assert saved["settings"]["method"] == "maml" and "torch" in saved["hardware"]
 
 
+def meta_step_raising(at: int, error: BaseException):
+    """``BilevelProblem.meta_step`` that raises ``error`` at its ``at``-th call."""
+    calls = 0
+    meta_step = BilevelProblem.meta_step
+
+    def step(self, batch):
+        nonlocal calls
+        calls += 1
+        if calls == at:
+            raise error
+        return meta_step(self, batch)
+
+    return step
+
+
 def rows(folder):
     """log.csv without the timings."""
     with open(folder / "log.csv") as f:
@@ -247,18 +262,8 @@ def test_resume_continues_bitwise(
     and the same command run again: the same UL model, optimizer state and log, bit for bit."""
     args = ("--method", method, *TINY, "--meta-steps", "4")
     _run(example, tmp_path / "once", data_root, data_cache_dir, *args)
-    calls = 0
-    meta_step = BilevelProblem.meta_step
-
-    def interrupted(self, batch):
-        nonlocal calls
-        calls += 1
-        if calls == 4:
-            raise KeyboardInterrupt
-        return meta_step(self, batch)
-
     with monkeypatch.context() as patch:
-        patch.setattr(BilevelProblem, "meta_step", interrupted)
+        patch.setattr(BilevelProblem, "meta_step", meta_step_raising(4, KeyboardInterrupt()))
         with pytest.raises(KeyboardInterrupt):
             _run(example, tmp_path / "twice", data_root, data_cache_dir, *args)
     assert len(rows(tmp_path / "twice")) == 3  # step 3 was logged, not checkpointed
@@ -312,16 +317,7 @@ def test_a_diverging_ll_stops_meta_training_and_tests_the_best_model(
     the best model so far is tested and results.json says why it stopped."""
     from bilevel.ll import LowerLevelDivergenceError
 
-    calls = 0
-    meta_step = BilevelProblem.meta_step
-
-    def diverging(self, batch):
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            raise LowerLevelDivergenceError("The LL loss grew (test)")
-        return meta_step(self, batch)
-
+    diverging = meta_step_raising(3, LowerLevelDivergenceError("The LL loss grew (test)"))
     monkeypatch.setattr(BilevelProblem, "meta_step", diverging)
     results = _run(
         example, tmp_path, data_root, data_cache_dir, "--method", "maml", *TINY, "--meta-steps", "6"
