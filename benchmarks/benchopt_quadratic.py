@@ -57,6 +57,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 import torch
 
@@ -504,8 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     z["test_start"], z["test_size"] = np.array([0, 320, 0]), np.array([64, 64, n])
     cfgs = configs(setting)
     result: dict[str, Any] = {
-        "command": "python3 "
-        + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": common.command_line(argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": {
             "platform": platform.platform(),

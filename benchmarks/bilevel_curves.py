@@ -41,13 +41,13 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import common
 import torch
 from torch import nn
 
@@ -718,8 +718,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.autograd.grad = _counting_grad
     started = time.perf_counter()
     result: dict[str, Any] = {
-        "command": "python3 "
-        + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": common.command_line(argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": {
             "platform": platform.platform(),

@@ -11,6 +11,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -155,3 +156,8 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def command_line(argv: list[str] | None) -> str:
+    """The command that ran this benchmark script, as its results record it."""
+    return "python3 " + " ".join([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])

@@ -17,7 +17,6 @@ DARTS) are not measured faithfully here: use it for BDA's and PTT's cells.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import statistics
@@ -42,12 +41,7 @@ def serve(impls: list[str]) -> None:
     import torch
 
     torch.set_num_threads(1)
-    workers = {}
-    for impl in impls:
-        worker = method_families.FamilyWorker.__new__(method_families.FamilyWorker)
-        worker.module = importlib.import_module(f"impl_{impl}_families")
-        worker.key, worker.runner, worker._exact = None, None, {}
-        workers[impl] = worker
+    workers = {impl: method_families.FamilyWorker(f"{impl}_families") for impl in impls}
     print(json.dumps({"ready": impls}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
