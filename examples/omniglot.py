@@ -194,6 +194,7 @@ class Experiment:
                 tolerance=args.cg_tolerance,
                 method=args.solver,
                 on_divergence="warn",
+                damping=args.damping,
             )
         if args.meta_optimizer == "sgd":
             optimizer = torch.optim.SGD(self.ul_model.parameters(), lr=args.meta_lr)
@@ -409,6 +410,14 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--cg-tolerance", type=float, default=1e-6, help="CG relative residual")
     parser.add_argument(
+        "--damping",
+        type=float,
+        default=0.0,
+        help="Implicit's damping: solve (H + damping I) q = v, a biased hypergradient that stays "
+        "defined where H is indefinite (0: exact; the iMAML authors' released code amounts to "
+        "reg + 20)",
+    )
+    parser.add_argument(
         "--truncate", type=int, default=None, help="K of --ul-method truncated (default T/2)"
     )
     parser.add_argument(
@@ -464,6 +473,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--bda-alpha must lie in [0, 1] and --bda-alpha-decay in (0, 1]")
     if args.solver is None:
         args.solver = "minres" if args.method == "imaml" else "cg"
+    if args.damping < 0 or (args.damping and args.ul_method != "implicit"):
+        parser.error("--damping must be >= 0, and is for the implicit hypergradient only")
     if args.eval_inner_steps is None:
         args.eval_inner_steps = args.inner_steps
     if args.truncate is None:

@@ -14,9 +14,12 @@ from problems import (
     relative_error,
     ridge,
     ridge_exact_hypergradient,
+    ridge_hessian,
     ridge_ll,
+    ridge_solution,
     ridge_truncated_hypergradient,
     ridge_ul,
+    ridge_ul_grad_w,
 )
 from torch import nn
 
@@ -235,3 +238,38 @@ def test_first_order_refuses_a_hyperparameter_it_cannot_reach():
     p = ridge()
     with pytest.raises(ValueError, match="log_l2"):
         hypergradient(p, FirstOrder(ridge_ul, p.ul_model, ridge_ll, p.ll_model))
+
+
+def ridge_damped_hypergradient(p, damping):
+    """The IFT formula with ``(H + damping I)`` in place of ``H``."""
+    w = ridge_solution(p)
+    h = ridge_hessian(p) + damping * torch.eye(len(w), dtype=DTYPE)
+    return -(p.l2 * w) * torch.linalg.solve(h, ridge_ul_grad_w(p, w))
+
+
+@pytest.mark.parametrize(
+    ("method", "k", "kwargs"),
+    [("cg", 10, {}), ("minres", 10, {}), ("fixed_point", 300, {"alpha": 0.3})],
+)
+def test_implicit_damping_solves_the_damped_system(method, k, kwargs):
+    p = ridge()
+    exact = ridge_exact_hypergradient(p)
+    damped = ridge_damped_hypergradient(p, 0.7)
+    assert relative_error(damped, exact) > 0.05  # the damping is visible at this size
+    grad = hypergradient(p, implicit(p, method, k, damping=0.7, **kwargs))
+    assert relative_error(grad, damped) < 1e-9
+
+
+def test_implicit_zero_damping_is_exact_and_keeps_old_settings():
+    p = ridge()
+    ul = implicit(p, "cg", 10, damping=0.0)
+    assert relative_error(hypergradient(p, ul), ridge_exact_hypergradient(p)) < 1e-9
+    assert "damping" not in ul.settings()  # checkpoints written before damping still resume
+    assert implicit(p, "cg", 10, damping=2.0).settings()["damping"] == 2.0
+
+
+@pytest.mark.parametrize("damping", [-1.0, float("nan"), True, "1"])
+def test_implicit_refuses_bad_damping(damping):
+    p = ridge()
+    with pytest.raises(ValueError, match="damping must be a number >= 0"):
+        implicit(p, "cg", 10, damping=damping)

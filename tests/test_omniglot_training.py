@@ -199,6 +199,15 @@ def test_method_and_ul_method_must_agree(example):
         example.parse_args(["--method", "maml", "--ul-method", "implicit"])
 
 
+def test_damping_reaches_implicit_and_is_refused_elsewhere(example):
+    args = example.parse_args(["--method", "imaml", "--hidden", "8", "--damping", "22"])
+    exp = example.Experiment(args, torch.device("cpu"))
+    assert exp.problem.ul.damping == 22.0
+    for argv in (["--method", "maml", "--damping", "1"], ["--method", "imaml", "--damping", "-1"]):
+        with pytest.raises(SystemExit):
+            example.parse_args(argv)
+
+
 def _run(example, out, data_root, cache, *extra):
     argv = ["--data-root", str(data_root), "--cache-dir", str(cache), "--out", str(out)]
     return example.main([*argv, "--no-progress", "--threads", "1", *extra])
