@@ -9,9 +9,10 @@ cells of ``--methods`` (ridge and logistic): one for ours, one for the floor (as
 does) and one that serves both, and alternates timing requests among the four slots. It
 reports ours / floor across processes and inside one process, and writes
 ``benchmarks/results/method_families_process_check.json``, which
-``method_families_report.py`` quotes under the targets table. Each request times at most 4 UL
-steps after a warm-up one, so cells whose UL step is well under a millisecond (one-step
-DARTS) are not measured faithfully here: use it for BDA's and PTT's cells.
+``method_families_report.py`` quotes under the targets table. Each request takes one warm-up
+UL step and then times single UL steps for ``--request-seconds`` (at least one): a few steps
+of BDA's and PTT's cells, hundreds of one-step DARTS', whose sub-millisecond steps would
+otherwise be timed cache-cold right after the process woke up.
 """
 
 from __future__ import annotations
@@ -47,21 +48,24 @@ def serve(impls: list[str]) -> None:
         request = json.loads(line)
         if request.get("quit"):
             return
-        timed = workers[request["impl"]].time(request["config"], request["budget"], 1, 1, 4)
+        budget, most = request["budget"], request["max_steps"]
+        timed = workers[request["impl"]].time(request["config"], budget, 1, 1, most)
         print(json.dumps({"times": timed["times"]}), flush=True)
 
 
 class Worker:
     """One serving process."""
 
-    def __init__(self, impls: str) -> None:
+    def __init__(self, impls: str, seconds: float) -> None:
+        self.seconds = seconds
         command = [sys.executable, __file__, "--serve", impls]
         pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
         self.proc = subprocess.Popen(command, **pipes)
         self.proc.stdout.readline()
 
     def time(self, impl: str, config: dict[str, Any]) -> list[float]:
-        self.proc.stdin.write(json.dumps({"impl": impl, "config": config, "budget": 2.0}) + "\n")
+        request = {"impl": impl, "config": config, "budget": self.seconds, "max_steps": 10_000}
+        self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())["times"]
 
@@ -71,14 +75,14 @@ class Worker:
         self.proc.wait()
 
 
-def check(method: str, problem: str, rounds: int) -> dict[str, Any]:
+def check(method: str, problem: str, rounds: int, seconds: float) -> dict[str, Any]:
     """The four slots' median seconds per UL step on one cell, alternated for ``rounds``."""
     sys.path[:0] = [str(HERE.parent), str(HERE)]
     import method_families
 
     config = method_families.method_config("regression", problem, method)
     workers = {
-        name: Worker(name_impls)
+        name: Worker(name_impls, seconds)
         for name, name_impls in (("ours", "bilevel"), ("floor", "floor"), ("both", "bilevel,floor"))
     }
     times: dict[tuple[str, str], list[float]] = {slot: [] for slot in SLOTS}
@@ -106,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="bda", help="method_families methods")
     parser.add_argument("--rounds", type=int, default=10, help="alternation rounds per cell")
+    parser.add_argument(
+        "--request-seconds", type=float, default=0.5, help="timed seconds per request"
+    )
     parser.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     cells = []
     for method in args.methods.split(","):
         for problem in ("ridge", "logistic"):
-            cells.append(check(method, problem, args.rounds))
+            cells.append(check(method, problem, args.rounds, args.request_seconds))
             c = cells[-1]
             print(
                 f"{method} {problem}: ours/floor across processes {c['across_processes']:.3f}, "
