@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bilevel import linalg
 from bilevel.ll import GradientDescent, Trajectory, evaluate_at
 from bilevel.ll.patched import install
 from bilevel.state import Objective
@@ -181,26 +182,37 @@ class FiniteDifference(HypergradientCalculator):
         position = {j: k for k, j in enumerate(active)}
         initial = {j for j in self.initial_weight_of if j is not None and j in position}
         wanted = [position[j] for j in active if j in initial]
+        # one step size for every tensor (a number): the direction is v itself, and xi joins
+        # the scalar factor; per-tensor or per-element step sizes enter the direction
+        common = xi[0] if all(isinstance(x, float) and x == xi[0] for x in xi) else None
         with evaluate_at(call.auxiliary_model, weights):  # restores the weights on exit
             loss = self.ul_loss(call)
             w = [weights[i] for i in active]
             grads = torch.autograd.grad(loss, [*self.ul_params, *w], allow_unused=True)
             direct = grads[:n]
             v = [torch.zeros_like(x) if g is None else g for x, g in zip(w, grads[n:], strict=True)]
-            u = [lr * g for lr, g in zip(xi, v, strict=True)]
-            squares = [ui.pow(2).sum() for ui in u]
-            norm = (squares[0] if len(squares) == 1 else torch.stack(squares).sum()).sqrt()
+            u = v if common is not None else [lr * g for lr, g in zip(xi, v, strict=True)]
+            norm = torch.linalg.vector_norm(u[0]) if len(u) == 1 else linalg.norm(u)
             # u = 0 (the UL loss is flat in w): w+- = w, and the difference is exactly 0
             eps = self.r / norm.clamp_min(torch.finfo(norm.dtype).tiny)
-            plus = self._ll_gradients(call, weights, active, before, u, eps, wanted)
-            minus = self._ll_gradients(call, weights, active, before, u, -eps, wanted)
-        mixed = [
-            None if p is None or m is None else (p - m) / (2 * eps)
-            for p, m in zip(plus, minus, strict=True)
-        ]
-        self.diagnostics["fd_epsilon"] = eps.detach()
-        result = [_minus(d, m) for d, m in zip(direct, mixed[:n], strict=True)]
-        curvatures = dict(zip(wanted, mixed[n:], strict=True))
+            plus = self._ll_gradients(call, weights, active, before, u, eps, wanted, 1.0)
+            minus = self._ll_gradients(call, weights, active, before, u, eps, wanted, -1.0)
+        # mixed = (plus - minus) * scale, the second derivative along u (times xi when the
+        # direction is v); the UL parameters take direct - mixed
+        scale = (common if common is not None else 1.0) / (2 * eps)
+        self.diagnostics["fd_epsilon"] = eps
+        result: list[torch.Tensor | None] = []
+        for d, pl, mi in zip(direct, plus[:n], minus[:n], strict=True):
+            if pl is None or mi is None:
+                result.append(d)
+            elif d is None:
+                result.append((mi - pl) * scale)
+            else:
+                result.append(torch.addcmul(d, pl - mi, scale, value=-1))
+        curvatures = {
+            k: None if pl is None or mi is None else (pl - mi) * scale
+            for k, pl, mi in zip(wanted, plus[n:], minus[n:], strict=True)
+        }
         for i, j in enumerate(self.initial_weight_of):
             if j is not None and j in position:  # (I - xi H) v for an initial weight
                 k = position[j]
@@ -217,12 +229,16 @@ class FiniteDifference(HypergradientCalculator):
         u: Tensors,
         eps: torch.Tensor,
         wanted: list[int],
+        sign: float,
     ) -> list[torch.Tensor | None]:
         """``grad f`` with respect to the UL parameters and the trainable weights at positions
-        ``wanted`` (those that UL parameters initialize), at ``w_{T-1} + eps * u`` (the other
-        LL weights from ``weights``, as they are). Installs the moved weights in the auxiliary
-        model: call it where they are restored afterwards."""
-        moved = [(b + eps * ui).requires_grad_() for b, ui in zip(before, u, strict=True)]
+        ``wanted`` (those that UL parameters initialize), at ``w_{T-1} + sign * eps * u`` (the
+        other LL weights from ``weights``, as they are). Installs the moved weights in the
+        auxiliary model: call it where they are restored afterwards."""
+        with torch.no_grad():
+            moved = [torch.add(b, ui * eps, alpha=sign) for b, ui in zip(before, u, strict=True)]
+        for x in moved:
+            x.requires_grad_()
         at = list(weights)
         for i, x in zip(active, moved, strict=True):
             at[i] = x
