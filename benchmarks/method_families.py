@@ -465,17 +465,20 @@ def record_key(record: dict[str, Any]) -> str:
 def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """``old`` with the records that ``new`` measured again replaced by ``new``'s (the same
     kind, configuration and implementation); the header stays ``old``'s, and the partial run
-    is listed under ``"remeasured"`` (its command, date, load and methods)."""
+    is listed under ``"remeasured"`` (its command, date, load and methods), replacing the
+    notes of earlier partial runs whose methods it measured again, all of them."""
     fresh = {record_key(r) for r in new["records"]}
     kept = [r for r in old["records"] if record_key(r) not in fresh]
     note = {k: new[k] for k in ("command", "date", "loadavg_start", "loadavg_end", "git")}
     note["methods"] = new.get("only_methods")
     note["duration_s"] = new["duration_s"]
-    return {
-        **old,
-        "records": kept + new["records"],
-        "remeasured": [*old.get("remeasured", []), note],
-    }
+    covered = set(note["methods"] or [])
+    earlier = [
+        n
+        for n in old.get("remeasured", [])
+        if not (note["methods"] is None or (n.get("methods") and set(n["methods"]) <= covered))
+    ]
+    return {**old, "records": kept + new["records"], "remeasured": [*earlier, note]}
 
 
 class FamilyRun(run.Run):

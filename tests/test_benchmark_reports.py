@@ -1,0 +1,58 @@
+"""The benchmark scripts' bookkeeping: partial re-runs merged into a results file."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def method_families():
+    """benchmarks/method_families.py, imported with benchmarks/ on the path and its own
+    modules (benchmarks/problems.py, not tests/problems.py); the modules it brought in are
+    removed afterwards and the shadowed ones put back."""
+    names = {path.stem for path in BENCHMARKS.glob("*.py")}
+    shadowed = {name: sys.modules.pop(name) for name in names if name in sys.modules}
+    before = set(sys.modules)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("method_families")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
+        sys.modules.update(shadowed)
+
+
+def _run(methods, date, records):
+    return {
+        "command": "python benchmarks/method_families.py",
+        "date": date,
+        "loadavg_start": [1.0],
+        "loadavg_end": [1.0],
+        "git": "abc",
+        "only_methods": methods,
+        "duration_s": 60.0,
+        "records": records,
+    }
+
+
+def _record(method, seconds):
+    return {"kind": "time", "config": {"method": method}, "impl": "bilevel", "s": seconds}
+
+
+def test_a_partial_rerun_replaces_its_records_and_the_notes_it_supersedes(method_families):
+    full = _run(None, "d0", [_record("bda", 1.0), _record("ptt", 2.0), _record("cg", 3.0)])
+    first = method_families.merge(full, _run(["bda"], "d1", [_record("bda", 1.5)]))
+    second = method_families.merge(first, _run(["bda", "ptt"], "d2", [_record("bda", 1.2)]))
+    third = method_families.merge(second, _run(["cg"], "d3", [_record("cg", 2.5)]))
+    seconds = {r["config"]["method"]: r["s"] for r in third["records"]}
+    assert seconds == {"bda": 1.2, "ptt": 2.0, "cg": 2.5}
+    # d1's note is superseded by d2's (a superset of its methods); d3's covers other methods
+    assert [n["date"] for n in third["remeasured"]] == ["d2", "d3"]
+    assert third["date"] == "d0"  # the header stays the full run's
