@@ -465,19 +465,26 @@ def record_key(record: dict[str, Any]) -> str:
 def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """``old`` with the records that ``new`` measured again replaced by ``new``'s (the same
     kind, configuration and implementation); the header stays ``old``'s, and the partial run
-    is listed under ``"remeasured"`` (its command, date, load and methods), replacing the
-    notes of earlier partial runs whose methods it measured again, all of them."""
+    is listed under ``"remeasured"`` (its command, date, load, methods, implementations and
+    kinds of measurement), replacing the notes of earlier partial runs that it measured again
+    whole: their methods, implementations and kinds all among its own."""
     fresh = {record_key(r) for r in new["records"]}
     kept = [r for r in old["records"] if record_key(r) not in fresh]
     note = {k: new[k] for k in ("command", "date", "loadavg_start", "loadavg_end", "git")}
     note["methods"] = new.get("only_methods")
+    note["impls"] = sorted(new.get("versions", {}))
+    note["kinds"] = sorted({r["kind"] for r in new["records"]})
     note["duration_s"] = new["duration_s"]
-    covered = set(note["methods"] or [])
-    earlier = [
-        n
-        for n in old.get("remeasured", [])
-        if not (note["methods"] is None or (n.get("methods") and set(n["methods"]) <= covered))
-    ]
+
+    def covered(n: dict[str, Any]) -> bool:
+        methods = note["methods"] is None or (
+            n.get("methods") and set(n["methods"]) <= set(note["methods"])
+        )
+        impls = set(n.get("impls", ["?"])) <= set(note["impls"])
+        kinds = set(n.get("kinds", ["?"])) <= set(note["kinds"])
+        return bool(methods and impls and kinds)
+
+    earlier = [n for n in old.get("remeasured", []) if not covered(n)]
     return {**old, "records": kept + new["records"], "remeasured": [*earlier, note]}
 
 

@@ -194,7 +194,7 @@ class Experiment:
                 tolerance=args.cg_tolerance,
                 method=args.solver,
                 on_divergence="warn",
-                damping=args.damping,
+                damping=args.damping or 0.0,
             )
         if args.meta_optimizer == "sgd":
             optimizer = torch.optim.SGD(self.ul_model.parameters(), lr=args.meta_lr)
@@ -412,10 +412,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--damping",
         type=float,
-        default=0.0,
+        default=None,
         help="Implicit's damping: solve (H + damping I) q = v, a biased hypergradient that stays "
-        "defined where H is indefinite (0: exact; the iMAML authors' released code amounts to "
-        "reg + 20)",
+        "defined where H is indefinite (default: none, the exact one; the iMAML authors' "
+        "released code amounts to reg + 20 with --solver cg)",
     )
     parser.add_argument(
         "--truncate", type=int, default=None, help="K of --ul-method truncated (default T/2)"
@@ -473,8 +473,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--bda-alpha must lie in [0, 1] and --bda-alpha-decay in (0, 1]")
     if args.solver is None:
         args.solver = "minres" if args.method == "imaml" else "cg"
-    if args.damping < 0 or (args.damping and args.ul_method != "implicit"):
-        parser.error("--damping must be >= 0, and is for the implicit hypergradient only")
+    # (default None, not 0: runs saved before the option existed resume with the same settings)
+    if args.damping is not None and (
+        not 0 <= args.damping < math.inf or args.ul_method != "implicit"
+    ):
+        parser.error("--damping must be a number >= 0, for the implicit hypergradient only")
     if args.eval_inner_steps is None:
         args.eval_inner_steps = args.inner_steps
     if args.truncate is None:

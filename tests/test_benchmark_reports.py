@@ -18,19 +18,20 @@ def method_families():
     removed afterwards and the shadowed ones put back."""
     names = {path.stem for path in BENCHMARKS.glob("*.py")}
     shadowed = {name: sys.modules.pop(name) for name in names if name in sys.modules}
-    before = set(sys.modules)
+    before, path = set(sys.modules), list(sys.path)
     sys.path.insert(0, str(BENCHMARKS))
     try:
         yield importlib.import_module("method_families")
     finally:
-        sys.path.remove(str(BENCHMARKS))
+        sys.path[:] = path  # the benchmark modules insert benchmarks/ themselves too
         for name in set(sys.modules) - before:
             del sys.modules[name]
         sys.modules.update(shadowed)
 
 
-def _run(methods, date, records):
+def _run(methods, date, records, impls=("bilevel", "boat", "floor")):
     return {
+        "versions": dict.fromkeys(impls, "1"),
         "command": "python benchmarks/method_families.py",
         "date": date,
         "loadavg_start": [1.0],
@@ -56,3 +57,16 @@ def test_a_partial_rerun_replaces_its_records_and_the_notes_it_supersedes(method
     # d1's note is superseded by d2's (a superset of its methods); d3's covers other methods
     assert [n["date"] for n in third["remeasured"]] == ["d2", "d3"]
     assert third["date"] == "d0"  # the header stays the full run's
+
+
+def test_a_rerun_of_fewer_implementations_keeps_the_earlier_note(method_families):
+    """Records the re-run did not measure again (another implementation's, or memory) keep the
+    note that says when they were measured."""
+    full = _run(None, "d0", [_record("bda", 1.0)])
+    first = method_families.merge(full, _run(["bda"], "d1", [_record("bda", 1.5)]))
+    memory = {"kind": "memory", "config": {"method": "bda"}, "impl": "bilevel", "s": 9.0}
+    first["records"].append(memory)
+    first["remeasured"][0]["kinds"] = ["memory", "time"]
+    second = method_families.merge(first, _run(["bda"], "d2", [_record("bda", 1.2)], ["bilevel"]))
+    assert [n["date"] for n in second["remeasured"]] == ["d1", "d2"]
+    assert memory in second["records"]

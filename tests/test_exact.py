@@ -268,8 +268,8 @@ def test_implicit_zero_damping_is_exact_and_keeps_old_settings():
     assert implicit(p, "cg", 10, damping=2.0).settings()["damping"] == 2.0
 
 
-@pytest.mark.parametrize("damping", [-1.0, float("nan"), True, "1"])
+@pytest.mark.parametrize("damping", [-1.0, float("nan"), float("inf"), True, "1"])
 def test_implicit_refuses_bad_damping(damping):
     p = ridge()
-    with pytest.raises(ValueError, match="damping must be a number >= 0"):
+    with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
         implicit(p, "cg", 10, damping=damping)

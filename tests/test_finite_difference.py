@@ -150,3 +150,38 @@ def test_seed_flow_without_the_recorded_weights_is_refused():
     with pytest.raises(ValueError, match="weights before its last step"):
         fd.compute_gradients(*p.val, aux, *p.train)
     assert fd.settings() == {"r": 1e-2}
+
+
+@pytest.mark.parametrize("lr", [0.3, [0.3, 0.1]])
+def test_initial_weights_of_several_tensors_with_a_step_size_other_than_one(lr):
+    """MAML through one step of a two-tensor LL (weight and bias) with one step size (or one
+    per tensor): (I - lr H) v matches Reverse, so the step size enters the curvature term."""
+    p = logistic()
+    torch.manual_seed(3)
+    net = nn.Linear(4, 1).to(DTYPE)
+
+    def task(state: dict) -> torch.Tensor:
+        logits = state["ll_model"](state["data"]).squeeze(-1)
+        return F.binary_cross_entropy_with_logits(logits, state["target"])
+
+    ll = GradientDescent(task, net, net, lr=lr, iters=1)
+    exact = flat(BilevelProblem(ll, Reverse(task, net, task, net)).hypergradient(p.train, p.val))
+    fd = FiniteDifference(task, net, task, net, r=1e-3)
+    assert relative_error(flat(BilevelProblem(ll, fd).hypergradient(p.train, p.val)), exact) < 1e-6
+
+
+def test_a_ul_loss_flat_in_the_weights_gives_the_direct_gradient_in_float32_at_a_large_radius():
+    """u = 0: w+- = w, the finite difference is exactly 0 and the hypergradient is the direct
+    one. The radius divided by a zero norm must stay finite (it overflowed to inf in float32
+    for r >= 4, and 0 * inf made the hypergradient NaN)."""
+    p = ridge()
+    train = tuple(t.float() for t in p.train)
+    ll_model, ul_model = Linear(5).float(), p.ul_model.float()
+
+    def ul_only(state: dict) -> torch.Tensor:  # no path to the LL weights
+        return (state["ul_model"].log_l2 ** 2).sum()
+
+    ll = GradientDescent(ridge_ll, ll_model, ul_model, lr=0.1, iters=1)
+    fd = FiniteDifference(ul_only, ul_model, ridge_ll, ll_model, r=8.0)
+    (grad,) = BilevelProblem(ll, fd).hypergradient(train, train)
+    assert torch.equal(grad, 2 * ul_model.log_l2.detach())

@@ -203,9 +203,11 @@ def test_damping_reaches_implicit_and_is_refused_elsewhere(example):
     args = example.parse_args(["--method", "imaml", "--hidden", "8", "--damping", "22"])
     exp = example.Experiment(args, torch.device("cpu"))
     assert exp.problem.ul.damping == 22.0
-    for argv in (["--method", "maml", "--damping", "1"], ["--method", "imaml", "--damping", "-1"]):
+    for bad in (["--method", "maml", "--damping", "1"], ["--method", "imaml", "--damping", "-1"]):
         with pytest.raises(SystemExit):
-            example.parse_args(argv)
+            example.parse_args(bad)
+    # a run saved before --damping existed has no such setting: it must still resume
+    assert example.parse_args(["--method", "imaml"]).damping is None
 
 
 def _run(example, out, data_root, cache, *extra):

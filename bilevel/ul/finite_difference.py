@@ -193,14 +193,17 @@ class FiniteDifference(HypergradientCalculator):
             v = [torch.zeros_like(x) if g is None else g for x, g in zip(w, grads[n:], strict=True)]
             u = v if common is not None else [lr * g for lr, g in zip(xi, v, strict=True)]
             norm = torch.linalg.vector_norm(u[0]) if len(u) == 1 else linalg.norm(u)
-            # u = 0 (the UL loss is flat in w): w+- = w, and the difference is exactly 0
-            eps = self.r / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+            # u = 0 (the UL loss is flat in w): w+- = w, and the difference is exactly 0 (the
+            # floor keeps eps finite, r / floor <= 1 / tiny, so that 0 * eps is not NaN)
+            floor = max(self.r, 1.0) * torch.finfo(norm.dtype).tiny
+            eps = self.r / norm.clamp_min(floor)
             plus = self._ll_gradients(call, weights, active, before, u, eps, wanted, 1.0)
             minus = self._ll_gradients(call, weights, active, before, u, eps, wanted, -1.0)
         # mixed = (plus - minus) * scale, the second derivative along u (times xi when the
         # direction is v); the UL parameters take direct - mixed
         scale = (common if common is not None else 1.0) / (2 * eps)
-        self.diagnostics["fd_epsilon"] = eps
+        # the perturbation's multiple of u = xi * v (the same point as eps * v with one xi)
+        self.diagnostics["fd_epsilon"] = eps if common is None else eps / common
         result: list[torch.Tensor | None] = []
         for d, pl, mi in zip(direct, plus[:n], minus[:n], strict=True):
             if pl is None or mi is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -106,8 +107,10 @@ class Implicit(HypergradientCalculator):
         damping: float = 0.0,
     ) -> None:
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
-        if isinstance(damping, bool) or not isinstance(damping, int | float) or not damping >= 0:
-            raise ValueError(f"damping must be a number >= 0, got {damping!r}.")
+        if isinstance(damping, bool) or not isinstance(damping, int | float):
+            raise ValueError(f"damping must be a finite number >= 0, got {damping!r}.")
+        if not 0 <= damping < math.inf:
+            raise ValueError(f"damping must be a finite number >= 0, got {damping!r}.")
         self.damping = float(damping)
         if isinstance(ll_learning_rate, torch.Tensor):
             ll_learning_rate = float(ll_learning_rate.detach())
@@ -372,10 +375,12 @@ class Implicit(HypergradientCalculator):
             self.diagnostics["lambda_max"] = lambda_max
             safe = f"{1.0 / lambda_max:.3g}" if lambda_max > 0 else "none (no positive curvature)"
             alpha = info.alpha
+            system = f"H + {self.damping:g} I" if self.damping else "H"
+            matrix = "the damped system's" if self.damping else "the LL Hessian's"
             message = (
                 f"The {name} series diverged: its residual went from {info.rhs_norm:.3g} "
                 f"to {info.residual_norm:.3g} in {info.iterations} steps. It converges only for "
-                f"alpha < 2/lambda_max(H); alpha is {alpha:.3g} and the LL Hessian's "
+                f"alpha < 2/lambda_max({system}); alpha is {alpha:.3g} and {matrix} "
                 f"largest eigenvalue is about {lambda_max:.4g}, so use alpha={safe} "
                 "(alpha='auto' does this) or method='cg'."
             )
