@@ -293,8 +293,9 @@ class GradientDescent:
         Its weights and graph are freed at once, and the next :meth:`optimize` reuses it
         instead of patching ``ll_model`` again. Using it afterwards raises an error.
         """
-        auxiliary_model._fast_params = None  # higher's list of the fast weights of every step
-        auxiliary_model.trajectory = None
+        # plain attributes, set in the instance dict (past the patched module's __setattr__)
+        auxiliary_model.__dict__["_fast_params"] = None  # higher's list of the fast weights
+        auxiliary_model.__dict__["trajectory"] = None
         self._spare = auxiliary_model
 
     def step_map(self, model: nn.Module, ul_batch: tuple[Any, Any] | None) -> GradientStep:
@@ -384,7 +385,7 @@ class GradientDescent:
                 recorded = unroll.run_in_place(overwritten)
             recorded += [unroll.step(graph=False) for _ in range(unroll.steps, untracked)]
         recorded += [unroll.step(graph=True) for _ in range(untracked, iters)]
-        losses = torch.stack(recorded)
+        losses = recorded[0].reshape(1) if len(recorded) == 1 else torch.stack(recorded)
         self._check_losses(losses, unroll)
         return unroll.record(losses, tracked)
 

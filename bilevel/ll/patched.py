@@ -94,7 +94,8 @@ def sync_from(model: nn.Module, patched: nn.Module) -> None:
     statistics, never leaks into the next run."""
     higher.patch.buffer_sync(model, patched)
     for mine, copy in zip(model.modules(), patched.modules(), strict=True):
-        copy.training = mine.training
+        if copy.training is not mine.training:  # (a patched module's __setattr__ is slow)
+            copy.training = mine.training
 
 
 def patch(model: nn.Module) -> nn.Module:

@@ -314,5 +314,5 @@ class Unroll:
             step_map=self.step_map,
             initial_grads=self.initial_grads,
         )
-        self.model.trajectory = trajectory
+        self.model.__dict__["trajectory"] = trajectory  # a plain attribute (no __setattr__)
         return trajectory
