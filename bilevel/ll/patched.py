@@ -69,6 +69,29 @@ def install(model: nn.Module, params: Sequence[torch.Tensor]) -> None:
     model.__dict__["_fast_params"] = [list(params)]  # what higher's fast_params reads
     for module, name, index in slots:
         module._parameters[name] = params[index]
+    box = model.__dict__.get("_bilevel_params_box")
+    if box is None:
+        box = model.__dict__["_bilevel_params_box"] = _params_box(model)
+    box[0] = None  # the next direct call of a submodule reads these weights
+
+
+def _params_box(model: nn.Module) -> list:
+    """``higher``'s box of the expanded fast weights that a patched submodule reads: filled
+    from the root's fast weights when a submodule is called directly (not through the whole
+    model), and emptied only at the end of a call of the whole model. Left filled, a later
+    direct call (the next objective evaluation, the next run) would read the weights of an
+    earlier step; :func:`install` empties it. It is the one list that the patched classes'
+    ``direct_submodule_call`` closes over (``higher`` 0.2.1)."""
+    prop = getattr(type(model), "direct_submodule_call", None)
+    cells = getattr(getattr(prop, "fget", None), "__closure__", None) or ()
+    for cell in cells:
+        contents = cell.cell_contents
+        if isinstance(contents, list) and len(contents) == 1:
+            return contents
+    raise RuntimeError(
+        f"the patched model ({type(model).__name__}) has no parameter box where higher 0.2.1 "
+        "keeps one: this version of higher is not supported (pip install higher==0.2.1)."
+    )
 
 
 def fast_weights(model: nn.Module) -> Tensors:
