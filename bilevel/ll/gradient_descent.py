@@ -14,7 +14,14 @@ from torch import nn
 from bilevel import linalg
 from bilevel.ll import hyper as hyperparameters
 from bilevel.ll.hyper import Schedule
-from bilevel.ll.patched import evaluate_at, install, parameter_list, patch, sync_from
+from bilevel.ll.patched import (
+    ModelChanged,
+    evaluate_at,
+    install,
+    parameter_list,
+    patch,
+    sync_from,
+)
 from bilevel.ll.rules import UpdateRule, make_rule
 from bilevel.ll.unroll import (
     GradientStep,
@@ -254,6 +261,7 @@ class GradientDescent:
                 trainable_parameters(self.ll_model, "ll_model")  # raises, saying so
             plan = RunPlan(params, trainable, self._plain_sgd())
             self._run_plan = plan
+            self._spare = None  # other parameter tensors (tied otherwise?): a new patched copy
         return plan
 
     def patched_model(
@@ -273,9 +281,14 @@ class GradientDescent:
         detached aliases of the weights, for runs that never overwrite them in place.
         """
         model, self._spare = self._spare, None
+        if model is not None:
+            try:
+                sync_from(self.ll_model, model)
+            except ModelChanged:  # the user's module changed its structure: patch it again
+                model = None
         if model is None:
             model = patch(self.ll_model)
-        sync_from(self.ll_model, model)
+            sync_from(self.ll_model, model)
         if params is None:
             params = list(self.ll_model.parameters())
         if graph_from_start:

@@ -110,22 +110,98 @@ def is_released(model: nn.Module) -> bool:
     return "_fast_params" in model.__dict__ and model.__dict__["_fast_params"] is None
 
 
+#: what :func:`sync_from` leaves to the patched copy: the parameter, buffer and child slots
+#: (filled on their own), a recurrent layer's list of its weights (rebuilt at every call), and
+#: a compiled call (``module.compile()``), which would run the user's module itself
+_OWN_SLOTS = frozenset(
+    {
+        "_parameters",
+        "_buffers",
+        "_modules",
+        "_flat_weights",
+        "_flat_weight_refs",
+        "_compiled_call_impl",
+    }
+)
+
+
+_MISSING = object()
+
+
+class ModelChanged(ValueError):
+    """``ll_model``'s structure changed since its patched copy was made (a submodule of
+    another kind, parameters added or removed): the copy must be made again."""
+
+
 def sync_from(model: nn.Module, patched: nn.Module) -> None:
-    """Copy what the patched copy carries of the user's module besides its parameters: the
-    buffers (batch-norm running statistics) and the training flags, at every LL run, so that
-    an objective that called ``.eval()`` on the patched model, or a run that moved its running
-    statistics, never leaks into the next run."""
-    higher.patch.buffer_sync(model, patched)
-    for mine, copy in zip(model.modules(), patched.modules(), strict=True):
-        if copy.training is not mine.training:  # (a patched module's __setattr__ is slow)
-            copy.training = mine.training
+    """Make the patched copy the user's module again in all but its weights, at every LL run:
+    the buffers (batch-norm running statistics, copied), the training flags and every other
+    plain attribute (a temperature, a dropout rate, set on the user's module between runs),
+    and the hooks (``higher`` copies none, so a forward hook, a pruning mask or a weight
+    normalization would be skipped). Nothing an objective does to the patched model
+    (``.eval()``, moving its running statistics) leaks into the next run. A compiled module
+    (``module.compile()``) runs uncompiled here: its compiled call is the user's module's.
+
+    The walk follows the child modules by name, so a submodule registered at two places (one
+    copy in the patched model per place) is synced at both. A module whose class or parameter
+    names changed since it was patched (a submodule swapped for another kind, pruning applied
+    later) raises :class:`ModelChanged`: its patched copy would run the old structure (the LL
+    optimizer then patches the model again)."""
+    if type(patched).__bases__[0] is not type(model) or patched._param_names != [
+        name for name, p in model._parameters.items() if p is not None
+    ]:
+        raise ModelChanged(
+            f"ll_model changed since the LL optimizer patched it: a {type(model).__name__} with "
+            f"parameters {[n for n, p in model._parameters.items() if p is not None]} where its "
+            f"copy is a {type(patched).__bases__[0].__name__} with {patched._param_names} "
+            "(a submodule replaced by another kind, parameters added or removed). Make a new "
+            "LL optimizer for the changed model."
+        )
+    for key, value in model._buffers.items():
+        patched._buffers[key] = value.clone().detach() if torch.is_tensor(value) else value
+    mine, copy = model.__dict__, patched.__dict__
+    for key, value in mine.items():  # (past the patched module's slow __setattr__)
+        if key not in _OWN_SLOTS and copy.get(key, _MISSING) is not value:
+            copy[key] = value
+    if "_compiled_call_impl" in copy:  # (copied by higher when it patched a compiled module)
+        del copy["_compiled_call_impl"]
+    children = patched._modules
+    for name, child in model._modules.items():
+        if child is None:
+            continue
+        if children.get(name) is None:
+            raise ModelChanged(
+                f"ll_model has a submodule {name!r} that the copy the LL optimizer patched "
+                "lacks (added since). Make a new LL optimizer for the changed model."
+            )
+        sync_from(child, children[name])
 
 
 def patch(model: nn.Module) -> nn.Module:
-    """A new patched copy of ``model`` (creates classes: milliseconds; reuse it)."""
-    # no history of earlier weights is kept (see install), so higher's own readers of it
-    # (parameters(time=t), init_fast_params) refuse rather than answer wrongly
-    return higher.monkeypatch(model, copy_initial_weights=True, track_higher_grads=False)
+    """A new patched copy of ``model`` (creates classes: milliseconds; reuse it, with
+    :func:`sync_from` at every run)."""
+    patched = higher.monkeypatch(model, copy_initial_weights=True, track_higher_grads=False)
+    type(patched).parameters = _latest_parameters  # the class is this copy's own
+    return patched
+
+
+def _latest_parameters(
+    self: nn.Module, recurse: bool = True, time: int | None = None
+) -> Iterator[torch.Tensor]:
+    """``parameters()`` of a patched model: its fast weights, as ``nn.Module.parameters``
+    gives the user's module's weights (``recurse=False``: the root module's own only, where
+    ``higher`` gives them all). Only the latest weights are held (see :func:`install`), so
+    ``time`` (``higher``'s index into a history of weights) other than the latest refuses
+    rather than answering with the latest."""
+    if time is not None and time != -1:
+        raise ValueError(
+            f"parameters(time={time}): the patched LL model holds only its latest fast weights "
+            "(time=None or -1); keep the weights you need, e.g. the initial ones from "
+            "state['ul_model'] or ll_model."
+        )
+    if not recurse:
+        return nn.Module.parameters(self, recurse=False)
+    return iter(fast_weights(self))
 
 
 @contextlib.contextmanager
