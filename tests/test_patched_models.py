@@ -186,14 +186,7 @@ def test_tied_weights_move_as_one(direct, method):
     assert len(list(model.parameters())) == 4
     objective = tied_objective(direct)
     train, val = token_data()
-    steps = 3 if method == "reverse" else 1
-    ll = GradientDescent(objective, model, hyper, lr=LR, iters=steps)
-    if method == "reverse":
-        ul, tol = Reverse(objective, hyper, objective, model), {}
-    else:
-        ul, tol = FiniteDifference(objective, hyper, objective, model, r=1e-4), {"rtol": 1e-6}
-    weights, grads = by_hand(model, hyper, tied_loss, tied_loss, train, val, steps)
-    check_runs(BilevelProblem(ll, ul), train, val, weights, grads, **tol)
+    check_method(method, objective, model, hyper, (tied_loss, tied_loss), train, val)
 
 
 # 2. a frozen parameter between trainable ones -----------------------------------------------
@@ -305,6 +298,35 @@ def bn_ul_objective(state: dict) -> torch.Tensor:
 
 def buffers(model: nn.Module) -> Tensors:
     return [b.clone() for b in model.buffers()]
+
+
+def check_method(method: str, objective, model, hyper, by_hand_losses, train, val) -> None:
+    """``Reverse`` through 3 LL steps, or DARTS' finite difference through 1, against the
+    hand-written unroll of the losses ``(ll, ul)``, over consecutive runs."""
+    steps = 3 if method == "reverse" else 1
+    ll = GradientDescent(objective, model, hyper, lr=LR, iters=steps)
+    if method == "reverse":
+        ul, tol = Reverse(objective, hyper, objective, model), {}
+    else:
+        ul, tol = FiniteDifference(objective, hyper, objective, model, r=1e-4), {"rtol": 1e-6}
+    weights, grads = by_hand(model, hyper, *by_hand_losses, train, val, steps)
+    check_runs(BilevelProblem(ll, ul), train, val, weights, grads, **tol)
+
+
+def fit_and_penalty(
+    out: Callable[[Tensors, torch.Tensor], torch.Tensor],
+) -> tuple[Callable, Callable]:
+    """By hand, for a network ``out(w, x)``: ``fit_objective`` (the LL) and
+    ``ul_fit_and_penalty`` (the UL) as functions of the weights ``w`` and UL tensors ``u``."""
+
+    def loss(w: Tensors, u: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(out(w, x), y + u[1]) + u[0].exp() * sum((p**2).sum() for p in w)
+
+    def ul_loss(w: Tensors, u: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        fit = F.mse_loss(out(w, x), y + 0.5 * u[1])
+        return fit + 0.1 * u[0].exp() * sum((p**2).sum() for p in w)
+
+    return loss, ul_loss
 
 
 def test_batch_norm_in_train_mode_leaves_the_users_running_statistics_alone():
@@ -550,14 +572,7 @@ def test_whole_model_and_submodule_calls_in_either_order(order, method):
         return total
 
     train, val = regression_data(3)
-    steps = 3 if method == "reverse" else 1
-    ll = GradientDescent(objective, model, hyper, lr=LR, iters=steps)
-    if method == "reverse":
-        ul, tol = Reverse(objective, hyper, objective, model), {}
-    else:
-        ul, tol = FiniteDifference(objective, hyper, objective, model, r=1e-4), {"rtol": 1e-6}
-    weights, grads = by_hand(model, hyper, loss, loss, train, val, steps)
-    check_runs(BilevelProblem(ll, ul), train, val, weights, grads, **tol)
+    check_method(method, objective, model, hyper, (loss, loss), train, val)
 
 
 # 7. more: a submodule used twice, hooks, attributes, parametrizations, warm starts ----------
@@ -646,12 +661,7 @@ def test_forward_hooks_of_the_users_module_run_on_the_patched_model():
     def out(w: Tensors, x: torch.Tensor) -> torch.Tensor:
         return (F.linear(torch.tanh(F.linear(0.5 * x, w[0], w[1])), w[2], w[3]) + 0.25).squeeze(-1)
 
-    def loss(w: Tensors, u: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(out(w, x), y + u[1]) + u[0].exp() * sum((p**2).sum() for p in w)
-
-    def ul_loss(w: Tensors, u: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        fit = F.mse_loss(out(w, x), y + 0.5 * u[1])
-        return fit + 0.1 * u[0].exp() * sum((p**2).sum() for p in w)
+    loss, ul_loss = fit_and_penalty(out)
 
     train, val = regression_data(3)
     weights, grads = by_hand(model, hyper, loss, ul_loss, train, val, 3)
@@ -694,12 +704,7 @@ def test_a_compiled_module_runs_at_the_fast_weights():
     model, hyper = Net(), Hyper()
     model.compile(backend="eager")  # (never traced here: the patched model does not call it)
 
-    def loss(w: Tensors, u: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(net_out(w, x), y + u[1]) + u[0].exp() * sum((p**2).sum() for p in w)
-
-    def ul_loss(w: Tensors, u: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        fit = F.mse_loss(net_out(w, x), y + 0.5 * u[1])
-        return fit + 0.1 * u[0].exp() * sum((p**2).sum() for p in w)
+    loss, ul_loss = fit_and_penalty(net_out)
 
     train, val = regression_data(3)
     weights, grads = by_hand(model, hyper, loss, ul_loss, train, val, 3)
