@@ -898,3 +898,19 @@ def test_sync_from_refuses_a_copy_of_another_structure():
     model.act = nn.Softsign()
     with pytest.raises(ModelChanged, match="changed since the LL optimizer patched it"):
         sync_from(model, copy)
+
+
+def test_calling_the_patched_model_with_params_is_refused():
+    """``higher``'s ``fmodel(x, params=...)`` would replace the LL run's fast weights with the
+    caller's, silently: the objective is refused with the cure."""
+    model, hyper = Net(), Hyper()
+    train, _ = regression_data(3)
+
+    def objective(state: dict) -> torch.Tensor:
+        m = state["ll_model"]
+        other = [2 * w for w in m.parameters()]
+        return F.mse_loss(m(state["data"], params=other).squeeze(-1), state["target"])
+
+    ll = GradientDescent(objective, model, hyper, lr=LR, iters=2)
+    with pytest.raises(TypeError, match="that would replace the fast weights"):
+        ll.optimize(*train)

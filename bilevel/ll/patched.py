@@ -7,7 +7,8 @@ with the user's module at every LL run, giving it fast weights, and reading them
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import higher
 import torch
@@ -181,8 +182,26 @@ def patch(model: nn.Module) -> nn.Module:
     """A new patched copy of ``model`` (creates classes: milliseconds; reuse it, with
     :func:`sync_from` at every run)."""
     patched = higher.monkeypatch(model, copy_initial_weights=True, track_higher_grads=False)
-    type(patched).parameters = _latest_parameters  # the class is this copy's own
+    kind = type(patched)  # the class is this copy's own
+    kind.parameters = _latest_parameters
+    kind.forward = _forward_without_params(kind.forward)
     return patched
+
+
+def _forward_without_params(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """The patched model's ``forward``, refusing ``higher``'s ``params=`` argument: it would
+    replace the fast weights of the LL run (the library's) with the caller's, silently."""
+
+    def checked(self: nn.Module, *args: Any, params: Any = None, **kwargs: Any) -> Any:
+        if params is not None:
+            raise TypeError(
+                "state['ll_model'] was called with params=...: that would replace the fast "
+                "weights of the LL run. Call it on the data alone; to evaluate other weights, "
+                "use bilevel.ll.evaluate_at(model, weights)."
+            )
+        return forward(self, *args, **kwargs)
+
+    return checked
 
 
 def _latest_parameters(
