@@ -28,15 +28,16 @@ class Equilibrium(nn.Module):
         self.c = torch.randn(D, generator=g, dtype=DTYPE)
         self.lam = nn.Parameter(torch.randn(M, generator=g, dtype=DTYPE))
 
-    def exact(self) -> torch.Tensor:
-        """``dF/dlam = (dw/dlam)^T (w* - c)``, ``dw/dlam = (I - D A)^{-1} D B``."""
+    def exact(self, damping: float = 0.0) -> torch.Tensor:
+        """``dF/dlam = (D B)^T q``, ``((I - D A)^T + damping I) q = w* - c`` (without damping
+        the IFT's ``(dw/dlam)^T (w* - c)``, ``dw/dlam = (I - D A)^{-1} D B``)."""
         lam = self.lam.detach()
         w = torch.zeros(D, dtype=DTYPE)
         for _ in range(500):
             w = torch.tanh(self.a @ w + self.b @ lam)
         slope = torch.diag(1 - w**2)
-        dw = torch.linalg.solve(torch.eye(D, dtype=DTYPE) - slope @ self.a, slope @ self.b)
-        return dw.T @ (w - self.c)
+        system = (torch.eye(D, dtype=DTYPE) - slope @ self.a).T + damping * torch.eye(D)
+        return (slope @ self.b).T @ torch.linalg.solve(system, w - self.c)
 
 
 def fixed_point_map(state):
@@ -63,6 +64,19 @@ def test_implicit_on_a_fixed_point_map_is_the_ift_hypergradient(method, k):
     grad, exact, ul = hypergradient(Implicit, k=k, method=method)
     assert relative_error(grad, exact) < 1e-10
     assert not ul.diagnostics["diverged"]
+
+
+@pytest.mark.parametrize(
+    ("method", "k", "kwargs"),
+    [("fixed_point", 200, {"alpha": 0.5}), ("normal_cg", 30, {}), ("neumann", 200, {"alpha": 0.5})],
+)
+def test_damping_on_a_fixed_point_map_damps_the_transposed_system(method, k, kwargs):
+    """The non-symmetric system ``(I - dPhi/dw)^T q = v`` with ``damping`` on its diagonal
+    (its transpose product too, for ``normal_cg``)."""
+    grad, _, ul = hypergradient(Implicit, k=k, method=method, damping=0.5, **kwargs)
+    exact = ul.ul_model.exact(damping=0.5)
+    assert relative_error(exact, ul.ul_model.exact()) > 0.05  # the damping shows at this size
+    assert relative_error(grad, exact) < 1e-10
 
 
 def test_reverse_through_the_iterations_reaches_the_same_answer():
