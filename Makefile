@@ -18,7 +18,8 @@ lint:
 	$(PYTHON) -m ruff format --check .
 
 docs:
-	$(PYTHON) -m mkdocs build --strict --quiet --site-dir site
+	# not --quiet: it hides the API pages' docstring warnings from --strict
+	$(PYTHON) -m mkdocs build --strict --site-dir site
 
 pytest:
 	$(PYTHON) -m pytest -q

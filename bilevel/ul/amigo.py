@@ -48,8 +48,11 @@ class AmIGO(StochasticMethod):
         ll_model: the LL module; its trainable parameters are ``y``.
         v_iters: ``M``, SGD steps on ``v`` per UL step (``None``: ``ll.iters``).
         v_lr: ``beta`` (``None``: ``ll.lr``).
-        batch_size, val_batch_size, seed, sampler: the minibatches (see
+        batch_size: samples per train minibatch (see
             :class:`~bilevel.ul.stochastic.StochasticMethod`).
+        val_batch_size: samples per validation minibatch (``"same"``: ``batch_size``).
+        seed: seeds the default sampler's generator.
+        sampler: a sampler to use instead.
     """
 
     name = "amigo"

@@ -171,8 +171,11 @@ class SABA(StochasticMethod):
         ll_objective: ``state -> scalar`` LL loss ``G`` (a mean over its batch).
         ll_model: the LL module; its trainable parameters are ``y``.
         memory_init: ``"full"`` or ``"zero"`` (see above).
-        batch_size, val_batch_size, seed, sampler: the minibatches (see
-            :class:`~bilevel.ul.stochastic.StochasticMethod`); the sampler must draw from
+        batch_size: samples per train minibatch (see
+            :class:`~bilevel.ul.stochastic.StochasticMethod`).
+        val_batch_size: samples per validation minibatch (``"same"``: ``batch_size``).
+        seed: seeds the default sampler's generator.
+        sampler: a sampler to use instead; the sampler must draw from
             fixed batches (:class:`~bilevel.ul.sampling.Sampler` does).
     """
 

@@ -56,8 +56,11 @@ class SOBA(StochasticMethod):
         ll_model: the LL module; its trainable parameters are ``y``.
         ll_decay: exponent of the LL (and ``v``) step-size decay.
         ul_decay: exponent of the UL step-size decay (applied to the direction).
-        batch_size, val_batch_size, seed, sampler: the minibatches (see
+        batch_size: samples per train minibatch (see
             :class:`~bilevel.ul.stochastic.StochasticMethod`).
+        val_batch_size: samples per validation minibatch (``"same"``: ``batch_size``).
+        seed: seeds the default sampler's generator.
+        sampler: a sampler to use instead.
     """
 
     name = "soba"

@@ -70,8 +70,11 @@ class StocBiO(StochasticMethod):
         neumann_steps: ``Q``, Hessian-vector products of the Neumann series (paper's code
             and benchopt: 10).
         neumann_lr: ``eta`` (``None``: ``ll.lr``).
-        batch_size, val_batch_size, seed, sampler: the minibatches (see
+        batch_size: samples per train minibatch (see
             :class:`~bilevel.ul.stochastic.StochasticMethod`).
+        val_batch_size: samples per validation minibatch (``"same"``: ``batch_size``).
+        seed: seeds the default sampler's generator.
+        sampler: a sampler to use instead.
     """
 
     name = "stocbio"
