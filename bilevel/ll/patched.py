@@ -155,8 +155,8 @@ def sync_from(model: nn.Module, patched: nn.Module) -> None:
             f"ll_model changed since the LL optimizer patched it: a {type(model).__name__} with "
             f"parameters {[n for n, p in model._parameters.items() if p is not None]} where its "
             f"copy is a {type(patched).__bases__[0].__name__} with {patched._param_names} "
-            "(a submodule replaced by another kind, parameters added or removed). Make a new "
-            "LL optimizer for the changed model."
+            "(a submodule replaced by another kind, parameters added or removed): patch it "
+            "again (GradientDescent does so by itself)."
         )
     for key, value in model._buffers.items():
         patched._buffers[key] = value.clone().detach() if torch.is_tensor(value) else value
@@ -173,7 +173,7 @@ def sync_from(model: nn.Module, patched: nn.Module) -> None:
         if children.get(name) is None:
             raise ModelChanged(
                 f"ll_model has a submodule {name!r} that the copy the LL optimizer patched "
-                "lacks (added since). Make a new LL optimizer for the changed model."
+                "lacks (added since): patch it again (GradientDescent does so by itself)."
             )
         sync_from(child, children[name])
 
