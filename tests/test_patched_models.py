@@ -300,6 +300,20 @@ def buffers(model: nn.Module) -> Tensors:
     return [b.clone() for b in model.buffers()]
 
 
+def check_reverse(objective, ul_objective, model, hyper, by_hand_losses, train, val) -> None:
+    """``Reverse`` through 3 LL steps against the hand-written unroll of ``(ll, ul)`` losses,
+    over consecutive runs."""
+    weights, grads = by_hand(model, hyper, *by_hand_losses, train, val, 3)
+    ll = GradientDescent(objective, model, hyper, lr=LR, iters=3)
+    check_runs(
+        BilevelProblem(ll, Reverse(ul_objective, hyper, objective, model)),
+        train,
+        val,
+        weights,
+        grads,
+    )
+
+
 def check_method(method: str, objective, model, hyper, by_hand_losses, train, val) -> None:
     """``Reverse`` through 3 LL steps, or DARTS' finite difference through 1, against the
     hand-written unroll of the losses ``(ll, ul)``, over consecutive runs."""
@@ -515,10 +529,7 @@ def test_recurrent_layers_read_the_fast_weights(cell, direct):
         torch.randn(16, generator=g, dtype=DTYPE),
     )
     train, val = (x[:8], y[:8]), (x[8:], y[8:])
-    weights, grads = by_hand(model, hyper, loss, ul_loss, train, val, 3)
-    ll = GradientDescent(objective, model, hyper, lr=LR, iters=3)
-    problem = BilevelProblem(ll, Reverse(ul_mse, hyper, objective, model))
-    check_runs(problem, train, val, weights, grads)
+    check_reverse(objective, ul_mse, model, hyper, (loss, ul_loss), train, val)
 
 
 # 6. the whole model and a submodule in one objective ----------------------------------------
@@ -636,10 +647,7 @@ def test_a_submodule_used_at_two_places():
         return F.mse_loss(reused_out(w, x), y)
 
     train, val = regression_data(3)
-    weights, grads = by_hand(model, hyper, loss, ul_loss, train, val, 3)
-    ll = GradientDescent(fit_objective, model, hyper, lr=LR, iters=3)
-    problem = BilevelProblem(ll, Reverse(ul_mse, hyper, fit_objective, model))
-    check_runs(problem, train, val, weights, grads)
+    check_reverse(fit_objective, ul_mse, model, hyper, (loss, ul_loss), train, val)
 
 
 def ul_fit_and_penalty(state: dict) -> torch.Tensor:
@@ -664,10 +672,7 @@ def test_forward_hooks_of_the_users_module_run_on_the_patched_model():
     loss, ul_loss = fit_and_penalty(out)
 
     train, val = regression_data(3)
-    weights, grads = by_hand(model, hyper, loss, ul_loss, train, val, 3)
-    ll = GradientDescent(fit_objective, model, hyper, lr=LR, iters=3)
-    problem = BilevelProblem(ll, Reverse(ul_fit_and_penalty, hyper, fit_objective, model))
-    check_runs(problem, train, val, weights, grads)
+    check_reverse(fit_objective, ul_fit_and_penalty, model, hyper, (loss, ul_loss), train, val)
 
 
 def test_a_hook_that_keeps_features_for_the_objective():
@@ -691,10 +696,7 @@ def test_a_hook_that_keeps_features_for_the_objective():
 
     train, val = regression_data(3)
     model(train[0])  # the user looked at the model once: the hook kept the user's features
-    weights, grads = by_hand(model, hyper, loss, ul_loss, train, val, 3)
-    ll = GradientDescent(objective, model, hyper, lr=LR, iters=3)
-    problem = BilevelProblem(ll, Reverse(ul_mse, hyper, objective, model))
-    check_runs(problem, train, val, weights, grads)
+    check_reverse(objective, ul_mse, model, hyper, (loss, ul_loss), train, val)
 
 
 def test_a_compiled_module_runs_at_the_fast_weights():
@@ -707,10 +709,7 @@ def test_a_compiled_module_runs_at_the_fast_weights():
     loss, ul_loss = fit_and_penalty(net_out)
 
     train, val = regression_data(3)
-    weights, grads = by_hand(model, hyper, loss, ul_loss, train, val, 3)
-    ll = GradientDescent(fit_objective, model, hyper, lr=LR, iters=3)
-    problem = BilevelProblem(ll, Reverse(ul_fit_and_penalty, hyper, fit_objective, model))
-    check_runs(problem, train, val, weights, grads)
+    check_reverse(fit_objective, ul_fit_and_penalty, model, hyper, (loss, ul_loss), train, val)
 
 
 def test_pruned_layers_read_the_fast_weights_through_their_mask():
@@ -732,10 +731,7 @@ def test_pruned_layers_read_the_fast_weights_through_their_mask():
         return F.mse_loss(out(w, x), y)
 
     train, val = regression_data(3)
-    weights, grads = by_hand(model, hyper, loss, ul_loss, train, val, 3)
-    ll = GradientDescent(fit_objective, model, hyper, lr=LR, iters=3)
-    problem = BilevelProblem(ll, Reverse(ul_mse, hyper, fit_objective, model))
-    check_runs(problem, train, val, weights, grads)
+    check_reverse(fit_objective, ul_mse, model, hyper, (loss, ul_loss), train, val)
 
 
 class Tempered(Net):
@@ -770,10 +766,7 @@ def test_weight_normalized_layers_through_parametrizations():
     parametrizations.weight_norm(model.feat)
     train, val = regression_data(3)
     loss, ul_loss = functional_losses(model)
-    weights, grads = by_hand(model, hyper, loss, ul_loss, train, val, 3)
-    ll = GradientDescent(fit_objective, model, hyper, lr=LR, iters=3)
-    problem = BilevelProblem(ll, Reverse(ul_mse, hyper, fit_objective, model))
-    check_runs(problem, train, val, weights, grads)
+    check_reverse(fit_objective, ul_mse, model, hyper, (loss, ul_loss), train, val)
 
 
 class Attention(nn.Module):
@@ -821,10 +814,7 @@ def test_weights_read_without_a_call(kind):
     else:
         train, val = regression_data(3)
     loss, ul_loss = functional_losses(model)
-    weights, grads = by_hand(model, hyper, loss, ul_loss, train, val, 3)
-    ll = GradientDescent(fit_objective, model, hyper, lr=LR, iters=3)
-    problem = BilevelProblem(ll, Reverse(ul_mse, hyper, fit_objective, model))
-    check_runs(problem, train, val, weights, grads)
+    check_reverse(fit_objective, ul_mse, model, hyper, (loss, ul_loss), train, val)
 
 
 def test_warm_starts_from_weights_written_into_the_users_module():
