@@ -467,7 +467,8 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     kind, configuration and implementation); the header stays ``old``'s, and the partial run
     is listed under ``"remeasured"`` (its command, date, load, methods, implementations and
     kinds of measurement), replacing the notes of earlier partial runs that it measured again
-    whole: their methods, implementations and kinds all among its own."""
+    whole: their methods, implementations and kinds all among its own (a note that predates
+    the implementations and kinds: those of the full run)."""
     fresh = {record_key(r) for r in new["records"]}
     kept = [r for r in old["records"] if record_key(r) not in fresh]
     note = {k: new[k] for k in ("command", "date", "loadavg_start", "loadavg_end", "git")}
@@ -476,12 +477,16 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     note["kinds"] = sorted({r["kind"] for r in new["records"]})
     note["duration_s"] = new["duration_s"]
 
+    # notes written before implementations and kinds were recorded: those of the full run
+    every_impl = sorted(old.get("versions", {}))
+    every_kind = sorted({r["kind"] for r in old["records"]})
+
     def covered(n: dict[str, Any]) -> bool:
         methods = note["methods"] is None or (
             n.get("methods") and set(n["methods"]) <= set(note["methods"])
         )
-        impls = set(n.get("impls", ["?"])) <= set(note["impls"])
-        kinds = set(n.get("kinds", ["?"])) <= set(note["kinds"])
+        impls = set(n.get("impls", every_impl)) <= set(note["impls"])
+        kinds = set(n.get("kinds", every_kind)) <= set(note["kinds"])
         return bool(methods and impls and kinds)
 
     earlier = [n for n in old.get("remeasured", []) if not covered(n)]

@@ -70,3 +70,21 @@ def test_a_rerun_of_fewer_implementations_keeps_the_earlier_note(method_families
     second = method_families.merge(first, _run(["bda"], "d2", [_record("bda", 1.2)], ["bilevel"]))
     assert [n["date"] for n in second["remeasured"]] == ["d1", "d2"]
     assert memory in second["records"]
+
+
+def test_a_note_from_before_implementations_and_kinds_were_recorded_is_superseded(
+    method_families,
+):
+    """A note without ``impls``/``kinds`` (an older file) stands for the full run's
+    implementations and kinds: a re-run of the same methods on all of them replaces it
+    instead of listing the same re-measurement twice."""
+    full = _run(None, "d0", [_record("bda", 1.0)])
+    first = method_families.merge(full, _run(["bda"], "d1", [_record("bda", 1.5)]))
+    for key in ("impls", "kinds"):
+        del first["remeasured"][0][key]
+    second = method_families.merge(first, _run(["bda"], "d2", [_record("bda", 1.2)]))
+    assert [n["date"] for n in second["remeasured"]] == ["d2"]
+    only_ours = method_families.merge(
+        first, _run(["bda"], "d3", [_record("bda", 1.1)], ["bilevel"])
+    )  # the boat and floor records of d1 are still there: its note stays
+    assert [n["date"] for n in only_ours["remeasured"]] == ["d1", "d3"]
