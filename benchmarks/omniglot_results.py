@@ -223,15 +223,16 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
             f"({best['seconds_per_meta_step']:.2f} s per meta-step)."
         )
     hardware = sorted({r["hardware"] for r in rows})
-    equal = equal_rows(rows)
-    if equal:
-        budget = equal[0]["budget_cpu_minutes"]
+    groups = equal_groups(rows)
+    for budget, equal in groups:
         ranked = sorted(equal, key=lambda r: -r["test_accuracy_pct"])
         order = ", ".join(f"{method_name(r)} {r['test_accuracy_pct']:.2f}%" for r in ranked)
+        pending = pending_runs(equal, groups)
+        so_far = f"; {len(equal)} of {len(equal) + len(pending)} so far" if pending else ""
         lines += [
             "",
             f"With the same compute ({budget:g} CPU minutes of meta-training each, one "
-            f"thread; the equal-compute table below): {order}.",
+            f"thread{so_far}; the equal-compute tables below): {order}.",
         ]
     lines += [
         "",
@@ -242,32 +243,67 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def equal_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The 5-way 1-shot runs of the largest CPU budget given to several runs."""
-    budgets = [r["budget_cpu_minutes"] for r in rows if r.get("budget_cpu_minutes")]
-    shared = [b for b in set(budgets) if budgets.count(b) > 1]
-    if not shared:
-        return []
-    budget = max(shared)
-    return [
-        r
-        for r in rows
-        if r.get("budget_cpu_minutes") == budget and (r["ways"], r["shots"]) == (5, 1)
+def equal_groups(rows: list[dict[str, Any]]) -> list[tuple[float, list[dict[str, Any]]]]:
+    """The 5-way 1-shot runs of each CPU budget given to several runs, the largest budget
+    first: ``[(budget, runs), ...]``."""
+    five_one = [
+        r for r in rows if r.get("budget_cpu_minutes") and (r["ways"], r["shots"]) == (5, 1)
     ]
+    budgets = [r["budget_cpu_minutes"] for r in five_one]
+    shared = sorted({b for b in budgets if budgets.count(b) > 1}, reverse=True)
+    return [(b, [r for r in five_one if r["budget_cpu_minutes"] == b]) for b in shared]
+
+
+def same_run(r: dict[str, Any]) -> tuple[str, str]:
+    """What a run is apart from its budget: its method and settings."""
+    return method_name(r), r["setting"]
+
+
+def pending_runs(
+    equal: list[dict[str, Any]], groups: list[tuple[float, list[dict[str, Any]]]]
+) -> list[dict[str, Any]]:
+    """The runs of the fullest budget that ``equal`` (another budget's runs) has no run
+    like: those still going on to this budget."""
+    fullest = max((runs for _, runs in groups), key=len)
+    done = {same_run(r) for r in equal}
+    return [r for r in fullest if same_run(r) not in done]
 
 
 def equal_table(rows: list[dict[str, Any]]) -> list[str]:
-    """Every method given the same CPU minutes: accuracy, meta-steps, cost per meta-step."""
-    equal = equal_rows(rows)
-    if not equal:
+    """Every method given the same CPU minutes: accuracy, meta-steps, cost per meta-step;
+    one table per budget, the largest first (with the runs still going on to it)."""
+    groups = equal_groups(rows)
+    if not groups:
         return ["No equal-compute runs yet (`examples/omniglot.py --budget-cpu-minutes`)."]
-    budget = equal[0]["budget_cpu_minutes"]
     lines = [
-        f"Each method meta-trained for **{budget:g} CPU minutes** on one thread (validation "
+        "Each method meta-trained for the same CPU minutes on one thread (validation "
         "excluded), 5-way 1-shot, then tested on 600 meta-test tasks with the model of best "
         "validation accuracy (95% CI). CPU s / meta-step: meta-training's CPU time divided "
         "by the meta-steps done.",
-        "",
+    ]
+    for budget, equal in groups:
+        lines += ["", f"**{budget:g} CPU minutes** each:", "", *budget_table(equal)]
+        pending = pending_runs(equal, groups)
+        if pending:
+            names = ", ".join(method_name(r) for r in pending)
+            lines += [
+                "",
+                f"Still meta-training to {budget:g} CPU minutes (each run resumes from its "
+                f"checkpoint with the larger `--budget-cpu-minutes`): {names}.",
+            ]
+    lines += ["", "Settings (run names as in the tables below):", ""]
+    seen: set[tuple[str, str]] = set()
+    for _, equal in groups:
+        for r in equal:
+            if same_run(r) not in seen:
+                seen.add(same_run(r))
+                lines.append(f"- `{r['name']}`: {r['setting']}")
+    return lines
+
+
+def budget_table(equal: list[dict[str, Any]]) -> list[str]:
+    """The table of one budget's runs, the most accurate first."""
+    lines = [
         "| method (hypergradient) | test accuracy | meta-steps | CPU s / meta-step | best "
         "val. step | published |",
         "|---|--:|--:|--:|--:|--:|",
@@ -288,8 +324,6 @@ def equal_table(rows: list[dict[str, Any]]) -> list[str]:
             "best one before it. "
             + " ".join(f"`{r['name']}`: {r['stopped'].split(':')[0]}." for r in stopped),
         ]
-    lines += ["", "Settings (run names as in the tables below):", ""]
-    lines += [f"- `{r['name']}`: {r['setting']}" for r in equal]
     return lines
 
 

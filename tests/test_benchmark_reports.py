@@ -11,22 +11,33 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def method_families():
-    """benchmarks/method_families.py, imported with benchmarks/ on the path and its own
-    modules (benchmarks/problems.py, not tests/problems.py); the modules it brought in are
-    removed afterwards and the shadowed ones put back."""
+def _benchmark_module(name: str):
+    """benchmarks/<name>.py, imported with benchmarks/ on the path and its own modules
+    (benchmarks/problems.py, not tests/problems.py); the modules it brought in are removed
+    afterwards and the shadowed ones put back."""
     names = {path.stem for path in BENCHMARKS.glob("*.py")}
     shadowed = {name: sys.modules.pop(name) for name in names if name in sys.modules}
     before, path = set(sys.modules), list(sys.path)
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        yield importlib.import_module("method_families")
+        yield importlib.import_module(name)
     finally:
         sys.path[:] = path  # the benchmark modules insert benchmarks/ themselves too
-        for name in set(sys.modules) - before:
-            del sys.modules[name]
+        for added in set(sys.modules) - before:
+            del sys.modules[added]
         sys.modules.update(shadowed)
+
+
+@pytest.fixture(scope="module")
+def method_families():
+    """benchmarks/method_families.py (see :func:`_benchmark_module`)."""
+    yield from _benchmark_module("method_families")
+
+
+@pytest.fixture(scope="module")
+def omniglot_results():
+    """benchmarks/omniglot_results.py (see :func:`_benchmark_module`)."""
+    yield from _benchmark_module("omniglot_results")
 
 
 def _run(methods, date, records, impls=("bilevel", "boat", "floor")):
@@ -88,3 +99,52 @@ def test_a_note_from_before_implementations_and_kinds_were_recorded_is_supersede
         first, _run(["bda"], "d3", [_record("bda", 1.1)], ["bilevel"])
     )  # the boat and floor records of d1 are still there: its note stays
     assert [n["date"] for n in only_ours["remeasured"]] == ["d1", "d3"]
+
+
+def _omniglot_row(method, budget, accuracy, setting="5-way 1-shot; 32 filters"):
+    return {
+        "name": f"equal{budget}-{method}",
+        "method": method,
+        "ul_method": "reverse",
+        "ways": 5,
+        "shots": 1,
+        "setting": setting,
+        "budget_cpu_minutes": budget,
+        "test_accuracy_pct": accuracy,
+        "test_ci95_pct": 0.5,
+        "meta_steps": 100,
+        "cpu_seconds_per_meta_step": 0.3,
+        "best_step": 100,
+        "test_tasks": 600,
+        "train_minutes": budget,
+        "seconds_per_meta_step": 0.3,
+        "hardware": "x86_64",
+    }
+
+
+def test_equal_compute_tables_per_budget_with_the_runs_still_going(omniglot_results):
+    """Each budget given to several runs gets its own table, the largest first; a budget
+    that only some runs have reached names the others (by method and settings) as going
+    on; a lone long run (budget 150) makes no table."""
+    rows = [
+        _omniglot_row(m, 10, a) for m, a in (("maml", 96.7), ("fomaml", 95.5), ("metasgd", 98.2))
+    ]
+    rows += [_omniglot_row("maml", 60, 98.1), _omniglot_row("metasgd", 60, 98.6)]
+    rows += [_omniglot_row("maml", 150, 98.5)]
+    groups = omniglot_results.equal_groups(rows)
+    assert [(b, len(r)) for b, r in groups] == [(60, 2), (10, 3)]
+    pending = omniglot_results.pending_runs(groups[0][1], groups)
+    assert [r["method"] for r in pending] == ["fomaml"]
+    assert omniglot_results.pending_runs(groups[1][1], groups) == []
+    text = "\n".join(omniglot_results.equal_table(rows))
+    assert text.index("**60 CPU minutes**") < text.index("**10 CPU minutes**")
+    assert "Still meta-training to 60 CPU minutes" in text and "first-order MAML" in text
+    summary = "\n".join(omniglot_results.summary(rows))
+    assert "60 CPU minutes of meta-training each, one thread; 2 of 3 so far" in summary
+    # another setting is another run: not counted as done
+    rows[3]["setting"] = "5-way 1-shot; 64 filters"
+    groups = omniglot_results.equal_groups(rows)
+    assert [r["method"] for r in omniglot_results.pending_runs(groups[0][1], groups)] == [
+        "maml",
+        "fomaml",
+    ]
