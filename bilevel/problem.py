@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from bilevel import checkpoint as ckpt
 from bilevel import distributed
 from bilevel.ll import GradientDescent
-from bilevel.state import all_finite
+from bilevel.state import all_finite, check_data_matches, tensor_leaves
 
 Pair = tuple[Any, Any]
 Batch = Pair | tuple[Pair, Pair] | dict[str, Pair]
@@ -42,43 +42,65 @@ def check_pair(pair: Any, name: str) -> None:
     )
 
 
+def _task(value: Any, i: int) -> Any:
+    """Task ``i`` of a member of a task batch: row ``i`` of every tensor in it."""
+    if isinstance(value, torch.Tensor):
+        return value[i]
+    if isinstance(value, Mapping):
+        return {k: _task(v, i) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(_task(v, i) for v in value))
+    if isinstance(value, tuple | list):
+        return type(value)(_task(v, i) for v in value)
+    return value  # a constant that every task shares (a number, a string)
+
+
 def split_tasks(batch: dict[str, Pair]) -> list[tuple[Pair, Pair]]:
     """Split a task batch ``{"train": (x, y), "test": (x, y)}`` (leading task dimension, as
     torchmeta's loaders give) into a list of ``(train, val)`` pairs, one per task.
 
-    Every tensor of the batch has a task dimension and an example dimension first: data of
+    Every tensor of the batch (also inside nested data: tuples, lists and dicts of tensors;
+    a target may be ``None``) has a task dimension and an example dimension first: data of
     shape ``(tasks, examples, ...)`` and targets of shape ``(tasks, examples, ...)``, all with
     the same number of tasks, and data and target of a pair with the same number of examples.
     (A 2-D ``x`` of shape ``(40, 5)`` with ``y`` of shape ``(40,)`` is one task of 40
-    examples, not 40 tasks: it is refused, not run as 40 one-example tasks.)
+    examples, not 40 tasks: it is refused, not run as 40 one-example tasks.) Task ``i`` takes
+    row ``i`` of every tensor, whatever the nesting.
     """
     if not isinstance(batch, dict) or "train" not in batch or "test" not in batch:
         raise TypeError('a task batch must be a dict {"train": (x, y), "test": (x, y)}.')
     for key in ("train", "test"):
         check_pair(batch[key], f'batch["{key}"]')
-    (tx, ty), (vx, vy) = batch["train"], batch["test"]
-    n = len(tx)
-    for key, (x, y) in (("train", (tx, ty)), ("test", (vx, vy))):
-        for i, t in enumerate((x, y)):
-            if isinstance(t, torch.Tensor) and t.ndim < 2:
-                raise ValueError(
-                    f'batch["{key}"][{i}] has shape {tuple(t.shape)}: a task batch needs a task '
-                    "dimension and an example dimension first, data of shape (tasks, examples, "
-                    "...) and targets of shape (tasks, examples, ...). For one task, call "
-                    "step(train, val) / hypergradient(train, val); for several, stack them."
-                )
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape[1] != y.shape[1]:
+    leaves = []
+    for key in ("train", "test"):
+        x, y = batch[key]
+        for i, member in enumerate((x, y)):
+            leaves += tensor_leaves(member, f'batch["{key}"][{i}]')
+        both = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+        if both and x.ndim >= 2 and y.ndim >= 2 and x.shape[1] != y.shape[1]:
             raise ValueError(
                 f'batch["{key}"] has data of shape {tuple(x.shape)} and targets of shape '
                 f"{tuple(y.shape)}: their second dimensions (examples per task) differ. Data "
                 "and targets need shapes (tasks, examples, ...)."
             )
-    for name, t in (("train x", tx), ("train y", ty), ("test x", vx), ("test y", vy)):
-        if len(t) != n:
+    if not leaves:
+        raise TypeError("a task batch holds no tensor: it needs tensors with a task dimension.")
+    for name, t in leaves:
+        if t.ndim < 2:
             raise ValueError(
-                f"task batch {name} has {len(t)} tasks along its first dimension, expected {n}."
+                f"{name} has shape {tuple(t.shape)}: a task batch needs a task dimension and an "
+                "example dimension first, data of shape (tasks, examples, ...) and targets of "
+                "shape (tasks, examples, ...). For one task, call step(train, val) / "
+                "hypergradient(train, val); for several, stack them."
             )
-    return [((tx[i], ty[i]), (vx[i], vy[i])) for i in range(n)]
+    n = leaves[0][1].shape[0]
+    for name, t in leaves:
+        if t.shape[0] != n:
+            raise ValueError(
+                f"task batch {name} has {t.shape[0]} tasks along its first dimension, expected {n}."
+            )
+    (tx, ty), (vx, vy) = batch["train"], batch["test"]
+    return [((_task(tx, i), _task(ty, i)), (_task(vx, i), _task(vy, i))) for i in range(n)]
 
 
 class Interrupted(SystemExit):
@@ -337,23 +359,12 @@ class BilevelProblem:
 
     def _check_data(self, pairs: dict[str, Pair]) -> None:
         """Refuse data on another device, or floating-point data of another dtype than the
-        models' (checked here, before the LL runs, rather than met as a raw error inside an
-        objective)."""
+        models', also inside nested data (checked here, before the LL runs, rather than met
+        as a raw error, or a silent promotion, inside an objective)."""
         reference = self.ul_params[0]
         for name, pair in pairs.items():
-            for i, t in enumerate(pair):
-                if not isinstance(t, torch.Tensor):
-                    continue
-                if t.device != reference.device:
-                    raise ValueError(
-                        f"{name}[{i}] is on {t.device} but the models are on "
-                        f"{reference.device}; move it with .to({str(reference.device)!r})."
-                    )
-                if t.is_floating_point() and t.dtype != reference.dtype:
-                    raise ValueError(
-                        f"{name}[{i}] has dtype {t.dtype} but the models have "
-                        f"{reference.dtype}; convert it with .to({reference.dtype})."
-                    )
+            for i, member in enumerate(pair):
+                check_data_matches(member, reference, f"{name}[{i}]")
 
     def hypergradient(self, train: Pair, val: Pair) -> list[torch.Tensor]:
         """The hypergradient for one task, one tensor per UL parameter.

@@ -9,7 +9,7 @@ and ``"ll_model"`` (the lower-level module; during and after lower-level optimiz
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -153,17 +153,32 @@ def check_same_device_and_dtype(**models: nn.Module) -> None:
                 )
 
 
+def tensor_leaves(value: Any, name: str) -> Iterable[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every tensor in ``value``: a tensor, or tuples, lists and dicts of
+    them (``None`` and other leaves are skipped), named as they are reached, e.g.
+    ``data["x"]`` or ``data[1]``."""
+    if isinstance(value, torch.Tensor):
+        yield name, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from tensor_leaves(item, f"{name}[{key!r}]")
+    elif isinstance(value, tuple | list):
+        for i, item in enumerate(value):
+            yield from tensor_leaves(item, f"{name}[{i}]")
+
+
 def check_data_matches(data: Any, reference: torch.Tensor, name: str) -> None:
-    """Raise if a data tensor lives on another device, or is floating point of another dtype."""
-    if not isinstance(data, torch.Tensor):
-        return
-    if data.device != reference.device:
-        raise ValueError(
-            f"{name} is on {data.device} but the models are on {reference.device}; move it "
-            f"with {name}.to({str(reference.device)!r})."
-        )
-    if data.is_floating_point() and data.dtype != reference.dtype:
-        raise ValueError(
-            f"{name} has dtype {data.dtype} but the models have {reference.dtype}; convert it "
-            f"with {name}.to({reference.dtype})."
-        )
+    """Raise if a data tensor (or one inside nested data: tuples, lists, dicts) lives on
+    another device, or is floating point of another dtype."""
+    leaves = ((name, data),) if isinstance(data, torch.Tensor) else tensor_leaves(data, name)
+    for where, tensor in leaves:
+        if tensor.device != reference.device:
+            raise ValueError(
+                f"{where} is on {tensor.device} but the models are on {reference.device}; move "
+                f"it with .to({str(reference.device)!r})."
+            )
+        if tensor.is_floating_point() and tensor.dtype != reference.dtype:
+            raise ValueError(
+                f"{where} has dtype {tensor.dtype} but the models have {reference.dtype}; "
+                f"convert it with .to({reference.dtype})."
+            )

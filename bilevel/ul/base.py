@@ -15,6 +15,7 @@ from bilevel.ll.patched import is_released
 from bilevel.ll.unroll import Observer
 from bilevel.state import (
     Objective,
+    check_data_matches,
     check_finite,
     check_objective_result,
     check_same_device_and_dtype,
@@ -196,6 +197,14 @@ class HypergradientCalculator:
             The UL loss at the auxiliary model (detached).
         """
         trajectory = self._check_trajectory(auxiliary_model)
+        reference = self.ul_params[0]
+        for name, value in (
+            ("validate_data", validate_data),
+            ("validate_target", validate_target),
+            ("train_data", train_data),
+            ("train_target", train_target),
+        ):
+            check_data_matches(value, reference, name)
         return self.accumulate(
             trajectory, (validate_data, validate_target), (train_data, train_target)
         )
