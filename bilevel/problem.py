@@ -321,14 +321,30 @@ class BilevelProblem:
         kept = self._method_state()
         try:
             self._accumulate(tasks)
-            return [
+            grads = [
                 torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
                 for p in self.ul_params
             ]
-        finally:
-            for p, old in zip(self.ul_params, saved, strict=True):
-                p.grad = old
+        except BaseException as error:
+            self._put_back(saved, kept, error)
+            raise
+        self._put_back(saved, kept, None)
+        return grads
+
+    def _put_back(
+        self, grads: list[torch.Tensor | None], kept: tuple[dict, dict] | None, error: Any
+    ) -> None:
+        """After :meth:`hypergradient`: the UL parameters' ``.grad`` and the method's state as
+        they were. When the hypergradient itself failed (``error``), a failure to restore the
+        state is noted on that error rather than raised in its place."""
+        for p, old in zip(self.ul_params, grads, strict=True):
+            p.grad = old
+        try:
             self._restore_method_state(kept)
+        except Exception as restore_error:
+            if error is None:
+                raise
+            error.add_note(f"(The method's state could not be put back: {restore_error})")
 
     def _method_state(self) -> tuple[dict, dict] | None:
         """A copy of what a stateful method keeps across UL steps (its state and the LL

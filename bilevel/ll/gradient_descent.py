@@ -172,6 +172,8 @@ class GradientDescent:
         self.optimizer = self.rule.name
         given = {"lr": lr, **self.rule.hyper}
         shapes = [p.shape for p in params]
+        #: the trainable parameters that per-parameter hyperparameters were given for
+        self._hyper_params = list(params)
         bounds = {"lr": hyperparameters.LR_BOUND, **self.rule.bounds}
         self.hyper = {
             name: hyperparameters.check(value, name, bounds[name], iters, shapes)
@@ -227,28 +229,45 @@ class GradientDescent:
     def differentiable_steps(self, value: int | None) -> None:
         self._differentiable_steps = _check_steps(value)
 
-    def schedule(self, trainable: Sequence[bool] | None = None) -> Schedule:
-        """The hyperparameters of a run: callables evaluated now, on the UL model.
+    def schedule(self, plan: RunPlan | None = None) -> Schedule:
+        """The hyperparameters of a run: callables evaluated now, on the UL model; one value
+        per parameter trainable in ``plan`` (by default :meth:`plan`), matched to its
+        parameter by identity.
 
-        ``trainable`` (whether each LL parameter requires grad) may be passed when known.
         When every hyperparameter is a plain number the schedule is the same at every run: it
-        is built once per set of trainable parameters and reused.
+        is built once per plan (per set of trainable parameters) and reused.
         """
-        if trainable is None:
-            trainable = [p.requires_grad for p in self.ll_model.parameters()]
-        n = sum(trainable)
+        plan = self.plan() if plan is None else plan
         cached = self.__dict__.get("_constant_schedule")
-        if cached is not None and cached[0] == n:
+        if cached is not None and cached[0] is plan:
             return cached[1]
-        reference = next(p for p in self.ll_model.parameters() if p.requires_grad)
-        values = {
-            name: (h.resolve(self.ul_model, self.iters, reference), h.per_parameter)
-            for name, h in self.hyper.items()
-        }
-        schedule = Schedule(values, n)
+        now = [plan.params[i] for i in plan.index]
+        order = self._per_parameter_order(now)
+        values = {}
+        for name, h in self.hyper.items():
+            items = h.resolve(self.ul_model, self.iters, plan.reference)
+            values[name] = (
+                [items[j] for j in order] if h.per_parameter else items,
+                h.per_parameter,
+            )
+        schedule = Schedule(values, len(now))
         if all(isinstance(v, float) for h in self.hyper.values() for v in h.items):
-            self._constant_schedule = (n, schedule)  # numbers only: nothing to evaluate per run
+            self._constant_schedule = (plan, schedule)  # numbers only: nothing to evaluate per run
         return schedule
+
+    def _per_parameter_order(self, now: list[torch.Tensor]) -> list[int]:
+        """For each parameter trainable now, the index of its per-parameter hyperparameter
+        values (given for the parameters trainable at construction)."""
+        position = {id(p): i for i, p in enumerate(self._hyper_params)}
+        missing = [p for p in now if id(p) not in position]
+        if missing and any(h.per_parameter for h in self.hyper.values()):
+            names = parameter_names(self.ll_model, missing)
+            raise ValueError(
+                f"ll_model parameter(s) {names} became trainable after the LL optimizer was "
+                "built, and its per-parameter hyperparameters (lr, ...) have no value for "
+                "them: build the LL optimizer again, with one value per trainable parameter."
+            )
+        return [position.get(id(p), 0) for p in now]
 
     def plan(self) -> RunPlan:
         """The ``RunPlan`` of the next run: the last one while ``ll_model``'s parameters
@@ -335,7 +354,7 @@ class GradientDescent:
         check_data_matches(data, plan.reference, "data")
         check_data_matches(target, plan.reference, "target")
         # before any freezing: callables see live UL parameters
-        schedule = self.schedule(plan.trainable)
+        schedule = self.schedule(plan)
         model = self.patched_model(graph_from_start, plan.params, copy)
         if type(self).step_map is GradientDescent.step_map:  # the same map at every run
             if plan.step_map is None:

@@ -220,6 +220,14 @@ class HypergradientCalculator:
             train: the LL batch ``(data, target)`` (for methods that revisit the LL objective).
         """
         self._check_recorded(trajectory)
+        frozen = [p for p in self.ul_params if not p.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"UL parameter(s) {parameter_names(self.ul_model, frozen)} were frozen "
+                f"(requires_grad False) after {type(self).__name__} was built: its UL "
+                "parameters are those that required grad then. Build the method (and the UL "
+                "optimizer) again for the new set of UL variables."
+            )
         call = Call(*val, trajectory.model, *train, trajectory)
         grads, loss = self._hypergradient(call)
         self._refuse_unused(grads)

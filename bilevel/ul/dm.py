@@ -143,6 +143,11 @@ class DM(HypergradientCalculator):
                 )
             multiplier = [z.detach().to(p).clone() for z, p in zip(multiplier, params, strict=True)]
         self.multiplier = multiplier
+        self._multiplier_params = (
+            None
+            if multiplier is None
+            else [p for p in self.ll_model.parameters() if p.requires_grad]
+        )
         self.steps = steps
 
     def compute_gradients(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -170,6 +175,7 @@ class DM(HypergradientCalculator):
                     "lower eta (or use eta='auto') and the LL learning rate."
                 )
             self.multiplier = pending
+            self._multiplier_params = self._pending_params
             self.steps += 1
             params = [p for p in self.ll_model.parameters() if p.requires_grad]
             with torch.no_grad():
@@ -183,6 +189,20 @@ class DM(HypergradientCalculator):
     def _hypergradient(self, call: Call) -> tuple[Grads, torch.Tensor]:
         weights, active = detached_weights(call.trajectory)
         y = [weights[i] for i in active]
+        trainable = zip(self.ll_model.parameters(), call.trajectory.trainable, strict=True)
+        params = [p for p, t in trainable if t]
+        made_for = self.__dict__.get("_multiplier_params")
+        changed = made_for is not None and [id(p) for p in made_for] != [id(p) for p in params]
+        if self.multiplier is not None and changed:
+            raise ValueError(
+                f"DM's multiplier was built for the trainable LL parameters "
+                f"{parameter_names(self.ll_model, made_for)}, but the trainable LL parameters "
+                f"are now {parameter_names(self.ll_model, params)}: DM keeps one multiplier "
+                "tensor per trainable parameter across UL steps. Keep the trainable set fixed, "
+                "or restart the multiplier with dm.load_state_dict({'multiplier': None, "
+                "'steps': dm.steps})."
+            )
+        self._pending_params = params
         z = self.multiplier if self.multiplier is not None else [torch.zeros_like(x) for x in y]
         n = len(self.ul_params)
         with evaluate_at(call.auxiliary_model, weights):

@@ -66,6 +66,14 @@ def _plain_gradient_descent(ll: Any) -> str | None:
         values = ll.hyper[name].items if name in ll.hyper else []
         if not all(isinstance(v, float) and v == 0.0 for v in values):
             return f"the LL SGD has {name}"
+    for value in ll.hyper["lr"].items:
+        learned = value.requires_grad if isinstance(value, torch.Tensor) else callable(value)
+        if learned:
+            return (
+                "the LL step size lr is a UL variable (a tensor that requires grad, or a "
+                "callable of the UL model), and DARTS' formula has no term for its "
+                "hypergradient"
+            )
     return None
 
 
