@@ -3,6 +3,8 @@ divergence in the LL are reported."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -224,6 +226,67 @@ def test_implicit_warns_once_when_the_ll_is_not_stationary():
     ll.iters = 300  # converged: no warning, and a tiny ratio
     problem.hypergradient(p.train, p.val)
     assert ul.diagnostics["ll_grad_ratio"] < 1e-10
+
+
+class _TwoModes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([1.0, 0.0], dtype=DTYPE))
+
+
+def _two_modes_problem(iters: int) -> tuple[BilevelProblem, Implicit, float]:
+    """``f(w) = 1/2 (w - w*)^T A (w - w*)`` with ``A = diag(10, 0.02)`` and ``w* = (0, 1 + u)``
+    (``u`` the UL variable), from ``w = (1, 0)`` by gradient descent with lr 0.09: the stiff
+    mode's gradient dominates the first step and vanishes in a few steps, the slow one
+    shrinks by ``1 - 0.09 * 0.02`` per step. Returns the problem, its Implicit and the
+    slow mode's exact distance left after ``iters`` steps."""
+    ll_model, ul_model = _TwoModes(), nn.Linear(1, 1, bias=False).double()
+    nn.init.zeros_(ul_model.weight)
+    curvature = torch.tensor([10.0, 0.02], dtype=DTYPE)
+
+    def ll_objective(state: dict) -> torch.Tensor:
+        target = torch.stack([torch.zeros((), dtype=DTYPE), 1 + state["ul_model"].weight[0, 0]])
+        return 0.5 * (curvature * (state["ll_model"].w - target) ** 2).sum()
+
+    def ul_objective(state: dict) -> torch.Tensor:
+        return (state["ll_model"].w ** 2).sum()
+
+    ll = GradientDescent(ll_objective, ll_model, ul_model, lr=0.09, iters=iters)
+    ul = Implicit(ul_objective, ul_model, ll_objective, ll_model, k=10)
+    left = (1 - 0.09 * 0.02) ** iters  # |w_2 - w*_2| after the run, from 1 at the start
+    return BilevelProblem(ll, ul), ul, left
+
+
+def test_implicit_warns_when_a_slow_mode_is_far_from_converged():
+    """A first gradient inflated by a stiff mode that converges at once hides an LL far from
+    its stationary point from the gradient ratio (0.2% left: no warning by it); the distance
+    left, estimated from the last step's contraction, is the exact one here (one slow mode
+    left) and the warning names it."""
+    problem, ul, left = _two_modes_problem(20)
+    none = torch.zeros(1, 1, dtype=DTYPE)
+    with pytest.warns(RuntimeWarning, match="still about 96% of the distance they travelled"):
+        problem.hypergradient((none, None), (none, None))
+    assert ul.diagnostics["ll_grad_ratio"] < 0.01
+    w = problem.ll.ll_model.w.detach()
+    travelled = math.hypot(1.0, 1 - left)  # from (1, 0) to (~0, 1 - left)
+    assert ul.diagnostics["ll_distance_ratio"] == pytest.approx(left / travelled, rel=1e-6)
+    assert torch.equal(w, torch.tensor([1.0, 0.0], dtype=DTYPE))  # the user's weights stay
+
+
+def test_implicit_distance_check_is_quiet_on_a_converged_run():
+    """Run to round-off, or converged well within the tolerance: no warning; at round-off the
+    distance estimate is not taken (a gradient of 1e-6 of the first or less)."""
+    import warnings
+
+    for iters, estimated in ((20000, False), (3000, True)):
+        problem, ul, left = _two_modes_problem(iters)
+        none = torch.zeros(1, 1, dtype=DTYPE)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            problem.hypergradient((none, None), (none, None))
+        assert ("ll_distance_ratio" in ul.diagnostics) is estimated
+        if estimated:
+            assert ul.diagnostics["ll_distance_ratio"] < 0.1 and left > 1e-3
 
 
 def test_forward_warns_about_thousands_of_hyperparameters():

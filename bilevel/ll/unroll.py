@@ -42,6 +42,8 @@ class Trajectory:
         step_map: the step map of the run (its ``residual`` is what ``Implicit`` solves).
         initial_grads: the LL gradient at the first step (detached), for
             :attr:`initial_grad_norm`.
+        last_grads: the LL gradient at the start of the last step (detached).
+        plain_sgd: every step was ``w - lr * g`` with constant numbers ``lr``.
     """
 
     iters: int
@@ -54,6 +56,8 @@ class Trajectory:
     observed: Any = None
     step_map: Any = None
     initial_grads: Tensors | None = None
+    last_grads: Tensors | None = None
+    plain_sgd: bool = False
 
     @property
     def initial_grad_norm(self) -> torch.Tensor | None:
@@ -62,6 +66,13 @@ class Trajectory:
         if self.initial_grads is None:
             return None
         return torch.stack([g.norm() for g in self.initial_grads]).norm()
+
+    @property
+    def last_grad_norm(self) -> torch.Tensor | None:
+        """The norm of the LL gradient at the start of the last step (a 0-d tensor)."""
+        if self.last_grads is None:
+            return None
+        return torch.stack([g.norm() for g in self.last_grads]).norm()
 
     @property
     def step_size(self) -> float | None:
@@ -207,14 +218,18 @@ class Unroll:
         self.opt_state: dict[str, Tensors] = {}
         self.steps = 0
         self.initial_grads: Tensors | None = None
+        self.last_grads: Tensors | None = None
 
     def set_batch(self, data: Any, target: Any) -> None:
         """Use another batch for the next steps (online mode)."""
         self.state["data"], self.state["target"] = data, target
 
-    def _record_first(self, grads: Tensors) -> None:
+    def _record_grads(self, grads: Tensors) -> None:
+        """Keep the step's gradients (detached): those of the first step and of the latest."""
+        detached = [g.detach() for g in grads]
         if self.steps == 0:
-            self.initial_grads = [g.detach() for g in grads]
+            self.initial_grads = detached
+        self.last_grads = detached
 
     def step(self, graph: bool) -> torch.Tensor:
         """Take one LL step; keep its graph if ``graph``. Returns the LL loss (detached)."""
@@ -237,8 +252,7 @@ class Unroll:
         if not graph:
             new = [p.detach().requires_grad_() for p in new]
             new_state = {k: [t.detach() for t in v] for k, v in new_state.items()}
-        if self.steps == 0:
-            self._record_first(grads)
+        self._record_grads(grads)
         self.opt_state = new_state
         for i, p in zip(self.index, new, strict=True):
             params[i] = p
@@ -281,7 +295,7 @@ class Unroll:
                     for weight, value in zip(active, new, strict=True):
                         weight.copy_(value)
                 self.opt_state = {k: [s.detach() for s in v] for k, v in state.items()}
-            self._record_first(grads)
+            self._record_grads(grads)
             losses.append(loss.detach())
             self.steps += 1
         return losses
@@ -313,6 +327,8 @@ class Unroll:
             observed=None if self.observer is None else self.observer.result(),
             step_map=self.step_map,
             initial_grads=self.initial_grads,
+            last_grads=self.last_grads,
+            plain_sgd=self.plain_lrs is not None,
         )
         self.model.__dict__["trajectory"] = trajectory  # a plain attribute (no __setattr__)
         return trajectory
