@@ -81,8 +81,10 @@ class Implicit(HypergradientCalculator):
         on_divergence: ``"raise"``, or ``"warn"`` (once per calculator; every solve's
             ``diagnostics["diverged"]`` says whether it diverged).
         stationarity_warning: warn (once) when the LL gradient at the auxiliary model is
-            above this fraction of its norm at the first LL step: the implicit formula
-            assumes a stationary LL, and an LL that oscillates (a step size near
+            above this fraction of its norm at the first LL step, or (plain SGD) when the
+            distance left to the stationary point, estimated from the last step's
+            contraction, is above this fraction of the distance travelled: the implicit
+            formula assumes a stationary LL, and an LL that oscillates (a step size near
             ``2 / lambda_max``) or stopped early gives a wrong hypergradient. ``None``: never.
         damping: ``delta >= 0`` added to the system's diagonal, ``(H + delta I) q = v``; 0 (the
             default) is the exact implicit hypergradient.
