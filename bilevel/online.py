@@ -86,6 +86,12 @@ class OnlineHypergradient:
         val_batch = val if callable(val) else (lambda update: val)
         graph = isinstance(self.ul, Truncated)
         unroll = self.ll.start(*batch(0), observer=self.ul.observer(self.ll))
+        if not unroll.schedule.constant and ll_steps > self.ll.iters:
+            raise ValueError(
+                f"a hyperparameter of the LL is a per-step schedule of ll.iters = {self.ll.iters} "
+                f"steps, but the online run takes ll_steps = {ll_steps}: build the LL with "
+                "iters >= ll_steps, or give that hyperparameter as one value."
+            )
         ll_losses = []
         updates = 0
         for step in tqdm(range(ll_steps), disable=not progress, desc=f"online {self.ul.name}"):
@@ -106,6 +112,9 @@ class OnlineHypergradient:
             )
             self.ul_optimizer.step()
             updates += 1
+            # hyperparameters computed from the UL model (callables): at the new UL point, with
+            # a fresh graph (the old one would be stale, and freed by Truncated's backward)
+            unroll.schedule = self.ll.schedule()
             if graph:
                 unroll.cut()
             if log is not None:

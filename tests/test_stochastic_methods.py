@@ -487,7 +487,7 @@ def quadratic_ll_for(ll_model, ul_model, **options):
         (SOBA, {"iters": 3}, ValueError, "iters=1"),
         (SABA, {"optimizer": "adam"}, ValueError, "plain SGD"),
         (SOBA, {"momentum": 0.9}, ValueError, "momentum"),
-        (AmIGO, {"lr": torch.tensor(0.1)}, TypeError, "one\\s+finite number"),
+        (AmIGO, {"lr": torch.tensor(0.1, dtype=DTYPE)}, TypeError, "one\\s+finite number"),
     ],
 )
 def test_refuses_an_ll_optimizer_it_cannot_use(method, ll_options, error, match):

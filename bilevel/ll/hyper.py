@@ -90,6 +90,8 @@ class Hyper:
                     raise ValueError(
                         f"{what} is on {item.device} but ll_model is on {reference.device}."
                     )
+                elif item.is_floating_point() and item.dtype != reference.dtype:
+                    raise ValueError(_dtype_message(what, item, reference))
                 kind = kind_of(item, what, iters, self._shape(i))
                 _check_range([item], what, self.bound)
             values.append((item, kind))
@@ -131,14 +133,29 @@ def check(value: Any, name: str, bound: Bound, iters: int, shapes: list[torch.Si
     return Hyper(name, items, per_parameter, bound, shapes, kinds)
 
 
+def _dtype_message(what: str, item: torch.Tensor, reference: torch.Tensor) -> str:
+    return (
+        f"{what} has dtype {item.dtype} but ll_model has {reference.dtype}: the LL would run "
+        f"with its value rounded to {item.dtype}. Give it in {reference.dtype} (e.g. "
+        f"torch.tensor(0.1, dtype={reference.dtype})), or as a Python number."
+    )
+
+
 def check_device(hyper: Hyper, reference: torch.Tensor) -> None:
-    """Refuse tensors on another device than the LL model's."""
+    """Refuse tensors on another device than the LL model's, or floating point of another
+    dtype."""
     for item in hyper.items:
         if isinstance(item, torch.Tensor) and item.device != reference.device:
             raise ValueError(
                 f"{hyper.name} is on {item.device} but ll_model is on {reference.device}; keep "
                 "the UL model and the LL model on one device."
             )
+        if (
+            isinstance(item, torch.Tensor)
+            and item.is_floating_point()
+            and item.dtype != reference.dtype
+        ):
+            raise ValueError(_dtype_message(hyper.name, item, reference))
 
 
 class Schedule:

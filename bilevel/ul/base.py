@@ -259,6 +259,25 @@ class HypergradientCalculator:
             )
 
 
+def refuse_rule_weight_decay(rule: Any, method: str) -> None:
+    """Refuse an LL update rule that adds an L2 weight decay to the gradient (every rule but
+    AdamW, whose decay is decoupled) for a method that differentiates the stationarity of
+    ``ll_objective``: such a run ends at a zero of ``grad ll_objective + wd w`` instead."""
+    if rule is None or rule.name == "adamw" or "weight_decay" not in rule.hyper:
+        return
+    value = rule.hyper["weight_decay"]
+    items = value if isinstance(value, list | tuple) else [value]
+    if all(isinstance(v, float) and v == 0.0 for v in items):
+        return
+    raise ValueError(
+        f"{method} differentiates the stationarity of ll_objective, but the LL update rule "
+        f"{rule.name!r} adds an L2 weight_decay to every gradient: the LL run ends at a zero of "
+        "grad ll_objective + weight_decay * w, and the hypergradient would be taken for another "
+        "problem. Put the penalty in ll_objective (0.5 * wd * ||w||^2) with weight_decay=0, or "
+        "use Reverse, Truncated or Forward."
+    )
+
+
 def add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     """Sum of two optional gradients (``None`` means no path)."""
     if a is None:

@@ -12,7 +12,13 @@ from torch import nn
 from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
 from bilevel.state import Objective, all_finite
-from bilevel.ul.base import Call, Grads, HypergradientCalculator, detached_weights
+from bilevel.ul.base import (
+    Call,
+    Grads,
+    HypergradientCalculator,
+    detached_weights,
+    refuse_rule_weight_decay,
+)
 
 
 def _positive(value: Any) -> bool:
@@ -56,6 +62,10 @@ class Implicit(HypergradientCalculator):
     iMAML authors' released Omniglot code solves ``(2 I + H/(reg + 10)) q = v``, which is
     the proximal objective's system with ``damping = reg + 20``, up to a factor that Adam
     ignores.
+
+    The system is that of ``ll_objective`` alone: an LL update rule that adds an L2
+    ``weight_decay`` to the gradient (all but AdamW) ends elsewhere and is refused (put the
+    penalty in ``ll_objective``).
 
     References: Pedregosa (2016), "Hyperparameter optimization with approximate gradient"
     (HOAG); Rajeswaran, Finn, Kakade & Levine (2019), "Meta-Learning with Implicit
@@ -246,6 +256,7 @@ class Implicit(HypergradientCalculator):
         fixed-point map (the run's step map says which)."""
         step_map = call.trajectory.step_map
         if step_map is None or step_map.symmetric:
+            refuse_rule_weight_decay(getattr(step_map, "rule", None), "Implicit")
             loss = self.ll_loss(call)
             return list(torch.autograd.grad(loss, w, create_graph=True, allow_unused=True))
         state = self.states(call.auxiliary_model, call.train_data, call.train_target)

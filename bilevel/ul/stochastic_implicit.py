@@ -14,7 +14,13 @@ from torch import nn
 from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
 from bilevel.state import Objective, check_objective_result, make_state
-from bilevel.ul.base import Call, Grads, HypergradientCalculator, detached_weights
+from bilevel.ul.base import (
+    Call,
+    Grads,
+    HypergradientCalculator,
+    detached_weights,
+    refuse_rule_weight_decay,
+)
 from bilevel.ul.implicit import HypergradientDivergenceError
 
 Tensors = list[torch.Tensor]
@@ -192,6 +198,7 @@ class StochasticImplicit(HypergradientCalculator):
                 "(alpha > 0), so the implicit function theorem does not apply. Use Reverse or "
                 "Truncated, or alpha=0."
             )
+        refuse_rule_weight_decay(getattr(ll, "rule", None), "StochasticImplicit")
 
     def settings(self) -> dict[str, Any]:
         """Solver steps, batches, cross term, curvature and seed."""
