@@ -45,7 +45,13 @@ class F2SA(FirstOrderMethod):
     penalized problem at fixed ``x`` before each UL step.
 
     Reference: Kwon, Kwon, Wright & Nowak (2023), "A Fully First-Order Method for Stochastic
-    Bilevel Optimization", ICML. Defaults ``lam=1``, ``lam_growth=0.1`` are benchopt's.
+    Bilevel Optimization", ICML. Defaults ``lam=1``, ``lam_growth=0.1`` are benchopt's starting
+    values; benchopt lets the increment decay (``0.1 / (k + 1)^(1/7)``) and decays the steps of
+    ``y``, ``z`` and ``x`` (as ``(k + 1)^-5/7``, ``^-4/7``, ``^-4/7``); here ``lambda`` grows
+    linearly (cap it with ``lam_max``) and the steps are constant. The paper's oracles are
+    stochastic, with new samples at every inner step and for the ``x`` step (benchopt draws
+    them so); this class takes all its gradients of a UL step on the batches given to that
+    step, so a minibatch per UL step gives the minibatch problem's ``y`` and ``z``.
 
     Args:
         ul_objective: ``state -> scalar`` UL objective ``F``.

@@ -69,6 +69,9 @@ class GAFFO(FirstOrderMethod):
     ``lr_z = lr_y`` in the toy script; here all default to ``ll.lr``). BOAT 1.1.1's
     ``GAFFO`` operation is a different algorithm (a finite-difference probe of the LL
     gradient, with UL and LL variables of the same shape) and was not used as a reference.
+    (The repository's current ``Toy/Toy.py`` treats its toy constraint as an equality:
+    ``lam = z + gamma2 g`` unprojected, ``z`` clipped to ``[-R, R]``; the inequality form here,
+    ``lam = max(0, .)`` and ``z >= 0``, is that of its ``GAN/bi_wgan.py``.)
 
     Without constraints ``G`` is ``f - v_gamma1``, the Moreau-envelope gap of
     :class:`~bilevel.ul.MESO`, and the two methods differ only in the order of the updates

@@ -26,7 +26,9 @@ class MESO(FirstOrderMethod):
     ``f(x, y) - v_gamma(x, y) <= 0`` (exact for convex ``f``, and for ``f`` weakly convex with
     ``gamma`` below the inverse weak-convexity modulus), and the method descends the penalty
     ``F / c_k + f - v_gamma`` with ``c_k = c0 (k + 1)^p`` growing (``0 < p < 1/2``), tracking
-    the envelope's minimizer ``theta`` by one gradient step per UL step.
+    the envelope's minimizer ``theta`` by one gradient step per UL step. (BOAT 1.1.1's ``MESO``
+    orders the steps otherwise: ``y`` first, at ``x_k``, then ``x`` at ``y_{k+1}``, with
+    ``c = 0.2`` at its first step; it was not the reference here.)
 
     One UL step ``k``, in the paper's order (``theta``, then ``x``, then ``y`` at the new
     ``x``):

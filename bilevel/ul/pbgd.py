@@ -39,7 +39,8 @@ class PBGD(FirstOrderMethod):
     receive ``d_x`` and ``y_{k+1} = y_k - lr_y d_y``. This is the paper's update
     ``(x, y) <- (x, y) - alpha (grad F + gamma grad p)`` with its step size choice
     ``alpha = O(1 / gamma)`` written as ``lr / gamma``, so that one learning rate stays
-    stable while ``gamma`` grows; the paper's ``alpha`` is ``lr / gamma``.
+    stable while ``gamma`` grows; the paper's ``alpha`` is ``lr / gamma``. For ``gamma < 1`` the
+    factor ``1 / gamma`` lengthens the step (the authors' code uses ``min(1 / gamma, 1)``).
 
     The penalized problem's solution is ``O(1 / gamma)`` from the bilevel one when the LL
     satisfies a Polyak-Lojasiewicz condition (strong convexity or not), so ``gamma`` trades

@@ -48,7 +48,9 @@ class StocBiO(StochasticMethod):
     ``L`` the largest curvature of the LL loss, so ``eta`` must be a valid LL step size
     (default: ``ll.lr``, as benchopt; the authors' code takes it apart, ``eta=0.5``). The UL
     optimizer ``torch.optim.SGD(lr=beta)`` takes ``x <- x - beta d_x``. ``v`` is not kept
-    across UL steps; ``y`` is (warm start).
+    across UL steps; ``y`` is (warm start). Each Hessian product takes its own batch, as in
+    benchopt's solver; the authors' released code takes one batch for all ``Q`` products and
+    applies ``eta`` to the last term only.
 
     The paper shows an ``O(1/K)`` rate for the mean squared hypergradient norm over ``K`` UL
     steps with batch sizes of order ``1/epsilon`` and ``Q`` of order ``kappa log(1/epsilon)``;
