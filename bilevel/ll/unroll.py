@@ -224,9 +224,10 @@ class Unroll:
         """Use another batch for the next steps (online mode)."""
         self.state["data"], self.state["target"] = data, target
 
-    def _record_grads(self, grads: Tensors) -> None:
-        """Keep the step's gradients (detached): those of the first step and of the latest."""
-        detached = [g.detach() for g in grads]
+    def _record_grads(self, grads: Tensors, graph: bool = True) -> None:
+        """Keep the step's gradients (detached where they may ``graph``): those of the first
+        step and of the latest."""
+        detached = [g.detach() for g in grads] if graph else grads
         if self.steps == 0:
             self.initial_grads = detached
         self.last_grads = detached
@@ -295,7 +296,7 @@ class Unroll:
                     for weight, value in zip(active, new, strict=True):
                         weight.copy_(value)
                 self.opt_state = {k: [s.detach() for s in v] for k, v in state.items()}
-            self._record_grads(grads)
+            self._record_grads(grads, graph=False)  # taken without a graph
             losses.append(loss.detach())
             self.steps += 1
         return losses
