@@ -20,6 +20,7 @@ from bilevel.ll.patched import (
     install,
     parameter_list,
     patch,
+    release_weights,
     sync_from,
 )
 from bilevel.ll.rules import UpdateRule, make_rule
@@ -113,7 +114,8 @@ class GradientDescent:
         ll_objective: ``state -> scalar`` lower-level loss.
         ll_model: the module whose weights the LL optimizes.
         ul_model: the module holding the UL variables (passed to objectives).
-        lr: step size (> 0), in any of the forms above.
+        lr: step size (> 0), in any of the forms above; fixed at construction (``ll.lr``
+            cannot be reassigned: give a callable or a schedule to vary it).
         iters: number of steps (>= 1).
         optimizer: a rule name (``"sgd"``, ``"nesterov"``, ``"adam"``, ``"adamw"``,
             ``"rmsprop"``, ``"adagrad"``) or a rule made by :mod:`bilevel.ll.rules`.
@@ -218,6 +220,22 @@ class GradientDescent:
         return self.rule.name == "sgd" and all(
             isinstance(v, float) and v == 0.0 for h in terms for v in h.items
         )
+
+    @property
+    def lr(self) -> Any:
+        """The step size as given; fixed at construction (see the setter)."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: Any) -> None:
+        if "_lr" in self.__dict__:  # runs use the copy checked at construction (``hyper``)
+            raise AttributeError(
+                "GradientDescent.lr is fixed at construction: every run uses the value checked "
+                "then, and checkpoints record it. To change the LL step size across UL steps, "
+                "give lr as a callable of the UL model (evaluated at every run) or a per-step "
+                "schedule, or build a new GradientDescent (and BilevelProblem)."
+            )
+        self._lr = value
 
     @property
     def differentiable_steps(self) -> int | None:
@@ -328,6 +346,7 @@ class GradientDescent:
         # plain attributes, set in the instance dict (past the patched module's __setattr__)
         auxiliary_model.__dict__["_fast_params"] = None  # higher's list of the fast weights
         auxiliary_model.__dict__["trajectory"] = None
+        release_weights(auxiliary_model)  # the slots held the last weights, and their graph
         self._spare = auxiliary_model
 
     def step_map(self, model: nn.Module, ul_batch: tuple[Any, Any] | None) -> GradientStep:

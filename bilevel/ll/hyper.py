@@ -5,7 +5,9 @@ per-step schedule (a 1-d tensor of length ``iters``), a list with one value per 
 tensor, in which a tensor shaped like its parameter is a per-element value (Meta-SGD's
 learned step sizes), or a callable ``ul_model -> value`` evaluated at the start of every LL
 run (``lr=lambda ul: ul.log_lr.exp()``), so that a value computed from UL parameters is never
-stale and its graph is fresh at every run.
+stale and its graph is fresh at every run. Values are checked against their range at
+construction and, for those the UL steps move (callables, tensors that require grad), again
+at every run: a learned step size driven below zero is refused, not run.
 """
 
 from __future__ import annotations
@@ -95,6 +97,15 @@ class Hyper:
                 kind = kind_of(item, what, iters, self._shape(i))
                 _check_range([item], what, self.bound)
             values.append((item, kind))
+        # UL variables given as tensors move with every UL step: checked again at every run,
+        # as callables' values are (a learned step size driven below zero ran silently)
+        moved = [
+            item
+            for item, kind in zip(self.items, self.kinds, strict=True)
+            if kind is not None and isinstance(item, torch.Tensor) and item.requires_grad
+        ]
+        if moved:
+            _check_range(moved, f"{self.name} (a UL variable, as the UL steps left it)", self.bound)
         return values
 
 

@@ -76,6 +76,18 @@ def install(model: nn.Module, params: Sequence[torch.Tensor]) -> None:
     box[0] = None  # the next direct call of a submodule reads these weights
 
 
+def release_weights(model: nn.Module) -> None:
+    """Drop the fast weights from a patched model's parameter slots (and its box of them):
+    the last weights of a run hold, through their graph, every step of it that the
+    hypergradient did not back-propagate through (PTT's steps after the one it picks), which
+    a released model would otherwise keep alive until its next run."""
+    for module, name, _ in model.__dict__.get("_bilevel_slots") or ():
+        module._parameters[name] = None
+    box = model.__dict__.get("_bilevel_params_box")
+    if box is not None:
+        box[0] = None
+
+
 def _params_box(model: nn.Module) -> list:
     """``higher``'s box of the expanded fast weights that a patched submodule reads: filled
     from the root's fast weights when a submodule is called directly (not through the whole

@@ -258,8 +258,11 @@ class SABA(StochasticMethod):
         rho = self.ll_lr(ll)
         model = ll.patched_model(graph_from_start=False)
         try:
-            if self.memory is None:
-                self.memory = self._make_memory(model, train, val)
+            # a memory made here is kept only if the step is (commit): a refused first step
+            # would otherwise leave its NaN in the tables, and every later step refused
+            memory_all = self.memory
+            if memory_all is None:
+                memory_all = self._make_memory(model, train, val)
             y, v = self.leaves(), self.initial_v()
             reduced: dict[str, Tensors] = {}
             losses, raw = {}, {}
@@ -267,7 +270,7 @@ class SABA(StochasticMethod):
             for level, pair in (("train", train), ("val", val)):
                 mb, batch = self.draw(level, pair)
                 losses[level], raw[level], terms = self._terms(level, model, y, v, mb, batch)
-                memory = self.memory.get(level)
+                memory = memory_all.get(level)
                 if memory is None:  # one batch: the terms themselves (weight 1)
                     reduced.update(terms)
                 else:
@@ -294,8 +297,14 @@ class SABA(StochasticMethod):
             direction,
             new_y,
             new_v,
-            commit=lambda: [update() for update in pending],
+            commit=lambda: self._commit_memory(memory_all, pending),
         )
+
+    def _commit_memory(self, memory: dict[str, _Memory], pending: list[Callable[[], None]]) -> None:
+        """Keep ``memory`` (made at this step, or the one kept) and apply the step's updates."""
+        self.memory = memory
+        for update in pending:
+            update()
 
     def _check_memory(self, memory: _Memory, level: str, mb: Minibatch) -> None:
         if mb.count != memory.count or mb.index is None:
