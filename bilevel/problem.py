@@ -192,6 +192,11 @@ class BilevelProblem:
         opt = self.ul_optimizer
         settings = getattr(self.ul, "settings", None)
         calculator = {k: plain(v) for k, v in (settings() if settings else {}).items()}
+        # the LL rule's other hyperparameters (momentum, betas, ...) and BDA's aggregation,
+        # each only where it differs from its default: checkpoints written before they were
+        # recorded hold the defaults, and still resume
+        ll_settings = getattr(self.ll, "settings", None)
+        ll_extra = {f"ll_{k}": plain(v) for k, v in (ll_settings() if ll_settings else {}).items()}
         return {
             "ul": self.ul.name,
             "ul_calculator": calculator,
@@ -205,6 +210,7 @@ class BilevelProblem:
             if opt is None
             else [type(opt).__name__]
             + [{k: plain(v) for k, v in g.items() if k != "params"} for g in opt.param_groups],
+            **ll_extra,
         }
 
     @property
@@ -462,14 +468,23 @@ class BilevelProblem:
 
         Raises:
             ValueError: with ``strict``, the state was saved by a problem with other settings
-                (method, solver, LL steps or learning rate, UL optimizer and its
-                hyperparameters, UL parameter shapes): resuming it would silently mix two runs.
+                (method and its settings, LL steps, learning rate and the update rule's other
+                hyperparameters, BDA's aggregation, UL optimizer and its hyperparameters, UL
+                parameter shapes): resuming it would silently mix two runs. A setting that
+                only one side records is at its default on the other.
         """
         saved = state.get("settings")
         current = ckpt.plain(self.settings)
         if strict and saved is not None and saved != current:
-            changed = sorted(k for k in {*saved, *current} if saved.get(k) != current.get(k))
-            details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+            saved_flat, current_flat = _flat(saved), _flat(current)
+            changed = sorted(
+                k
+                for k in {*saved_flat, *current_flat}
+                if saved_flat.get(k, _ABSENT) != current_flat.get(k, _ABSENT)
+            )
+            details = "; ".join(
+                f"{k}: {_recorded(saved_flat, k)} -> {_recorded(current_flat, k)}" for k in changed
+            )
             raise ValueError(
                 f"the checkpoint was written with other settings ({details}). Resume with the "
                 "same settings, or start a new run with another checkpoint path (or delete it)."
@@ -718,6 +733,27 @@ class BilevelProblem:
         if distributed.is_main_process():
             print(f"bilevel: {message}", file=sys.stderr, flush=True)
         raise Interrupted(signum, self.step_count, checkpoint)
+
+
+_ABSENT = object()
+
+
+def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``settings`` with nested dicts spread out under dotted keys (``ul_calculator.k``), so
+    that a refused resume names the setting that differs."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _recorded(settings: dict[str, Any], key: str) -> str:
+    """How a refused resume shows the setting ``key``: its value, or ``(default)`` where it is
+    not recorded (settings at their default are left out)."""
+    return repr(settings[key]) if key in settings else "(default)"
 
 
 def _length(data: Iterable[Any]) -> int | None:

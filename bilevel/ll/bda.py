@@ -234,6 +234,18 @@ class BDA(GradientDescent):
         alone, as implicit differentiation assumes: only with ``alpha = 0``."""
         return self.alpha == 0.0
 
+    def settings(self) -> dict[str, Any]:
+        """:meth:`GradientDescent.settings` and the aggregation's ``alpha``, ``alpha_decay``
+        and ``ul_scale`` (as ``bda_alpha``, ... : RMSprop has an ``alpha`` too) where they
+        differ from plain gradient descent's (``alpha = 0``) or the defaults
+        (``alpha_decay = 1``, ``ul_scale = 1``). Reference: Liu et al. (2020), ICML."""
+        settings = super().settings()
+        for name, default in (("alpha", 0.0), ("alpha_decay", 1.0), ("ul_scale", 1.0)):
+            value = getattr(self, name)
+            if value != default:
+                settings[f"bda_{name}"] = value
+        return settings
+
     def alphas(self) -> list[float]:
         """``alpha_k`` of each LL step of a run."""
         return [self.alpha * self.alpha_decay**k for k in range(self.iters)]

@@ -23,7 +23,7 @@ from bilevel.ll.patched import (
     release_weights,
     sync_from,
 )
-from bilevel.ll.rules import UpdateRule, make_rule
+from bilevel.ll.rules import RULES, UpdateRule, make_rule
 from bilevel.ll.unroll import (
     GradientStep,
     Observer,
@@ -213,6 +213,22 @@ class GradientDescent:
                 f"optimizer must be a rule name or a bilevel.ll.rules rule, got {optimizer!r}."
             )
         return make_rule(optimizer, **given)
+
+    def settings(self) -> dict[str, Any]:
+        """The update rule's hyperparameters (``lr`` excluded) that differ from the defaults of
+        the named rule of :mod:`bilevel.ll.rules`, by name: what a checkpoint must agree on
+        besides the rule's name, ``lr`` and ``iters``. A default is left out, so that
+        checkpoints written before these settings were recorded still resume; a rule object
+        whose update is not its named rule's records all its hyperparameters."""
+        factory = RULES.get(self.rule.name)
+        defaults = factory() if factory is not None else None
+        if defaults is None or defaults.update is not self.rule.update:
+            return dict(self.rule.hyper)
+        return {
+            name: value
+            for name, value in self.rule.hyper.items()
+            if not (isinstance(value, float) and value == defaults.hyper.get(name))
+        }
 
     def _plain_sgd(self) -> bool:
         """SGD with no momentum and no weight decay: steps then take ``w - lr * g`` directly."""

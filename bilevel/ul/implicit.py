@@ -167,11 +167,16 @@ class Implicit(HypergradientCalculator):
         return 0
 
     def settings(self) -> dict[str, Any]:
-        """Solver, iterations, tolerance, series step, and damping where there is one (so
-        that checkpoints written before damping existed still resume)."""
+        """Solver, iterations, tolerance, series step, and damping where there is one, and
+        ``power_iters`` where ``alpha="auto"`` picks the step with other than the default 20
+        (so that checkpoints written before these were recorded still resume)."""
         method = self.method if isinstance(self.method, str) else type(self.method).__name__
         settings = {"k": self.k, "method": method, "tolerance": self.tolerance, "alpha": self.alpha}
-        return {**settings, "damping": self.damping} if self.damping else settings
+        if self.damping:
+            settings["damping"] = self.damping
+        if self.alpha == "auto" and self.method in SERIES and self.power_iters != 20:
+            settings["power_iters"] = self.power_iters
+        return settings
 
     def check_against(self, ll: Any) -> None:
         """Also: a given ``ll_learning_rate`` that the solver uses (a series' default step)

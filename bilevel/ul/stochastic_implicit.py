@@ -201,15 +201,65 @@ class StochasticImplicit(HypergradientCalculator):
         refuse_rule_weight_decay(getattr(ll, "rule", None), "StochasticImplicit")
 
     def settings(self) -> dict[str, Any]:
-        """Solver steps, batches, cross term, curvature and seed."""
+        """Solver steps, batches, cross term, curvature and seed; and a given solver optimizer
+        and scheduler, described by their types and hyperparameters as built on stand-ins for
+        the solution (left out when not given, so that older checkpoints still resume).
+        Reference: Grazzi, Pontil & Salzo (2021), AISTATS."""
         batches = "callable" if callable(self.batches) else self.batches
-        return {
+        settings: dict[str, Any] = {
             "steps": self.steps,
             "batches": batches,
             "cross": self.cross,
             "curvature": self.curvature,
             "seed": self.seed,
         }
+        if self.solver_optimizer is not None or self.solver_scheduler is not None:
+            settings.update(self._solver_settings())
+        return settings
+
+    def _solver_settings(self) -> dict[str, str]:
+        """The given solver optimizer's and scheduler's types and hyperparameters, in words:
+        built once on zero tensors shaped like the trainable LL weights (``"callable"`` where
+        that fails; the run itself reports the error)."""
+
+        def number(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                return value.item()
+            if isinstance(value, tuple | list):
+                return [number(v) for v in value]
+            return value
+
+        def described(obj: Any, values: Mapping[str, Any]) -> str:
+            shown = (
+                f"{k}={number(v)!r}"
+                for k, v in sorted(values.items())
+                if isinstance(number(v), int | float | str | bool | list | type(None))
+            )
+            return f"{type(obj).__name__}({', '.join(shown)})"
+
+        out: dict[str, str] = {}
+        try:
+            q = [
+                torch.zeros_like(p, requires_grad=True)
+                for p in self.ll_model.parameters()
+                if p.requires_grad
+            ]
+            # the default solver is SGD with the LL step size, which the runner records
+            optimizer = torch.optim.SGD(q, lr=1.0)
+            if self.solver_optimizer is not None:
+                optimizer = self._solver(q, None)  # type: ignore[arg-type]
+                out["solver_optimizer"] = "; ".join(
+                    described(optimizer, {k: v for k, v in g.items() if k != "params"})
+                    for g in optimizer.param_groups
+                )
+            if self.solver_scheduler is not None:
+                scheduler = self.solver_scheduler(optimizer)
+                out["solver_scheduler"] = described(scheduler, scheduler.state_dict())
+        except Exception:
+            for name in ("solver_optimizer", "solver_scheduler"):
+                if getattr(self, name) is not None:
+                    out[name] = "callable"
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """The generator's state and the number of draws (the next draws follow from them)."""
