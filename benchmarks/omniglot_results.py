@@ -292,12 +292,13 @@ def equal_table(rows: list[dict[str, Any]]) -> list[str]:
                 f"checkpoint with the larger `--budget-cpu-minutes`): {names}.",
             ]
     lines += ["", "Settings (run names as in the tables below):", ""]
-    seen: set[tuple[str, str]] = set()
+    names: dict[tuple[str, str], list[str]] = {}
+    settings: dict[tuple[str, str], str] = {}
     for _, equal in groups:
         for r in equal:
-            if same_run(r) not in seen:
-                seen.add(same_run(r))
-                lines.append(f"- `{r['name']}`: {r['setting']}")
+            names.setdefault(same_run(r), []).append(f"`{r['name']}`")
+            settings[same_run(r)] = r["setting"]
+    lines += [f"- {', '.join(n)}: {settings[key]}" for key, n in names.items()]
     return lines
 
 
