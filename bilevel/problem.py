@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from bilevel import checkpoint as ckpt
 from bilevel import distributed
 from bilevel.ll import GradientDescent
-from bilevel.state import all_finite, check_data_matches, tensor_leaves
+from bilevel.state import all_finite, check_data_matches, map_tensors, tensor_leaves
 
 Pair = tuple[Any, Any]
 Batch = Pair | tuple[Pair, Pair] | dict[str, Pair]
@@ -40,19 +40,6 @@ def check_pair(pair: Any, name: str) -> None:
         f"{name} must be a pair (data, target), got {what}. Pass ({name}_x, {name}_y); give "
         "None as the target if the objective does not read state['target']."
     )
-
-
-def _task(value: Any, i: int) -> Any:
-    """Task ``i`` of a member of a task batch: row ``i`` of every tensor in it."""
-    if isinstance(value, torch.Tensor):
-        return value[i]
-    if isinstance(value, Mapping):
-        return {k: _task(v, i) for k, v in value.items()}
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
-        return type(value)(*(_task(v, i) for v in value))
-    if isinstance(value, tuple | list):
-        return type(value)(_task(v, i) for v in value)
-    return value  # a constant that every task shares (a number, a string)
 
 
 def split_tasks(batch: dict[str, Pair]) -> list[tuple[Pair, Pair]]:
@@ -100,7 +87,11 @@ def split_tasks(batch: dict[str, Pair]) -> list[tuple[Pair, Pair]]:
                 f"task batch {name} has {t.shape[0]} tasks along its first dimension, expected {n}."
             )
     (tx, ty), (vx, vy) = batch["train"], batch["test"]
-    return [((_task(tx, i), _task(ty, i)), (_task(vx, i), _task(vy, i))) for i in range(n)]
+
+    def task(value: Any, i: int) -> Any:  # row i of every tensor; other leaves are shared
+        return map_tensors(value, lambda t: t[i], lambda other: other)
+
+    return [((task(tx, i), task(ty, i)), (task(vx, i), task(vy, i))) for i in range(n)]
 
 
 class Interrupted(SystemExit):

@@ -167,6 +167,22 @@ def tensor_leaves(value: Any, name: str) -> Iterable[tuple[str, torch.Tensor]]:
             yield from tensor_leaves(item, f"{name}[{i}]")
 
 
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any], leaf: Callable[[Any], Any]) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it, through tuples (named ones kept),
+    lists and dicts; any other leaf goes to ``leaf``."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if type(value) is dict:  # the common case, before the slower abstract-class check
+        return {k: map_tensors(v, fn, leaf) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(map_tensors(v, fn, leaf) for v in value))
+    if isinstance(value, tuple | list):
+        return type(value)(map_tensors(v, fn, leaf) for v in value)
+    if isinstance(value, Mapping):
+        return {k: map_tensors(v, fn, leaf) for k, v in value.items()}
+    return leaf(value)
+
+
 def check_data_matches(data: Any, reference: torch.Tensor, name: str) -> None:
     """Raise if a data tensor (or one inside nested data: tuples, lists, dicts) lives on
     another device, or is floating point of another dtype."""

@@ -260,6 +260,21 @@ def assert_bitwise(expected: dict[str, Any], got: dict[str, Any]) -> None:
             assert value == got[key], (key, value, got[key])
 
 
+def fresh(name: str) -> tuple[Any, Any, Any]:
+    """Case ``name`` built from the same global RNG state: ``(problem, p, data)``."""
+    torch.manual_seed(0)
+    problem, p = CASES[name]()
+    return problem, p, batches(problem, p)
+
+
+def stepped(name: str, steps: int) -> tuple[Any, Any, Any]:
+    """:func:`fresh`, then ``steps`` UL steps."""
+    problem, p, data = fresh(name)
+    for step in range(steps):
+        problem.step(*data(step))
+    return problem, p, data
+
+
 # --- (a) resume bitwise -------------------------------------------------------------------
 
 
@@ -267,18 +282,9 @@ def assert_bitwise(expected: dict[str, Any], got: dict[str, Any]) -> None:
 def test_a_resumed_run_ends_bitwise_where_an_uninterrupted_one_does(name, tmp_path):
     """4 UL steps straight, or 2, the state through a checkpoint file, new objects (another
     global RNG state), the state loaded, 2 more: bitwise the same everything."""
-    torch.manual_seed(0)
-    problem, p = CASES[name]()
-    data = batches(problem, p)
-    for step in range(4):
-        problem.step(*data(step))
-    expected = snapshot(problem)
+    expected = snapshot(stepped(name, 4)[0])
 
-    torch.manual_seed(0)
-    problem, p = CASES[name]()
-    data = batches(problem, p)
-    for step in range(2):
-        problem.step(*data(step))
+    problem, p, data = stepped(name, 2)
     halfway = snapshot(problem)
     ckpt.save(tmp_path / "state.pt", problem.state_dict())
     torch.manual_seed(123)  # a new process starts from other states
@@ -370,16 +376,9 @@ def test_a_skipped_step_then_a_resume_stays_bitwise(name, tmp_path):
 def test_hypergradient_between_steps_changes_nothing(name):
     """Two ``hypergradient`` calls before every step: they agree, leave the state, ``.grad``
     and the global RNG as they were, and the run is bitwise the run of steps alone."""
-    torch.manual_seed(0)
-    problem, p = CASES[name]()
-    data = batches(problem, p)
-    for step in range(3):
-        problem.step(*data(step))
-    expected = snapshot(problem)
+    expected = snapshot(stepped(name, 3)[0])
 
-    torch.manual_seed(0)
-    problem, p = CASES[name]()
-    data = batches(problem, p)
+    problem, _, data = fresh(name)
     for step in range(3):
         train, val = data(step)
         before = snapshot(problem)

@@ -610,9 +610,8 @@ def test_stocbio_draws_independent_batches_for_each_term():
     """Ji, Yang & Liang (2021), StocBiO (Algorithms 2 and 3): T warm-started SGD steps on
     batches S_t; D_F (val) for grad_x F and v_0 = grad_y F; Q Hessian batches B_q for
     v_Q = eta sum_{q=0..Q} prod_{j<=q} (I - eta grad2_yy g_{B_j}) v_0; a separate batch D_G for
-    the cross term: d = grad_x F - grad2_xy g_{D_G} v_Q. (The paper's product nests the batches
-    from the other end, B_Q in every term; the batches are i.i.d., so the two labelings have
-    the same distribution.)"""
+    the cross term: d = grad_x F - grad2_xy g_{D_G} v_Q (a batch per Hessian product, as
+    benchopt's solver draws them)."""
     T, Q, alpha, eta, beta = 2, 3, 0.3, 0.2, 0.15
     train = [0, 3, 1, 2, 0, 3, 1, 1, 2, 0, 3, 2]
     val = [2, 0]

@@ -934,8 +934,9 @@ def test_the_reference_rules_are_torch_optim() -> None:
             opt.zero_grad()
             f_hand(list(net.parameters()), U, *TRAIN).backward()
             opt.step()
+        # two implementations of one rule: round-off apart (margin for any x86 CPU)
         for mine, theirs in zip(iterates[-1], net.parameters(), strict=True):
-            torch.testing.assert_close(mine, theirs.detach(), rtol=1e-13, atol=1e-15)
+            torch.testing.assert_close(mine, theirs.detach(), rtol=1e-11, atol=1e-13)
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -79,7 +79,7 @@ class Hyper:
         self, ul_model: nn.Module, iters: int, reference: torch.Tensor
     ) -> list[tuple[Any, str]]:
         """The values for this run, with their kinds: callables evaluated on ``ul_model``."""
-        values = []
+        values, moved = [], []
         for i, (item, kind) in enumerate(zip(self.items, self.kinds, strict=True)):
             if kind is None:
                 item = item(ul_model)
@@ -88,22 +88,15 @@ class Hyper:
                     item = float(item)
                 elif not isinstance(item, torch.Tensor):
                     raise TypeError(f"{what} must be a tensor or a float, got {type(item)}.")
-                elif item.device != reference.device:
-                    raise ValueError(
-                        f"{what} is on {item.device} but ll_model is on {reference.device}."
-                    )
-                elif item.is_floating_point() and item.dtype != reference.dtype:
-                    raise ValueError(_dtype_message(what, item, reference))
+                else:
+                    _check_placement(item, what, reference)
                 kind = kind_of(item, what, iters, self._shape(i))
                 _check_range([item], what, self.bound)
+            elif isinstance(item, torch.Tensor) and item.requires_grad:
+                moved.append(item)  # a UL variable: the UL steps move it
             values.append((item, kind))
-        # UL variables given as tensors move with every UL step: checked again at every run,
-        # as callables' values are (a learned step size driven below zero ran silently)
-        moved = [
-            item
-            for item, kind in zip(self.items, self.kinds, strict=True)
-            if kind is not None and isinstance(item, torch.Tensor) and item.requires_grad
-        ]
+        # checked again at every run, as callables' values are (a learned step size driven
+        # below zero ran silently)
         if moved:
             _check_range(moved, f"{self.name} (a UL variable, as the UL steps left it)", self.bound)
         return values
@@ -144,29 +137,28 @@ def check(value: Any, name: str, bound: Bound, iters: int, shapes: list[torch.Si
     return Hyper(name, items, per_parameter, bound, shapes, kinds)
 
 
-def _dtype_message(what: str, item: torch.Tensor, reference: torch.Tensor) -> str:
-    return (
-        f"{what} has dtype {item.dtype} but ll_model has {reference.dtype}: the LL would run "
-        f"with its value rounded to {item.dtype}. Give it in {reference.dtype} (e.g. "
-        f"torch.tensor(0.1, dtype={reference.dtype})), or as a Python number."
-    )
+def _check_placement(item: torch.Tensor, what: str, reference: torch.Tensor) -> None:
+    """Refuse a hyperparameter tensor on another device than the LL model's, or floating
+    point of another dtype (the LL would run with its value rounded)."""
+    if item.device != reference.device:
+        raise ValueError(
+            f"{what} is on {item.device} but ll_model is on {reference.device}; keep the UL "
+            "model and the LL model on one device."
+        )
+    if item.is_floating_point() and item.dtype != reference.dtype:
+        raise ValueError(
+            f"{what} has dtype {item.dtype} but ll_model has {reference.dtype}: the LL would "
+            f"run with its value rounded to {item.dtype}. Give it in {reference.dtype} (e.g. "
+            f"torch.tensor(0.1, dtype={reference.dtype})), or as a Python number."
+        )
 
 
 def check_device(hyper: Hyper, reference: torch.Tensor) -> None:
     """Refuse tensors on another device than the LL model's, or floating point of another
     dtype."""
     for item in hyper.items:
-        if isinstance(item, torch.Tensor) and item.device != reference.device:
-            raise ValueError(
-                f"{hyper.name} is on {item.device} but ll_model is on {reference.device}; keep "
-                "the UL model and the LL model on one device."
-            )
-        if (
-            isinstance(item, torch.Tensor)
-            and item.is_floating_point()
-            and item.dtype != reference.dtype
-        ):
-            raise ValueError(_dtype_message(hyper.name, item, reference))
+        if isinstance(item, torch.Tensor):
+            _check_placement(item, hyper.name, reference)
 
 
 class Schedule:

@@ -62,17 +62,13 @@ class Trajectory:
     @property
     def initial_grad_norm(self) -> torch.Tensor | None:
         """The norm of the LL gradient at the first step (a 0-d tensor; taken when asked,
-        since only ``Implicit`` asks)."""
-        if self.initial_grads is None:
-            return None
-        return torch.stack([g.norm() for g in self.initial_grads]).norm()
+        since only ``Implicit`` and ``IGA`` ask)."""
+        return _norm(self.initial_grads)
 
     @property
     def last_grad_norm(self) -> torch.Tensor | None:
         """The norm of the LL gradient at the start of the last step (a 0-d tensor)."""
-        if self.last_grads is None:
-            return None
-        return torch.stack([g.norm() for g in self.last_grads]).norm()
+        return _norm(self.last_grads)
 
     @property
     def step_size(self) -> float | None:
@@ -84,6 +80,13 @@ class Trajectory:
         numbers = torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in values])
         first = float(numbers[0])
         return first if bool((numbers == first).all()) else None
+
+
+def _norm(grads: Tensors | None) -> torch.Tensor | None:
+    """The Euclidean norm of a list of gradients (``None`` for none recorded)."""
+    if grads is None:
+        return None
+    return torch.stack([g.norm() for g in grads]).norm()
 
 
 class Observer(Protocol):

@@ -333,10 +333,11 @@ class Implicit(HypergradientCalculator):
         start = trajectory.initial_grad_norm
         if start is None:
             return
-        final = self.diagnostics["ll_grad_norm"]
-        ratio = float(final / start.clamp_min(1e-30))
+        norms = [start, self.diagnostics["ll_grad_norm"], *self._distance_norms(trajectory)]
+        first, final, *distance = torch.stack([n.double() for n in norms]).tolist()  # one sync
+        ratio = final / max(first, 1e-30)
         self.diagnostics["ll_grad_ratio"] = ratio
-        left = self._distance_left(trajectory, float(final), ratio)
+        left = self._distance_left(trajectory.step_size, final, ratio, distance)
         if left is not None:
             self.diagnostics["ll_distance_ratio"] = left
         limit = self.stationarity_warning
@@ -363,26 +364,33 @@ class Implicit(HypergradientCalculator):
             stacklevel=5,
         )
 
-    def _distance_left(self, trajectory: Trajectory, final: float, ratio: float) -> float | None:
-        """For plain SGD runs of two steps or more: the distance still to travel to the
-        stationary point, ``lr ||g_T|| / (1 - rho)`` with ``rho = ||g_T|| / ||g_{T-1}||`` (linear
-        convergence), over the distance travelled ``||w_T - w_0||``; ``inf`` for a gradient
-        that did not shrink. ``None`` where it does not apply, or at round-off (a gradient
-        below 1e-6 of the first)."""
-        lr, previous = trajectory.step_size, trajectory.last_grad_norm
-        if not trajectory.plain_sgd or trajectory.iters < 2 or lr is None or previous is None:
-            return None
-        if ratio < 1e-6:
-            return None
-        rho = final / max(float(previous), 1e-300)
-        self.diagnostics["ll_contraction"] = rho
+    def _distance_norms(self, trajectory: Trajectory) -> list[torch.Tensor]:
+        """For plain SGD runs of two steps or more, ``[||g_{T-1}||, ||w_T - w_0||]`` (0-d
+        tensors): the LL gradient at the start of the last step and the distance travelled;
+        ``[]`` where the distance estimate does not apply."""
+        previous = trajectory.last_grad_norm
+        if not trajectory.plain_sgd or trajectory.iters < 2 or previous is None:
+            return []
         start = [p for p in self.ll_model.parameters() if p.requires_grad]
         end = [w for w, t in zip(trajectory.weights, trajectory.trainable, strict=True) if t]
         if len(start) != len(end):
+            return []
+        moved = [b.detach() - a.detach() for a, b in zip(start, end, strict=True)]
+        return [previous, linalg.norm(moved)]
+
+    def _distance_left(
+        self, lr: float | None, final: float, ratio: float, distance: list[float]
+    ) -> float | None:
+        """The distance still to travel to the stationary point, ``lr ||g_T|| / (1 - rho)``
+        with ``rho = ||g_T|| / ||g_{T-1}||`` (linear convergence), over the distance travelled
+        (``distance``: :meth:`_distance_norms`' values); ``inf`` for a gradient that did not
+        shrink. ``None`` where it does not apply, or at round-off (a gradient below 1e-6 of
+        the first)."""
+        if not distance or lr is None or ratio < 1e-6:
             return None
-        travelled = float(
-            linalg.norm([b.detach() - a.detach() for a, b in zip(start, end, strict=True)])
-        )
+        previous, travelled = distance
+        rho = final / max(previous, 1e-300)
+        self.diagnostics["ll_contraction"] = rho
         if rho >= 1:
             return math.inf
         return lr * final / (1 - rho) / max(travelled, 1e-300)

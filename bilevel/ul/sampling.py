@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from bilevel.state import map_tensors
+
 LEVELS = ("train", "val")
 #: ``val_batch_size``'s default: the train batch size
 SAME = "same"
@@ -121,18 +123,16 @@ def select(value: Any, index: torch.Tensor | None) -> Any:
     ``value`` itself when ``index`` is ``None``."""
     if index is None or value is None:
         return value
-    if isinstance(value, torch.Tensor):
-        same = index.device == value.device
-        return value.index_select(0, index if same else index.to(value.device))
-    if type(value) is dict:  # the common case, without the checks below
-        return {k: select(v, index) for k, v in value.items()}
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
-        return type(value)(*(select(v, index) for v in value))
-    if isinstance(value, tuple | list):
-        return type(value)(select(v, index) for v in value)
-    if isinstance(value, Mapping):
-        return {k: select(v, index) for k, v in value.items()}
-    raise TypeError(f"cannot draw a minibatch from a {type(value).__name__}.")
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.index_select(0, index if index.device == t.device else index.to(t.device))
+
+    def refuse(other: Any) -> Any:
+        if other is None:
+            return None
+        raise TypeError(f"cannot draw a minibatch from a {type(other).__name__}.")
+
+    return map_tensors(value, rows, refuse)
 
 
 @dataclass
