@@ -462,7 +462,9 @@ class BilevelProblem:
                 (method and its settings, LL steps, learning rate and the update rule's other
                 hyperparameters, BDA's aggregation, UL optimizer and its hyperparameters, UL
                 parameter shapes): resuming it would silently mix two runs. A setting that
-                only one side records is at its default on the other.
+                only one side records is at its default on the other. Also with ``strict``:
+                the state lacks the UL optimizer's state or the method's state that this
+                problem carries across UL steps.
         """
         saved = state.get("settings")
         current = ckpt.plain(self.settings)
@@ -480,6 +482,8 @@ class BilevelProblem:
                 f"the checkpoint was written with other settings ({details}). Resume with the "
                 "same settings, or start a new run with another checkpoint path (or delete it)."
             )
+        if strict:
+            self._check_state_parts(state)
         self.ul.ul_model.load_state_dict(state["ul_model"])
         self.ll.ll_model.load_state_dict(state["ll_model"])
         if self.ul_optimizer is not None and state.get("ul_optimizer") is not None:
@@ -489,6 +493,23 @@ class BilevelProblem:
         if state.get("method") is not None:
             self.ul.load_state_dict(state["method"])
         ckpt.set_rng_state(state["rng"])
+
+    def _check_state_parts(self, state: dict[str, Any]) -> None:
+        """Refuse a state that lacks what this problem carries across UL steps (the UL
+        optimizer's moments, the method's LL or auxiliary variables): loading it would
+        restart them silently, and the resumed run would not be the uninterrupted one."""
+        missing = []
+        if self.ul_optimizer is not None and state.get("ul_optimizer") is None:
+            missing.append(f"the UL optimizer's state ({type(self.ul_optimizer).__name__})")
+        if hasattr(self.ul, "state_dict") and state.get("method") is None:
+            missing.append(f"the state of {type(self.ul).__name__} (its variables across UL steps)")
+        if missing:
+            raise ValueError(
+                f"the checkpoint holds no {' and no '.join(missing)}, which this problem "
+                "carries across UL steps: resuming would restart them, not continue the run. "
+                "Resume from a checkpoint written by this problem's save_checkpoint, or pass "
+                "strict=False to start them afresh on purpose."
+            )
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Write :meth:`state_dict` to ``path`` atomically (:func:`bilevel.checkpoint.save`)."""

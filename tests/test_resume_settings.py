@@ -15,7 +15,7 @@ from problems import ridge, ridge_ll, ridge_ul
 
 from bilevel import BilevelProblem, checkpoint
 from bilevel.ll import BDA, GradientDescent, rules
-from bilevel.ul import Implicit, Reverse, StochasticImplicit
+from bilevel.ul import DM, Implicit, Reverse, StochasticImplicit
 
 LR = 0.1
 ITERS = 5
@@ -266,3 +266,48 @@ def test_refusal_names_a_default_on_the_other_side(tmp_path):
         resumed.load_checkpoint(path)
     # strict=False still loads it (the user's explicit choice)
     resumed.load_checkpoint(path, strict=False)
+
+
+def _dm_problem():
+    """A ridge problem whose method (DM) carries a multiplier across UL steps, with Adam on
+    the UL variables (moments carried across UL steps too)."""
+    p = ridge(n=30, d=3)
+    lower = GradientDescent(ridge_ll, p.ll_model, p.ul_model, LR, 2)
+    upper = DM(ridge_ul, p.ul_model, ridge_ll, p.ll_model, eta=0.3)
+    optimizer = torch.optim.Adam(p.ul_model.parameters(), lr=0.05)
+    return p, BilevelProblem(lower, upper, optimizer)
+
+
+@pytest.mark.parametrize(
+    ("part", "named"),
+    [("method", "the state of DM"), ("ul_optimizer", "the UL optimizer's state (Adam)")],
+)
+def test_a_state_without_what_the_run_carries_is_refused(part, named, tmp_path):
+    """A checkpoint lacking the method's state or the UL optimizer's state (written by hand,
+    or by other code) used to load silently and restart them: the resumed run then left the
+    uninterrupted one (DM's multiplier from zero, Adam's moments from zero)."""
+    p, problem = _dm_problem()
+    run(p, problem, 3)
+    state = problem.state_dict()
+    state[part] = None
+    path = tmp_path / "partial.pt"
+    checkpoint.save(path, state)
+    q, resumed = _dm_problem()
+    with pytest.raises(ValueError, match=re.escape(named)):
+        resumed.load_checkpoint(path)
+    # strict=False starts the missing part afresh, on the user's word: the run then differs
+    resumed.load_checkpoint(path, strict=False)
+    run(p, problem, 2)
+    run(q, resumed, 2)
+    assert not all(torch.equal(a, b) for a, b in zip(params(p), params(q), strict=True))
+
+
+def test_a_complete_state_of_a_stateful_method_resumes_bitwise(tmp_path):
+    p, problem = _dm_problem()
+    run(p, problem, 3)
+    problem.save_checkpoint(tmp_path / "full.pt")
+    q, resumed = _dm_problem()
+    resumed.load_checkpoint(tmp_path / "full.pt")
+    run(p, problem, 2)
+    run(q, resumed, 2)
+    assert all(torch.equal(a, b) for a, b in zip(params(p), params(q), strict=True))
