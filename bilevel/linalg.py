@@ -149,7 +149,8 @@ def cg(
     and Rajeswaran et al. (2019, iMAML).
 
     Args:
-        matvec: ``v -> A v`` on lists of tensors.
+        matvec: ``v -> A v`` on lists of tensors, ``A`` symmetric (an :class:`Operator` must
+            be marked ``symmetric=True``).
         b: right-hand side.
         iters: maximum number of iterations (matrix-vector products).
         tolerance: relative residual at which to stop.
@@ -161,6 +162,7 @@ def cg(
     Returns:
         ``(x, info)``.
     """
+    _require_symmetric("cg", matvec)
     x = [torch.zeros_like(t) for t in b] if x0 is None else [t.clone() for t in x0]
     r = list(b) if x0 is None else _axpy(-1.0, matvec(x), list(b))
     rr = dot(r, r)
@@ -330,6 +332,19 @@ def _symmetric(matvec: MatVec) -> bool:
     """Whether the series may assume a symmetric operator: plain callables are taken to be
     (as documented); an :class:`Operator` says."""
     return not isinstance(matvec, Operator) or matvec.symmetric
+
+
+def _require_symmetric(name: str, matvec: MatVec) -> None:
+    """Refuse an :class:`Operator` that does not say it is symmetric (a plain callable is taken
+    to be, as for the series). CG and MINRES assume ``A = A^T``: on a non-symmetric ``A`` they
+    return a wrong ``x`` without a sign of it (MINRES even reports a residual that is not
+    ``||b - A x||``, below the true one)."""
+    if isinstance(matvec, Operator) and not matvec.symmetric:
+        raise ValueError(
+            f"{name} needs a symmetric A, but it was given an Operator with symmetric=False "
+            "(such as the system (I - dPhi/dw)^T q = v of a fixed-point map): use normal_cg "
+            "(any nonsingular A), or Operator(matvec, symmetric=True) if A is symmetric."
+        )
 
 
 def _series_summary(
@@ -548,7 +563,8 @@ def minres(
     Equations", SIAM J. Numer. Anal.
 
     Args:
-        matvec: ``v -> A v`` on lists of tensors, ``A`` symmetric.
+        matvec: ``v -> A v`` on lists of tensors, ``A`` symmetric (an :class:`Operator` must
+            be marked ``symmetric=True``).
         b: right-hand side.
         iters: maximum number of iterations (matrix-vector products).
         tolerance: relative residual at which to stop.
@@ -557,6 +573,7 @@ def minres(
     Returns:
         ``(x, info)``; ``info.residual_norm`` is the residual MINRES tracks.
     """
+    _require_symmetric("minres", matvec)
     x, r = _start(matvec, b, x0)
     rhs_norm, beta = norm(b), norm(r)
     threshold = tolerance * rhs_norm
@@ -911,7 +928,8 @@ def auto_alpha(make: Callable[[float], Solver], power_iters: int = 20) -> Solver
         power_iters: products spent on the estimate.
 
     Raises:
-        ValueError: at ``run``, when the estimate is not positive.
+        ValueError: at ``run``, when the estimate is not positive, or the operator is an
+            :class:`Operator` not marked symmetric.
     """
     if not callable(make):
         raise TypeError(f"auto_alpha: make must be callable, got {type(make).__name__}")
@@ -919,6 +937,15 @@ def auto_alpha(make: Callable[[float], Solver], power_iters: int = 20) -> Solver
     name = _made(make, 1.0).name
 
     def run(matvec: MatVec, b: Vector) -> tuple[Vector, SolverInfo]:
+        if not _symmetric(matvec):
+            raise ValueError(
+                "auto_alpha: the operator is not symmetric (an Operator with symmetric=False, "
+                "such as the system (I - dPhi/dw)^T q = v of a fixed-point map): its eigenvalues "
+                "may be complex, and power iteration's estimate bounds no step of a series on "
+                "it. Give alpha a number (for a fixed-point map, alpha=1 is the map's own "
+                "adjoint iteration q <- (dPhi/dw)^T q + v, which converges where the map "
+                "contracts), or use normal_cg."
+            )
         lambda_max = float(power_iteration(matvec, b, power_iters))
         if not lambda_max > 0:
             raise ValueError(

@@ -77,7 +77,9 @@ class FixedPointMap(GradientDescent):
     hypergradient is back-propagated through the iterations; with ``Implicit`` it is taken at
     the fixed point from ``(I - dPhi/dw)^T q = grad_w F``, a non-symmetric system: use
     ``method="fixed_point"`` (``q <- (dPhi/dw)^T q + grad_w F``, converging when ``Phi`` is a
-    contraction) or ``"normal_cg"``; ``"cg"`` and ``"minres"`` are refused. The LL loss it
+    contraction) or ``"normal_cg"``; ``"cg"`` and ``"minres"`` (also as solver objects) and
+    ``alpha="auto"`` (power iteration bounds no step of a non-symmetric system) are refused,
+    and the series' default step is 1 (the map's own iteration). The LL loss it
     reports is ``1/2 ||Phi(w) - w||^2``: an iteration that moves away from its fixed point is
     caught as a diverging LL.
 

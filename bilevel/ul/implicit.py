@@ -443,6 +443,19 @@ class Implicit(HypergradientCalculator):
                 "the LL objective, use method='minres' (symmetric indefinite) or "
                 "method='normal_cg', or use Reverse/Truncated."
             )
+        elif self.method in SERIES and not getattr(matvec, "symmetric", True):
+            # a fixed-point map: the system is not symmetric, and lambda_max bounds no step
+            system = "(I - dPhi/dw)^T" + (f" + {self.damping:g} I" if self.damping else "")
+            message = (
+                f"The {name} series diverged on the fixed-point map's adjoint system "
+                f"{system} q = v: its residual went from {info.rhs_norm:.3g} to "
+                f"{info.residual_norm:.3g} in {info.iterations} steps (alpha {info.alpha:.3g}). "
+                "With alpha = 1 it is the iteration q <- (dPhi/dw)^T q + v, which converges "
+                "where the map contracts at the LL's result; this map does not there (or, "
+                "non-normal, its residual grows for some steps before it shrinks: then more "
+                "steps k help). Use method='normal_cg' (any nonsingular I - dPhi/dw), or make "
+                "the map a contraction (e.g. scale a recurrent weight below norm 1)."
+            )
         elif self.method in SERIES:
             lambda_max = float(linalg.power_iteration(matvec, v, self.power_iters))
             self.diagnostics["lambda_max"] = lambda_max
