@@ -402,8 +402,9 @@ def test_checkpoint_resumes_bitwise(tmp_path, method, options):
 
 
 def test_checkpoint_without_the_method_state_would_not_resume(tmp_path):
-    """The control: drop the method's state (v, sampler, memory) from the checkpoint and the
-    resumed run differs; the state is what makes the resume exact."""
+    """The control: drop the method's state (v, sampler, memory) from the checkpoint: a
+    resume refuses it, and loaded anyway (strict=False) the resumed run differs; the state is
+    what makes the resume exact."""
     from bilevel import checkpoint
 
     path = tmp_path / "run.pt"
@@ -416,7 +417,12 @@ def test_checkpoint_without_the_method_state_would_not_resume(tmp_path):
     state["method"] = None
     checkpoint.save(path, {k: v for k, v in state.items() if k not in ("format", "version")})
     resumed = build(SABA, batch_size=16)
-    resumed[0].run(batches, 8, checkpoint=path, progress=False)
+    with pytest.raises(ValueError, match="the state of SABA"):
+        resumed[0].run(batches, 8, checkpoint=path, progress=False)
+    resumed = build(SABA, batch_size=16)
+    resumed[0].load_checkpoint(path, strict=False)
+    resumed[0].run(batches, 8, progress=False)
+    assert resumed[0].step_count == 8
     assert not torch.equal(straight[3].x, resumed[3].x)
 
 
