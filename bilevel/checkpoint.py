@@ -276,7 +276,8 @@ def load(path: str | os.PathLike, require: Iterable[str] = ()) -> dict[str, Any]
         require: keys the checkpoint must have (e.g. ``("ul_model", "step")``).
 
     Raises:
-        CheckpointError: the file is missing, empty, truncated or corrupted; it holds objects
+        CheckpointError: the file is missing, empty, truncated or corrupted (the CRC-32 of
+            each member of the archive is checked: torch does not); it holds objects
             that a safe load refuses (a file crafted to run code, or a checkpoint of an older
             bilevel); it is not a bilevel checkpoint, is of another format version, or lacks
             a required key. The message names the file and says what to do.
@@ -298,6 +299,19 @@ def load(path: str | os.PathLike, require: Iterable[str] = ()) -> dict[str, Any]
             f"{path} is empty (0 bytes): not a checkpoint, perhaps a copy or save cut short "
             "outside bilevel's atomic writer. Restore it from a copy, or delete it to start "
             "the run again."
+        )
+    try:
+        damaged = _damaged_member(path)
+    except OSError as error:
+        raise CheckpointError(
+            f"{path}: cannot read the checkpoint ({error.strerror or error}). Check the path "
+            "and its permissions."
+        ) from None
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path} is corrupted: the bytes of {damaged} do not match the CRC-32 that "
+            "torch.save recorded (a bit flipped on disk or in a copy, or an edit). Restore it "
+            "from a copy, or delete it to start the run again."
         )
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
@@ -329,6 +343,28 @@ def load(path: str | os.PathLike, require: Iterable[str] = ()) -> dict[str, Any]
             "Point to the right file, or delete it to start the run again."
         )
     return state
+
+
+def _damaged_member(path: Path) -> str | None:
+    """The first member of a zip-format torch file whose CRC-32 does not match its bytes, or
+    ``None``. torch's reader does not check them: one flipped bit in a tensor loads silently.
+    Members without a CRC (``torch.serialization.set_crc32_options(False)`` writes 0) and
+    files of torch's older, non-zip format are not checked; an unreadable archive is left to
+    ``torch.load`` to report."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0 and info.file_size > 0:
+                    continue
+                try:
+                    with archive.open(info) as member:  # checks the CRC-32 at the end
+                        while member.read(1 << 24):
+                            pass
+                except zipfile.BadZipFile:
+                    return info.filename
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError):
+        return None  # not a readable zip: torch.load says what it is
+    return None
 
 
 def _refusal(error: BaseException) -> str:

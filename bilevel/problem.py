@@ -464,11 +464,26 @@ class BilevelProblem:
                 parameter shapes): resuming it would silently mix two runs. A setting that
                 only one side records is at its default on the other. Also with ``strict``:
                 the state lacks the UL optimizer's state or the method's state that this
-                problem carries across UL steps.
+                problem carries across UL steps, records no settings, or holds UL or LL
+                model entries of other names, shapes or dtypes (a float32 state would be
+                cast into a float64 model silently). With or without ``strict``: a step
+                count that is not an int >= 0.
+
+        Nothing is changed unless everything is restored: a state that does not fit is
+        refused before any change, and a failure part-way (a damaged RNG state, a method's
+        state that does not fit) puts the models, the UL optimizer, the method's state, the
+        step counters and the RNG states back as they were before raising.
         """
         saved = state.get("settings")
         current = ckpt.plain(self.settings)
-        if strict and saved is not None and saved != current:
+        if strict and saved is None:
+            raise ValueError(
+                "the checkpoint records no settings (it was not written by "
+                "BilevelProblem.state_dict), so it cannot be checked against this problem. "
+                "Resume from a checkpoint written by this problem's save_checkpoint, or pass "
+                "strict=False to load it anyway."
+            )
+        if strict and saved != current:
             saved_flat, current_flat = _flat(saved), _flat(current)
             changed = sorted(
                 k
@@ -484,6 +499,49 @@ class BilevelProblem:
             )
         if strict:
             self._check_state_parts(state)
+            differences = [
+                *_module_differences("ul_model", state.get("ul_model"), self.ul.ul_model),
+                *_module_differences("ll_model", state.get("ll_model"), self.ll.ll_model),
+            ]
+            if differences:
+                raise ValueError(
+                    f"the checkpoint is of another problem ({'; '.join(differences)}). Resume "
+                    "with the same models, or start a new run with another checkpoint path (or "
+                    "delete it); pass strict=False to load it anyway."
+                )
+        for key in ("step", "skipped_steps"):
+            value = state.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"the checkpoint's {key!r} is {value!r}, not an int >= 0: the file is "
+                    "damaged or was not written by BilevelProblem.state_dict. Restore it from a "
+                    "copy, or start a new run."
+                )
+        before = self._snapshot()
+        try:
+            self._load(state)
+        except BaseException as error:
+            self._load(before)
+            error.add_note("(The problem was left as it was before the load.)")
+            raise
+
+    def _snapshot(self) -> dict[str, Any]:
+        """A copy of everything :meth:`_load` changes, to put it back."""
+        return copy.deepcopy(
+            {
+                "ul_model": self.ul.ul_model.state_dict(),
+                "ll_model": self.ll.ll_model.state_dict(),
+                "ul_optimizer": None
+                if self.ul_optimizer is None
+                else self.ul_optimizer.state_dict(),
+                "step": self.step_count,
+                "skipped_steps": self.skipped_steps,
+                "method": self.ul.state_dict() if hasattr(self.ul, "state_dict") else None,
+                "rng": ckpt.rng_state(),
+            }
+        )
+
+    def _load(self, state: dict[str, Any]) -> None:
         self.ul.ul_model.load_state_dict(state["ul_model"])
         self.ll.ll_model.load_state_dict(state["ll_model"])
         if self.ul_optimizer is not None and state.get("ul_optimizer") is not None:
@@ -748,6 +806,29 @@ class BilevelProblem:
 
 
 _ABSENT = object()
+
+
+def _module_differences(name: str, saved: Any, module: torch.nn.Module) -> list[str]:
+    """How a saved ``state_dict`` differs from ``module``'s: entries missing or extra, other
+    shapes or dtypes."""
+    if not isinstance(saved, dict):
+        return [f"{name} is a {type(saved).__name__}, not a state_dict"]
+    mine = module.state_dict()
+    out = []
+    missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
+    if missing:
+        out.append(f"{name} lacks {', '.join(missing)}")
+    if extra:
+        out.append(f"{name} has {', '.join(extra)}, which this model does not")
+    for key in sorted(set(mine) & set(saved)):
+        a, b = saved[key], mine[key]
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            continue
+        if a.shape != b.shape:
+            out.append(f"{name}.{key}: shape {list(a.shape)} -> {list(b.shape)}")
+        elif a.dtype != b.dtype:
+            out.append(f"{name}.{key}: dtype {a.dtype} -> {b.dtype}")
+    return out
 
 
 def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -14,8 +14,10 @@ References:
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
+import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -99,13 +101,20 @@ def read_idx(path: str | os.PathLike[str], expected_magic: int | None = None) ->
         The array, in native byte order, with the shape given by the header.
 
     Raises:
-        ValueError: If the magic number is wrong or the data length does not match the
-            sizes in the header.
+        ValueError: If the magic number is wrong, the data length does not match the
+            sizes in the header, or a ``.gz`` file is truncated or corrupt.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise ValueError(
+            f"{path}: cannot decompress it ({type(exc).__name__}: {exc}); the file is "
+            "truncated or corrupt (e.g. a download cut short). Delete it and download it "
+            "again (download=True fetches missing files and checks their md5)."
+        ) from exc
     if len(data) < 4:
         raise ValueError(f"{path}: not an IDX file (only {len(data)} bytes)")
     (magic,) = struct.unpack(">I", data[:4])
@@ -119,7 +128,7 @@ def read_idx(path: str | os.PathLike[str], expected_magic: int | None = None) ->
         raise ValueError(f"{path}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", data[4:header])
     dtype = _IDX_DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
     if len(data) - header != expected:
         raise ValueError(
             f"{path}: IDX header gives shape {shape} ({expected} bytes of data), "

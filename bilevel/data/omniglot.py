@@ -387,7 +387,7 @@ class Omniglot:
         sources = [_find_source(folder, part, download, check_md5) for part in OMNIGLOT_PARTS]
 
         cache = _cache_path(resolve_cache_dir(cache_dir), sources, image_size, resample)
-        arrays = _load_cache(cache)
+        arrays = _load_cache(cache, image_size)
         decoded = arrays is None
         if arrays is None:
             workers = _default_workers() if num_workers is None else num_workers
@@ -519,18 +519,27 @@ def _decode_sources(
 _CACHE_KEYS = ("images", "parts", "alphabets", "characters", "drawings", "pixel_sha256")
 
 
-def _load_cache(path: Path) -> dict[str, np.ndarray] | None:
+def _load_cache(path: Path, image_size: int | None = None) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or ``None`` (with a warning) when the file is unreadable, damaged
+    or does not hold what its name says (images of another size than ``image_size``)."""
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
             arrays = {key: f[key] for key in _CACHE_KEYS}
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # zipfile, zlib, NumPy and OS errors: a damaged file
         warnings.warn(f"ignoring unreadable cache {path} ({exc!r})", RuntimeWarning, stacklevel=3)
         return None
     n = len(arrays["parts"])
-    if arrays["images"].shape[:2] != (n, N_DRAWINGS) or arrays["images"].dtype != np.uint8:
-        warnings.warn(f"ignoring malformed cache {path}", RuntimeWarning, stacklevel=3)
+    images = arrays["images"]
+    size = image_size if image_size is not None else (images.shape[-1] if images.ndim else -1)
+    if images.shape != (n, N_DRAWINGS, size, size) or images.dtype != np.uint8:
+        warnings.warn(
+            f"ignoring malformed cache {path}: images {images.shape} {images.dtype}, expected "
+            f"uint8 {(n, N_DRAWINGS, size, size)}; it is decoded again",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
     return arrays
 

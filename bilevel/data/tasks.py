@@ -35,10 +35,22 @@ def _check_int(name: str, value: Any, low: int) -> int:
     return int(value)
 
 
+def _seed_sequence(seed: int, index: int) -> np.random.SeedSequence | list[int]:
+    """The entropy of task ``index``: ``[seed, index]`` when both fit in 32 bits (the streams
+    of earlier versions), else ``SeedSequence(seed, spawn_key=(index,))``. NumPy splits
+    integers into 32-bit words and pads short entropy with zeros, so ``[seed, index]`` for a
+    larger seed repeated other seeds' tasks: ``[2**32 + s, 0]`` is ``[s, 1, 0]``, the same
+    stream as ``[s, 1]`` (seed ``s``, task 1)."""
+    if seed < 2**32 and index < 2**32:
+        return [seed, index]
+    return np.random.SeedSequence(seed, spawn_key=(index,))
+
+
 class TaskSampler:
     """Samples N-way K-shot tasks with Q query examples per class.
 
-    Task ``index`` is drawn with ``numpy.random.default_rng([seed, index])``: ``ways``
+    Task ``index`` is drawn with ``numpy.random.default_rng([seed, index])`` (for a seed or
+    index of 2**32 or more, ``SeedSequence(seed, spawn_key=(index,))``): ``ways``
     distinct classes in random order (class ``classes[j]`` gets label ``j``, so the label
     assignment is a random permutation), then ``shots + queries`` distinct examples of
     each class, the first ``shots`` for the support set and the rest for the query set.
@@ -101,7 +113,7 @@ class TaskSampler:
             first ``K`` for the support set.
         """
         index = _check_int("index", index, 0)
-        rng = np.random.default_rng([self.seed, index])
+        rng = np.random.default_rng(_seed_sequence(self.seed, index))
         classes = rng.choice(self.n_classes, size=self.ways, replace=False)
         keys = rng.random((self.ways, self.n_per_class))
         examples = np.argsort(keys, axis=1, kind="stable")[:, : self.shots + self.queries]
