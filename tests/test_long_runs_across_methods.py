@@ -600,7 +600,8 @@ class StepSizes(nn.Module):
 @pytest.mark.parametrize("given_as", ["callable", "tensor"])
 def test_a_learned_step_size_the_ul_steps_drive_below_zero_is_refused(shape, given_as):
     """A UL variable used as the LL step size moves at every UL step: once the UL steps
-    have driven it out of (0, inf), the next LL run refuses it (or says so), whether it is
+    have driven it out of (0, inf), the next LL run refuses it (one number) or says so
+    (per element: Meta-SGD's step sizes may turn negative, test_meta_sgd.py), whether it is
     given as the tensor itself or as a callable returning it (checked at every run). Given
     as the tensor it was checked at construction only: per element, the next UL steps ran
     on with a negative step size and no word; as one number, the growth check fired,
@@ -634,6 +635,7 @@ def test_a_learned_step_size_the_ul_steps_drive_below_zero_is_refused(shape, giv
         try:
             problem.step(p.train, p.val)
         except ValueError as error:
+            assert shape == (), error  # per element: said, not refused
             assert re.search(r"lr .*must lie in \(0\.0, inf\)", str(error)), error
             return
     said = [str(w.message) for w in caught if re.search(r"lr .*\(0\.0, inf\)", str(w.message))]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from problems import DTYPE, Linear
@@ -68,3 +70,64 @@ def test_a_per_element_value_of_the_wrong_shape_names_the_shapes():
         GradientDescent(task_loss, net, meta, lr=[torch.ones(3, dtype=DTYPE)], iters=2)
     with pytest.raises(ValueError, match="both a per-step schedule of 4 steps"):
         GradientDescent(task_loss, net, meta, lr=[torch.ones(4, dtype=DTYPE)], iters=4)
+
+
+@pytest.mark.parametrize("given_as", ["callable", "tensor"])
+def test_learned_per_element_step_sizes_may_turn_negative_said_once(given_as):
+    """Meta-SGD's step sizes set each weight's direction as well as its step (Li et al.
+    2017): an entry the UL steps drive below zero is Meta-SGD's choice. The run goes on with
+    the exact hypergradient (against the hand-written unroll, negative entry included), and
+    a warning says it once. (A range check at every run ended the Omniglot Meta-SGD run at
+    meta-step ~300, with a ValueError that printed all 32,000 step sizes.)"""
+    torch.manual_seed(0)
+    net = Linear(4, torch.randn(4, dtype=DTYPE))
+    step_sizes = torch.tensor([0.1, -0.05, 0.2, 0.15], dtype=DTYPE)
+    meta = nn.Module()
+    meta.net = net
+    meta.lrs = nn.Parameter(step_sizes.clone())
+    (x, y), (xv, yv) = data()
+    iters = 5
+    w0 = net.w.detach().clone().requires_grad_()
+    lrs = step_sizes.clone().requires_grad_()
+    w = w0
+    for _ in range(iters):
+        w = w - lrs * (x.T @ (x @ w - y) / len(x))
+    expected = torch.autograd.grad(0.5 * (xv @ w - yv).pow(2).mean(), [w0, lrs])
+    lr = [meta.lrs] if given_as == "tensor" else [lambda ul: ul.lrs]
+    # constructed with positive entries (the construction check refuses a fixed negative
+    # step size), then moved below zero as a UL step would
+    with torch.no_grad():
+        meta.lrs.fill_(0.1)
+    ll = GradientDescent(task_loss, net, meta, lr=lr, iters=iters, on_growth="ignore")
+    problem = BilevelProblem(ll, Reverse(task_loss, meta, task_loss, net))
+    with torch.no_grad():
+        meta.lrs.copy_(step_sizes)
+    with pytest.warns(RuntimeWarning, match=r"lr .*outside \(0\.0, inf\).*Meta-SGD allows it"):
+        grads = problem.hypergradient((x, y), (xv, yv))
+    named = dict(zip([n for n, _ in meta.named_parameters()], grads, strict=True))
+    torch.testing.assert_close(named["net.w"], expected[0], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(named["lrs"], expected[1], rtol=1e-12, atol=1e-15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: the next runs are quiet
+        problem.hypergradient((x, y), (xv, yv))
+    with torch.no_grad():
+        meta.lrs[1] = float("nan")
+    with pytest.raises(ValueError, match="must lie in"):
+        problem.hypergradient((x, y), (xv, yv))
+
+
+def test_a_refusal_of_many_step_sizes_summarizes_them():
+    """A refused per-element value is summarized, not printed whole."""
+    torch.manual_seed(0)
+    net = Linear(40, torch.randn(40, dtype=DTYPE))
+    meta = nn.Module()
+    meta.net = net
+    meta.lrs = nn.Parameter(torch.full((40,), 0.1, dtype=DTYPE))
+    ll = GradientDescent(task_loss, net, meta, lr=[meta.lrs], iters=5)
+    problem = BilevelProblem(ll, Reverse(task_loss, meta, task_loss, net))
+    with torch.no_grad():
+        meta.lrs[3] = float("inf")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 40, generator=g, dtype=DTYPE), torch.randn(12, generator=g, dtype=DTYPE)
+    with pytest.raises(ValueError, match=r"1 of 40 values outside it \(from inf to inf\)"):
+        problem.hypergradient((x, y), (x, y))

@@ -7,11 +7,14 @@ learned step sizes), or a callable ``ul_model -> value`` evaluated at the start 
 run (``lr=lambda ul: ul.log_lr.exp()``), so that a value computed from UL parameters is never
 stale and its graph is fresh at every run. Values are checked against their range at
 construction and, for those the UL steps move (callables, tensors that require grad), again
-at every run: a learned step size driven below zero is refused, not run.
+at every run: a learned step size driven below zero is refused, not run, except learned
+per-element step sizes (Meta-SGD's, whose sign sets each weight's direction), which are
+checked for finiteness and said once when an entry is at or below zero.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,14 +54,36 @@ def kind_of(value: Any, what: str, iters: int, shape: torch.Size | None) -> str:
     raise ValueError(f"{what} has shape {tuple(value.shape)}; expected {expected}.")
 
 
-def _check_range(values: list[Any], name: str, bound: Bound) -> None:
-    """One host sync for all the values of one hyperparameter."""
+def _outside(values: list[Any], bound: Bound) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The values flattened (one host sync for all of them) and the mask of those outside
+    ``bound`` (non-finite ones included)."""
     flat = [torch.as_tensor(v).detach().reshape(-1).double().cpu() for v in values]
     every = torch.cat(flat)
     low_ok = (every >= bound.low) if bound.closed_low else (every > bound.low)
-    if not bool((low_ok & (every < bound.high) & torch.isfinite(every)).all()):
-        shown = [v.tolist() for v in flat] if len(flat) > 1 else flat[0].tolist()
-        raise ValueError(f"{name} must lie in {_interval(bound)}, got {shown}.")
+    return flat, ~(low_ok & (every < bound.high) & torch.isfinite(every))
+
+
+def _shown(flat: list[torch.Tensor], outside: torch.Tensor) -> str:
+    """The values, or for many (per-element ones) how many are outside and the extremes."""
+    if outside.numel() <= 12:
+        return str([v.tolist() for v in flat] if len(flat) > 1 else flat[0].tolist())
+    bad = torch.cat(flat)[outside]
+    return (
+        f"{int(outside.sum())} of {outside.numel()} values outside it "
+        f"(from {float(bad.min()):.4g} to {float(bad.max()):.4g})"
+    )
+
+
+def _check_range(values: list[Any], name: str, bound: Bound) -> None:
+    """Refuse values outside ``bound``."""
+    flat, outside = _outside(values, bound)
+    if bool(outside.any()):
+        raise ValueError(f"{name} must lie in {_interval(bound)}, got {_shown(flat, outside)}.")
+
+
+def _meta_sgd_step_sizes(name: str, kind: str | None) -> bool:
+    """Learned per-element step sizes: Meta-SGD's, which may turn negative."""
+    return name == "lr" and kind == ELEMENTWISE
 
 
 @dataclass
@@ -71,6 +96,7 @@ class Hyper:
     bound: Bound
     shapes: list[torch.Size]
     kinds: list[str | None]  # per item, known at check; ``None`` for callables (per run)
+    warned_negative: bool = False  # the learned per-element step sizes' warning, given once
 
     def _shape(self, index: int) -> torch.Size | None:
         return self.shapes[index] if self.per_parameter else None
@@ -79,7 +105,7 @@ class Hyper:
         self, ul_model: nn.Module, iters: int, reference: torch.Tensor
     ) -> list[tuple[Any, str]]:
         """The values for this run, with their kinds: callables evaluated on ``ul_model``."""
-        values, moved = [], []
+        values, moved, signed = [], [], []
         for i, (item, kind) in enumerate(zip(self.items, self.kinds, strict=True)):
             if kind is None:
                 item = item(ul_model)
@@ -91,15 +117,45 @@ class Hyper:
                 else:
                     _check_placement(item, what, reference)
                 kind = kind_of(item, what, iters, self._shape(i))
-                _check_range([item], what, self.bound)
+                if _meta_sgd_step_sizes(self.name, kind):
+                    signed.append(item)
+                else:
+                    _check_range([item], what, self.bound)
             elif isinstance(item, torch.Tensor) and item.requires_grad:
-                moved.append(item)  # a UL variable: the UL steps move it
+                # a UL variable: the UL steps move it
+                (signed if _meta_sgd_step_sizes(self.name, kind) else moved).append(item)
             values.append((item, kind))
         # checked again at every run, as callables' values are (a learned step size driven
         # below zero ran silently)
         if moved:
             _check_range(moved, f"{self.name} (a UL variable, as the UL steps left it)", self.bound)
+        if signed:
+            self._check_signed(signed)
         return values
+
+    def _check_signed(self, values: list[torch.Tensor]) -> None:
+        """Learned per-element step sizes: finite, and any at or below zero said once.
+        Meta-SGD learns each weight's direction as well as its step (Li et al. 2017, "Meta-SGD:
+        Learning to Learn Quickly for Few-Shot Learning"): a negative entry is its choice, and
+        refusing it would end the run."""
+        what = f"{self.name} (learned per-element step sizes, as the UL steps left them)"
+        finite = Bound(-float("inf"), float("inf"), closed_low=False)
+        _check_range(values, what, finite)
+        if self.warned_negative:
+            return
+        flat, outside = _outside(values, self.bound)
+        if bool(outside.any()):
+            self.warned_negative = True
+            warnings.warn(
+                f"{what} has entries outside {_interval(self.bound)}: "
+                f"{_shown(flat, outside)}. A step size "
+                "below zero moves its weight up its gradient; Meta-SGD allows it (its step "
+                "sizes set each weight's direction as well as its step size), so the run goes "
+                "on. If they must stay positive, learn their logarithm: "
+                "lr=lambda ul: [t.exp() for t in ul.log_lrs]. (Said once.)",
+                RuntimeWarning,
+                stacklevel=6,
+            )
 
 
 def check(value: Any, name: str, bound: Bound, iters: int, shapes: list[torch.Size]) -> Hyper:
