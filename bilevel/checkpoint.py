@@ -39,6 +39,19 @@ FORMAT = "bilevel-checkpoint"
 #: format 1 (bilevel before this module) pickled Python and NumPy objects; it is not loaded
 VERSION = 2
 _TMP_SUFFIX = ".tmp"
+# the random part of a name tempfile.mkstemp gives
+_TEMPORARY_NAME = re.compile(r"[a-z0-9_]{8}")
+
+
+def _umask() -> int:
+    """The process's umask (read once: setting it to read it is not thread-safe)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# files are written with the permissions open() would give them (mkstemp's are 0600)
+_FILE_MODE = 0o666 & ~_umask()
 _writing: set[str] = set()  # names of the temporary files this process is writing now
 # torch >= 2.1 can check a file without reading its tensors' bytes
 _MMAP = {"mmap": True} if "mmap" in inspect.signature(torch.load).parameters else {}
@@ -63,7 +76,8 @@ def atomic_write(
     On any error (or interruption) the temporary file is removed and ``path`` is left as it
     was; a process killed mid-write leaves a temporary file, which the next successful write
     of ``path`` removes (temporary files of processes still running on this machine are
-    kept). ``path``'s folder is created if needed.
+    kept, and files of other names are never touched). ``path``'s folder is created if
+    needed, and the file gets the permissions ``open`` would give it (the umask's).
 
     Args:
         path: the file to write.
@@ -77,6 +91,8 @@ def atomic_write(
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=_TMP_SUFFIX)
     _writing.add(Path(tmp).name)
     try:
+        if os.name == "posix":
+            os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -137,6 +153,8 @@ def _remove_stale_temporaries(path: Path) -> None:
     start = len(path.name) + 1
     for stale in path.parent.glob(glob.escape(path.name) + ".*" + _TMP_SUFFIX):
         fields = stale.name[start : -len(_TMP_SUFFIX)].split(".")
+        if not _TEMPORARY_NAME.fullmatch(fields[-1]) or len(fields) > 2:
+            continue  # not a name mkstemp gave (a user's own file: never removed)
         if len(fields) == 2 and fields[0].isdigit():
             pid = int(fields[0])
             if pid == os.getpid():  # a write under way in another thread, or else left by

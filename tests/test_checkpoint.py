@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -421,19 +422,22 @@ def test_atomic_write_removes_temporaries_of_killed_writers_only(tmp_path, monke
     path = tmp_path / "checkpoint.pt"
     code = "import os; print(os.getpid())"
     dead = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    stale = tmp_path / f"checkpoint.pt.{int(dead.stdout)}.abc123.tmp"
+    stale = tmp_path / f"checkpoint.pt.{int(dead.stdout)}.abc12345.tmp"
     old_style = tmp_path / "checkpoint.pt.k2j4h5g6.tmp"  # from bilevel before this module
-    live = tmp_path / f"checkpoint.pt.{os.getppid()}.xyz789.tmp"  # a writer still running
-    other = tmp_path / "other.pt.1.abc.tmp"
+    live = tmp_path / f"checkpoint.pt.{os.getppid()}.xyz78901.tmp"  # a writer still running
+    other = tmp_path / "other.pt.1.abc12345.tmp"
+    # a user's own files whose names only begin like the checkpoint's: never touched
+    users = [tmp_path / "checkpoint.pt.notes.tmp", tmp_path / "checkpoint.pt.1.2.k2j4h5g6.tmp"]
     # a process of an earlier life with this process's id (a restarted container)
-    reused = tmp_path / f"checkpoint.pt.{os.getpid()}.def456.tmp"
-    mine = tmp_path / f"checkpoint.pt.{os.getpid()}.ghi012.tmp"  # another thread's write
-    for f in (stale, old_style, live, other, reused, mine):
+    reused = tmp_path / f"checkpoint.pt.{os.getpid()}.def45678.tmp"
+    mine = tmp_path / f"checkpoint.pt.{os.getpid()}.ghi01234.tmp"  # another thread's write
+    for f in (stale, old_style, live, other, reused, mine, *users):
         f.write_bytes(b"partial")
     monkeypatch.setattr(checkpoint, "_writing", {mine.name})
     checkpoint.atomic_save({"a": torch.ones(2)}, path)
     assert not stale.exists() and not old_style.exists() and not reused.exists()
     assert live.exists() and other.exists() and mine.exists()
+    assert all(f.exists() for f in users)
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
 
 
@@ -447,3 +451,18 @@ def test_write_json_of_the_examples_goes_through_the_atomic_writer(tmp_path, com
     common.write_json(path, {"x": [1, 2]})
     assert written == [path]
     assert json.loads(path.read_text()) == {"x": [1, 2]} and path.read_text().endswith("}\n")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_atomic_write_gives_the_permissions_open_would(tmp_path):
+    """Checkpoints and results were written 0600 (mkstemp's mode): unreadable for the group
+    on a shared machine, unlike every other file the run writes."""
+    path = tmp_path / "results.json"
+    checkpoint.atomic_write_text(path, "{}\n")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("{}\n")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    assert mode == stat.S_IMODE(plain.stat().st_mode)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert mode == 0o666 & ~mask
