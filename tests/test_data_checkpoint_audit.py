@@ -626,3 +626,12 @@ def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     assert len(list(tmp_path.glob("checkpoint.pt.*.tmp"))) == 1
     checkpoint.save(path, checkpoint.load(path))
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_data_root_is_refused_not_read_as_the_current_folder(blank, monkeypatch):
+    """``Path("")`` is the current folder: a blank ``--data-root "$DIR"`` (an unset shell
+    variable) read whatever data lay in the working directory."""
+    monkeypatch.setenv("BILEVEL_DATA", "/somewhere")
+    with pytest.raises(ValueError, match="root is an empty path"):
+        resolve_root(blank)

@@ -29,7 +29,7 @@ def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
         The folder as an absolute, user-expanded path. It is not required to exist.
 
     Raises:
-        ValueError: If ``root`` is ``None`` and ``BILEVEL_DATA`` is unset or empty.
+        ValueError: If ``root`` is empty, or ``None`` and ``BILEVEL_DATA`` is unset or empty.
     """
     if root is None:
         env = os.environ.get(DATA_ENV, "")
@@ -39,6 +39,13 @@ def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
                 "environment variable to the folder that holds the data sets"
             )
         root = env
+    elif not os.fspath(root).strip():
+        # Path("") is the current folder: a blank argument (an unset shell variable in
+        # --data-root "$DIR") would read whatever data lies there
+        raise ValueError(
+            f"root is an empty path: pass the folder that holds the data sets, or root=None "
+            f"to use the {DATA_ENV} environment variable"
+        )
     return Path(root).expanduser().absolute()
 
 
