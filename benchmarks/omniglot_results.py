@@ -222,7 +222,17 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
             f"after {best['meta_steps']:,} meta-steps in {best['train_minutes']:.0f} minutes "
             f"({best['seconds_per_meta_step']:.2f} s per meta-step)."
         )
-    hardware = sorted({r["hardware"] for r in rows})
+    machines: dict[str, list[str]] = {}
+    for r in rows:
+        machines.setdefault(r["hardware"], []).append(r["name"])
+    if len(machines) == 1:
+        hardware = list(machines)
+    else:  # which runs ran where (a CPU's round-off steers a run's trajectory)
+        hardware = [
+            f"{machine} ({len(names)} run{'s' * (len(names) > 1)}"
+            + (f": {', '.join(f'`{n}`' for n in sorted(names))})" if len(names) <= 3 else ")")
+            for machine, names in sorted(machines.items(), key=lambda m: -len(m[1]))
+        ]
     groups = equal_groups(rows)
     for budget, equal in groups:
         ranked = sorted(equal, key=lambda r: -r["test_accuracy_pct"])
