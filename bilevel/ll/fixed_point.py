@@ -98,6 +98,9 @@ class FixedPointMap(GradientDescent):
         growth_tolerance: the relative growth allowed before that.
     """
 
+    #: the steps are the map's, not gradient steps on a loss: ``ll_objective`` is the map
+    descends_objective = False
+
     def __init__(
         self,
         fixed_point_map: FixedPointMapFn,
@@ -132,6 +135,18 @@ class FixedPointMap(GradientDescent):
 
     def _plain_sgd(self) -> bool:
         return False
+
+    def _run_settings(self, rule: bool) -> str:
+        """A fixed-point map has no step size or update rule to quote."""
+        return "fixed-point map"
+
+    def _nonfinite_advice(self) -> str:
+        """A map has no learning rate to lower."""
+        return (
+            "Check the fixed-point map and the data for NaN, log(0) or division by zero; a map "
+            "that is not a contraction where it runs can also overflow (make it one, e.g. "
+            "scale a recurrent weight below norm 1)."
+        )
 
     def _stable_step(self, unroll: Any) -> tuple[float | None, float | None, str]:
         """Advice for a growing residual: the map is not a contraction where it runs."""

@@ -142,6 +142,11 @@ class GradientDescent:
     stable step size. The check costs no host sync beyond the NaN check's one per run.
     """
 
+    #: every step applies the update rule to the gradient of ``ll_objective``, a scalar loss
+    #: (``False`` for :class:`~bilevel.ll.FixedPointMap`, whose ``ll_objective`` is the map:
+    #: UL methods that evaluate the LL loss or its derivatives refuse it)
+    descends_objective = True
+
     def __init__(
         self,
         ll_objective: Objective,
@@ -508,8 +513,7 @@ class GradientDescent:
             bad = int(torch.nonzero(~torch.isfinite(losses))[0])
             raise FloatingPointError(
                 f"The LL loss became {losses[bad].item()} at LL step {bad} of {self.iters} "
-                f"(lr={self._describe(self.lr)}). Lower the LL learning rate, or check the data "
-                "and the objective for NaN, log(0) or division by zero."
+                f"({self._run_settings(rule=False)}). {self._nonfinite_advice()}"
             )
         if self.on_growth == "ignore" or len(losses) < 2:
             return
@@ -522,7 +526,7 @@ class GradientDescent:
         ratio = f" (x{last / first:.3g})" if first > 0 else ""
         message = (
             f"The LL loss grew from {first:.4g} to {last:.4g}{ratio} over {len(losses)} LL steps "
-            f"(lr={self._describe(self.lr)}, rule {self.rule.name}), beyond the tolerance "
+            f"({self._run_settings(rule=True)}), beyond the tolerance "
             f"last <= first + {self.growth_tolerance:g}*|first|: the LL is diverging. {advice}"
         )
         if self.on_growth == "warn":
@@ -537,6 +541,18 @@ class GradientDescent:
             iters=len(losses),
             lambda_max=lambda_max,
             safe_lr=safe_lr,
+        )
+
+    def _run_settings(self, rule: bool) -> str:
+        """The settings a failed run's message quotes: the step size (and the rule)."""
+        settings = f"lr={self._describe(self.lr)}"
+        return f"{settings}, rule {self.rule.name}" if rule else settings
+
+    def _nonfinite_advice(self) -> str:
+        """The cure a run whose LL loss became NaN or inf is told."""
+        return (
+            "Lower the LL learning rate, or check the data and the objective for NaN, log(0) "
+            "or division by zero."
         )
 
     def _stable_step(self, unroll: Unroll | None) -> tuple[float | None, float | None, str]:

@@ -278,6 +278,39 @@ def refuse_rule_weight_decay(rule: Any, method: str) -> None:
     )
 
 
+def refuse_fixed_point_map(ll: Any, method: str) -> None:
+    """Refuse a :class:`~bilevel.ll.FixedPointMap` LL for a method that evaluates
+    ``ll_objective`` as a scalar loss (its value, gradient or Hessian): a fixed-point map's
+    ``ll_objective`` is the map itself, which returns the next iterate, not a loss."""
+    if getattr(ll, "descends_objective", True):
+        return
+    raise ValueError(
+        f"{method} evaluates ll_objective as a scalar loss (its gradient and curvature), but "
+        f"the LL is a fixed-point map ({type(ll).__name__}), whose ll_objective is the map "
+        "Phi: it returns the next iterate, not a loss. For a fixed-point LL use Reverse, "
+        "Truncated, Forward, MemorySavingReverse or PTT (through the iterations), or "
+        "Implicit(method='fixed_point') / Implicit(method='normal_cg') (at the fixed point)."
+    )
+
+
+def refuse_other_dynamics(ll: Any, method: str) -> None:
+    """Refuse LL dynamics that a method which takes its own plain gradient steps on
+    ``ll_objective`` (and reads only ``ll.lr`` and ``ll.iters``) would silently replace: a
+    fixed-point map, and BDA with ``alpha > 0`` (its aggregation of the UL gradient)."""
+    refuse_fixed_point_map(ll, method)
+    if getattr(ll, "solves_ll_objective", True):
+        return
+    alpha = getattr(ll, "alpha", None)
+    raise ValueError(
+        f"{method} takes its own plain gradient steps on ll_objective (with ll.lr and "
+        f"ll.iters) and never runs the LL's dynamics, but the LL is {type(ll).__name__}"
+        + (f" with alpha={alpha:g}" if isinstance(alpha, float) else "")
+        + ": its aggregation of the UL gradient into the LL steps would be silently ignored. "
+        f"Use GradientDescent(..., optimizer='sgd') (or BDA with alpha=0) with {method}, or "
+        "Reverse, Truncated, Forward or MemorySavingReverse to differentiate through BDA."
+    )
+
+
 def add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     """Sum of two optional gradients (``None`` means no path)."""
     if a is None:

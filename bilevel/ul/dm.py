@@ -10,7 +10,15 @@ from torch import nn
 
 from bilevel.ll import evaluate_at
 from bilevel.state import Objective, all_finite, parameter_names
-from bilevel.ul.base import Call, Grads, HypergradientCalculator, add, detached_weights
+from bilevel.ul.base import (
+    Call,
+    Grads,
+    HypergradientCalculator,
+    add,
+    detached_weights,
+    refuse_fixed_point_map,
+    refuse_rule_weight_decay,
+)
 
 Tensors = list[torch.Tensor]
 
@@ -110,6 +118,14 @@ class DM(HypergradientCalculator):
     def settings(self) -> dict[str, Any]:
         """The multiplier's step."""
         return {"eta": self.eta}
+
+    def check_against(self, ll: Any) -> None:
+        """Also: the LL descends ``ll_objective``, whose Hessian the multiplier step uses (not
+        a fixed-point map; no L2 ``weight_decay`` in the update rule: the LL would then
+        settle at a zero of ``grad f + wd y`` while ``z`` solves with the Hessian of ``f``)."""
+        refuse_fixed_point_map(ll, "DM")
+        refuse_rule_weight_decay(getattr(ll, "rule", None), "DM")
+        super().check_against(ll)
 
     def state_dict(self) -> dict[str, Any]:
         """The multiplier and the step count (the LL weights are ``ll_model``'s)."""

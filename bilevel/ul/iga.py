@@ -10,7 +10,15 @@ from torch import nn
 
 from bilevel.ll import evaluate_at
 from bilevel.state import Objective
-from bilevel.ul.base import Call, Grads, HypergradientCalculator, add, detached_weights
+from bilevel.ul.base import (
+    Call,
+    Grads,
+    HypergradientCalculator,
+    add,
+    detached_weights,
+    refuse_fixed_point_map,
+    refuse_rule_weight_decay,
+)
 
 
 class IGA(HypergradientCalculator):
@@ -88,6 +96,14 @@ class IGA(HypergradientCalculator):
     def settings(self) -> dict[str, Any]:
         """None: the method has no settings."""
         return {}
+
+    def check_against(self, ll: Any) -> None:
+        """Also: the LL descends ``ll_objective`` itself, whose gradients the rank-one model
+        is made of (not a fixed-point map; no L2 ``weight_decay`` in the update rule, which
+        would make the LL descend another objective)."""
+        refuse_fixed_point_map(ll, "IGA")
+        refuse_rule_weight_decay(getattr(ll, "rule", None), "IGA")
+        super().check_against(ll)
 
     def _hypergradient(self, call: Call) -> tuple[Grads, torch.Tensor]:
         weights, active = detached_weights(call.trajectory)

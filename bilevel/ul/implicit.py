@@ -31,6 +31,11 @@ class HypergradientDivergenceError(FloatingPointError):
 
 METHODS = ("cg", "neumann", "fixed_point", "normal_cg", "minres")
 SERIES = ("neumann", "fixed_point")
+NOT_SYMMETRIC = (
+    "method={method!r} needs a symmetric system, but the LL is a fixed-point map: "
+    "(I - dPhi/dw)^T q = v is not symmetric. Use method='fixed_point' (it converges when Phi "
+    "is a contraction) or method='normal_cg'."
+)
 
 
 class Implicit(HypergradientCalculator):
@@ -190,8 +195,12 @@ class Implicit(HypergradientCalculator):
                 "the implicit function theorem does not apply. Use Reverse or Truncated, or "
                 "alpha=0."
             )
-        lr = ll.lr
         used = self.method in SERIES and self.alpha is None
+        if not getattr(ll, "descends_objective", True):  # a fixed-point map, before any run
+            self._check_fixed_point_map(used)
+            return
+        refuse_rule_weight_decay(getattr(ll, "rule", None), "Implicit")
+        lr = ll.lr
         plain = getattr(ll, "optimizer", None) == "sgd"  # where the LL step is the series' step
         if not (used and plain) or self.ll_learning_rate is None or not _positive(lr):
             return
@@ -200,6 +209,28 @@ class Implicit(HypergradientCalculator):
                 f"Implicit(ll_learning_rate={self.ll_learning_rate:g}) disagrees with the LL "
                 f"optimizer's lr={float(lr):g}. Leave ll_learning_rate out (it is read from the "
                 "LL run), or pass alpha=<number> to give the series another step on purpose."
+            )
+
+    def _check_fixed_point_map(self, used: bool) -> None:
+        """Refuse, before any LL run, what does not apply to a fixed-point map's
+        non-symmetric system ``(I - dPhi/dw)^T q = v``: CG and MINRES, ``alpha="auto"``, and
+        an ``ll_learning_rate`` (the map has none; the series' default step is 1)."""
+        if self.method in ("cg", "minres"):
+            raise ValueError(NOT_SYMMETRIC.format(method=self.method))
+        if self.method in SERIES and self.alpha == "auto":
+            raise ValueError(
+                "alpha='auto' takes 1 / lambda_max from power iteration, which bounds no step "
+                "of the non-symmetric system (I - dPhi/dw)^T q = v of a fixed-point map. Leave "
+                "alpha out (alpha=1 is the map's own adjoint iteration q <- (dPhi/dw)^T q + v, "
+                "which converges where the map contracts), give it a number, or use "
+                "method='normal_cg'."
+            )
+        if used and self.ll_learning_rate is not None and self.ll_learning_rate != 1.0:
+            raise ValueError(
+                f"Implicit(ll_learning_rate={self.ll_learning_rate:g}) was given, but a "
+                "fixed-point map has no learning rate: the series' default step is 1 (the map's "
+                "own adjoint iteration q <- (dPhi/dw)^T q + v). Leave ll_learning_rate out, or "
+                "pass alpha=<number> to give the series another step."
             )
 
     def _hypergradient(self, call: Call) -> tuple[Grads, torch.Tensor]:
@@ -279,11 +310,7 @@ class Implicit(HypergradientCalculator):
         if step_map is None or step_map.symmetric:
             return linalg.Operator(hvp, symmetric=True)
         if self.method in ("cg", "minres"):
-            raise ValueError(
-                f"method={self.method!r} needs a symmetric system, but the LL is a fixed-point "
-                "map: (I - dPhi/dw)^T q = v is not symmetric. Use method='fixed_point' (it "
-                "converges when Phi is a contraction) or method='normal_cg'."
-            )
+            raise ValueError(NOT_SYMMETRIC.format(method=self.method))
         dummy = [torch.zeros_like(x, requires_grad=True) for x in w]
         with torch.enable_grad():
             products = vjp(dummy, w, graph=True)  # (dg/dw)^T d, linear in the dummy d
@@ -344,6 +371,17 @@ class Implicit(HypergradientCalculator):
         if limit is None or (ratio <= limit and (left is None or left <= limit)):
             return
         self.stationarity_warning = None  # once per calculator
+        step_map = trajectory.step_map
+        if step_map is not None and not step_map.symmetric:  # a fixed-point map: no lr, no H
+            warnings.warn(
+                f"The fixed-point residual ||w - Phi(w)|| at the auxiliary model is {ratio:.0%} "
+                "of its value at the first iteration: the LL is not stationary (not at its "
+                "fixed point), and the implicit hypergradient assumes it is. Run more "
+                "iterations (iters; the map must contract where it runs), or use Reverse.",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            return
         if ratio > limit:
             found = (
                 f"The LL gradient at the auxiliary model is {ratio:.0%} of its norm at the "

@@ -27,7 +27,7 @@ from bilevel.state import (
     make_state,
     parameter_names,
 )
-from bilevel.ul.base import Call, Grads, HypergradientCalculator
+from bilevel.ul.base import Call, Grads, HypergradientCalculator, refuse_other_dynamics
 from bilevel.ul.sampling import SAME, Minibatch, Sampler, num_samples, select
 
 Tensors = list[torch.Tensor]
@@ -139,6 +139,7 @@ class StochasticMethod(HypergradientCalculator):
 
     def check_against(self, ll: Any) -> None:
         """Raise if ``ll`` cannot supply this method's LL steps (see the class docstring)."""
+        refuse_other_dynamics(ll, type(self).__name__)
         super().check_against(ll)
         for attr in ("patched_model", "release", "lr", "iters"):
             if not hasattr(ll, attr):
@@ -170,7 +171,9 @@ class StochasticMethod(HypergradientCalculator):
             )
 
     def ll_lr(self, ll: Any) -> float:
-        """``ll.lr`` as a number, or a clear error."""
+        """``ll.lr`` as a number, or a clear error (and dynamics whose steps this method
+        would silently replace by its own SGD steps refused)."""
+        refuse_other_dynamics(ll, type(self).__name__)
         lr = ll.lr
         if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr):
             raise TypeError(

@@ -34,6 +34,11 @@ CURVATURES = ("hessian", "gauss_newton")
 CROSS = ("minibatch", "full")
 #: the last minibatch residual above this multiple of ``||v||`` declares the solve diverged
 DIVERGED = 1e6
+FIXED_POINT_REFUSED = (
+    "StochasticImplicit solves H q = v with the Hessian of ll_objective, but this LL is a "
+    "fixed-point map, whose implicit system (I - dPhi/dw)^T q = v is not a Hessian: use "
+    "Implicit(method='fixed_point') or Implicit(method='normal_cg')."
+)
 
 
 def _count(value: Any, name: str, minimum: int) -> int:
@@ -189,7 +194,10 @@ class StochasticImplicit(HypergradientCalculator):
 
     def check_against(self, ll: Any) -> None:
         """Also: the LL ends at a stationary point of ``ll_objective`` (not BDA with
-        ``alpha > 0``), whose Hessian is the system this method solves."""
+        ``alpha > 0``, not a fixed-point map), whose Hessian is the system this method
+        solves."""
+        if not getattr(ll, "descends_objective", True):
+            raise ValueError(FIXED_POINT_REFUSED)
         super().check_against(ll)
         if not getattr(ll, "solves_ll_objective", True):
             raise ValueError(
@@ -429,11 +437,7 @@ class StochasticImplicit(HypergradientCalculator):
     def _hypergradient(self, call: Call) -> tuple[Grads, torch.Tensor]:
         step_map = getattr(call.trajectory, "step_map", None)
         if not getattr(step_map, "symmetric", True):
-            raise ValueError(
-                "StochasticImplicit solves H q = v with the Hessian of ll_objective, but this LL "
-                "is a fixed-point map, whose implicit system (I - dPhi/dw)^T q = v is not a "
-                "Hessian: use Implicit(method='fixed_point') or Implicit(method='normal_cg')."
-            )
+            raise ValueError(FIXED_POINT_REFUSED)
         model = call.auxiliary_model
         train = (call.train_data, call.train_target)
         weights, active = detached_weights(call.trajectory)

@@ -42,7 +42,7 @@ from bilevel.state import (
     make_state,
     parameter_names,
 )
-from bilevel.ul.base import HypergradientCalculator
+from bilevel.ul.base import HypergradientCalculator, refuse_other_dynamics
 
 Tensors = list[torch.Tensor]
 Batch = tuple[Any, Any]
@@ -224,6 +224,7 @@ class FirstOrderMethod(HypergradientCalculator):
     def check_against(self, ll: Any) -> None:
         """Raise if ``ll`` was built on other models or objective, or is not the plain
         gradient descent with a constant step size that the inner loops take."""
+        refuse_other_dynamics(ll, type(self).__name__)
         super().check_against(ll)
         self._inner_settings(ll)
         if distributed.active() and distributed.world_size() > 1:
@@ -234,6 +235,7 @@ class FirstOrderMethod(HypergradientCalculator):
             )
 
     def _inner_settings(self, ll: Any) -> tuple[float, int]:
+        refuse_other_dynamics(ll, type(self).__name__)
         rule = getattr(ll, "rule", None)
         extra = {
             name: h.items
