@@ -4,6 +4,10 @@ Every process computes the same meta-batch (or the same UL batch), takes its sha
 weighted hypergradients are summed with ``all_reduce``: the result is the one a single
 process would get on the whole batch, so every process takes the same UL step. Launch with
 ``torchrun``; use the ``gloo`` backend on CPU and ``nccl`` on GPU.
+
+A single task's UL batch is split by examples only for methods whose hypergradient is linear
+in the UL objective (``splits_ul_batch``) and LL dynamics that do not read the UL batch;
+otherwise every process computes the whole task and rank 0's result is the one kept.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from bilevel.state import map_tensors, tensor_leaves
 
 Task = tuple[tuple[Any, Any], tuple[Any, Any]]
 
@@ -34,26 +40,43 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def share_of_examples(pair: tuple[Any, Any], r: int, world: int) -> tuple[Any, float] | None:
+    """Rows ``r, r + world, ...`` of every tensor of a ``(data, target)`` pair (also inside
+    nested data; ``None`` and other leaves are kept as they are) and their fraction of the
+    rows, or ``None`` where the pair cannot be split by examples: no tensor, a 0-d tensor,
+    tensors whose first dimensions differ, or fewer rows than processes."""
+    leaves = [t for _, t in tensor_leaves(pair, "val")]
+    if not leaves or any(t.ndim == 0 for t in leaves):
+        return None
+    n = leaves[0].shape[0]
+    if n < world or any(t.shape[0] != n for t in leaves):
+        return None
+    share = map_tensors(pair, lambda t: t[r::world], lambda other: other)
+    return share, len(range(r, n, world)) / n
+
+
 def shard(tasks: Sequence[Task]) -> tuple[list[Task], float]:
     """This process's share of the tasks and the weight of each in the average.
 
     Several tasks are dealt out round-robin, each weighing ``1 / len(tasks)``. A single task
-    (a hyperparameter problem) has its UL data split along the first dimension instead, each
-    share weighing its fraction of the examples; this assumes, as usual, that the UL objective
-    is a mean over examples.
+    (a hyperparameter problem) has its UL data split along the first dimension instead (every
+    tensor of the UL pair, also inside nested data), each share weighing its fraction of the
+    examples; this assumes, as usual, that the UL objective is a mean over examples.
     """
     if not active():
         return list(tasks), 1.0 / len(tasks)
     r, world = dist.get_rank(), dist.get_world_size()
     if len(tasks) > 1:
         return list(tasks[r::world]), 1.0 / len(tasks)
-    train, (val_x, val_y) = tasks[0]
-    n = len(val_x)
-    if n < world:
+    train, val = tasks[0]
+    share = share_of_examples(val, r, world)
+    if share is None:
         raise ValueError(
-            f"the UL batch has {n} examples, fewer than the {world} processes sharing it."
+            f"the UL batch cannot be split by examples over {world} processes: it needs "
+            f"tensors with one row per example along their first dimension (the same number "
+            f"of rows in all of them), and at least {world} rows."
         )
-    return [(train, (val_x[r::world], val_y[r::world]))], len(range(r, n, world)) / n
+    return [(train, share[0])], share[1]
 
 
 def all_reduce_sum(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:

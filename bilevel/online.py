@@ -72,6 +72,11 @@ class OnlineHypergradient:
     ) -> torch.nn.Module:
         """Run ``ll_steps`` LL steps, with a UL update after every ``hyper_every`` of them.
 
+        Each call is one LL run from ``ll_model``'s weights, which it leaves as they are (the
+        trained LL model is returned): a second call starts the LL again from them, while the
+        UL variables and ``ul_optimizer`` carry on. The run's LL state lives inside the call
+        and is not checkpointed: an interrupted online run starts over.
+
         Args:
             train: the LL batch, or a function ``LL step -> batch``.
             val: the UL batch, or a function ``UL update -> batch``.
@@ -85,7 +90,8 @@ class OnlineHypergradient:
         batch = train if callable(train) else (lambda step: train)
         val_batch = val if callable(val) else (lambda update: val)
         graph = isinstance(self.ul, Truncated)
-        unroll = self.ll.start(*batch(0), observer=self.ul.observer(self.ll))
+        first = batch(0)  # asked once: a batch function may read the next batch of a loader
+        unroll = self.ll.start(*first, observer=self.ul.observer(self.ll))
         if not unroll.schedule.constant and ll_steps > self.ll.iters:
             raise ValueError(
                 f"a hyperparameter of the LL is a per-step schedule of ll.iters = {self.ll.iters} "
@@ -95,7 +101,7 @@ class OnlineHypergradient:
         ll_losses = []
         updates = 0
         for step in tqdm(range(ll_steps), disable=not progress, desc=f"online {self.ul.name}"):
-            data, target = batch(step)
+            data, target = first if step == 0 else batch(step)
             unroll.set_batch(data, target)
             ll_losses.append(unroll.step(graph=graph))
             if (step + 1) % self.hyper_every:

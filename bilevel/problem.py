@@ -226,16 +226,35 @@ class BilevelProblem:
         self._check_single_state(len(tasks))
         group = distributed.active()
         # without a process group every task is this process's, each weighing 1 / len(tasks)
-        mine, weight = distributed.shard(tasks) if group else (tasks, 1.0 / len(tasks))
+        mine, weight = self._share(tasks) if group else (dict(enumerate(tasks)), 1.0 / len(tasks))
+        # under a process group, a method that draws its own randomness (StochasticImplicit)
+        # passes over the other processes' tasks, so that every task gets the draws one
+        # process would give it and every process ends with the same generator state
+        skip = getattr(self.ul, "skip_task", None) if group and len(tasks) > 1 else None
         losses = []  # per task: the UL loss and the last LL loss
         fault: Exception | None = None
-        try:
-            for train, val in mine:
-                losses.extend(self.ul.task_gradients(self.ll, train, val))
-        except Exception as error:
-            if not group:
-                raise
-            fault = error  # raised after the all-reduce, with every other process
+        for i in range(len(tasks)) if skip is not None else mine:
+            try:
+                if i not in mine or fault is not None:
+                    if skip is not None:
+                        skip(*tasks[i])
+                    continue
+                kept = self.ul.state_dict() if skip is not None else None
+                try:
+                    losses.extend(self.ul.task_gradients(self.ll, *mine[i]))
+                except Exception:
+                    if kept is not None:  # the task's draws as if it had run to its end
+                        self.ul.load_state_dict(kept)
+                        skip(*tasks[i])
+                    raise
+            except Exception as error:
+                if not group:
+                    raise
+                fault = error  # raised after the all-reduce, with every other process
+        if weight == 0.0:  # a copy of rank 0's work (see _share): rank 0's result is kept
+            losses = []
+            for p in self.ul_params:
+                p.grad = None
         reference = self.ul_params[0]  # no task on this process: zeros
         if not group and len(losses) == 2:  # one task in one process: the sums are its own
             for p in self.ul_params:
@@ -264,13 +283,55 @@ class BilevelProblem:
             if fault is not None:
                 flags[rank + (0 if isinstance(fault, FloatingPointError) else world)] = 1
             flags[-1] = float(self._signal is not None)
-            *grads, totals, flags = distributed.all_reduce_sum([*grads, totals, flags])
+            # the models' buffers (batch-norm running statistics, which the UL objective moves
+            # on each process with its own share): rank 0's, on every process, in the same
+            # buffer (the others add zeros)
+            buffers = self._buffers()
+            sent = [
+                b.detach().to(reference.dtype) if rank == 0 else reference.new_zeros(b.shape)
+                for b in buffers
+            ]
+            reduced = distributed.all_reduce_sum([*grads, totals, flags, *sent])
+            grads, (totals, flags) = reduced[: len(grads)], reduced[len(grads) : len(grads) + 2]
+            with torch.no_grad():
+                for b, value in zip(buffers, reduced[len(grads) + 2 :], strict=True):
+                    b.copy_(value if b.is_floating_point() else value.round())
             self._raise_for_faults(flags.tolist(), world, fault)
         for p, g in zip(self.ul_params, grads, strict=True):
             p.grad = g
         ul_loss, ll_loss = totals.unbind()
         self.last_ll_loss = ll_loss
         return ul_loss
+
+    def _share(self, tasks: Sequence[tuple[Pair, Pair]]) -> tuple[dict[int, Any], float]:
+        """Under ``torch.distributed``: the tasks this process runs (by their index in
+        ``tasks``) and the weight of each. Several tasks: round-robin, ``1 / len(tasks)`` each.
+        One task: its UL batch split by examples, each share weighing its fraction of them,
+        where the method's hypergradient is linear in the UL objective (``splits_ul_batch``)
+        and the LL does not read the UL batch (BDA with ``alpha > 0`` does); otherwise (PTT's
+        choice of step, CG's Krylov space, a UL batch that cannot be split) every process runs
+        the whole task, so that their states stay equal, and rank 0's result is kept (weight
+        0 elsewhere)."""
+        rank, world = distributed.rank(), distributed.world_size()
+        if len(tasks) > 1:
+            return {i: tasks[i] for i in range(rank, len(tasks), world)}, 1.0 / len(tasks)
+        (train, val) = tasks[0]
+        splits = getattr(self.ul, "splits_ul_batch", False) and not getattr(
+            self.ll, "reads_ul_batch", False
+        )
+        share = distributed.share_of_examples(val, rank, world) if splits else None
+        if share is None:
+            return {0: tasks[0]}, 1.0 if rank == 0 else 0.0
+        return {0: (train, share[0])}, share[1]
+
+    def _buffers(self) -> list[torch.Tensor]:
+        """The real-valued buffers of the UL and LL models (each once)."""
+        seen: dict[int, torch.Tensor] = {}
+        for module in (self.ul.ul_model, self.ll.ll_model):
+            for b in module.buffers():
+                if not b.is_complex():
+                    seen.setdefault(id(b), b)
+        return list(seen.values())
 
     def _raise_for_faults(self, flags: list[float], world: int, fault: Exception | None) -> None:
         """After the all-reduce: raise on every process if any process failed."""
@@ -745,6 +806,11 @@ class BilevelProblem:
                     self._stop(steps, checkpoint)
         if self.step_count < steps:
             save()
+        if checkpoint is not None:
+            # no process returns (and none reads the checkpoint again, resuming a next run)
+            # before rank 0 has written its last save
+            distributed.barrier()
+        if self.step_count < steps:
             kept = f"; the checkpoint {checkpoint} holds it" if checkpoint is not None else ""
             raise ValueError(
                 f"data ran out after {self.step_count - start} batches (UL steps {start} to "

@@ -120,7 +120,9 @@ def _faults_worker(rank: int, world: int, port: int, out: str, ckpt: str) -> Non
 
         def problem(policy, ll_objective=ridge_ll):
             ll = GradientDescent(ll_objective, p.ll_model, p.ul_model, lr=0.5, iters=30)
-            ul = Implicit(ridge_ul, p.ul_model, ll_objective, p.ll_model, k=5)
+            # a series solver: linear in the UL objective, so the UL batch is split by
+            # examples and the NaN reaches rank 1's share only (CG runs the whole batch)
+            ul = Implicit(ridge_ul, p.ul_model, ll_objective, p.ll_model, k=5, method="neumann")
             opt = torch.optim.SGD(p.ul_model.parameters(), lr=0.5)
             return BilevelProblem(ll, ul, opt, on_nonfinite=policy)
 

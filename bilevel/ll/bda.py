@@ -229,6 +229,12 @@ class BDA(GradientDescent):
         self.ul_scale = ul_scale
 
     @property
+    def reads_ul_batch(self) -> bool:
+        """Whether the LL steps depend on the UL batch (``alpha > 0``): then a UL batch cannot
+        be split by examples across processes (each share would steer its own LL run)."""
+        return self.alpha != 0.0
+
+    @property
     def solves_ll_objective(self) -> bool:
         """Whether a run ends (as ``iters`` grows) at a stationary point of ``ll_objective``
         alone, as implicit differentiation assumes: only with ``alpha = 0``."""

@@ -64,6 +64,12 @@ class HypergradientCalculator:
 
     name = "calculator"
 
+    #: whether the hypergradient and the UL loss of one task are linear in the UL objective
+    #: for a given LL run, so that a UL batch split by examples into shards weighted by their
+    #: fractions sums to the whole batch's result (what ``torch.distributed`` does with a
+    #: single task); ``False`` (the safe default) makes every process run the whole task
+    splits_ul_batch = False
+
     def __init__(
         self,
         ul_objective: Objective,

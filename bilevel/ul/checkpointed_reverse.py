@@ -102,6 +102,7 @@ class MemorySavingReverse(HypergradientCalculator):
     """
 
     name = "memory_saving_reverse"
+    splits_ul_batch = True  # linear in the UL objective
 
     def differentiable_steps(self, iters: int) -> int:
         """None: the steps are recomputed with a graph one at a time."""

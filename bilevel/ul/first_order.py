@@ -26,6 +26,7 @@ class FirstOrder(HypergradientCalculator):
     """
 
     name = "first_order"
+    splits_ul_batch = True  # linear in the UL objective
 
     def differentiable_steps(self, iters: int) -> int:
         """None."""

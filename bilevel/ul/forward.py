@@ -39,6 +39,7 @@ class Forward(HypergradientCalculator):
     """
 
     name = "forward"
+    splits_ul_batch = True  # linear in the UL objective
 
     def differentiable_steps(self, iters: int) -> int:
         """None: the tangents replace the graph."""

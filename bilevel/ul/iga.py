@@ -63,6 +63,7 @@ class IGA(HypergradientCalculator):
     """
 
     name = "iga"
+    splits_ul_batch = True  # linear in the UL objective
 
     def __init__(
         self,

@@ -171,6 +171,13 @@ class Implicit(HypergradientCalculator):
         """None: the LL graph is not needed."""
         return 0
 
+    @property
+    def splits_ul_batch(self) -> bool:  # type: ignore[override]
+        """The two series are linear in the right-hand side ``v``; CG, MINRES and normal CG
+        are not (their Krylov space, and where they stop, depend on ``v``), nor is a user's
+        solver known to be."""
+        return isinstance(self.method, str) and self.method in SERIES
+
     def settings(self) -> dict[str, Any]:
         """Solver, iterations, tolerance, series step, and damping where there is one, and
         ``power_iters`` where ``alpha="auto"`` picks the step with other than the default 20

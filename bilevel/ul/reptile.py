@@ -28,6 +28,7 @@ class Reptile(HypergradientCalculator):
     """
 
     name = "reptile"
+    splits_ul_batch = True  # linear in the UL objective
 
     def differentiable_steps(self, iters: int) -> int:
         """None."""

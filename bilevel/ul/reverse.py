@@ -27,6 +27,7 @@ class Reverse(HypergradientCalculator):
     """
 
     name = "reverse"
+    splits_ul_batch = True  # linear in the UL objective
 
     def differentiable_steps(self, iters: int) -> int:
         """All of them."""

@@ -192,6 +192,24 @@ class StochasticImplicit(HypergradientCalculator):
         """None: the LL graph is not needed."""
         return 0
 
+    @property
+    def splits_ul_batch(self) -> bool:  # type: ignore[override]
+        """The default solver (SGD on the quadratic, whose iterates are linear in ``v``) with
+        the same draws on every process; a given solver optimizer may not be linear (Adam)."""
+        return self.solver_optimizer is None
+
+    def skip_task(self, train: Batch, val: Batch) -> None:
+        """Advance the draws exactly as one task's hypergradient would, without computing it:
+        ``steps`` draws, and one more for a minibatch cross term. Under ``torch.distributed``
+        every process passes over the other processes' tasks of a task batch, so that each
+        task gets the minibatches one process would draw for it, and every process ends the UL
+        step with the same generator state (the one a single process would have)."""
+        for _ in range(self.steps + (self.cross == "minibatch")):
+            if callable(self.batches):  # the callable owns its randomness: only the count
+                self.draws += 1
+            else:
+                self.draw(train)
+
     def check_against(self, ll: Any) -> None:
         """Also: the LL ends at a stationary point of ``ll_objective`` (not BDA with
         ``alpha > 0``, not a fixed-point map), whose Hessian is the system this method
