@@ -699,9 +699,12 @@ def write(result: dict, page: Path, img: Path, side_by_side: dict | None = None)
         "differentiable LL steps (Reverse, Truncated) adds `K`.",
         "- The classical methods (Implicit CG, Reverse, Truncated) are warm-started: each UL "
         "step starts the LL from the previous UL step's final LL weights.",
-        "- Hyperparameters: step sizes from the problems' smoothness constants (LL step "
-        "`1/L`, or `0.5/L` of a 64-sample minibatch for the stochastic methods), not tuned "
-        "per method beyond a quick look; the configuration of every run is in the JSON.",
+        "- Hyperparameters: on the quadratic, step sizes from its smoothness constants (LL "
+        "step `1/L`, or `0.5/L` of a 64-sample minibatch for the stochastic methods); on the "
+        "logistic problem LL step `1/L` for every method, stochastic ones on minibatches of "
+        "256; on hyper-cleaning fixed steps (LL 1.0, UL 100, SABA 20; minibatches of 64). "
+        "Not tuned per method beyond a quick look; the configuration of every run is in the "
+        "JSON.",
         "",
         "Command:",
         "",

@@ -33,7 +33,9 @@ Data hyper-cleaning (Franceschi et al. 2017) learns one weight per training exam
 classifier trained on a data set with many wrong labels does as well as one trained on the
 clean part only. It is the standard test of hypergradients with thousands of hyperparameters,
 used since by Shaban et al. (2019) and the BOML/BOAT line. Everything on this page is generated
-by `benchmarks/hyper_cleaning_results.py` from the runs' `results.json`.
+by `benchmarks/hyper_cleaning_results.py` from the runs' `results.json`. Those files are not
+in the repository (`runs/` is not committed, and they record no date or commit): the numbers
+below cannot be checked from a checkout, only remade with the commands at the end.
 """
 
 PROTOCOL = """\
@@ -173,7 +175,7 @@ def takeaways(rows: list[dict[str, str]], refs: list[list[str]]) -> str:
     hardware = "; ".join(sorted({r["hardware"] for r in rows}))
     lines += [
         "",
-        f"On each data set and model the methods' test accuracies are within {spread:.1f} "
+        f"On each data set and model the methods' test accuracies are within {spread:.2f} "
         "points of each other: the choice of method matters for cost and robustness more than "
         f"for the result. Machine: {hardware}.",
     ]

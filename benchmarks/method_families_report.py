@@ -250,7 +250,9 @@ class Page:
             lines.append(
                 f"- **Re-measured.** The rows of {methods} were measured again on "
                 f"{note['date'][:10]} (load average {note['loadavg_start'][0]:.1f} at the start, "
-                f"{note['duration_s'] / 60:.1f} minutes), all implementations alternated in "
+                f"{note['duration_s'] / 60:.1f} minutes"
+                + (f", checkout {note['git']['commit']}" if note.get("git") else "")
+                + "), all implementations alternated in "
                 "that run; the other rows are from the full run below."
             )
         cores = f"{m['cores']} cores" if m.get("cores") else "CPU"
@@ -259,7 +261,9 @@ class Page:
             f"- **Machine.** {m['cpu']}, {cores} shared with other jobs (load average "
             f"{load:.1f} at the start), {d['threads']} torch thread per process, torch "
             f"{m['torch']}, BOAT {d['versions'].get('boat', 'not run')}; measured on "
-            f"{d['date'][:10]}, the run took {d['duration_s'] / 60:.1f} minutes."
+            f"{d['date'][:10]} with the code of checkout {d['git']['commit']}"
+            + (" (with local changes)" if d["git"].get("dirty") else "")
+            + f", the run took {d['duration_s'] / 60:.1f} minutes."
         )
         return [*lines, ""]
 

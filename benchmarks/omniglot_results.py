@@ -198,6 +198,26 @@ def published(row: dict[str, Any]) -> float | None:
     return PUBLISHED.get(row["method"], {}).get((row["ways"], row["shots"]))
 
 
+def usual_hardware(rows: list[dict[str, Any]]) -> str:
+    """The machine most runs ran on."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["hardware"]] = counts.get(r["hardware"], 0) + 1
+    return max(counts, key=lambda h: counts[h])
+
+
+def compute_notes(r: dict[str, Any], usual: str) -> list[str]:
+    """Why a run of an equal-compute table did not get that compute: it stopped early (the
+    CPU minutes it used), or it ran on another CPU than most runs."""
+    notes = []
+    if r.get("stopped"):
+        used = r["cpu_seconds_per_meta_step"] * r["meta_steps"] / 60
+        notes.append(f"stopped at {used:.1f} CPU minutes")
+    if r["hardware"] != usual:
+        notes.append(f"on {r['hardware'].split(',')[0]}")
+    return notes
+
+
 def summary(rows: list[dict[str, Any]]) -> list[str]:
     """What to take away: the best run of each method on 5-way 1-shot, and the machine."""
     if not rows:
@@ -234,9 +254,17 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
             for machine, names in sorted(machines.items(), key=lambda m: -len(m[1]))
         ]
     groups = equal_groups(rows)
+    usual = usual_hardware(rows)
+
+    def entry(r: dict[str, Any]) -> str:
+        notes = compute_notes(r, usual)
+        return f"{method_name(r)} {r['test_accuracy_pct']:.2f}%" + (
+            f" ({'; '.join(notes)})" if notes else ""
+        )
+
     for budget, equal in groups:
         ranked = sorted(equal, key=lambda r: -r["test_accuracy_pct"])
-        order = ", ".join(f"{method_name(r)} {r['test_accuracy_pct']:.2f}%" for r in ranked)
+        order = ", ".join(entry(r) for r in ranked)
         pending = pending_runs(equal, groups)
         so_far = f"; {len(equal)} of {len(equal) + len(pending)} so far" if pending else ""
         lines += [
@@ -285,6 +313,7 @@ def equal_table(rows: list[dict[str, Any]]) -> list[str]:
     groups = equal_groups(rows)
     if not groups:
         return ["No equal-compute runs yet (`examples/omniglot.py --budget-cpu-minutes`)."]
+    usual = usual_hardware(rows)
     lines = [
         "Each method meta-trained for the same CPU minutes on one thread (validation "
         "excluded), 5-way 1-shot, then tested on 600 meta-test tasks with the model of best "
@@ -292,7 +321,7 @@ def equal_table(rows: list[dict[str, Any]]) -> list[str]:
         "by the meta-steps done.",
     ]
     for budget, equal in groups:
-        lines += ["", f"**{budget:g} CPU minutes** each:", "", *budget_table(equal)]
+        lines += ["", f"**{budget:g} CPU minutes** each:", "", *budget_table(equal, usual)]
         pending = pending_runs(equal, groups)
         if pending:
             names = ", ".join(method_name(r) for r in pending)
@@ -312,15 +341,18 @@ def equal_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def budget_table(equal: list[dict[str, Any]]) -> list[str]:
-    """The table of one budget's runs, the most accurate first."""
+def budget_table(equal: list[dict[str, Any]], usual: str | None = None) -> list[str]:
+    """The table of one budget's runs, the most accurate first; runs that stopped early or
+    ran on another CPU than ``usual`` (most runs' machine) are said to be so."""
+    usual = usual or usual_hardware(equal)
     lines = [
         "| method (hypergradient) | test accuracy | meta-steps | CPU s / meta-step | best "
         "val. step | published |",
         "|---|--:|--:|--:|--:|--:|",
     ]
     for r in sorted(equal, key=lambda r: -r["test_accuracy_pct"]):
-        steps = f"{r['meta_steps']:,}" + (" (stopped)" if r.get("stopped") else "")
+        notes = compute_notes(r, usual)
+        steps = f"{r['meta_steps']:,}" + (f" ({'; '.join(notes)})" if notes else "")
         lines.append(
             f"| {method_name(r)} | **{r['test_accuracy_pct']:.2f}** ± {r['test_ci95_pct']:.2f} "
             f"| {steps} | {r['cpu_seconds_per_meta_step']:.3f} | "
@@ -330,10 +362,18 @@ def budget_table(equal: list[dict[str, Any]]) -> list[str]:
     if stopped:
         lines += [
             "",
-            "(stopped): meta-training ended before the budget because the LL's gradient "
+            "(stopped at ...): meta-training ended before the budget because the LL's gradient "
             "descent diverged on a task (`LowerLevelDivergenceError`); the model tested is the "
             "best one before it. "
             + " ".join(f"`{r['name']}`: {r['stopped'].split(':')[0]}." for r in stopped),
+        ]
+    elsewhere = [r for r in equal if r["hardware"] != usual]
+    if elsewhere:
+        lines += [
+            "",
+            "(on ...): run on another CPU than the others ("
+            + "; ".join(f"`{r['name']}`: {r['hardware']}" for r in elsewhere)
+            + f"; the others: {usual}): a CPU minute there is not the same compute.",
         ]
     return lines
 

@@ -525,6 +525,16 @@ def largest(values: list[float | None]) -> float | None:
     return max(present) if present else None
 
 
+def bound(x: float) -> str:
+    """``x`` rounded up to two significant digits: a bound stated in words is never below
+    the data it bounds."""
+    text = f"{x:.1e}"
+    if float(text) < x:
+        mantissa, exponent = text.split("e")
+        text = f"{float(f'{float(mantissa) + 0.1:.1f}e{exponent}'):.1e}"
+    return text
+
+
 def takeaways(res: Results) -> list[str]:
     """What a reader should know first, computed from the records."""
     d, m = res.data, res.data["machine"]
@@ -545,12 +555,12 @@ def takeaways(res: Results) -> list[str]:
     if exact is not None:
         text = (
             f"- **Exact.** `Reverse` and `Forward` match the exact derivative of the unrolled LL "
-            f"to {exact:.0e} (float64 ridge regression with a closed form); every method gives "
+            f"to {bound(exact)} (float64 ridge regression with a closed form); every method gives "
             "the hypergradient of the same computation written by hand in bare PyTorch"
         )
         far = largest(distances)
         if far is not None:
-            text += f" (relative distance at most {far:.0e} on hyper-cleaning and meta-learning"
+            text += f" (relative distance at most {bound(far)} on hyper-cleaning and meta-learning"
             text += ", float32)"
         lines.append(text + ".")
     floor = ratios(res, "floor")
@@ -592,7 +602,9 @@ def takeaways(res: Results) -> list[str]:
     lines.append(
         f"- **Machine.** {m['cpu']}, {m['cores']} cores shared with other jobs, "
         f"{d['threads']} torch thread per process, torch {m['torch']}, {gpu}; "
-        f"measured on {d['date'][:10]}."
+        f"measured on {d['date'][:10]} with the code of checkout {d['git']['commit']}"
+        + (" (with local changes)" if d["git"].get("dirty") else "")
+        + "."
     )
     return lines
 

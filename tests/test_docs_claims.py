@@ -1,0 +1,404 @@
+"""The numbers and commands on the documentation pages are backed by their sources.
+
+``tests/test_docs.py`` runs the pages' marked code and checks the API reference; this file
+checks what the pages *claim*:
+
+- each generated page (benchmarks, method families, convergence curves, Omniglot) is what its
+  generator writes from the committed JSON now (a hand edit or a stale page fails);
+- the printed output shown under a tested block is what the block prints;
+- every ``--flag`` of a command quoted on a page exists in that script;
+- bounds and summaries stated in words cover the data they summarize;
+- hand-written numbers that cite a JSON file agree with it, and the reproduce commands of the
+  Omniglot page give the settings its runs were made with.
+
+Nothing here runs a benchmark: the generators are called on the committed JSON, with their
+figures drawn into a temporary folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import json
+import re
+import shlex
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+BENCHMARKS = ROOT / "benchmarks"
+EXAMPLES = ROOT / "examples"
+RESULTS = BENCHMARKS / "results"
+
+
+def page(name: str) -> str:
+    return (DOCS / name).read_text()
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+@contextlib.contextmanager
+def imported(folder: Path, name: str) -> Iterator:
+    """``folder/name.py`` imported with ``folder`` first on the path (the benchmarks' and the
+    examples' own modules, not tests/'s); what it brought in is removed afterwards and the
+    modules it shadowed are put back."""
+    names = {path.stem for path in folder.glob("*.py")}
+    shadowed = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    before, path = set(sys.modules), list(sys.path)
+    sys.path.insert(0, str(folder))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path[:] = path
+        for added in set(sys.modules) - before:
+            del sys.modules[added]
+        sys.modules.update(shadowed)
+
+
+# --------------------------------------------------------------------------- generated pages
+
+
+def between(text: str, begin: str, end: str) -> str:
+    return text[text.index(begin) : text.index(end)]
+
+
+def test_benchmarks_page_is_what_report_writes(monkeypatch, tmp_path) -> None:
+    with imported(BENCHMARKS, "report") as report:
+        monkeypatch.setattr(report, "IMAGES", tmp_path)
+        source = sorted(RESULTS.glob("2*-*.json"))[-1]  # what main() reads by default
+        res = report.Results(json.loads(source.read_text()))
+        expected = report.page(res, source.resolve(), report.plots(res))
+    assert page("benchmarks.md") == expected, "run python benchmarks/report.py"
+
+
+def test_method_families_page_is_what_its_report_writes(monkeypatch, tmp_path) -> None:
+    with imported(BENCHMARKS, "method_families_report") as report:
+        monkeypatch.setattr(report, "IMAGES", tmp_path)
+        data = json.loads(report.SOURCE.read_text())
+        expected = report.Page(data).render(report.SOURCE.resolve())
+    assert page("method_families.md") == expected, "run benchmarks/method_families_report.py"
+
+
+def test_curves_page_is_what_its_report_writes(tmp_path) -> None:
+    with imported(BENCHMARKS, "bilevel_curves_report") as report:
+        out = tmp_path / "bilevel_curves.md"
+        report.write(
+            load("bilevel_curves.json"), out, tmp_path / "img", load("benchopt_quadratic.json")
+        )
+    assert page("bilevel_curves.md") == out.read_text(), "run bilevel_curves_report.py"
+
+
+def test_omniglot_tables_are_what_omniglot_results_writes_from_the_digest(tmp_path) -> None:
+    """The generated blocks of docs/omniglot.md against the committed digest (the run
+    folders are not in the repository)."""
+    with imported(BENCHMARKS, "omniglot_results") as results:
+        rows = sorted(load("omniglot_runs.json")["runs"], key=results.row_order)
+        copy = tmp_path / "omniglot.md"
+        copy.write_text(page("omniglot.md"))
+        results.rewrite(copy, results.summary(rows), *results.SUMMARY)
+        results.rewrite(copy, results.equal_table(rows), *results.EQUAL)
+        results.rewrite(copy, results.table(rows))
+    assert page("omniglot.md") == copy.read_text(), "run python benchmarks/omniglot_results.py"
+
+
+# --------------------------------------------------------------------------- shown output
+
+SHOWN = re.compile(r"<!-- test -->\s*\n```python\n(.*?)\n```\s*\n(?:```text\n(.*?)\n```)?", re.S)
+NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def same_printout(shown: str, got: str) -> bool:
+    """Equal up to the last printed digit of each number; numbers below 1e-6 (solver
+    residuals at round-off) only need to stay below 1e-6."""
+    if NUMBER.sub("#", shown) != NUMBER.sub("#", got):
+        return False
+    for a, b in zip(NUMBER.findall(shown), NUMBER.findall(got), strict=True):
+        x, y = float(a.replace(",", "")), float(b.replace(",", ""))
+        if abs(x) < 1e-6:
+            if abs(y) >= 1e-6:
+                return False
+            continue
+        digits = a.replace(",", "").lower().split("e")[0]
+        exponent = int(a.lower().split("e")[1]) if "e" in a.lower() else 0
+        unit = 10.0 ** (exponent - (len(digits.split(".")[1]) if "." in digits else 0))
+        if abs(x - y) > unit * 1.01:
+            return False
+    return True
+
+
+def pages_with_output() -> list[str]:
+    return sorted(
+        p.name for p in DOCS.glob("*.md") if any(s for _, s in SHOWN.findall(p.read_text()))
+    )
+
+
+def test_some_page_shows_output() -> None:
+    assert "quickstart.md" in pages_with_output()
+
+
+@pytest.mark.parametrize("name", pages_with_output())
+def test_shown_output_is_what_the_block_prints(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    dtype = torch.get_default_dtype()
+    namespace: dict[str, object] = {"__name__": f"docs_{name[:-3]}"}
+    try:
+        for i, (code, shown) in enumerate(SHOWN.findall(page(name))):
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # test_docs.py turns them into errors
+                exec(compile(code, f"{name}[block {i}]", "exec"), namespace)
+            if shown:
+                got = printed.getvalue().rstrip("\n")
+                assert same_printout(shown, got), f"{name}, block {i} prints:\n{got}"
+    finally:
+        torch.set_default_dtype(dtype)
+
+
+def test_printout_comparison() -> None:
+    assert same_printout("MSE 0.2731  residual 1.4e-11, 18 it", "MSE 0.2732  residual 3e-12, 18 it")
+    assert not same_printout("MSE 0.2731", "MSE 0.2745")
+    assert not same_printout("residual 1.4e-11", "residual 2.0e-05")
+    assert not same_printout("18 iterations", "18 steps")
+
+
+# --------------------------------------------------------------------------- quoted commands
+
+COMMAND = re.compile(r"((?:examples|benchmarks|docs)/\w+\.py)((?:[ \t]+[^\s`|;&#)]+)*)")
+
+
+def known_flags(script: Path) -> set[str]:
+    """Every ``--flag`` string literal of the script and of the helpers its folder shares."""
+    sources = [script, EXAMPLES / "_common.py", BENCHMARKS / "common.py"]
+    text = "\n".join(s.read_text() for s in sources if s.exists())
+    return {"--help", *re.findall(r"[\"'](--[a-z][\w-]*)[\"']", text)}
+
+
+def quoted_commands() -> list[tuple[str, int, str, str]]:
+    found = []
+    for path in [*sorted(DOCS.glob("*.md")), ROOT / "README.md"]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            found += [(path.name, number, m.group(1), m.group(2)) for m in COMMAND.finditer(line)]
+    return found
+
+
+def test_quoted_commands_name_scripts_and_flags_that_exist() -> None:
+    commands = quoted_commands()
+    assert len(commands) > 50  # the pattern still finds the pages' commands
+    wrong = []
+    for name, number, script, rest in commands:
+        if not (ROOT / script).is_file():
+            wrong.append(f"{name}:{number}: no {script}")
+            continue
+        flags = {f.split("=")[0] for f in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest)}
+        wrong += [
+            f"{name}:{number}: {script} has no {f}" for f in flags - known_flags(ROOT / script)
+        ]
+    assert not wrong, wrong
+
+
+def omniglot_commands() -> list[list[str]]:
+    """The ``examples/omniglot.py`` command lines of docs/omniglot.md's bash blocks, with
+    ``$COMMON`` expanded."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", page("omniglot.md"), re.S):
+        text = re.sub(r"\\\n\s*", " ", block)
+        common = re.search(r'COMMON="([^"]*)"', text)
+        for line in text.splitlines():
+            line = line.split("#")[0]
+            if "examples/omniglot.py" in line:
+                if common:
+                    line = line.replace("$COMMON", common.group(1))
+                words = shlex.split(line)
+                commands.append(words[words.index("examples/omniglot.py") + 1 :])
+    return commands
+
+
+def test_omniglot_reproduce_commands_give_the_runs_settings() -> None:
+    """A command that names a run's folder, run with today's defaults, has the settings the
+    run was made with (a default that changed since must be spelled out)."""
+    with imported(BENCHMARKS, "omniglot_results") as results:
+        runs = {r["name"]: r for r in load("omniglot_runs.json")["runs"]}
+        with imported(EXAMPLES, "omniglot") as omniglot:
+            checked, wrong = 0, []
+            for argv in omniglot_commands():
+                out = argv[argv.index("--out") + 1] if "--out" in argv else ""
+                name = out.removeprefix("runs/omniglot/").replace("/", "-")
+                if name not in runs or "--help" in argv:
+                    continue
+                args = omniglot.parse_args(argv)
+                record = {
+                    "settings": vars(args),
+                    "ways": args.ways,
+                    "shots": args.shots,
+                    "method": args.method,
+                    "ul_method": args.ul_method,
+                }
+                checked += 1
+                if results.setting(record) != runs[name]["setting"]:
+                    wrong.append(f"{name}: {results.setting(record)} != {runs[name]['setting']}")
+    assert checked >= 10
+    assert not wrong, wrong
+
+
+# --------------------------------------------------------------------------- stated bounds
+
+
+def test_benchmarks_bounds_in_words_cover_the_data() -> None:
+    """'match ... to X' and 'at most Y' are upper bounds: not below the largest value."""
+    data = load(sorted(RESULTS.glob("2*-*.json"))[-1].name)
+    errors = [r for r in data["records"] if r["kind"] == "error" and r["impl"] == "bilevel"]
+    unrolled = max(
+        r["error_unrolled"]
+        for r in errors
+        if r["config"].get("problem") == "ridge"
+        and r["config"]["method"] in ("reverse", "forward")
+        and "error_unrolled" in r
+    )
+    distance = max(
+        r["difference_to_floor"]
+        for r in errors
+        if r["config"].get("suite") in ("cleaning", "meta") and "difference_to_floor" in r
+    )
+    text = page("benchmarks.md")
+    exact = float(re.search(r"unrolled LL to ([\d.e+-]+) \(float64", text).group(1))
+    far = float(re.search(r"relative distance at most ([\d.e+-]+) on", text).group(1))
+    assert exact >= unrolled * (1 - 1e-9), (exact, unrolled)
+    assert far >= distance * (1 - 1e-9), (far, distance)
+
+
+def test_hyper_cleaning_spread_in_words_covers_the_table() -> None:
+    text = page("hyper_cleaning.md")
+    claimed = float(re.search(r"test accuracies are within ([\d.]+) points", text).group(1))
+    table = between(text, "| data | model | method | test acc |", "Cost:")
+    groups: dict[tuple[str, str], list[float]] = {}
+    for data, model, _, acc in re.findall(
+        r"^\| (\w+) \| (\w+) \| `([\w-]+)` \| ([\d.]+)%", table, re.M
+    ):
+        groups.setdefault((data, model), []).append(float(acc))
+    assert len(groups) >= 2
+    spread = max(max(v) - min(v) for v in groups.values())
+    assert claimed >= spread - 1e-9, (claimed, spread)
+
+
+def test_omniglot_equal_compute_says_which_runs_did_not_get_it() -> None:
+    """A run in an equal-compute ranking that stopped early, or ran on another CPU than the
+    others, is said to be so wherever it is ranked (summary and table)."""
+    runs = load("omniglot_runs.json")["runs"]
+    machines = [r["hardware"] for r in runs]
+    usual = max(set(machines), key=machines.count)
+    text = page("omniglot.md")
+    summary = between(text, "<!-- summary:begin -->", "<!-- summary:end -->")
+    tables = between(text, "<!-- equal:begin -->", "<!-- equal:end -->")
+    lines = [line for line in summary.splitlines() if line.startswith("With the same compute")]
+    assert lines
+    for r in runs:
+        if not r.get("budget_cpu_minutes") or not (r.get("stopped") or r["hardware"] != usual):
+            continue
+        ranking = next(x for x in lines if f"({r['budget_cpu_minutes']:g} CPU minutes" in x)
+        accuracy = re.escape(f"{r['test_accuracy_pct']:.2f}%")
+        entry = re.search(accuracy + r"( \([^)]*\))?", ranking)
+        assert entry and entry.group(1), f"{r['name']} ranked without a note: {ranking}"
+        if r.get("stopped"):
+            used = r["cpu_seconds_per_meta_step"] * r["meta_steps"] / 60
+            assert f"stopped at {used:.1f} CPU minutes" in entry.group(1)
+            assert f"{r['meta_steps']:,} (stopped at {used:.1f} CPU minutes" in tables
+        if r["hardware"] != usual:
+            assert r["hardware"].split(",")[0] in entry.group(1)
+
+
+# --------------------------------------------------------------------------- hand-written numbers
+
+
+def test_boat_finite_difference_cosines_on_the_methods_page() -> None:
+    """methods.md quotes the cosine of BOAT's DARTS answer to the exact hypergradient."""
+    records = load("method_families.json")["records"]
+    cosines = {
+        r["config"]["problem"]: r["cosine_exact"]
+        for r in records
+        if r["kind"] == "error"
+        and r["impl"] == "boat"
+        and r["config"]["method"] == "fd"
+        and r["config"].get("suite") == "regression"
+        and r["config"].get("T") != 1
+    }
+    quoted = re.search(
+        r"its answer had cosine ([\d.]+) \(ridge.*?and ([\d.]+) \(logistic",
+        page("methods.md"),
+        re.S,
+    )
+    assert quoted, "methods.md no longer quotes BOAT's DARTS cosines per problem"
+    assert abs(float(quoted.group(1)) - cosines["ridge"]) < 0.006
+    assert abs(float(quoted.group(2)) - cosines["logistic"]) < 0.006
+
+
+def test_memory_saving_reverse_table_matches_its_json() -> None:
+    data = load("memory_saving_reverse.json")
+    peak = {(r["method"], r["T"]): r["peak_delta_mib"] for r in data["runs"]}
+    rows = re.findall(
+        r"^\| (\d+) \| ([\d.]+) MiB \| ([\d.]+) MiB \| ([\d.]+) \| ([\d.]+) \|$",
+        page("methods.md"),
+        re.M,
+    )
+    assert len(rows) == 3
+    for steps, full, saving, ratio, cpu in rows:
+        t = int(steps)
+        assert float(full) == pytest.approx(peak["reverse", t], abs=0.051)
+        assert float(saving) == pytest.approx(peak["memory_saving_reverse", t], abs=0.051)
+        ratios = data["ratios_memory_saving_over_reverse"][steps]
+        assert float(ratio) == pytest.approx(ratios["memory"], rel=0.02)
+        assert float(cpu) == pytest.approx(ratios["cpu_time"], abs=0.006)
+    assert data["date"][:10] in page("methods.md")
+
+
+def test_omniglot_prose_numbers_match_their_sources() -> None:
+    text = re.sub(r"\s+", " ", page("omniglot.md"))
+    runs = {r["name"]: r for r in load("omniglot_runs.json")["runs"]}
+    # Reptile trains on support and query images together
+    reptile = runs["equal-reptile"]
+    query = int(re.search(r"(\d+) queries/class", reptile["setting"]).group(1))
+    images = reptile["ways"] * (reptile["shots"] + query)
+    quoted = re.search(r"\*\*Reptile\*\* .*? on the task's (\d+) images", text)
+    assert quoted and int(quoted.group(1)) == images
+    # the first-order MAML default's result is one of the runs
+    quoted = re.search(r"defaults to five inner steps of 0\.1: \*\*([\d.]+) ± ([\d.]+)%\*\*", text)
+    assert quoted
+    assert any(
+        (f"{r['test_accuracy_pct']:.2f}", f"{r['test_ci95_pct']:.2f}") == quoted.groups()
+        and "5 inner steps (lr 0.1)" in r["setting"]
+        and r["method"] == "fomaml"
+        for r in runs.values()
+    ), quoted.groups()
+    # the inner-loop convergence of iMAML's long run
+    inner = load("imaml_inner_convergence.json")
+    assert f"at {100 * inner['ll_grad_ratio']:.1f}% of its first value" in text
+    assert f"shrank it only by {inner['contraction']:.3f}" in text
+    assert f"{inner['estimated_left_over_travelled']:.2f} times the distance travelled" in text
+    assert f"{100 * inner['accuracy_run_lr']['20']:.1f}% after the run's 20 steps" in text
+    assert f"{100 * inner['accuracy_small_lr']['400']:.1f}% at the near-solution" in text
+    # first-order MAML against MAML after 300 meta-steps (the diagnosis runs)
+    for run, quoted, digits in (("maml", "88.5", 1), ("fomaml_inner_lr0.2", "77", 0)):
+        log = load(f"omniglot_diagnosis_train_{run}.json")["log"]
+        last = [e["val_accuracy"] for e in log if e.get("val_accuracy") is not None][-1]
+        assert f"{100 * last:.{digits}f}" == quoted and f"{quoted}%" in text, (run, last)
+
+
+def test_troubleshooting_states_the_growth_default() -> None:
+    """A growing LL loss raises by default; the page must not describe it as a warning."""
+    from bilevel.ll import GradientDescent
+
+    model = torch.nn.Linear(2, 1)
+    ll = GradientDescent(lambda s: s["ll_model"].weight.sum(), model, model, lr=0.1, iters=2)
+    assert ll.on_growth == "raise"
+    section = between(page("troubleshooting.md"), '## "The LL loss grew', '## "lr (a UL variable')
+    assert "LowerLevelDivergenceError" in section and 'on_growth="raise"' in section
