@@ -172,6 +172,12 @@ def summarize(name: str, r: dict[str, Any], folder: Path) -> dict[str, Any]:
         "cg_nonpositive": None if cg is None else list(cg),
         "stopped": r.get("stopped"),
         "hardware": hardware,
+        # when and from which code (runs since 2026-12-02 record them)
+        **(
+            {"date": r["date"], "commit": r["git"]["commit"], "dirty": r["git"]["dirty"]}
+            if r.get("date") and r.get("git")
+            else {}
+        ),
     }
 
 
@@ -423,6 +429,9 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         )
         if r.get("stopped"):
             line += f" Meta-training stopped: {r['stopped'].split(':')[0]}."
+        if r.get("date"):  # recorded by runs since 2026-12-02
+            code = f" with the code of commit {r['commit']}" if r.get("commit") else ""
+            line += f" Tested {r['date']}{code}{' (with local changes)' * bool(r.get('dirty'))}."
         if r.get("cg_nonpositive"):
             bad, total = r["cg_nonpositive"]
             line += (

@@ -37,6 +37,7 @@ import platform
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -172,6 +173,28 @@ def hardware(device: torch.device) -> str:
             pass
         name = f"{name}, {torch.get_num_threads()} thread(s)"
     return f"{name}; torch {torch.__version__}"
+
+
+def provenance() -> dict[str, Any]:
+    """When and from which code a run's results were made: the date and the checkout's
+    commit (``None`` outside a git checkout), with whether it had uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    dirty = None if commit is None else bool(git("status", "--short", "--untracked-files=no"))
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "git": {"commit": commit, "dirty": dirty},
+    }
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -179,6 +179,7 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
         "resumed_from_step": record.resumed_from,
         "settings": _common.settings_of(args),
         "hardware": _common.hardware(device),
+        **_common.provenance(),
         "history": record.history,
     }
     _common.write_json(out / _common.RESULTS_FILE, results)

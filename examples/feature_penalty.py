@@ -246,6 +246,7 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
         "resumed_from_step": record.resumed_from,
         "settings": {**_common.settings_of(args), "ul_steps": args.ul_steps},
         "hardware": _common.hardware(device),
+        **_common.provenance(),
         "history": record.history,
     }
     title = f"{args.dataset}, {args.method}: test acc {final['test_acc']:.4f}"

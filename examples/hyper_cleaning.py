@@ -323,6 +323,7 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
         "command": shlex.join(["python", "examples/hyper_cleaning.py", *command]),
         "settings": {**_common.settings_of(args), "ul_steps": args.ul_steps},
         "hardware": _common.hardware(device),
+        **_common.provenance(),
     }
     run.reserve(problem.state_dict())
     try:

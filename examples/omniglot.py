@@ -697,6 +697,7 @@ def experiment(
         "stopped": stopped,
         "settings": {**settings, **{k: getattr(args, k) for k in RESUMABLE}},
         "hardware": _common.hardware(device),
+        **_common.provenance(),
         "device": str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

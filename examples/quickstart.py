@@ -206,6 +206,7 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
             resumed_from_step=record.resumed_from,
             history=record.history,
             hardware=_common.hardware(torch.device("cpu")),
+            **_common.provenance(),
         )
         _common.write_json(run.out / _common.RESULTS_FILE, results)
         print(f"wrote {run.out / _common.RESULTS_FILE}")
