@@ -443,7 +443,10 @@ class BilevelProblem:
     def hypergradient(self, train: Pair, val: Pair) -> list[torch.Tensor]:
         """The hypergradient for one task, one tensor per UL parameter.
 
-        UL parameters and their ``.grad`` are left unchanged.
+        UL parameters and their ``.grad`` are left unchanged. Random draws in the objectives
+        (dropout, noise) come from the global RNG as in :meth:`step`: from the same RNG state
+        this is the hypergradient ``step`` takes, and each call draws anew (wrap it in
+        ``torch.random.fork_rng()`` to leave the global RNG as it was).
 
         Args:
             train: ``(data, target)`` for the LL.

@@ -8,8 +8,10 @@ and ``"ll_model"`` (the lower-level module; during and after lower-level optimiz
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,6 +23,69 @@ Objective = Callable[[dict[str, Any]], torch.Tensor]
 def make_state(data: Any, target: Any, ul_model: nn.Module, ll_model: nn.Module) -> dict[str, Any]:
     """Build the dict that objectives receive."""
     return {"data": data, "target": target, "ul_model": ul_model, "ll_model": ll_model}
+
+
+# --- random draws and modes of an objective's evaluation ---------------------------------
+
+
+@dataclass(frozen=True)
+class Draws:
+    """Where torch's global generators stood before an objective's evaluation: the CPU
+    generator's state and, for a CUDA device, that device's. Replayed, the evaluation makes
+    the same random draws (dropout masks, noise drawn in the objective)."""
+
+    cpu: torch.Tensor
+    cuda: torch.Tensor | None = None
+    index: int | None = None
+
+    def same_as(self, other: Draws) -> bool:
+        """Whether ``other`` is the same generator state (nothing was drawn in between)."""
+        if self.index != other.index or not torch.equal(self.cpu, other.cpu):
+            return False
+        return self.cuda is None or torch.equal(self.cuda, other.cuda)
+
+
+def capture_draws(device: torch.device) -> Draws:
+    """The state of the generators an evaluation on ``device`` draws from (the CPU one, and
+    the device's own for CUDA)."""
+    if device.type != "cuda":
+        return Draws(torch.get_rng_state())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return Draws(torch.get_rng_state(), torch.cuda.get_rng_state(index), index)
+
+
+@contextlib.contextmanager
+def replay_draws(draws: Draws) -> Iterator[None]:
+    """Inside, the generators stand where ``draws`` captured them (an evaluation makes the
+    draws it made then); on exit they are back where they were, so that what was drawn
+    inside is not drawn from the run's sequence."""
+    devices = [] if draws.index is None else [draws.index]
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(draws.cpu)
+        if draws.index is not None:
+            torch.cuda.set_rng_state(draws.cuda, draws.index)
+        yield
+
+
+def draws_untouched(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """Evaluations inside draw from the generators' present state and leave them there (a
+    check or a diagnostic that must not change the run's later draws)."""
+    return replay_draws(capture_draws(device))
+
+
+@contextlib.contextmanager
+def modes_kept(model: nn.Module) -> Iterator[None]:
+    """The training flags of ``model``'s modules as they were on entry, restored on exit: an
+    objective that switches ``state["ll_model"]`` to eval mode does so for its own
+    evaluation only, and the method's later evaluations run in the LL run's mode."""
+    modules = list(model.modules())
+    flags = [m.training for m in modules]
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, flags, strict=True):
+            if m.training != flag:
+                m.training = flag
 
 
 def check_objective_result(value: Any, name: str) -> torch.Tensor:

@@ -17,6 +17,7 @@ from bilevel.state import (
     check_data_matches,
     check_objective_result,
     make_state,
+    modes_kept,
     parameter_names,
 )
 
@@ -92,7 +93,9 @@ class BDAStep(GradientStep):
         ul_weight = alpha * self.ul_scale
         total = loss if alpha == 0.0 else (1.0 - alpha) * loss  # alpha = 0: exactly GD
         if ul_weight != 0.0:
-            ul_loss = check_objective_result(self.ul_objective(self.ul_state), "ul_objective")
+            with modes_kept(self.ul_state["ll_model"]):  # its .eval() stays in it
+                ul_loss = self.ul_objective(self.ul_state)
+            ul_loss = check_objective_result(ul_loss, "ul_objective")
             total = total + ul_weight * ul_loss
         grads = torch.autograd.grad(total, weights, create_graph=create_graph, allow_unused=True)
         if step == 0:

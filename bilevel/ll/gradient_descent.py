@@ -37,6 +37,7 @@ from bilevel.state import (
     Objective,
     check_data_matches,
     check_same_device_and_dtype,
+    draws_untouched,
     make_state,
     parameter_names,
     trainable_parameters,
@@ -573,7 +574,10 @@ class GradientDescent:
                 for p in self.ll_model.parameters()
             ]
             active = [start[i] for i in unroll.index]
-            with torch.enable_grad(), evaluate_at(unroll.model, start):
+            # a message must not change the run: the evaluation's random draws (dropout,
+            # noise) leave the global RNG where it was
+            untouched = draws_untouched(start[0].device)
+            with untouched, torch.enable_grad(), evaluate_at(unroll.model, start):
                 # the step map's direction (the LL gradient for gradient descent; a later
                 # step's index, so that no first-step hook runs again)
                 _, grads = unroll.step_map.direction(active, unroll.state, unroll.steps, True)

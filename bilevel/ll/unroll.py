@@ -95,6 +95,10 @@ class Observer(Protocol):
     With ``detach_inputs`` each step's graph starts at its inputs (forward mode: tangents
     carry the past); otherwise the steps keep the graph the run was asked for.
 
+    An optional method ``before_step(weights)`` is called with the step's input weights
+    before the step map runs (an observer that must replay the step's random draws captures
+    the generators there).
+
     Two optional attributes make an observer cheaper to run (both absent: every step is
     observed with its graph, as forward-mode tangents need):
 
@@ -250,6 +254,9 @@ class Unroll:
             }
             self._install(params, active)
         keep = graph or self.observer_graph
+        before = getattr(self.observer, "before_step", None) if observe else None
+        if before is not None:
+            before(active)
         new, new_state, loss, grads = self._apply(active, keep)
         if observe:
             self.observer.propagate(active, self.opt_state, new, new_state)

@@ -20,6 +20,7 @@ from bilevel.state import (
     check_objective_result,
     check_same_device_and_dtype,
     make_state,
+    modes_kept,
     parameter_names,
     trainable_parameters,
 )
@@ -173,14 +174,18 @@ class HypergradientCalculator:
         return make_state(data, target, self.ul_model, auxiliary_model)
 
     def ul_loss(self, call: Call) -> torch.Tensor:
-        """Evaluate and check the UL objective on the auxiliary model."""
+        """Evaluate and check the UL objective on the auxiliary model (a mode it switches the
+        model to, ``.eval()``, holds for this evaluation only)."""
         state = self.states(call.auxiliary_model, call.validate_data, call.validate_target)
-        return check_objective_result(self.ul_objective(state), "ul_objective")
+        with modes_kept(call.auxiliary_model):
+            return check_objective_result(self.ul_objective(state), "ul_objective")
 
     def ll_loss(self, call: Call) -> torch.Tensor:
-        """Evaluate and check the LL objective on the auxiliary model."""
+        """Evaluate and check the LL objective on the auxiliary model (a mode it switches the
+        model to holds for this evaluation only)."""
         state = self.states(call.auxiliary_model, call.train_data, call.train_target)
-        return check_objective_result(self.ll_objective(state), "ll_objective")
+        with modes_kept(call.auxiliary_model):
+            return check_objective_result(self.ll_objective(state), "ll_objective")
 
     def compute_gradients(
         self,

@@ -13,6 +13,7 @@ from torch import nn
 
 from bilevel.ll import Trajectory, evaluate_at, fast_weights
 from bilevel.ll.hyper import Schedule
+from bilevel.state import Draws, capture_draws, replay_draws
 from bilevel.ul.base import Call, Grads, HypergradientCalculator, add, detached_weights
 
 Tensors = list[torch.Tensor]
@@ -27,6 +28,9 @@ class StoredIterates:
     Attributes:
         weights: ``weights[t]``: the trainable LL weights before step ``t`` (``w_0 .. w_{T-1}``).
         states: ``states[t]``: the update rule's state before step ``t`` (momentum buffers, ...).
+        draws: ``draws[t]``: torch's generators before step ``t``, so that the recomputed
+            step makes the random draws (dropout masks, noise) the step made (one object for
+            consecutive steps that drew nothing).
         schedule: the run's hyperparameters (callables already evaluated, with their graph to
             the UL parameters), so that the recomputed steps use the same values.
         step_map: the run's step map.
@@ -35,6 +39,7 @@ class StoredIterates:
 
     weights: list[Tensors]
     states: list[State]
+    draws: list[Draws]
     schedule: Schedule
     step_map: Any
     state: dict
@@ -80,14 +85,17 @@ class MemorySavingReverse(HypergradientCalculator):
     LL's initial weights (MAML) receive ``alpha_0``. The result is the hypergradient of
     :class:`~bilevel.ul.Reverse` (the same unrolled map, to round-off), for any update rule
     and hyperparameter form of :class:`bilevel.ll.GradientDescent`; the recomputed steps use
-    the hyperparameter values of the run (callables are evaluated once per run).
+    the hyperparameter values of the run (callables are evaluated once per run) and replay
+    the random draws of the run's steps (dropout, noise drawn in the objective: torch's
+    generator state before each step is kept), without moving the global RNG.
 
     Cost: the LL run without a graph, then per step one more LL gradient with a graph and
     one backward pass through it (about one Hessian-vector product): about the time of
     ``Reverse`` plus one LL run without a graph. Memory: ``T`` copies of the LL weights (and
     of the optimizer state) plus the graph of one step, instead of the graph of ``T`` steps:
     the saving is the ratio of a step's graph (activations, the double-backward graph) to
-    the weights.
+    the weights. An objective that draws at random adds torch's generator state per step
+    (5 kB for the CPU generator); one that draws nothing adds none.
 
     References: Franceschi, Donini, Frasconi & Pontil (2017), "Forward and Reverse
     Gradient-Based Hyperparameter Optimization", ICML (reverse mode over stored iterates);
@@ -130,12 +138,15 @@ class MemorySavingReverse(HypergradientCalculator):
         unroll = ll.start(data, target, graph_from_start=False, ul_batch=ul_batch)
         weights: list[Tensors] = []
         states: list[State] = []
+        draws: list[Draws] = []
         losses = None
         with _frozen(self.ul_model):
             for t in range(ll.iters):
                 # the steps may overwrite the weights in place: store copies
                 weights.append([w.detach().clone() for w in self._active(unroll.model, unroll)])
                 states.append({k: [s.detach() for s in v] for k, v in unroll.opt_state.items()})
+                now = capture_draws(weights[-1][0].device)
+                draws.append(draws[-1] if draws and draws[-1].same_as(now) else now)
                 loss = unroll.step(graph=False)
                 if losses is None:
                     losses = loss.new_empty(ll.iters)
@@ -144,7 +155,7 @@ class MemorySavingReverse(HypergradientCalculator):
         ll._check_losses(losses, unroll)
         trajectory = unroll.record(losses, 0)
         trajectory.observed = StoredIterates(
-            weights, states, unroll.schedule, unroll.step_map, unroll.state
+            weights, states, draws, unroll.schedule, unroll.step_map, unroll.state
         )
         return trajectory
 
@@ -204,7 +215,8 @@ class MemorySavingReverse(HypergradientCalculator):
         for i, w in zip(active, w_t, strict=True):
             at[i] = w
         hyper = stored.schedule.at(t, detach=False)
-        with evaluate_at(model, at):
+        # the step's own random draws, replayed (the global RNG is left where the run left it)
+        with replay_draws(stored.draws[t]), evaluate_at(model, at):
             new, new_state, _, _ = stored.step_map(w_t, s_t, hyper, stored.state, t, True)
         outputs, seeds = [], []
         pairs = list(zip(new, alpha_w, strict=True))

@@ -12,31 +12,46 @@ from torch import nn
 from bilevel import linalg
 from bilevel.ll import GradientDescent, Trajectory, evaluate_at
 from bilevel.ll.patched import install
-from bilevel.state import Objective
+from bilevel.state import Draws, Objective, capture_draws, replay_draws
 from bilevel.ul.base import Call, Grads, HypergradientCalculator, add, detached_weights
 
 Tensors = list[torch.Tensor]
 
 
+class BeforeLastStep(list):
+    """The trainable weights ``w_{T-1}`` from which the last LL step started (a list), with
+    ``draws``: torch's generators before that step, whose random draws (dropout masks, noise
+    in the objective) the finite differences replay."""
+
+    draws: Draws | None = None
+
+
 class WeightsBeforeLastStep:
     """An LL-step observer that keeps the (detached) trainable weights at the input of the
-    latest step: after the run, the weights ``w_{T-1}`` from which the last step started.
-    It reads values of the last step only, so the steps keep no graph for it and the earlier
-    ones run in place (``needs_graph``, ``last_step_only``)."""
+    latest step, and the generators' state before it: after the run, the weights ``w_{T-1}``
+    from which the last step started and that step's draws. It reads values of the last step
+    only, so the steps keep no graph for it and the earlier ones run in place
+    (``needs_graph``, ``last_step_only``)."""
 
     detach_inputs = False
     needs_graph = False
     last_step_only = True
 
     def __init__(self) -> None:
-        self.weights: Tensors | None = None
+        self.weights: BeforeLastStep | None = None
+        self.draws: Draws | None = None
+
+    def before_step(self, weights: Tensors) -> None:
+        """Capture the generators before the step's map draws."""
+        self.draws = capture_draws(weights[0].device)
 
     def propagate(self, weights: Tensors, opt_state: dict, new: Tensors, new_state: dict) -> None:
         """Keep the step's input weights (the steps never modify them in place)."""
-        self.weights = [w.detach() for w in weights]
+        self.weights = BeforeLastStep(w.detach() for w in weights)
+        self.weights.draws = self.draws
 
-    def result(self) -> Tensors | None:
-        """The trainable weights before the last step."""
+    def result(self) -> BeforeLastStep | None:
+        """The trainable weights before the last step (and its draws)."""
         return self.weights
 
 
@@ -109,7 +124,10 @@ class FiniteDifference(HypergradientCalculator):
 
     Cost: no LL graph (the LL runs with an observer that keeps ``w_{T-1}``; all steps but the
     last are taken in place); then one UL gradient and two LL gradients. No Hessian-vector
-    product. The LL must be plain SGD (no momentum, no weight decay).
+    product. The LL must be plain SGD (no momentum, no weight decay). An LL objective that
+    draws at random (dropout, noise) is evaluated at ``w+`` and ``w-`` with the last LL step's
+    draws (replayed; the global RNG is left as it was): the mixed derivative of that step,
+    where two different draws would add noise growing as ``1 / r``.
 
     Reference: Liu, Simonyan & Yang (2019), "DARTS: Differentiable Architecture Search", ICLR.
 
@@ -205,8 +223,11 @@ class FiniteDifference(HypergradientCalculator):
             # floor keeps eps finite, r / floor <= 1 / tiny, so that 0 * eps is not NaN)
             floor = max(self.r, 1.0) * torch.finfo(norm.dtype).tiny
             eps = self.r / norm.clamp_min(floor)
-            plus = self._ll_gradients(call, weights, active, before, u, eps, wanted, 1.0)
-            minus = self._ll_gradients(call, weights, active, before, u, eps, wanted, -1.0)
+            # both points with the last step's random draws (dropout, noise): the mixed
+            # derivative of that step; other draws would add O(1/eps) noise
+            draws = getattr(before, "draws", None)
+            plus = self._ll_gradients(call, weights, active, before, u, eps, wanted, 1.0, draws)
+            minus = self._ll_gradients(call, weights, active, before, u, eps, wanted, -1.0, draws)
         # mixed = (plus - minus) * scale, the second derivative along u (times xi when the
         # direction is v); the UL parameters take direct - mixed
         scale = (common if common is not None else 1.0) / (2 * eps)
@@ -241,10 +262,12 @@ class FiniteDifference(HypergradientCalculator):
         eps: torch.Tensor,
         wanted: list[int],
         sign: float,
+        draws: Draws | None = None,
     ) -> list[torch.Tensor | None]:
         """``grad f`` with respect to the UL parameters and the trainable weights at positions
         ``wanted`` (those that UL parameters initialize), at ``w_{T-1} + sign * eps * u`` (the
-        other LL weights from ``weights``, as they are). Installs the moved weights in the
+        other LL weights from ``weights``, as they are), with the random draws ``draws`` (the
+        last LL step's; the global RNG is left as it was). Installs the moved weights in the
         auxiliary model: call it where they are restored afterwards."""
         with torch.no_grad():
             moved = [torch.add(b, ui * eps, alpha=sign) for b, ui in zip(before, u, strict=True)]
@@ -254,7 +277,11 @@ class FiniteDifference(HypergradientCalculator):
         for i, x in zip(active, moved, strict=True):
             at[i] = x
         install(call.auxiliary_model, at)
-        loss = self.ll_loss(call)
+        if draws is None:
+            loss = self.ll_loss(call)
+        else:
+            with replay_draws(draws):
+                loss = self.ll_loss(call)
         inputs = [*self.ul_params, *(moved[k] for k in wanted)]
         return list(torch.autograd.grad(loss, inputs, allow_unused=True))
 

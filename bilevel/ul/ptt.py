@@ -9,6 +9,7 @@ import torch
 
 from bilevel.ll import evaluate_at
 from bilevel.ll.patched import install
+from bilevel.state import Draws, capture_draws, modes_kept, replay_draws
 from bilevel.ul.base import Call, Grads, HypergradientCalculator
 
 Tensors = list[torch.Tensor]
@@ -40,7 +41,9 @@ class PTT(HypergradientCalculator):
     about where the LL dynamics pass, which is what lets IAPTT-GM handle non-convex LL
     problems whose solution set is not a singleton. Cost: one UL forward pass per LL step
     (without a graph) to choose ``k*``, then one backward pass through ``k*`` steps; memory as
-    ``Reverse`` (all steps keep their graph).
+    ``Reverse`` (all steps keep their graph). A UL objective that draws at random (dropout)
+    draws anew at each iterate; the loss differentiated at ``k*`` replays the draws it was
+    compared with (it is the largest of the losses compared).
 
     Reference: Liu, Liu, Yuan, Zeng & Zhang (2021), "Towards Gradient-based Bilevel
     Optimization with Non-convex Followers and Beyond" (IAPTT-GM), NeurIPS.
@@ -69,9 +72,11 @@ class PTT(HypergradientCalculator):
                 "PTT needs an LL run that kept every iterate: run the LL with "
                 "ul.run_ll(ll, data, target), or let BilevelProblem(ll, ul) drive it."
             )
-        chosen = self._worst(call, iterates)
+        chosen, draws = self._worst(call, iterates)
         self.diagnostics["ptt_step"] = chosen + 1
-        with evaluate_at(call.auxiliary_model, self._weights(call, iterates[chosen])):
+        # the loss compared at k*, with its draws (the global RNG is left where it is)
+        weights = self._weights(call, iterates[chosen])
+        with replay_draws(draws), evaluate_at(call.auxiliary_model, weights):
             loss = self.ul_loss(call)
         grads = torch.autograd.grad(loss, self.ul_params, allow_unused=True)
         return list(grads), loss
@@ -84,18 +89,23 @@ class PTT(HypergradientCalculator):
             weights[i] = w
         return weights
 
-    def _worst(self, call: Call, iterates: list[Tensors]) -> int:
-        """The index of the iterate with the largest UL loss (one host sync)."""
+    def _worst(self, call: Call, iterates: list[Tensors]) -> tuple[int, Draws]:
+        """The index of the iterate with the largest UL loss (one host sync), and the
+        generators' state before its evaluation (to replay its random draws)."""
         model = call.auxiliary_model
         weights = list(call.trajectory.weights)  # frozen ones as they are
         index = [i for i, t in enumerate(call.trajectory.trainable) if t]
         state = self.states(model, *call.val)  # one state, as the LL steps share theirs
-        losses = []
+        losses, draws = [], []
         with torch.no_grad(), evaluate_at(model, weights):  # the final weights back on exit
             for trainable in iterates:
                 for i, w in zip(index, trainable, strict=True):
                     weights[i] = w
                 install(model, weights)
-                losses.append(self.ul_objective(state))
+                now = capture_draws(weights[index[0]].device)
+                draws.append(draws[-1] if draws and draws[-1].same_as(now) else now)
+                with modes_kept(model):
+                    losses.append(self.ul_objective(state))
         losses = [loss if loss.ndim == 0 else loss.reshape(()) for loss in losses]
-        return int(torch.stack(losses).argmax())
+        chosen = int(torch.stack(losses).argmax())
+        return chosen, draws[chosen]

@@ -13,7 +13,13 @@ from torch import nn
 
 from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
-from bilevel.state import Objective, check_objective_result, make_state
+from bilevel.state import (
+    Objective,
+    capture_draws,
+    check_objective_result,
+    make_state,
+    replay_draws,
+)
 from bilevel.ul.base import (
     Call,
     Grads,
@@ -415,12 +421,17 @@ class StochasticImplicit(HypergradientCalculator):
         return _or_zeros(hv, w)
 
     def _check_split(self, model: nn.Module, train: Batch) -> None:
-        """``ll_objective == output_loss(outputs) + rest`` on the full batch (to round-off)."""
+        """``ll_objective == output_loss(outputs) + rest`` on the full batch (to round-off).
+        Both sides make the same random draws (dropout, noise in the objective), and the
+        check leaves the global RNG where it was."""
+        draws = capture_draws(self.ul_params[0].device)
         with torch.no_grad():
             state = self._state(model, train)
-            outputs, output_loss, rest = self._split(state, graph=False)
-            split = output_loss(outputs) + rest
-            whole = self.ll_objective(state)
+            with replay_draws(draws):
+                outputs, output_loss, rest = self._split(state, graph=False)
+                split = output_loss(outputs) + rest
+            with replay_draws(draws):
+                whole = self.ll_objective(state)
         eps = torch.finfo(whole.dtype).eps
         gap = float((split - whole).abs())
         if not gap <= math.sqrt(eps) * (1.0 + float(whole.abs())):
