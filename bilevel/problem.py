@@ -231,26 +231,7 @@ class BilevelProblem:
         # passes over the other processes' tasks, so that every task gets the draws one
         # process would give it and every process ends with the same generator state
         skip = getattr(self.ul, "skip_task", None) if group and len(tasks) > 1 else None
-        losses = []  # per task: the UL loss and the last LL loss
-        fault: Exception | None = None
-        for i in range(len(tasks)) if skip is not None else mine:
-            try:
-                if i not in mine or fault is not None:
-                    if skip is not None:
-                        skip(*tasks[i])
-                    continue
-                kept = self.ul.state_dict() if skip is not None else None
-                try:
-                    losses.extend(self.ul.task_gradients(self.ll, *mine[i]))
-                except Exception:
-                    if kept is not None:  # the task's draws as if it had run to its end
-                        self.ul.load_state_dict(kept)
-                        skip(*tasks[i])
-                    raise
-            except Exception as error:
-                if not group:
-                    raise
-                fault = error  # raised after the all-reduce, with every other process
+        losses, fault = self._run_tasks(tasks, mine, skip, group)
         if weight == 0.0:  # a copy of rank 0's work (see _share): rank 0's result is kept
             losses = []
             for p in self.ul_params:
@@ -278,30 +259,73 @@ class BilevelProblem:
             for t in (*grads, totals):
                 t.mul_(weight)
         if group:
-            world, rank = distributed.world_size(), distributed.rank()
-            flags = reference.new_zeros(2 * world + 1)  # [numeric fault | other error | stop]
-            if fault is not None:
-                flags[rank + (0 if isinstance(fault, FloatingPointError) else world)] = 1
-            flags[-1] = float(self._signal is not None)
-            # the models' buffers (batch-norm running statistics, which the UL objective moves
-            # on each process with its own share): rank 0's, on every process, in the same
-            # buffer (the others add zeros)
-            buffers = self._buffers()
-            sent = [
-                b.detach().to(reference.dtype) if rank == 0 else reference.new_zeros(b.shape)
-                for b in buffers
-            ]
-            reduced = distributed.all_reduce_sum([*grads, totals, flags, *sent])
-            grads, (totals, flags) = reduced[: len(grads)], reduced[len(grads) : len(grads) + 2]
-            with torch.no_grad():
-                for b, value in zip(buffers, reduced[len(grads) + 2 :], strict=True):
-                    b.copy_(value if b.is_floating_point() else value.round())
-            self._raise_for_faults(flags.tolist(), world, fault)
+            grads, totals = self._reduce(grads, totals, fault)
         for p, g in zip(self.ul_params, grads, strict=True):
             p.grad = g
         ul_loss, ll_loss = totals.unbind()
         self.last_ll_loss = ll_loss
         return ul_loss
+
+    def _run_tasks(
+        self,
+        tasks: Sequence[tuple[Pair, Pair]],
+        mine: dict[int, Any],
+        skip: Callable[..., None] | None,
+        group: bool,
+    ) -> tuple[list[torch.Tensor], Exception | None]:
+        """Run this process's tasks (``mine``, by index), adding their hypergradients to
+        ``.grad``: ``([ul_loss, ll_loss] per task, the fault or None)``. ``skip`` (a method's
+        own draws, under a process group) passes over the other processes' tasks and over
+        those after a fault, so that the draws stay those of one process. Without a process
+        group a fault is raised at once; with one it is returned, to be raised after the
+        all-reduce, with every other process."""
+        losses: list[torch.Tensor] = []
+        fault: Exception | None = None
+        for i in range(len(tasks)) if skip is not None else mine:
+            try:
+                if i not in mine or fault is not None:
+                    if skip is not None:
+                        skip(*tasks[i])
+                    continue
+                kept = self.ul.state_dict() if skip is not None else None
+                try:
+                    losses.extend(self.ul.task_gradients(self.ll, *mine[i]))
+                except Exception:
+                    if kept is not None:  # the task's draws as if it had run to its end
+                        self.ul.load_state_dict(kept)
+                        skip(*tasks[i])
+                    raise
+            except Exception as error:
+                if not group:
+                    raise
+                fault = error
+        return losses, fault
+
+    def _reduce(
+        self, grads: list[torch.Tensor], totals: torch.Tensor, fault: Exception | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Sum the weighted hypergradients and losses over the processes, in one all-reduce
+        that also carries each process's fault flags and stop request, and rank 0's buffers
+        (batch-norm running statistics, which the UL objective moves on each process with
+        its own share: the others add zeros). Raises on every process if any failed."""
+        reference = self.ul_params[0]
+        world, rank = distributed.world_size(), distributed.rank()
+        flags = reference.new_zeros(2 * world + 1)  # [numeric fault | other error | stop]
+        if fault is not None:
+            flags[rank + (0 if isinstance(fault, FloatingPointError) else world)] = 1
+        flags[-1] = float(self._signal is not None)
+        buffers = self._buffers()
+        sent = [
+            b.detach().to(reference.dtype) if rank == 0 else reference.new_zeros(b.shape)
+            for b in buffers
+        ]
+        reduced = distributed.all_reduce_sum([*grads, totals, flags, *sent])
+        grads, (totals, flags) = reduced[: len(grads)], reduced[len(grads) : len(grads) + 2]
+        with torch.no_grad():
+            for b, value in zip(buffers, reduced[len(grads) + 2 :], strict=True):
+                b.copy_(value if b.is_floating_point() else value.round())
+        self._raise_for_faults(flags.tolist(), world, fault)
+        return grads, totals
 
     def _share(self, tasks: Sequence[tuple[Pair, Pair]]) -> tuple[dict[int, Any], float]:
         """Under ``torch.distributed``: the tasks this process runs (by their index in
