@@ -551,11 +551,11 @@ def benchopt_section(result: dict, img: Path) -> list[str]:
         "middle column. With the rank-one oracle its stochastic solvers compile each epoch "
         f"of {result['every']} iterations into one XLA program (`jax.lax.scan`): no "
         "per-operation dispatch, no autograd graph. Ours runs every iteration as eager "
-        "PyTorch operations and autograd passes on 64 x 50 arithmetic: some 140 operations "
-        "per SOBA iteration and 160 per SABA iteration (torch profiler), most of them the "
-        "objectives' forward passes and the three autograd passes; profiled (cProfile), the "
-        "autograd engine takes about a quarter of the time, the objectives, minibatch "
-        "selection (about 7%), the UL optimizer's step and bookkeeping the rest. No change "
+        "PyTorch operations and autograd passes on 64 x 50 arithmetic: many small "
+        "operations per iteration, most of them the objectives' forward passes and the three "
+        "autograd passes, with the time spread over the autograd engine, the objectives, "
+        "minibatch selection, the UL optimizer's step and bookkeeping (what profiles showed "
+        "when this was written; they are not recorded in the repository). No change "
         "inside the methods' files closes that gap: it would take a compiled path "
         "(`torch.compile` or CUDA graphs over a whole step).",
         "",

@@ -4,8 +4,9 @@
     # default: benchmarks/results/method_families.json
 
 Everything on the page comes from the JSON file: the tables, the figures, the machine, the
-date, the command, the targets met or missed, and where a BOAT operation is faster or more
-accurate than ours. Table cells and helpers are ``report.py``'s.
+date, the command, the targets met or missed, and where a BOAT operation is faster, more
+accurate (however little) or uses less memory than ours. Table cells and helpers are
+``report.py``'s.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ IMAGES = ROOT / "docs" / "img" / "method_families"
 IMPLS = ("bilevel", "boat", "floor")
 IMPL_NAMES = {"bilevel": "bilevel", "boat": "BOAT", "floor": "torch floor"}
 TARGET_FLOOR = 1.1
+#: two float64 relative errors closer than this differ by round-off, not by the method
+ROUND_OFF = 1e-12
 #: ours against the floor across processes and inside one (benchmarks/process_check.py)
 PROCESS_CHECK = HERE / "results" / "method_families_process_check.json"
 FLOOR_TARGETS = {"bda": "BDA", "ptt": "PTT", "fd": "DARTS"}
@@ -88,6 +91,16 @@ PROBLEMS = {
     "mnist": "MNIST data hyper-cleaning",
     "meta": "Omniglot-shaped meta-step",
 }
+
+
+AHEAD = "Where BOAT is faster, more accurate or uses less memory"
+AHEAD_ANCHOR = "where-boat-is-faster-more-accurate-or-uses-less-memory"
+
+
+def boat_better(pair: tuple[str, dict, float, float, bool]) -> bool:
+    """Whether BOAT's side of an ``accuracy_pairs`` entry is strictly better than ours."""
+    what, _, ours, boat, _ = pair
+    return boat < ours if what == "error" else boat > ours
 
 
 def setting(c: dict[str, Any]) -> str:
@@ -213,17 +226,25 @@ class Page:
             )
         pairs = self.accuracy_pairs()
         worse = [p for p in pairs if not p[4]]
+        closer = [p for p in pairs if p[4] and boat_better(p)]
+        round_off = [p for p in closer if p[0] == "error" and p[2] - p[3] <= ROUND_OFF]
+        by = "by round-off" if len(round_off) == len(closer) else "by round-off or under 1%"
         lines.append(
             f"- **Accuracy against BOAT.** On {len(pairs)} comparisons of the same operation "
             f"(hypergradient error on ridge and logistic, test accuracy after hyper-cleaning), "
             f"ours is at least as accurate in {len(pairs) - len(worse)}"
             + (
-                "; BOAT is more accurate in "
-                + ", ".join(self.pair_text(p) for p in worse)
-                + " (see [where BOAT is ahead](#where-boat-is-faster-or-more-accurate))."
-                if worse
-                else "."
+                ", counting a difference of round-off or under 1% as equal; in "
+                f"{len(closer)} of them BOAT's answer is closer {by}"
+                if closer
+                else ""
             )
+            + (
+                "; BOAT is more accurate in " + ", ".join(self.pair_text(p) for p in worse)
+                if worse
+                else ""
+            )
+            + (f" (see [where BOAT is ahead](#{AHEAD_ANCHOR}))." if worse or closer else ".")
         )
         boat = self.time_pairs("boat")
         if boat:
@@ -594,11 +615,12 @@ class Page:
         return "–" if found is None else mib(found)
 
     def boat_ahead(self) -> list[str]:
-        out = ["## Where BOAT is faster or more accurate", ""]
+        out = [f"## {AHEAD}", ""]
         worse = [p for p in self.accuracy_pairs() if not p[4]]
         faster = [(c, r) for c, r in self.time_pairs("boat") if r >= 1]
         for p in worse:
             out.append(f"- **More accurate**: {self.pair_text(p)}, ours vs BOAT's.")
+        out += self.closer()
         for c, r in sorted(faster, key=lambda x: -x[1]):
             ours, boat = self.res.median(c, "bilevel"), self.res.median(c, "boat")
             out.append(
@@ -608,7 +630,8 @@ class Page:
         for c, ours, boat in self.less_memory():
             out.append(
                 f"- **Less memory**: {name(c)} on {PROBLEMS[c['problem']]} ({setting(c)}): "
-                f"BOAT's peak {mib(boat)} MiB vs ours {mib(ours)} MiB."
+                f"BOAT's peak {mib(boat)} MiB vs ours {mib(ours)} MiB "
+                f"({mib(ours - boat)} MiB or {100 * (ours - boat) / ours:.1f}% less)."
             )
         if len(out) == 2:
             out.append("- Nowhere in this run.")
@@ -624,14 +647,55 @@ class Page:
         return out
 
     def less_memory(self) -> list[tuple[dict, float, float]]:
-        """(config, ours, BOAT's) where BOAT's peak is more than 5% below ours."""
+        """(config, ours, BOAT's) wherever BOAT's peak is below ours, however little."""
         found = []
         for suite in ("cleaning", "meta"):
             for c in self.configs(suite):
                 ours, boat = self.memory(c, "bilevel"), self.memory(c, "boat")
-                if ours and boat and boat < 0.95 * ours:
+                if ours and boat and boat < ours:
                     found.append((c, ours, boat))
         return found
+
+    def closer(self) -> list[str]:
+        """Where BOAT's answer is better than ours by less than what the "More accurate" lines
+        count (round-off, or less than 1%): the error against the exact hypergradient, the
+        error against the operation's own definition, and the test accuracy after
+        hyper-cleaning."""
+        lines = []
+        for c in self.configs("regression"):
+            for field, against in (
+                ("error_exact", "the exact hypergradient"),
+                ("error_target", "the operation's own definition"),
+            ):
+                ours, boat = self.error(c, "bilevel", field), self.error(c, "boat", field)
+                if ours is None or boat is None or boat >= ours:
+                    continue
+                same = ours <= boat * 1.01 or ours <= 1e-12
+                if field == "error_exact" and not same:
+                    continue  # a "More accurate" line above
+                kind = (
+                    "Closer at round-off"
+                    if ours - boat <= ROUND_OFF
+                    else "Closer by less than 1%"
+                    if same
+                    else "More accurate"
+                )
+                lines.append(
+                    f"- **{kind}**: {name(c)} on {c['problem']} ({setting(c)}), relative error "
+                    f"against {against}: BOAT's {sci(boat)} vs ours {sci(ours)}, lower by "
+                    f"{ours - boat:.1e}."
+                )
+        for c in self.configs("training"):
+            ours, boat = self.final(c, "bilevel"), self.final(c, "boat")
+            if ours and boat and ours["test_accuracy"] < boat["test_accuracy"]:
+                a, b = ours["test_accuracy"], boat["test_accuracy"]
+                if a < b - 1e-4:
+                    continue  # a "More accurate" line above
+                lines.append(
+                    f"- **Higher test accuracy by less than 0.01 points**: {NAMES[c['method']]} "
+                    f"on hyper-cleaning, BOAT's {100 * b:.4f}% vs ours {100 * a:.4f}%."
+                )
+        return lines
 
     def boat_findings(self) -> list[str]:
         """What BOAT's answers are, where they differ from the exact ones."""

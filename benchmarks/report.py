@@ -6,7 +6,8 @@ Given several files, later ones replace the records they repeat (e.g. a ``--memo
 rerun over a full run).
 
 Everything on the page comes from the JSON file: the tables, the plots, the machine, the
-date, the command, and the list of configurations where a peer is faster than us.
+date, the command, and the lists of configurations where a peer is faster than us, uses
+less memory, or is more accurate (however little).
 """
 
 from __future__ import annotations
@@ -41,6 +42,22 @@ METHOD_NAMES = {
     "hyperrep": "hyper-representation (Reverse)",
 }
 TARGET_BOAT, TARGET_FLOOR = 0.8, 1.1
+#: each problem's precision when its configuration names none (``problems._build``)
+PROBLEM_DTYPE = {
+    "ridge": "float64",
+    "logistic": "float64",
+    "ridge_large": "float32",
+    "cleaning": "float32",
+    "meta": "float32",
+}
+EPS = {"float64": 2.220446049250313e-16, "float32": 1.1920928955078125e-07}
+#: two relative errors closer than this many machine epsilons differ by round-off only
+ROUND_OFF_EPS = 100
+ERROR_FIELDS = {
+    "error_exact": "relative error against the exact hypergradient",
+    "error_unrolled": "relative error against the exact T-step unrolled hypergradient",
+    "difference_to_floor": "relative distance to the floor's hypergradient",
+}
 COLORS = {"reverse": "C0", "truncated": "C1", "cg": "C2", "forward": "C3"}
 
 
@@ -377,6 +394,90 @@ def verdicts(res: Results) -> tuple[list[str], list[str]]:
     return faster, targets
 
 
+def unique_configs(res: Results, suites: tuple[str, ...]) -> list[dict]:
+    """The configurations of ``suites``, each once (a sweep point may repeat a table's)."""
+    seen, out = set(), []
+    for suite in suites:
+        for c in res.configs.get(suite, []):
+            if key(c) not in seen:
+                seen.add(key(c))
+                out.append(c)
+    return out
+
+
+def less_memory(res: Results) -> tuple[str, list[str]]:
+    """Where a peer's peak memory is below ours, however little: a lead sentence with the
+    count and the largest gaps, and one line per configuration and peer."""
+    lines, compared, gaps = [], 0, []
+    for c in unique_configs(res, ("regression", "scaling", "cleaning", "meta")):
+        mine = res.get("memory", c, "bilevel")
+        if not mine or "bytes" not in mine:
+            continue
+        for peer in PEERS:
+            theirs = res.get("memory", c, peer)
+            if not theirs or "bytes" not in theirs:
+                continue
+            compared += 1
+            ours, other = mine["bytes"], theirs["bytes"]
+            if other < ours:
+                what = f"{NAMES[peer]} on {c['problem']} {METHOD_NAMES[c['method']]} ({setting(c)})"
+                gaps.append((ours - other, ours / other, what))
+                lines.append(
+                    f"- {what}: {mib(other)} MiB against our {mib(ours)} MiB "
+                    f"({mib(ours - other)} MiB less; ours / theirs = {ours / other:.2f})"
+                )
+    if not lines:
+        return "No peer uses less memory than us on any configuration that both measured.", []
+    most, ratio_most = max(gaps), max(gaps, key=lambda g: g[1])
+    lead = (
+        f"Where a peer uses less peak memory than us (in {len(lines)} of {compared} "
+        "comparisons; the largest gap "
+        f"{mib(most[0])} MiB, {most[2]}; the largest ratio ours / theirs "
+        f"{ratio_most[1]:.2f}, {ratio_most[2]}; RSS above the baseline in a fresh process, "
+        "see [how it is measured](#how-it-is-measured)):"
+    )
+    return lead, lines
+
+
+def more_accurate(res: Results) -> list[str]:
+    """Where a peer's hypergradient is closer to the reference than ours, however little:
+    one line per peer and measure, round-off apart from larger differences."""
+    groups: dict[tuple[str, str, bool], list[tuple[dict, float, float]]] = defaultdict(list)
+    for c in unique_configs(res, ("regression", "sweep", "cleaning", "meta")):
+        mine = res.get("error", c, "bilevel")
+        if not mine:
+            continue
+        eps = EPS[c.get("dtype", PROBLEM_DTYPE.get(c["problem"], "float32"))]
+        for peer in PEERS:
+            theirs = res.get("error", c, peer)
+            for field in ERROR_FIELDS:
+                if not theirs or field not in theirs or field not in mine:
+                    continue
+                ours, other = mine[field], theirs[field]
+                if other < ours:
+                    round_off = ours - other <= ROUND_OFF_EPS * eps
+                    groups[(peer, field, round_off)].append((c, ours, other))
+    lines = []
+    for (peer, field, round_off), found in groups.items():
+        where = [f"{c['problem']} {METHOD_NAMES[c['method']]} ({setting(c)})" for c, _, _ in found]
+        if round_off:
+            largest = max(ours - other for _, ours, other in found)
+            lines.append(
+                f"- {NAMES[peer]}, lower {ERROR_FIELDS[field]} by round-off only (by at most "
+                f"{largest:.1e}, under {ROUND_OFF_EPS} machine epsilons of the problem's "
+                f"precision): " + "; ".join(where)
+            )
+        else:
+            lines.append(
+                f"- {NAMES[peer]}, lower {ERROR_FIELDS[field]}: "
+                + "; ".join(
+                    f"{w}: {sci(other)} against our {sci(ours)}"
+                    for w, (_, ours, other) in zip(where, found, strict=True)
+                )
+            )
+    return lines
+
+
 # --------------------------------------------------------------------------- plots
 
 
@@ -621,6 +722,7 @@ def page(res: Results, source: Path, images: dict[str, str]) -> str:
     d = res.data
     m = d["machine"]
     faster, targets = verdicts(res)
+    (lighter_lead, lighter), closer = less_memory(res), more_accurate(res)
     versions = ", ".join(f"{NAMES.get(i, i)} {v}" for i, v in d.get("versions", {}).items())
     dirty = " with uncommitted changes" if d["git"]["dirty"] else ""
     shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source
@@ -783,6 +885,16 @@ def page(res: Results, source: Path, images: dict[str, str]) -> str:
         else "No peer is faster than us on any configuration that both run.",
         "",
         *faster,
+        "",
+        lighter_lead,
+        "",
+        *lighter,
+        "",
+        "Where a peer's hypergradient is more accurate than ours, however little:"
+        if closer
+        else "No peer's hypergradient is more accurate than ours on any configuration.",
+        "",
+        *closer,
         "",
         "## Findings about the peers",
         "",

@@ -68,9 +68,11 @@ FIXED_UL_METHOD = {
 }
 #: per-method defaults of the LL (inner loop); MAML's are those of Finn et al. (2017).
 #: First-order MAML drops the factor (I - lr H) of each inner step, and with one step of 0.4
-#: on this network lr * eig(H) spans about [-80, 50] at initialization and [-4, 7.5] at a
-#: MAML-trained point: far from I. It learns with small steps (several, as Nichol et al. 2018
-#: run it); see benchmarks/omniglot_diagnosis.py.
+#: on this network lr * eig(H), with H measured after iMAML's proximal inner loop, spans
+#: about [-5.8, 26.7] at initialization and [-0.69, 5.8] at a MAML-trained point
+#: (benchmarks/results/omniglot_diagnosis_imaml_{init,maml300}.json): far from I. It learns
+#: with small steps (several, as Nichol et al. 2018 run it); see
+#: benchmarks/omniglot_diagnosis.py.
 INNER_DEFAULTS = {
     "maml": {"inner_steps": 1, "inner_lr": 0.4},
     "fomaml": {"inner_steps": 5, "inner_lr": 0.1},

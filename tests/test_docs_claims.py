@@ -402,3 +402,96 @@ def test_troubleshooting_states_the_growth_default() -> None:
     assert ll.on_growth == "raise"
     section = between(page("troubleshooting.md"), '## "The LL loss grew', '## "lr (a UL variable')
     assert "LowerLevelDivergenceError" in section and 'on_growth="raise"' in section
+
+
+def test_finite_difference_many_steps_cosines_match_their_json() -> None:
+    """methods.md quotes benchmarks/fd_many_steps.py's cosines and norm ratios."""
+    results = {r["condition_number"]: r for r in load("fd_many_steps.json")["results"]}
+    text = re.sub(r"\s+", " ", page("methods.md"))
+    quoted = re.findall(
+        r"([\d.]+)-([\d.]+) at condition number (\d+), with a norm ([\d.]+)-([\d.]+)%", text
+    )
+    assert len(quoted) == 2, quoted
+    for low, high, kappa, n_low, n_high in quoted:
+        r = results[float(kappa)]
+        assert (low, high) == (f"{r['cosine_min']:.3f}", f"{r['cosine_max']:.3f}")
+        digits = 0 if float(n_low) >= 10 else 1
+        assert (n_low, n_high) == (
+            f"{100 * r['norm_ratio_min']:.{digits}f}",
+            f"{100 * r['norm_ratio_max']:.{digits}f}",
+        )
+    assert "benchmarks/results/fd_many_steps.json" in text
+
+
+def test_omniglot_first_order_maml_curvature_matches_the_diagnosis() -> None:
+    """The Hessian eigenvalues quoted for first-order MAML's step, and alpha times them, are
+    the extremes over the tasks of the cited diagnosis files (at iMAML's adapted weights)."""
+    text = re.sub(r"\s+", " ", page("omniglot.md"))
+    quoted = re.search(
+        r"eigenvalues lie between ([-\d.]+) and ([\d.]+) at initialization and between "
+        r"([-\d.]+) and ([\d.]+) at a MAML-trained point, so that with MAML's single step "
+        r"\$\\alpha = ([\d.]+)\$, \$\\alpha \\cdot \\text\{eig\}\(H\)\$ there spans about "
+        r"\$\[([-\d.]+), ([\d.]+)\]\$ and \$\[([-\d.]+), ([\d.]+)\]\$",
+        text,
+    )
+    assert quoted, "omniglot.md no longer quotes the support Hessian's range for MAML's step"
+    values = [float(x) for x in quoted.groups()]
+    alpha = values[4]
+    for i, name in enumerate(("init", "maml300")):
+        tasks = load(f"omniglot_diagnosis_imaml_{name}.json")["per_reg"]["2.0"]["tasks"]
+        low = min(t["curvature"]["H_lambda_min"] for t in tasks)
+        high = max(t["curvature"]["H_lambda_max"] for t in tasks)
+        assert values[2 * i] == pytest.approx(low, abs=0.051), name
+        assert values[2 * i + 1] == pytest.approx(high, abs=0.051), name
+        assert values[5 + 2 * i] == pytest.approx(alpha * low, rel=0.02), name
+        assert values[6 + 2 * i] == pytest.approx(alpha * high, rel=0.02), name
+    long = {r["name"]: r for r in load("omniglot_runs.json")["runs"]}["long-imaml-damped-5w1s-h32"]
+    assert (
+        f"{long['test_accuracy_pct']:.2f} ± {long['test_ci95_pct']:.2f}% at "
+        f"{long['meta_steps']:,}" in text
+    )
+    assert f"{long['cpu_minutes']:.1f} CPU minutes" in text
+
+
+def test_every_peer_with_less_memory_or_a_closer_answer_is_named() -> None:
+    """Where a peer's peak memory or hypergradient error is below ours, however little, the
+    benchmarks and method families pages say so (counted here from the JSON directly)."""
+    data = load(sorted(RESULTS.glob("2*-*.json"))[-1].name)
+    by = {
+        (r["kind"], json.dumps(r["config"], sort_keys=True), r["impl"]): r for r in data["records"]
+    }
+    text = page("benchmarks.md")
+    lighter = set()
+    for (kind, config, impl), r in by.items():
+        c = json.loads(config)
+        if kind != "memory" or impl not in ("boat", "torchopt") or c["suite"] == "sweep":
+            continue
+        ours = by.get((kind, config, "bilevel"))
+        if ours and "bytes" in ours and "bytes" in r and r["bytes"] < ours["bytes"]:
+            lighter.add((impl, json.dumps({k: v for k, v in c.items() if k != "suite"})))
+    listed = re.findall(r"^- (BOAT|TorchOpt) on .* MiB against our .* MiB", text, re.M)
+    assert len(listed) == len(lighter) > 0
+    assert re.search(r"Where a peer's hypergradient is more accurate than ours", text)
+
+    families = load("method_families.json")
+    text = page("method_families.md")
+    records = {
+        (r["kind"], json.dumps(r["config"], sort_keys=True), r["impl"]): r
+        for r in families["records"]
+    }
+    less = closer = 0
+    for (kind, config, impl), r in records.items():
+        ours = records.get((kind, config, "bilevel"))
+        if impl != "boat" or ours is None:
+            continue
+        suite = json.loads(config)["suite"]
+        if kind == "memory" and suite in ("cleaning", "meta"):
+            less += "bytes" in r and "bytes" in ours and r["bytes"] < ours["bytes"]
+        if kind == "error" and suite == "regression":
+            for field in ("error_exact", "error_target"):
+                closer += field in r and field in ours and r[field] < ours[field]
+        if kind == "error" and suite == "training" and r.get("final") and ours.get("final"):
+            closer += r["final"]["test_accuracy"] > ours["final"]["test_accuracy"]
+    assert text.count("- **Less memory**: ") == less > 0
+    lines = re.findall(r"^- \*\*(?:More accurate|Closer|Higher)[^*]*\*\*: ", text, re.M)
+    assert len(lines) == closer > 0
