@@ -197,6 +197,18 @@ def provenance() -> dict[str, Any]:
     }
 
 
+def invocation(device: torch.device) -> dict[str, Any]:
+    """What one invocation of a run ran on: hardware, threads, device, date and commit (kept
+    in ``progress.json`` by :meth:`RunRecord.note_invocation`, so that the results of a run
+    resumed elsewhere name every machine and checkout that made them)."""
+    return {
+        "hardware": hardware(device),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        **provenance(),
+    }
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically (:func:`bilevel.checkpoint.atomic_write`)."""
     checkpoint.atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
@@ -536,6 +548,7 @@ class RunRecord:
         self.previous_seconds = self.previous_cpu = 0.0
         self.seconds_at_checkpoint = self.cpu_at_checkpoint = 0.0
         self.history: list[dict[str, Any]] = []
+        self.invocations: list[dict[str, Any]] = []
         self.resumed_from = 0
         if self.checkpoint.exists():
             # read first: a damaged or unsafe file is reported as such, whatever progress.json
@@ -558,6 +571,12 @@ class RunRecord:
             self.previous_cpu = float(saved.get("cpu_seconds_at_checkpoint", 0.0))
             self.cpu_at_checkpoint = self.previous_cpu
             self.history = [h for h in saved["history"] if h["step"] <= self.resumed_from]
+            # the invocations whose steps the checkpoint holds (one that saved none is dropped)
+            self.invocations = [
+                i
+                for i in saved.get("invocations", [])
+                if isinstance(i, dict) and i.get("from_step", 0) < self.resumed_from
+            ]
         self.started = time.perf_counter()
         self.started_cpu = time.process_time()
 
@@ -576,6 +595,11 @@ class RunRecord:
         """CPU seconds of this process in the UL loop (all threads), summed over resumes; on a
         shared machine a steadier measure of cost than wall-clock time."""
         return self.previous_cpu + time.process_time() - self.started_cpu
+
+    def note_invocation(self, info: dict[str, Any]) -> None:
+        """Record this invocation (``info``: see :func:`invocation`), from the step it resumes
+        at; saved with the next checkpoint's progress."""
+        self.invocations.append({"from_step": self.resumed_from, **info})
 
     def begin(self) -> None:
         """Write ``progress.json`` of a fresh run (a checkpoint never goes without one)."""
@@ -607,6 +631,7 @@ class RunRecord:
             "settings": self.settings,
             "seconds_at_checkpoint": self.seconds_at_checkpoint,
             "cpu_seconds_at_checkpoint": self.cpu_at_checkpoint,
+            "invocations": self.invocations,
         }
         write_json(self.path, {**saved, "history": self.history})
 

@@ -126,6 +126,7 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
     signals handled)."""
     torch.manual_seed(args.seed)
     device, out, record = torch.device(args.device), run.out, run.record
+    record.note_invocation(_common.invocation(device))
     data = _common.mnist_split(args.data_root, "mnist", 60000 - 10000, 10000, args.seed)
     x, y = (t.to(device) for t in data["train"])
     x_val, y_val = (t.to(device) for t in data["val"])
@@ -180,6 +181,7 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
         "settings": _common.settings_of(args),
         "hardware": _common.hardware(device),
         **_common.provenance(),
+        "invocations": record.invocations,
         "history": record.history,
     }
     _common.write_json(out / _common.RESULTS_FILE, results)

@@ -165,6 +165,7 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
     """The body of :func:`main`, in its open :class:`_common.Run` (folder checked and locked,
     signals handled)."""
     device, out, record = torch.device(args.device), run.out, run.record
+    record.note_invocation(_common.invocation(device))
 
     data = _common.mnist_split(args.data_root, args.dataset, args.n_train, args.n_val, args.seed)
     train, val, test = (tuple(t.to(device) for t in data[k]) for k in ("train", "val", "test"))
@@ -247,6 +248,7 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
         "settings": {**_common.settings_of(args), "ul_steps": args.ul_steps},
         "hardware": _common.hardware(device),
         **_common.provenance(),
+        "invocations": record.invocations,
         "history": record.history,
     }
     title = f"{args.dataset}, {args.method}: test acc {final['test_acc']:.4f}"

@@ -263,6 +263,7 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
     """The body of :func:`main`, in its open :class:`_common.Run` (folder checked and locked,
     signals handled)."""
     device, out, record = torch.device(args.device), run.out, run.record
+    record.note_invocation(_common.invocation(device))
 
     data = _common.mnist_split(args.data_root, args.dataset, args.n_train, args.n_val, args.seed)
     (x, y_clean), val, test = data["train"], data["val"], data["test"]
@@ -363,6 +364,8 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
         "seconds_per_ul_step": round(seconds / max(problem.step_count, 1), 4),
         "cpu_seconds": round(cpu_seconds, 2),
         "resumed_from_step": record.resumed_from,
+        # the machine and code of each invocation that made the learned weights
+        "invocations": record.invocations,
         "baseline": baseline,
         "oracle": oracle,
         "history": record.history,

@@ -68,11 +68,9 @@ FIXED_UL_METHOD = {
 }
 #: per-method defaults of the LL (inner loop); MAML's are those of Finn et al. (2017).
 #: First-order MAML drops the factor (I - lr H) of each inner step, and with one step of 0.4
-#: on this network lr * eig(H), with H measured after iMAML's proximal inner loop, spans
-#: about [-5.8, 26.7] at initialization and [-0.69, 5.8] at a MAML-trained point
-#: (benchmarks/results/omniglot_diagnosis_imaml_{init,maml300}.json): far from I. It learns
-#: with small steps (several, as Nichol et al. 2018 run it); see
-#: benchmarks/omniglot_diagnosis.py.
+#: on this network lr * eig(H) spans about [-80, 50] at initialization and [-4, 7.5] at a
+#: MAML-trained point: far from I. It learns with small steps (several, as Nichol et al. 2018
+#: run it); see benchmarks/omniglot_diagnosis.py.
 INNER_DEFAULTS = {
     "maml": {"inner_steps": 1, "inner_lr": 0.4},
     "fomaml": {"inner_steps": 5, "inner_lr": 0.1},
@@ -549,6 +547,8 @@ def experiment(
     best_path = out / "best.pt"
     if best_path.exists():  # a damaged file is reported now, not after the training
         read_best(best_path)
+    if main_process:
+        record.note_invocation(_common.invocation(device))
     vals = [h["val_accuracy"] for h in record.history if h.get("val_accuracy") is not None]
     best = max(vals, default=-1.0)
     ll_label = " with BDA" if args.ll == "bda" else ""
@@ -573,10 +573,10 @@ def experiment(
 
     postfix: dict[str, str] = {}
     stopped: str | None = None
-    # CPU time of this process (all its threads), summed over resumed runs like the wall time
-    cpu_before = next(
-        (h["cpu_seconds"] for h in reversed(record.history) if "cpu_seconds" in h), 0.0
-    )
+    # CPU time of this process (all its threads), summed over resumed runs like the wall time:
+    # that of the steps in the checkpoint, which progress.json keeps with it (the last log
+    # record can be older: a checkpoint on a signal or by time falls between records)
+    cpu_before = record.previous_cpu
     # ... of which validation (not counted in --budget-cpu-minutes)
     val_cpu = next(
         (h["val_cpu_seconds"] for h in reversed(record.history) if "val_cpu_seconds" in h), 0.0
@@ -585,13 +585,23 @@ def experiment(
     def train_cpu_seconds() -> float:
         return cpu_before + time.process_time() - cpu_start - val_cpu
 
+    def over_budget() -> bool:
+        budget = args.budget_cpu_minutes
+        return budget is not None and train_cpu_seconds() >= 60 * budget
+
     invocation_start = time.perf_counter()
     cpu_start = time.process_time()
+    # a run that has spent its budget takes no further step when the same command is run
+    # again (after a stop during the test evaluation, say): it is tested as it stands
+    (spent,) = agree_any([over_budget()], device)
+    if spent and start < args.meta_steps and main_process:
+        print(f"{label}: the CPU budget of {args.budget_cpu_minutes:g} minutes is spent")
+    end = start if spent else args.meta_steps
     bar = tqdm(total=args.meta_steps, initial=start, disable=not progress, desc=label)
     with bar, warnings.catch_warnings(), run.loop():
         # the CG non-positive-curvature warning is counted in the log instead
         warnings.filterwarnings("ignore", message="CG met a direction")
-        for step in range(start, args.meta_steps):
+        for step in range(start, end):
             try:
                 losses.append(problem.meta_step(batch(step)))
             except LowerLevelDivergenceError as error:
@@ -609,8 +619,7 @@ def experiment(
             done = step + 1
             elapsed = time.perf_counter() - invocation_start
             out_of_time = args.max_minutes is not None and elapsed > 60 * args.max_minutes
-            if args.budget_cpu_minutes is not None:
-                out_of_time |= train_cpu_seconds() >= 60 * args.budget_cpu_minutes
+            out_of_time |= over_budget()
             # every process stops at the same step, on a clock or a signal of any of them
             out_of_time, stop = agree_any([out_of_time, run.stop_requested], device)
             last = done == args.meta_steps or out_of_time
@@ -672,8 +681,20 @@ def experiment(
     best_step = meta_steps
     if best_path.exists():
         saved = read_best(best_path)
-        exp.ul_model.load_state_dict(saved["ul_model"])
-        evaluated, best_step = "best", saved["step"]
+        # only a model of this run's validations: best.pt can be another run's, left in the
+        # folder when its checkpoint and progress.json were deleted to start again
+        ours = any(
+            h.get("step") == saved["step"] and h.get("val_accuracy") == saved.get("val_accuracy")
+            for h in record.history
+        )
+        if ours:
+            exp.ul_model.load_state_dict(saved["ul_model"])
+            evaluated, best_step = "best", saved["step"]
+        else:
+            print(
+                f"{label}: {best_path} is not the model of any validation of this run (left "
+                "by another run?): testing the final model"
+            )
     started = time.perf_counter()
     test_acc, test_ci = mean_ci95(exp.evaluate(test, args.eval_tasks, progress))
     eval_seconds = time.perf_counter() - started
@@ -700,6 +721,8 @@ def experiment(
         "settings": {**settings, **{k: getattr(args, k) for k in RESUMABLE}},
         "hardware": _common.hardware(device),
         **_common.provenance(),
+        # the machine and code of each invocation that trained the model tested
+        "invocations": record.invocations,
         "device": str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
