@@ -65,14 +65,17 @@ def ul_objective(state: dict[str, Any]) -> torch.Tensor:
 
 
 def accuracy(ll: FixedPointMap, model: Equilibrium, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Test accuracy: the fixed point of each batch, without a graph."""
+    """Test accuracy on all of ``x``: the fixed point of each batch, without a graph. The LL
+    state has one row per example of a batch of fixed size, and each row's iteration is its
+    own; a last, partial batch is filled up with the first examples, which are not counted."""
     batch, correct = ll.ll_model.z.shape[0], 0
     with torch.no_grad():
-        for start in range(0, len(x) - batch + 1, batch):
-            xb, yb = x[start : start + batch], y[start : start + batch]
-            z = ll.run(xb, yb, differentiable_steps=0).weights[0]
-            correct += int((model.classifier(z).argmax(1) == yb).sum())
-    return correct / (len(x) // batch * batch)
+        for start in range(0, len(x), batch):
+            index = torch.arange(start, start + batch) % len(x)
+            z = ll.run(x[index], y[index], differentiable_steps=0).weights[0]
+            real = min(batch, len(x) - start)
+            correct += int((model.classifier(z[:real]).argmax(1) == y[start : start + real]).sum())
+    return correct / len(x)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
