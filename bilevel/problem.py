@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from bilevel import checkpoint as ckpt
 from bilevel import distributed
-from bilevel.ll import GradientDescent
+from bilevel.ll import GradientDescent, PerElement, PerStep
 from bilevel.state import all_finite, check_data_matches, map_tensors, tensor_leaves
 
 Pair = tuple[Any, Any]
@@ -174,6 +174,8 @@ class BilevelProblem:
         def plain(value: Any) -> Any:
             if isinstance(value, int | float | str | bool | type(None)):
                 return value
+            if isinstance(value, PerElement | PerStep):  # recorded as the value it marks
+                return plain(value.value)
             if isinstance(value, tuple | list):
                 return [plain(v) for v in value]
             if isinstance(value, torch.Tensor):

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from bilevel import BilevelProblem, checkpoint, distributed
 from bilevel.data import Omniglot, TaskSampler
-from bilevel.ll import BDA, GradientDescent, LowerLevelDivergenceError
+from bilevel.ll import BDA, GradientDescent, LowerLevelDivergenceError, PerElement
 from bilevel.models import ConvNet4, FewShotNet
 from bilevel.ul import FirstOrder, Implicit, Reptile, Reverse, Truncated
 
@@ -159,8 +159,12 @@ class Experiment:
         else:
             self.ul_model = self.ll_model = FewShotNet(args.ways, hidden=args.hidden).to(device)
         self.query_accuracy: list[torch.Tensor] = []
-        # Meta-SGD's step sizes are UL leaves shaped like the weights
-        lr = list(self.ul_model.lr) if args.method == "metasgd" else args.inner_lr
+        # Meta-SGD's step sizes are UL leaves shaped like the weights, marked per-element: a
+        # bias of --ways entries would otherwise also read as a schedule of as many LL steps
+        if args.method == "metasgd":
+            lr = [PerElement(t) for t in self.ul_model.lr]
+        else:
+            lr = args.inner_lr
         models = (self.ll_model, self.ul_model, lr, args.inner_steps)
         if args.ll == "bda":
             ll = BDA(

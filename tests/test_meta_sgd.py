@@ -10,7 +10,7 @@ from problems import DTYPE, Linear
 from torch import nn
 
 from bilevel import BilevelProblem
-from bilevel.ll import GradientDescent
+from bilevel.ll import GradientDescent, PerElement, PerStep
 from bilevel.ul import Reverse
 
 
@@ -131,3 +131,132 @@ def test_a_refusal_of_many_step_sizes_summarizes_them():
     x, y = torch.randn(12, 40, generator=g, dtype=DTYPE), torch.randn(12, generator=g, dtype=DTYPE)
     with pytest.raises(ValueError, match=r"1 of 40 values outside it \(from inf to inf\)"):
         problem.hypergradient((x, y), (x, y))
+
+
+# A (5,) parameter with 5 LL steps: a (5,) value is both per-element and a per-step schedule
+# (a 5-way head's bias with 5 inner steps); PerElement and PerStep say which is meant.
+STEP_SIZES = [0.1, 0.2, 0.05, 0.15, 0.12]
+
+
+def _ambiguous_problem():
+    torch.manual_seed(0)
+    net = Linear(5, torch.randn(5, dtype=DTYPE))
+    meta = nn.Module()
+    meta.net = net
+    meta.lrs = nn.Parameter(torch.tensor(STEP_SIZES, dtype=DTYPE))
+    g = torch.Generator().manual_seed(2)
+    x, xv = (torch.randn(12, 5, generator=g, dtype=DTYPE) for _ in range(2))
+    y, yv = (torch.randn(12, generator=g, dtype=DTYPE) for _ in range(2))
+    return net, meta, (x, y), (xv, yv)
+
+
+def _by_hand(net, meta, x, y, xv, yv, per_element):
+    """The hypergradient (initialization, step sizes) of 5 hand-written steps
+    ``w <- w - lrs * grad`` (per element) or ``w <- w - lrs[t] * grad`` (per step)."""
+    w0 = net.w.detach().clone().requires_grad_()
+    lrs = meta.lrs.detach().clone().requires_grad_()
+    w = w0
+    for t in range(5):
+        w = w - (lrs if per_element else lrs[t]) * (x.T @ (x @ w - y) / len(x))
+    return torch.autograd.grad(0.5 * (xv @ w - yv).pow(2).mean(), [w0, lrs])
+
+
+MARKED = {
+    "PerElement item": lambda m: [PerElement(m.lrs)],
+    "PerElement around a callable": lambda m: [PerElement(lambda ul: ul.lrs)],
+    "PerElement returned": lambda m: [lambda ul: PerElement(ul.lrs)],
+    "PerElement around the list": lambda m: PerElement([m.lrs]),
+    "PerStep item": lambda m: [PerStep(m.lrs)],
+    "PerStep whole value": lambda m: PerStep(m.lrs),
+    "PerStep around a callable": lambda m: [PerStep(lambda ul: ul.lrs)],
+    "PerStep returned, whole value": lambda m: lambda ul: PerStep(ul.lrs),
+}
+
+
+@pytest.mark.parametrize("form", list(MARKED))
+def test_marked_values_of_an_ambiguous_shape_match_their_hand_written_unroll(form):
+    net, meta, (x, y), (xv, yv) = _ambiguous_problem()
+    per_element = form.startswith("PerElement")
+    expected = _by_hand(net, meta, x, y, xv, yv, per_element)
+    other = _by_hand(net, meta, x, y, xv, yv, not per_element)
+    # the two readings differ: the test tells them apart
+    assert (expected[1] - other[1]).abs().max() > 1e-3 * expected[1].abs().max()
+    ll = GradientDescent(task_loss, net, meta, lr=MARKED[form](meta), iters=5)
+    problem = BilevelProblem(ll, Reverse(task_loss, meta, task_loss, net))
+    grads = problem.hypergradient((x, y), (xv, yv))
+    named = dict(zip([n for n, _ in meta.named_parameters()], grads, strict=True))
+    torch.testing.assert_close(named["net.w"], expected[0], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(named["lrs"], expected[1], rtol=1e-12, atol=1e-15)
+
+
+def test_an_unmarked_ambiguous_value_is_refused_naming_the_markers():
+    net, meta, (x, y), (xv, yv) = _ambiguous_problem()
+    ambiguous = r"both a per-step schedule of 5 steps .*PerElement\(value\).*PerStep\(value\)"
+    with pytest.raises(ValueError, match=ambiguous):
+        GradientDescent(task_loss, net, meta, lr=[meta.lrs], iters=5)
+    # a callable's value: refused at the run that evaluates it
+    ll = GradientDescent(task_loss, net, meta, lr=[lambda ul: ul.lrs], iters=5)
+    problem = BilevelProblem(ll, Reverse(task_loss, meta, task_loss, net))
+    with pytest.raises(ValueError, match=ambiguous):
+        problem.hypergradient((x, y), (xv, yv))
+
+
+def test_markers_of_the_wrong_shape_or_form_are_refused():
+    net, meta, (x, y), (xv, yv) = _ambiguous_problem()
+    four = torch.full((4,), 0.1, dtype=DTYPE)
+
+    def build(lr, iters=5):
+        return GradientDescent(task_loss, net, meta, lr=lr, iters=iters)
+
+    with pytest.raises(ValueError, match=r"marked PerElement but has shape \(4,\), not its para"):
+        build([PerElement(four)])
+    with pytest.raises(ValueError, match=r"marked PerStep but has shape \(4,\); .* \(5,\)"):
+        build([PerStep(four)])
+    with pytest.raises(ValueError, match=r"marked PerStep but has shape \(5,\); .* \(3,\)"):
+        build(PerStep(meta.lrs), iters=3)
+    with pytest.raises(ValueError, match="marked PerElement, but it is not given per parameter"):
+        build(PerElement(meta.lrs))
+    with pytest.raises(ValueError, match="marked PerElement, but it is not given per parameter"):
+        build(PerElement(lambda ul: ul.lrs))
+    with pytest.raises(TypeError, match="PerStep wraps a 1-d tensor of length iters"):
+        PerStep(0.1)
+    with pytest.raises(TypeError, match="PerElement wraps a tensor or a callable"):
+        PerElement(PerStep(meta.lrs))
+    with pytest.raises(TypeError, match="wraps a list only as the whole value"):
+        build([PerElement([meta.lrs])])
+    # values returned by callables: checked at every run
+    for lr, error, match in [
+        ([PerElement(lambda ul: ul.lrs[:4])], ValueError, r"returned\) is marked PerElement but"),
+        ([lambda ul: PerStep(ul.lrs[:4])], ValueError, r"returned\) is marked PerStep but"),
+        ([PerElement(lambda ul: 0.1)], TypeError, "must be a tensor of its parameter's shape"),
+        ([PerElement(lambda ul: PerStep(ul.lrs))], ValueError, "mark it once"),
+    ]:
+        problem = BilevelProblem(build(lr), Reverse(task_loss, meta, task_loss, net))
+        with pytest.raises(error, match=match):
+            problem.hypergradient((x, y), (xv, yv))
+
+
+def test_marking_an_unambiguous_value_changes_nothing():
+    """A (4,) parameter with 5 steps: a (4,) value is per-element, marked or not; a (5,) value
+    is a schedule. Same hypergradient, same checkpoint settings."""
+    (x, y), (xv, yv) = data()
+    for unmarked, marker, values in [
+        (lambda ul: ul.log_lr.exp(), PerElement, [-2.0] * 4),  # a callable, per element
+        (None, PerStep, STEP_SIZES),  # a UL tensor, a schedule
+    ]:
+        results = []
+        for marked in (False, True):
+            torch.manual_seed(0)
+            net = Linear(4, torch.randn(4, dtype=DTYPE))
+            meta = nn.Module()
+            meta.net = net
+            meta.log_lr = nn.Parameter(torch.tensor(values, dtype=DTYPE))
+            lr = meta.log_lr if unmarked is None else unmarked
+            ll = GradientDescent(task_loss, net, meta, lr=[marker(lr) if marked else lr], iters=5)
+            problem = BilevelProblem(ll, Reverse(task_loss, meta, task_loss, net))
+            results.append((problem.hypergradient((x, y), (xv, yv)), problem.settings))
+        (plain_grads, plain_settings), (marked_grads, marked_settings) = results
+        assert all(g.abs().sum() > 0 for g in plain_grads)
+        for a, b in zip(plain_grads, marked_grads, strict=True):
+            assert torch.equal(a, b)
+        assert plain_settings == marked_settings

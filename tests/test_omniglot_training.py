@@ -13,6 +13,7 @@ import torch
 from example_modules import example_module
 
 from bilevel import BilevelProblem
+from bilevel.ll import fast_weights
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 METHODS = [
@@ -130,6 +131,54 @@ def test_metasgd_at_uniform_step_sizes_is_maml_and_learns_them(example):
     for got, want in zip(lrs, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
     assert any(g.abs().sum() > 0 for g in lrs)
+
+
+def test_metasgd_with_as_many_ways_as_inner_steps_steps_per_element(example):
+    """--ways 5 --inner-steps 5: the head's bias and its step sizes have shape (5,), which
+    also reads as a schedule of 5 LL steps; the example marks Meta-SGD's step sizes
+    per-element (bilevel.ll.PerElement). Its meta-gradient and its evaluation's adapted
+    weights are those of 5 hand-written per-element steps ``w <- w - alpha * grad``."""
+    argv = ["--method", "metasgd", "--ways", "5", "--inner-steps", "5", "--hidden", "4"]
+    torch.manual_seed(0)
+    meta = example.Experiment(example.parse_args(argv), "cpu")
+    batch = _double(meta)
+    with torch.no_grad():  # distinct step sizes: a per-step reading would differ
+        for lr in meta.ul_model.lr:
+            lr.copy_(0.02 + 0.08 * torch.rand_like(lr))
+    net = meta.ll_model
+    theta = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    alphas = [lr.detach().clone().requires_grad_() for lr in meta.ul_model.lr]
+    assert alphas[-1].shape == (5,)
+    ce = torch.nn.functional.cross_entropy
+
+    def adapt(xs, ys):
+        w = dict(theta)
+        for _ in range(5):
+            g = torch.autograd.grad(
+                ce(torch.func.functional_call(net, w, xs), ys), list(w.values()), create_graph=True
+            )
+            steps = zip(w.items(), alphas, g, strict=True)
+            w = {k: v - a * gi for (k, v), a, gi in steps}
+        return w
+
+    expected = [torch.zeros_like(v) for v in [*theta.values(), *alphas]]
+    for t in range(2):
+        w = adapt(batch["train"][0][t], batch["train"][1][t])
+        query = ce(torch.func.functional_call(net, w, batch["test"][0][t]), batch["test"][1][t])
+        grads = torch.autograd.grad(query, [*theta.values(), *alphas])
+        for e, g in zip(expected, grads, strict=True):
+            e += g / 2
+    grads = meta.problem.meta_hypergradient(batch)
+    names = [n for n, _ in meta.ul_model.named_parameters()]
+    order = [f"net.{k}" for k in theta] + [f"lr.{i}" for i in range(len(alphas))]
+    by_name = dict(zip(names, grads, strict=True))
+    for name, want in zip(order, expected, strict=True):
+        torch.testing.assert_close(by_name[name], want, rtol=1e-9, atol=1e-12, msg=name)
+    # the evaluation's LL (5 steps, as --eval-inner-steps defaults to --inner-steps)
+    xs, ys = batch["train"][0][0], batch["train"][1][0]
+    adapted = meta.adapt.optimize(xs, ys)
+    for got, want in zip(fast_weights(adapted), adapt(xs, ys).values(), strict=True):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-13)
 
 
 def test_reptile_moves_towards_weights_adapted_on_support_and_query(example):

@@ -13,7 +13,7 @@ from torch import nn
 
 from bilevel import linalg
 from bilevel.ll import hyper as hyperparameters
-from bilevel.ll.hyper import Schedule
+from bilevel.ll.hyper import PerElement, PerStep, Schedule
 from bilevel.ll.patched import (
     ModelChanged,
     evaluate_at,
@@ -628,6 +628,8 @@ class GradientDescent:
 
     @staticmethod
     def _describe(value: Any) -> str:
+        if isinstance(value, PerElement | PerStep):
+            return f"{type(value).__name__}({GradientDescent._describe(value.value)})"
         if isinstance(value, torch.Tensor):
             return str(value.detach().cpu().tolist())
         if callable(value):

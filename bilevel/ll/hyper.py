@@ -10,6 +10,12 @@ construction and, for those the UL steps move (callables, tensors that require g
 at every run: a learned step size driven below zero is refused, not run, except learned
 per-element step sizes (Meta-SGD's, whose sign sets each weight's direction), which are
 checked for finiteness and said once when an entry is at or below zero.
+
+A 1-d parameter of length ``iters`` makes an unmarked value of that shape ambiguous (a
+per-step schedule, or per-element values?): :class:`PerElement` and :class:`PerStep` say
+which is meant. They wrap a tensor or a callable (whose returned value may also be wrapped),
+as the whole value or as an item of the per-parameter list, and are checked against their
+parameter's shape and ``iters``; an unambiguous value means the same with or without one.
 """
 
 from __future__ import annotations
@@ -32,9 +38,117 @@ def _interval(bound: Bound) -> str:
     return f"{'[' if bound.closed_low else '('}{bound.low}, {bound.high})"
 
 
-def kind_of(value: Any, what: str, iters: int, shape: torch.Size | None) -> str:
+class _Marked:
+    """A value marked with its kind (see :class:`PerElement`, :class:`PerStep`)."""
+
+    kind = ""
+    expected = ""
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        name = type(self).__name__
+        if isinstance(value, _Marked):
+            raise TypeError(f"{name} wraps a tensor or a callable, got {value!r}.")
+        if not (isinstance(value, list | tuple | torch.Tensor) or callable(value)):
+            raise TypeError(
+                f"{name} wraps {self.expected}, a callable ul_model -> such a tensor, or a "
+                f"list of them (one per LL parameter tensor), got {_short(value)}."
+            )
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({_short(self.value)})"
+
+
+class PerElement(_Marked):
+    """Marks a hyperparameter value as per-element: a tensor shaped like its parameter, one
+    value per weight (Meta-SGD's learned step sizes, Li et al. 2017), or a callable
+    ``ul_model -> tensor`` returning one. Give it as an item of the per-parameter list
+    (``lr=[PerElement(t) for t in ul.lrs]``), or wrap the whole list
+    (``lr=PerElement(list(ul.lrs))``).
+
+    Only needed where a 1-d parameter's length equals ``iters`` (a 5-way head's bias with 5
+    LL steps), which makes an unmarked value of that shape ambiguous; elsewhere a value
+    shaped like its parameter is per-element already, marked or not.
+    """
+
+    kind = ELEMENTWISE
+    expected = "a tensor shaped like its parameter"
+
+
+class PerStep(_Marked):
+    """Marks a hyperparameter value as a per-step schedule: a 1-d tensor of length ``iters``
+    (one value per LL step), or a callable ``ul_model -> tensor`` returning one; as the whole
+    value (shared by all parameters), as an item of the per-parameter list, or wrapping the
+    whole list.
+
+    Only needed where a 1-d parameter's length equals ``iters``, which makes an unmarked value
+    of that shape ambiguous; elsewhere a 1-d tensor of length ``iters`` is a schedule already.
+    """
+
+    kind = SCHEDULE
+    expected = "a 1-d tensor of length iters"
+
+
+def _short(value: Any) -> str:
+    """A value in a few words (a tensor by its shape: it may hold thousands of entries)."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if callable(value):
+        return "a callable"
+    return (
+        repr(value) if isinstance(value, int | float | bool | type(None)) else type(value).__name__
+    )
+
+
+def _marker_name(mark: str | None) -> str:
+    return "PerElement" if mark == ELEMENTWISE else "PerStep"
+
+
+def _unmark(value: Any) -> tuple[Any, str | None]:
+    """A value without its marker, and the kind the marker gives (``None``: unmarked)."""
+    if isinstance(value, _Marked):
+        return value.value, value.kind
+    return value, None
+
+
+def _marked_kind(value: Any, what: str, iters: int, shape: torch.Size | None, mark: str) -> str:
+    """The kind of a value marked ``mark``, checked against ``iters`` or its parameter."""
+    marker = _marker_name(mark)
+    if mark == ELEMENTWISE and shape is None:
+        raise ValueError(
+            f"{what} is marked {marker}, but it is not given per parameter: per-element "
+            f"values come one per LL parameter tensor, as a list [{marker}(t), ...] (or "
+            f"{marker}([t, ...]) around the whole list)."
+        )
+    if not isinstance(value, torch.Tensor):
+        expected = "its parameter's shape" if mark == ELEMENTWISE else f"shape ({iters},)"
+        raise TypeError(
+            f"{what} is marked {marker}: it must be a tensor of {expected}, got {_short(value)}."
+        )
+    if not value.is_floating_point():
+        raise TypeError(f"{what} tensor must be floating point, got {value.dtype}.")
+    if mark == ELEMENTWISE and value.shape != shape:
+        raise ValueError(
+            f"{what} is marked {marker} but has shape {tuple(value.shape)}, not its "
+            f"parameter's shape {tuple(shape)}."
+        )
+    if mark == SCHEDULE and value.shape != (iters,):
+        raise ValueError(
+            f"{what} is marked {marker} but has shape {tuple(value.shape)}; a per-step "
+            f"schedule of {iters} steps (iters) has shape ({iters},)."
+        )
+    return mark
+
+
+def kind_of(
+    value: Any, what: str, iters: int, shape: torch.Size | None, mark: str | None = None
+) -> str:
     """Whether a value is a scalar, a per-step schedule or a per-element value (``shape``:
-    the parameter's shape when the value is for one parameter, else ``None``)."""
+    the parameter's shape when the value is for one parameter, else ``None``; ``mark``: the
+    kind a :class:`PerElement` or :class:`PerStep` marker gave it, checked)."""
+    if mark is not None:
+        return _marked_kind(value, what, iters, shape, mark)
     if not isinstance(value, torch.Tensor) or value.ndim == 0:
         return SCALAR
     if not value.is_floating_point():
@@ -44,7 +158,10 @@ def kind_of(value: Any, what: str, iters: int, shape: torch.Size | None) -> str:
     if schedule and elementwise:
         raise ValueError(
             f"{what} has shape {tuple(value.shape)}, both a per-step schedule of {iters} steps "
-            "and its parameter's shape: reshape the parameter, or change iters."
+            "and its parameter's shape: say which is meant with bilevel.ll.PerElement(value) "
+            "(one value per element of the parameter, as Meta-SGD's step sizes) or "
+            "bilevel.ll.PerStep(value) (one value per LL step), as the list's item or around "
+            "a callable (a callable may also return its value so marked)."
         )
     if schedule or elementwise:
         return SCHEDULE if schedule else ELEMENTWISE
@@ -97,6 +214,9 @@ class Hyper:
     shapes: list[torch.Size]
     kinds: list[str | None]  # per item, known at check; ``None`` for callables (per run)
     warned_negative: bool = False  # the learned per-element step sizes' warning, given once
+    #: per item, the kind its PerElement / PerStep marker gave (``None``: unmarked); ``items``
+    #: hold the values without their markers
+    marks: list[str | None] | None = None
 
     def _shape(self, index: int) -> torch.Size | None:
         return self.shapes[index] if self.per_parameter else None
@@ -106,17 +226,24 @@ class Hyper:
     ) -> list[tuple[Any, str]]:
         """The values for this run, with their kinds: callables evaluated on ``ul_model``."""
         values, moved, signed = [], [], []
+        marks = self.marks or [None] * len(self.items)
         for i, (item, kind) in enumerate(zip(self.items, self.kinds, strict=True)):
             if kind is None:
-                item = item(ul_model)
+                item, mark = _unmark(item(ul_model))
                 what = f"{self.name} (the value its callable returned)"
+                if mark is not None and marks[i] is not None and mark != marks[i]:
+                    raise ValueError(
+                        f"{what} is marked {_marker_name(mark)}, but its callable is wrapped "
+                        f"in {_marker_name(marks[i])}: mark it once."
+                    )
+                mark = mark or marks[i]
                 if isinstance(item, int | float) and not isinstance(item, bool):
                     item = float(item)
                 elif not isinstance(item, torch.Tensor):
                     raise TypeError(f"{what} must be a tensor or a float, got {type(item)}.")
                 else:
                     _check_placement(item, what, reference)
-                kind = kind_of(item, what, iters, self._shape(i))
+                kind = kind_of(item, what, iters, self._shape(i), mark)
                 if _meta_sgd_step_sizes(self.name, kind):
                     signed.append(item)
                 else:
@@ -161,6 +288,9 @@ class Hyper:
 def check(value: Any, name: str, bound: Bound, iters: int, shapes: list[torch.Size]) -> Hyper:
     """Validate a hyperparameter as given (see the module docstring); ``shapes`` are those of
     the trainable LL parameters."""
+    outer, outer_mark = _unmark(value)
+    if outer_mark is not None and isinstance(outer, list | tuple):
+        value = [type(value)(v) for v in outer]  # a marked list: each of its items marked
     per_parameter = isinstance(value, list | tuple)
     items = list(value) if per_parameter else [value]
     if per_parameter and len(items) != len(shapes):
@@ -168,15 +298,26 @@ def check(value: Any, name: str, bound: Bound, iters: int, shapes: list[torch.Si
             f"{name} is a sequence of {len(items)} values, but the LL model has {len(shapes)} "
             "trainable parameter tensors: give one value per tensor, or a single value."
         )
-    fixed, kinds = [], []
-    for i, item in enumerate(items):
+    fixed, kinds, marks = [], [], []
+    for i, given in enumerate(items):
+        item, mark = _unmark(given)
+        if isinstance(item, list | tuple):  # (validated by the marker otherwise)
+            raise TypeError(
+                f"{name}: {_marker_name(mark)} wraps a list only as the whole value, got a "
+                "list inside the per-parameter list."
+            )
+        items[i] = item
+        marks.append(mark)
         if callable(item) and not isinstance(item, torch.Tensor):
+            if mark == ELEMENTWISE and not per_parameter:
+                kind_of(item, name, iters, None, mark)  # raises: not per parameter
             kinds.append(None)
             continue
         if isinstance(item, bool) or not isinstance(item, int | float | torch.Tensor):
             raise TypeError(
                 f"{name} must be a float, a tensor, a callable ul_model -> tensor, or a list of "
-                f"them, got {type(item).__name__}."
+                f"them (a tensor or callable may be marked bilevel.ll.PerElement or PerStep), "
+                f"got {type(item).__name__}."
             )
         if isinstance(item, torch.Tensor) and item.grad_fn is not None:
             raise TypeError(
@@ -185,12 +326,13 @@ def check(value: Any, name: str, bound: Bound, iters: int, shapes: list[torch.Si
                 "inputs, and its graph would be reused across runs. Pass a callable instead: "
                 f"{name}=lambda ul: ul.log_lr.exp(), evaluated at every LL run."
             )
-        kinds.append(kind_of(item, name, iters, shapes[i] if per_parameter else None))
+        kinds.append(kind_of(item, name, iters, shapes[i] if per_parameter else None, mark))
         fixed.append(item)
     if fixed:
         _check_range(fixed, name, bound)
     items = [float(i) if isinstance(i, int | float) else i for i in items]
-    return Hyper(name, items, per_parameter, bound, shapes, kinds)
+    marked = marks if any(m is not None for m in marks) else None
+    return Hyper(name, items, per_parameter, bound, shapes, kinds, marks=marked)
 
 
 def _check_placement(item: torch.Tensor, what: str, reference: torch.Tensor) -> None:
