@@ -20,7 +20,14 @@ from tqdm.auto import tqdm
 from bilevel import checkpoint as ckpt
 from bilevel import distributed
 from bilevel.ll import GradientDescent, PerElement, PerStep
-from bilevel.state import all_finite, check_data_matches, map_tensors, tensor_leaves
+from bilevel.state import (
+    all_finite,
+    check_data_matches,
+    map_tensors,
+    parameter_names,
+    tensor_leaves,
+)
+from bilevel.ul.base import kept_buffers
 
 Pair = tuple[Any, Any]
 Batch = Pair | tuple[Pair, Pair] | dict[str, Pair]
@@ -225,6 +232,7 @@ class BilevelProblem:
         """
         if not tasks:
             raise ValueError("no task to compute a hypergradient on.")
+        self._check_ul_parameters()
         self._check_single_state(len(tasks))
         group = distributed.active()
         # without a process group every task is this process's, each weighing 1 / len(tasks)
@@ -316,7 +324,7 @@ class BilevelProblem:
         if fault is not None:
             flags[rank + (0 if isinstance(fault, FloatingPointError) else world)] = 1
         flags[-1] = float(self._signal is not None)
-        buffers = self._buffers()
+        buffers = [b for b in self._all_buffers() if not b.is_complex()]
         sent = [
             b.detach().to(reference.dtype) if rank == 0 else reference.new_zeros(b.shape)
             for b in buffers
@@ -350,15 +358,6 @@ class BilevelProblem:
             return {0: tasks[0]}, 1.0 if rank == 0 else 0.0
         return {0: (train, share[0])}, share[1]
 
-    def _buffers(self) -> list[torch.Tensor]:
-        """The real-valued buffers of the UL and LL models (each once)."""
-        seen: dict[int, torch.Tensor] = {}
-        for module in (self.ul.ul_model, self.ll.ll_model):
-            for b in module.buffers():
-                if not b.is_complex():
-                    seen.setdefault(id(b), b)
-        return list(seen.values())
-
     def _raise_for_faults(self, flags: list[float], world: int, fault: Exception | None) -> None:
         """After the all-reduce: raise on every process if any process failed."""
         self._peer_stop = flags[-1] > 0
@@ -380,6 +379,24 @@ class BilevelProblem:
                 "their share of this UL step (their messages say which); every process skips "
                 "or raises with them."
             )
+
+    def _check_ul_parameters(self) -> None:
+        """Refuse UL parameters frozen or unfrozen since the method was built: its UL
+        parameters are those that required grad then. A parameter unfrozen later would never
+        receive a hypergradient (and never move, silently); one frozen later would fail
+        inside autograd in methods that differentiate it."""
+        model = self.ul.ul_model
+        known = {id(p) for p in self.ul_params}
+        frozen = [p for p in self.ul_params if not p.requires_grad]
+        unfrozen = [p for p in model.parameters() if p.requires_grad and id(p) not in known]
+        for params, what in ((frozen, "frozen (requires_grad False)"), (unfrozen, "unfrozen")):
+            if params:
+                raise ValueError(
+                    f"UL parameter(s) {parameter_names(model, params)} were {what} after "
+                    f"{type(self.ul).__name__} was built: its UL parameters are those that "
+                    "required grad then. Build the method, the LL optimizer and the UL "
+                    "optimizer again for the new set of UL variables (a BilevelProblem too)."
+                )
 
     def _check_single_state(self, n_tasks: int) -> None:
         """Refuse what would move a method's one LL state several times in one UL step."""
@@ -403,8 +420,11 @@ class BilevelProblem:
         for p in self.ul_params:
             p.grad = None
         kept = self._method_state()
+        # a query: the models' buffers (batch-norm running statistics) as they were
+        buffers = [(b, b.detach().clone()) for b in self._all_buffers()]
         try:
-            self._accumulate(tasks)
+            with kept_buffers(buffers):
+                self._accumulate(tasks)
             grads = [
                 torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
                 for p in self.ul_params
@@ -414,6 +434,14 @@ class BilevelProblem:
             raise
         self._put_back(saved, kept, None)
         return grads
+
+    def _all_buffers(self) -> list[torch.Tensor]:
+        """Every buffer of the UL and LL models (each once)."""
+        seen: dict[int, torch.Tensor] = {}
+        for module in (self.ul.ul_model, self.ll.ll_model):
+            for b in module.buffers():
+                seen.setdefault(id(b), b)
+        return list(seen.values())
 
     def _put_back(
         self, grads: list[torch.Tensor | None], kept: tuple[dict, dict] | None, error: Any

@@ -3,7 +3,9 @@ evaluation of the objectives, and accumulation of the hypergradient into ``.grad
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -339,3 +341,14 @@ def detached_weights(trajectory: Trajectory) -> tuple[list[torch.Tensor], list[i
         for w, t in zip(trajectory.weights, trajectory.trainable, strict=True)
     ]
     return weights, [i for i, t in enumerate(trajectory.trainable) if t]
+
+
+@contextlib.contextmanager
+def kept_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """On exit, put each buffer of ``saved`` (``(buffer, copy)`` pairs) back to its copy."""
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, copy in saved:
+                buffer.copy_(copy)

@@ -10,7 +10,7 @@ import torch
 from bilevel.ll import evaluate_at
 from bilevel.ll.patched import install
 from bilevel.state import Draws, capture_draws, modes_kept, replay_draws
-from bilevel.ul.base import Call, Grads, HypergradientCalculator
+from bilevel.ul.base import Call, Grads, HypergradientCalculator, kept_buffers
 
 Tensors = list[torch.Tensor]
 
@@ -97,7 +97,10 @@ class PTT(HypergradientCalculator):
         index = [i for i, t in enumerate(call.trajectory.trainable) if t]
         state = self.states(model, *call.val)  # one state, as the LL steps share theirs
         losses, draws = [], []
-        with torch.no_grad(), evaluate_at(model, weights):  # the final weights back on exit
+        # the comparisons only choose k*: the UL model's buffers (batch-norm running
+        # statistics) move once per UL step, in the evaluation that is differentiated
+        buffers = [(b, b.detach().clone()) for b in self.ul_model.buffers()]
+        with torch.no_grad(), evaluate_at(model, weights), kept_buffers(buffers):
             for trainable in iterates:
                 for i, w in zip(index, trainable, strict=True):
                     weights[i] = w
