@@ -137,6 +137,14 @@ class BilevelProblem:
             hypergradient becomes NaN or inf (or a series diverges): ``"raise"`` an error that
             names the UL step and the method, or ``"skip"`` the UL step (counted in
             ``skipped_steps``). UL parameters never receive NaN.
+        ul_scheduler: a ``torch.optim.lr_scheduler`` scheduler of ``ul_optimizer``, stepped
+            after every UL step the optimizer takes (not after a skipped one) and saved in
+            checkpoints, so that a resumed run continues its schedule.
+
+    To transform the hypergradient before the step (clipping), take it from
+    :meth:`hypergradient` and step the optimizer yourself: a hook registered on a UL
+    parameter sees the partial terms that some methods add up (Implicit's direct and implicit
+    terms, Forward's per-step tangent terms), not the hypergradient.
     """
 
     def __init__(
@@ -145,6 +153,7 @@ class BilevelProblem:
         ul: Any,
         ul_optimizer: torch.optim.Optimizer | None = None,
         on_nonfinite: str = "raise",
+        ul_scheduler: Any = None,
     ) -> None:
         if not callable(getattr(ul, "task_gradients", None)):
             raise TypeError(
@@ -162,9 +171,11 @@ class BilevelProblem:
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
         if ul_optimizer is not None:
             _check_optimizer(ul_optimizer, ul, ll)
+        _check_scheduler(ul_scheduler, ul_optimizer)
         self.ll = ll
         self.ul = ul
         self.ul_optimizer = ul_optimizer
+        self.ul_scheduler = ul_scheduler
         self.on_nonfinite = on_nonfinite
         distributed.broadcast_modules(ul.ul_model, ll.ll_model)
         self.settings = self._settings()
@@ -210,6 +221,12 @@ class BilevelProblem:
             if opt is None
             else [type(opt).__name__]
             + [{k: plain(v) for k, v in g.items() if k != "params"} for g in opt.param_groups],
+            # only with one (checkpoints written without a scheduler resume as before)
+            **(
+                {}
+                if self.ul_scheduler is None
+                else {"ul_scheduler": type(self.ul_scheduler).__name__}
+            ),
             **ll_extra,
         }
 
@@ -531,6 +548,8 @@ class BilevelProblem:
             self.step_count += 1
             return torch.tensor(float("nan"))
         self.ul_optimizer.step()
+        if self.ul_scheduler is not None:
+            self.ul_scheduler.step()
         self.step_count += 1
         return loss
 
@@ -564,6 +583,9 @@ class BilevelProblem:
             "ul_model": self.ul.ul_model.state_dict(),
             "ll_model": self.ll.ll_model.state_dict(),
             "ul_optimizer": optimizer,
+            "ul_scheduler": None
+            if self.ul_scheduler is None
+            else ckpt.plain(self.ul_scheduler.state_dict()),
             "step": self.step_count,
             "skipped_steps": self.skipped_steps,
             "rng": ckpt.rng_state(),
@@ -652,6 +674,9 @@ class BilevelProblem:
                 "ul_optimizer": None
                 if self.ul_optimizer is None
                 else self.ul_optimizer.state_dict(),
+                "ul_scheduler": None
+                if self.ul_scheduler is None
+                else self.ul_scheduler.state_dict(),
                 "step": self.step_count,
                 "skipped_steps": self.skipped_steps,
                 "method": self.ul.state_dict() if hasattr(self.ul, "state_dict") else None,
@@ -664,6 +689,8 @@ class BilevelProblem:
         self.ll.ll_model.load_state_dict(state["ll_model"])
         if self.ul_optimizer is not None and state.get("ul_optimizer") is not None:
             self.ul_optimizer.load_state_dict(state["ul_optimizer"])
+        if self.ul_scheduler is not None and state.get("ul_scheduler") is not None:
+            self.ul_scheduler.load_state_dict(state["ul_scheduler"])
         self.step_count = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         if state.get("method") is not None:
@@ -677,6 +704,8 @@ class BilevelProblem:
         missing = []
         if self.ul_optimizer is not None and state.get("ul_optimizer") is None:
             missing.append(f"the UL optimizer's state ({type(self.ul_optimizer).__name__})")
+        if self.ul_scheduler is not None and state.get("ul_scheduler") is None:
+            missing.append(f"the UL scheduler's state ({type(self.ul_scheduler).__name__})")
         if hasattr(self.ul, "state_dict") and state.get("method") is None:
             missing.append(f"the state of {type(self.ul).__name__} (its variables across UL steps)")
         if missing:
@@ -952,6 +981,30 @@ def _module_differences(name: str, saved: Any, module: torch.nn.Module) -> list[
         elif a.dtype != b.dtype:
             out.append(f"{name}.{key}: dtype {a.dtype} -> {b.dtype}")
     return out
+
+
+def _check_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer | None) -> None:
+    """Refuse a UL scheduler that is not one of ``optimizer``'s, or one that needs a value
+    at each step (ReduceLROnPlateau: step it yourself, on a validation metric)."""
+    if scheduler is None:
+        return
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise TypeError(
+            "ul_scheduler: ReduceLROnPlateau steps on a metric, which BilevelProblem does not "
+            "have (a UL loss on one batch is noise). Step it yourself on a validation metric "
+            "(e.g. in run(..., log=...)) and keep its state_dict with the checkpoint."
+        )
+    for name in ("step", "state_dict", "load_state_dict"):
+        if not callable(getattr(scheduler, name, None)):
+            raise TypeError(
+                f"ul_scheduler must be a torch.optim.lr_scheduler scheduler (with {name}()), "
+                f"got {type(scheduler).__name__}."
+            )
+    if optimizer is None or getattr(scheduler, "optimizer", None) is not optimizer:
+        raise ValueError(
+            "ul_scheduler must schedule the ul_optimizer given to BilevelProblem (build it as "
+            "torch.optim.lr_scheduler.X(ul_optimizer, ...))."
+        )
 
 
 def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -311,3 +311,81 @@ def test_a_complete_state_of_a_stateful_method_resumes_bitwise(tmp_path):
     run(p, problem, 2)
     run(q, resumed, 2)
     assert all(torch.equal(a, b) for a, b in zip(params(p), params(q), strict=True))
+
+
+# --- a UL learning-rate scheduler ------------------------------------------------------
+
+
+def _scheduled(kind="step"):
+    """The ridge problem with Adam on the UL variables and a scheduler of it."""
+    p = ridge(n=30, d=3)
+    lower = GradientDescent(ridge_ll, p.ll_model, p.ul_model, LR, ITERS)
+    upper = Reverse(ridge_ul, p.ul_model, ridge_ll, p.ll_model)
+    optimizer = torch.optim.Adam(p.ul_model.parameters(), lr=0.05)
+    if kind == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0 / (1 + t))
+    return p, BilevelProblem(lower, upper, optimizer, ul_scheduler=scheduler)
+
+
+@pytest.mark.parametrize("kind", ["step", "lambda"])
+def test_a_ul_scheduler_steps_once_per_ul_step_as_torch_loop_does(kind):
+    """BilevelProblem(..., ul_scheduler=) steps it after every UL step, as a hand-written
+    loop of torch.optim does (the same trajectory, bit for bit)."""
+    p, problem = _scheduled(kind)
+    q, reference = _scheduled(kind)  # its problem only computes the hypergradients
+    for _ in range(5):
+        problem.step(p.train, p.val)
+        grads = reference.hypergradient(q.train, q.val)
+        for param, g in zip(reference.ul_params, grads, strict=True):
+            param.grad = g
+        reference.ul_optimizer.step()
+        reference.ul_scheduler.step()
+    assert (
+        problem.ul_optimizer.param_groups[0]["lr"] == reference.ul_optimizer.param_groups[0]["lr"]
+    )
+    assert all(torch.equal(a, b) for a, b in zip(params(p), params(q), strict=True))
+    if kind == "step":  # 0.05 halved after steps 2 and 4
+        assert problem.ul_optimizer.param_groups[0]["lr"] == 0.05 / 4
+
+
+def test_a_ul_scheduler_resumes_with_the_checkpoint(tmp_path):
+    """The schedule continues where it was: 2 + 3 steps through a checkpoint are the 5 steps
+    of one run, bit for bit (before, a scheduler stepped by hand restarted on resume)."""
+    p, straight = _scheduled()
+    run(p, straight, 5)
+    q, first = _scheduled()
+    run(q, first, 2)
+    first.save_checkpoint(tmp_path / "ckpt.pt")
+    r, resumed = _scheduled()
+    resumed.load_checkpoint(tmp_path / "ckpt.pt")
+    run(r, resumed, 3)
+    assert resumed.ul_optimizer.param_groups[0]["lr"] == straight.ul_optimizer.param_groups[0]["lr"]
+    assert all(torch.equal(a, b) for a, b in zip(params(p), params(r), strict=True))
+
+
+def test_a_checkpoint_without_the_schedulers_state_is_refused(tmp_path):
+    p, problem = _scheduled()
+    run(p, problem, 2)
+    state = problem.state_dict()
+    state["ul_scheduler"] = None
+    checkpoint.save(tmp_path / "partial.pt", state)
+    _, resumed = _scheduled()
+    with pytest.raises(ValueError, match=re.escape("the UL scheduler's state (StepLR)")):
+        resumed.load_checkpoint(tmp_path / "partial.pt")
+
+
+def test_a_scheduler_of_another_optimizer_or_on_a_metric_is_refused():
+    p = ridge(n=30, d=3)
+    lower = GradientDescent(ridge_ll, p.ll_model, p.ul_model, LR, ITERS)
+    upper = Reverse(ridge_ul, p.ul_model, ridge_ll, p.ll_model)
+    optimizer = torch.optim.SGD(p.ul_model.parameters(), lr=0.05)
+    other = torch.optim.SGD(p.ul_model.parameters(), lr=0.05)
+    with pytest.raises(ValueError, match="must schedule the ul_optimizer"):
+        BilevelProblem(
+            lower, upper, optimizer, ul_scheduler=torch.optim.lr_scheduler.StepLR(other, 2)
+        )
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    with pytest.raises(TypeError, match="ReduceLROnPlateau steps on a metric"):
+        BilevelProblem(lower, upper, optimizer, ul_scheduler=plateau)
