@@ -68,7 +68,8 @@ class BOME(FirstOrderMethod):
             (``phi = eta q``).
         lr_y: step size of the update of ``y`` (the paper's ``xi``, shared with the UL
             optimizer's learning rate): a number, or a callable ``k -> step size`` to follow
-            a decreasing UL schedule (``torch.optim.lr_scheduler.LambdaLR``); ``None``:
+            a decreasing UL schedule (``torch.optim.lr_scheduler.LambdaLR``, given as
+            ``BilevelProblem(..., ul_scheduler=...)`` so that checkpoints keep it); ``None``:
             ``ll.lr``, as benchopt's BOME does.
     """
 
