@@ -248,9 +248,7 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
             f"after {best['meta_steps']:,} meta-steps in {best['train_minutes']:.0f} minutes "
             f"({best['seconds_per_meta_step']:.2f} s per meta-step)."
         )
-    machines: dict[str, list[str]] = {}
-    for r in rows:
-        machines.setdefault(r["hardware"], []).append(r["name"])
+    machines = _by_machine(rows)
     if len(machines) == 1:
         hardware = list(machines)
     else:  # which runs ran where (a CPU's round-off steers a run's trajectory)
@@ -333,8 +331,9 @@ def equal_table(rows: list[dict[str, Any]]) -> list[str]:
             names = ", ".join(method_name(r) for r in pending)
             lines += [
                 "",
-                f"Still meta-training to {budget:g} CPU minutes (each run resumes from its "
-                f"checkpoint with the larger `--budget-cpu-minutes`): {names}.",
+                f"Not yet given {budget:g} CPU minutes (a run continues from its checkpoint "
+                f"with the larger `--budget-cpu-minutes`, or starts from step 0 with it): "
+                f"{names}.",
             ]
     lines += ["", "Settings (run names as in the tables below):", ""]
     names: dict[tuple[str, str], list[str]] = {}
@@ -378,10 +377,21 @@ def budget_table(equal: list[dict[str, Any]], usual: str | None = None) -> list[
         lines += [
             "",
             "(on ...): run on another CPU than the others ("
-            + "; ".join(f"`{r['name']}`: {r['hardware']}" for r in elsewhere)
+            + "; ".join(
+                ", ".join(f"`{name}`" for name in names) + f": {machine}"
+                for machine, names in _by_machine(elsewhere).items()
+            )
             + f"; the others: {usual}): a CPU minute there is not the same compute.",
         ]
     return lines
+
+
+def _by_machine(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The run names of each machine, in the rows' order."""
+    machines: dict[str, list[str]] = {}
+    for r in rows:
+        machines.setdefault(r["hardware"], []).append(r["name"])
+    return machines
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:

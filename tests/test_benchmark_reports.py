@@ -138,7 +138,7 @@ def test_equal_compute_tables_per_budget_with_the_runs_still_going(omniglot_resu
     assert omniglot_results.pending_runs(groups[1][1], groups) == []
     text = "\n".join(omniglot_results.equal_table(rows))
     assert text.index("**60 CPU minutes**") < text.index("**10 CPU minutes**")
-    assert "Still meta-training to 60 CPU minutes" in text and "first-order MAML" in text
+    assert "Not yet given 60 CPU minutes" in text and "first-order MAML" in text
     summary = "\n".join(omniglot_results.summary(rows))
     assert "60 CPU minutes of meta-training each, one thread; 2 of 3 so far" in summary
     # another setting is another run: not counted as done
