@@ -59,12 +59,19 @@ def replay_draws(draws: Draws) -> Iterator[None]:
     """Inside, the generators stand where ``draws`` captured them (an evaluation makes the
     draws it made then); on exit they are back where they were, so that what was drawn
     inside is not drawn from the run's sequence."""
-    devices = [] if draws.index is None else [draws.index]
-    with torch.random.fork_rng(devices=devices):
-        torch.set_rng_state(draws.cpu)
-        if draws.index is not None:
-            torch.cuda.set_rng_state(draws.cuda, draws.index)
+    # what torch.random.fork_rng does for these generators, at a third of its cost (it runs
+    # a few times per UL step)
+    saved_cpu = torch.get_rng_state()
+    saved_cuda = None if draws.index is None else torch.cuda.get_rng_state(draws.index)
+    torch.set_rng_state(draws.cpu)
+    if draws.index is not None:
+        torch.cuda.set_rng_state(draws.cuda, draws.index)
+    try:
         yield
+    finally:
+        torch.set_rng_state(saved_cpu)
+        if saved_cuda is not None:
+            torch.cuda.set_rng_state(saved_cuda, draws.index)
 
 
 def draws_untouched(device: torch.device) -> contextlib.AbstractContextManager[None]:
