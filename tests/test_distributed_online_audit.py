@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import socket
 import sys
 import time
 
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from problems import DTYPE, FeatureL2, Linear, ridge, ridge_ll, ridge_ul
+from test_distributed import free_port
 from torch import nn
 
 from bilevel import BilevelProblem
@@ -386,15 +386,9 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world: int, folder: str) -> list[dict]:
     context = mp.start_processes(
-        _worker, args=(world, _free_port(), folder), nprocs=world, join=False, start_method="spawn"
+        _worker, args=(world, free_port(), folder), nprocs=world, join=False, start_method="spawn"
     )
     deadline = time.time() + 150
     try:
