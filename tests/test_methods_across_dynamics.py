@@ -437,7 +437,9 @@ for _name in [n for n in METHODS if n.startswith("Implicit")] + ["StochasticImpl
 for _name in ("Implicit-cg", "Implicit-minres"):
     REFUSED[_name, "fixed_point"] = NOT_SYMMETRIC
 REFUSED["StochasticImplicit", "fixed_point"] = FIXED_POINT_REFUSED
-for _dynamics in ("momentum", "weight_decay", "bda", "bda0", "fixed_point"):
+# BDA with alpha = 0 is plain gradient descent: FiniteDifference takes it (it refused it
+# with a wrong reason, "not a plain gradient step")
+for _dynamics in ("momentum", "weight_decay", "bda", "fixed_point"):
     REFUSED["FiniteDifference", _dynamics] = FD_REFUSED
 for _name in ("IGA", "DM"):
     REFUSED[_name, "weight_decay"] = DECAY_REFUSED

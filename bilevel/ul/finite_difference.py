@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from bilevel import linalg
-from bilevel.ll import GradientDescent, Trajectory, evaluate_at
+from bilevel.ll import BDA, GradientDescent, Trajectory, evaluate_at
 from bilevel.ll.patched import install
 from bilevel.state import Draws, Objective, capture_draws, replay_draws
 from bilevel.ul.base import Call, Grads, HypergradientCalculator, add, detached_weights
@@ -70,7 +70,10 @@ def _dynamics_key(ll: Any) -> tuple[Any, ...]:
 
 def _plain_gradient_descent(ll: Any) -> str | None:
     """Why ``ll``'s step is not ``w - lr * grad_w f(w, lambda)`` (``None`` when it is)."""
-    if not isinstance(ll, GradientDescent) or type(ll).step_map is not GradientDescent.step_map:
+    # BDA with alpha = 0 takes exactly the gradient steps of GradientDescent
+    plain_bda = isinstance(ll, BDA) and ll.alpha == 0.0
+    own_map = type(ll).step_map is not GradientDescent.step_map
+    if not isinstance(ll, GradientDescent) or (own_map and not plain_bda):
         return (
             f"the LL is {type(ll).__name__}, whose step is not a plain gradient step on "
             "ll_objective"
