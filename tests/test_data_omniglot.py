@@ -260,3 +260,12 @@ def test_cache_write(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert om._load_cache(tmp_path / "missing.npz") is None
+
+
+def test_a_corrupt_zip_names_itself_and_the_cure(tmp_path: Path) -> None:
+    """With check_md5=False (a zip of one's own), a truncated zip raised a bare BadZipFile."""
+    folder = _synthetic(tmp_path, as_zip=True)
+    damaged = folder / f"{om.OMNIGLOT_PARTS[0]}.zip"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 3])
+    with pytest.raises(ValueError, match=r"(?s)cannot read it as a zip archive.*download=True"):
+        om._decode_sources(_sources(folder), 28, "lanczos", 0, False)

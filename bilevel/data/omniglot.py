@@ -166,8 +166,15 @@ def _folder_fingerprint(folder: Path, part: str) -> str:
 def _list_members(source: _Source) -> list[str]:
     """Names ``part/<Alphabet>/<character>/<file>.png`` of a source, unsorted."""
     if source.is_zip:
-        with zipfile.ZipFile(source.path) as zf:
-            names = zf.namelist()
+        try:
+            with zipfile.ZipFile(source.path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError) as error:
+            raise ValueError(
+                f"{source.path}: cannot read it as a zip archive ({error}); the file is "
+                "truncated or corrupt (e.g. a download cut short). Delete it and download it "
+                "again (download=True), or extract a good copy beside it."
+            ) from error
         out = []
         for name in names:
             pieces = name.split("/")
