@@ -202,11 +202,12 @@ def parameter_names(model: nn.Module, params: Iterable[torch.Tensor]) -> list[st
 
 
 def check_same_device_and_dtype(**models: nn.Module) -> None:
-    """Raise if the floating-point parameters of the given modules differ in device or dtype."""
+    """Raise if the floating-point (or complex) parameters of the given modules differ in
+    device or dtype."""
     seen: dict[str, tuple[str, torch.device, torch.dtype]] = {}
     for name, model in models.items():
         for pname, p in model.named_parameters():
-            if not p.is_floating_point():
+            if not (p.is_floating_point() or p.is_complex()):
                 continue
             key = "first"
             if key not in seen:

@@ -236,3 +236,13 @@ def test_hypergradient_leaves_the_ul_models_buffers_unchanged(name):
     problem.hypergradient(p.train, p.val)
     after = ul.bn.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_complex_ul_parameter_with_a_real_ll_model_is_named_as_the_dtype_mix():
+    """It was refused with a message about the data's dtype ("train[0] has dtype float64 but
+    the models have complex128"): the parameters' dtypes were compared only among real ones."""
+    p = ridge(n=20, d=3)
+    p.ul_model.log_l2 = nn.Parameter(p.ul_model.log_l2.detach().to(torch.complex128))
+    mix = r"log_l2 has dtype torch\.complex128 but ll_model\.w has torch\.float64"
+    with pytest.raises(ValueError, match=mix):
+        GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.1, iters=3)
