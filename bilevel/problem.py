@@ -24,10 +24,9 @@ from bilevel.state import (
     all_finite,
     check_data_matches,
     map_tensors,
-    parameter_names,
     tensor_leaves,
 )
-from bilevel.ul.base import kept_buffers
+from bilevel.ul.base import check_ul_parameters, kept_buffers
 
 Pair = tuple[Any, Any]
 Batch = Pair | tuple[Pair, Pair] | dict[str, Pair]
@@ -249,7 +248,8 @@ class BilevelProblem:
         """
         if not tasks:
             raise ValueError("no task to compute a hypergradient on.")
-        self._check_ul_parameters()
+        # every method, also those whose own steps do not pass through accumulate
+        check_ul_parameters(self.ul)
         self._check_single_state(len(tasks))
         group = distributed.active()
         # without a process group every task is this process's, each weighing 1 / len(tasks)
@@ -396,24 +396,6 @@ class BilevelProblem:
                 "their share of this UL step (their messages say which); every process skips "
                 "or raises with them."
             )
-
-    def _check_ul_parameters(self) -> None:
-        """Refuse UL parameters frozen or unfrozen since the method was built: its UL
-        parameters are those that required grad then. A parameter unfrozen later would never
-        receive a hypergradient (and never move, silently); one frozen later would fail
-        inside autograd in methods that differentiate it."""
-        model = self.ul.ul_model
-        known = {id(p) for p in self.ul_params}
-        frozen = [p for p in self.ul_params if not p.requires_grad]
-        unfrozen = [p for p in model.parameters() if p.requires_grad and id(p) not in known]
-        for params, what in ((frozen, "frozen (requires_grad False)"), (unfrozen, "unfrozen")):
-            if params:
-                raise ValueError(
-                    f"UL parameter(s) {parameter_names(model, params)} were {what} after "
-                    f"{type(self.ul).__name__} was built: its UL parameters are those that "
-                    "required grad then. Build the method, the LL optimizer and the UL "
-                    "optimizer again for the new set of UL variables (a BilevelProblem too)."
-                )
 
     def _check_single_state(self, n_tasks: int) -> None:
         """Refuse what would move a method's one LL state several times in one UL step."""
@@ -657,32 +639,13 @@ class BilevelProblem:
                     "damaged or was not written by BilevelProblem.state_dict. Restore it from a "
                     "copy, or start a new run."
                 )
-        before = self._snapshot()
+        before = copy.deepcopy(self.state_dict())  # what _load changes, to put it back
         try:
             self._load(state)
         except BaseException as error:
             self._load(before)
             error.add_note("(The problem was left as it was before the load.)")
             raise
-
-    def _snapshot(self) -> dict[str, Any]:
-        """A copy of everything :meth:`_load` changes, to put it back."""
-        return copy.deepcopy(
-            {
-                "ul_model": self.ul.ul_model.state_dict(),
-                "ll_model": self.ll.ll_model.state_dict(),
-                "ul_optimizer": None
-                if self.ul_optimizer is None
-                else self.ul_optimizer.state_dict(),
-                "ul_scheduler": None
-                if self.ul_scheduler is None
-                else self.ul_scheduler.state_dict(),
-                "step": self.step_count,
-                "skipped_steps": self.skipped_steps,
-                "method": self.ul.state_dict() if hasattr(self.ul, "state_dict") else None,
-                "rng": ckpt.rng_state(),
-            }
-        )
 
     def _load(self, state: dict[str, Any]) -> None:
         self.ul.ul_model.load_state_dict(state["ul_model"])

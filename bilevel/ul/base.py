@@ -233,14 +233,7 @@ class HypergradientCalculator:
             train: the LL batch ``(data, target)`` (for methods that revisit the LL objective).
         """
         self._check_recorded(trajectory)
-        frozen = [p for p in self.ul_params if not p.requires_grad]
-        if frozen:
-            raise ValueError(
-                f"UL parameter(s) {parameter_names(self.ul_model, frozen)} were frozen "
-                f"(requires_grad False) after {type(self).__name__} was built: its UL "
-                "parameters are those that required grad then. Build the method (and the UL "
-                "optimizer) again for the new set of UL variables."
-            )
+        check_ul_parameters(self)
         call = Call(*val, trajectory.model, *train, trajectory)
         grads, loss = self._hypergradient(call)
         self._refuse_unused(grads)
@@ -341,6 +334,24 @@ def detached_weights(trajectory: Trajectory) -> tuple[list[torch.Tensor], list[i
         for w, t in zip(trajectory.weights, trajectory.trainable, strict=True)
     ]
     return weights, [i for i, t in enumerate(trajectory.trainable) if t]
+
+
+def check_ul_parameters(method: Any) -> None:
+    """Refuse UL parameters frozen or unfrozen since ``method`` was built: its UL parameters
+    are those that required grad then. One unfrozen later would never receive a
+    hypergradient (and never move, silently); one frozen later would fail inside autograd."""
+    model = method.ul_model
+    known = {id(p) for p in method.ul_params}
+    frozen = [p for p in method.ul_params if not p.requires_grad]
+    unfrozen = [p for p in model.parameters() if p.requires_grad and id(p) not in known]
+    for params, what in ((frozen, "frozen (requires_grad False)"), (unfrozen, "unfrozen")):
+        if params:
+            raise ValueError(
+                f"UL parameter(s) {parameter_names(model, params)} were {what} after "
+                f"{type(method).__name__} was built: its UL parameters are those that "
+                "required grad then. Build the method, the LL optimizer and the UL optimizer "
+                "again for the new set of UL variables (a BilevelProblem too)."
+            )
 
 
 @contextlib.contextmanager
