@@ -265,13 +265,12 @@ class Hyper:
         Meta-SGD learns each weight's direction as well as its step (Li et al. 2017, "Meta-SGD:
         Learning to Learn Quickly for Few-Shot Learning"): a negative entry is its choice, and
         refusing it would end the run."""
-        what = f"{self.name} (learned per-element step sizes, as the UL steps left them)"
-        finite = Bound(-float("inf"), float("inf"), closed_low=False)
-        _check_range(values, what, finite)
-        if self.warned_negative:
-            return
         flat, outside = _outside(values, self.bound)
-        if bool(outside.any()):
+        if not bool(outside.any()):  # the usual case: one host sync
+            return
+        what = f"{self.name} (learned per-element step sizes, as the UL steps left them)"
+        _check_range(flat, what, Bound(-float("inf"), float("inf"), closed_low=False))
+        if not self.warned_negative:
             self.warned_negative = True
             warnings.warn(
                 f"{what} has entries outside {_interval(self.bound)}: "
