@@ -139,11 +139,16 @@ class BilevelProblem:
         ul_scheduler: a ``torch.optim.lr_scheduler`` scheduler of ``ul_optimizer``, stepped
             after every UL step the optimizer takes (not after a skipped one) and saved in
             checkpoints, so that a resumed run continues its schedule.
+        before_ul_step: a callable given the UL parameters once their ``.grad`` hold the
+            hypergradient and before the UL optimizer steps, which may transform ``.grad`` in
+            place (clipping: ``lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0)``); what it
+            leaves is checked for NaN and inf as the hypergradient is. It works for every
+            method, those that keep LL state across UL steps included, where a loop of
+            :meth:`hypergradient` and ``ul_optimizer.step()`` would not do: that query
+            leaves their state as it was, so the LL would never move. A hook registered on a
+            UL parameter is no substitute: it sees the partial terms that some methods add up
+            (Implicit's direct and implicit terms, Forward's per-step tangent terms).
 
-    To transform the hypergradient before the step (clipping), take it from
-    :meth:`hypergradient` and step the optimizer yourself: a hook registered on a UL
-    parameter sees the partial terms that some methods add up (Implicit's direct and implicit
-    terms, Forward's per-step tangent terms), not the hypergradient.
     """
 
     def __init__(
@@ -153,6 +158,7 @@ class BilevelProblem:
         ul_optimizer: torch.optim.Optimizer | None = None,
         on_nonfinite: str = "raise",
         ul_scheduler: Any = None,
+        before_ul_step: Callable[[list[torch.nn.Parameter]], Any] | None = None,
     ) -> None:
         if not callable(getattr(ul, "task_gradients", None)):
             raise TypeError(
@@ -171,11 +177,17 @@ class BilevelProblem:
         if ul_optimizer is not None:
             _check_optimizer(ul_optimizer, ul, ll)
         _check_scheduler(ul_scheduler, ul_optimizer)
+        if before_ul_step is not None and not callable(before_ul_step):
+            raise TypeError(
+                "before_ul_step must be a callable of the UL parameters (e.g. lambda ps: "
+                f"torch.nn.utils.clip_grad_norm_(ps, 1.0)), got {type(before_ul_step).__name__}."
+            )
         self.ll = ll
         self.ul = ul
         self.ul_optimizer = ul_optimizer
         self.ul_scheduler = ul_scheduler
         self.on_nonfinite = on_nonfinite
+        self.before_ul_step = before_ul_step
         distributed.broadcast_modules(ul.ul_model, ll.ll_model)
         self.settings = self._settings()
         self.step_count = 0
@@ -520,6 +532,13 @@ class BilevelProblem:
             loss = self._accumulate(tasks)
             if not all_finite([p.grad for p in self.ul_params]):
                 raise FloatingPointError("the hypergradient is not finite (NaN or inf).")
+            if self.before_ul_step is not None:
+                self.before_ul_step(self.ul_params)
+                left = [p.grad for p in self.ul_params if p.grad is not None]
+                if left and not all_finite(left):
+                    raise FloatingPointError(
+                        "the gradient that before_ul_step left is not finite (NaN or inf)."
+                    )
         except FloatingPointError as error:
             # a failed LL run (NaN, inf, or a loss that grew), a diverged solver or a
             # non-finite hypergradient: the UL parameters are not touched either way

@@ -166,3 +166,77 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     same = make(ridge(), lr=0.1)
     same.run(lambda step: (p.train, p.val), steps=4, checkpoint=path, progress=False)
     assert same.step_count == 4
+
+
+# --- before_ul_step: transforming the hypergradient before the UL step ----------------------
+
+
+def halve(params):
+    for p in params:
+        p.grad.mul_(0.5)
+
+
+def sgd_problem(p, ul, ll, **kwargs):
+    return BilevelProblem(ll, ul, torch.optim.SGD(p.ul_model.parameters(), lr=0.1), **kwargs)
+
+
+def test_before_ul_step_transforms_the_hypergradient_that_the_step_takes():
+    """Reverse on ridge: the step is ``-lr * transform(g)`` with ``g`` the hypergradient
+    at the same point (halving is exact in binary floating point)."""
+    p = ridge()
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.5, iters=30)
+    ul = Reverse(ridge_ul, p.ul_model, ridge_ll, p.ll_model)
+    problem = sgd_problem(p, ul, ll, before_ul_step=halve)
+    (grad,) = problem.hypergradient(p.train, p.val)  # the query: not transformed
+    before = p.ul_model.log_l2.detach().clone()
+    problem.step(p.train, p.val)
+    torch.testing.assert_close(p.ul_model.log_l2.detach(), before - 0.1 * (0.5 * grad))
+
+
+def test_before_ul_step_clips_a_stateful_method_whose_ll_moves():
+    """SOBA keeps its LL variable across UL steps: with the transform, the LL state advances
+    exactly as without it (the first step's ``y`` update does not read the UL step), and the
+    UL step is half the untransformed one. A loop of ``hypergradient`` and a manual step
+    would have left ``y`` where it was."""
+    from bilevel.ul import SOBA
+
+    runs = []
+    for transform in (None, halve):
+        p = ridge(seed=3)
+        ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.3, iters=1)
+        ul = SOBA(ridge_ul, p.ul_model, ridge_ll, p.ll_model, batch_size=None)
+        problem = sgd_problem(p, ul, ll, before_ul_step=transform)
+        w0, lam0 = p.ll_model.w.detach().clone(), p.ul_model.log_l2.detach().clone()
+        problem.step(p.train, p.val)
+        runs.append((p.ll_model.w.detach() - w0, p.ul_model.log_l2.detach() - lam0))
+    (dw_plain, dlam_plain), (dw_halved, dlam_halved) = runs
+    assert dw_plain.abs().max() > 0  # the LL moved
+    torch.testing.assert_close(dw_halved, dw_plain, rtol=0, atol=0)
+    torch.testing.assert_close(dlam_halved, 0.5 * dlam_plain, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_before_ul_step_that_leaves_nan_is_refused(on_nonfinite):
+    p = ridge()
+    problem = make(p)
+    problem = BilevelProblem(
+        problem.ll,
+        problem.ul,
+        problem.ul_optimizer,
+        on_nonfinite=on_nonfinite,
+        before_ul_step=lambda ps: ps[0].grad.fill_(float("nan")),
+    )
+    before = p.ul_model.log_l2.detach().clone()
+    if on_nonfinite == "raise":
+        with pytest.raises(FloatingPointError, match="before_ul_step left is not finite"):
+            problem.step(p.train, p.val)
+    else:
+        assert problem.step(p.train, p.val).isnan() and problem.skipped_steps == 1
+    assert torch.equal(p.ul_model.log_l2.detach(), before)
+
+
+def test_before_ul_step_must_be_callable():
+    p = ridge()
+    problem = make(p)
+    with pytest.raises(TypeError, match="before_ul_step must be a callable"):
+        BilevelProblem(problem.ll, problem.ul, problem.ul_optimizer, before_ul_step=1.0)

@@ -354,6 +354,40 @@ def check_ul_parameters(method: Any) -> None:
             )
 
 
+def check_ll_parameters(method: Any, kept: list[torch.Tensor]) -> None:
+    """Refuse ``ll_model``'s trainable parameters changed since ``method`` was built, for a
+    method that keeps the LL variable across UL steps as those tensors (``kept``): one frozen
+    since would go on moving, one unfrozen (or a parameter replaced by a new tensor) would
+    never move, and the method would go on stepping, and reading, the tensors it holds."""
+    model = method.ll_model
+    now = [p for p in model.parameters() if p.requires_grad]
+    if len(now) == len(kept) and all(p is q for p, q in zip(now, kept, strict=True)):
+        return
+    current = {id(p) for p in model.parameters()}
+    known = {id(p) for p in kept}
+    frozen = [p for p in kept if id(p) in current and not p.requires_grad]
+    new = [p for p in now if id(p) not in known]
+    gone = sum(id(p) not in current for p in kept)
+    changes = [
+        f"{parameter_names(model, params)} {what}"
+        for params, what in (
+            (frozen, "frozen (requires_grad False)"),
+            (new, "unfrozen or replaced by new tensors"),
+        )
+        if params
+    ]
+    if gone:
+        changes.append(f"{gone} of the parameters it holds no longer in ll_model")
+    raise ValueError(
+        f"ll_model's trainable parameters changed after {type(method).__name__} was built: "
+        + "; ".join(changes or ["their order changed"])
+        + f". {type(method).__name__} keeps the LL variable (and its own state shaped like "
+        "it) across UL steps as the parameters that were trainable then, so it would go on "
+        "moving those and leave the others as they are. Build the method (and the "
+        "BilevelProblem) again for the new set of LL parameters."
+    )
+
+
 @contextlib.contextmanager
 def kept_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
     """On exit, put each buffer of ``saved`` (``(buffer, copy)`` pairs) back to its copy."""

@@ -59,8 +59,9 @@ class DM(HypergradientCalculator):
     LLs without strong convexity) is the LL's business here: run DM over
     :class:`bilevel.ll.BDA` dynamics; the multiplier step uses the Hessian of ``f`` (the
     authors' code with averaging on, and BOAT's GDA variant, use the averaged objective's;
-    they agree as ``mu_k -> 0``). DM is stateful: each call (``BilevelProblem.hypergradient``
-    too) advances ``y`` and ``z``; it keeps ONE LL problem, so it is not for batches of tasks.
+    they agree as ``mu_k -> 0``). DM is stateful: each :meth:`task_gradients` call (each
+    ``BilevelProblem.step``) advances ``y`` and ``z`` (``BilevelProblem.hypergradient`` is a
+    query that puts them back); it keeps ONE LL problem, so it is not for batches of tasks.
     The UL variables must not be LL weights (MAML-style initializations).
 
     Reference: Liu, Liu, Yao, Zeng & Zhang (2023), "Averaged Method of Multipliers for

@@ -272,6 +272,7 @@ class SABA(StochasticMethod):
                 losses[level], raw[level], terms = self._terms(level, model, y, v, mb, batch)
                 memory = memory_all.get(level)
                 if memory is None:  # one batch: the terms themselves (weight 1)
+                    self._check_single(level, mb)
                     reduced.update(terms)
                 else:
                     self._check_memory(memory, level, mb)
@@ -305,6 +306,18 @@ class SABA(StochasticMethod):
         self.memory = memory
         for update in pending:
             update()
+
+    def _check_single(self, level: str, mb: Minibatch) -> None:
+        """Refuse a drawn batch of a split into several where the memory was made for a
+        level taken whole: without a table its terms would go unweighted and unreduced (SOBA's
+        steps, silently)."""
+        if mb.count != 1:
+            raise ValueError(
+                f"SABA keeps no {level} memory: its {level} data were taken whole (one batch) "
+                f"when the memory was made, but the sampler now splits them into {mb.count} "
+                "batches: the data set changed. Pass the same full data at every step, or start "
+                "a new SABA."
+            )
 
     def _check_memory(self, memory: _Memory, level: str, mb: Minibatch) -> None:
         if mb.count != memory.count or mb.index is None:

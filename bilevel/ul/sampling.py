@@ -227,17 +227,17 @@ class Sampler:
             ValueError: ``n`` differs from the size of the data set this level was split from
                 (the method is meant to be given the same full data at every step).
         """
-        count = self.count(level, n)
-        if count == 1:
-            return Minibatch(None, 0, 1, 1.0)
         state = self._levels.get(level)
-        if state is not None and state.n != n:
+        if state is not None and state.n != n:  # also when n now fits in one batch
             raise ValueError(
                 f"the sampler split the {level} data ({state.n} samples) into fixed batches, but "
                 f"was now given {n} samples. Pass the same full {level} data set at every step "
                 "(the method draws its own minibatches), or use batch_size=None to take the "
                 "data as given."
             )
+        count = self.count(level, n)
+        if count == 1:
+            return Minibatch(None, 0, 1, 1.0)
         state = self.split(level, n)
         if self.order == "uniform":
             batch = int(torch.randint(count, (1,), generator=self.generator))

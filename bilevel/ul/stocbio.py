@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from bilevel import linalg
 from bilevel.state import Objective
+from bilevel.ul.implicit import HypergradientDivergenceError
 from bilevel.ul.sampling import SAME, Sampler
 from bilevel.ul.stochastic import StochasticMethod
 
@@ -46,7 +48,10 @@ class StocBiO(StochasticMethod):
     ``eta s_Q = eta sum_{q=0..Q} prod (I - eta H_B) grad_y F`` is the truncated Neumann series
     of ``H^{-1} grad_y F``; it converges (as ``Q`` grows) only for ``0 < eta < 2 / L`` with
     ``L`` the largest curvature of the LL loss, so ``eta`` must be a valid LL step size
-    (default: ``ll.lr``, as benchopt; the authors' code takes it apart, ``eta=0.5``). The UL
+    (default: ``ll.lr``, as benchopt; the authors' code takes it apart, ``eta=0.5``); a term
+    that grows proves it is not (for that minibatch's Hessian) and raises
+    :class:`~bilevel.ul.implicit.HypergradientDivergenceError` (one host sync per UL step;
+    the runner's ``on_nonfinite="skip"`` skips such a step). The UL
     optimizer ``torch.optim.SGD(lr=beta)`` takes ``x <- x - beta d_x``. ``v`` is not kept
     across UL steps; ``y`` is (warm start). Each Hessian product takes its own batch, as in
     benchopt's solver; the authors' released code takes one batch for all ``Q`` products and
@@ -116,6 +121,31 @@ class StocBiO(StochasticMethod):
             **super().settings(),
         }
 
+    def _check_series(self, norms: list[torch.Tensor], eta: float) -> None:
+        """Raise if a term of the Neumann series is larger than its first one:
+        ``r_q = (I - eta H_q) r_{q-1}`` with a symmetric minibatch Hessian ``H_q`` has
+        ``||r_q|| <= ||r_0||`` whenever ``0 <= eta H_q <= 2 I``; a term above the first means
+        ``eta >= 2 / lambda_max(H_q)`` (or strongly negative curvature), a series that has
+        grown past its start and whose sum is no estimate of ``H^{-1} grad_y F``. A slow
+        growth along mild negative curvature (a neural-network LL) that stays below the first
+        term goes through. One host sync per UL step."""
+        if len(norms) < 2:
+            return
+        values = torch.stack(norms).tolist()
+        first = values[0]
+        for q, value in enumerate(values[1:], start=1):
+            if not math.isfinite(value):
+                return  # finish() refuses the step, naming the non-finite value
+            if value > first * (1.0 + 1e-6):
+                raise HypergradientDivergenceError(
+                    f"StocBiO step {self.t}: the Neumann series diverged: its term {q} has norm "
+                    f"{value:.3g}, above the first term's {first:.3g}, so eta = {eta:g} is "
+                    "above 2 / the largest curvature of a minibatch's LL loss (or the LL loss "
+                    "is far from convex there), and the hypergradient estimate would be wrong. "
+                    "Lower neumann_lr (default ll.lr), or use larger batches; the state was "
+                    "left as it was before this step."
+                )
+
     def task_gradients(
         self, ll: Any, train: tuple[Any, Any], val: tuple[Any, Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,6 +161,7 @@ class StocBiO(StochasticMethod):
             ul_loss, fy, fx = self.ul_gradients(model, y, mb, batch)
             term = [f.detach() for f in fy]
             total = [f.clone() for f in term]
+            norms = [linalg.norm(term)]
             for _ in range(self.neumann_steps):
                 mb, batch = self.draw("train", train)
                 hv = self.hvp(model, y, mb, batch, term)
@@ -138,6 +169,8 @@ class StocBiO(StochasticMethod):
                     term = [r - eta * h for r, h in zip(term, hv, strict=True)]
                     for s, r in zip(total, term, strict=True):
                         s.add_(r)
+                norms.append(linalg.norm(term))
+            self._check_series(norms, eta)
             q = [eta * s for s in total]
             mb, batch = self.draw("train", train)
             cv = self.cross(model, y, mb, batch, q)

@@ -27,7 +27,13 @@ from bilevel.state import (
     make_state,
     parameter_names,
 )
-from bilevel.ul.base import Call, Grads, HypergradientCalculator, refuse_other_dynamics
+from bilevel.ul.base import (
+    Call,
+    Grads,
+    HypergradientCalculator,
+    check_ll_parameters,
+    refuse_other_dynamics,
+)
 from bilevel.ul.sampling import SAME, Minibatch, Sampler, num_samples, select
 
 Tensors = list[torch.Tensor]
@@ -48,8 +54,11 @@ class StochasticMethod(HypergradientCalculator):
     method: it draws minibatches from the full ``train`` and ``val`` data with
     its ``sampler``, updates ``y`` (and ``v``), adds the UL direction to ``.grad`` of the UL
     parameters and returns the minibatch UL and LL losses. The UL step itself is the UL
-    optimizer's (``torch.optim.SGD(lr=gamma)`` is the papers' update). Every call advances the
-    state, also through :meth:`bilevel.BilevelProblem.hypergradient`.
+    optimizer's (``torch.optim.SGD(lr=gamma)`` is the papers' update). Every
+    :meth:`task_gradients` call (every :meth:`bilevel.BilevelProblem.step`) advances the
+    state; :meth:`bilevel.BilevelProblem.hypergradient` is a query that puts it back, so a
+    loop of ``hypergradient`` and ``ul_optimizer.step()`` would never move ``y``: to clip the
+    direction, give ``BilevelProblem(..., before_ul_step=)``.
 
     The LL optimizer ``ll`` (a :class:`bilevel.ll.GradientDescent`) supplies the LL step size
     ``ll.lr`` (a positive number; plain SGD without momentum or weight decay) and, for the
@@ -247,7 +256,9 @@ class StochasticMethod(HypergradientCalculator):
         return batch, (select(data, batch.index), select(target, batch.index))
 
     def leaves(self) -> Tensors:
-        """The current LL variable, as new leaves that require grad."""
+        """The current LL variable, as new leaves that require grad (refused if ``ll_model``'s
+        trainable parameters are no longer those the method was built with)."""
+        check_ll_parameters(self, self.ll_trainable)
         return [p.detach().clone().requires_grad_(True) for p in self.ll_trainable]
 
     def _weights(self, y: Sequence[torch.Tensor]) -> Tensors:

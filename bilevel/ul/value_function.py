@@ -42,7 +42,7 @@ from bilevel.state import (
     make_state,
     parameter_names,
 )
-from bilevel.ul.base import HypergradientCalculator, refuse_other_dynamics
+from bilevel.ul.base import HypergradientCalculator, check_ll_parameters, refuse_other_dynamics
 
 Tensors = list[torch.Tensor]
 Batch = tuple[Any, Any]
@@ -173,11 +173,12 @@ class FirstOrderMethod(HypergradientCalculator):
     papers do: ``ll`` must be ``GradientDescent(..., optimizer="sgd")`` without momentum or
     weight decay, with a constant step size (a number).
 
-    One LL variable is kept: a task batch (``meta_step``) updates it once per task in turn
-    (and counts one step per task), which is meaningful only when the tasks share one LL
-    problem (minibatches of one data set), and ``torch.distributed`` is refused (each
-    process would keep its own copy). Every call advances the state, including
-    ``BilevelProblem.hypergradient``, which for these methods is not free of side effects.
+    One LL variable is kept: a task batch (``meta_step`` of several tasks) and
+    ``torch.distributed`` are refused (each task, or each process, would move it). Every
+    :meth:`task_gradients` call (every ``BilevelProblem.step``) advances the state;
+    ``BilevelProblem.hypergradient`` is a query that puts it back, so a loop of
+    ``hypergradient`` and ``ul_optimizer.step()`` would never move ``y``: to clip the
+    direction, give ``BilevelProblem(..., before_ul_step=)``.
     """
 
     #: one LL state moves across UL steps: the runner refuses task batches and processes
@@ -284,6 +285,7 @@ class FirstOrderMethod(HypergradientCalculator):
         """
         if ll.ll_model is not self.ll_model:
             raise ValueError("ll and the method must be built on the same ll_model object.")
+        check_ll_parameters(self, self._ll_params)
         lr, iters = self._inner_settings(ll)
         context = StepContext(tuple(train), tuple(val), lr, iters, self.steps_taken)
         self._model = ll.patched_model(graph_from_start=False)
