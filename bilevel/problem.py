@@ -645,10 +645,18 @@ class BilevelProblem:
                 *_module_differences("ll_model", state.get("ll_model"), self.ll.ll_model),
             ]
             if differences:
+                # strict=False loads entries of other dtypes (cast); torch's own
+                # load_state_dict refuses missing, extra or reshaped ones whatever it says
+                castable = all(kind == "dtype" for _, kind in differences)
                 raise ValueError(
-                    f"the checkpoint is of another problem ({'; '.join(differences)}). Resume "
-                    "with the same models, or start a new run with another checkpoint path (or "
-                    "delete it); pass strict=False to load it anyway."
+                    "the checkpoint is of another problem "
+                    f"({'; '.join(text for text, _ in differences)}). Resume with the same "
+                    "models, or start a new run with another checkpoint path (or delete it)"
+                    + (
+                        "; pass strict=False to load it anyway (its entries are cast)."
+                        if castable
+                        else "."
+                    )
                 )
         for key in ("step", "skipped_steps"):
             value = state.get(key, 0)
@@ -942,26 +950,27 @@ class BilevelProblem:
 _ABSENT = object()
 
 
-def _module_differences(name: str, saved: Any, module: torch.nn.Module) -> list[str]:
-    """How a saved ``state_dict`` differs from ``module``'s: entries missing or extra, other
-    shapes or dtypes."""
+def _module_differences(name: str, saved: Any, module: torch.nn.Module) -> list[tuple[str, str]]:
+    """How a saved ``state_dict`` differs from ``module``'s, as ``(description, kind)``:
+    entries missing or extra, other shapes or dtypes (``kind`` ``"dtype"`` for the last, which
+    only a non-strict load accepts, by casting; the others no load accepts)."""
     if not isinstance(saved, dict):
-        return [f"{name} is a {type(saved).__name__}, not a state_dict"]
+        return [(f"{name} is a {type(saved).__name__}, not a state_dict", "type")]
     mine = module.state_dict()
     out = []
     missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
     if missing:
-        out.append(f"{name} lacks {', '.join(missing)}")
+        out.append((f"{name} lacks {', '.join(missing)}", "missing"))
     if extra:
-        out.append(f"{name} has {', '.join(extra)}, which this model does not")
+        out.append((f"{name} has {', '.join(extra)}, which this model does not", "extra"))
     for key in sorted(set(mine) & set(saved)):
         a, b = saved[key], mine[key]
         if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
             continue
         if a.shape != b.shape:
-            out.append(f"{name}.{key}: shape {list(a.shape)} -> {list(b.shape)}")
+            out.append((f"{name}.{key}: shape {list(a.shape)} -> {list(b.shape)}", "shape"))
         elif a.dtype != b.dtype:
-            out.append(f"{name}.{key}: dtype {a.dtype} -> {b.dtype}")
+            out.append((f"{name}.{key}: dtype {a.dtype} -> {b.dtype}", "dtype"))
     return out
 
 

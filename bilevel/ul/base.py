@@ -154,6 +154,12 @@ class HypergradientCalculator:
                 "auxiliary_model was released (ll.release, which BilevelProblem calls after each "
                 "task) and holds no weights: use the result of a new ll.optimize(data, target)."
             )
+        if isinstance(auxiliary_model, Trajectory):  # what ul.run_ll and ll.run return
+            raise TypeError(
+                "auxiliary_model must be the module returned by ll.optimize(data, target), got "
+                "a Trajectory (what ul.run_ll and ll.run return): pass its .model, or give the "
+                "Trajectory to ul.accumulate(trajectory, (val_x, val_y), (train_x, train_y))."
+            )
         if not isinstance(trajectory, Trajectory):
             raise TypeError(
                 "auxiliary_model must be the module returned by ll.optimize(data, target) "
@@ -164,11 +170,20 @@ class HypergradientCalculator:
     def _check_recorded(self, trajectory: Trajectory) -> None:
         needed = self.differentiable_steps(trajectory.iters)
         if needed and trajectory.differentiable_steps != needed:
+            name = type(self).__name__
+            # a method that also watches the steps (PTT's iterates) gets nothing of them from
+            # ll.optimize, whatever its differentiable_steps
+            watches = type(self).observer is not HypergradientCalculator.observer
+            cure = (
+                f"ll.optimize does not record the steps {name} watches either"
+                if watches
+                else f"Set ll.differentiable_steps = {needed} before ll.optimize"
+            )
             raise ValueError(
-                f"{type(self).__name__} needs the graph of the last {needed} of "
-                f"{trajectory.iters} LL steps, but the auxiliary model recorded "
-                f"{trajectory.differentiable_steps}. Set ll.differentiable_steps = {needed} "
-                "before ll.optimize, or use ul.run_ll(ll, data, target) / BilevelProblem."
+                f"{name} needs the graph of the last {needed} of {trajectory.iters} LL steps, "
+                f"but the auxiliary model recorded {trajectory.differentiable_steps}. {cure}; "
+                "run the LL with ul.run_ll(ll, data, target) and pass its .model, or use "
+                "BilevelProblem."
             )
 
     def states(self, auxiliary_model: nn.Module, data: Any, target: Any) -> dict[str, Any]:

@@ -169,8 +169,8 @@ class MemorySavingReverse(HypergradientCalculator):
         if not isinstance(stored, StoredIterates) or len(stored.weights) != call.trajectory.iters:
             raise ValueError(
                 "MemorySavingReverse needs an LL run that stored every iterate: run the LL with "
-                "ul.run_ll(ll, data, target) (not ll.optimize / ll.run), or let "
-                "BilevelProblem(ll, ul) drive it."
+                "ul.run_ll(ll, data, target) (not ll.optimize / ll.run) and pass its .model, "
+                "or let BilevelProblem(ll, ul) drive it."
             )
         model = call.auxiliary_model
         weights, active = detached_weights(call.trajectory)

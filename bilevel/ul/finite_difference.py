@@ -202,8 +202,8 @@ class FiniteDifference(HypergradientCalculator):
         if not isinstance(before, list) or len(before) != len(active):
             raise ValueError(
                 "FiniteDifference needs an LL run that kept the weights before its last step: "
-                "run the LL with ul.run_ll(ll, data, target), or let BilevelProblem(ll, ul) "
-                "drive it (ll.optimize does not record them)."
+                "run the LL with ul.run_ll(ll, data, target) and pass its .model, or let "
+                "BilevelProblem(ll, ul) drive it (ll.optimize does not record them)."
             )
         self._warn_if_many_steps(trajectory)
         xi = self._step_sizes(trajectory, len(active))

@@ -74,7 +74,8 @@ class Forward(HypergradientCalculator):
             raise ValueError(
                 "Forward needs an LL run that carried tangents for its UL parameters: run the "
                 "LL with ul.run_ll(ll, data, target) (or ll.run(data, target, "
-                "observer=ul.observer(ll))), or let BilevelProblem(ll, ul) drive it."
+                "observer=ul.observer(ll))) and pass its .model, or let BilevelProblem(ll, ul) "
+                "drive it."
             )
         weights, active = detached_weights(trajectory)
         with evaluate_at(call.auxiliary_model, weights):

@@ -466,6 +466,25 @@ class Implicit(HypergradientCalculator):
             )
         return step
 
+    def _smallest_eigenvalue(
+        self, matvec: linalg.MatVec, like: list[torch.Tensor], lambda_max: float
+    ) -> float | None:
+        """An upper estimate of the symmetric system's smallest eigenvalue when it is below
+        zero (no series step converges), else ``None``; on the divergence path only.
+
+        Power iteration on ``lambda_max I - A`` gives a Rayleigh quotient at most
+        ``lambda_max - lambda_min(A)``, so the estimate is never below ``lambda_min(A)``: a
+        negative one proves an indefinite ``A`` (a ``lambda_max`` at or below zero does
+        too)."""
+        if not lambda_max > 0:
+            return lambda_max if math.isfinite(lambda_max) else None
+
+        def shifted(q: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [lambda_max * x - h for x, h in zip(q, matvec(q), strict=True)]
+
+        lambda_min = lambda_max - float(linalg.power_iteration(shifted, like, self.power_iters))
+        return lambda_min if lambda_min < -1e-6 * lambda_max else None
+
     def _report_divergence(
         self,
         info: linalg.SolverInfo,
@@ -504,17 +523,30 @@ class Implicit(HypergradientCalculator):
         elif self.method in SERIES:
             lambda_max = float(linalg.power_iteration(matvec, v, self.power_iters))
             self.diagnostics["lambda_max"] = lambda_max
-            safe = f"{1.0 / lambda_max:.3g}" if lambda_max > 0 else "none (no positive curvature)"
+            lambda_min = self._smallest_eigenvalue(matvec, v, lambda_max)
             alpha = info.alpha
             system = f"H + {self.damping:g} I" if self.damping else "H"
             matrix = "the damped system's" if self.damping else "the LL Hessian's"
-            message = (
+            diverged = (
                 f"The {name} series diverged: its residual went from {info.rhs_norm:.3g} "
-                f"to {info.residual_norm:.3g} in {info.iterations} steps. It converges only for "
-                f"alpha < 2/lambda_max({system}); alpha is {alpha:.3g} and {matrix} "
-                f"largest eigenvalue is about {lambda_max:.4g}, so use alpha={safe} "
-                "(alpha='auto' does this) or method='cg'."
+                f"to {info.residual_norm:.3g} in {info.iterations} steps."
             )
+            if lambda_min is not None:  # no step converges: a smaller alpha is no cure
+                message = (
+                    f"{diverged} {system} is not positive definite at the auxiliary model's "
+                    f"weights ({matrix} eigenvalues reach about {lambda_min:.4g}, and "
+                    f"{lambda_max:.4g} at the top), so the series diverges for every alpha: "
+                    "the LL is not at a minimum. Use method='minres' (symmetric indefinite) or "
+                    "method='normal_cg', run more LL steps or add L2 regularization to the LL "
+                    "objective, or use Reverse/Truncated."
+                )
+            else:
+                message = (
+                    f"{diverged} It converges only for alpha < 2/lambda_max({system}); alpha "
+                    f"is {alpha:.3g} and {matrix} largest eigenvalue is about "
+                    f"{lambda_max:.4g}, so use alpha={1.0 / lambda_max:.3g} (alpha='auto' does "
+                    "this) or method='cg'."
+                )
         else:
             message = (
                 f"{name} returned a non-finite solution or residual ({info.residual_norm:.3g}): "

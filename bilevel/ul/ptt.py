@@ -70,7 +70,8 @@ class PTT(HypergradientCalculator):
         if not isinstance(iterates, list) or len(iterates) != call.trajectory.iters:
             raise ValueError(
                 "PTT needs an LL run that kept every iterate: run the LL with "
-                "ul.run_ll(ll, data, target), or let BilevelProblem(ll, ul) drive it."
+                "ul.run_ll(ll, data, target) and pass its .model, or let BilevelProblem(ll, ul) "
+                "drive it."
             )
         chosen, draws = self._worst(call, iterates)
         self.diagnostics["ptt_step"] = chosen + 1
