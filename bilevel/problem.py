@@ -527,7 +527,6 @@ class BilevelProblem:
         if self.ul_optimizer is None:
             raise ValueError("step needs a ul_optimizer: BilevelProblem(ll, ul, ul_optimizer).")
         self.ul_optimizer.zero_grad(set_to_none=True)
-        where = f"UL step {self.step_count} ({self.ul.name})"
         try:
             loss = self._accumulate(tasks)
             if not all_finite([p.grad for p in self.ul_params]):
@@ -544,7 +543,7 @@ class BilevelProblem:
             # non-finite hypergradient: the UL parameters are not touched either way
             self.ul_optimizer.zero_grad(set_to_none=True)
             if self.on_nonfinite == "raise":
-                raise _located(error, where) from error
+                raise _located(error, f"UL step {self.step_count} ({self.ul.name})") from error
             self.skipped_steps += 1
             self.step_count += 1
             return torch.tensor(float("nan"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,45 +54,78 @@ def capture_draws(device: torch.device) -> Draws:
     return Draws(torch.get_rng_state(), torch.cuda.get_rng_state(index), index)
 
 
-@contextlib.contextmanager
-def replay_draws(draws: Draws) -> Iterator[None]:
+class _Replay:
+    """The context of :func:`replay_draws` (a class: it is entered a few times per UL step, and
+    a generator-based context manager costs twice as much)."""
+
+    __slots__ = ("draws", "saved_cpu", "saved_cuda")
+
+    def __init__(self, draws: Draws) -> None:
+        self.draws = draws
+
+    def __enter__(self) -> _Replay:
+        index = self.draws.index
+        self.saved_cpu = torch.get_rng_state()
+        self.saved_cuda = None if index is None else torch.cuda.get_rng_state(index)
+        self.rewind()
+        return self
+
+    def rewind(self) -> None:
+        """Put the generators back where ``draws`` captured them: the next evaluation makes
+        the same draws again (several evaluations with one step's draws)."""
+        torch.set_rng_state(self.draws.cpu)
+        if self.draws.index is not None:
+            torch.cuda.set_rng_state(self.draws.cuda, self.draws.index)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_rng_state(self.saved_cpu)
+        if self.saved_cuda is not None:
+            torch.cuda.set_rng_state(self.saved_cuda, self.draws.index)
+
+
+def replay_draws(draws: Draws) -> _Replay:
     """Inside, the generators stand where ``draws`` captured them (an evaluation makes the
-    draws it made then); on exit they are back where they were, so that what was drawn
-    inside is not drawn from the run's sequence."""
-    # what torch.random.fork_rng does for these generators, at a third of its cost (it runs
-    # a few times per UL step)
-    saved_cpu = torch.get_rng_state()
-    saved_cuda = None if draws.index is None else torch.cuda.get_rng_state(draws.index)
-    torch.set_rng_state(draws.cpu)
-    if draws.index is not None:
-        torch.cuda.set_rng_state(draws.cuda, draws.index)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(saved_cpu)
-        if saved_cuda is not None:
-            torch.cuda.set_rng_state(saved_cuda, draws.index)
+    draws it made then; ``rewind()`` on the context's value puts them there again for the
+    next one); on exit they are back where they were, so that what was drawn inside is not
+    drawn from the run's sequence. (What ``torch.random.fork_rng`` does for these generators,
+    at a third of its cost: it runs a few times per UL step.)"""
+    return _Replay(draws)
 
 
-def draws_untouched(device: torch.device) -> contextlib.AbstractContextManager[None]:
+def draws_untouched(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """Evaluations inside draw from the generators' present state and leave them there (a
     check or a diagnostic that must not change the run's later draws)."""
     return replay_draws(capture_draws(device))
 
 
-@contextlib.contextmanager
-def modes_kept(model: nn.Module) -> Iterator[None]:
+class _KeptModes:
+    """The context of :func:`modes_kept` (a class, as :class:`_Replay`: it is entered at every
+    objective evaluation of a UL method)."""
+
+    __slots__ = ("flags", "model", "modules")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> None:
+        model = self.model
+        # a module without children is its only module (``modules()``'s chain of generators
+        # is most of the cost for the small models of hyperparameter problems)
+        leaf = not model._modules and type(model).modules is nn.Module.modules
+        self.modules = [model] if leaf else list(model.modules())
+        self.flags = [m.training for m in self.modules]
+
+    def __exit__(self, *exc: object) -> None:
+        for m, flag in zip(self.modules, self.flags, strict=True):
+            if m.training != flag:
+                m.training = flag
+
+
+def modes_kept(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """The training flags of ``model``'s modules as they were on entry, restored on exit: an
     objective that switches ``state["ll_model"]`` to eval mode does so for its own
     evaluation only, and the method's later evaluations run in the LL run's mode."""
-    modules = list(model.modules())
-    flags = [m.training for m in modules]
-    try:
-        yield
-    finally:
-        for m, flag in zip(modules, flags, strict=True):
-            if m.training != flag:
-                m.training = flag
+    return _KeptModes(model)
 
 
 def check_objective_result(value: Any, name: str) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from bilevel.ll import Trajectory
-from bilevel.ll.patched import is_released
+from bilevel.ll.patched import is_released, parameter_list
 from bilevel.ll.unroll import Observer
 from bilevel.state import (
     Objective,
@@ -356,6 +357,11 @@ def check_ul_parameters(method: Any) -> None:
     are those that required grad then. One unfrozen later would never receive a
     hypergradient (and never move, silently); one frozen later would fail inside autograd."""
     model = method.ul_model
+    # the usual case, in one pass: the parameters that require grad now are the UL parameters,
+    # the same tensors in the same order (``ul_params`` is ``model.parameters()`` filtered so)
+    now = [p for p in parameter_list(model) if p.requires_grad]
+    if len(now) == len(method.ul_params) and all(map(operator.is_, now, method.ul_params)):
+        return
     known = {id(p) for p in method.ul_params}
     frozen = [p for p in method.ul_params if not p.requires_grad]
     unfrozen = [p for p in model.parameters() if p.requires_grad and id(p) not in known]

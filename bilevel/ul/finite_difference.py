@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import operator
 import warnings
 from typing import Any
 
@@ -180,7 +182,7 @@ class FiniteDifference(HypergradientCalculator):
         object, its rule and hyperparameters: they are fixed at its construction)."""
         checked = self.__dict__.get("_checked_ll")
         key = _dynamics_key(ll)
-        if checked is None or any(a is not b for a, b in zip(checked, key, strict=True)):
+        if checked is None or not all(map(operator.is_, checked, key)):
             self._check_dynamics(ll)
             self._checked_ll = key
         return WeightsBeforeLastStep()
@@ -226,15 +228,22 @@ class FiniteDifference(HypergradientCalculator):
             # u = 0 (the UL loss is flat in w): w+- = w, and the difference is exactly 0 (the
             # floor keeps eps finite, r / floor <= 1 / tiny, so that 0 * eps is not NaN)
             floor = max(self.r, 1.0) * torch.finfo(norm.dtype).tiny
-            eps = self.r / norm.clamp_min(floor)
+            norm = norm.clamp_min(floor)
+            eps = self.r / norm
+            # the perturbation eps * u (no graph: u and eps come from gradients taken without)
+            delta = [eps * x for x in u]
             # both points with the last step's random draws (dropout, noise): the mixed
             # derivative of that step; other draws would add O(1/eps) noise
             draws = getattr(before, "draws", None)
-            plus = self._ll_gradients(call, weights, active, before, u, eps, wanted, 1.0, draws)
-            minus = self._ll_gradients(call, weights, active, before, u, eps, wanted, -1.0, draws)
+            with contextlib.nullcontext() if draws is None else replay_draws(draws) as replay:
+                plus = self._ll_gradients(call, weights, active, before, delta, wanted, 1.0)
+                if replay is not None:
+                    replay.rewind()
+                minus = self._ll_gradients(call, weights, active, before, delta, wanted, -1.0)
         # mixed = (plus - minus) * scale, the second derivative along u (times xi when the
-        # direction is v); the UL parameters take direct - mixed
-        scale = (common if common is not None else 1.0) / (2 * eps)
+        # direction is v); the UL parameters take direct - mixed. scale = xi / (2 eps), with
+        # 1 / eps = ||u|| / r
+        scale = norm * ((common if common is not None else 1.0) / (2 * self.r))
         # the perturbation's multiple of u = xi * v (the same point as eps * v with one xi)
         self.diagnostics["fd_epsilon"] = eps if common is None else eps / common
         result: list[torch.Tensor | None] = []
@@ -262,30 +271,24 @@ class FiniteDifference(HypergradientCalculator):
         weights: Tensors,
         active: list[int],
         before: Tensors,
-        u: Tensors,
-        eps: torch.Tensor,
+        delta: Tensors,
         wanted: list[int],
         sign: float,
-        draws: Draws | None = None,
     ) -> list[torch.Tensor | None]:
         """``grad f`` with respect to the UL parameters and the trainable weights at positions
-        ``wanted`` (those that UL parameters initialize), at ``w_{T-1} + sign * eps * u`` (the
-        other LL weights from ``weights``, as they are), with the random draws ``draws`` (the
-        last LL step's; the global RNG is left as it was). Installs the moved weights in the
-        auxiliary model: call it where they are restored afterwards."""
-        with torch.no_grad():
-            moved = [torch.add(b, ui * eps, alpha=sign) for b, ui in zip(before, u, strict=True)]
-        for x in moved:
-            x.requires_grad_()
+        ``wanted`` (those that UL parameters initialize), at ``w_{T-1} + sign * delta`` (the
+        other LL weights from ``weights``, as they are), with the generators as they stand (the
+        caller replays the last LL step's draws). Installs the moved weights in the auxiliary
+        model: call it where they are restored afterwards."""
+        # w_{T-1} and delta carry no graph: the moved weights are new leaves
+        moved = [
+            torch.add(b, d, alpha=sign).requires_grad_() for b, d in zip(before, delta, strict=True)
+        ]
         at = list(weights)
         for i, x in zip(active, moved, strict=True):
             at[i] = x
         install(call.auxiliary_model, at)
-        if draws is None:
-            loss = self.ll_loss(call)
-        else:
-            with replay_draws(draws):
-                loss = self.ll_loss(call)
+        loss = self.ll_loss(call)
         inputs = [*self.ul_params, *(moved[k] for k in wanted)]
         return list(torch.autograd.grad(loss, inputs, allow_unused=True))
 
