@@ -16,6 +16,7 @@ the papers (``PUBLISHED``), for comparison.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import shutil
@@ -171,6 +172,8 @@ def summarize(name: str, r: dict[str, Any], folder: Path) -> dict[str, Any]:
         "eval_seconds": round(r["eval_seconds"]),
         "cg_nonpositive": None if cg is None else list(cg),
         "stopped": r.get("stopped"),
+        # meta-steps that failed and were skipped (--on-failed-step skip; only where any)
+        **({"skipped_steps": r["skipped_steps"]} if r.get("skipped_steps") else {}),
         "hardware": hardware,
         # when and from which code (runs since 2026-12-02 record them)
         **(
@@ -219,6 +222,8 @@ def compute_notes(r: dict[str, Any], usual: str) -> list[str]:
     if r.get("stopped"):
         used = r["cpu_seconds_per_meta_step"] * r["meta_steps"] / 60
         notes.append(f"stopped at {used:.1f} CPU minutes")
+    if r.get("skipped_steps"):
+        notes.append(f"{r['skipped_steps']:,} failed meta-steps skipped")
     if r["hardware"] != usual:
         notes.append(f"on {r['hardware'].split(',')[0]}")
     return notes
@@ -483,8 +488,14 @@ def rewrite(page: Path, lines: list[str], begin: str = BEGIN, end: str = END) ->
 def main(argv: list[str] | None = None) -> None:
     """Rewrite the summary and the results of docs/omniglot.md (from the runs when they are
     at hand, writing the digest; otherwise from the digest)."""
-    argv = sys.argv[1:] if argv is None else argv
-    folder = Path(argv[0]) if argv else ROOT / "runs" / "omniglot"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "folder", nargs="?", default=None, help="the runs' folder (default: runs/omniglot)"
+    )
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.folder is not None and not Path(args.folder).is_dir():
+        parser.error(f"{args.folder} is not a folder of runs")
+    folder = Path(args.folder) if args.folder else ROOT / "runs" / "omniglot"
     runs = load_runs(folder) if folder.exists() else []
     kept = json.loads(DIGEST.read_text())["runs"] if DIGEST.exists() else []
     found = {name for name, _, _ in runs}

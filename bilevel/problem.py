@@ -135,7 +135,8 @@ class BilevelProblem:
         on_nonfinite: what :meth:`step` does when the LL loss, the solver or the
             hypergradient becomes NaN or inf (or a series diverges): ``"raise"`` an error that
             names the UL step and the method, or ``"skip"`` the UL step (counted in
-            ``skipped_steps``). UL parameters never receive NaN.
+            ``skipped_steps``; ``last_skipped`` holds the error that the latest skipped step
+            would have raised). UL parameters never receive NaN.
         ul_scheduler: a ``torch.optim.lr_scheduler`` scheduler of ``ul_optimizer``, stepped
             after every UL step the optimizer takes (not after a skipped one) and saved in
             checkpoints, so that a resumed run continues its schedule.
@@ -192,6 +193,7 @@ class BilevelProblem:
         self.settings = self._settings()
         self.step_count = 0
         self.skipped_steps = 0
+        self.last_skipped: FloatingPointError | None = None
         self.last_ll_loss: torch.Tensor | None = None
         self._signal: int | None = None  # a stop asked for by SIGTERM / SIGINT during run
         self._peer_stop = False  # a process of the group asked to stop (distributed)
@@ -542,8 +544,10 @@ class BilevelProblem:
             # a failed LL run (NaN, inf, or a loss that grew), a diverged solver or a
             # non-finite hypergradient: the UL parameters are not touched either way
             self.ul_optimizer.zero_grad(set_to_none=True)
+            located = _located(error, f"UL step {self.step_count} ({self.ul.name})")
             if self.on_nonfinite == "raise":
-                raise _located(error, f"UL step {self.step_count} ({self.ul.name})") from error
+                raise located from error
+            self.last_skipped = located
             self.skipped_steps += 1
             self.step_count += 1
             return torch.tensor(float("nan"))

@@ -107,7 +107,10 @@ LOG_FIELDS = (
     "cg_iterations",
     "cg_diverged",
     "ll_grad_ratio",
+    "skipped",
 )
+#: with --on-failed-step skip, this many failed meta-steps in a row stop meta-training
+MAX_SKIPS_IN_A_ROW = 20
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
@@ -204,7 +207,8 @@ class Experiment:
             optimizer = torch.optim.SGD(self.ul_model.parameters(), lr=args.meta_lr)
         else:
             optimizer = torch.optim.Adam(self.ul_model.parameters(), lr=args.meta_lr)
-        self.problem = BilevelProblem(ll, ul, optimizer)
+        on_nonfinite = "skip" if args.on_failed_step == "skip" else "raise"
+        self.problem = BilevelProblem(ll, ul, optimizer, on_nonfinite=on_nonfinite)
         # evaluation: the same LL without any graph, with its own number of steps; for the
         # hyper-representation the features are fixed, so it adapts the head on them
         eval_objective = self.head_objective if args.method == "hyperrep" else self.ll_objective
@@ -442,6 +446,15 @@ def make_parser() -> argparse.ArgumentParser:
         help="stop meta-training after this many minutes of this invocation (then evaluate; "
         "the same command goes on from there)",
     )
+    parser.add_argument(
+        "--on-failed-step",
+        choices=("stop", "skip"),
+        default="stop",
+        help="a meta-step that fails (the LL's descent diverged on a task, NaN or inf, a "
+        "diverged solver): stop meta-training and test the best model so far, or skip it (its "
+        f"result unused, counted in the log) and go on; {MAX_SKIPS_IN_A_ROW} failures in a row "
+        "stop it",
+    )
     _common.add_checkpoint_minutes(parser)
     parser.add_argument(
         "--cache-dir", default=None, help="decoded Omniglot cache (default: $BILEVEL_CACHE)"
@@ -513,6 +526,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     distributed.init_from_environment(device)  # a no-op unless launched by torchrun
     main_process = distributed.is_main_process()  # only rank 0 prints, logs and saves
     settings = {k: v for k, v in _common.settings_of(args).items() if k not in RESUMABLE}
+    if settings["on_failed_step"] == "stop":  # the default: runs from before it resume
+        del settings["on_failed_step"]
     minutes = args.checkpoint_minutes
     with _common.Run(args.out, settings, minutes, args.threads, main=main_process) as run:
         return experiment(args, run, device, settings)
@@ -605,9 +620,11 @@ def experiment(
     with bar, warnings.catch_warnings(), run.loop():
         # the CG non-positive-curvature warning is counted in the log instead
         warnings.filterwarnings("ignore", message="CG met a direction")
+        failed_in_a_row = 0
         for step in range(start, end):
+            skipped_before = problem.skipped_steps
             try:
-                losses.append(problem.meta_step(batch(step)))
+                loss = problem.meta_step(batch(step))
             except LowerLevelDivergenceError as error:
                 # the LL's descent diverged on a task (the hyper-representation's features
                 # can outgrow its step): meta-training stops, and the best model so far is
@@ -618,7 +635,23 @@ def experiment(
                 if main_process:
                     print(f"{label}: meta-training stopped, {stopped}")
                 break
-            accuracies.append(exp.take_query_accuracy())
+            if problem.skipped_steps == skipped_before:
+                failed_in_a_row = 0
+                losses.append(loss)
+                accuracies.append(exp.take_query_accuracy())
+            else:  # --on-failed-step skip: the UL parameters were not touched
+                exp.query_accuracy.clear()
+                failed_in_a_row += 1
+                if main_process and problem.skipped_steps == 1:
+                    print(f"{label}: skipping a failed meta-step: {problem.last_skipped}")
+                if failed_in_a_row >= MAX_SKIPS_IN_A_ROW:
+                    stopped = (
+                        f"{failed_in_a_row} meta-steps in a row failed and were skipped, the "
+                        f"last at meta-step {step + 1}: {problem.last_skipped}"
+                    )
+                    if main_process:
+                        print(f"{label}: meta-training stopped, {stopped}")
+                    break
             bar.update(1)
             done = step + 1
             elapsed = time.perf_counter() - invocation_start
@@ -635,11 +668,13 @@ def experiment(
                 save = validate or stop or run.checkpoint_due()
                 entry: dict[str, Any] | None = None
                 if done % args.log_every == 0 or validate:
+                    # (none since the last record when every step was skipped)
+                    ll_loss = problem.last_ll_loss
                     entry = {
                         "step": done,
-                        "loss": torch.stack(losses).mean().item(),
-                        "accuracy": torch.stack(accuracies).mean().item(),
-                        "ll_loss": problem.last_ll_loss.item(),
+                        "loss": torch.stack(losses).mean().item() if losses else None,
+                        "accuracy": torch.stack(accuracies).mean().item() if losses else None,
+                        "ll_loss": None if ll_loss is None else ll_loss.item(),
                         "cpu_seconds": round(cpu_before + time.process_time() - cpu_start, 3),
                     }
                     losses.clear()
@@ -650,7 +685,10 @@ def experiment(
                         entry["cg_diverged"] = int(diagnostics["diverged"])
                     if diagnostics.get("ll_grad_ratio") is not None:
                         entry["ll_grad_ratio"] = diagnostics["ll_grad_ratio"]
-                    postfix.update(loss=f"{entry['loss']:.3f}", acc=f"{entry['accuracy']:.3f}")
+                    if args.on_failed_step == "skip":
+                        entry["skipped"] = problem.skipped_steps
+                    if entry["loss"] is not None:
+                        postfix.update(loss=f"{entry['loss']:.3f}", acc=f"{entry['accuracy']:.3f}")
                     if validate:
                         val_start = time.process_time()
                         acc, ci = mean_ci95(exp.evaluate(val, args.val_tasks))
@@ -722,6 +760,7 @@ def experiment(
         "eval_seconds": round(eval_seconds, 2),
         "resumed_from_step": record.resumed_from,
         "stopped": stopped,
+        "skipped_steps": problem.skipped_steps,
         "settings": {**settings, **{k: getattr(args, k) for k in RESUMABLE}},
         "hardware": _common.hardware(device),
         **_common.provenance(),

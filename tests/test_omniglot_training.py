@@ -385,3 +385,55 @@ def test_a_diverging_ll_stops_meta_training_and_tests_the_best_model(
     assert results["meta_steps"] == 2 and results["best_step"] == 2
     assert results["stopped"].startswith("the LL diverged at meta-step 3")
     assert json.loads((tmp_path / "results.json").read_text())["stopped"] == results["stopped"]
+
+
+def accumulate_raising(failing, error: BaseException):
+    """``BilevelProblem._accumulate`` that raises ``error`` at the calls in ``failing`` (1 is
+    the first; all calls when ``failing`` is None), inside the step's own error handling."""
+    calls = 0
+    accumulate = BilevelProblem._accumulate
+
+    def run(self, tasks):
+        nonlocal calls
+        calls += 1
+        if failing is None or calls in failing:
+            raise error
+        return accumulate(self, tasks)
+
+    return run
+
+
+def test_on_failed_step_skip_goes_on_and_counts_the_skipped_steps(
+    example, omniglot, data_root, data_cache_dir, tmp_path, monkeypatch, capsys
+):
+    """--on-failed-step skip: a meta-step whose LL diverged is skipped (its result unused)
+    and meta-training goes on; the log and results.json count the skipped steps."""
+    from bilevel.ll import LowerLevelDivergenceError
+
+    error = LowerLevelDivergenceError("The LL loss grew (test)")
+    monkeypatch.setattr(BilevelProblem, "_accumulate", accumulate_raising({3, 4}, error))
+    args = ("--method", "maml", *TINY, "--meta-steps", "6", "--on-failed-step", "skip")
+    results = _run(example, tmp_path, data_root, data_cache_dir, *args)
+    assert results["meta_steps"] == 6 and results["stopped"] is None
+    assert results["skipped_steps"] == 2
+    assert "skipping a failed meta-step: UL step 2 (reverse): The LL loss grew" in (
+        capsys.readouterr().out
+    )
+    log = rows(tmp_path)
+    assert [r["skipped"] for r in log] == ["0", "0", "1", "2", "2", "2"]
+    assert [r["loss"] == "" for r in log] == [False, False, True, True, False, False]
+
+
+def test_on_failed_step_skip_stops_after_too_many_failures_in_a_row(
+    example, omniglot, data_root, data_cache_dir, tmp_path, monkeypatch
+):
+    from bilevel.ll import LowerLevelDivergenceError
+
+    error = LowerLevelDivergenceError("The LL loss grew (test)")
+    monkeypatch.setattr(BilevelProblem, "_accumulate", accumulate_raising(None, error))
+    args = ("--method", "maml", *TINY, "--meta-steps", "50", "--on-failed-step", "skip")
+    results = _run(example, tmp_path, data_root, data_cache_dir, *args)
+    in_a_row = example.MAX_SKIPS_IN_A_ROW
+    assert results["meta_steps"] == in_a_row and results["skipped_steps"] == in_a_row
+    assert results["stopped"].startswith(f"{in_a_row} meta-steps in a row failed")
+    assert "The LL loss grew (test)" in results["stopped"]

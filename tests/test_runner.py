@@ -231,7 +231,11 @@ def test_before_ul_step_that_leaves_nan_is_refused(on_nonfinite):
         with pytest.raises(FloatingPointError, match="before_ul_step left is not finite"):
             problem.step(p.train, p.val)
     else:
+        assert problem.last_skipped is None
         assert problem.step(p.train, p.val).isnan() and problem.skipped_steps == 1
+        # why it was skipped, located as the raised error would be
+        assert isinstance(problem.last_skipped, FloatingPointError)
+        assert str(problem.last_skipped).startswith("UL step 0 (implicit): the gradient that")
     assert torch.equal(p.ul_model.log_l2.detach(), before)
 
 
