@@ -690,8 +690,8 @@ def takeaways(res: Results) -> list[str]:
         if rev is not None and cg is not None and trunc is not None:
             lines.append(
                 f"- **Memory.** With {longest:,} LL steps `Reverse` needs {rev:.0f} MiB above "
-                f"the baseline, `Truncated(K=10)` {trunc:.0f} MiB and `Implicit` {cg:.0f} MiB: "
-                "only `Reverse` grows with the number of LL steps."
+                f"the baseline, `Truncated(truncate_iter=10)` {trunc:.0f} MiB and `Implicit` "
+                f"{cg:.0f} MiB: only `Reverse` grows with the number of LL steps."
             )
     wrong = [f for f in peer_findings(res) if "relative error" in f or "distance to floor" in f]
     if wrong:

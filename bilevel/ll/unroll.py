@@ -1,10 +1,11 @@
 """One lower-level run: a loop over an explicit step map, and the value it returns.
 
-The step map is ``step(weights, opt_state, hyper, state) -> (weights, opt_state, loss)``: the
-LL gradient at ``weights`` (evaluated through the patched model, so that objectives see
-``state["ll_model"]`` as usual) fed to a pure update rule. :class:`Unroll` runs it, with or
-without a graph per step, and hands each step to an optional observer (forward-mode tangents
-live with the UL method that needs them, in ``bilevel.ul.forward``).
+The step map is ``step_map(weights, opt_state, hyper, state, step, create_graph) ->
+(weights, opt_state, loss, direction)`` (``GradientStep``): the LL gradient at ``weights``
+(evaluated through the patched model, so that objectives see ``state["ll_model"]`` as usual)
+fed to a pure update rule. :class:`Unroll` runs it, with or without a graph per step, and
+hands each step to an optional observer (forward-mode tangents live with the UL method that
+needs them, in ``bilevel.ul.forward``).
 """
 
 from __future__ import annotations

@@ -167,7 +167,14 @@ class DM(HypergradientCalculator):
         )
         self.steps = steps
 
-    def compute_gradients(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def compute_gradients(
+        self,
+        validate_data: Any,
+        validate_target: Any,
+        auxiliary_model: nn.Module,
+        train_data: Any,
+        train_target: Any,
+    ) -> torch.Tensor:
         """Not available: DM keeps state across UL steps."""
         raise TypeError(
             "DM keeps the LL weights and its multiplier across UL steps: drive it with "

@@ -260,7 +260,14 @@ class FirstOrderMethod(HypergradientCalculator):
             )
         return float(lr), int(ll.iters)
 
-    def compute_gradients(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def compute_gradients(
+        self,
+        validate_data: Any,
+        validate_target: Any,
+        auxiliary_model: nn.Module,
+        train_data: Any,
+        train_target: Any,
+    ) -> torch.Tensor:
         """Not available: the method keeps state across UL steps; drive it with
         ``BilevelProblem(ll, method, ul_optimizer).step(train, val)`` (or call
         :meth:`task_gradients`)."""
