@@ -508,7 +508,8 @@ class BilevelProblem:
                 check_data_matches(member, reference, f"{name}[{i}]")
 
     def hypergradient(self, train: Pair, val: Pair) -> list[torch.Tensor]:
-        """The hypergradient for one task, one tensor per UL parameter.
+        """The hypergradient for one task, one tensor per entry of :attr:`ul_params` (the UL
+        parameters that require grad; a frozen one has none).
 
         UL parameters and their ``.grad`` are left unchanged. Random draws in the objectives
         (dropout, noise) come from the global RNG as in :meth:`step`: from the same RNG state
