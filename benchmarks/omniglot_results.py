@@ -111,6 +111,8 @@ def setting(r: dict[str, Any]) -> str:
         parts.append(f"head L2 {s['head_l2']}")
     if s["eval_inner_steps"] != s["inner_steps"]:
         parts.append(f"{s['eval_inner_steps']} steps at test")
+    if s.get("on_failed_step") == "skip":
+        parts.append("failed meta-steps skipped")
     return "; ".join(parts)
 
 
@@ -274,7 +276,7 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
     for budget, equal in groups:
         ranked = sorted(equal, key=lambda r: -r["test_accuracy_pct"])
         order = ", ".join(entry(r) for r in ranked)
-        pending = pending_runs(equal, groups)
+        pending = pending_runs(budget, equal, groups)
         so_far = f"; {len(equal)} of {len(equal) + len(pending)} so far" if pending else ""
         lines += [
             "",
@@ -307,13 +309,21 @@ def same_run(r: dict[str, Any]) -> tuple[str, str]:
 
 
 def pending_runs(
-    equal: list[dict[str, Any]], groups: list[tuple[float, list[dict[str, Any]]]]
+    budget: float,
+    equal: list[dict[str, Any]],
+    groups: list[tuple[float, list[dict[str, Any]]]],
 ) -> list[dict[str, Any]]:
-    """The runs of the fullest budget that ``equal`` (another budget's runs) has no run
-    like: those still going on to this budget."""
-    fullest = max((runs for _, runs in groups), key=len)
+    """The runs of smaller budgets that ``equal`` (budget ``budget``'s runs) has no run like:
+    those still going on to this budget (one per method and settings). A run made only at a
+    larger budget is not pending at a smaller one."""
     done = {same_run(r) for r in equal}
-    return [r for r in fullest if same_run(r) not in done]
+    pending: dict[tuple[str, str], dict[str, Any]] = {}
+    for smaller, runs in groups:
+        if smaller < budget:
+            for r in runs:
+                if same_run(r) not in done:
+                    pending.setdefault(same_run(r), r)
+    return list(pending.values())
 
 
 def equal_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -331,7 +341,7 @@ def equal_table(rows: list[dict[str, Any]]) -> list[str]:
     ]
     for budget, equal in groups:
         lines += ["", f"**{budget:g} CPU minutes** each:", "", *budget_table(equal, usual)]
-        pending = pending_runs(equal, groups)
+        pending = pending_runs(budget, equal, groups)
         if pending:
             names = ", ".join(method_name(r) for r in pending)
             lines += [
@@ -376,6 +386,15 @@ def budget_table(equal: list[dict[str, Any]], usual: str | None = None) -> list[
             "descent diverged on a task (`LowerLevelDivergenceError`); the model tested is the "
             "best one before it. "
             + " ".join(f"`{r['name']}`: {r['stopped'].split(':')[0]}." for r in stopped),
+        ]
+    skipping = [r for r in equal if r.get("skipped_steps")]
+    if skipping:
+        lines += [
+            "",
+            "(... skipped): run with `--on-failed-step skip`: a meta-step whose LL diverged on "
+            "a task was skipped (its result unused; the UL parameters untouched) and "
+            "meta-training went on, counting its CPU time. "
+            + " ".join(f"`{r['name']}`: {r['skipped_steps']:,}." for r in skipping),
         ]
     elsewhere = [r for r in equal if r["hardware"] != usual]
     if elsewhere:

@@ -133,9 +133,9 @@ def test_equal_compute_tables_per_budget_with_the_runs_still_going(omniglot_resu
     rows += [_omniglot_row("maml", 150, 98.5)]
     groups = omniglot_results.equal_groups(rows)
     assert [(b, len(r)) for b, r in groups] == [(60, 2), (10, 3)]
-    pending = omniglot_results.pending_runs(groups[0][1], groups)
+    pending = omniglot_results.pending_runs(60, groups[0][1], groups)
     assert [r["method"] for r in pending] == ["fomaml"]
-    assert omniglot_results.pending_runs(groups[1][1], groups) == []
+    assert omniglot_results.pending_runs(10, groups[1][1], groups) == []
     text = "\n".join(omniglot_results.equal_table(rows))
     assert text.index("**60 CPU minutes**") < text.index("**10 CPU minutes**")
     assert "Not yet given 60 CPU minutes" in text and "first-order MAML" in text
@@ -144,7 +144,14 @@ def test_equal_compute_tables_per_budget_with_the_runs_still_going(omniglot_resu
     # another setting is another run: not counted as done
     rows[3]["setting"] = "5-way 1-shot; 64 filters"
     groups = omniglot_results.equal_groups(rows)
-    assert [r["method"] for r in omniglot_results.pending_runs(groups[0][1], groups)] == [
+    assert [r["method"] for r in omniglot_results.pending_runs(60, groups[0][1], groups)] == [
         "maml",
         "fomaml",
     ]
+    # a variant made only with the larger budget is not going on to the smaller one
+    rows[3]["setting"] = "5-way 1-shot; 32 filters"
+    rows.append({**_omniglot_row("maml", 60, 98.0), "setting": "failed meta-steps skipped"})
+    groups = omniglot_results.equal_groups(rows)
+    assert omniglot_results.pending_runs(10, groups[1][1], groups) == []
+    summary = "\n".join(omniglot_results.summary(rows))
+    assert "10 CPU minutes of meta-training each, one thread; the" in summary
