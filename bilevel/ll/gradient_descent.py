@@ -107,6 +107,11 @@ class GradientDescent:
     also on error), so that the LL objective records no graph to them at every step. An LL
     objective therefore must not rely on ``requires_grad`` of the UL parameters.
 
+    A trainable weight must be read by the LL objective at the first step (else it is
+    refused: freeze it); one that a later step does not read (conditional computation) has
+    a zero gradient there, so a rule with momentum or Adam's moments still moves it, where a
+    ``torch.optim`` optimizer would skip a parameter whose ``.grad`` is ``None``.
+
     References: Maclaurin, Duvenaud & Adams (2015); Franceschi et al. (2017), "Forward and
     Reverse Gradient-Based Hyperparameter Optimization", ICML; Li et al. (2017), "Meta-SGD";
     Grefenstette et al. (2019), ``higher``.

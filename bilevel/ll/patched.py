@@ -7,6 +7,7 @@ with the user's module at every LL run, giving it fast weights, and reading them
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -247,3 +248,59 @@ def evaluate_at(auxiliary_model: nn.Module, weights: Sequence[torch.Tensor]) -> 
         yield
     finally:
         install(auxiliary_model, saved)
+
+
+@functools.cache
+def _weight_norm_second_derivatives_right() -> bool:
+    """Whether ``torch._weight_norm`` (behind ``weight_norm``) has right second derivatives
+    in this PyTorch: a Hessian-vector product of a small loss through it against the same
+    through ``g * v / ||v||`` (float64, CPU; once per process). PyTorch 2.13 on CPU fails it
+    (``gradgradcheck`` fails too: its Hessian is not even symmetric)."""
+    generator = torch.Generator().manual_seed(0)
+    v, g, x = (
+        torch.randn(*s, generator=generator, dtype=torch.float64) for s in ((2, 3), (2, 1), (4, 3))
+    )
+    products = []
+    for weight in (
+        lambda v, g: torch._weight_norm(v, g, 0),
+        lambda v, g: g * v / v.norm(dim=1, keepdim=True),
+    ):
+        vg = [v.clone().requires_grad_(), g.clone().requires_grad_()]
+        loss = torch.tanh(x @ weight(*vg).T).pow(2).sum()
+        first = torch.autograd.grad(loss, vg, create_graph=True)
+        products.append(
+            torch.cat([h.reshape(-1) for h in torch.autograd.grad(sum(t.sum() for t in first), vg)])
+        )
+    return bool(torch.allclose(products[0], products[1], rtol=1e-8, atol=1e-10))
+
+
+def _uses_weight_norm(model: nn.Module) -> bool:
+    """Whether a module of ``model`` is weight-normalized (``parametrizations.weight_norm``
+    or the older hook-based ``torch.nn.utils.weight_norm``)."""
+    from torch.nn.utils.parametrizations import _WeightNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return any(
+        isinstance(m, _WeightNorm)
+        or any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values())
+        for m in model.modules()
+    )
+
+
+def refuse_broken_weight_norm(model: nn.Module) -> None:
+    """Refuse second derivatives through a weight-normalized patched model where PyTorch's
+    ``torch._weight_norm`` gets them wrong (they would enter the hypergradient silently);
+    checked once per patched model."""
+    refused = model.__dict__.get("_bilevel_weight_norm_refused")
+    if refused is None:
+        refused = _uses_weight_norm(model) and not _weight_norm_second_derivatives_right()
+        model.__dict__["_bilevel_weight_norm_refused"] = refused
+    if refused:
+        raise ValueError(
+            f"ll_model uses weight_norm, whose second derivatives are wrong in this PyTorch "
+            f"({torch.__version__}: torch._weight_norm fails gradgradcheck), and this "
+            "hypergradient differentiates the LL gradient: it would be silently wrong. "
+            "Write the weight as g * v / v.norm(dim=1, keepdim=True) in a custom "
+            "parametrization (torch.nn.utils.parametrize.register_parametrization), or use "
+            "FiniteDifference or FirstOrder (first derivatives only)."
+        )

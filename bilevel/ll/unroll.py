@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from bilevel.ll.hyper import Schedule
-from bilevel.ll.patched import fast_weights, install
+from bilevel.ll.patched import fast_weights, install, refuse_broken_weight_norm
 from bilevel.ll.rules import UpdateRule
 from bilevel.state import Objective, check_objective_result
 
@@ -96,9 +96,10 @@ class Observer(Protocol):
     With ``detach_inputs`` each step's graph starts at its inputs (forward mode: tangents
     carry the past); otherwise the steps keep the graph the run was asked for.
 
-    An optional method ``before_step(weights)`` is called with the step's input weights
-    before the step map runs (an observer that must replay the step's random draws captures
-    the generators there).
+    An optional method ``before_step(weights, model)`` is called with the step's input
+    weights and the patched model before the step map runs (an observer that must replay the
+    step's random draws, or evaluate again from the model's buffers as the step saw them,
+    captures the generators or the buffers there).
 
     Two optional attributes make an observer cheaper to run (both absent: every step is
     observed with its graph, as forward-mode tangents need):
@@ -156,6 +157,7 @@ class GradientStep:
         """The LL stationarity residual ``g(w, lambda)`` at ``weights`` (installed in the
         model), with its graph: here the gradient of the LL objective (``None`` where a
         weight has no path), whose zero the implicit function theorem differentiates."""
+        refuse_broken_weight_norm(state["ll_model"])
         loss = check_objective_result(self.objective(state), "ll_objective")
         return list(torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True))
 
@@ -163,10 +165,17 @@ class GradientStep:
         self, weights: Tensors, state: dict, step: int, create_graph: bool
     ) -> tuple[torch.Tensor, Tensors]:
         """The loss and the update direction at ``weights`` (installed in the model)."""
+        if create_graph:
+            refuse_broken_weight_norm(state["ll_model"])
         loss = check_objective_result(self.objective(state), "ll_objective")
         grads = torch.autograd.grad(loss, weights, create_graph=create_graph, allow_unused=True)
         if step == 0:
             self.on_first_grads(grads)
+        if any(g is None for g in grads):  # conditional computation: a weight that this
+            # step's loss does not read (it was read at the first step) has a zero gradient
+            return loss, [
+                torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads, strict=True)
+            ]
         return loss, list(grads)
 
     def __call__(
@@ -257,7 +266,7 @@ class Unroll:
         keep = graph or self.observer_graph
         before = getattr(self.observer, "before_step", None) if observe else None
         if before is not None:
-            before(active)
+            before(active, self.model)
         new, new_state, loss, grads = self._apply(active, keep)
         if observe:
             self.observer.propagate(active, self.opt_state, new, new_state)

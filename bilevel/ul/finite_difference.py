@@ -23,9 +23,32 @@ Tensors = list[torch.Tensor]
 class BeforeLastStep(list):
     """The trainable weights ``w_{T-1}`` from which the last LL step started (a list), with
     ``draws``: torch's generators before that step, whose random draws (dropout masks, noise
-    in the objective) the finite differences replay."""
+    in the objective) the finite differences replay, and ``buffers``: the patched model's
+    buffers before that step (copies), from which both finite-difference points evaluate."""
 
     draws: Draws | None = None
+    buffers: list[tuple[nn.Module, str, torch.Tensor]] | None = None
+
+
+def buffer_copies(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """``(module, name, copy)`` for every buffer of ``model``: what a forward may move in place
+    or reassign (batch-norm statistics, spectral norm's power-iteration vectors, a counter)."""
+    # (a module without children is its only module: modules()'s generators cost more than
+    # the rest on the small models of hyperparameter problems, as in state.modes_kept)
+    leaf = not model._modules and type(model).modules is nn.Module.modules
+    return [
+        (m, name, b.detach().clone())
+        for m in ((model,) if leaf else model.modules())
+        for name, b in m._buffers.items()
+        if b is not None
+    ]
+
+
+def put_back(copies: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+    """Give each module of ``copies`` its buffer as copied (a fresh copy, so the copies can be
+    put back again)."""
+    for module, name, copy in copies:
+        module._buffers[name] = copy.clone()
 
 
 class WeightsBeforeLastStep:
@@ -42,15 +65,19 @@ class WeightsBeforeLastStep:
     def __init__(self) -> None:
         self.weights: BeforeLastStep | None = None
         self.draws: Draws | None = None
+        self.buffers: list[tuple[nn.Module, str, torch.Tensor]] | None = None
 
-    def before_step(self, weights: Tensors) -> None:
-        """Capture the generators before the step's map draws."""
+    def before_step(self, weights: Tensors, model: nn.Module) -> None:
+        """Capture the generators before the step's map draws, and the model's buffers
+        before its forward moves them."""
         self.draws = capture_draws(weights[0].device)
+        self.buffers = buffer_copies(model)
 
     def propagate(self, weights: Tensors, opt_state: dict, new: Tensors, new_state: dict) -> None:
         """Keep the step's input weights (the steps never modify them in place)."""
         self.weights = BeforeLastStep(w.detach() for w in weights)
         self.weights.draws = self.draws
+        self.weights.buffers = self.buffers
 
     def result(self) -> BeforeLastStep | None:
         """The trainable weights before the last step (and its draws)."""
@@ -234,12 +261,20 @@ class FiniteDifference(HypergradientCalculator):
             delta = [eps * x for x in u]
             # both points with the last step's random draws (dropout, noise): the mixed
             # derivative of that step; other draws would add O(1/eps) noise
+            # ... and with the buffers that step saw (a forward that moves them, as spectral
+            # norm's power iteration or a call counter, would otherwise evaluate the two
+            # points with different models: an O(1/eps) error); put back afterwards
             draws = getattr(before, "draws", None)
+            step_buffers = getattr(before, "buffers", None) or []
+            kept = buffer_copies(call.auxiliary_model) if step_buffers else []
             with contextlib.nullcontext() if draws is None else replay_draws(draws) as replay:
+                put_back(step_buffers)
                 plus = self._ll_gradients(call, weights, active, before, delta, wanted, 1.0)
                 if replay is not None:
                     replay.rewind()
+                put_back(step_buffers)
                 minus = self._ll_gradients(call, weights, active, before, delta, wanted, -1.0)
+                put_back(kept)
         # mixed = (plus - minus) * scale, the second derivative along u (times xi when the
         # direction is v); the UL parameters take direct - mixed. scale = xi / (2 eps), with
         # 1 / eps = ||u|| / r

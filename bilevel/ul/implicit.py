@@ -11,7 +11,7 @@ from torch import nn
 
 from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
-from bilevel.state import Objective, all_finite
+from bilevel.state import Objective, all_finite, parameter_names
 from bilevel.ul.base import (
     Call,
     Grads,
@@ -260,6 +260,7 @@ class Implicit(HypergradientCalculator):
                 for x, gv in zip(w, grads[n:], strict=True)
             ]
             g = self._residual(call, w)
+        self._refuse_unread(call, active, g)
         g = [torch.zeros_like(x) if gi is None else gi for x, gi in zip(w, g, strict=True)]
         linked = [(gi, i) for i, gi in enumerate(g) if gi.requires_grad]
 
@@ -292,6 +293,24 @@ class Implicit(HypergradientCalculator):
             for d, ind in zip(direct, indirect, strict=True)
         ]
         return result, loss
+
+    def _refuse_unread(self, call: Call, active: list[int], g: list[torch.Tensor | None]) -> None:
+        """Refuse trainable LL weights that the stationarity residual at the auxiliary model
+        does not read (conditional computation that skipped them in this evaluation): the
+        system's rows and columns for them are zero, so it is singular and a solver's answer
+        (CG's grows without bound) would be taken for the hypergradient."""
+        unread = [i for i, gi in zip(active, g, strict=True) if gi is None]
+        if unread:
+            params = list(self.ll_model.parameters())
+            names = parameter_names(self.ll_model, [params[i] for i in unread])
+            raise ValueError(
+                f"ll_objective at the LL solution does not depend on the trainable ll_model "
+                f"parameter(s) {names} (they were read at the first LL step: conditional "
+                "computation skipped them in this evaluation), so the LL Hessian is singular "
+                "in them and the implicit hypergradient is undefined. Make ll_objective read "
+                "every trainable parameter at every evaluation, freeze those it skips, or use "
+                "Reverse/Truncated."
+            )
 
     def _residual(self, call: Call, w: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """The LL stationarity residual ``g`` at the auxiliary model's weights, with its
