@@ -142,7 +142,8 @@ def process_cells() -> tuple[dict[tuple[str, str], dict[str, Any]], str]:
         return {}, ""
     check = json.loads(PROCESS_CHECK.read_text())
     cells = {(c["method"], c["problem"]): c for c in check["cells"]}
-    return cells, f"`{check['command']}`, {check['date']}"
+    cpu = f", on {check['cpu']}" if check.get("cpu") else ""
+    return cells, f"`{check['command']}`, {check['date']}{cpu}"
 
 
 def check_key(c: dict[str, Any]) -> str:
@@ -381,7 +382,7 @@ class Page:
         if not over:
             return []
         checked, source = process_cells()
-        lines, library, process, fixed_us = [], [], [], []
+        lines, library, process, fixed_us, floor_ms = [], [], [], [], []
         for c, r in over:
             cell = checked.get((check_key(c), c["problem"]))
             text = f"{name(c)} on {c['problem']}: {r:.2f} with each in its own process"
@@ -394,6 +395,7 @@ class Page:
             extra = seconds["both:bilevel"] - seconds["both:floor"]
             if check_key(c) == "fd_one_step" and one > TARGET_FLOOR:
                 fixed_us.append(extra * 1e6)
+                floor_ms.append(seconds["both:floor"] * 1e3)
             lines.append(
                 f"- {text}; {cell['across_processes']:.2f} across processes and **{one:.2f} "
                 f"in one process** when re-timed alternately (at least {cell['samples']} UL "
@@ -422,7 +424,8 @@ class Page:
                     f" For one-step DARTS it is a fixed cost of {spread} µs per UL step (the "
                     "argument and objective checks, the NaN checks of the LL loss, UL loss and "
                     "hypergradient, the run's state dict, patched module and trajectory), next "
-                    "to a floor of about a millisecond of torch work: a UL step of "
+                    f"to a floor of {min(floor_ms):.2g}-{max(floor_ms):.2g} ms of torch work: a "
+                    "UL step of "
                     f"{high / (TARGET_FLOOR - 1) / 1e3:.2g} ms or more would hide it within "
                     f"{TARGET_FLOOR}x, and longer LL runs spread it over their steps (DARTS "
                     "with 100-200 LL steps above)."

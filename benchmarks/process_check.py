@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve:
         serve(args.serve.split(","))
         return
+    sys.path.insert(0, str(HERE))
+    from common import cpu_model
+
     cells = []
     for method in args.methods.split(","):
         for problem in ("ridge", "logistic"):
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "command": "python3 benchmarks/process_check.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu": cpu_model(),
         "cells": cells,
     }
     OUT.write_text(json.dumps(result, indent=1) + "\n")
