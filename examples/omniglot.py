@@ -761,7 +761,12 @@ def experiment(
         "resumed_from_step": record.resumed_from,
         "stopped": stopped,
         "skipped_steps": problem.skipped_steps,
-        "settings": {**settings, **{k: getattr(args, k) for k in RESUMABLE}},
+        # every setting, the default --on-failed-step too (which the resume check leaves out)
+        "settings": {
+            **settings,
+            "on_failed_step": args.on_failed_step,
+            **{k: getattr(args, k) for k in RESUMABLE},
+        },
         "hardware": _common.hardware(device),
         **_common.provenance(),
         # the machine and code of each invocation that trained the model tested
