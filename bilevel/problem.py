@@ -840,7 +840,17 @@ class BilevelProblem:
         checkpoint_seconds: float | None,
     ) -> dict[str, Any] | None:
         if checkpoint is not None and Path(checkpoint).exists():
-            self.load_checkpoint(checkpoint)
+            try:
+                self.load_checkpoint(checkpoint)
+            except ValueError as error:
+                if "strict=False" not in str(error):
+                    raise
+                # run() resumes strictly: say how the non-strict load is done
+                raise ValueError(
+                    f"{error} run() resumes strictly: to load {checkpoint} anyway, call "
+                    "problem.load_checkpoint(path, strict=False) and then "
+                    "problem.save_checkpoint(path) once before run()."
+                ) from error
         start = self.step_count
         if callable(data):
             batches: Iterable[Batch] = (data(i) for i in range(start, steps))

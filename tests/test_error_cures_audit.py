@@ -169,6 +169,26 @@ def test_a_checkpoint_of_another_dtype_advises_strict_false_and_it_loads(saved_c
     assert problem.step_count == 1 and problem.ul.ul_model.log_l2.dtype == torch.float32
 
 
+def test_run_says_how_to_load_non_strictly_and_the_cure_works(saved_checkpoint):
+    """run(checkpoint=) resumes strictly: the strict=False cure was not applicable there as
+    written (run has no such argument); the message now says how, and following it the run
+    goes on from the checkpoint."""
+    p = ridge(d=5)
+    problem, _ = checkpoint_problem(dtype=torch.float32)
+
+    def data(step):
+        return tuple(tuple(t.float() for t in pair) for pair in (p.train, p.val))
+
+    with pytest.raises(ValueError, match="run\\(\\) resumes strictly") as error:
+        problem.run(data, 3, checkpoint=saved_checkpoint, progress=False)
+    assert "problem.load_checkpoint(path, strict=False)" in str(error.value)
+    problem.load_checkpoint(saved_checkpoint, strict=False)
+    problem.save_checkpoint(saved_checkpoint)
+    again, _ = checkpoint_problem(dtype=torch.float32)
+    again.run(data, 3, checkpoint=saved_checkpoint, progress=False)
+    assert again.step_count == 3
+
+
 # --- an auxiliary model that did not record what the method needs ---------------------------
 
 
