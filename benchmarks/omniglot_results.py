@@ -21,6 +21,7 @@ import csv
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -361,6 +362,17 @@ def equal_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def legend(
+    runs: list[dict[str, Any]], key: str, meaning: str, value: Callable[[Any], str]
+) -> list[str]:
+    """A note under a table for the runs whose ``key`` is set: what it means, then each
+    run's ``value`` of it (nothing when no run has it)."""
+    marked = [r for r in runs if r.get(key)]
+    if not marked:
+        return []
+    return ["", " ".join([meaning, *(f"`{r['name']}`: {value(r[key])}." for r in marked)])]
+
+
 def budget_table(equal: list[dict[str, Any]], usual: str | None = None) -> list[str]:
     """The table of one budget's runs, the most accurate first; runs that stopped early or
     ran on another CPU than ``usual`` (most runs' machine) are said to be so."""
@@ -378,24 +390,22 @@ def budget_table(equal: list[dict[str, Any]], usual: str | None = None) -> list[
             f"| {steps} | {r['cpu_seconds_per_meta_step']:.3f} | "
             f"{r['best_step']:,} | {published_text(published(r))} |"
         )
-    stopped = [r for r in equal if r.get("stopped")]
-    if stopped:
-        lines += [
-            "",
-            "(stopped at ...): meta-training ended before the budget because the LL's gradient "
-            "descent diverged on a task (`LowerLevelDivergenceError`); the model tested is the "
-            "best one before it. "
-            + " ".join(f"`{r['name']}`: {r['stopped'].split(':')[0]}." for r in stopped),
-        ]
-    skipping = [r for r in equal if r.get("skipped_steps")]
-    if skipping:
-        lines += [
-            "",
-            "(... skipped): run with `--on-failed-step skip`: a meta-step whose LL diverged on "
-            "a task was skipped (its result unused; the UL parameters untouched) and "
-            "meta-training went on, counting its CPU time. "
-            + " ".join(f"`{r['name']}`: {r['skipped_steps']:,}." for r in skipping),
-        ]
+    lines += legend(
+        equal,
+        "stopped",
+        "(stopped at ...): meta-training ended before the budget because the LL's gradient "
+        "descent diverged on a task (`LowerLevelDivergenceError`); the model tested is the "
+        "best one before it.",
+        lambda stopped: stopped.split(":")[0],
+    )
+    lines += legend(
+        equal,
+        "skipped_steps",
+        "(... skipped): run with `--on-failed-step skip`: a meta-step whose LL diverged on "
+        "a task was skipped (its result unused; the UL parameters untouched) and "
+        "meta-training went on, counting its CPU time.",
+        lambda skipped: f"{skipped:,}",
+    )
     elsewhere = [r for r in equal if r["hardware"] != usual]
     if elsewhere:
         lines += [

@@ -100,6 +100,11 @@ def split_tasks(batch: dict[str, Pair]) -> list[tuple[Pair, Pair]]:
     return [((task(tx, i), task(ty, i)), (task(vx, i), task(vy, i))) for i in range(n)]
 
 
+class _NonStrictLoadCures(ValueError):
+    """A strict load's refusal that a non-strict load (``strict=False``) cures, as its
+    message says: :meth:`BilevelProblem.run`, which resumes strictly, adds how to do that."""
+
+
 class Interrupted(SystemExit):
     """:meth:`BilevelProblem.run` stopped on SIGTERM (or because another process of the group
     was told to stop) after saving its checkpoint. Uncaught, the process exits with status
@@ -622,7 +627,7 @@ class BilevelProblem:
         saved = state.get("settings")
         current = ckpt.plain(self.settings)
         if strict and saved is None:
-            raise ValueError(
+            raise _NonStrictLoadCures(
                 "the checkpoint records no settings (it was not written by "
                 "BilevelProblem.state_dict), so it cannot be checked against this problem. "
                 "Resume from a checkpoint written by this problem's save_checkpoint, or pass "
@@ -652,7 +657,7 @@ class BilevelProblem:
                 # strict=False loads entries of other dtypes (cast); torch's own
                 # load_state_dict refuses missing, extra or reshaped ones whatever it says
                 castable = all(kind == "dtype" for _, kind in differences)
-                raise ValueError(
+                raise (_NonStrictLoadCures if castable else ValueError)(
                     "the checkpoint is of another problem "
                     f"({'; '.join(text for text, _ in differences)}). Resume with the same "
                     "models, or start a new run with another checkpoint path (or delete it)"
@@ -703,7 +708,7 @@ class BilevelProblem:
         if hasattr(self.ul, "state_dict") and state.get("method") is None:
             missing.append(f"the state of {type(self.ul).__name__} (its variables across UL steps)")
         if missing:
-            raise ValueError(
+            raise _NonStrictLoadCures(
                 f"the checkpoint holds no {' and no '.join(missing)}, which this problem "
                 "carries across UL steps: resuming would restart them, not continue the run. "
                 "Resume from a checkpoint written by this problem's save_checkpoint, or pass "
@@ -842,10 +847,8 @@ class BilevelProblem:
         if checkpoint is not None and Path(checkpoint).exists():
             try:
                 self.load_checkpoint(checkpoint)
-            except ValueError as error:
-                if "strict=False" not in str(error):
-                    raise
-                # run() resumes strictly: say how the non-strict load is done
+            except _NonStrictLoadCures as error:
+                # run() resumes strictly: say how the non-strict load it advises is done
                 raise ValueError(
                     f"{error} run() resumes strictly: to load {checkpoint} anyway, call "
                     "problem.load_checkpoint(path, strict=False) and then "

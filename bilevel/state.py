@@ -98,6 +98,15 @@ def draws_untouched(device: torch.device) -> contextlib.AbstractContextManager[A
     return replay_draws(capture_draws(device))
 
 
+def module_list(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())``; a module without children is its only module, listed
+    without ``modules()``'s chain of generators (most of the cost for the small models of
+    hyperparameter problems, where this runs at every objective evaluation)."""
+    if not model._modules and type(model).modules is nn.Module.modules:
+        return [model]
+    return list(model.modules())
+
+
 class _KeptModes:
     """The context of :func:`modes_kept` (a class, as :class:`_Replay`: it is entered at every
     objective evaluation of a UL method)."""
@@ -108,11 +117,7 @@ class _KeptModes:
         self.model = model
 
     def __enter__(self) -> None:
-        model = self.model
-        # a module without children is its only module (``modules()``'s chain of generators
-        # is most of the cost for the small models of hyperparameter problems)
-        leaf = not model._modules and type(model).modules is nn.Module.modules
-        self.modules = [model] if leaf else list(model.modules())
+        self.modules = module_list(self.model)
         self.flags = [m.training for m in self.modules]
 
     def __exit__(self, *exc: object) -> None:
@@ -232,6 +237,18 @@ def parameter_names(model: nn.Module, params: Iterable[torch.Tensor]) -> list[st
     """Names of ``params`` in ``model`` (for error messages)."""
     lookup = {id(p): n for n, p in model.named_parameters()}
     return [lookup.get(id(p), f"<parameter {i}>") for i, p in enumerate(params)]
+
+
+def names_without_gradient(
+    model: nn.Module, grads: Sequence[torch.Tensor | None], index: Sequence[int]
+) -> list[str]:
+    """Names of the parameters of ``model`` at positions ``index`` whose gradient in ``grads``
+    (one per position) is ``None``: those the objective did not read (for error messages)."""
+    missing = [i for i, g in zip(index, grads, strict=True) if g is None]
+    if not missing:
+        return []
+    params = list(model.parameters())
+    return parameter_names(model, [params[i] for i in missing])
 
 
 def check_same_device_and_dtype(**models: nn.Module) -> None:

@@ -39,6 +39,7 @@ from bilevel.state import (
     check_same_device_and_dtype,
     draws_untouched,
     make_state,
+    names_without_gradient,
     parameter_names,
     trainable_parameters,
 )
@@ -497,10 +498,8 @@ class GradientDescent:
 
         ``grads`` are those of the parameters at positions ``index`` of ``ll_model``.
         """
-        unused = [i for i, g in zip(index, grads, strict=True) if g is None]
-        if unused:
-            params = list(self.ll_model.parameters())
-            names = parameter_names(self.ll_model, [params[i] for i in unused])
+        names = names_without_gradient(self.ll_model, grads, index)
+        if names:
             raise ValueError(
                 f"ll_objective does not depend on ll_model parameter(s) {names}: they would "
                 "never move. Use them in ll_objective or freeze them with requires_grad_(False)."

@@ -352,20 +352,45 @@ def detached_weights(trajectory: Trajectory) -> tuple[list[torch.Tensor], list[i
     return weights, [i for i, t in enumerate(trajectory.trainable) if t]
 
 
+@dataclass
+class ParameterChanges:
+    """How a module's trainable parameters differ from those a method kept at construction:
+    ``frozen`` (kept ones that no longer require grad), ``new`` (ones that require grad now
+    and were not kept: unfrozen, or put in place of a kept one), ``gone`` (kept ones no
+    longer in the module). All empty: only their order changed."""
+
+    frozen: list[torch.Tensor]
+    new: list[torch.Tensor]
+    gone: int
+
+
+def parameter_changes(model: nn.Module, kept: list[torch.Tensor]) -> ParameterChanges | None:
+    """``None`` when the parameters of ``model`` that require grad are ``kept``, the same
+    tensors in the same order (the usual case, in one pass); else what changed."""
+    params = parameter_list(model)
+    now = [p for p in params if p.requires_grad]
+    if len(now) == len(kept) and all(map(operator.is_, now, kept)):
+        return None
+    current, known = {id(p) for p in params}, {id(p) for p in kept}
+    return ParameterChanges(
+        frozen=[p for p in kept if not p.requires_grad],
+        new=[p for p in now if id(p) not in known],
+        gone=sum(id(p) not in current for p in kept),
+    )
+
+
 def check_ul_parameters(method: Any) -> None:
     """Refuse UL parameters frozen or unfrozen since ``method`` was built: its UL parameters
     are those that required grad then. One unfrozen later would never receive a
     hypergradient (and never move, silently); one frozen later would fail inside autograd."""
     model = method.ul_model
-    # the usual case, in one pass: the parameters that require grad now are the UL parameters,
-    # the same tensors in the same order (``ul_params`` is ``model.parameters()`` filtered so)
-    now = [p for p in parameter_list(model) if p.requires_grad]
-    if len(now) == len(method.ul_params) and all(map(operator.is_, now, method.ul_params)):
+    changes = parameter_changes(model, method.ul_params)
+    if changes is None:
         return
-    known = {id(p) for p in method.ul_params}
-    frozen = [p for p in method.ul_params if not p.requires_grad]
-    unfrozen = [p for p in model.parameters() if p.requires_grad and id(p) not in known]
-    for params, what in ((frozen, "frozen (requires_grad False)"), (unfrozen, "unfrozen")):
+    for params, what in (
+        (changes.frozen, "frozen (requires_grad False)"),
+        (changes.new, "unfrozen"),
+    ):
         if params:
             raise ValueError(
                 f"UL parameter(s) {parameter_names(model, params)} were {what} after "
@@ -381,27 +406,22 @@ def check_ll_parameters(method: Any, kept: list[torch.Tensor]) -> None:
     since would go on moving, one unfrozen (or a parameter replaced by a new tensor) would
     never move, and the method would go on stepping, and reading, the tensors it holds."""
     model = method.ll_model
-    now = [p for p in model.parameters() if p.requires_grad]
-    if len(now) == len(kept) and all(p is q for p, q in zip(now, kept, strict=True)):
+    changes = parameter_changes(model, kept)
+    if changes is None:
         return
-    current = {id(p) for p in model.parameters()}
-    known = {id(p) for p in kept}
-    frozen = [p for p in kept if id(p) in current and not p.requires_grad]
-    new = [p for p in now if id(p) not in known]
-    gone = sum(id(p) not in current for p in kept)
-    changes = [
+    described = [
         f"{parameter_names(model, params)} {what}"
         for params, what in (
-            (frozen, "frozen (requires_grad False)"),
-            (new, "unfrozen or replaced by new tensors"),
+            (changes.frozen, "frozen (requires_grad False)"),
+            (changes.new, "unfrozen or replaced by new tensors"),
         )
         if params
     ]
-    if gone:
-        changes.append(f"{gone} of the parameters it holds no longer in ll_model")
+    if changes.gone:
+        described.append(f"{changes.gone} of the parameters it holds no longer in ll_model")
     raise ValueError(
         f"ll_model's trainable parameters changed after {type(method).__name__} was built: "
-        + "; ".join(changes or ["their order changed"])
+        + "; ".join(described or ["their order changed"])
         + f". {type(method).__name__} keeps the LL variable (and its own state shaped like "
         "it) across UL steps as the parameters that were trainable then, so it would go on "
         "moving those and leave the others as they are. Build the method (and the "

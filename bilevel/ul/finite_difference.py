@@ -14,7 +14,7 @@ from torch import nn
 from bilevel import linalg
 from bilevel.ll import BDA, GradientDescent, Trajectory, evaluate_at
 from bilevel.ll.patched import install
-from bilevel.state import Draws, Objective, capture_draws, replay_draws
+from bilevel.state import Draws, Objective, capture_draws, module_list, replay_draws
 from bilevel.ul.base import Call, Grads, HypergradientCalculator, add, detached_weights
 
 Tensors = list[torch.Tensor]
@@ -33,12 +33,9 @@ class BeforeLastStep(list):
 def buffer_copies(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
     """``(module, name, copy)`` for every buffer of ``model``: what a forward may move in place
     or reassign (batch-norm statistics, spectral norm's power-iteration vectors, a counter)."""
-    # (a module without children is its only module: modules()'s generators cost more than
-    # the rest on the small models of hyperparameter problems, as in state.modes_kept)
-    leaf = not model._modules and type(model).modules is nn.Module.modules
     return [
         (m, name, b.detach().clone())
-        for m in ((model,) if leaf else model.modules())
+        for m in module_list(model)
         for name, b in m._buffers.items()
         if b is not None
     ]

@@ -11,7 +11,7 @@ from torch import nn
 
 from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
-from bilevel.state import Objective, all_finite, parameter_names
+from bilevel.state import Objective, all_finite, names_without_gradient
 from bilevel.ul.base import (
     Call,
     Grads,
@@ -299,10 +299,8 @@ class Implicit(HypergradientCalculator):
         does not read (conditional computation that skipped them in this evaluation): the
         system's rows and columns for them are zero, so it is singular and a solver's answer
         (CG's grows without bound) would be taken for the hypergradient."""
-        unread = [i for i, gi in zip(active, g, strict=True) if gi is None]
-        if unread:
-            params = list(self.ll_model.parameters())
-            names = parameter_names(self.ll_model, [params[i] for i in unread])
+        names = names_without_gradient(self.ll_model, g, active)
+        if names:
             raise ValueError(
                 f"ll_objective at the LL solution does not depend on the trainable ll_model "
                 f"parameter(s) {names} (they were read at the first LL step: conditional "
