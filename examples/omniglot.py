@@ -109,6 +109,9 @@ LOG_FIELDS = (
     "ll_grad_ratio",
     "skipped",
 )
+#: settings added after runs were made, with their defaults: a run's settings (compared when
+#: it resumes) record them only when they differ, so that the older runs resume
+ADDED_SETTINGS = {"on_failed_step": "stop", "feature_norm": None}
 #: with --on-failed-step skip, this many failed meta-steps in a row stop meta-training
 MAX_SKIPS_IN_A_ROW = 20
 
@@ -225,8 +228,17 @@ class Experiment:
     def logits(self, state: dict[str, Any]) -> torch.Tensor:
         """The network's output on ``state["data"]`` with the LL's current weights."""
         if self.args.method == "hyperrep":
-            return state["ll_model"](state["ul_model"](state["data"]))
+            return state["ll_model"](self.features(state["ul_model"], state["data"]))
         return state["ll_model"](state["data"])
+
+    def features(self, trunk: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """The hyper-representation's features; with ``--feature-norm C`` each image's
+        feature vector scaled to norm ``C``, which bounds the head's LL curvature (see
+        :func:`head_curvature_bound`)."""
+        features = trunk(images)
+        if self.args.feature_norm is None:
+            return features
+        return self.args.feature_norm * F.normalize(features, dim=1)
 
     def ul_objective(self, state: dict[str, Any]) -> torch.Tensor:
         """Query-set cross-entropy of the adapted model (records the query accuracy)."""
@@ -274,7 +286,7 @@ class Experiment:
         (xs, ys), (xq, yq) = task["train"], task["test"]
         if self.args.method == "hyperrep":
             with torch.no_grad():
-                xs, xq = self.ul_model(xs), self.ul_model(xq)
+                xs, xq = self.features(self.ul_model, xs), self.features(self.ul_model, xq)
         adapted = self.adapt.optimize(xs, ys)
         with torch.no_grad():
             accuracy = (adapted(xq).argmax(-1) == yq).float().mean()
@@ -290,6 +302,15 @@ class Experiment:
             task = {k: (x.to(device), y.to(device)) for k, (x, y) in task.items()}
             accuracies.append(self.task_accuracy(task))
         return torch.stack(accuracies).cpu()
+
+
+def head_curvature_bound(feature_norm: float, head_l2: float) -> float:
+    """An upper bound on the largest eigenvalue of the head's LL Hessian (mean softmax
+    cross-entropy of a linear head with bias, plus ``head_l2/2 ||head||^2``) on features of
+    norm ``feature_norm``: per image the Hessian is ``(diag(p) - p p^T) (x) [x; 1][x; 1]^T``,
+    whose first factor's eigenvalues are at most 1/2, so ``(feature_norm**2 + 1) / 2 +
+    head_l2``. Gradient descent on the head is stable for steps below ``2 / bound``."""
+    return (feature_norm**2 + 1.0) / 2.0 + head_l2
 
 
 def write_csv(path: Path, history: list[dict[str, Any]]) -> None:
@@ -431,6 +452,14 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--head-l2", type=float, default=1e-3, help="L2 on the head (hyperrep LL objective)"
     )
+    parser.add_argument(
+        "--feature-norm",
+        type=float,
+        default=None,
+        help="hyperrep: scale each image's features to this norm, which bounds the head's "
+        "curvature by (C^2 + 1)/2 + head-l2, so that its gradient descent cannot diverge as "
+        "the trunk's features grow (default: none, the features as the trunk makes them)",
+    )
     parser.add_argument("--eval-inner-steps", type=int, default=None, help="LL steps at evaluation")
     parser.add_argument(
         "--eval-query", type=int, default=15, help="query examples per class at evaluation"
@@ -495,6 +524,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         not 0 <= args.damping < math.inf or args.ul_method != "implicit"
     ):
         parser.error("--damping must be a number >= 0, for the implicit hypergradient only")
+    if args.feature_norm is not None:
+        if args.method != "hyperrep" or not 0 < args.feature_norm < math.inf:
+            parser.error("--feature-norm must be a number > 0, for --method hyperrep only")
+        bound = head_curvature_bound(args.feature_norm, args.head_l2)
+        if args.ll == "gd" and args.inner_lr * bound >= 2:
+            parser.error(
+                f"--inner-lr {args.inner_lr} with --feature-norm {args.feature_norm} may "
+                f"diverge: the head's curvature can reach {bound:.4g}, and gradient descent is "
+                f"stable below a step of {2 / bound:.4g}; lower --inner-lr or --feature-norm"
+            )
     if args.eval_inner_steps is None:
         args.eval_inner_steps = args.inner_steps
     if args.truncate is None:
@@ -526,8 +565,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     distributed.init_from_environment(device)  # a no-op unless launched by torchrun
     main_process = distributed.is_main_process()  # only rank 0 prints, logs and saves
     settings = {k: v for k, v in _common.settings_of(args).items() if k not in RESUMABLE}
-    if settings["on_failed_step"] == "stop":  # the default: runs from before it resume
-        del settings["on_failed_step"]
+    for name, default in ADDED_SETTINGS.items():  # at their defaults, older runs resume
+        if settings[name] == default:
+            del settings[name]
     minutes = args.checkpoint_minutes
     with _common.Run(args.out, settings, minutes, args.threads, main=main_process) as run:
         return experiment(args, run, device, settings)
@@ -761,10 +801,11 @@ def experiment(
         "resumed_from_step": record.resumed_from,
         "stopped": stopped,
         "skipped_steps": problem.skipped_steps,
-        # every setting, the default --on-failed-step too (which the resume check leaves out)
+        # every setting, those of ADDED_SETTINGS at their defaults too (which the resume
+        # check leaves out)
         "settings": {
             **settings,
-            "on_failed_step": args.on_failed_step,
+            **{k: getattr(args, k) for k in ADDED_SETTINGS},
             **{k: getattr(args, k) for k in RESUMABLE},
         },
         "hardware": _common.hardware(device),

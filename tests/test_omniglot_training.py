@@ -437,3 +437,55 @@ def test_on_failed_step_skip_stops_after_too_many_failures_in_a_row(
     assert results["meta_steps"] == in_a_row and results["skipped_steps"] == in_a_row
     assert results["stopped"].startswith(f"{in_a_row} meta-steps in a row failed")
     assert "The LL loss grew (test)" in results["stopped"]
+
+
+def test_feature_norm_bounds_the_heads_curvature(example):
+    """--feature-norm C: every image's features have norm C, in meta-training and at
+    evaluation, and the head's LL Hessian (dense, float64) stays below head_curvature_bound,
+    which the parser checks against the LL step."""
+    c, l2 = 5.0, 1e-3
+    argv = ["--method", "hyperrep", *TINY_NET, "--feature-norm", str(c), "--head-l2", str(l2)]
+    exp = example.Experiment(example.parse_args(argv), "cpu")
+    batch = _double(exp)
+    images, labels = batch["train"][0][0], batch["train"][1][0]
+    with torch.no_grad():
+        features = exp.features(exp.ul_model, images)
+    torch.testing.assert_close(features.norm(dim=1), torch.full((5,), c, dtype=torch.float64))
+    shapes = [p.shape for p in exp.ll_model.parameters()]
+    sizes = [p.numel() for p in exp.ll_model.parameters()]
+
+    def top_eigenvalue(features, point):
+        def objective(flat):
+            weight, bias = (t.reshape(s) for t, s in zip(flat.split(sizes), shapes, strict=True))
+            logits = torch.nn.functional.linear(features, weight, bias)
+            return torch.nn.functional.cross_entropy(logits, labels) + 0.5 * l2 * (flat**2).sum()
+
+        hessian = torch.autograd.functional.hessian(objective, point)
+        return torch.linalg.eigvalsh(hessian)[-1].item()
+
+    bound = example.head_curvature_bound(c, l2)
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.0, 0.1, 1.0):
+        point = scale * torch.randn(sum(sizes), generator=g, dtype=torch.float64)
+        assert 0 < top_eigenvalue(features, point) <= bound * (1 + 1e-12)
+    # the bound is attained: every image with the same features and two classes tied, the
+    # others' probabilities ~e^-60 (the head's weights zero, its bias 0, 0, -60, -60, -60)
+    point = torch.zeros(sum(sizes), dtype=torch.float64)
+    point[-3:] = -60.0
+    same = features[:1].expand_as(features)
+    assert top_eigenvalue(same, point) == pytest.approx(bound, rel=1e-9)
+    grads = exp.problem.meta_hypergradient(batch)  # the normalization is differentiated
+    assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in grads)
+    # the task's evaluation adapts the head on normalized features too
+    calls = []
+    exp.features = lambda trunk, x: (
+        calls.append(x.shape) or example.Experiment.features(exp, trunk, x)
+    )
+    exp.task_accuracy({"train": (images, labels), "test": (images, labels)})
+    assert len(calls) == 2
+    # a step at which the head's descent could diverge is refused, with the bound
+    with pytest.raises(SystemExit):
+        example.parse_args(["--method", "hyperrep", "--inner-lr", "0.2", "--feature-norm", "5"])
+    with pytest.raises(SystemExit):
+        example.parse_args(["--method", "maml", "--feature-norm", "5"])
+    assert example.parse_args(["--method", "hyperrep", "--feature-norm", "6"]).feature_norm == 6
