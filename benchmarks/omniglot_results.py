@@ -110,6 +110,8 @@ def setting(r: dict[str, Any]) -> str:
         parts.append(f"K={s['truncate']}")
     if r["method"] == "hyperrep" and s.get("head_l2"):
         parts.append(f"head L2 {s['head_l2']}")
+    if s.get("feature_norm"):
+        parts.append(f"features scaled to norm {s['feature_norm']:g}")
     if s["eval_inner_steps"] != s["inner_steps"]:
         parts.append(f"{s['eval_inner_steps']} steps at test")
     if s.get("on_failed_step") == "skip":
@@ -153,6 +155,12 @@ def summarize(name: str, r: dict[str, Any], folder: Path) -> dict[str, Any]:
         "solver": solver_of(r) if implicit else None,
         "damping": r["settings"].get("damping") or None,
         "ll": r["settings"].get("ll", "gd"),
+        # --feature-norm (hyper-representation; only where given)
+        **(
+            {"feature_norm": r["settings"]["feature_norm"]}
+            if r["settings"].get("feature_norm")
+            else {}
+        ),
         "meta_optimizer": r["settings"].get("meta_optimizer", "adam"),
         "budget_cpu_minutes": budget,
         "cpu_seconds_per_meta_step": None
@@ -196,6 +204,8 @@ def method_name(row: dict[str, Any]) -> str:
     name = NAMES.get(row["method"], row["method"])
     if row.get("ll") == "bda":
         name += " with BDA"
+    if row.get("feature_norm"):
+        name += f", features of norm {row['feature_norm']:g}"
     ul = UL_NAMES.get(row["ul_method"], row["ul_method"])
     if row["ul_method"] == "reptile":  # its direction is stepped by SGD or Adam
         ul = "SGD" if row.get("meta_optimizer") == "sgd" else "Adam"

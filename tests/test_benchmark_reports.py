@@ -155,3 +155,31 @@ def test_equal_compute_tables_per_budget_with_the_runs_still_going(omniglot_resu
     assert omniglot_results.pending_runs(10, groups[1][1], groups) == []
     summary = "\n".join(omniglot_results.summary(rows))
     assert "10 CPU minutes of meta-training each, one thread; the" in summary
+
+
+def test_feature_norm_runs_are_named_and_described(omniglot_results):
+    """A hyper-representation run with --feature-norm is told apart from one without, in
+    the method's name and in its settings line."""
+    row = {**_omniglot_row("hyperrep", 60, 97.0), "feature_norm": 5.0, "ll": "gd"}
+    assert omniglot_results.method_name(row) == (
+        "hyper-representation, features of norm 5 (Reverse)"
+    )
+    assert omniglot_results.method_name({**row, "feature_norm": None}) == (
+        "hyper-representation (Reverse)"
+    )
+    settings = {
+        "hidden": 32,
+        "inner_steps": 10,
+        "inner_lr": 0.1,
+        "meta_batch": 8,
+        "query": 5,
+        "meta_lr": 1e-3,
+        "head_l2": 1e-3,
+        "eval_inner_steps": 10,
+        "feature_norm": 5.0,
+    }
+    run = {"method": "hyperrep", "ul_method": "reverse", "ways": 5, "shots": 1}
+    text = omniglot_results.setting({**run, "settings": settings})
+    assert text.endswith("head L2 0.001; features scaled to norm 5")
+    del settings["feature_norm"]
+    assert "norm" not in omniglot_results.setting({**run, "settings": settings})
