@@ -24,6 +24,7 @@ from bilevel.state import (
     check_same_device_and_dtype,
     make_state,
     modes_kept,
+    module_list,
     parameter_names,
     trainable_parameters,
 )
@@ -282,18 +283,32 @@ class HypergradientCalculator:
 
 
 def refuse_rule_weight_decay(rule: Any, method: str) -> None:
-    """Refuse an LL update rule that adds an L2 weight decay to the gradient (every rule but
-    AdamW, whose decay is decoupled) for a method that differentiates the stationarity of
-    ``ll_objective``: such a run ends at a zero of ``grad ll_objective + wd w`` instead."""
-    if rule is None or rule.name == "adamw" or "weight_decay" not in rule.hyper:
+    """Refuse an LL update rule with a weight decay for a method that differentiates the
+    stationarity of ``ll_objective``. An L2 decay added to the gradient (every rule but
+    AdamW) makes the run end at a zero of ``grad ll_objective + wd w`` instead. AdamW's
+    decoupled decay ``w <- w (1 - lr wd)`` (Loshchilov & Hutter, 2019) stops it where
+    ``grad ll_objective = -wd w (sqrt(v) + eps)`` (Adam's moments ``v``): a zero of
+    ``grad ll_objective`` only once ``v`` has decayed to round-off, long after the run, and
+    never for a large ``eps`` or ``wd ||w||_inf >= 1``."""
+    if rule is None or "weight_decay" not in rule.hyper:
         return
     value = rule.hyper["weight_decay"]
     items = value if isinstance(value, list | tuple) else [value]
     if all(isinstance(v, float) and v == 0.0 for v in items):
         return
+    if rule.name == "adamw":
+        raise ValueError(
+            f"{method} differentiates the stationarity of ll_objective, but the LL update rule "
+            "'adamw' shrinks the weights by (1 - lr * weight_decay) at every step outside the "
+            "gradient (decoupled weight decay; its default is 1e-2): the run stops where "
+            "grad ll_objective = -weight_decay * w * (sqrt(v) + eps), not at a stationary point "
+            "of ll_objective, and the hypergradient would be silently off. Use optimizer="
+            "'adam' (or rules.adamw(weight_decay=0.0)) and put the penalty in ll_objective "
+            "(0.5 * wd * ||w||^2), or use Reverse, Truncated or Forward."
+        )
     raise ValueError(
         f"{method} differentiates the stationarity of ll_objective, but the LL update rule "
-        f"{rule.name!r} adds an L2 weight_decay to every gradient: the LL run ends at a zero of "
+        f"{rule.name!r} adds an L2 weight_decay to every gradient: the run ends at a zero of "
         "grad ll_objective + weight_decay * w, and the hypergradient would be taken for another "
         "problem. Put the penalty in ll_objective (0.5 * wd * ||w||^2) with weight_decay=0, or "
         "use Reverse, Truncated or Forward."
@@ -438,3 +453,21 @@ def kept_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[Non
         with torch.no_grad():
             for buffer, copy in saved:
                 buffer.copy_(copy)
+
+
+def buffer_copies(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """``(module, name, copy)`` for every buffer of ``model``: what a forward may move in place
+    or reassign (batch-norm statistics, spectral norm's power-iteration vectors, a counter)."""
+    return [
+        (m, name, b.detach().clone())
+        for m in module_list(model)
+        for name, b in m._buffers.items()
+        if b is not None
+    ]
+
+
+def put_back(copies: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+    """Give each module of ``copies`` its buffer as copied (a fresh copy, so the copies can be
+    put back again)."""
+    for module, name, copy in copies:
+        module._buffers[name] = copy.clone()

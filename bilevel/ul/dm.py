@@ -122,8 +122,9 @@ class DM(HypergradientCalculator):
 
     def check_against(self, ll: Any) -> None:
         """Also: the LL descends ``ll_objective``, whose Hessian the multiplier step uses (not
-        a fixed-point map; no L2 ``weight_decay`` in the update rule: the LL would then
-        settle at a zero of ``grad f + wd y`` while ``z`` solves with the Hessian of ``f``)."""
+        a fixed-point map; no ``weight_decay`` in the update rule: the LL would then settle
+        at a zero of ``grad f + wd y`` (L2), or short of one of ``grad f`` (AdamW), while
+        ``z`` solves with the Hessian of ``f``)."""
         refuse_fixed_point_map(ll, "DM")
         refuse_rule_weight_decay(getattr(ll, "rule", None), "DM")
         super().check_against(ll)

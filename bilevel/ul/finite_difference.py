@@ -14,8 +14,16 @@ from torch import nn
 from bilevel import linalg
 from bilevel.ll import BDA, GradientDescent, Trajectory, evaluate_at
 from bilevel.ll.patched import install
-from bilevel.state import Draws, Objective, capture_draws, module_list, replay_draws
-from bilevel.ul.base import Call, Grads, HypergradientCalculator, add, detached_weights
+from bilevel.state import Draws, Objective, capture_draws, replay_draws
+from bilevel.ul.base import (
+    Call,
+    Grads,
+    HypergradientCalculator,
+    add,
+    buffer_copies,
+    detached_weights,
+    put_back,
+)
 
 Tensors = list[torch.Tensor]
 
@@ -28,24 +36,6 @@ class BeforeLastStep(list):
 
     draws: Draws | None = None
     buffers: list[tuple[nn.Module, str, torch.Tensor]] | None = None
-
-
-def buffer_copies(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
-    """``(module, name, copy)`` for every buffer of ``model``: what a forward may move in place
-    or reassign (batch-norm statistics, spectral norm's power-iteration vectors, a counter)."""
-    return [
-        (m, name, b.detach().clone())
-        for m in module_list(model)
-        for name, b in m._buffers.items()
-        if b is not None
-    ]
-
-
-def put_back(copies: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
-    """Give each module of ``copies`` its buffer as copied (a fresh copy, so the copies can be
-    put back again)."""
-    for module, name, copy in copies:
-        module._buffers[name] = copy.clone()
 
 
 class WeightsBeforeLastStep:

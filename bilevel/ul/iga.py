@@ -100,8 +100,8 @@ class IGA(HypergradientCalculator):
 
     def check_against(self, ll: Any) -> None:
         """Also: the LL descends ``ll_objective`` itself, whose gradients the rank-one model
-        is made of (not a fixed-point map; no L2 ``weight_decay`` in the update rule, which
-        would make the LL descend another objective)."""
+        is made of (not a fixed-point map; no ``weight_decay`` in the update rule, L2 or AdamW's
+        decoupled one, which would make the LL descend another objective)."""
         refuse_fixed_point_map(ll, "IGA")
         refuse_rule_weight_decay(getattr(ll, "rule", None), "IGA")
         super().check_against(ll)

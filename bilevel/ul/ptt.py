@@ -10,7 +10,14 @@ import torch
 from bilevel.ll import evaluate_at
 from bilevel.ll.patched import install
 from bilevel.state import Draws, capture_draws, modes_kept, replay_draws
-from bilevel.ul.base import Call, Grads, HypergradientCalculator, kept_buffers
+from bilevel.ul.base import (
+    Call,
+    Grads,
+    HypergradientCalculator,
+    buffer_copies,
+    kept_buffers,
+    put_back,
+)
 
 Tensors = list[torch.Tensor]
 
@@ -43,7 +50,10 @@ class PTT(HypergradientCalculator):
     (without a graph) to choose ``k*``, then one backward pass through ``k*`` steps; memory as
     ``Reverse`` (all steps keep their graph). A UL objective that draws at random (dropout)
     draws anew at each iterate; the loss differentiated at ``k*`` replays the draws it was
-    compared with (it is the largest of the losses compared).
+    compared with (it is the largest of the losses compared), and every UL loss, compared or
+    differentiated, is evaluated from the LL model's buffers as the LL run left them (a
+    forward that moves them, as spectral norm's power iteration does, moves them for its
+    own evaluation only).
 
     Reference: Liu, Liu, Yuan, Zeng & Zhang (2021), "Towards Gradient-based Bilevel
     Optimization with Non-convex Followers and Beyond" (IAPTT-GM), NeurIPS.
@@ -73,10 +83,15 @@ class PTT(HypergradientCalculator):
                 "ul.run_ll(ll, data, target) and pass its .model, or let BilevelProblem(ll, ul) "
                 "drive it."
             )
-        chosen, draws = self._worst(call, iterates)
+        # the patched model's buffers as the LL run left them: every UL loss compared, and
+        # the one differentiated, is evaluated from them (a forward that moves its buffers,
+        # as spectral norm's power iteration does, would otherwise see T more of its moves)
+        after_run = buffer_copies(call.auxiliary_model)
+        chosen, draws = self._worst(call, iterates, after_run)
         self.diagnostics["ptt_step"] = chosen + 1
         # the loss compared at k*, with its draws (the global RNG is left where it is)
         weights = self._weights(call, iterates[chosen])
+        put_back(after_run)
         with replay_draws(draws), evaluate_at(call.auxiliary_model, weights):
             loss = self.ul_loss(call)
         grads = torch.autograd.grad(loss, self.ul_params, allow_unused=True)
@@ -90,9 +105,12 @@ class PTT(HypergradientCalculator):
             weights[i] = w
         return weights
 
-    def _worst(self, call: Call, iterates: list[Tensors]) -> tuple[int, Draws]:
+    def _worst(
+        self, call: Call, iterates: list[Tensors], after_run: list[tuple[Any, str, torch.Tensor]]
+    ) -> tuple[int, Draws]:
         """The index of the iterate with the largest UL loss (one host sync), and the
-        generators' state before its evaluation (to replay its random draws)."""
+        generators' state before its evaluation (to replay its random draws); each loss is
+        evaluated from the patched model's buffers ``after_run`` (:func:`buffer_copies`)."""
         model = call.auxiliary_model
         weights = list(call.trajectory.weights)  # frozen ones as they are
         index = [i for i, t in enumerate(call.trajectory.trainable) if t]
@@ -106,6 +124,7 @@ class PTT(HypergradientCalculator):
                 for i, w in zip(index, trainable, strict=True):
                     weights[i] = w
                 install(model, weights)
+                put_back(after_run)
                 now = capture_draws(weights[index[0]].device)
                 draws.append(draws[-1] if draws and draws[-1].same_as(now) else now)
                 with modes_kept(model):

@@ -289,7 +289,14 @@ class Sampler:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`: the next draws are bitwise those that followed it."""
+        """Restore :meth:`state_dict`: the next draws are bitwise those that followed it.
+
+        Raises:
+            ValueError: a split that is not this sampler's for its data set (saved with
+                another batch size, so that its batches are numbered for another count: the
+                draws would be empty or partial batches), or not a permutation of its
+                samples; nothing is changed then.
+        """
         try:
             generator = state["generator"]
             levels = {
@@ -303,11 +310,48 @@ class Sampler:
                 f"not a Sampler state (missing or malformed {error}); load what "
                 "Sampler.state_dict() returned."
             ) from None
+        for name, level in levels.items():
+            self._check_split(name, level)
         self.generator.set_state(
             generator.cpu() if isinstance(generator, torch.Tensor) else generator
         )
         self._levels = levels
         self._batches = {}
+
+    def _check_split(self, name: str, level: _Level) -> None:
+        """Refuse a restored split that this sampler would not have made for ``level.n``
+        samples: ``perm`` a permutation of them, ``order`` one of this sampler's
+        ``count(name, n)`` batches, ``position`` within the epoch."""
+        n, count = level.n, self.count(name, level.n) if level.n >= 1 else 0
+        if n < 1 or level.perm.shape != (n,) or not _is_permutation(level.perm):
+            raise ValueError(
+                f"the Sampler state's {name} split is not a permutation of its {n} samples "
+                f"(perm of shape {tuple(level.perm.shape)}): the file is damaged or was not "
+                "written by Sampler.state_dict(). Restore it from a copy, or start a new run."
+            )
+        saved = level.order.numel()
+        if level.order.ndim != 1 or saved != count or not _is_permutation(level.order):
+            size = self.batch_sizes[name]
+            raise ValueError(
+                f"the Sampler state splits the {name} data ({n} samples) into {saved} fixed "
+                f"batches, but this sampler's {name} batch size ({size}) splits it into "
+                f"{count}: restored, it would draw batches that do not exist here (empty or "
+                "partial ones). Load it into a Sampler with the batch sizes it was saved with "
+                "(its checkpoint's settings), or start a new run."
+            )
+        if not 0 <= level.position <= count:
+            raise ValueError(
+                f"the Sampler state's {name} epoch position is {level.position}, outside "
+                f"[0, {count}] (its {count} batches): the file is damaged or was not written by "
+                "Sampler.state_dict(). Restore it from a copy, or start a new run."
+            )
+
+
+def _is_permutation(values: torch.Tensor) -> bool:
+    """Whether a 1-d tensor holds each of ``0 .. len - 1`` once."""
+    return values.ndim == 1 and torch.equal(
+        values.sort().values, torch.arange(values.numel(), dtype=values.dtype)
+    )
 
 
 def _check_level(level: str) -> str:
