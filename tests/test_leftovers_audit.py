@@ -23,7 +23,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from problems import (
     DTYPE,
     Linear,
@@ -46,6 +45,7 @@ from test_model_structures_audit import (
     leaves,
     library,
     mse,
+    spectral_out,
 )
 
 from bilevel import BilevelProblem
@@ -221,14 +221,7 @@ def hand_ptt(model: SpectralNormed, hyper: Hyper, iters: int, seed: int) -> list
     left (the comparisons leave them), and its gradient at the worst iterate from them."""
     norm = model.l.parametrizations.weight[0]
     uv = [norm._u.clone(), norm._v.clone()]
-
-    def out(W: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        b, w, hw, hb = W
-        with torch.no_grad():
-            uv[0] = F.normalize(w @ uv[1], dim=0, eps=norm.eps)
-            uv[1] = F.normalize(w.T @ uv[0], dim=0, eps=norm.eps)
-        sigma = torch.dot(uv[0], w @ uv[1])
-        return (torch.tanh(2 * (x @ (w / sigma).T + b)) @ hw.T + hb).squeeze(-1)
+    out = spectral_out(model, uv)
 
     (x, y), (xv, yv) = data(seed)
     U, W = leaves(hyper.parameters()), leaves(model.parameters())

@@ -253,10 +253,12 @@ class SpectralNormed(nn.Module):
         return self.h(torch.tanh(2 * self.l(x))).squeeze(-1)
 
 
-def spectral_out(model: SpectralNormed) -> Out:
-    """By hand, with the power-iteration vectors in the closure (one iteration per call)."""
+def spectral_out(model: SpectralNormed, uv: list[torch.Tensor] | None = None) -> Out:
+    """By hand, with the power-iteration vectors in the closure (one iteration per call):
+    ``uv``, a list ``[u, v]`` the caller may reset, or copies of the model's."""
     norm = model.l.parametrizations.weight[0]
-    uv = [norm._u.clone(), norm._v.clone()]
+    if uv is None:
+        uv = [norm._u.clone(), norm._v.clone()]
 
     def out(W: Tensors, x: torch.Tensor) -> torch.Tensor:
         b, w, hw, hb = W
