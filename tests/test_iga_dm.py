@@ -105,9 +105,11 @@ def test_iga_tends_to_the_hypergradient_for_a_scalar_ll_with_constant_optimal_va
 
 def test_iga_at_a_converged_ll_is_not_the_hypergradient_and_says_so():
     """As grad_w f -> 0, c ~ 1 / ||grad_w f||: the result turns to +-grad_lambda f(w*) and
-    grows without bound. (This is BOAT's measured cosine -0.90: the method, not its code.)"""
+    grows without bound until the LL gradient is round-off (40 steps leave it at 2.6e-9; at
+    100 it is round-off, where c is taken as 0: test_degenerate_points_audit.py). (This is
+    BOAT's measured cosine -0.90: the method, not its code.)"""
     p = ridge(seed=0)
-    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.5, iters=100)
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.5, iters=40)
     iga = IGA(ridge_ul, p.ul_model, ridge_ll, p.ll_model)
     with pytest.warns(RuntimeWarning, match="IGA at a converged LL"):
         (grad,) = BilevelProblem(ll, iga).hypergradient(p.train, p.val)

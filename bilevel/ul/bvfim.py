@@ -201,7 +201,8 @@ class BVFIM(FirstOrderMethod):
         rho = sigma / slack
 
         def barrier(w: list[torch.Tensor]) -> torch.Tensor:
-            ul = self.value(self.ul_objective, "ul_objective", w, c.val)
+            # F may not read y (grad_y F = 0): the LL term carries the graph
+            ul = self.value(self.ul_objective, "ul_objective", w, c.val, require_graph=False)
             ll = self.value(self.ll_objective, "ll_objective", w, c.train)
             return ul + 0.5 * theta * sum((v * v).sum() for v in w) + rho * ll
 

@@ -108,7 +108,8 @@ class F2SA(FirstOrderMethod):
         lr_y = (c.lr if self.lr_y is None else self.lr_y) / (1.0 + lam)
 
         def penalized(w: list) -> Any:
-            ul = self.value(self.ul_objective, "ul_objective", w, c.val)
+            # F may not read y (grad_y F = 0): the LL term carries the graph
+            ul = self.value(self.ul_objective, "ul_objective", w, c.val, require_graph=False)
             return ul + lam * self.value(self.ll_objective, "ll_objective", w, c.train)
 
         y = self.descend(penalized, y, c.iters, lr_y)

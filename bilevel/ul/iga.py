@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from bilevel import linalg
 from bilevel.ll import evaluate_at
 from bilevel.state import Objective
 from bilevel.ul.base import (
@@ -18,6 +20,7 @@ from bilevel.ul.base import (
     detached_weights,
     refuse_fixed_point_map,
     refuse_rule_weight_decay,
+    roundoff_floor,
 )
 
 
@@ -33,22 +36,26 @@ class IGA(HypergradientCalculator):
     This is the implicit formula ``grad_lambda F - grad2_{lambda,w} f H^{-1} grad_w F`` with
     the Hessian blocks of ``f`` modelled by outer products of its gradient,
     ``H ~ grad_w f grad_w f^T`` and ``grad2_{lambda,w} f ~ grad_lambda f grad_w f^T``, and the
-    pseudo-inverse of the rank-one ``H``. It costs two gradients (no Hessian-vector product,
-    no LL graph), and is what the LwCL authors' code (``GN`` mode) and BOAT's ``IGA`` compute.
+    pseudo-inverse of the rank-one ``H``. It costs two gradients and one Hessian-vector
+    product at the last iterate (no LL graph), and is what the LwCL authors' code (``GN`` mode)
+    and BOAT's ``IGA`` compute (the product, ``||H w||``, only sets the round-off floor below).
 
     It is NOT a consistent estimate of the hypergradient. As the LL converges,
     ``grad_w f -> 0`` while ``grad_lambda f`` stays finite (it tends to the gradient of the
     LL's optimal value), so ``|c|`` grows like ``1 / ||grad_w f||`` and the result turns
     towards ``+- grad_lambda f``, whatever the true hypergradient is: on ridge with per-feature
     L2 its cosine to the exact hypergradient sits at ``-+cos(grad_lambda f*, exact)`` (about
-    -0.97/0.84/-0.92 on three seeds) from 10 to 1000 LL steps, while its norm grows to ``1e15``
-    times the exact one once the LL gradient is round-off. A ``RuntimeWarning`` says so (once)
-    when the LL gradient has fallen below ``converged_warning`` times its initial norm. The
-    approximation is good when the LL is one-dimensional and its optimal value does not
-    depend on ``lambda`` (``f = h(lambda) (w - a(lambda))^2 / 2``: ``c grad_lambda f ->
-    -a'(lambda) grad_w F``, the exact correction). Use it with a few LL steps, as its
-    authors do; for a converged LL use ``Implicit``. ``diagnostics`` holds
-    ``iga_multiplier`` (``c``) and ``ll_grad_norm``.
+    -0.97/0.84/-0.92 on three seeds) from 10 to 1000 LL steps, while its norm grows. Where the
+    LL gradient is round-off (its norm at most ``ROUNDOFF * eps * ||H w||``, the size of the
+    terms that cancel in it: an LL at its solution, as one started there), ``c`` is round-off
+    over round-off squared (it gave ``1e15`` times the hypergradient), so it is taken as 0, the
+    pseudo-inverse of a zero model: the result is ``grad_lambda F``. A ``RuntimeWarning`` says
+    so (once), as it does when the LL gradient has fallen below ``converged_warning`` times its
+    initial norm. The approximation is good when the LL is one-dimensional and its optimal
+    value does not depend on ``lambda`` (``f = h(lambda) (w - a(lambda))^2 / 2``:
+    ``c grad_lambda f -> -a'(lambda) grad_w F``, the exact correction). Use it with a few LL
+    steps, as its authors do; for a converged LL use ``Implicit``. ``diagnostics`` holds
+    ``iga_multiplier`` (``c``), ``ll_grad_norm`` and ``ll_grad_scale`` (``||H w||``).
 
     Reference: Liu, Gao, Liu & Fan (2024), "Learning With Constraint Learning: New
     Perspective, Solution Strategy and Various Applications", IEEE TPAMI (LwCL).
@@ -59,7 +66,8 @@ class IGA(HypergradientCalculator):
         ll_objective: ``state -> scalar`` LL loss ``f``.
         ll_model: the LL module (weights ``w``).
         converged_warning: warn (once) when ``||grad_w f||`` at the last iterate is below this
-            fraction of its norm at the first LL step (``c`` then blows up); ``None``: never.
+            fraction of its norm at the first LL step (``c`` then blows up), or at round-off
+            (``c`` taken as 0); ``None``: never.
     """
 
     name = "iga"
@@ -113,26 +121,80 @@ class IGA(HypergradientCalculator):
         with evaluate_at(call.auxiliary_model, weights):
             loss = self.ul_loss(call)
             ul = torch.autograd.grad(loss, [*self.ul_params, *w], allow_unused=True)
-            ll = torch.autograd.grad(self.ll_loss(call), [*self.ul_params, *w], allow_unused=True)
+            ll = torch.autograd.grad(
+                self.ll_loss(call), [*self.ul_params, *w], create_graph=True, allow_unused=True
+            )
+            scale = self._gradient_scale(ll[n:], w)
+        ll = [None if g is None else g.detach() for g in ll]
         pairs = [(a, b) for a, b in zip(ul[n:], ll[n:], strict=True) if b is not None]
         zero = loss.detach().new_zeros(())
         inner = sum(((a * b).sum() for a, b in pairs if a is not None), zero)
         squared = sum((b.pow(2).sum() for _, b in pairs), zero)
         tiny = torch.finfo(squared.dtype).tiny
-        # the pseudo-inverse of the rank-one model: c = 0 where the LL gradient is exactly 0
-        c = torch.where(squared > 0, inner / squared.clamp_min(tiny), zero)
+        # the pseudo-inverse of the rank-one model: c = 0 where the LL gradient is 0, to
+        # round-off (there c would be round-off / round-off^2: 1e15 times the hypergradient)
+        nonzero = squared.sqrt() > roundoff_floor(scale)
+        c = torch.where(nonzero, inner / squared.clamp_min(tiny), zero)
         self.diagnostics["iga_multiplier"] = c.detach()
         self.diagnostics["ll_grad_norm"] = squared.sqrt().detach()
-        self._warn_if_converged(call)
+        self.diagnostics["ll_grad_scale"] = scale
+        self._warn_if_converged(call, nonzero, [a for a, _ in pairs if a is not None])
         result = [
             add(direct, None if fx is None else -c * fx)
             for direct, fx in zip(ul[:n], ll[:n], strict=True)
         ]
         return result, loss
 
-    def _warn_if_converged(self, call: Call) -> None:
+    @staticmethod
+    def _gradient_scale(
+        grads: Sequence[torch.Tensor | None], w: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """``||H w||`` (a detached 0-d tensor; one Hessian-vector product on the graph of
+        ``grads``, the LL gradient in ``w``): the size of the terms that cancel in the LL
+        gradient, which sets its round-off (for a quadratic ``H w - b`` both terms have that
+        norm at the solution), as :class:`~bilevel.ul.Implicit` takes it."""
+        linked = [
+            (g, x) for g, x in zip(grads, w, strict=True) if g is not None and g.requires_grad
+        ]
+        if not linked:  # the LL gradient does not depend on w: H = 0
+            return w[0].detach().new_zeros(())
+        products = torch.autograd.grad(
+            [g for g, _ in linked],
+            w,
+            grad_outputs=[x.detach() for _, x in linked],
+            allow_unused=True,
+        )
+        return linalg.norm(
+            [torch.zeros_like(x) if h is None else h for x, h in zip(w, products, strict=True)]
+        ).detach()
+
+    def _warn_if_converged(
+        self, call: Call, nonzero: torch.Tensor, ul_grad_w: list[torch.Tensor]
+    ) -> None:
+        """Warn (once) at a converged LL: its gradient at round-off, where ``c`` was taken as
+        0 (unless ``grad_w F``, ``ul_grad_w``, is 0, which makes that exact), or below
+        ``converged_warning`` of its first norm."""
+        if self.converged_warning is None or self._warned:
+            return
         start = call.trajectory.initial_grad_norm
-        if self.converged_warning is None or start is None or self._warned:
+        if not bool(nonzero):  # one host sync
+            if any(bool(v.any()) for v in ul_grad_w):  # on this path only
+                self._warned = True  # once per calculator
+                warnings.warn(
+                    "IGA at the LL's solution: the LL gradient is at round-off (norm "
+                    f"{float(self.diagnostics['ll_grad_norm']):.1e}, against "
+                    f"{float(self.diagnostics['ll_grad_scale']):.1e} for the terms that cancel "
+                    "in it), where IGA's multiplier <grad_w F, grad_w f> / ||grad_w f||^2 is "
+                    "0 / 0: it is taken as 0 (the pseudo-inverse of the rank-one Hessian model), "
+                    "so the result is grad_lambda F alone: the term of the LL's response to "
+                    "lambda, which the hypergradient adds to it, is left out. Use Implicit "
+                    "at a converged LL, or IGA with a few LL steps from a point away from the "
+                    "LL's solution (converged_warning=None: no warning).",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+            return
+        if start is None:
             return
         ratio = float(self.diagnostics["ll_grad_norm"] / start.clamp_min(1e-300))
         if ratio < self.converged_warning:

@@ -14,6 +14,7 @@ from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
 from bilevel.state import Objective, all_finite, names_without_gradient
 from bilevel.ul.base import (
+    ROUNDOFF,
     Call,
     Grads,
     HypergradientCalculator,
@@ -29,12 +30,6 @@ def _positive(value: Any) -> bool:
 class HypergradientDivergenceError(FloatingPointError):
     """The linear solve behind an implicit hypergradient diverged."""
 
-
-# A residual below ROUNDOFF * eps times the size of the terms that cancel in it is round-off:
-# 0.6 to 2.5 eps measured in float64 at the exact solutions of ridge and logistic problems
-# (60 to 80 samples), with room for longer sums; the hypergradient error it leaves is about
-# that fraction times the LL's condition number, below what a warning is about.
-ROUNDOFF = 100.0
 
 METHODS = ("cg", "neumann", "fixed_point", "normal_cg", "minres")
 SERIES = ("neumann", "fixed_point")

@@ -17,6 +17,7 @@ from bilevel.ul.base import (
     buffer_copies,
     kept_buffers,
     put_back,
+    roundoff_floor,
 )
 
 Tensors = list[torch.Tensor]
@@ -42,7 +43,10 @@ class Iterates:
 class PTT(HypergradientCalculator):
     """Pessimistic trajectory truncation: the UL loss is taken at the LL iterate where it is
     largest, ``k* = argmax_{1 <= k <= T} L_ul(w_k, lambda)``, and the hypergradient is that of
-    ``L_ul(w_{k*}(lambda), lambda)`` back-propagated through the first ``k*`` LL steps.
+    ``L_ul(w_{k*}(lambda), lambda)`` back-propagated through the first ``k*`` LL steps. Losses
+    within round-off of the largest (``ROUNDOFF * eps * max_k |L_ul(w_k)|``) are ties, which go
+    to the latest iterate: an LL that does not move (started at its solution) gives
+    ``Reverse``'s hypergradient, not one truncated at a step picked by round-off.
 
     Truncating at the worst iterate rather than the last one makes the UL step pessimistic
     about where the LL dynamics pass, which is what lets IAPTT-GM handle non-convex LL
@@ -129,6 +133,13 @@ class PTT(HypergradientCalculator):
                 draws.append(draws[-1] if draws and draws[-1].same_as(now) else now)
                 with modes_kept(model):
                     losses.append(self.ul_objective(state))
-        losses = [loss if loss.ndim == 0 else loss.reshape(()) for loss in losses]
-        chosen = int(torch.stack(losses).argmax())
+        values = torch.stack([loss if loss.ndim == 0 else loss.reshape(()) for loss in losses])
+        # losses within round-off of the largest (of the terms that cancel in their
+        # difference: the losses themselves) are ties, and go to the latest iterate: an LL at
+        # its solution has T equal iterates, and argmax would pick among them by noise
+        tied = values >= values.max() - roundoff_floor(values.abs().max())
+        steps = torch.arange(len(values), device=values.device)
+        latest = torch.where(tied, steps, -1).max()
+        latest, first = torch.stack([latest, values.argmax()]).tolist()  # one host sync
+        chosen = latest if latest >= 0 else first  # none tied: a NaN loss, which argmax takes
         return chosen, draws[chosen]
