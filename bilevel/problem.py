@@ -32,9 +32,14 @@ Pair = tuple[Any, Any]
 Batch = Pair | tuple[Pair, Pair] | dict[str, Pair]
 
 
+def _scalar(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A loss as a 0-d tensor of ``dtype`` (itself when it is one)."""
+    return value if value.dtype == dtype and value.ndim == 0 else value.to(dtype).reshape(())
+
+
 def check_pair(pair: Any, name: str) -> None:
     """Raise if ``pair`` is not a ``(data, target)`` pair (a tuple or list of two)."""
-    if isinstance(pair, tuple | list) and len(pair) == 2:
+    if isinstance(pair, (tuple, list)) and len(pair) == 2:  # (types in a tuple: no union built)
         return
     if isinstance(pair, torch.Tensor):
         what = f"a tensor of shape {tuple(pair.shape)}"
@@ -288,11 +293,8 @@ class BilevelProblem:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             dtype = reference.dtype
-            ul_loss, ll_loss = (
-                t if t.dtype == dtype and t.ndim == 0 else t.to(dtype).reshape(()) for t in losses
-            )
-            self.last_ll_loss = ll_loss
-            return ul_loss
+            self.last_ll_loss = _scalar(losses[1], dtype)
+            return _scalar(losses[0], dtype)
         if fault is None and losses:
             totals = torch.stack(losses).view(-1, 2).sum(0).to(reference.dtype)
         else:
@@ -507,10 +509,10 @@ class BilevelProblem:
         """Refuse data on another device, or floating-point data of another dtype than the
         models', also inside nested data (checked here, before the LL runs, rather than met
         as a raw error, or a silent promotion, inside an objective)."""
-        reference = self.ul_params[0]
+        reference = self.ul.ul_params[0]
         for name, pair in pairs.items():
             for i, member in enumerate(pair):
-                check_data_matches(member, reference, f"{name}[{i}]")
+                check_data_matches(member, reference, name, i)
 
     def hypergradient(self, train: Pair, val: Pair) -> list[torch.Tensor]:
         """The hypergradient for one task, one tensor per entry of :attr:`ul_params` (the UL
@@ -537,7 +539,7 @@ class BilevelProblem:
         self.ul_optimizer.zero_grad(set_to_none=True)
         try:
             loss = self._accumulate(tasks)
-            if not all_finite([p.grad for p in self.ul_params]):
+            if not all_finite([p.grad for p in self.ul.ul_params]):
                 raise FloatingPointError("the hypergradient is not finite (NaN or inf).")
             if self.before_ul_step is not None:
                 self.before_ul_step(self.ul_params)

@@ -9,7 +9,9 @@ and ``"ll_model"`` (the lower-level module; during and after lower-level optimiz
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -111,19 +113,34 @@ class _KeptModes:
     """The context of :func:`modes_kept` (a class, as :class:`_Replay`: it is entered at every
     objective evaluation of a UL method)."""
 
-    __slots__ = ("flags", "model", "modules")
+    __slots__ = ("flag", "flags", "model", "modules")
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
     def __enter__(self) -> None:
-        self.modules = module_list(self.model)
-        self.flags = [m.training for m in self.modules]
+        model = self.model
+        if not model._modules and type(model).modules is _MODULES:  # its only module
+            self.modules = None
+            self.flag = model.training
+            return
+        self.modules = module_list(model)
+        self.flags = list(map(_TRAINING, self.modules))
 
     def __exit__(self, *exc: object) -> None:
+        if self.modules is None:
+            if self.model.training is not self.flag:
+                self.model.training = self.flag
+            return
+        if list(map(_TRAINING, self.modules)) == self.flags:  # the usual case: none switched
+            return
         for m, flag in zip(self.modules, self.flags, strict=True):
             if m.training != flag:
                 m.training = flag
+
+
+_TRAINING = operator.attrgetter("training")
+_MODULES = nn.Module.modules
 
 
 def modes_kept(model: nn.Module) -> contextlib.AbstractContextManager[None]:
@@ -143,6 +160,9 @@ def check_objective_result(value: Any, name: str) -> torch.Tensor:
         TypeError: ``value`` is not a tensor.
         ValueError: ``value`` is not a scalar, or has no graph to the parameters.
     """
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and value.requires_grad:
+        if value.is_floating_point():  # the usual case, in one test (a 0-d tensor is a scalar)
+            return value
     if not isinstance(value, torch.Tensor):
         raise TypeError(
             f"{name} must return a scalar torch.Tensor, but it returned {type(value).__name__}."
@@ -161,6 +181,15 @@ def check_objective_result(value: Any, name: str) -> torch.Tensor:
     if not value.is_floating_point():
         raise TypeError(f"{name} must return a floating-point tensor, got dtype {value.dtype}.")
     return value if value.ndim == 0 else value.reshape(())
+
+
+def has_none(values: Iterable[Any]) -> bool:
+    """Whether any of ``values`` is ``None`` (gradients with no path), by identity tests run in
+    C (``None in values`` would compare tensors with ``==``)."""
+    return any(map(_is_none, values))
+
+
+_is_none = functools.partial(operator.is_, None)
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
@@ -244,9 +273,9 @@ def names_without_gradient(
 ) -> list[str]:
     """Names of the parameters of ``model`` at positions ``index`` whose gradient in ``grads``
     (one per position) is ``None``: those the objective did not read (for error messages)."""
-    missing = [i for i, g in zip(index, grads, strict=True) if g is None]
-    if not missing:
+    if not has_none(grads):
         return []
+    missing = [i for i, g in zip(index, grads, strict=True) if g is None]
     params = list(model.parameters())
     return parameter_names(model, [params[i] for i in missing])
 
@@ -306,10 +335,22 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any], leaf: Callable[[A
     return leaf(value)
 
 
-def check_data_matches(data: Any, reference: torch.Tensor, name: str) -> None:
+def check_data_matches(
+    data: Any, reference: torch.Tensor, name: str, index: int | None = None
+) -> None:
     """Raise if a data tensor (or one inside nested data: tuples, lists, dicts) lives on
-    another device, or is floating point of another dtype."""
-    leaves = ((name, data),) if isinstance(data, torch.Tensor) else tensor_leaves(data, name)
+    another device, or is floating point of another dtype. Messages name it ``name``, or
+    ``name[index]`` with an ``index`` (formatted only when needed)."""
+    if isinstance(data, torch.Tensor):
+        same_dtype = data.dtype == reference.dtype  # the usual case, a match, in one test
+        if data.device == reference.device and (same_dtype or not data.is_floating_point()):
+            return
+    if index is not None:
+        name = f"{name}[{index}]"
+    if isinstance(data, torch.Tensor):
+        leaves: Iterable[tuple[str, torch.Tensor]] = ((name, data),)
+    else:
+        leaves = tensor_leaves(data, name)
     for where, tensor in leaves:
         if tensor.device != reference.device:
             raise ValueError(

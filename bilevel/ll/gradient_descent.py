@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ from bilevel.state import (
     trainable_parameters,
 )
 
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 #: ``run``'s default: record as many graph steps as ``differentiable_steps`` says
 AS_CONFIGURED: Any = object()
 #: runs up to this many steps read their losses back whole for the checks (cheaper than
@@ -78,10 +80,10 @@ class RunPlan:
 
     def matches(self, params: list[torch.Tensor]) -> bool:
         """Whether ``params`` are this plan's tensors, equally trainable."""
-        mine = self.params
-        return len(params) == len(mine) and all(
-            p is q and p.requires_grad is t
-            for p, q, t in zip(params, mine, self.trainable, strict=True)
+        return (
+            len(params) == len(self.params)
+            and all(map(operator.is_, params, self.params))
+            and list(map(_REQUIRES_GRAD, params)) == self.trainable
         )
 
 
@@ -418,6 +420,7 @@ class GradientDescent:
             plain_sgd=plan.plain_sgd,
             observer=observer,
             in_place=not graph_from_start and copy,
+            index=plan.index,
         )
 
     def run(
@@ -462,8 +465,10 @@ class GradientDescent:
         with self._ul_frozen(untracked > 0 and not needs_graph(observer)):
             if unroll.in_place:
                 recorded = unroll.run_in_place(overwritten)
-            recorded += [unroll.step(graph=False) for _ in range(unroll.steps, untracked)]
-        recorded += [unroll.step(graph=True) for _ in range(untracked, iters)]
+            for _ in range(unroll.steps, untracked):
+                recorded.append(unroll.step(graph=False))
+        for _ in range(untracked, iters):
+            recorded.append(unroll.step(graph=True))
         losses = recorded[0].reshape(1) if len(recorded) == 1 else torch.stack(recorded)
         self._check_losses(losses, unroll)
         return unroll.record(losses, tracked)
@@ -479,19 +484,13 @@ class GradientDescent:
         """
         return self.run(data, target).model
 
-    @contextlib.contextmanager
-    def _ul_frozen(self, freeze: bool) -> Iterator[None]:
+    def _ul_frozen(self, freeze: bool) -> contextlib.AbstractContextManager[None]:
         """Turn ``requires_grad`` off on the UL model's parameters while LL steps run without a
         graph, so that the LL objective records no autograd graph to them at every step; they
         are restored on exit, also on error."""
-        frozen = [p for p in parameter_list(self.ul_model) if p.requires_grad] if freeze else []
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
+        return _Frozen(
+            list(filter(_REQUIRES_GRAD, parameter_list(self.ul_model))) if freeze else []
+        )
 
     def check_used(self, grads: Sequence[torch.Tensor | None], index: Sequence[int]) -> None:
         """Raise if ``ll_objective`` gave no gradient to a trainable LL parameter.
@@ -509,7 +508,8 @@ class GradientDescent:
         """Raise if the LL loss of a run became NaN or inf, or grew (``on_growth``): one host
         sync per run. ``unroll`` (the run) lets a diverging run measure the curvature at its
         start weights for the message."""
-        if len(losses) <= SHORT_RUN:  # the values themselves: one transfer, few small ops
+        count = losses.shape[0]
+        if count <= SHORT_RUN:  # the values themselves: one transfer, few small ops
             values = losses.tolist()
             total, first, last = sum(values), values[0], values[-1]
         else:
@@ -520,7 +520,7 @@ class GradientDescent:
                 f"The LL loss became {losses[bad].item()} at LL step {bad} of {self.iters} "
                 f"({self._run_settings(rule=False)}). {self._nonfinite_advice()}"
             )
-        if self.on_growth == "ignore" or len(losses) < 2:
+        if self.on_growth == "ignore" or count < 2:
             return
         eps = torch.finfo(losses.dtype).eps
         if not last > first + self.growth_tolerance * abs(first) + eps:
@@ -643,7 +643,27 @@ class GradientDescent:
         return f"{value:g}"
 
 
+class _Frozen:
+    """The context of :meth:`GradientDescent._ul_frozen` (a class: it is entered at every LL
+    run, and a generator-based context manager costs twice as much)."""
+
+    __slots__ = ("params",)
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = params
+
+    def __enter__(self) -> None:
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.params:
+            p.requires_grad_(True)
+
+
 def _check_steps(value: int | None) -> int | None:
+    if value is None or (type(value) is int and value >= 0):  # the usual case, in one test
+        return value
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise TypeError(f"differentiable_steps must be an int or None, got {value!r}.")
     if value is not None and value < 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -38,7 +39,11 @@ def parameter_list(module: nn.Module) -> Tensors:
         kind.named_parameters is not nn.Module.named_parameters
     ):
         return list(module.parameters())
-    params: Tensors = []
+    if not module._modules:  # a module without children: its own parameters, each once
+        params = list(filter(_is_not_none, module._parameters.values()))
+        if len(params) < 2 or len(set(map(id, params))) == len(params):
+            return params
+    params = []
     seen_params: set[int] = set()
     seen_modules: set[int] = set()
 
@@ -56,25 +61,27 @@ def parameter_list(module: nn.Module) -> Tensors:
     return params
 
 
+_is_not_none = functools.partial(operator.is_not, None)
+
+
 def install(model: nn.Module, params: Sequence[torch.Tensor]) -> None:
     """Give a patched model the fast weights ``params``: what ``higher``'s ``update_params``
     does, without its per-call walk over the modules (this runs at every LL step that keeps a
     graph), and without its history of the weights of every earlier step (kept when it tracks
     higher-order gradients): the autograd graph keeps what a hypergradient needs, and holding
     the history measured 10-23% slower per step. The model holds the latest weights only."""
-    slots = model.__dict__.get("_bilevel_slots")
+    own = model.__dict__  # (past the patched module's slow __setattr__)
+    slots = own.get("_bilevel_slots")
     if slots is None:  # (submodule, name, index into params), once per model
         mapping = model._param_mapping  # a shared weight fills several slots
         places = zip(_parameter_slots(model), mapping, strict=True)
         slots = [(m, name, i) for (m, name), i in places]
-        model._bilevel_slots = slots
-    model.__dict__["_fast_params"] = [list(params)]  # what higher's fast_params reads
+        own["_bilevel_params_box"] = _params_box(model)
+        own["_bilevel_slots"] = slots
+    own["_fast_params"] = [list(params)]  # what higher's fast_params reads
     for module, name, index in slots:
         module._parameters[name] = params[index]
-    box = model.__dict__.get("_bilevel_params_box")
-    if box is None:
-        box = model.__dict__["_bilevel_params_box"] = _params_box(model)
-    box[0] = None  # the next direct call of a submodule reads these weights
+    own["_bilevel_params_box"][0] = None  # the next direct call of a submodule reads these
 
 
 def release_weights(model: nn.Module) -> None:
@@ -82,9 +89,10 @@ def release_weights(model: nn.Module) -> None:
     the last weights of a run hold, through their graph, every step of it that the
     hypergradient did not back-propagate through (PTT's steps after the one it picks), which
     a released model would otherwise keep alive until its next run."""
-    for module, name, _ in model.__dict__.get("_bilevel_slots") or ():
+    own = model.__dict__
+    for module, name, _ in own.get("_bilevel_slots") or ():
         module._parameters[name] = None
-    box = model.__dict__.get("_bilevel_params_box")
+    box = own.get("_bilevel_params_box")
     if box is not None:
         box[0] = None
 
@@ -174,9 +182,10 @@ def sync_from(model: nn.Module, patched: nn.Module) -> None:
     for key, value in model._buffers.items():
         patched._buffers[key] = value.clone().detach() if torch.is_tensor(value) else value
     mine, copy = model.__dict__, patched.__dict__
-    for key, value in mine.items():  # (past the patched module's slow __setattr__)
-        if key not in _OWN_SLOTS and copy.get(key, _MISSING) is not value:
-            copy[key] = value
+    if not _same_attributes(mine, copy):
+        for key, value in mine.items():  # (past the patched module's slow __setattr__)
+            if key not in _OWN_SLOTS and copy.get(key, _MISSING) is not value:
+                copy[key] = value
     if "_compiled_call_impl" in copy:  # (copied by higher when it patched a compiled module)
         del copy["_compiled_call_impl"]
     children = patched._modules
@@ -189,6 +198,26 @@ def sync_from(model: nn.Module, patched: nn.Module) -> None:
                 "lacks (added since): patch it again (GradientDescent does so by itself)."
             )
         sync_from(child, children[name])
+
+
+def _same_attributes(mine: dict[str, Any], copy: dict[str, Any]) -> bool:
+    """Whether the patched copy's attributes (``copy``, its ``__dict__``) are already the user
+    module's (``mine``) in every slot that :func:`sync_from` copies, object for object: the
+    usual case at every LL run, told by comparisons that run in C (the keys, then the values
+    through an ``itemgetter`` kept on the copy, rebuilt when the user's keys change)."""
+    keys = tuple(mine)
+    kept = copy.get("_bilevel_synced_keys")
+    if kept is None or kept[0] != keys:
+        synced = [key for key in keys if key not in _OWN_SLOTS]
+        kept = (keys, operator.itemgetter(*synced) if len(synced) > 1 else None)
+        copy["_bilevel_synced_keys"] = kept
+    values = kept[1]
+    if values is None:
+        return False
+    try:
+        return all(map(operator.is_, values(mine), values(copy)))
+    except KeyError:  # an attribute the copy lacks (deleted by an objective): copy it
+        return False
 
 
 def patch(model: nn.Module) -> nn.Module:
@@ -236,18 +265,32 @@ def _latest_parameters(
     return iter(fast_weights(self))
 
 
-@contextlib.contextmanager
-def evaluate_at(auxiliary_model: nn.Module, weights: Sequence[torch.Tensor]) -> Iterator[None]:
+class _EvaluatedAt:
+    """The context of :func:`evaluate_at` (a class: UL methods enter it at every UL step, and a
+    generator-based context manager costs twice as much)."""
+
+    __slots__ = ("model", "saved", "weights")
+
+    def __init__(self, model: nn.Module, weights: Sequence[torch.Tensor]) -> None:
+        self.model = model
+        self.weights = weights
+
+    def __enter__(self) -> None:
+        self.saved = fast_weights(self.model)
+        install(self.model, list(self.weights))
+
+    def __exit__(self, *exc: object) -> None:
+        install(self.model, self.saved)
+
+
+def evaluate_at(
+    auxiliary_model: nn.Module, weights: Sequence[torch.Tensor]
+) -> contextlib.AbstractContextManager[None]:
     """Temporarily give an auxiliary model other fast weights (e.g. detached copies).
 
     The model's own fast weights are restored on exit.
     """
-    saved = fast_weights(auxiliary_model)
-    install(auxiliary_model, list(weights))
-    try:
-        yield
-    finally:
-        install(auxiliary_model, saved)
+    return _EvaluatedAt(auxiliary_model, weights)
 
 
 @functools.cache

@@ -19,7 +19,7 @@ import torch
 from bilevel.ll.hyper import Schedule
 from bilevel.ll.patched import fast_weights, install, refuse_broken_weight_norm
 from bilevel.ll.rules import UpdateRule
-from bilevel.state import Objective, check_objective_result
+from bilevel.state import Objective, check_objective_result, has_none
 
 Tensors = list[torch.Tensor]
 
@@ -171,7 +171,7 @@ class GradientStep:
         grads = torch.autograd.grad(loss, weights, create_graph=create_graph, allow_unused=True)
         if step == 0:
             self.on_first_grads(grads)
-        if any(g is None for g in grads):  # conditional computation: a weight that this
+        if has_none(grads):  # conditional computation: a weight that this
             # step's loss does not read (it was read at the first step) has a zero gradient
             return loss, [
                 torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads, strict=True)
@@ -208,6 +208,8 @@ class Unroll:
         in_place: the starting weights are fresh leaves that no graph has seen, so steps
             without a graph may overwrite them (until a step keeps a graph, or an observer
             sees one: :meth:`step` with an observer never overwrites).
+        index: the positions of the trainable weights (worked out from ``trainable`` when
+            not given).
     """
 
     def __init__(
@@ -220,13 +222,16 @@ class Unroll:
         plain_sgd: bool,
         observer: Observer | None = None,
         in_place: bool = False,
+        index: list[int] | None = None,
     ) -> None:
         self.model = model
         self.step_map = step_map
         self.schedule = schedule
         self.state = state
         self.trainable = trainable
-        self.index = [i for i, t in enumerate(trainable) if t]
+        self.index = [i for i, t in enumerate(trainable) if t] if index is None else index
+        #: every LL parameter is trainable: the trainable weights are all the weights
+        self.all_trainable = len(self.index) == len(trainable)
         self.observer = observer
         #: whether the observer needs the graph of every step (see :class:`Observer`)
         self.observer_graph = needs_graph(observer)
@@ -255,29 +260,28 @@ class Unroll:
             return self.run_in_place(1)[0]
         self.in_place = False
         params = fast_weights(self.model)
-        active = [params[i] for i in self.index]
-        observe = self.observer is not None
-        if observe and self.observer.detach_inputs:  # tangents carry the past
-            active = [p.detach().requires_grad_() for p in active]
-            self.opt_state = {
-                k: [t.detach().requires_grad_() for t in v] for k, v in self.opt_state.items()
-            }
-            self._install(params, active)
-        keep = graph or self.observer_graph
-        before = getattr(self.observer, "before_step", None) if observe else None
-        if before is not None:
-            before(active, self.model)
-        new, new_state, loss, grads = self._apply(active, keep)
-        if observe:
-            self.observer.propagate(active, self.opt_state, new, new_state)
+        active = params if self.all_trainable else [params[i] for i in self.index]
+        observer = self.observer
+        if observer is not None:
+            if observer.detach_inputs:  # tangents carry the past
+                active = [p.detach().requires_grad_() for p in active]
+                self.opt_state = {
+                    k: [t.detach().requires_grad_() for t in v] for k, v in self.opt_state.items()
+                }
+                self._install(params, active)
+            before = getattr(observer, "before_step", None)
+            if before is not None:
+                before(active, self.model)
+        new, new_state, loss, grads = self._apply(active, graph or self.observer_graph)
+        if observer is not None:
+            observer.propagate(active, self.opt_state, new, new_state)
         if not graph:
             new = [p.detach().requires_grad_() for p in new]
-            new_state = {k: [t.detach() for t in v] for k, v in new_state.items()}
-        self._record_grads(grads)
+            if new_state:
+                new_state = {k: [t.detach() for t in v] for k, v in new_state.items()}
+        self._record_grads(grads, graph or self.observer_graph)  # (detached if with a graph)
         self.opt_state = new_state
-        for i, p in zip(self.index, new, strict=True):
-            params[i] = p
-        install(self.model, params)
+        self._install(params, new)
         self.steps += 1
         return loss.detach()
 
@@ -290,6 +294,9 @@ class Unroll:
         return new, self.opt_state, loss, grads
 
     def _install(self, params: Tensors, active: Tensors) -> None:
+        if self.all_trainable:
+            install(self.model, active)
+            return
         for i, p in zip(self.index, active, strict=True):
             params[i] = p
         install(self.model, params)
@@ -338,7 +345,7 @@ class Unroll:
             differentiable_steps: how many of the last of them kept a graph.
         """
         trajectory = Trajectory(
-            iters=len(losses),
+            iters=losses.shape[0],
             differentiable_steps=differentiable_steps,
             losses=losses,
             trainable=self.trainable,

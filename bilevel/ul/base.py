@@ -22,6 +22,7 @@ from bilevel.state import (
     check_finite,
     check_objective_result,
     check_same_device_and_dtype,
+    has_none,
     make_state,
     modes_kept,
     module_list,
@@ -282,6 +283,8 @@ class HypergradientCalculator:
         raise NotImplementedError
 
     def _refuse_unused(self, grads: Grads) -> None:
+        if not has_none(grads):  # the usual case, in one pass
+            return
         unused = [p for p, g in zip(self.ul_params, grads, strict=True) if g is None]
         if unused:
             names = parameter_names(self.ul_model, unused)
@@ -379,6 +382,9 @@ def detached_weights(trajectory: Trajectory) -> tuple[list[torch.Tensor], list[i
     return weights, [i for i, t in enumerate(trajectory.trainable) if t]
 
 
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
 @dataclass
 class ParameterChanges:
     """How a module's trainable parameters differ from those a method kept at construction:
@@ -395,7 +401,7 @@ def parameter_changes(model: nn.Module, kept: list[torch.Tensor]) -> ParameterCh
     """``None`` when the parameters of ``model`` that require grad are ``kept``, the same
     tensors in the same order (the usual case, in one pass); else what changed."""
     params = parameter_list(model)
-    now = [p for p in params if p.requires_grad]
+    now = list(filter(_REQUIRES_GRAD, params))
     if len(now) == len(kept) and all(map(operator.is_, now, kept)):
         return None
     current, known = {id(p) for p in params}, {id(p) for p in kept}
@@ -470,6 +476,8 @@ def kept_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[Non
 def buffer_copies(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
     """``(module, name, copy)`` for every buffer of ``model``: what a forward may move in place
     or reassign (batch-norm statistics, spectral norm's power-iteration vectors, a counter)."""
+    if not model._buffers and not model._modules and type(model).modules is nn.Module.modules:
+        return []  # the usual small model: none
     return [
         (m, name, b.detach().clone())
         for m in module_list(model)

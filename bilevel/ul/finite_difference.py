@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import operator
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,7 +16,7 @@ from torch import nn
 from bilevel import linalg
 from bilevel.ll import BDA, GradientDescent, Trajectory, evaluate_at
 from bilevel.ll.patched import install
-from bilevel.state import Draws, Objective, capture_draws, replay_draws
+from bilevel.state import Draws, Objective, capture_draws, has_none, replay_draws
 from bilevel.ul.base import (
     Call,
     Grads,
@@ -62,13 +64,19 @@ class WeightsBeforeLastStep:
 
     def propagate(self, weights: Tensors, opt_state: dict, new: Tensors, new_state: dict) -> None:
         """Keep the step's input weights (the steps never modify them in place)."""
-        self.weights = BeforeLastStep(w.detach() for w in weights)
+        self.weights = BeforeLastStep(map(torch.Tensor.detach, weights))
         self.weights.draws = self.draws
         self.weights.buffers = self.buffers
 
     def result(self) -> BeforeLastStep | None:
         """The trainable weights before the last step (and its draws)."""
         return self.weights
+
+
+@functools.cache
+def _norm_floor(dtype: torch.dtype, r: float) -> float:
+    """The least norm of the finite-difference direction: ``r / floor`` stays finite."""
+    return max(r, 1.0) * torch.finfo(dtype).tiny
 
 
 def _minus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -221,47 +229,29 @@ class FiniteDifference(HypergradientCalculator):
                 "run the LL with ul.run_ll(ll, data, target) and pass its .model, or let "
                 "BilevelProblem(ll, ul) drive it (ll.optimize does not record them)."
             )
-        self._warn_if_many_steps(trajectory)
-        xi = self._step_sizes(trajectory, len(active))
+        if trajectory.iters > 1:
+            self._warn_if_many_steps(trajectory)
+        # one step size for every tensor (a number, ``common``): the direction is v itself,
+        # and xi joins the scalar factor; per-tensor or per-element step sizes enter it
+        xi, common = self._step_sizes(trajectory, len(active))
+        wanted, initial = self._layout(active)
         n = len(self.ul_params)
-        # the LL gradient in the weights only where a UL parameter is an initial weight
-        position = {j: k for k, j in enumerate(active)}
-        initial = {j for j in self.initial_weight_of if j is not None and j in position}
-        wanted = [position[j] for j in active if j in initial]
-        # one step size for every tensor (a number): the direction is v itself, and xi joins
-        # the scalar factor; per-tensor or per-element step sizes enter the direction
-        common = xi[0] if all(isinstance(x, float) and x == xi[0] for x in xi) else None
         with evaluate_at(call.auxiliary_model, weights):  # restores the weights on exit
             loss = self.ul_loss(call)
-            w = [weights[i] for i in active]
+            w = weights if len(active) == len(weights) else [weights[i] for i in active]
             grads = torch.autograd.grad(loss, [*self.ul_params, *w], allow_unused=True)
-            direct = grads[:n]
-            v = [torch.zeros_like(x) if g is None else g for x, g in zip(w, grads[n:], strict=True)]
+            direct, v = grads[:n], list(grads[n:])
+            if has_none(v):  # a weight the UL loss does not read: v = 0 there
+                v = [torch.zeros_like(x) if g is None else g for x, g in zip(w, v, strict=True)]
             u = v if common is not None else [lr * g for lr, g in zip(xi, v, strict=True)]
             norm = torch.linalg.vector_norm(u[0]) if len(u) == 1 else linalg.norm(u)
             # u = 0 (the UL loss is flat in w): w+- = w, and the difference is exactly 0 (the
             # floor keeps eps finite, r / floor <= 1 / tiny, so that 0 * eps is not NaN)
-            floor = max(self.r, 1.0) * torch.finfo(norm.dtype).tiny
-            norm = norm.clamp_min(floor)
+            norm = norm.clamp_min(_norm_floor(norm.dtype, self.r))
             eps = self.r / norm
             # the perturbation eps * u (no graph: u and eps come from gradients taken without)
-            delta = [eps * x for x in u]
-            # both points with the last step's random draws (dropout, noise): the mixed
-            # derivative of that step; other draws would add O(1/eps) noise
-            # ... and with the buffers that step saw (a forward that moves them, as spectral
-            # norm's power iteration or a call counter, would otherwise evaluate the two
-            # points with different models: an O(1/eps) error); put back afterwards
-            draws = getattr(before, "draws", None)
-            step_buffers = getattr(before, "buffers", None) or []
-            kept = buffer_copies(call.auxiliary_model) if step_buffers else []
-            with contextlib.nullcontext() if draws is None else replay_draws(draws) as replay:
-                put_back(step_buffers)
-                plus = self._ll_gradients(call, weights, active, before, delta, wanted, 1.0)
-                if replay is not None:
-                    replay.rewind()
-                put_back(step_buffers)
-                minus = self._ll_gradients(call, weights, active, before, delta, wanted, -1.0)
-                put_back(kept)
+            delta = list(map(eps.mul, u))
+            plus, minus = self._ll_gradients(call, weights, active, before, delta, wanted)
         # mixed = (plus - minus) * scale, the second derivative along u (times xi when the
         # direction is v); the UL parameters take direct - mixed. scale = xi / (2 eps), with
         # 1 / eps = ||u|| / r
@@ -276,52 +266,103 @@ class FiniteDifference(HypergradientCalculator):
                 result.append((mi - pl) * scale)
             else:
                 result.append(torch.addcmul(d, pl - mi, scale, value=-1))
-        curvatures = {
-            k: None if pl is None or mi is None else (pl - mi) * scale
-            for k, pl, mi in zip(wanted, plus[n:], minus[n:], strict=True)
-        }
-        for i, j in enumerate(self.initial_weight_of):
-            if j is not None and j in position:  # (I - xi H) v for an initial weight
-                k = position[j]
+        if initial:  # (I - xi H) v for the UL parameters that are initial weights
+            curvatures = {
+                k: None if pl is None or mi is None else (pl - mi) * scale
+                for k, pl, mi in zip(wanted, plus[n:], minus[n:], strict=True)
+            }
+            for i, k in initial:
                 curvature = curvatures[k]
                 result[i] = add(result[i], v[k] if curvature is None else v[k] - curvature)
         return result, loss
+
+    def _layout(self, active: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        """For the trainable weights at positions ``active`` of the LL model: the indices into
+        ``active`` of those that a UL parameter initializes (``wanted``, whose LL gradient the
+        finite differences also take), and ``(UL parameter, index into active)`` for each UL
+        parameter that is an initial weight. Worked out once per set of trainable weights."""
+        key = tuple(active)
+        cached = self.__dict__.get("_cached_layout")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        position = {j: k for k, j in enumerate(active)}
+        initial = [
+            (i, position[j])
+            for i, j in enumerate(self.initial_weight_of)
+            if j is not None and j in position
+        ]
+        starts = {j for j in self.initial_weight_of if j is not None}
+        wanted = [position[j] for j in active if j in starts]
+        self._cached_layout = (key, (wanted, initial))
+        return wanted, initial
 
     def _ll_gradients(
         self,
         call: Call,
         weights: Tensors,
         active: list[int],
-        before: Tensors,
+        before: BeforeLastStep,
         delta: Tensors,
         wanted: list[int],
-        sign: float,
-    ) -> list[torch.Tensor | None]:
+    ) -> tuple[Sequence[torch.Tensor | None], Sequence[torch.Tensor | None]]:
         """``grad f`` with respect to the UL parameters and the trainable weights at positions
-        ``wanted`` (those that UL parameters initialize), at ``w_{T-1} + sign * delta`` (the
-        other LL weights from ``weights``, as they are), with the generators as they stand (the
-        caller replays the last LL step's draws). Installs the moved weights in the auxiliary
-        model: call it where they are restored afterwards."""
-        # w_{T-1} and delta carry no graph: the moved weights are new leaves
-        moved = [
-            torch.add(b, d, alpha=sign).requires_grad_() for b, d in zip(before, delta, strict=True)
-        ]
+        ``wanted`` (those that UL parameters initialize), at ``w_{T-1} + delta`` and at
+        ``w_{T-1} - delta`` (the other LL weights from ``weights``, as they are). Both points
+        are evaluated with the last LL step's random draws (dropout, noise: the mixed
+        derivative of that step; other draws would add O(1/eps) noise) and with the buffers
+        that step saw (a forward that moves them, as spectral norm's power iteration or a
+        call counter, would otherwise evaluate the two points with different models: an
+        O(1/eps) error); the generators and buffers are put back afterwards. Installs the
+        moved weights in the auxiliary model: call it where they are restored afterwards."""
+        draws = getattr(before, "draws", None)
+        step_buffers = getattr(before, "buffers", None) or []
+        kept = buffer_copies(call.auxiliary_model) if step_buffers else []
         at = list(weights)
-        for i, x in zip(active, moved, strict=True):
-            at[i] = x
-        install(call.auxiliary_model, at)
-        loss = self.ll_loss(call)
-        inputs = [*self.ul_params, *(moved[k] for k in wanted)]
-        return list(torch.autograd.grad(loss, inputs, allow_unused=True))
+        both = []
+        with contextlib.nullcontext() if draws is None else replay_draws(draws) as replay:
+            for sign in (1.0, -1.0):
+                if sign < 0 and replay is not None:
+                    replay.rewind()
+                if step_buffers:
+                    put_back(step_buffers)
+                # w_{T-1} and delta carry no graph: the moved weights are new leaves
+                moved = [
+                    torch.add(b, d, alpha=sign).requires_grad_()
+                    for b, d in zip(before, delta, strict=True)
+                ]
+                if len(moved) == len(at):  # every LL weight is trainable
+                    at = moved
+                else:
+                    for i, x in zip(active, moved, strict=True):
+                        at[i] = x
+                install(call.auxiliary_model, at)
+                loss = self.ll_loss(call)
+                inputs = (
+                    [*self.ul_params, *(moved[k] for k in wanted)] if wanted else self.ul_params
+                )
+                both.append(torch.autograd.grad(loss, inputs, allow_unused=True))
+            if kept:
+                put_back(kept)
+        return both[0], both[1]
 
-    def _step_sizes(self, trajectory: Trajectory, count: int) -> list[Any]:
+    def _step_sizes(self, trajectory: Trajectory, count: int) -> tuple[list[Any], float | None]:
+        """The LL step size of the last step, one per trainable tensor (numbers, or detached
+        tensors), and their common value when they are all one number (else ``None``).
+        Worked out once while the run hands over the same list (a constant schedule's)."""
         values = trajectory.step_sizes
         if values is None or len(values) != count:
             raise ValueError(
                 "FiniteDifference needs the LL step size of the last step (the LL run did not "
                 "record one per trainable parameter): use a bilevel.ll.GradientDescent LL."
             )
-        return [v.detach() if isinstance(v, torch.Tensor) else float(v) for v in values]
+        cached = self.__dict__.get("_cached_step_sizes")
+        if cached is not None and cached[0] is values:
+            return cached[1]
+        xi = [v.detach() if isinstance(v, torch.Tensor) else float(v) for v in values]
+        common = xi[0] if all(isinstance(x, float) and x == xi[0] for x in xi) else None
+        # (the list is kept with its values: a tensor among them is read when used)
+        self._cached_step_sizes = (values, (xi, common))
+        return xi, common
 
     def _warn_if_many_steps(self, trajectory: Trajectory) -> None:
         if trajectory.iters > 1 and not self._warned_steps:
