@@ -200,9 +200,12 @@ class BVFIM(FirstOrderMethod):
             slack = phi - self.ll_lower_bound
         rho = sigma / slack
 
+        reads_y: list[bool] = []
+
         def barrier(w: list[torch.Tensor]) -> torch.Tensor:
             # F may not read y (grad_y F = 0): the LL term carries the graph
             ul = self.value(self.ul_objective, "ul_objective", w, c.val, require_graph=False)
+            reads_y.append(ul.requires_grad)
             ll = self.value(self.ll_objective, "ll_objective", w, c.train)
             return ul + 0.5 * theta * sum((v * v).sum() for v in w) + rho * ll
 
@@ -210,6 +213,7 @@ class BVFIM(FirstOrderMethod):
         lr_y = (c.lr if self.lr_y is None else self.lr_y) / (1.0 + rho)
         y = self.descend(barrier, y, y_iters, lr_y)
         ul_loss, _, ul_x = self.grad(self.ul_objective, "ul_objective", y, c.val, True, False)
+        self.refuse_ul_without_graph(reads_y, ul_x)  # F must read x or y
         ll_loss, _, ll_x = self.grad(self.ll_objective, "ll_objective", y, c.train, True, False)
         after_y = ul_loss + 0.5 * theta * sum((v * v).sum() for v in y) + rho * ll_loss
         self._check(c.step, slack, (before_z, phi), (before_y, after_y))

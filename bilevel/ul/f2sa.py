@@ -107,13 +107,17 @@ class F2SA(FirstOrderMethod):
         z = self.ll_descend(z, c.iters, c.lr, c.train)
         lr_y = (c.lr if self.lr_y is None else self.lr_y) / (1.0 + lam)
 
+        reads_y: list[bool] = []
+
         def penalized(w: list) -> Any:
             # F may not read y (grad_y F = 0): the LL term carries the graph
             ul = self.value(self.ul_objective, "ul_objective", w, c.val, require_graph=False)
+            reads_y.append(ul.requires_grad)
             return ul + lam * self.value(self.ll_objective, "ll_objective", w, c.train)
 
         y = self.descend(penalized, y, c.iters, lr_y)
         ul_loss, _, ul_x = self.grad(self.ul_objective, "ul_objective", y, c.val, True, False)
+        self.refuse_ul_without_graph(reads_y, ul_x)  # F must read x or y
         ll_loss, _, ll_x = self.grad(self.ll_objective, "ll_objective", y, c.train, True, False)
         _, _, ll_z_x = self.grad(self.ll_objective, "ll_objective", z, c.train, True, False)
         return Update(

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from bilevel import linalg
 from bilevel.ll import evaluate_at
 from bilevel.state import Objective
 from bilevel.ul.base import (
@@ -18,6 +17,7 @@ from bilevel.ul.base import (
     HypergradientCalculator,
     add,
     detached_weights,
+    gradient_scale,
     refuse_fixed_point_map,
     refuse_rule_weight_decay,
     roundoff_floor,
@@ -36,9 +36,9 @@ class IGA(HypergradientCalculator):
     This is the implicit formula ``grad_lambda F - grad2_{lambda,w} f H^{-1} grad_w F`` with
     the Hessian blocks of ``f`` modelled by outer products of its gradient,
     ``H ~ grad_w f grad_w f^T`` and ``grad2_{lambda,w} f ~ grad_lambda f grad_w f^T``, and the
-    pseudo-inverse of the rank-one ``H``. It costs two gradients and one Hessian-vector
-    product at the last iterate (no LL graph), and is what the LwCL authors' code (``GN`` mode)
-    and BOAT's ``IGA`` compute (the product, ``||H w||``, only sets the round-off floor below).
+    pseudo-inverse of the rank-one ``H``. It costs two gradients and two Hessian-vector
+    products at the last iterate (no LL graph), and is what the LwCL authors' code (``GN``
+    mode) and BOAT's ``IGA`` compute (the products only set the round-off floor below).
 
     It is NOT a consistent estimate of the hypergradient. As the LL converges,
     ``grad_w f -> 0`` while ``grad_lambda f`` stays finite (it tends to the gradient of the
@@ -46,16 +46,19 @@ class IGA(HypergradientCalculator):
     towards ``+- grad_lambda f``, whatever the true hypergradient is: on ridge with per-feature
     L2 its cosine to the exact hypergradient sits at ``-+cos(grad_lambda f*, exact)`` (about
     -0.97/0.84/-0.92 on three seeds) from 10 to 1000 LL steps, while its norm grows. Where the
-    LL gradient is round-off (its norm at most ``ROUNDOFF * eps * ||H w||``, the size of the
-    terms that cancel in it: an LL at its solution, as one started there), ``c`` is round-off
-    over round-off squared (it gave ``1e15`` times the hypergradient), so it is taken as 0, the
-    pseudo-inverse of a zero model: the result is ``grad_lambda F``. A ``RuntimeWarning`` says
-    so (once), as it does when the LL gradient has fallen below ``converged_warning`` times its
-    initial norm. The approximation is good when the LL is one-dimensional and its optimal
-    value does not depend on ``lambda`` (``f = h(lambda) (w - a(lambda))^2 / 2``:
-    ``c grad_lambda f -> -a'(lambda) grad_w F``, the exact correction). Use it with a few LL
-    steps, as its authors do; for a converged LL use ``Implicit``. ``diagnostics`` holds
-    ``iga_multiplier`` (``c``), ``ll_grad_norm`` and ``ll_grad_scale`` (``||H w||``).
+    LL gradient is round-off (its norm at most ``ROUNDOFF * eps`` times the size of the terms
+    that cancel in it, the larger of ``||H w||`` and ``||H|| ||w||`` as estimated by
+    ``bilevel.ul.base.gradient_scale``: an LL at its solution, as one started there), ``c``
+    is round-off over round-off squared (it gave ``1e15`` times the hypergradient), so it is
+    taken as 0, the pseudo-inverse of a zero model: the result is ``grad_lambda F``. A
+    ``RuntimeWarning`` says so (once), as it does when the LL gradient has fallen below
+    ``converged_warning`` times its initial norm. The approximation is good when the LL is
+    one-dimensional and its optimal value does not depend on ``lambda`` (``f = h(lambda)
+    (w - a(lambda))^2 / 2``: ``c grad_lambda f -> -a'(lambda) grad_w F``, the exact
+    correction). Use it with a few LL steps, as its authors do; for a converged LL use
+    ``Implicit``. ``diagnostics`` holds ``iga_multiplier`` (``c``), ``ll_grad_norm`` and
+    ``ll_grad_scale`` (that size; ``None`` where ``f`` has no second derivative in PyTorch:
+    no floor then, and a warning says so).
 
     Reference: Liu, Gao, Liu & Fan (2024), "Learning With Constraint Learning: New
     Perspective, Solution Strategy and Various Applications", IEEE TPAMI (LwCL).
@@ -97,6 +100,7 @@ class IGA(HypergradientCalculator):
                 )
         self.converged_warning = converged_warning
         self._warned = False
+        self._warned_scale = False
 
     def differentiable_steps(self, iters: int) -> int:
         """None: only gradients at the last iterate are used."""
@@ -132,8 +136,10 @@ class IGA(HypergradientCalculator):
         squared = sum((b.pow(2).sum() for _, b in pairs), zero)
         tiny = torch.finfo(squared.dtype).tiny
         # the pseudo-inverse of the rank-one model: c = 0 where the LL gradient is 0, to
-        # round-off (there c would be round-off / round-off^2: 1e15 times the hypergradient)
-        nonzero = squared.sqrt() > roundoff_floor(scale)
+        # round-off (there c would be round-off / round-off^2: 1e15 times the hypergradient;
+        # without second derivatives of f, no floor can be taken: exactly 0)
+        floor = zero if scale is None else roundoff_floor(scale)
+        nonzero = squared.sqrt() > floor
         c = torch.where(nonzero, inner / squared.clamp_min(tiny), zero)
         self.diagnostics["iga_multiplier"] = c.detach()
         self.diagnostics["ll_grad_norm"] = squared.sqrt().detach()
@@ -145,28 +151,50 @@ class IGA(HypergradientCalculator):
         ]
         return result, loss
 
-    @staticmethod
     def _gradient_scale(
-        grads: Sequence[torch.Tensor | None], w: list[torch.Tensor]
-    ) -> torch.Tensor:
-        """``||H w||`` (a detached 0-d tensor; one Hessian-vector product on the graph of
-        ``grads``, the LL gradient in ``w``): the size of the terms that cancel in the LL
-        gradient, which sets its round-off (for a quadratic ``H w - b`` both terms have that
-        norm at the solution), as :class:`~bilevel.ul.Implicit` takes it."""
-        linked = [
-            (g, x) for g, x in zip(grads, w, strict=True) if g is not None and g.requires_grad
-        ]
+        self, grads: Sequence[torch.Tensor | None], w: list[torch.Tensor]
+    ) -> torch.Tensor | None:
+        """The size of the terms that cancel in the LL gradient ``grads`` (with its graph) at
+        ``w``, which sets its round-off (a detached 0-d tensor; two Hessian-vector products,
+        ``bilevel.ul.base.gradient_scale``, as :class:`~bilevel.ul.Implicit` takes it).
+        ``None`` where ``ll_objective`` has no second derivative in PyTorch (``torch.cdist``
+        on a few rows, ``pdist``, ``embedding_bag``: ``NotImplementedError``), which IGA's
+        formula does not need: said once, and no floor is applied."""
+        linked = [(g, i) for i, g in enumerate(grads) if g is not None and g.requires_grad]
         if not linked:  # the LL gradient does not depend on w: H = 0
             return w[0].detach().new_zeros(())
-        products = torch.autograd.grad(
-            [g for g, _ in linked],
-            w,
-            grad_outputs=[x.detach() for _, x in linked],
-            allow_unused=True,
-        )
-        return linalg.norm(
-            [torch.zeros_like(x) if h is None else h for x, h in zip(w, products, strict=True)]
-        ).detach()
+
+        def hvp(v: list[torch.Tensor]) -> list[torch.Tensor]:
+            products = torch.autograd.grad(
+                [g for g, _ in linked],
+                w,
+                grad_outputs=[v[i] for _, i in linked],
+                retain_graph=True,
+                allow_unused=True,
+            )
+            return [
+                torch.zeros_like(x) if h is None else h for x, h in zip(w, products, strict=True)
+            ]
+
+        g = [torch.zeros_like(x) if gi is None else gi for x, gi in zip(w, grads, strict=True)]
+        try:
+            return gradient_scale(hvp, w, g)
+        except NotImplementedError as error:  # a first-order-only op in ll_objective
+            if self.converged_warning is not None and not self._warned_scale:
+                self._warned_scale = True  # once per calculator
+                warnings.warn(
+                    "IGA could not take the Hessian-vector products that set the round-off "
+                    f"floor of its multiplier ({error}): at an LL whose gradient is round-off "
+                    "(an LL at its solution) the multiplier is round-off over round-off "
+                    "squared and the result can be huge. IGA's formula itself needs first "
+                    "derivatives only and is computed as usual. Write ll_objective with "
+                    "operations that have second derivatives (for torch.cdist, the squared "
+                    "differences summed), or start the LL away from its solution "
+                    "(converged_warning=None: no warning).",
+                    RuntimeWarning,
+                    stacklevel=6,
+                )
+            return None
 
     def _warn_if_converged(
         self, call: Call, nonzero: torch.Tensor, ul_grad_w: list[torch.Tensor]
@@ -180,16 +208,17 @@ class IGA(HypergradientCalculator):
         if not bool(nonzero):  # one host sync
             if any(bool(v.any()) for v in ul_grad_w):  # on this path only
                 self._warned = True  # once per calculator
+                scale = self.diagnostics["ll_grad_scale"]
+                against = "" if scale is None else f", against {float(scale):.1e}"
                 warnings.warn(
                     "IGA at the LL's solution: the LL gradient is at round-off (norm "
-                    f"{float(self.diagnostics['ll_grad_norm']):.1e}, against "
-                    f"{float(self.diagnostics['ll_grad_scale']):.1e} for the terms that cancel "
-                    "in it), where IGA's multiplier <grad_w F, grad_w f> / ||grad_w f||^2 is "
-                    "0 / 0: it is taken as 0 (the pseudo-inverse of the rank-one Hessian model), "
-                    "so the result is grad_lambda F alone: the term of the LL's response to "
-                    "lambda, which the hypergradient adds to it, is left out. Use Implicit "
-                    "at a converged LL, or IGA with a few LL steps from a point away from the "
-                    "LL's solution (converged_warning=None: no warning).",
+                    f"{float(self.diagnostics['ll_grad_norm']):.1e}{against} for the terms that "
+                    "cancel in it), where IGA's multiplier <grad_w F, grad_w f> / "
+                    "||grad_w f||^2 is 0 / 0: it is taken as 0 (the pseudo-inverse of the "
+                    "rank-one Hessian model), so the result is grad_lambda F alone: the term "
+                    "of the LL's response to lambda, which the hypergradient adds to it, is "
+                    "left out. Use Implicit at a converged LL, or IGA with a few LL steps from "
+                    "a point away from the LL's solution (converged_warning=None: no warning).",
                     RuntimeWarning,
                     stacklevel=5,
                 )

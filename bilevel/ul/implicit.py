@@ -19,6 +19,7 @@ from bilevel.ul.base import (
     Grads,
     HypergradientCalculator,
     detached_weights,
+    gradient_scale,
     refuse_rule_weight_decay,
 )
 
@@ -103,7 +104,8 @@ class Implicit(HypergradientCalculator):
             contraction, is above this fraction of the distance travelled: the implicit
             formula assumes a stationary LL, and an LL that oscillates (a step size near
             ``2 / lambda_max``) or stopped early gives a wrong hypergradient. A final
-            gradient at round-off (below ``100 eps ||H w||``) never warns. ``None``: never.
+            gradient at round-off (below ``100 eps`` times the larger of ``||H w||`` and
+            ``||H|| ||w||``, estimated) never warns. ``None``: never.
         damping: ``delta >= 0`` added to the system's diagonal, ``(H + delta I) q = v``; 0 (the
             default) is the exact implicit hypergradient.
     """
@@ -287,7 +289,7 @@ class Implicit(HypergradientCalculator):
         matvec = self._operator(hvp, w, call.trajectory, vjp)
         q, info = self._solver(call.trajectory).run(matvec, v)
         self.diagnostics = {**info.as_dict(), "ll_grad_norm": linalg.norm(g).detach()}
-        self._check_stationary(call.trajectory, lambda: self._gradient_scale(call, w, hvp))
+        self._check_stationary(call.trajectory, lambda: self._gradient_scale(call, w, g, hvp))
         if info.diverged:
             self._report_divergence(info, matvec, v, loss)
         indirect = vjp(q, self.ul_params)
@@ -378,17 +380,20 @@ class Implicit(HypergradientCalculator):
             )
 
     def _gradient_scale(
-        self, call: Call, w: list[torch.Tensor], hvp: linalg.MatVec
+        self,
+        call: Call,
+        w: list[torch.Tensor],
+        g: list[torch.Tensor],
+        hvp: linalg.MatVec,
     ) -> torch.Tensor:
-        """The size of the terms that cancel in the LL stationarity residual at ``w`` (a
-        0-d tensor), which sets its round-off: ``||H w||`` for a gradient (for a quadratic
-        ``H w - b`` both terms have that norm at the solution, and an L2 term's share of a
-        gradient is in it), ``||w||`` for a fixed-point residual ``w - Phi(w)``."""
+        """The size of the terms that cancel in the LL stationarity residual ``g`` at ``w``
+        (a 0-d tensor), which sets its round-off: ``bilevel.ul.base.gradient_scale`` for
+        a gradient (``||H w||``, or ``||H|| ||w||`` where it is larger), ``||w||`` for a
+        fixed-point residual ``w - Phi(w)``."""
         step_map = call.trajectory.step_map
-        point = [x.detach() for x in w]
         if step_map is not None and not step_map.symmetric:
-            return linalg.norm(point)
-        return linalg.norm(hvp(point)).detach()
+            return linalg.norm([x.detach() for x in w])
+        return gradient_scale(hvp, w, g)
 
     def _check_stationary(self, trajectory: Trajectory, scale: Callable[[], torch.Tensor]) -> None:
         """Warn (once) when the LL run did not end near a stationary point: its gradient is

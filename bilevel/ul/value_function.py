@@ -403,6 +403,21 @@ class FirstOrderMethod(HypergradientCalculator):
         grad_x: Grads = list(grads[n:]) if wrt_x else [None] * len(self.ul_params)
         return value.detach(), grad_y, grad_x
 
+    def refuse_ul_without_graph(self, reads_y: Sequence[bool], ul_x: Grads) -> None:
+        """Raise if ``ul_objective`` reads neither the LL variables (``reads_y``: whether each
+        of its evaluations in an inner loop, with the UL parameters frozen, had a graph to
+        them) nor the UL parameters (``ul_x``, its gradient in them: all ``None``). Either
+        alone is a valid objective (a validation loss of ``y``; a penalty on ``x``); neither
+        is one computed without a graph (``torch.no_grad``, ``.detach()``), whose value would
+        silently steer nothing."""
+        if not reads_y or any(reads_y) or any(g is not None for g in ul_x):
+            return
+        raise ValueError(
+            "ul_objective returned a tensor with no path to the LL variables nor to the UL "
+            "parameters (requires_grad=False): compute it from state['ll_model'] and/or "
+            "state['ul_model'], without .detach(), .item() or torch.no_grad()."
+        )
+
     def descend(
         self,
         loss: Callable[[Tensors], torch.Tensor],
