@@ -191,6 +191,9 @@ def has_none(values: Iterable[Any]) -> bool:
 
 _is_none = functools.partial(operator.is_, None)
 
+#: ``tensor.requires_grad`` as a function that ``map`` and ``filter`` run in C (hot paths)
+requires_grad = operator.attrgetter("requires_grad")
+
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether no entry is NaN or inf, in one host sync: finite entries have a finite sum, and

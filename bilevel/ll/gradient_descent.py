@@ -42,10 +42,10 @@ from bilevel.state import (
     make_state,
     names_without_gradient,
     parameter_names,
+    requires_grad,
     trainable_parameters,
 )
 
-_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 #: ``run``'s default: record as many graph steps as ``differentiable_steps`` says
 AS_CONFIGURED: Any = object()
 #: runs up to this many steps read their losses back whole for the checks (cheaper than
@@ -83,7 +83,7 @@ class RunPlan:
         return (
             len(params) == len(self.params)
             and all(map(operator.is_, params, self.params))
-            and list(map(_REQUIRES_GRAD, params)) == self.trainable
+            and list(map(requires_grad, params)) == self.trainable
         )
 
 
@@ -488,9 +488,7 @@ class GradientDescent:
         """Turn ``requires_grad`` off on the UL model's parameters while LL steps run without a
         graph, so that the LL objective records no autograd graph to them at every step; they
         are restored on exit, also on error."""
-        return _Frozen(
-            list(filter(_REQUIRES_GRAD, parameter_list(self.ul_model))) if freeze else []
-        )
+        return _Frozen(list(filter(requires_grad, parameter_list(self.ul_model))) if freeze else [])
 
     def check_used(self, grads: Sequence[torch.Tensor | None], index: Sequence[int]) -> None:
         """Raise if ``ll_objective`` gave no gradient to a trainable LL parameter.

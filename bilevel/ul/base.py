@@ -28,6 +28,7 @@ from bilevel.state import (
     modes_kept,
     module_list,
     parameter_names,
+    requires_grad,
     trainable_parameters,
 )
 
@@ -109,6 +110,10 @@ class HypergradientCalculator:
     #: fractions sums to the whole batch's result (what ``torch.distributed`` does with a
     #: single task); ``False`` (the safe default) makes every process run the whole task
     splits_ul_batch = False
+    #: whether the method keeps LL variables of its own across UL steps (DM, the stochastic
+    #: and first-order methods): an auxiliary model from ``ll.optimize`` does not apply, so
+    #: :meth:`compute_gradients` refuses it, and the runner refuses task batches
+    keeps_ll_state = False
 
     def __init__(
         self,
@@ -261,6 +266,14 @@ class HypergradientCalculator:
         Returns:
             The UL loss at the auxiliary model (detached).
         """
+        if self.keeps_ll_state:
+            raise TypeError(
+                f"{type(self).__name__} keeps the LL weights (and its own state) across UL "
+                "steps, so compute_gradients with an auxiliary_model from ll.optimize does not "
+                "apply: drive it with "
+                "BilevelProblem(ll, method, ul_optimizer).step(train, val), or "
+                "method.task_gradients(ll, train, val)."
+            )
         trajectory = self._check_trajectory(auxiliary_model)
         reference = self.ul_params[0]
         for name, value in (
@@ -404,9 +417,6 @@ def detached_weights(trajectory: Trajectory) -> tuple[list[torch.Tensor], list[i
     return weights, [i for i, t in enumerate(trajectory.trainable) if t]
 
 
-_REQUIRES_GRAD = operator.attrgetter("requires_grad")
-
-
 @dataclass
 class ParameterChanges:
     """How a module's trainable parameters differ from those a method kept at construction:
@@ -423,7 +433,7 @@ def parameter_changes(model: nn.Module, kept: list[torch.Tensor]) -> ParameterCh
     """``None`` when the parameters of ``model`` that require grad are ``kept``, the same
     tensors in the same order (the usual case, in one pass); else what changed."""
     params = parameter_list(model)
-    now = list(filter(_REQUIRES_GRAD, params))
+    now = list(filter(requires_grad, params))
     if len(now) == len(kept) and all(map(operator.is_, now, kept)):
         return None
     current, known = {id(p) for p in params}, {id(p) for p in kept}

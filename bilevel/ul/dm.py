@@ -168,21 +168,6 @@ class DM(HypergradientCalculator):
         )
         self.steps = steps
 
-    def compute_gradients(
-        self,
-        validate_data: Any,
-        validate_target: Any,
-        auxiliary_model: nn.Module,
-        train_data: Any,
-        train_target: Any,
-    ) -> torch.Tensor:
-        """Not available: DM keeps state across UL steps."""
-        raise TypeError(
-            "DM keeps the LL weights and its multiplier across UL steps: drive it with "
-            "BilevelProblem(ll, dm, ul_optimizer).step(train, val) (or "
-            "dm.task_gradients(ll, train, val)), not with ll.optimize + compute_gradients."
-        )
-
     def task_gradients(
         self, ll: Any, train: tuple[Any, Any], val: tuple[Any, Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,13 +79,6 @@ def _norm_floor(dtype: torch.dtype, r: float) -> float:
     return max(r, 1.0) * torch.finfo(dtype).tiny
 
 
-def _minus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    """``a - b`` of two optional gradients (``None`` means no path)."""
-    if b is None:
-        return a
-    return -b if a is None else a - b
-
-
 def _dynamics_key(ll: Any) -> tuple[Any, ...]:
     """What :func:`_plain_gradient_descent` reads of ``ll``: the object, its class, rule and
     hyperparameters (compared by identity)."""

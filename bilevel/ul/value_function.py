@@ -260,23 +260,6 @@ class FirstOrderMethod(HypergradientCalculator):
             )
         return float(lr), int(ll.iters)
 
-    def compute_gradients(
-        self,
-        validate_data: Any,
-        validate_target: Any,
-        auxiliary_model: nn.Module,
-        train_data: Any,
-        train_target: Any,
-    ) -> torch.Tensor:
-        """Not available: the method keeps state across UL steps; drive it with
-        ``BilevelProblem(ll, method, ul_optimizer).step(train, val)`` (or call
-        :meth:`task_gradients`)."""
-        raise TypeError(
-            f"{type(self).__name__} keeps LL variables across UL steps and takes no auxiliary "
-            "model: use BilevelProblem(ll, method, ul_optimizer).step(train, val), or "
-            "method.task_gradients(ll, train, val)."
-        )
-
     def task_gradients(
         self, ll: Any, train: tuple[Any, Any], val: tuple[Any, Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:
