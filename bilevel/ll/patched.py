@@ -155,7 +155,9 @@ class ModelChanged(ValueError):
     another kind, parameters added or removed): the copy must be made again."""
 
 
-def sync_from(model: nn.Module, patched: nn.Module) -> None:
+def sync_from(
+    model: nn.Module, patched: nn.Module, copies: dict[int, torch.Tensor] | None = None
+) -> None:
     """Make the patched copy the user's module again in all but its weights, at every LL run:
     the buffers (batch-norm running statistics, copied), the training flags and every other
     plain attribute (a temperature, a dropout rate, set on the user's module between runs),
@@ -165,10 +167,12 @@ def sync_from(model: nn.Module, patched: nn.Module) -> None:
     (``module.compile()``) runs uncompiled here: its compiled call is the user's module's.
 
     The walk follows the child modules by name, so a submodule registered at two places (one
-    copy in the patched model per place) is synced at both. A module whose class or parameter
-    names changed since it was patched (a submodule swapped for another kind, pruning applied
-    later) raises :class:`ModelChanged`: its patched copy would run the old structure (the LL
-    optimizer then patches the model again)."""
+    copy in the patched model per place) is synced at both; a buffer tensor registered at
+    several places gets one copy, shared by them as the user's module shares it (``copies``:
+    those made so far in the walk). A module whose class or parameter names changed since it
+    was patched (a submodule swapped for another kind, pruning applied later) raises
+    :class:`ModelChanged`: its patched copy would run the old structure (the LL optimizer then
+    patches the model again)."""
     if type(patched).__bases__[0] is not type(model) or patched._param_names != [
         name for name, p in model._parameters.items() if p is not None
     ]:
@@ -179,8 +183,13 @@ def sync_from(model: nn.Module, patched: nn.Module) -> None:
             "(a submodule replaced by another kind, parameters added or removed): patch it "
             "again (GradientDescent does so by itself)."
         )
+    copies = {} if copies is None else copies
     for key, value in model._buffers.items():
-        patched._buffers[key] = value.clone().detach() if torch.is_tensor(value) else value
+        if torch.is_tensor(value):
+            if id(value) not in copies:
+                copies[id(value)] = value.clone().detach()
+            value = copies[id(value)]
+        patched._buffers[key] = value
     mine, copy = model.__dict__, patched.__dict__
     if not _same_attributes(mine, copy):
         for key, value in mine.items():  # (past the patched module's slow __setattr__)
@@ -197,7 +206,7 @@ def sync_from(model: nn.Module, patched: nn.Module) -> None:
                 f"ll_model has a submodule {name!r} that the copy the LL optimizer patched "
                 "lacks (added since): patch it again (GradientDescent does so by itself)."
             )
-        sync_from(child, children[name])
+        sync_from(child, children[name], copies)
 
 
 def _same_attributes(mine: dict[str, Any], copy: dict[str, Any]) -> bool:

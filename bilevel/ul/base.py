@@ -507,19 +507,27 @@ def kept_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[Non
 
 def buffer_copies(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
     """``(module, name, copy)`` for every buffer of ``model``: what a forward may move in place
-    or reassign (batch-norm statistics, spectral norm's power-iteration vectors, a counter)."""
+    or reassign (batch-norm statistics, spectral norm's power-iteration vectors, a counter).
+    A tensor registered at several places has one copy, shared by its places."""
     if not model._buffers and not model._modules and type(model).modules is nn.Module.modules:
         return []  # the usual small model: none
-    return [
-        (m, name, b.detach().clone())
-        for m in module_list(model)
-        for name, b in m._buffers.items()
-        if b is not None
-    ]
+    copies: dict[int, torch.Tensor] = {}
+    out = []
+    for m in module_list(model):
+        for name, b in m._buffers.items():
+            if b is not None:
+                if id(b) not in copies:
+                    copies[id(b)] = b.detach().clone()
+                out.append((m, name, copies[id(b)]))
+    return out
 
 
 def put_back(copies: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
     """Give each module of ``copies`` its buffer as copied (a fresh copy, so the copies can be
-    put back again)."""
+    put back again; places that share a copy share the fresh one, as they shared the
+    buffer)."""
+    fresh: dict[int, torch.Tensor] = {}
     for module, name, copy in copies:
-        module._buffers[name] = copy.clone()
+        if id(copy) not in fresh:
+            fresh[id(copy)] = copy.clone()
+        module._buffers[name] = fresh[id(copy)]

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from bilevel.ll import evaluate_at
 from bilevel.state import Objective
@@ -22,6 +23,27 @@ from bilevel.ul.base import (
     refuse_rule_weight_decay,
     roundoff_floor,
 )
+
+#: the code of the wrapper that ``once_differentiable`` puts around a Function's backward
+_ONCE_DIFFERENTIABLE = once_differentiable(lambda ctx: None).__code__
+
+
+def once_differentiable_in(loss: torch.Tensor) -> str | None:
+    """The name of a ``torch.autograd.Function`` in ``loss``'s graph whose backward is marked
+    ``once_differentiable``, or ``None``. Its gradient has no graph (or one that ends there),
+    so Hessian-vector products taken through it leave its terms out, and PyTorch says
+    nothing."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        backward = getattr(getattr(node, "_forward_cls", None), "backward", None)
+        if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE:
+            return node._forward_cls.__name__
+        stack.extend(child for child, _ in node.next_functions)
+    return None
 
 
 class IGA(HypergradientCalculator):
@@ -58,7 +80,8 @@ class IGA(HypergradientCalculator):
     correction). Use it with a few LL steps, as its authors do; for a converged LL use
     ``Implicit``. ``diagnostics`` holds ``iga_multiplier`` (``c``), ``ll_grad_norm`` and
     ``ll_grad_scale`` (that size; ``None`` where ``f`` has no second derivative in PyTorch:
-    no floor then, and a warning says so).
+    no floor then; the size of the other terms where some pass through a
+    ``torch.autograd.Function`` marked ``once_differentiable``; a warning says either).
 
     Reference: Liu, Gao, Liu & Fan (2024), "Learning With Constraint Learning: New
     Perspective, Solution Strategy and Various Applications", IEEE TPAMI (LwCL).
@@ -125,10 +148,11 @@ class IGA(HypergradientCalculator):
         with evaluate_at(call.auxiliary_model, weights):
             loss = self.ul_loss(call)
             ul = torch.autograd.grad(loss, [*self.ul_params, *w], allow_unused=True)
+            ll_loss = self.ll_loss(call)
             ll = torch.autograd.grad(
-                self.ll_loss(call), [*self.ul_params, *w], create_graph=True, allow_unused=True
+                ll_loss, [*self.ul_params, *w], create_graph=True, allow_unused=True
             )
-            scale = self._gradient_scale(ll[n:], w)
+            scale = self._gradient_scale(ll_loss, ll[n:], w)
         ll = [None if g is None else g.detach() for g in ll]
         pairs = [(a, b) for a, b in zip(ul[n:], ll[n:], strict=True) if b is not None]
         zero = loss.detach().new_zeros(())
@@ -152,14 +176,24 @@ class IGA(HypergradientCalculator):
         return result, loss
 
     def _gradient_scale(
-        self, grads: Sequence[torch.Tensor | None], w: list[torch.Tensor]
+        self, loss: torch.Tensor, grads: Sequence[torch.Tensor | None], w: list[torch.Tensor]
     ) -> torch.Tensor | None:
         """The size of the terms that cancel in the LL gradient ``grads`` (with its graph) at
         ``w``, which sets its round-off (a detached 0-d tensor; two Hessian-vector products,
         ``bilevel.ul.base.gradient_scale``, as :class:`~bilevel.ul.Implicit` takes it).
         ``None`` where ``ll_objective`` has no second derivative in PyTorch (``torch.cdist``
         on a few rows, ``pdist``, ``embedding_bag``: ``NotImplementedError``), which IGA's
-        formula does not need: said once, and no floor is applied."""
+        formula does not need: said once, and no floor is applied. Where the LL ``loss`` passes
+        through a ``torch.autograd.Function`` marked ``once_differentiable``, the products
+        leave its terms out without an error: the size of the other terms (a lower bound) is
+        taken, and that is said once too."""
+        if self.converged_warning is not None and not self._warned_scale:  # (only said)
+            once = once_differentiable_in(loss)
+            if once is not None:
+                self._warn_floor(
+                    f"the torch.autograd.Function {once} is marked once_differentiable: the "
+                    "floor counts only the terms of ll_objective outside it"
+                )
         linked = [(g, i) for i, g in enumerate(grads) if g is not None and g.requires_grad]
         if not linked:  # the LL gradient does not depend on w: H = 0
             return w[0].detach().new_zeros(())
@@ -180,21 +214,26 @@ class IGA(HypergradientCalculator):
         try:
             return gradient_scale(hvp, w, g)
         except NotImplementedError as error:  # a first-order-only op in ll_objective
-            if self.converged_warning is not None and not self._warned_scale:
-                self._warned_scale = True  # once per calculator
-                warnings.warn(
-                    "IGA could not take the Hessian-vector products that set the round-off "
-                    f"floor of its multiplier ({error}): at an LL whose gradient is round-off "
-                    "(an LL at its solution) the multiplier is round-off over round-off "
-                    "squared and the result can be huge. IGA's formula itself needs first "
-                    "derivatives only and is computed as usual. Write ll_objective with "
-                    "operations that have second derivatives (for torch.cdist, the squared "
-                    "differences summed), or start the LL away from its solution "
-                    "(converged_warning=None: no warning).",
-                    RuntimeWarning,
-                    stacklevel=6,
-                )
+            self._warn_floor(f"{error}; no floor is applied")
             return None
+
+    def _warn_floor(self, reason: str) -> None:
+        """Say (once) that the round-off floor of the multiplier is missing or partial."""
+        if self.converged_warning is not None and not self._warned_scale:
+            self._warned_scale = True  # once per calculator
+            warnings.warn(
+                "IGA could not take the Hessian-vector products that set the round-off floor "
+                f"of its multiplier ({reason}): at an LL whose gradient is round-off (an LL at "
+                "its solution) the multiplier is round-off over round-off squared and the "
+                "result can be huge. IGA's formula itself needs first derivatives only and is "
+                "computed as usual. Write ll_objective with operations that have second "
+                "derivatives (for torch.cdist, the squared differences summed; for a "
+                "torch.autograd.Function, a backward made of differentiable operations, not "
+                "marked once_differentiable), or start the LL away from its solution "
+                "(converged_warning=None: no warning).",
+                RuntimeWarning,
+                stacklevel=7,
+            )
 
     def _warn_if_converged(
         self, call: Call, nonzero: torch.Tensor, ul_grad_w: list[torch.Tensor]

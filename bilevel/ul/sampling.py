@@ -291,6 +291,12 @@ class Sampler:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`: the next draws are bitwise those that followed it.
 
+        A subclass that replaces :meth:`draw` (or :meth:`split`) may keep any epoch in a
+        level's ``order``: a 1-d tensor of this sampler's batch numbers, in any number, with
+        ``position`` in ``[0, len(order)]``; that is all its restored split is checked for.
+        This class's own epochs are each a permutation of the batches, and are checked as
+        such.
+
         Raises:
             ValueError: a split that is not this sampler's for its data set (saved with
                 another batch size, so that its batches are numbered for another count: the
@@ -321,7 +327,8 @@ class Sampler:
     def _check_split(self, name: str, level: _Level) -> None:
         """Refuse a restored split that this sampler would not have made for ``level.n``
         samples: ``perm`` a permutation of them, ``order`` one of this sampler's
-        ``count(name, n)`` batches, ``position`` within the epoch."""
+        ``count(name, n)`` batches (with this class's epochs: a permutation of them),
+        ``position`` within the epoch."""
         n, count = level.n, self.count(name, level.n) if level.n >= 1 else 0
         if n < 1 or level.perm.shape != (n,) or not _is_permutation(level.perm):
             raise ValueError(
@@ -329,21 +336,32 @@ class Sampler:
                 f"(perm of shape {tuple(level.perm.shape)}): the file is damaged or was not "
                 "written by Sampler.state_dict(). Restore it from a copy, or start a new run."
             )
-        saved = level.order.numel()
-        if level.order.ndim != 1 or saved != count or not _is_permutation(level.order):
-            size = self.batch_sizes[name]
+        order, size = level.order, self.batch_sizes[name]
+        # this class's epochs are permutations of the batches; a subclass that replaces draw
+        # or split may keep any epoch of them
+        own = type(self).draw is Sampler.draw and type(self).split is Sampler.split
+        if own and (order.numel() != count or not _is_permutation(order)):
             raise ValueError(
-                f"the Sampler state splits the {name} data ({n} samples) into {saved} fixed "
-                f"batches, but this sampler's {name} batch size ({size}) splits it into "
+                f"the Sampler state splits the {name} data ({n} samples) into {order.numel()} "
+                f"fixed batches, but this sampler's {name} batch size ({size}) splits it into "
                 f"{count}: restored, it would draw batches that do not exist here (empty or "
                 "partial ones). Load it into a Sampler with the batch sizes it was saved with "
                 "(its checkpoint's settings), or start a new run."
             )
-        if not 0 <= level.position <= count:
+        if order.ndim != 1 or not bool(((order >= 0) & (order < count)).all()):
+            raise ValueError(
+                f"the Sampler state's {name} epoch draws batches outside 0 .. {count - 1}, the "
+                f"{count} fixed batches this sampler's {name} batch size ({size}) splits its {n} "
+                "samples into: restored, it would draw batches that do not exist here (empty or "
+                "partial ones). Load it into a sampler with the batch sizes it was saved with "
+                "(its checkpoint's settings), or start a new run."
+            )
+        end = count if own else order.numel()
+        if not 0 <= level.position <= end:
             raise ValueError(
                 f"the Sampler state's {name} epoch position is {level.position}, outside "
-                f"[0, {count}] (its {count} batches): the file is damaged or was not written by "
-                "Sampler.state_dict(). Restore it from a copy, or start a new run."
+                f"[0, {end}] (its epoch's {end} batches): the file is damaged or was not "
+                "written by Sampler.state_dict(). Restore it from a copy, or start a new run."
             )
 
 

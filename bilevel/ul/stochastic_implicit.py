@@ -421,7 +421,8 @@ class StochasticImplicit(HypergradientCalculator):
         return _or_zeros(hv, w)
 
     def _check_split(self, model: nn.Module, train: Batch) -> None:
-        """``ll_objective == output_loss(outputs) + rest`` on the full batch (to round-off).
+        """``ll_objective == output_loss(outputs) + rest`` on the full batch, to ``sqrt(eps)`` of
+        the size of the terms compared (at any loss scale).
         Both sides make the same random draws (dropout, noise in the objective), and the
         check leaves the global RNG where it was."""
         draws = capture_draws(self.ul_params[0].device)
@@ -429,17 +430,22 @@ class StochasticImplicit(HypergradientCalculator):
             state = self._state(model, train)
             with replay_draws(draws):
                 outputs, output_loss, rest = self._split(state, graph=False)
-                split = output_loss(outputs) + rest
+                loss = output_loss(outputs)
             with replay_draws(draws):
                 whole = self.ll_objective(state)
-        eps = torch.finfo(whole.dtype).eps
+        # the floor is relative to the terms compared (no absolute term): a wrong split is
+        # refused at any loss scale, and sqrt(eps) of them leaves room for the same loss
+        # computed by other operations in ll_objective and output_loss
+        split = loss + rest
+        size = float(abs(loss) + abs(rest) + abs(whole))
         gap = float((split - whole).abs())
-        if not gap <= math.sqrt(eps) * (1.0 + float(whole.abs())):
+        if not gap <= math.sqrt(torch.finfo(whole.dtype).eps) * size:
             raise ValueError(
                 f"ll_outputs does not split ll_objective: output_loss(outputs) + rest = "
                 f"{float(split):.6g} but ll_objective = {float(whole):.6g} on the LL batch. "
                 "Return every term of ll_objective that is not a loss of the outputs as rest "
-                "(weight penalties, proximal terms)."
+                "(weight penalties, proximal terms), and compute the terms with the same "
+                "operations as ll_objective (round-off up to sqrt(eps) of their size is allowed)."
             )
 
     # -- the method -------------------------------------------------------------------------
