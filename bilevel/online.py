@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from bilevel.ll import GradientDescent
-from bilevel.problem import Pair
+from bilevel import checkpoint as ckpt
+from bilevel.ll import GradientDescent, Unroll
+from bilevel.ll.unroll import restore_model
+from bilevel.problem import BilevelProblem, Pair, _NonStrictLoadCures
 from bilevel.state import check_finite
 from bilevel.ul import Forward, Truncated
 
@@ -27,6 +32,15 @@ class OnlineHypergradient:
     LL never reaches the solution for the current UL variables. It pays when an LL run is
     expensive and the UL variables need many updates: many UL updates per LL run instead of
     one.
+
+    An online run resumes bitwise, as :meth:`BilevelProblem.run <bilevel.BilevelProblem.run>`
+    does: ``run(..., checkpoint=path)`` saves after UL updates (atomically, in the format of
+    :mod:`bilevel.checkpoint`, loaded without running code) what continuing needs: the UL
+    model and optimizer, the LL run's fast weights, buffers, update-rule state and step
+    count, the tangents ``Z_t`` (RTHO), the UL update count and the RNG states. The truncated
+    window is empty right after an update (the graph is cut there), so nothing of it is
+    saved; a run stopped between updates redoes the LL steps since the last saved one, with
+    the same batches and random draws.
 
     Reference: Franceschi, Donini, Frasconi & Pontil (2017), "Forward and Reverse
     Gradient-Based Hyperparameter Optimization", ICML (RTHO); Shaban et al. (2019).
@@ -61,6 +75,15 @@ class OnlineHypergradient:
             raise TypeError("ul_optimizer must be a torch.optim.Optimizer.")
         self.ll, self.ul, self.ul_optimizer = ll, ul, ul_optimizer
         self.hyper_every = hyper_every
+        # BilevelProblem's checkpoints (settings checked on resume, UL model and optimizer, LL
+        # model, RNG, all-or-nothing loads, signals), with the online run's settings added
+        self._problem = BilevelProblem(ll, ul, ul_optimizer)
+        self._problem.settings["online"] = {"hyper_every": hyper_every}
+        #: the online run at its latest UL update (``online`` part of :meth:`state_dict`) and
+        #: the RNG states then; ``None``: no run in progress, the next starts from ``ll_model``
+        self._held: tuple[dict[str, Any], dict[str, Any]] | None = None
+        self._resume = False  # a loaded state: the next run continues it
+        self._live: tuple[Unroll, int] | None = None  # a run at a UL update (during ``log``)
 
     def run(
         self,
@@ -69,29 +92,117 @@ class OnlineHypergradient:
         ll_steps: int,
         log: Callable[[dict[str, Any]], None] | None = None,
         progress: bool = True,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int = 100,
+        checkpoint_seconds: float | None = None,
     ) -> torch.nn.Module:
         """Run ``ll_steps`` LL steps, with a UL update after every ``hyper_every`` of them.
 
         Each call is one LL run from ``ll_model``'s weights, which it leaves as they are (the
         trained LL model is returned): a second call starts the LL again from them, while the
-        UL variables and ``ul_optimizer`` carry on. The run's LL state lives inside the call
-        and is not checkpointed: an interrupted online run starts over.
+        UL variables and ``ul_optimizer`` carry on. A call resumes instead the run that
+        ``checkpoint`` holds, if that file exists, or the state given to
+        :meth:`load_state_dict` / :meth:`load_checkpoint` just before.
+
+        With a ``checkpoint``, the run is saved after UL updates and resumes bitwise: the
+        resumed run continues from the latest saved update and ends exactly where the
+        uninterrupted one does (LL steps taken after that update are taken again, with the
+        same batches and random draws). SIGTERM and SIGINT finish the LL steps up to the next
+        UL update, save and raise :class:`bilevel.problem.Interrupted` or
+        ``KeyboardInterrupt``, as :meth:`BilevelProblem.run <bilevel.BilevelProblem.run>`
+        does. A finished run resumed with a larger ``ll_steps`` continues as the longer run
+        would have run uninterrupted.
 
         Args:
-            train: the LL batch, or a function ``LL step -> batch``.
+            train: the LL batch, or a function ``LL step -> batch`` (what a resumed run needs:
+                it asks for the batches from the resumed LL step on).
             val: the UL batch, or a function ``UL update -> batch``.
             ll_steps: total LL steps.
             log: called after each UL update with step numbers, UL loss and LL loss.
             progress: show a tqdm progress bar.
+            checkpoint: file to resume from and save to (atomically), or ``None``.
+            checkpoint_every: UL updates between checkpoints (and one at the last update).
+            checkpoint_seconds: also save when this many seconds have passed since the last
+                save (checked at each UL update); ``None``: by updates only.
 
         Returns:
             The LL model (patched) after the last step.
+
+        Raises:
+            bilevel.checkpoint.CheckpointError: ``checkpoint`` is damaged, unsafe or not a
+                checkpoint of an online run.
+            ValueError: ``checkpoint`` was written by a run with other settings, or holds a
+                run past ``ll_steps``.
         """
+        if isinstance(ll_steps, bool) or not isinstance(ll_steps, int) or ll_steps < 0:
+            raise ValueError(f"ll_steps must be an integer >= 0, got {ll_steps!r}.")
+        if (
+            isinstance(checkpoint_every, bool)
+            or not isinstance(checkpoint_every, int)
+            or checkpoint_every < 1
+        ):
+            raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}.")
+        if checkpoint_seconds is not None and (
+            isinstance(checkpoint_seconds, bool)
+            or not isinstance(checkpoint_seconds, int | float)
+            or not checkpoint_seconds > 0
+        ):
+            raise ValueError(
+                f"checkpoint_seconds must be None or a number > 0, got {checkpoint_seconds!r}."
+            )
+        with self._problem._signals(checkpoint is not None):
+            try:
+                return self._run(
+                    train, val, ll_steps, log, progress, checkpoint, checkpoint_every,
+                    checkpoint_seconds,
+                )  # fmt: skip
+            finally:
+                self._live = None
+
+    def _run(
+        self,
+        train: Pair | Callable[[int], Pair],
+        val: Pair | Callable[[int], Pair],
+        ll_steps: int,
+        log: Callable[[dict[str, Any]], None] | None,
+        progress: bool,
+        checkpoint: str | os.PathLike | None,
+        checkpoint_every: int,
+        checkpoint_seconds: float | None,
+    ) -> torch.nn.Module:
+        if checkpoint is not None and Path(checkpoint).exists():
+            try:
+                self.load_checkpoint(checkpoint)
+            except _NonStrictLoadCures as error:
+                raise ValueError(
+                    f"{error} run() resumes strictly: to load {checkpoint} anyway, call "
+                    "runner.load_checkpoint(path, strict=False) and then "
+                    "runner.save_checkpoint(path) once before run()."
+                ) from error
+        if not self._resume:
+            self._held = None  # a new LL run, from ll_model's weights
+        self._resume = False
+        held = None if self._held is None else self._held[0]
+        start = 0 if held is None else held["ll_step"]
+        updates = start // self.hyper_every
+        self._problem.step_count = updates
+        if start > ll_steps:
+            raise ValueError(
+                f"the online run to resume is at LL step {start}, past ll_steps = {ll_steps}: "
+                "give ll_steps >= that, or start a new run (another checkpoint path, or delete "
+                "the file)."
+            )
+        if held is not None and start == ll_steps:  # nothing left to run
+            model = self.ll.patched_model(graph_from_start=False)
+            restore_model(model, held["run"])
+            return model
         batch = train if callable(train) else (lambda step: train)
         val_batch = val if callable(val) else (lambda update: val)
         graph = isinstance(self.ul, Truncated)
-        first = batch(0)  # asked once: a batch function may read the next batch of a loader
+        first = batch(start)  # asked once: a batch function may read the next batch of a loader
         unroll = self.ll.start(*first, observer=self.ul.observer(self.ll))
+        if held is not None:
+            unroll.load_state_dict(held["run"])
         if not unroll.schedule.constant and ll_steps > self.ll.iters:
             raise ValueError(
                 f"a hyperparameter of the LL is a per-step schedule of ll.iters = {self.ll.iters} "
@@ -99,9 +210,16 @@ class OnlineHypergradient:
                 "iters >= ll_steps, or give that hyperparameter as one value."
             )
         ll_losses = []
-        updates = 0
-        for step in tqdm(range(ll_steps), disable=not progress, desc=f"online {self.ul.name}"):
-            data, target = first if step == 0 else batch(step)
+        saved_at = time.monotonic()
+        bar = tqdm(
+            range(start, ll_steps),
+            initial=start,
+            total=ll_steps,
+            disable=not progress,
+            desc=f"online {self.ul.name}",
+        )
+        for step in bar:
+            data, target = first if step == start else batch(step)
             unroll.set_batch(data, target)
             ll_losses.append(unroll.step(graph=graph))
             if (step + 1) % self.hyper_every:
@@ -117,12 +235,15 @@ class OnlineHypergradient:
                 f"the online {self.ul.name} hypergradient at LL step {step + 1}",
             )
             self.ul_optimizer.step()
+            self._held = None  # the UL variables moved on: an earlier position no longer fits
             updates += 1
             # hyperparameters computed from the UL model (callables): at the new UL point, with
             # a fresh graph (the old one would be stale, and freed by Truncated's backward)
             unroll.schedule = self.ll.schedule()
             if graph:
                 unroll.cut()
+            self._problem.step_count = updates
+            self._live = (unroll, step + 1)  # what state_dict() holds now
             if log is not None:
                 log(
                     {
@@ -132,5 +253,119 @@ class OnlineHypergradient:
                         "ll_loss": float(losses[-1]),
                     }
                 )
+            last = step + 1 + self.hyper_every > ll_steps  # the run's last UL update
+            stopping = self._problem._signal is not None
+            late = checkpoint_seconds is not None and (
+                time.monotonic() - saved_at >= checkpoint_seconds
+            )
+            if checkpoint is not None and (
+                updates % checkpoint_every == 0 or last or late or stopping
+            ):
+                self.save_checkpoint(checkpoint)
+                saved_at = time.monotonic()
+            if last or stopping:  # kept after the run: what state_dict() returns then
+                self._held = self._capture()
+            self._live = None
+            if stopping:
+                self._problem._stop(ll_steps // self.hyper_every, checkpoint)
             ll_losses = []
+        if self._problem._signal is not None:  # arrived after the last update, which was saved
+            self._problem._stop(ll_steps // self.hyper_every, checkpoint)
         return unroll.model
+
+    def _capture(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The ``online`` part of :meth:`state_dict` and the RNG states, now (at a UL update,
+        or as held)."""
+        if self._live is not None:
+            unroll, ll_step = self._live
+            return {"ll_step": ll_step, "run": unroll.state_dict()}, ckpt.rng_state()
+        if self._held is not None:
+            return self._held
+        return {"ll_step": 0, "run": None}, ckpt.rng_state()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the online run, as tensors and plain values (a
+        weights-only load accepts it): :meth:`BilevelProblem.state_dict
+        <bilevel.BilevelProblem.state_dict>` (UL model and optimizer, LL model, settings, UL
+        updates as ``step``) and, under ``online``, the LL step and the LL run's state
+        (:meth:`bilevel.ll.Unroll.state_dict`: fast weights, buffers, update-rule state,
+        tangents ``Z_t``), with the RNG states of that moment.
+
+        That is the run at a UL update: during :meth:`run`, the current one (call it from
+        ``log``); after it, the last one (the LL steps after it are taken again on resume);
+        with no run in progress, a new run from ``ll_model``'s weights (``ll_step`` 0).
+        """
+        online, rng = self._capture()
+        state = self._problem.state_dict()
+        state["step"] = online["ll_step"] // self.hyper_every
+        state["rng"] = rng
+        state["online"] = online
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Restore what :meth:`state_dict` saved; the next :meth:`run` continues that run.
+
+        Raises:
+            ValueError: the state does not fit (see :meth:`BilevelProblem.load_state_dict
+                <bilevel.BilevelProblem.load_state_dict>`: other settings, ``hyper_every``
+                included, other models), or, with ``strict``, holds no online run (a
+                checkpoint of a :class:`BilevelProblem`). Nothing is changed then.
+        """
+        online, step = state.get("online"), state.get("step", 0)
+        if online is None:
+            if strict:
+                raise _NonStrictLoadCures(
+                    "the checkpoint holds no online run (it was not written by "
+                    "OnlineHypergradient.state_dict, e.g. by a BilevelProblem). Resume from a "
+                    "checkpoint written by this runner's save_checkpoint, or pass strict=False "
+                    "to load its UL state and start a new LL run."
+                )
+            online, step = {"ll_step": 0, "run": None}, 0
+        saved = (state.get("settings") or {}).get("online") or {}
+        self._check_online(online, step, saved.get("hyper_every"))
+        self._problem.load_state_dict(state, strict)  # all or nothing; checks the settings
+        self._held = (online, state["rng"]) if online["ll_step"] > 0 else None
+        self._resume = True
+
+    def _check_online(self, online: Any, step: Any, every: Any) -> None:
+        """Refuse an ``online`` part that is not one :meth:`state_dict` writes (at a UL update
+        of a run with ``hyper_every = every``, as the state records it: another value is
+        refused as another setting)."""
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            every = self.hyper_every
+        ll_step = online.get("ll_step") if isinstance(online, dict) else None
+        run = online.get("run") if isinstance(online, dict) else None
+        fits = (
+            isinstance(ll_step, int)
+            and not isinstance(ll_step, bool)
+            and ll_step >= 0
+            and ll_step % every == 0
+            and step == ll_step // every
+            and (run is None) == (ll_step == 0)
+            and (run is None or (isinstance(run, dict) and run.get("steps") == ll_step))
+        )
+        if not fits:
+            raise ValueError(
+                f"the checkpoint's online run (LL step {ll_step!r}, UL update {step!r}) is not "
+                f"one saved at a UL update of an online run with hyper_every = {every}: the "
+                "file is damaged or was not written by OnlineHypergradient.state_dict. Restore "
+                "it from a copy, or start a new run."
+            )
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Write :meth:`state_dict` to ``path`` atomically (:func:`bilevel.checkpoint.save`)."""
+        ckpt.save(path, self.state_dict())
+
+    def load_checkpoint(self, path: str | os.PathLike, strict: bool = True) -> None:
+        """Restore a checkpoint written by :meth:`save_checkpoint` (see
+        :meth:`load_state_dict`); the next :meth:`run` continues it.
+
+        The file is read without running code from it (:func:`bilevel.checkpoint.load`).
+
+        Raises:
+            bilevel.checkpoint.CheckpointError: the file is missing, damaged, unsafe (a file
+                crafted to run code) or not a checkpoint of an online run; the message names
+                it and says what to do.
+        """
+        required = ("ul_model", "ll_model", "step", "rng", "online")
+        self.load_state_dict(ckpt.load(path, require=required), strict=strict)

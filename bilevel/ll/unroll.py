@@ -328,6 +328,42 @@ class Unroll:
             self.steps += 1
         return losses
 
+    def state_dict(self) -> dict[str, Any]:
+        """What continues this run bitwise from here, as detached copies of tensors and plain
+        values (checkpoints of online runs, taken between steps where no graph is kept): the
+        LL step count, the fast weights, the patched model's buffers (batch-norm statistics),
+        the update rule's state (momentum, Adam moments) and the observer's state (forward-mode
+        tangents), if it has a ``state_dict``."""
+        observer = getattr(self.observer, "state_dict", None)
+        return {
+            "steps": self.steps,
+            "weights": [w.detach().clone() for w in fast_weights(self.model)],
+            "buffers": {k: b.detach().clone() for k, b in self.model.named_buffers()},
+            "opt_state": {k: [t.detach().clone() for t in v] for k, v in self.opt_state.items()},
+            "observer": None if observer is None else observer(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (saved by a run of the same models): the next step
+        is the one that followed it. Tensors are cast to the dtype and device of the weights
+        they replace."""
+        restore_model(self.model, state)
+        weights = fast_weights(self.model)
+        active = [weights[i] for i in self.index]
+        self.opt_state = {
+            k: [t.to(w, copy=True) for t, w in zip(v, active, strict=True)]
+            for k, v in state["opt_state"].items()
+        }
+        self.steps = int(state["steps"])
+        self.in_place = False  # the weights came from elsewhere: never overwritten
+        if (state.get("observer") is None) != (getattr(self.observer, "state_dict", None) is None):
+            raise ValueError(
+                "the saved LL run and this one disagree on carrying an observer's state "
+                "(forward-mode tangents): it was saved by a run of another method."
+            )
+        if state.get("observer") is not None:
+            self.observer.load_state_dict(state["observer"])  # type: ignore[union-attr]
+
     def cut(self) -> None:
         """Cut the graph: continue from detached copies of the current weights and optimizer
         state (online methods, which would otherwise hold every step in memory)."""
@@ -360,3 +396,28 @@ class Unroll:
         )
         self.model.__dict__["trajectory"] = trajectory  # a plain attribute (no __setattr__)
         return trajectory
+
+
+def restore_model(model: torch.nn.Module, state: dict[str, Any]) -> None:
+    """Give a patched model the fast weights and buffers of :meth:`Unroll.state_dict` (cast to
+    the dtype and device of those they replace, with their ``requires_grad``)."""
+    now = fast_weights(model)
+    saved = state["weights"]
+    if len(saved) != len(now) or any(s.shape != w.shape for s, w in zip(saved, now, strict=False)):
+        raise ValueError(
+            "the saved LL run's weights do not fit this LL model (other number or shapes of "
+            "parameters): it was saved by a run of another model."
+        )
+    copies = [
+        s.to(w, copy=True).requires_grad_(w.requires_grad) for s, w in zip(saved, now, strict=True)
+    ]
+    install(model, copies)
+    buffers = dict(model.named_buffers())
+    if set(buffers) != set(state["buffers"]):
+        raise ValueError(
+            f"the saved LL run's buffers ({sorted(state['buffers'])}) are not this LL model's "
+            f"({sorted(buffers)}): it was saved by a run of another model."
+        )
+    with torch.no_grad():
+        for name, buffer in buffers.items():
+            buffer.copy_(state["buffers"][name])

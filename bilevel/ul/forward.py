@@ -195,6 +195,39 @@ class Tangents:
         self.tangents = out[: len(new)]
         self.state_tangents = _unflatten(out[len(new) :], new_state)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The tangents (of the weights and of the optimizer state) and which variables have
+        reached the LL state, as detached copies: what an online run (RTHO) checkpoints."""
+        return {
+            "tangents": [t.detach().clone() for t in self.tangents],
+            "state_tangents": {
+                k: [t.detach().clone() for t in v] for k, v in self.state_tangents.items()
+            },
+            "reached": list(self.reached),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (cast to the dtype and device of the tangents)."""
+        saved, reached = state["tangents"], state["reached"]
+        if len(saved) != len(self.tangents) or len(reached) != len(self.reached):
+            raise ValueError(
+                "the saved forward-mode tangents do not fit these UL and LL models (other "
+                "numbers of parameters): they were saved by a run of another problem."
+            )
+        for s, t in zip(saved, self.tangents, strict=True):
+            if s.shape != t.shape:
+                raise ValueError(
+                    f"saved forward-mode tangents of shape {list(s.shape)} do not fit these "
+                    f"UL and LL models ({list(t.shape)}): they were saved by a run of another "
+                    "problem."
+                )
+        self.tangents = [s.to(t, copy=True) for s, t in zip(saved, self.tangents, strict=True)]
+        self.state_tangents = {  # one per trainable weight, as the weights' tangents
+            k: [s.to(t, copy=True) for s, t in zip(v, self.tangents, strict=True)]
+            for k, v in state["state_tangents"].items()
+        }
+        self.reached = [bool(r) for r in reached]
+
     def result(self) -> Carried:
         """The tangents after the last step."""
         return Carried(self.variables, self.tangents, self.reached)
