@@ -11,7 +11,7 @@ from torch import nn
 
 from bilevel.ll.gradient_descent import GradientDescent
 from bilevel.ll.rules import UpdateRule
-from bilevel.ll.unroll import GradientStep, Observer, Tensors, Unroll
+from bilevel.ll.unroll import THROUGH_STEPS, GradientStep, Observer, Tensors, Unroll
 from bilevel.state import (
     Objective,
     check_data_matches,
@@ -19,6 +19,7 @@ from bilevel.state import (
     make_state,
     modes_kept,
     parameter_names,
+    refuse_once_differentiable,
 )
 
 NEEDS_UL_BATCH = (
@@ -79,6 +80,8 @@ class BDAStep(GradientStep):
         self.alpha = alpha
         self.alpha_decay = alpha_decay
         self.ul_scale = ul_scale
+        #: whether a direction with a graph was checked for once-differentiable Functions
+        self.checked_graph = False
 
     def alpha_at(self, step: int) -> float:
         """``alpha_k = alpha * alpha_decay**k`` (a Python float)."""
@@ -97,6 +100,10 @@ class BDAStep(GradientStep):
                 ul_loss = self.ul_objective(self.ul_state)
             ul_loss = check_objective_result(ul_loss, "ul_objective")
             total = total + ul_weight * ul_loss
+        if create_graph and not self.checked_graph:  # the UL method differentiates it
+            self.checked_graph = True  # once per run (a BDAStep is made per run)
+            what = "ll_objective" if ul_weight == 0.0 else "ll_objective and ul_objective"
+            refuse_once_differentiable(total, weights, THROUGH_STEPS, what)
         grads = torch.autograd.grad(total, weights, create_graph=create_graph, allow_unused=True)
         if step == 0:
             self.on_first_grads(grads)

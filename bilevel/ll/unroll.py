@@ -19,7 +19,20 @@ import torch
 from bilevel.ll.hyper import Schedule
 from bilevel.ll.patched import fast_weights, install, refuse_broken_weight_norm
 from bilevel.ll.rules import UpdateRule
-from bilevel.state import Objective, check_objective_result, has_none
+from bilevel.state import (
+    Objective,
+    check_objective_result,
+    has_none,
+    refuse_once_differentiable,
+)
+
+#: who differentiates the gradient taken at an LL step with a graph
+THROUGH_STEPS = (
+    "Back-propagation through the LL steps (Reverse, Truncated, Forward, MemorySavingReverse, "
+    "PTT; also with learned step sizes)"
+)
+#: who differentiates the stationarity residual
+RESIDUAL = "The implicit function theorem (Implicit)"
 
 Tensors = list[torch.Tensor]
 
@@ -159,6 +172,7 @@ class GradientStep:
         weight has no path), whose zero the implicit function theorem differentiates."""
         refuse_broken_weight_norm(state["ll_model"])
         loss = check_objective_result(self.objective(state), "ll_objective")
+        refuse_once_differentiable(loss, weights, RESIDUAL)
         return list(torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True))
 
     def direction(
@@ -241,6 +255,8 @@ class Unroll:
         self.steps = 0
         self.initial_grads: Tensors | None = None
         self.last_grads: Tensors | None = None
+        #: whether a step with a graph was checked for once-differentiable Functions
+        self.checked_graph = False
 
     def set_batch(self, data: Any, target: Any) -> None:
         """Use another batch for the next steps (online mode)."""
@@ -273,6 +289,10 @@ class Unroll:
             if before is not None:
                 before(active, self.model)
         new, new_state, loss, grads = self._apply(active, graph or self.observer_graph)
+        if (graph or self.observer_graph) and not self.checked_graph:
+            # once per run: the walk costs about as much as a small LL step's Python work
+            self.checked_graph = True
+            refuse_once_differentiable(loss, active, THROUGH_STEPS)
         if observer is not None:
             observer.propagate(active, self.opt_state, new, new_state)
         if not graph:

@@ -13,7 +13,8 @@ from torch import nn
 
 from bilevel.ll import Trajectory, evaluate_at, fast_weights
 from bilevel.ll.hyper import Schedule
-from bilevel.state import Draws, capture_draws, replay_draws
+from bilevel.ll.unroll import THROUGH_STEPS
+from bilevel.state import Draws, capture_draws, refuse_once_differentiable, replay_draws
 from bilevel.ul.base import Call, Grads, HypergradientCalculator, add, detached_weights
 
 Tensors = list[torch.Tensor]
@@ -217,7 +218,9 @@ class MemorySavingReverse(HypergradientCalculator):
         hyper = stored.schedule.at(t, detach=False)
         # the step's own random draws, replayed (the global RNG is left where the run left it)
         with replay_draws(stored.draws[t]), evaluate_at(model, at):
-            new, new_state, _, _ = stored.step_map(w_t, s_t, hyper, stored.state, t, True)
+            new, new_state, loss, _ = stored.step_map(w_t, s_t, hyper, stored.state, t, True)
+        if t == len(stored.weights) - 1:  # the first step recomputed (once per backward)
+            refuse_once_differentiable(loss, w_t, THROUGH_STEPS)
         outputs, seeds = [], []
         pairs = list(zip(new, alpha_w, strict=True))
         for key in sorted(alpha_s):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bilevel.ll import evaluate_at
-from bilevel.state import Objective, all_finite, parameter_names
+from bilevel.state import Objective, all_finite, parameter_names, refuse_once_differentiable
 from bilevel.ul.base import (
     Call,
     Grads,
@@ -218,7 +218,9 @@ class DM(HypergradientCalculator):
         with evaluate_at(call.auxiliary_model, weights):
             loss = self.ul_loss(call)
             grads = torch.autograd.grad(loss, [*self.ul_params, *y], allow_unused=True)
-            g = torch.autograd.grad(self.ll_loss(call), y, create_graph=True, allow_unused=True)
+            ll_loss = self.ll_loss(call)
+            refuse_once_differentiable(ll_loss, y, "DM")
+            g = torch.autograd.grad(ll_loss, y, create_graph=True, allow_unused=True)
         direct, v = grads[:n], _zeros_for_none(grads[n:], y)
         linked = [(gi, i) for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
 

@@ -8,10 +8,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from bilevel.ll import evaluate_at
-from bilevel.state import Objective
+from bilevel.state import Objective, once_differentiable_in
 from bilevel.ul.base import (
     Call,
     Grads,
@@ -23,27 +22,6 @@ from bilevel.ul.base import (
     refuse_rule_weight_decay,
     roundoff_floor,
 )
-
-#: the code of the wrapper that ``once_differentiable`` puts around a Function's backward
-_ONCE_DIFFERENTIABLE = once_differentiable(lambda ctx: None).__code__
-
-
-def once_differentiable_in(loss: torch.Tensor) -> str | None:
-    """The name of a ``torch.autograd.Function`` in ``loss``'s graph whose backward is marked
-    ``once_differentiable``, or ``None``. Its gradient has no graph (or one that ends there),
-    so Hessian-vector products taken through it leave its terms out, and PyTorch says
-    nothing."""
-    seen, stack = set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        backward = getattr(getattr(node, "_forward_cls", None), "backward", None)
-        if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE:
-            return node._forward_cls.__name__
-        stack.extend(child for child, _ in node.next_functions)
-    return None
 
 
 class IGA(HypergradientCalculator):
@@ -188,7 +166,7 @@ class IGA(HypergradientCalculator):
         leave its terms out without an error: the size of the other terms (a lower bound) is
         taken, and that is said once too."""
         if self.converged_warning is not None and not self._warned_scale:  # (only said)
-            once = once_differentiable_in(loss)
+            once = once_differentiable_in(loss, w)
             if once is not None:
                 self._warn_floor(
                     f"the torch.autograd.Function {once} is marked once_differentiable: the "

@@ -12,7 +12,12 @@ from torch import nn
 
 from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
-from bilevel.state import Objective, all_finite, names_without_gradient
+from bilevel.state import (
+    Objective,
+    all_finite,
+    names_without_gradient,
+    refuse_once_differentiable,
+)
 from bilevel.ul.base import (
     ROUNDOFF,
     Call,
@@ -323,6 +328,8 @@ class Implicit(HypergradientCalculator):
         if step_map is None or step_map.symmetric:
             refuse_rule_weight_decay(getattr(step_map, "rule", None), "Implicit")
             loss = self.ll_loss(call)
+            method = self.method if isinstance(self.method, str) else "<a solver>"
+            refuse_once_differentiable(loss, w, f"Implicit(method={method!r})")
             return list(torch.autograd.grad(loss, w, create_graph=True, allow_unused=True))
         state = self.states(call.auxiliary_model, call.train_data, call.train_target)
         return step_map.residual(w, state)

@@ -26,6 +26,7 @@ from bilevel.state import (
     check_objective_result,
     make_state,
     parameter_names,
+    refuse_once_differentiable,
 )
 from bilevel.ul.base import (
     Call,
@@ -285,6 +286,8 @@ class StochasticMethod(HypergradientCalculator):
         self, model: nn.Module, y: Tensors, mb: Minibatch, batch: Any, create_graph: bool
     ) -> tuple[torch.Tensor, Tensors]:
         loss, scaled = self._loss(self.ll_objective, "ll_objective", model, y, batch, mb.weight)
+        if create_graph:  # for Hessian-vector and cross products
+            refuse_once_differentiable(loss, y, type(self).__name__)
         grads = torch.autograd.grad(scaled, y, create_graph=create_graph, allow_unused=True)
         if any(g is None for g in grads):
             names = parameter_names(

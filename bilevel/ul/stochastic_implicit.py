@@ -18,6 +18,7 @@ from bilevel.state import (
     capture_draws,
     check_objective_result,
     make_state,
+    refuse_once_differentiable,
     replay_draws,
 )
 from bilevel.ul.base import (
@@ -350,6 +351,7 @@ class StochasticImplicit(HypergradientCalculator):
 
     def _hessian_product(self, state: dict[str, Any], w: Tensors, q: Tensors) -> Tensors:
         loss = check_objective_result(self.ll_objective(state), "ll_objective")
+        refuse_once_differentiable(loss, w, "StochasticImplicit")
         g = torch.autograd.grad(loss, w, create_graph=True, allow_unused=True)
         linked = [(gi, qi) for gi, qi in zip(g, q, strict=True) if gi is not None]
         linked = [(gi, qi) for gi, qi in linked if gi.requires_grad]
@@ -385,6 +387,7 @@ class StochasticImplicit(HypergradientCalculator):
     def _gauss_newton_product(self, state: dict[str, Any], w: Tensors, q: Tensors) -> Tensors:
         outputs, output_loss, rest = self._split(state)
         # J q by the double-backward trick: J^T u is linear in u, so d(J^T u . q)/du = J q
+        refuse_once_differentiable(outputs, w, "StochasticImplicit", "ll_outputs' outputs")
         u = torch.zeros_like(outputs, requires_grad=True)
         jtu = torch.autograd.grad(outputs, w, grad_outputs=u, create_graph=True, allow_unused=True)
         linked = [(a, qi) for a, qi in zip(jtu, q, strict=True) if a is not None]
@@ -396,6 +399,9 @@ class StochasticImplicit(HypergradientCalculator):
             if jq is not None:
                 z = outputs.detach().requires_grad_()
                 loss = check_objective_result(output_loss(z), "ll_outputs' output_loss")
+                refuse_once_differentiable(
+                    loss, [z], "StochasticImplicit", "ll_outputs' output_loss"
+                )
                 (gz,) = torch.autograd.grad(loss, z, create_graph=True)
                 hq = torch.zeros_like(z)
                 if gz.requires_grad:
@@ -405,6 +411,7 @@ class StochasticImplicit(HypergradientCalculator):
                 out = _or_zeros(jthq, w)
         if isinstance(rest, torch.Tensor) and rest.requires_grad:
             rest = check_objective_result(rest, "ll_outputs' rest")
+            refuse_once_differentiable(rest, w, "StochasticImplicit", "ll_outputs' rest")
             out = [a + b for a, b in zip(out, self._second(rest, w, q), strict=True)]
         return out
 
@@ -504,6 +511,7 @@ class StochasticImplicit(HypergradientCalculator):
             ll_loss = check_objective_result(
                 self.ll_objective(self._state(model, cross)), "ll_objective"
             )
+            refuse_once_differentiable(ll_loss, w, "StochasticImplicit")
             g = torch.autograd.grad(ll_loss, w, create_graph=True, allow_unused=True)
         solution = [qi.detach() for qi in q]
         self._check_solution(solution, residual, v)
