@@ -288,7 +288,7 @@ class OnlineHypergradient:
         weights-only load accepts it): :meth:`BilevelProblem.state_dict
         <bilevel.BilevelProblem.state_dict>` (UL model and optimizer, LL model, settings, UL
         updates as ``step``) and, under ``online``, the LL step and the LL run's state
-        (:meth:`bilevel.ll.Unroll.state_dict`: fast weights, buffers, update-rule state,
+        (``Unroll.state_dict``: fast weights, buffers, update-rule state,
         tangents ``Z_t``), with the RNG states of that moment.
 
         That is the run at a UL update: during :meth:`run`, the current one (call it from
