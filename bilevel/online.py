@@ -242,6 +242,7 @@ class OnlineHypergradient:
             unroll.schedule = self.ll.schedule()
             if graph:
                 unroll.cut()
+            unroll.check_again()  # a Function taken from this window on is refused in it
             self._problem.step_count = updates
             self._live = (unroll, step + 1)  # what state_dict() holds now
             if log is not None:

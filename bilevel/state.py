@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import BackwardCFunction, once_differentiable
+from torch.autograd.function import BackwardCFunction, Function, once_differentiable
 
 Objective = Callable[[dict[str, Any]], torch.Tensor]
 
@@ -197,30 +197,37 @@ FIRST_ORDER_METHODS = (
 )
 
 
+def _compiled(cls: Any) -> bool:
+    """Whether the ``torch.autograd.Function`` class ``cls`` is the ``CompiledFunction`` that
+    ``torch.compile`` makes (AOTAutograd: every backend but ``"eager"``), which has no double
+    backward: PyTorch raises only where the engine runs its backward's backward, and
+    ``torch.autograd.grad`` does not where the inputs of its backward carry no graph (a
+    compiled loss: the gradient has no graph through it, as a once-differentiable one's)."""
+    return cls.__name__ == "CompiledFunction" and cls.__module__.startswith("torch._functorch")
+
+
 def _once_differentiable(node: Any) -> bool:
-    """Whether the autograd node ``node`` is a ``torch.autograd.Function`` whose backward is
-    marked ``once_differentiable``."""
+    """Whether the autograd node ``node`` is a ``torch.autograd.Function`` whose backward (or
+    ``vjp``, its alias) is marked ``once_differentiable`` (under other decorators too), or
+    ``torch.compile``'s ``CompiledFunction``."""
     if not isinstance(node, BackwardCFunction):  # a built-in operation (one test in C)
         return False
-    backward = getattr(node._forward_cls, "backward", None)
-    return getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE
+    cls = node._forward_cls
+    vjp = getattr(cls, "vjp", None)
+    fn = vjp if vjp is not None and vjp is not Function.vjp else getattr(cls, "backward", None)
+    for _ in range(8):  # the chain of functools.wraps
+        if getattr(fn, "__code__", None) is _ONCE_DIFFERENTIABLE:
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+        if fn is None:
+            break
+    return _compiled(cls)
 
 
-def once_differentiable_in(
-    loss: torch.Tensor, through: Sequence[torch.Tensor] | None = None
-) -> str | None:
-    """The name of a ``torch.autograd.Function`` in ``loss``'s graph whose backward is marked
-    ``once_differentiable``, or ``None``. Its gradient has no graph (PyTorch's wrapper runs the
-    backward under ``no_grad``, and the error node it attaches is reached by ``.backward()``,
-    never by ``torch.autograd.grad``), so a second derivative taken through it leaves its
-    terms out, and PyTorch says nothing.
-
-    With ``through`` (the weights that a method differentiates the gradient in), only a
-    Function with one of them upstream counts (one the gradient in them passes through), and
-    the walk stops at them: the graph of earlier LL steps behind weights that carry one is not
-    walked again, and a Function that reads only the UL variables (a feature extractor of the
-    UL model) is allowed, as its backward is then run once only. One walk over the nodes of
-    ``loss``'s graph (a second, from each Function found, only when one is found)."""
+def _first_order_node(
+    loss: torch.Tensor | Sequence[torch.Tensor], through: Sequence[torch.Tensor] | None
+) -> Any:
+    """The node of :func:`once_differentiable_in`'s Function, or ``None``."""
     stops: set[Any] = set()
     leaves: set[int] = set()
     for t in through or ():
@@ -228,17 +235,20 @@ def once_differentiable_in(
             stops.add(t.grad_fn)
         else:
             leaves.add(id(t))
-    found, seen, stack = [], set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen or node in stops:
+    stack = [loss.grad_fn] if isinstance(loss, torch.Tensor) else [t.grad_fn for t in loss]
+    seen = {None, *stops}  # (the stops are not entered)
+    found, pop, push, add = [], stack.pop, stack.append, seen.add
+    while stack:  # the hot loop (every node of the graph): no generators, one set test
+        node = pop()
+        if node in seen:
             continue
-        seen.add(node)
-        if _once_differentiable(node):
+        add(node)
+        if isinstance(node, BackwardCFunction) and _once_differentiable(node):
             if through is None:
-                return node._forward_cls.__name__
+                return node
             found.append(node)
-        stack.extend(child for child, _ in node.next_functions)
+        for child, _ in node.next_functions:
+            push(child)
     visited: set[Any] = set()  # shared: a node that reaches no weight does so for every start
     for start in found:
         stack = [child for child, _ in start.next_functions]
@@ -248,44 +258,86 @@ def once_differentiable_in(
                 continue
             visited.add(node)
             if node in stops or (type(node) is _ACCUMULATE_GRAD and id(node.variable) in leaves):
-                return start._forward_cls.__name__
+                return start
             stack.extend(child for child, _ in node.next_functions)
     return None
 
 
+def once_differentiable_in(
+    loss: torch.Tensor | Sequence[torch.Tensor], through: Sequence[torch.Tensor] | None = None
+) -> str | None:
+    """The name of a ``torch.autograd.Function`` in ``loss``'s graph (or that of several
+    tensors) whose backward is marked ``once_differentiable``, or ``None``. Its gradient has
+    no graph (PyTorch's wrapper runs the backward under ``no_grad``, and the error node it
+    attaches is reached by ``.backward()``, never by ``torch.autograd.grad``), so a second
+    derivative taken through it leaves its terms out, and PyTorch says nothing. The same for
+    ``torch.compile``'s ``CompiledFunction`` (AOTAutograd), which has no double backward.
+
+    With ``through`` (the weights that a method differentiates the gradient in), only a
+    Function with one of them upstream counts (one the gradient in them passes through), and
+    the walk stops at them: the graph of earlier LL steps behind weights that carry one is not
+    walked again, and a Function that reads only the UL variables (a feature extractor of the
+    UL model) is allowed, as its backward is then run once only. One walk over the nodes of
+    ``loss``'s graph (a second, from each Function found, only when one is found)."""
+    node = _first_order_node(loss, through)
+    return None if node is None else node._forward_cls.__name__
+
+
 def refuse_once_differentiable(
-    loss: torch.Tensor, weights: Sequence[torch.Tensor], who: str, objective: str = "ll_objective"
+    loss: torch.Tensor | Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    who: str,
+    objective: str = "ll_objective",
+    others: str = f"a method that needs first derivatives only: {FIRST_ORDER_METHODS}",
 ) -> None:
     """Refuse an ``objective`` value ``loss`` whose gradient in ``weights`` passes through a
-    ``torch.autograd.Function`` marked ``once_differentiable``, where ``who`` differentiates
-    that gradient (Hessian-vector products, mixed second derivatives, LL steps kept with a
-    graph): PyTorch would leave the Function's terms out of the second derivatives without an
-    error (``Implicit`` with CG on ridge: 231% off the exact hypergradient).
+    ``torch.autograd.Function`` marked ``once_differentiable`` (or ``torch.compile``'s), where
+    ``who`` differentiates that gradient (Hessian-vector products, mixed second derivatives,
+    LL steps kept with a graph, forward mode's derivatives of vector-Jacobian products):
+    PyTorch would leave the Function's terms out of the second derivatives without an error
+    (``Implicit`` with CG on ridge: 231% off the exact hypergradient). ``others``: the
+    methods the message offers instead.
 
     Where it is checked: at the first LL step with a graph of every LL run (and the first
-    step ``MemorySavingReverse`` recomputes), and at every residual, Hessian-vector product
-    or gradient penalty the other second-order methods take. A model or objective that takes
-    the Function from some run on is refused at that run; one that switches to it in the
-    middle of a run is not seen until the next. The walk (:func:`once_differentiable_in`)
-    visits the nodes of one evaluation of the objective once and stops at the weights
-    (6 us on a 20-64-64-5 MLP, 14 us on the 4-conv few-shot net, one CPU thread; at every
-    step it was 10-40 us per LL step on ridge and logistic regression, as much as the step's
-    own Python work, hence once per run).
+    step ``MemorySavingReverse`` recomputes; of every UL update window in online runs), and at
+    every residual, Hessian-vector product or gradient penalty the other second-order methods
+    take. A model or objective that takes the Function from some run on is refused at that
+    run; one that switches to it in the middle of a run is not seen until the next. The walk
+    (:func:`once_differentiable_in`) visits the nodes of one evaluation of the objective once
+    and stops at the weights (6 us on a 20-64-64-5 MLP, 14 us on the 4-conv few-shot net, one
+    CPU thread; at every step it was 10-40 us per LL step on ridge and logistic regression, as
+    much as the step's own Python work, hence once per run).
 
     Raises:
         ValueError: naming the Function and the cure.
     """
-    name = once_differentiable_in(loss, weights)
-    if name is None:
+    node = _first_order_node(loss, weights)
+    if node is None:
         return
+    name = node._forward_cls.__name__
+    if _compiled(node._forward_cls):
+        what = (
+            f"a torch.compile'd function (AOTAutograd's {name}), which has no double backward: "
+            "PyTorch raises only where it runs that backward's backward, which it skips where "
+            "the gradient has no graph through it"
+        )
+        cure = (
+            "Call that code without torch.compile, or compile it with backend='eager' (no "
+            "AOTAutograd: the operations keep their second derivatives)"
+        )
+    else:
+        what = (
+            f"the torch.autograd.Function {name}, whose backward is marked once_differentiable: "
+            "PyTorch gives its result no graph and raises nothing"
+        )
+        cure = (
+            f"Write {name}.backward with differentiable torch operations "
+            "(without @once_differentiable)"
+        )
     raise ValueError(
         f"{who} differentiates the gradient of {objective} (second derivatives), but that "
-        f"gradient passes through the torch.autograd.Function {name}, whose backward is "
-        "marked once_differentiable: PyTorch gives its result no graph and raises nothing, so "
-        f"the second derivatives would leave {name}'s terms out and the hypergradient would "
-        f"be silently wrong. Write {name}.backward with differentiable torch operations "
-        "(without @once_differentiable), or use a method that needs first derivatives only: "
-        f"{FIRST_ORDER_METHODS}."
+        f"gradient passes through {what}, so the second derivatives would leave {name}'s terms "
+        f"out and the hypergradient would be silently wrong. {cure}, or use {others}."
     )
 
 

@@ -384,6 +384,15 @@ class Unroll:
         if state.get("observer") is not None:
             self.observer.load_state_dict(state["observer"])  # type: ignore[union-attr]
 
+    def check_again(self) -> None:
+        """Check the next step with a graph for once-differentiable Functions again (online
+        runs: once per UL update window, as an offline run is checked once per run), and the
+        observer's and step map's own checks (forward mode's, BDA's)."""
+        self.checked_graph = False
+        for part in (self.observer, self.step_map):
+            if hasattr(part, "checked_graph"):
+                part.checked_graph = False
+
     def cut(self) -> None:
         """Cut the graph: continue from detached copies of the current weights and optimizer
         state (online methods, which would otherwise hold every step in memory)."""

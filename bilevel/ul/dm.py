@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bilevel.ll import evaluate_at
+from bilevel.ll.patched import refuse_broken_weight_norm
 from bilevel.state import Objective, all_finite, parameter_names, refuse_once_differentiable
 from bilevel.ul.base import (
     Call,
@@ -218,6 +219,7 @@ class DM(HypergradientCalculator):
         with evaluate_at(call.auxiliary_model, weights):
             loss = self.ul_loss(call)
             grads = torch.autograd.grad(loss, [*self.ul_params, *y], allow_unused=True)
+            refuse_broken_weight_norm(call.auxiliary_model)
             ll_loss = self.ll_loss(call)
             refuse_once_differentiable(ll_loss, y, "DM")
             g = torch.autograd.grad(ll_loss, y, create_graph=True, allow_unused=True)

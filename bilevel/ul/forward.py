@@ -9,12 +9,23 @@ import torch
 from torch import nn
 
 from bilevel.ll import evaluate_at
-from bilevel.state import Objective
+from bilevel.state import FIRST_ORDER_METHODS, Objective, refuse_once_differentiable
 from bilevel.ul.base import Call, Grads, HypergradientCalculator, detached_weights
 
 Tensors = list[torch.Tensor]
 
 MANY = 1000  # scalar hyperparameters above which Forward warns about its cost
+
+#: who differentiates the step map's vector-Jacobian products (refused Functions' message)
+FORWARD_MODE = (
+    "Forward mode (Forward; online RTHO), which takes its Jacobian-vector products as "
+    "derivatives of vector-Jacobian products,"
+)
+#: the methods that run a Function's backward once where forward mode would differentiate it
+RUN_ONCE = (
+    "Reverse, Truncated or MemorySavingReverse (back-propagation runs that backward once), or "
+    f"a method that needs first derivatives only: {FIRST_ORDER_METHODS}"
+)
 
 
 class Forward(HypergradientCalculator):
@@ -159,6 +170,8 @@ class Tangents:
         self.state_tangents: dict[str, Tensors] = {}
         # whether a variable has a path to the LL state yet: as an initial weight, from the start
         self.reached = [any(p is v for p in ll_params) for v in variables]
+        #: whether a step was checked for once-differentiable Functions (once per run)
+        self.checked_graph = False
 
     def propagate(self, weights: Tensors, opt_state: dict, new: Tensors, new_state: dict) -> None:
         """Carry the tangents through one step (``weights -> new``)."""
@@ -166,6 +179,13 @@ class Tangents:
         tangents = [*self.tangents, *_flatten(self.state_tangents), *self.identity]
         outputs = [*new, *_flatten(new_state)]
         live = [i for i, o in enumerate(outputs) if o.requires_grad]
+        if not self.checked_graph:  # once per run (per UL update window online)
+            # the products below differentiate the backward of every operation of the step,
+            # of the UL variables alone too (a feature map, a step size, a fixed-point map)
+            self.checked_graph = True
+            refuse_once_differentiable(
+                [outputs[i] for i in live], inputs, FORWARD_MODE, "the LL step map", RUN_ONCE
+            )
         dummies = [torch.zeros_like(outputs[i], requires_grad=True) for i in live]
         vjps = torch.autograd.grad(
             [outputs[i] for i in live],

@@ -160,17 +160,19 @@ class IGA(HypergradientCalculator):
         ``w``, which sets its round-off (a detached 0-d tensor; two Hessian-vector products,
         ``bilevel.ul.base.gradient_scale``, as :class:`~bilevel.ul.Implicit` takes it).
         ``None`` where ``ll_objective`` has no second derivative in PyTorch (``torch.cdist``
-        on a few rows, ``pdist``, ``embedding_bag``: ``NotImplementedError``), which IGA's
-        formula does not need: said once, and no floor is applied. Where the LL ``loss`` passes
-        through a ``torch.autograd.Function`` marked ``once_differentiable``, the products
-        leave its terms out without an error: the size of the other terms (a lower bound) is
-        taken, and that is said once too."""
+        on a few rows, ``pdist``, ``embedding_bag``: ``NotImplementedError``; a
+        ``torch.compile``'d model: ``RuntimeError``), which IGA's formula does not need: said
+        once, and no floor is applied. Where the LL ``loss`` passes through a
+        ``torch.autograd.Function`` marked ``once_differentiable`` (or a compiled loss), the
+        products leave its terms out without an error: the size of the other terms (a lower
+        bound) is taken, and that is said once too."""
         if self.converged_warning is not None and not self._warned_scale:  # (only said)
             once = once_differentiable_in(loss, w)
             if once is not None:
                 self._warn_floor(
-                    f"the torch.autograd.Function {once} is marked once_differentiable: the "
-                    "floor counts only the terms of ll_objective outside it"
+                    f"the torch.autograd.Function {once} is marked once_differentiable (or is "
+                    "torch.compile's, which has no double backward): the floor counts only the "
+                    "terms of ll_objective outside it"
                 )
         linked = [(g, i) for i, g in enumerate(grads) if g is not None and g.requires_grad]
         if not linked:  # the LL gradient does not depend on w: H = 0
@@ -192,6 +194,11 @@ class IGA(HypergradientCalculator):
         try:
             return gradient_scale(hvp, w, g)
         except NotImplementedError as error:  # a first-order-only op in ll_objective
+            self._warn_floor(f"{error}; no floor is applied")
+            return None
+        except RuntimeError as error:  # torch.compile's: "does not ... support double backward"
+            if "double backward" not in str(error):
+                raise
             self._warn_floor(f"{error}; no floor is applied")
             return None
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
+from bilevel.ll.patched import refuse_broken_weight_norm
 from bilevel.state import (
     Objective,
     all_finite,
@@ -291,7 +292,7 @@ class Implicit(HypergradientCalculator):
                 torch.zeros_like(x) if h is None else h for x, h in zip(w, vjp(q, w), strict=True)
             ]
 
-        matvec = self._operator(hvp, w, call.trajectory, vjp)
+        matvec = self._operator(hvp, w, call.trajectory, vjp, [gi for gi, _ in linked])
         q, info = self._solver(call.trajectory).run(matvec, v)
         self.diagnostics = {**info.as_dict(), "ll_grad_norm": linalg.norm(g).detach()}
         self._check_stationary(call.trajectory, lambda: self._gradient_scale(call, w, g, hvp))
@@ -327,6 +328,7 @@ class Implicit(HypergradientCalculator):
         step_map = call.trajectory.step_map
         if step_map is None or step_map.symmetric:
             refuse_rule_weight_decay(getattr(step_map, "rule", None), "Implicit")
+            refuse_broken_weight_norm(call.auxiliary_model)
             loss = self.ll_loss(call)
             method = self.method if isinstance(self.method, str) else "<a solver>"
             refuse_once_differentiable(loss, w, f"Implicit(method={method!r})")
@@ -335,11 +337,18 @@ class Implicit(HypergradientCalculator):
         return step_map.residual(w, state)
 
     def _operator(
-        self, hvp: linalg.MatVec, w: list[torch.Tensor], trajectory: Trajectory, vjp: Any
+        self,
+        hvp: linalg.MatVec,
+        w: list[torch.Tensor],
+        trajectory: Trajectory,
+        vjp: Any,
+        residual: list[torch.Tensor],
     ) -> linalg.Operator:
         """``q -> (dg/dw)^T q`` (plus ``damping * q``); for a non-symmetric ``dg/dw`` (a
         fixed-point map) also its transpose, by a double vector-Jacobian product, for
-        ``normal_cg``."""
+        ``normal_cg`` (refused, when a solver first asks for it, where the ``residual`` ``g``
+        passes through a once-differentiable Function: its backward would be
+        differentiated)."""
         step_map = trajectory.step_map
         if self.damping:
             hvp = self._damped(hvp)
@@ -351,8 +360,21 @@ class Implicit(HypergradientCalculator):
         with torch.enable_grad():
             products = vjp(dummy, w, graph=True)  # (dg/dw)^T d, linear in the dummy d
         linear = [torch.zeros_like(x) if h is None else h for x, h in zip(w, products, strict=True)]
+        checked = []
 
         def jvp(u: list[torch.Tensor]) -> list[torch.Tensor]:
+            if not checked:  # solvers that never take the transpose (fixed point) are exact
+                checked.append(True)
+                method = self.method if isinstance(self.method, str) else "<a solver>"
+                refuse_once_differentiable(
+                    residual,
+                    w,
+                    f"Implicit(method={method!r}), whose transposed products are derivatives "
+                    "of vector-Jacobian products,",
+                    "fixed_point_map",
+                    "method='fixed_point' or 'neumann' (first derivatives of the map only), or "
+                    "Reverse",
+                )
             live = [(h, ui) for h, ui in zip(linear, u, strict=True) if h.requires_grad]
             if not live:
                 return [torch.zeros_like(x) for x in w]

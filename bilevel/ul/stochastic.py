@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bilevel.ll import evaluate_at
+from bilevel.ll.patched import refuse_broken_weight_norm
 from bilevel.state import (
     Objective,
     all_finite,
@@ -287,6 +288,7 @@ class StochasticMethod(HypergradientCalculator):
     ) -> tuple[torch.Tensor, Tensors]:
         loss, scaled = self._loss(self.ll_objective, "ll_objective", model, y, batch, mb.weight)
         if create_graph:  # for Hessian-vector and cross products
+            refuse_broken_weight_norm(model)
             refuse_once_differentiable(loss, y, type(self).__name__)
         grads = torch.autograd.grad(scaled, y, create_graph=create_graph, allow_unused=True)
         if any(g is None for g in grads):

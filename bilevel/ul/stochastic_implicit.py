@@ -13,6 +13,7 @@ from torch import nn
 
 from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
+from bilevel.ll.patched import refuse_broken_weight_norm
 from bilevel.state import (
     Objective,
     capture_draws,
@@ -350,6 +351,7 @@ class StochasticImplicit(HypergradientCalculator):
         return make_state(batch[0], batch[1], self.ul_model, model)
 
     def _hessian_product(self, state: dict[str, Any], w: Tensors, q: Tensors) -> Tensors:
+        refuse_broken_weight_norm(state["ll_model"])
         loss = check_objective_result(self.ll_objective(state), "ll_objective")
         refuse_once_differentiable(loss, w, "StochasticImplicit")
         g = torch.autograd.grad(loss, w, create_graph=True, allow_unused=True)
@@ -385,6 +387,7 @@ class StochasticImplicit(HypergradientCalculator):
         return outputs, output_loss, rest
 
     def _gauss_newton_product(self, state: dict[str, Any], w: Tensors, q: Tensors) -> Tensors:
+        refuse_broken_weight_norm(state["ll_model"])
         outputs, output_loss, rest = self._split(state)
         # J q by the double-backward trick: J^T u is linear in u, so d(J^T u . q)/du = J q
         refuse_once_differentiable(outputs, w, "StochasticImplicit", "ll_outputs' outputs")
