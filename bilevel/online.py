@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Callable
@@ -131,8 +132,9 @@ class OnlineHypergradient:
         Raises:
             bilevel.checkpoint.CheckpointError: ``checkpoint`` is damaged, unsafe or not a
                 checkpoint of an online run.
-            ValueError: ``checkpoint`` was written by a run with other settings, or holds a
-                run past ``ll_steps``.
+            ValueError: ``checkpoint`` was written by a run with other settings or other
+                LL weights trainable, or holds a run past ``ll_steps`` (a state given to
+                :meth:`load_state_dict` then stays loaded, for the next call).
         """
         if isinstance(ll_steps, bool) or not isinstance(ll_steps, int) or ll_steps < 0:
             raise ValueError(f"ll_steps must be an integer >= 0, got {ll_steps!r}.")
@@ -181,17 +183,17 @@ class OnlineHypergradient:
                 ) from error
         if not self._resume:
             self._held = None  # a new LL run, from ll_model's weights
-        self._resume = False
         held = None if self._held is None else self._held[0]
         start = 0 if held is None else held["ll_step"]
-        updates = start // self.hyper_every
-        self._problem.step_count = updates
-        if start > ll_steps:
+        if start > ll_steps:  # refused: the loaded run stays loaded for the call it asks for
             raise ValueError(
                 f"the online run to resume is at LL step {start}, past ll_steps = {ll_steps}: "
                 "give ll_steps >= that, or start a new run (another checkpoint path, or delete "
                 "the file)."
             )
+        self._resume = False
+        updates = start // self.hyper_every
+        self._problem.step_count = updates
         if held is not None and start == ll_steps:  # nothing left to run
             model = self.ll.patched_model(graph_from_start=False)
             restore_model(model, held["run"])
@@ -294,10 +296,20 @@ class OnlineHypergradient:
 
         That is the run at a UL update: during :meth:`run`, the current one (call it from
         ``log``); after it, the last one (the LL steps after it are taken again on resume);
-        with no run in progress, a new run from ``ll_model``'s weights (``ll_step`` 0).
+        with no run in progress, a new run from ``ll_model``'s weights (``ll_step`` 0). The
+        tensors are copies: a state kept in memory stays that of its UL update while the run
+        goes on (a module's ``state_dict`` would share the UL parameters' and the optimizer's
+        tensors, which the next UL updates change in place).
         """
+        return self._state_dict(snapshot=True)
+
+    def _state_dict(self, snapshot: bool) -> dict[str, Any]:
+        """:meth:`state_dict`; without ``snapshot`` the UL model's, LL model's and UL
+        optimizer's tensors are shared (for a checkpoint written at once)."""
         online, rng = self._capture()
         state = self._problem.state_dict()
+        if snapshot:
+            state = copy.deepcopy(state)
         state["step"] = online["ll_step"] // self.hyper_every
         state["rng"] = rng
         state["online"] = online
@@ -309,8 +321,10 @@ class OnlineHypergradient:
         Raises:
             ValueError: the state does not fit (see :meth:`BilevelProblem.load_state_dict
                 <bilevel.BilevelProblem.load_state_dict>`: other settings, ``hyper_every``
-                included, other models), or, with ``strict``, holds no online run (a
-                checkpoint of a :class:`BilevelProblem`). Nothing is changed then.
+                included, other models), its LL run cannot continue here (other LL weights
+                trainable, or, with ``strict=False``, another method), or, with ``strict``,
+                it holds no online run (a checkpoint of a :class:`BilevelProblem`). Nothing
+                is changed then.
         """
         online, step = state.get("online"), state.get("step", 0)
         if online is None:
@@ -324,6 +338,10 @@ class OnlineHypergradient:
             online, step = {"ll_step": 0, "run": None}, 0
         saved = (state.get("settings") or {}).get("online") or {}
         self._check_online(online, step, saved.get("hyper_every"))
+        if online["run"] is not None and (
+            not strict or state.get("settings") == ckpt.plain(self._problem.settings)
+        ):  # (other settings, the method among them, are refused first and by name)
+            self._check_run(online["run"])
         self._problem.load_state_dict(state, strict)  # all or nothing; checks the settings
         self._held = (online, state["rng"]) if online["ll_step"] > 0 else None
         self._resume = True
@@ -343,7 +361,15 @@ class OnlineHypergradient:
             and ll_step % every == 0
             and step == ll_step // every
             and (run is None) == (ll_step == 0)
-            and (run is None or (isinstance(run, dict) and run.get("steps") == ll_step))
+            and (
+                run is None
+                or (
+                    isinstance(run, dict)
+                    and run.get("steps") == ll_step
+                    and isinstance(run.get("weights"), list)
+                    and all(isinstance(run.get(k), dict) for k in ("buffers", "opt_state"))
+                )
+            )
         )
         if not fits:
             raise ValueError(
@@ -353,9 +379,48 @@ class OnlineHypergradient:
                 "it from a copy, or start a new run."
             )
 
+    def _check_run(self, run: dict[str, Any]) -> None:
+        """Refuse, before any change, a saved LL run that this runner cannot continue: one
+        of another method (tangents or none), or with other LL weights trainable (the update
+        rule's state and the tangents hold one tensor per trainable weight)."""
+        forward = isinstance(self.ul, Forward)
+        observer = run.get("observer")
+        if (observer is not None) != forward:
+            raise ValueError(
+                f"the saved LL run {'carries no' if forward else 'carries'} forward-mode "
+                f"tangents: it was saved by a run of another method than {self.ul.name!r}. "
+                "Resume it with the method that saved it, or start a new run (another "
+                "checkpoint path, or delete the file)."
+            )
+        trainable = [p for p in self.ll.ll_model.parameters() if p.requires_grad]
+        n = sum(v.numel() for v in self.ul.ul_params)
+        # per trainable weight: the rule's state (its shape, or empty before it exists) and
+        # the tangents (one row per UL scalar)
+        saved = {k: (v, [p.shape for p in trainable]) for k, v in run["opt_state"].items()}
+        if observer is not None:
+            tangents = observer.get("tangents") if isinstance(observer, dict) else None
+            saved["tangents"] = (tangents, [torch.Size([n, *p.shape]) for p in trainable])
+        for key, (tensors, shapes) in saved.items():
+            fits = (
+                isinstance(tensors, list)
+                and len(tensors) == len(trainable)
+                and all(
+                    isinstance(t, torch.Tensor) and (t.shape == shape or t.numel() == 0)
+                    for t, shape in zip(tensors, shapes, strict=True)
+                )
+            )
+            if not fits:
+                got = [list(getattr(t, "shape", [])) for t in tensors or []]
+                raise ValueError(
+                    f"the saved LL run's {key} (shapes {got}) do not fit the trainable weights "
+                    f"of this LL model (shapes {[list(p.shape) for p in trainable]}): resume "
+                    "with the LL parameters trainable (requires_grad) as when it was saved, or "
+                    "start a new run (another checkpoint path, or delete the file)."
+                )
+
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Write :meth:`state_dict` to ``path`` atomically (:func:`bilevel.checkpoint.save`)."""
-        ckpt.save(path, self.state_dict())
+        ckpt.save(path, self._state_dict(snapshot=False))
 
     def load_checkpoint(self, path: str | os.PathLike, strict: bool = True) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` (see
