@@ -78,7 +78,7 @@ class OnlineHypergradient:
         self.hyper_every = hyper_every
         # BilevelProblem's checkpoints (settings checked on resume, UL model and optimizer, LL
         # model, RNG, all-or-nothing loads, signals), with the online run's settings added
-        self._problem = BilevelProblem(ll, ul, ul_optimizer)
+        self._problem = _OnlineCheckpoints(ll, ul, ul_optimizer)
         self._problem.settings["online"] = {"hyper_every": hyper_every}
         #: the online run at its latest UL update (``online`` part of :meth:`state_dict`) and
         #: the RNG states then; ``None``: no run in progress, the next starts from ``ll_model``
@@ -435,3 +435,11 @@ class OnlineHypergradient:
         """
         required = ("ul_model", "ll_model", "step", "rng", "online")
         self.load_state_dict(ckpt.load(path, require=required), strict=strict)
+
+
+class _OnlineCheckpoints(BilevelProblem):
+    """The checkpoints of an online run: an online run is one process's, so no models are
+    broadcast when it is built, also under ``torch.distributed`` (each process may run its
+    own, from its own initial values)."""
+
+    broadcasts = False

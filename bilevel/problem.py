@@ -162,6 +162,11 @@ class BilevelProblem:
 
     """
 
+    #: under ``torch.distributed``, copy rank 0's models to every process when built (the
+    #: processes then compute one problem together); ``False`` for a problem that each
+    #: process runs on its own (the checkpoints of an online run)
+    broadcasts = True
+
     def __init__(
         self,
         ll: GradientDescent,
@@ -199,7 +204,8 @@ class BilevelProblem:
         self.ul_scheduler = ul_scheduler
         self.on_nonfinite = on_nonfinite
         self.before_ul_step = before_ul_step
-        distributed.broadcast_modules(ul.ul_model, ll.ll_model)
+        if self.broadcasts:
+            distributed.broadcast_modules(ul.ul_model, ll.ll_model)
         self.settings = self._settings()
         self.step_count = 0
         self.skipped_steps = 0

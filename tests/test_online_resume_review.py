@@ -18,10 +18,11 @@ the uninterrupted run bitwise (``torch.equal``), or a refusal before any change:
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
-from problems import DTYPE, Linear, ridge, ridge_ll, ridge_ul
+from problems import DTYPE, FeatureL2, Linear, ridge, ridge_ll, ridge_ul
 from test_online_resume import METHODS, STEPS, Hypers, Run, assert_bitwise, outcome, seed_all
 from torch import nn
 
@@ -268,3 +269,41 @@ def test_a_second_call_without_checkpoint_starts_a_new_ll_run(method):
     checkpoint.set_rng_state(rng)
     assert run.asked[-7:] == list(range(7))
     assert_bitwise(outcome(fresh, fresh.run(steps=7)), second)
+
+
+# --- an online run is one process's ---------------------------------------------------------
+
+
+def _online_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Each process builds its own online runner from its own initial values."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ul = FeatureL2(3, value=0.1 * (rank + 1))
+        net = Linear(3, torch.full((3,), float(rank + 1), dtype=DTYPE))
+        ll = GradientDescent(ridge_ll, net, ul, lr=0.1, iters=1)
+        optimizer = torch.optim.SGD(ul.parameters(), lr=0.1)
+        OnlineHypergradient(ll, Forward(ridge_ul, ul, ridge_ll, net), optimizer, 2)
+        saved = {"ul": ul.log_l2.detach().clone(), "ll": net.w.detach().clone()}
+        torch.save(saved, out + str(rank))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_building_an_online_runner_under_torch_distributed_keeps_each_process_s_models(tmp_path):
+    """Building the runner broadcast rank 0's models to every process (its checkpoints come
+    from BilevelProblem, which does so for the problems the processes compute together),
+    overwriting the other processes' own initial values in a per-process sweep."""
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+
+    out = str(tmp_path / "rank")
+    mp.spawn(_online_worker, args=(2, free_port(), out), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(out + str(rank), weights_only=True)
+        assert torch.equal(got["ll"], torch.full((3,), float(rank + 1), dtype=DTYPE))
+        want = FeatureL2(3, value=0.1 * (rank + 1)).log_l2.detach()
+        assert torch.equal(got["ul"], want)
