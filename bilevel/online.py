@@ -15,7 +15,13 @@ from tqdm.auto import tqdm
 from bilevel import checkpoint as ckpt
 from bilevel.ll import GradientDescent, Unroll
 from bilevel.ll.unroll import restore_model
-from bilevel.problem import BilevelProblem, Pair, _NonStrictLoadCures
+from bilevel.problem import (
+    BilevelProblem,
+    Pair,
+    _NonStrictLoadCures,
+    check_run_options,
+    resume_strictly,
+)
 from bilevel.state import check_finite
 from bilevel.ul import Forward, Truncated
 
@@ -71,14 +77,14 @@ class OnlineHypergradient:
                 f"Truncated online needs truncate_iter == hyper_every ({hyper_every}), got "
                 f"{ul.truncate_iter}: it back-propagates through the steps since the last update."
             )
-        ul.check_against(ll)
-        if not isinstance(ul_optimizer, torch.optim.Optimizer):
+        if not isinstance(ul_optimizer, torch.optim.Optimizer):  # (BilevelProblem takes None)
             raise TypeError("ul_optimizer must be a torch.optim.Optimizer.")
+        # BilevelProblem's checks of the models and ul_optimizer, and its checkpoints (settings
+        # checked on resume, UL model and optimizer, LL model, RNG, all-or-nothing loads,
+        # signals), with the online run's settings added
+        self._problem = _OnlineCheckpoints(ll, ul, ul_optimizer)
         self.ll, self.ul, self.ul_optimizer = ll, ul, ul_optimizer
         self.hyper_every = hyper_every
-        # BilevelProblem's checkpoints (settings checked on resume, UL model and optimizer, LL
-        # model, RNG, all-or-nothing loads, signals), with the online run's settings added
-        self._problem = _OnlineCheckpoints(ll, ul, ul_optimizer)
         self._problem.settings["online"] = {"hyper_every": hyper_every}
         #: the online run at its latest UL update (``online`` part of :meth:`state_dict`) and
         #: the RNG states then; ``None``: no run in progress, the next starts from ``ll_model``
@@ -121,7 +127,9 @@ class OnlineHypergradient:
             ll_steps: total LL steps.
             log: called after each UL update with step numbers, UL loss and LL loss.
             progress: show a tqdm progress bar.
-            checkpoint: file to resume from and save to (atomically), or ``None``.
+            checkpoint: file to resume from and save to (atomically), or ``None``. Under
+                ``torch.distributed`` every process runs and saves its own online run: give
+                each its own file (``f"online{rank}.pt"``), or they overwrite each other's.
             checkpoint_every: UL updates between checkpoints (and one at the last update).
             checkpoint_seconds: also save when this many seconds have passed since the last
                 save (checked at each UL update); ``None``: by updates only.
@@ -138,20 +146,7 @@ class OnlineHypergradient:
         """
         if isinstance(ll_steps, bool) or not isinstance(ll_steps, int) or ll_steps < 0:
             raise ValueError(f"ll_steps must be an integer >= 0, got {ll_steps!r}.")
-        if (
-            isinstance(checkpoint_every, bool)
-            or not isinstance(checkpoint_every, int)
-            or checkpoint_every < 1
-        ):
-            raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}.")
-        if checkpoint_seconds is not None and (
-            isinstance(checkpoint_seconds, bool)
-            or not isinstance(checkpoint_seconds, int | float)
-            or not checkpoint_seconds > 0
-        ):
-            raise ValueError(
-                f"checkpoint_seconds must be None or a number > 0, got {checkpoint_seconds!r}."
-            )
+        check_run_options(checkpoint_seconds, checkpoint_every=checkpoint_every)
         with self._problem._signals(checkpoint is not None):
             try:
                 return self._run(
@@ -173,14 +168,7 @@ class OnlineHypergradient:
         checkpoint_seconds: float | None,
     ) -> torch.nn.Module:
         if checkpoint is not None and Path(checkpoint).exists():
-            try:
-                self.load_checkpoint(checkpoint)
-            except _NonStrictLoadCures as error:
-                raise ValueError(
-                    f"{error} run() resumes strictly: to load {checkpoint} anyway, call "
-                    "runner.load_checkpoint(path, strict=False) and then "
-                    "runner.save_checkpoint(path) once before run()."
-                ) from error
+            resume_strictly(self.load_checkpoint, checkpoint, "runner")
         if not self._resume:
             self._held = None  # a new LL run, from ll_model's weights
         held = None if self._held is None else self._held[0]
@@ -296,24 +284,24 @@ class OnlineHypergradient:
 
         That is the run at a UL update: during :meth:`run`, the current one (call it from
         ``log``); after it, the last one (the LL steps after it are taken again on resume);
-        with no run in progress, a new run from ``ll_model``'s weights (``ll_step`` 0). The
-        tensors are copies: a state kept in memory stays that of its UL update while the run
-        goes on (a module's ``state_dict`` would share the UL parameters' and the optimizer's
-        tensors, which the next UL updates change in place).
+        with no run in progress, or after a run that raised past one of its UL updates (only
+        a ``checkpoint`` file keeps that update), a new run from ``ll_model``'s weights
+        (``ll_step`` 0). The tensors are copies: a state kept in memory stays that of its UL
+        update while the run goes on (a module's ``state_dict`` would share the UL
+        parameters' and the optimizer's tensors, which the next UL updates change in place).
         """
         return self._state_dict(snapshot=True)
 
     def _state_dict(self, snapshot: bool) -> dict[str, Any]:
-        """:meth:`state_dict`; without ``snapshot`` the UL model's, LL model's and UL
-        optimizer's tensors are shared (for a checkpoint written at once)."""
+        """:meth:`state_dict`; without ``snapshot`` its tensors are shared with the models, the
+        UL optimizer and the runner's record of its last update (a checkpoint written at
+        once)."""
         online, rng = self._capture()
         state = self._problem.state_dict()
-        if snapshot:
-            state = copy.deepcopy(state)
         state["step"] = online["ll_step"] // self.hyper_every
         state["rng"] = rng
-        state["online"] = online
-        return state
+        state["online"] = online  # (after a run: the runner's own record of its last update)
+        return copy.deepcopy(state) if snapshot else state
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Restore what :meth:`state_dict` saved; the next :meth:`run` continues that run.
@@ -343,7 +331,8 @@ class OnlineHypergradient:
         ):  # (other settings, the method among them, are refused first and by name)
             self._check_run(online["run"])
         self._problem.load_state_dict(state, strict)  # all or nothing; checks the settings
-        self._held = (online, state["rng"]) if online["ll_step"] > 0 else None
+        # a copy, as modules load one: the caller may change its dict afterwards
+        self._held = copy.deepcopy((online, state["rng"])) if online["ll_step"] > 0 else None
         self._resume = True
 
     def _check_online(self, online: Any, step: Any, every: Any) -> None:

@@ -107,7 +107,39 @@ def split_tasks(batch: dict[str, Pair]) -> list[tuple[Pair, Pair]]:
 
 class _NonStrictLoadCures(ValueError):
     """A strict load's refusal that a non-strict load (``strict=False``) cures, as its
-    message says: :meth:`BilevelProblem.run`, which resumes strictly, adds how to do that."""
+    message says: :func:`resume_strictly`, for the runs, which resume strictly, adds how to
+    do that."""
+
+
+def resume_strictly(
+    load_checkpoint: Callable[[str | os.PathLike], None], path: str | os.PathLike, owner: str
+) -> None:
+    """``load_checkpoint(path)`` for a ``run()``, which resumes strictly: a refusal that
+    ``strict=False`` cures says how to load the file anyway (``owner``: who loads it)."""
+    try:
+        load_checkpoint(path)
+    except _NonStrictLoadCures as error:
+        raise ValueError(
+            f"{error} run() resumes strictly: to load {path} anyway, call "
+            f"{owner}.load_checkpoint(path, strict=False) and then {owner}.save_checkpoint(path) "
+            "once before run()."
+        ) from error
+
+
+def check_run_options(checkpoint_seconds: float | None, **counts: Any) -> None:
+    """Refuse a ``run()`` option out of range: ``counts`` (``checkpoint_every``, ...) must be
+    integers >= 1, ``checkpoint_seconds`` ``None`` or a number > 0."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    if checkpoint_seconds is not None and (
+        isinstance(checkpoint_seconds, bool)
+        or not isinstance(checkpoint_seconds, int | float)
+        or not checkpoint_seconds > 0
+    ):
+        raise ValueError(
+            f"checkpoint_seconds must be None or a number > 0, got {checkpoint_seconds!r}."
+        )
 
 
 class Interrupted(SystemExit):
@@ -805,17 +837,9 @@ class BilevelProblem:
         """
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {steps!r}.")
-        for name, value in (("checkpoint_every", checkpoint_every), ("log_every", log_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-        if checkpoint_seconds is not None and (
-            isinstance(checkpoint_seconds, bool)
-            or not isinstance(checkpoint_seconds, int | float)
-            or not checkpoint_seconds > 0
-        ):
-            raise ValueError(
-                f"checkpoint_seconds must be None or a number > 0, got {checkpoint_seconds!r}."
-            )
+        check_run_options(
+            checkpoint_seconds, checkpoint_every=checkpoint_every, log_every=log_every
+        )
         if not callable(data):
             if not isinstance(data, Iterable):
                 raise TypeError(
@@ -853,15 +877,7 @@ class BilevelProblem:
         checkpoint_seconds: float | None,
     ) -> dict[str, Any] | None:
         if checkpoint is not None and Path(checkpoint).exists():
-            try:
-                self.load_checkpoint(checkpoint)
-            except _NonStrictLoadCures as error:
-                # run() resumes strictly: say how the non-strict load it advises is done
-                raise ValueError(
-                    f"{error} run() resumes strictly: to load {checkpoint} anyway, call "
-                    "problem.load_checkpoint(path, strict=False) and then "
-                    "problem.save_checkpoint(path) once before run()."
-                ) from error
+            resume_strictly(self.load_checkpoint, checkpoint, "problem")
         start = self.step_count
         if callable(data):
             batches: Iterable[Batch] = (data(i) for i in range(start, steps))

@@ -23,8 +23,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from problems import DTYPE, ridge, ridge_exact_hypergradient, ridge_ll, ridge_ul
+from test_once_differentiable import HalfMeanSquare, Through
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from bilevel import BilevelProblem
 from bilevel.ll import GradientDescent
@@ -54,9 +54,11 @@ def scaled(scale: float, penalty: bool = True):
     return ll_objective, ll_outputs
 
 
-def gauss_newton_hypergradient(scale: float, penalty: bool = True) -> torch.Tensor:
-    """Full batch, the LL and the solver with step ``0.5 / scale``: the ridge hypergradient,
-    whatever the scale (``H`` and ``dg/dlambda`` both carry it)."""
+def gauss_newton_hypergradient(
+    scale: float, penalty: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full batch, the LL and the solver with step ``0.5 / scale``: the hypergradient and the
+    exact ridge one, whatever the scale (``H`` and ``dg/dlambda`` both carry it)."""
     p = ridge()
     ll_objective, ll_outputs = scaled(scale, penalty)
     ll = GradientDescent(ll_objective, p.ll_model, p.ul_model, lr=0.5 / scale, iters=100)
@@ -92,34 +94,6 @@ def test_a_split_without_the_penalty_is_refused_at_any_loss_scale(scale):
 
 
 # --- 2. IGA's floor through a once-differentiable Function ---------------------------------
-
-
-class HalfMeanSquare(torch.autograd.Function):
-    """``0.5 * mean(r ** 2)`` with a first-order-only backward."""
-
-    @staticmethod
-    def forward(ctx, r: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(r)
-        return 0.5 * (r * r).mean()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (r,) = ctx.saved_tensors
-        return grad * r / r.numel()
-
-
-class Through(torch.autograd.Function):
-    """The identity, with a first-order-only backward."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
-        return z.clone()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad
 
 
 def loss_once_differentiable(state: dict) -> torch.Tensor:

@@ -27,10 +27,11 @@ with per-feature L2; own-state methods after 4 UL steps; ``last`` and ``outputs`
   FiniteDifference, IGA, BOME (both phi), PBGD(penalty='value'), BVFIM, MESO, GAFFO, F2SA,
   Alternating.
 
-The check (``bilevel.state.refuse_once_differentiable``) runs at every gradient that a method
-differentiates; its graph walk stops at the weights. Measured (one CPU thread, float32): 6 us
-on a 20-64-64-5 MLP (0.9% of a Reverse UL step of 5 LL steps on 25 samples), 14 us on the
-4-conv few-shot net (0.06% of that UL step with 32 filters, 0.01% with 64).
+The check (``bilevel.second_derivatives.refuse_once_differentiable``) runs once per LL run
+whose steps are differentiated and at every gradient the other methods differentiate; its
+graph walk stops at the weights. Measured (one CPU thread, float32): 6 us on a 20-64-64-5 MLP
+(0.9% of a Reverse UL step of 5 LL steps on 25 samples), 14 us on the 4-conv few-shot net
+(0.06% of that UL step with 32 filters, 0.01% with 64).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from torch.autograd.function import once_differentiable
 
 from bilevel import BilevelProblem, linalg
 from bilevel.ll import BDA, GradientDescent
-from bilevel.state import once_differentiable_in
+from bilevel.second_derivatives import once_differentiable_in
 from bilevel.ul import (
     BOME,
     BVFIM,
@@ -401,8 +402,9 @@ def test_a_function_of_the_ul_variables_only_is_allowed(method):
 
 
 def test_a_model_that_starts_using_the_function_later_is_refused_then():
-    """The check runs at every gradient that is differentiated, so an objective (or a model)
-    that takes the Function only from some run on is refused at that run."""
+    """The check runs at every LL run (for the steps: at its first step kept with a graph),
+    so an objective (or a model) that takes the Function only from some run on is refused at
+    that run."""
     p = ridge(n=20, seed=0)
     use = {"function": False}
 

@@ -44,6 +44,7 @@ import torch
 from problems import DTYPE, FeatureL2, Linear, relative_error, ridge, ridge_ul
 from test_fixed_point_map import D, Equilibrium
 from test_fixed_point_map import ul_objective as equilibrium_ul
+from test_once_differentiable import Through
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrizations, parametrize
@@ -52,7 +53,7 @@ from bilevel import BilevelProblem
 from bilevel.ll import FixedPointMap, GradientDescent
 from bilevel.ll.patched import _weight_norm_second_derivatives_right
 from bilevel.online import OnlineHypergradient
-from bilevel.state import once_differentiable_in
+from bilevel.second_derivatives import once_differentiable_in
 from bilevel.ul import (
     BOME,
     DM,
@@ -73,19 +74,6 @@ from bilevel.ul import (
 )
 
 LR = 0.3
-
-
-class Through(torch.autograd.Function):
-    """The identity, with a first-order-only backward."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
-        return z.clone()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad
 
 
 class OnceTanh(torch.autograd.Function):

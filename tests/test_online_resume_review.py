@@ -23,7 +23,16 @@ import os
 import pytest
 import torch
 from problems import DTYPE, FeatureL2, Linear, ridge, ridge_ll, ridge_ul
-from test_online_resume import METHODS, STEPS, Hypers, Run, assert_bitwise, outcome, seed_all
+from test_online_resume import (
+    METHODS,
+    STEPS,
+    Hypers,
+    Killed,
+    Run,
+    assert_bitwise,
+    outcome,
+    seed_all,
+)
 from torch import nn
 
 from bilevel import checkpoint
@@ -218,10 +227,6 @@ def dropout_run(method: str):
         calculator = Truncated(ridge_ul, ul, ridge_ll, net, truncate_iter=3)
     optimizer = torch.optim.Adam(ul.parameters(), lr=0.05)
     return OnlineHypergradient(ll, calculator, optimizer, 3), p, ul
-
-
-class Killed(Exception):
-    """Stands for a kill before an LL step."""
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -12,6 +12,7 @@ from torch import nn
 from bilevel.ll.gradient_descent import GradientDescent
 from bilevel.ll.rules import UpdateRule
 from bilevel.ll.unroll import THROUGH_STEPS, GradientStep, Observer, Tensors, Unroll
+from bilevel.second_derivatives import refuse_once_differentiable
 from bilevel.state import (
     Objective,
     check_data_matches,
@@ -19,7 +20,6 @@ from bilevel.state import (
     make_state,
     modes_kept,
     parameter_names,
-    refuse_once_differentiable,
 )
 
 NEEDS_UL_BATCH = (

@@ -19,12 +19,8 @@ import torch
 from bilevel.ll.hyper import Schedule
 from bilevel.ll.patched import fast_weights, install, refuse_broken_weight_norm
 from bilevel.ll.rules import UpdateRule
-from bilevel.state import (
-    Objective,
-    check_objective_result,
-    has_none,
-    refuse_once_differentiable,
-)
+from bilevel.second_derivatives import refuse_once_differentiable
+from bilevel.state import Objective, check_objective_result, has_none
 
 #: who differentiates the gradient taken at an LL step with a graph
 THROUGH_STEPS = (
@@ -379,7 +375,8 @@ class Unroll:
         if (state.get("observer") is None) != (getattr(self.observer, "state_dict", None) is None):
             raise ValueError(
                 "the saved LL run and this one disagree on carrying an observer's state "
-                "(forward-mode tangents): it was saved by a run of another method."
+                "(forward-mode tangents): it was saved by a run of another method. Resume with "
+                "the method that saved it, or start a new run."
             )
         if state.get("observer") is not None:
             self.observer.load_state_dict(state["observer"])  # type: ignore[union-attr]
@@ -435,18 +432,20 @@ def restore_model(model: torch.nn.Module, state: dict[str, Any]) -> None:
     if len(saved) != len(now) or any(s.shape != w.shape for s, w in zip(saved, now, strict=False)):
         raise ValueError(
             "the saved LL run's weights do not fit this LL model (other number or shapes of "
-            "parameters): it was saved by a run of another model."
+            "parameters): it was saved by a run of another model. Resume with the model that "
+            "saved it, or start a new run."
+        )
+    buffers = dict(model.named_buffers())
+    if set(buffers) != set(state["buffers"]):
+        raise ValueError(
+            f"the saved LL run's buffers ({sorted(state['buffers'])}) are not this LL model's "
+            f"({sorted(buffers)}): it was saved by a run of another model. Resume with the "
+            "model that saved it, or start a new run."
         )
     copies = [
         s.to(w, copy=True).requires_grad_(w.requires_grad) for s, w in zip(saved, now, strict=True)
     ]
     install(model, copies)
-    buffers = dict(model.named_buffers())
-    if set(buffers) != set(state["buffers"]):
-        raise ValueError(
-            f"the saved LL run's buffers ({sorted(state['buffers'])}) are not this LL model's "
-            f"({sorted(buffers)}): it was saved by a run of another model."
-        )
     with torch.no_grad():
         for name, buffer in buffers.items():
             buffer.copy_(state["buffers"][name])

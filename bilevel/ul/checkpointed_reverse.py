@@ -14,7 +14,8 @@ from torch import nn
 from bilevel.ll import Trajectory, evaluate_at, fast_weights
 from bilevel.ll.hyper import Schedule
 from bilevel.ll.unroll import THROUGH_STEPS
-from bilevel.state import Draws, capture_draws, refuse_once_differentiable, replay_draws
+from bilevel.second_derivatives import refuse_once_differentiable
+from bilevel.state import Draws, capture_draws, replay_draws
 from bilevel.ul.base import Call, Grads, HypergradientCalculator, add, detached_weights
 
 Tensors = list[torch.Tensor]

@@ -10,7 +10,8 @@ from torch import nn
 
 from bilevel.ll import evaluate_at
 from bilevel.ll.patched import refuse_broken_weight_norm
-from bilevel.state import Objective, all_finite, parameter_names, refuse_once_differentiable
+from bilevel.second_derivatives import refuse_once_differentiable
+from bilevel.state import Objective, all_finite, parameter_names
 from bilevel.ul.base import (
     Call,
     Grads,

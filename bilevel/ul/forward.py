@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from bilevel.ll import evaluate_at
-from bilevel.state import FIRST_ORDER_METHODS, Objective, refuse_once_differentiable
+from bilevel.second_derivatives import FIRST_ORDER_METHODS, refuse_once_differentiable
+from bilevel.state import Objective
 from bilevel.ul.base import Call, Grads, HypergradientCalculator, detached_weights
 
 Tensors = list[torch.Tensor]
@@ -232,14 +233,15 @@ class Tangents:
         if len(saved) != len(self.tangents) or len(reached) != len(self.reached):
             raise ValueError(
                 "the saved forward-mode tangents do not fit these UL and LL models (other "
-                "numbers of parameters): they were saved by a run of another problem."
+                "numbers of parameters): they were saved by a run of another problem. Resume "
+                "with the models that saved them, or start a new run."
             )
         for s, t in zip(saved, self.tangents, strict=True):
             if s.shape != t.shape:
                 raise ValueError(
                     f"saved forward-mode tangents of shape {list(s.shape)} do not fit these "
                     f"UL and LL models ({list(t.shape)}): they were saved by a run of another "
-                    "problem."
+                    "problem. Resume with the models that saved them, or start a new run."
                 )
         self.tangents = [s.to(t, copy=True) for s, t in zip(saved, self.tangents, strict=True)]
         self.state_tangents = {  # one per trainable weight, as the weights' tangents

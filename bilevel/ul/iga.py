@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from bilevel.ll import evaluate_at
-from bilevel.state import Objective, once_differentiable_in
+from bilevel.second_derivatives import once_differentiable_in
+from bilevel.state import Objective
 from bilevel.ul.base import (
     Call,
     Grads,

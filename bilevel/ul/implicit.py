@@ -13,12 +13,8 @@ from torch import nn
 from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
 from bilevel.ll.patched import refuse_broken_weight_norm
-from bilevel.state import (
-    Objective,
-    all_finite,
-    names_without_gradient,
-    refuse_once_differentiable,
-)
+from bilevel.second_derivatives import refuse_once_differentiable
+from bilevel.state import Objective, all_finite, names_without_gradient
 from bilevel.ul.base import (
     ROUNDOFF,
     Call,

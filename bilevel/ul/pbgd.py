@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from bilevel.ll.patched import refuse_broken_weight_norm
-from bilevel.state import Objective, refuse_once_differentiable
+from bilevel.second_derivatives import refuse_once_differentiable
+from bilevel.state import Objective
 from bilevel.ul.value_function import (
     FirstOrderMethod,
     StepContext,

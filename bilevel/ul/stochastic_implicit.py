@@ -14,14 +14,8 @@ from torch import nn
 from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
 from bilevel.ll.patched import refuse_broken_weight_norm
-from bilevel.state import (
-    Objective,
-    capture_draws,
-    check_objective_result,
-    make_state,
-    refuse_once_differentiable,
-    replay_draws,
-)
+from bilevel.second_derivatives import refuse_once_differentiable
+from bilevel.state import Objective, capture_draws, check_objective_result, make_state, replay_draws
 from bilevel.ul.base import (
     Call,
     Grads,
