@@ -383,6 +383,7 @@ class Page:
             return []
         checked, source = process_cells()
         lines, library, process, fixed_us, floor_ms = [], [], [], [], []
+        per_step: list[tuple[float, float]] = []  # PTT: ours' extra and the floor, per LL step
         for c, r in over:
             cell = checked.get((check_key(c), c["problem"]))
             text = f"{name(c)} on {c['problem']}: {r:.2f} with each in its own process"
@@ -396,6 +397,8 @@ class Page:
             if check_key(c) == "fd_one_step" and one > TARGET_FLOOR:
                 fixed_us.append(extra * 1e6)
                 floor_ms.append(seconds["both:floor"] * 1e3)
+            if check_key(c) == "ptt" and one > TARGET_FLOOR:  # per LL step
+                per_step.append((extra * 1e6 / c["T"], seconds["both:floor"] * 1e6 / c["T"]))
             lines.append(
                 f"- {text}; {cell['across_processes']:.2f} across processes and **{one:.2f} "
                 f"in one process** when re-timed alternately (at least {cell['samples']} UL "
@@ -429,6 +432,16 @@ class Page:
                     f"{high / (TARGET_FLOOR - 1) / 1e3:.2g} ms or more would hide it within "
                     f"{TARGET_FLOOR}x, and longer LL runs spread it over their steps (DARTS "
                     "with 100-200 LL steps above)."
+                )
+            if per_step:
+                extra_us = max(e for e, _ in per_step)
+                floor_us = min(f for _, f in per_step)
+                cost += (
+                    f" For PTT it is about {extra_us:.0f} µs per LL step (the RNG state "
+                    "recorded at every step, so that the step it picks is differentiated with "
+                    "the random draws it was compared with, and the checks of the UL loss it "
+                    f"evaluates at every iterate), next to {floor_us:.0f} µs of torch work per "
+                    "LL step for the floor."
                 )
             out.append(
                 f"{', '.join(library)} {'stays' if len(library) == 1 else 'stay'} above "
