@@ -261,7 +261,8 @@ class OnlineHypergradient:
                 self._problem._stop(ll_steps // self.hyper_every, checkpoint)
             ll_losses = []
         if self._problem._signal is not None:  # arrived after the last update, which was saved
-            self._problem._stop(ll_steps // self.hyper_every, checkpoint)
+            saved = checkpoint is not None and Path(checkpoint).exists()  # (or none was made)
+            self._problem._stop(ll_steps // self.hyper_every, checkpoint, saved)
         return unroll.model
 
     def _capture(self) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -972,14 +972,23 @@ class BilevelProblem:
             return self._peer_stop
         return self._signal is not None
 
-    def _stop(self, steps: int, checkpoint: str | os.PathLike | None) -> None:
+    def _stop(self, steps: int, checkpoint: str | os.PathLike | None, saved: bool = True) -> None:
+        """Raise :class:`Interrupted` (``KeyboardInterrupt`` for SIGINT) after a signal;
+        ``saved``: whether ``checkpoint`` holds the run (an online run stopped before its
+        first UL update has nothing to save)."""
         signum = signal.SIGTERM if self._signal is None else self._signal
         self._signal, self._peer_stop = None, False
         name = signal.Signals(signum).name
-        if checkpoint is not None:
-            kept = f"checkpoint saved to {checkpoint}: run the same command to resume"
-        else:
+        if checkpoint is None:
             kept = "no checkpoint path was given: nothing was saved"
+        elif not saved:
+            kept = (
+                f"nothing was saved to {checkpoint}: the run stopped before its first UL "
+                "update, so the same command starts it over"
+            )
+            checkpoint = None
+        else:
+            kept = f"checkpoint saved to {checkpoint}: run the same command to resume"
         message = f"{name}: stopped after UL step {self.step_count} of {steps}; {kept}."
         if signum == signal.SIGINT:
             raise KeyboardInterrupt(message)
