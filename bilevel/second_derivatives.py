@@ -15,7 +15,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
 from torch.autograd.function import BackwardCFunction, Function, once_differentiable
+
+from bilevel.ll.patched import refuse_broken_weight_norm
 
 #: the code of the wrapper that ``once_differentiable`` puts around a Function's backward
 _ONCE_DIFFERENTIABLE = once_differentiable(lambda ctx: None).__code__
@@ -171,3 +174,21 @@ def refuse_once_differentiable(
         f"gradient passes through {what}, so the second derivatives would leave {name}'s terms "
         f"out and the hypergradient would be silently wrong. {cure}, or use {others}."
     )
+
+
+def gradient_to_differentiate(
+    loss: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    model: nn.Module,
+    who: str,
+    objective: str = "ll_objective",
+) -> list[torch.Tensor | None]:
+    """``loss``'s gradient in ``weights`` with its graph, for ``who``, a method that
+    differentiates it (Hessian-vector products, mixed second derivatives), after refusing what
+    PyTorch would differentiate wrongly without an error: ``model`` weight-normalized in this
+    PyTorch (``bilevel.ll.patched.refuse_broken_weight_norm``), or a once-differentiable
+    or compiled Function on the gradient's path (:func:`refuse_once_differentiable`).
+    ``None`` where a weight has no path."""
+    refuse_broken_weight_norm(model)
+    refuse_once_differentiable(loss, weights, who, objective)
+    return list(torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True))

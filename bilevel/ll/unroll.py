@@ -19,7 +19,7 @@ import torch
 from bilevel.ll.hyper import Schedule
 from bilevel.ll.patched import fast_weights, install, refuse_broken_weight_norm
 from bilevel.ll.rules import UpdateRule
-from bilevel.second_derivatives import refuse_once_differentiable
+from bilevel.second_derivatives import gradient_to_differentiate, refuse_once_differentiable
 from bilevel.state import Objective, check_objective_result, has_none
 
 #: who differentiates the gradient taken at an LL step with a graph
@@ -166,10 +166,8 @@ class GradientStep:
         """The LL stationarity residual ``g(w, lambda)`` at ``weights`` (installed in the
         model), with its graph: here the gradient of the LL objective (``None`` where a
         weight has no path), whose zero the implicit function theorem differentiates."""
-        refuse_broken_weight_norm(state["ll_model"])
         loss = check_objective_result(self.objective(state), "ll_objective")
-        refuse_once_differentiable(loss, weights, RESIDUAL)
-        return list(torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True))
+        return gradient_to_differentiate(loss, weights, state["ll_model"], RESIDUAL)
 
     def direction(
         self, weights: Tensors, state: dict, step: int, create_graph: bool

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from bilevel.ll import evaluate_at
-from bilevel.ll.patched import refuse_broken_weight_norm
-from bilevel.second_derivatives import refuse_once_differentiable
+from bilevel.second_derivatives import gradient_to_differentiate
 from bilevel.state import Objective, all_finite, parameter_names
 from bilevel.ul.base import (
     Call,
@@ -220,10 +219,7 @@ class DM(HypergradientCalculator):
         with evaluate_at(call.auxiliary_model, weights):
             loss = self.ul_loss(call)
             grads = torch.autograd.grad(loss, [*self.ul_params, *y], allow_unused=True)
-            refuse_broken_weight_norm(call.auxiliary_model)
-            ll_loss = self.ll_loss(call)
-            refuse_once_differentiable(ll_loss, y, "DM")
-            g = torch.autograd.grad(ll_loss, y, create_graph=True, allow_unused=True)
+            g = gradient_to_differentiate(self.ll_loss(call), y, call.auxiliary_model, "DM")
         direct, v = grads[:n], _zeros_for_none(grads[n:], y)
         linked = [(gi, i) for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
 

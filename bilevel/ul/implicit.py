@@ -12,8 +12,7 @@ from torch import nn
 
 from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
-from bilevel.ll.patched import refuse_broken_weight_norm
-from bilevel.second_derivatives import refuse_once_differentiable
+from bilevel.second_derivatives import gradient_to_differentiate, refuse_once_differentiable
 from bilevel.state import Objective, all_finite, names_without_gradient
 from bilevel.ul.base import (
     ROUNDOFF,
@@ -324,11 +323,9 @@ class Implicit(HypergradientCalculator):
         step_map = call.trajectory.step_map
         if step_map is None or step_map.symmetric:
             refuse_rule_weight_decay(getattr(step_map, "rule", None), "Implicit")
-            refuse_broken_weight_norm(call.auxiliary_model)
-            loss = self.ll_loss(call)
             method = self.method if isinstance(self.method, str) else "<a solver>"
-            refuse_once_differentiable(loss, w, f"Implicit(method={method!r})")
-            return list(torch.autograd.grad(loss, w, create_graph=True, allow_unused=True))
+            who = f"Implicit(method={method!r})"
+            return gradient_to_differentiate(self.ll_loss(call), w, call.auxiliary_model, who)
         state = self.states(call.auxiliary_model, call.train_data, call.train_target)
         return step_map.residual(w, state)
 

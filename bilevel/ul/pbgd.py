@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bilevel.ll.patched import refuse_broken_weight_norm
-from bilevel.second_derivatives import refuse_once_differentiable
+from bilevel.second_derivatives import gradient_to_differentiate
 from bilevel.state import Objective
 from bilevel.ul.value_function import (
     FirstOrderMethod,
@@ -137,9 +136,7 @@ class PBGD(FirstOrderMethod):
         """``f``, ``p = ||grad_y f||^2`` and ``grad p`` (one double backward)."""
         leaves = [w.detach().requires_grad_() for w in y]
         value = self.value(self.ll_objective, "ll_objective", leaves, batch)
-        refuse_broken_weight_norm(self._model)
-        refuse_once_differentiable(value, leaves, "PBGD(penalty='gradient')")
-        grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
+        grads = gradient_to_differentiate(value, leaves, self._model, "PBGD(penalty='gradient')")
         terms = [(g * g).sum() for g in grads if g is not None]
         if not terms:
             raise ValueError("ll_objective does not depend on the trainable LL parameters.")

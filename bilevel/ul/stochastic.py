@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from bilevel.ll import evaluate_at
-from bilevel.ll.patched import refuse_broken_weight_norm
-from bilevel.second_derivatives import refuse_once_differentiable
+from bilevel.second_derivatives import gradient_to_differentiate
 from bilevel.state import Objective, all_finite, check_objective_result, make_state, parameter_names
 from bilevel.ul.base import (
     Call,
@@ -282,9 +281,9 @@ class StochasticMethod(HypergradientCalculator):
     ) -> tuple[torch.Tensor, Tensors]:
         loss, scaled = self._loss(self.ll_objective, "ll_objective", model, y, batch, mb.weight)
         if create_graph:  # for Hessian-vector and cross products
-            refuse_broken_weight_norm(model)
-            refuse_once_differentiable(loss, y, type(self).__name__)
-        grads = torch.autograd.grad(scaled, y, create_graph=create_graph, allow_unused=True)
+            grads = gradient_to_differentiate(scaled, y, model, type(self).__name__)
+        else:
+            grads = torch.autograd.grad(scaled, y, allow_unused=True)
         if any(g is None for g in grads):
             names = parameter_names(
                 self.ll_model,

@@ -14,7 +14,7 @@ from torch import nn
 from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
 from bilevel.ll.patched import refuse_broken_weight_norm
-from bilevel.second_derivatives import refuse_once_differentiable
+from bilevel.second_derivatives import gradient_to_differentiate, refuse_once_differentiable
 from bilevel.state import Objective, capture_draws, check_objective_result, make_state, replay_draws
 from bilevel.ul.base import (
     Call,
@@ -345,10 +345,8 @@ class StochasticImplicit(HypergradientCalculator):
         return make_state(batch[0], batch[1], self.ul_model, model)
 
     def _hessian_product(self, state: dict[str, Any], w: Tensors, q: Tensors) -> Tensors:
-        refuse_broken_weight_norm(state["ll_model"])
         loss = check_objective_result(self.ll_objective(state), "ll_objective")
-        refuse_once_differentiable(loss, w, "StochasticImplicit")
-        g = torch.autograd.grad(loss, w, create_graph=True, allow_unused=True)
+        g = gradient_to_differentiate(loss, w, state["ll_model"], "StochasticImplicit")
         linked = [(gi, qi) for gi, qi in zip(g, q, strict=True) if gi is not None]
         linked = [(gi, qi) for gi, qi in linked if gi.requires_grad]
         if not linked:
@@ -508,8 +506,7 @@ class StochasticImplicit(HypergradientCalculator):
             ll_loss = check_objective_result(
                 self.ll_objective(self._state(model, cross)), "ll_objective"
             )
-            refuse_once_differentiable(ll_loss, w, "StochasticImplicit")
-            g = torch.autograd.grad(ll_loss, w, create_graph=True, allow_unused=True)
+            g = gradient_to_differentiate(ll_loss, w, model, "StochasticImplicit")
         solution = [qi.detach() for qi in q]
         self._check_solution(solution, residual, v)
         linked = [(gi, qi) for gi, qi in zip(g, solution, strict=True) if gi is not None]
