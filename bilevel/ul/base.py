@@ -500,9 +500,14 @@ def kept_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[Non
     try:
         yield
     finally:
-        with torch.no_grad():
-            for buffer, copy in saved:
-                buffer.copy_(copy)
+        put_back_buffers(saved)
+
+
+def put_back_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy each buffer of ``saved`` (``(buffer, copy)`` pairs) back from its copy, in place."""
+    with torch.no_grad():
+        for buffer, copy in saved:
+            buffer.copy_(copy)
 
 
 def buffer_copies(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:

@@ -18,6 +18,7 @@ from bilevel.ul.base import (
     buffer_copies,
     kept_buffers,
     put_back,
+    put_back_buffers,
     roundoff_floor,
 )
 
@@ -118,24 +119,18 @@ class PTT(HypergradientCalculator):
         """The index of the iterate with the largest UL loss (one host sync), and the
         generators' state before its evaluation (to replay its random draws); each loss is
         evaluated from the patched model's buffers ``after_run`` (:func:`buffer_copies`)."""
-        model = call.auxiliary_model
-        weights = list(call.trajectory.weights)  # frozen ones as they are
-        index = [i for i, t in enumerate(call.trajectory.trainable) if t]
-        state = self.states(model, *call.val)  # one state, as the LL steps share theirs
-        losses, draws = [], []
         # the comparisons only choose k*: the UL model's buffers (batch-norm running
         # statistics) move once per UL step, in the evaluation that is differentiated
         buffers = [(b, b.detach().clone()) for b in self.ul_model.buffers()]
-        with torch.no_grad(), evaluate_at(model, weights), kept_buffers(buffers):
-            for trainable in iterates:
-                for i, w in zip(index, trainable, strict=True):
-                    weights[i] = w
-                install(model, weights)
-                put_back(after_run)
-                now = capture_draws(weights[index[0]].device)
-                draws.append(draws[-1] if draws and draws[-1].same_as(now) else now)
-                with modes_kept(model):
-                    losses.append(self.ul_objective(state))
+        device = iterates[0][0].device
+        start = capture_draws(device)
+        with kept_buffers(buffers):
+            losses, draws = self._compare(call, iterates, after_run, start, device, False)
+            if draws is None:  # a UL objective that drew at some iterates only: again, from
+                # where the comparisons started, with the generators' state before each
+                replay_draws(start).rewind()
+                put_back_buffers(buffers)
+                losses, draws = self._compare(call, iterates, after_run, start, device, True)
         values = torch.stack([loss if loss.ndim == 0 else loss.reshape(()) for loss in losses])
         # losses within round-off of the largest (of the terms that cancel in their
         # difference: the losses themselves) are ties, and go to the latest iterate: an LL at
@@ -159,3 +154,42 @@ class PTT(HypergradientCalculator):
                     latest = final
         chosen = latest if latest >= 0 else first  # none tied: a NaN loss, which argmax takes
         return chosen, draws[chosen]
+
+    def _compare(
+        self,
+        call: Call,
+        iterates: list[Tensors],
+        after_run: list[tuple[Any, str, torch.Tensor]],
+        start: Draws,
+        device: torch.device,
+        every: bool,
+    ) -> tuple[list[torch.Tensor], list[Draws] | None]:
+        """The UL loss at every iterate (no graph), from the generators' state ``start``, and
+        the state before each evaluation. ``every=False``: that state is captured only once
+        the first evaluation is seen to draw (capturing 5 KB of generator state at each of
+        T iterates is most of PTT's own cost per LL step); if the generators moved later
+        although the first evaluation drew nothing, the states are unknown: ``None``."""
+        model = call.auxiliary_model
+        weights = list(call.trajectory.weights)  # frozen ones as they are
+        index = [i for i, t in enumerate(call.trajectory.trainable) if t]
+        state = self.states(model, *call.val)  # one state, as the LL steps share theirs
+        losses: list[torch.Tensor] = []
+        draws = [start]
+        with torch.no_grad(), evaluate_at(model, weights):
+            for k, trainable in enumerate(iterates):
+                for i, w in zip(index, trainable, strict=True):
+                    weights[i] = w
+                install(model, weights)
+                put_back(after_run)
+                if k > 0 and every:
+                    now = capture_draws(device)
+                    draws.append(draws[-1] if draws[-1].same_as(now) else now)
+                with modes_kept(model):
+                    losses.append(self.ul_objective(state))
+                if k == 0 and not every:
+                    every = not capture_draws(device).same_as(start)
+        if len(draws) == len(iterates):
+            return losses, draws
+        if capture_draws(device).same_as(start):  # nothing drew: one state for all
+            return losses, [start] * len(iterates)
+        return losses, None
