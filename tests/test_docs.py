@@ -3,6 +3,11 @@ cross-references resolve, and its mathematics renders without the network.
 
 - Every ```` ```python ```` block that follows a ``<!-- test -->`` comment in ``docs/*.md`` runs,
   in page order, in one namespace per page, in a temporary folder, with warnings as errors.
+- A fragment (a block that uses names a page leaves to the reader: ``ll_objective``,
+  ``ll_model``) follows ``<!-- test with NAME -->`` and runs alone, with warnings as errors,
+  in a namespace that ``SETUPS[NAME]`` builds (``tests/doc_setups.py``); this covers
+  ``README.md`` too. Another project's code (``migrating.md``'s peers) follows
+  ``<!-- peer code: not run here -->``. Every ```` ```python ```` block has one of the three.
 - ``docs/api.md`` has an entry for every name that ``bilevel``, ``bilevel.ll`` and
   ``bilevel.ul`` export.
 - The Sphinx roles of the docstrings become cross-references (``docs/hooks/sphinx_roles.py``)
@@ -30,6 +35,10 @@ sys.path.insert(0, str(DOCS / "hooks"))
 sys.path.insert(0, str(DOCS))
 
 TESTED = re.compile(r"<!-- test -->\s*\n```python\n(.*?)\n```", re.S)
+FRAGMENT = re.compile(r"<!-- test with (\w+) -->\s*\n```python\n(.*?)\n```", re.S)
+PEER = "<!-- peer code: not run here -->"
+MARKERS = re.compile(r"(<!-- (?:test|test with \w+|peer code: not run here) -->\s*\n)?```python\n")
+PAGES = [*sorted(DOCS.glob("*.md")), ROOT / "README.md"]
 DIRECTIVE = re.compile(r"^::: *([\w.]+)", re.M)
 #: Entries of docs/api.md rendered with ``show_if_no_docstring: true``.
 ALL_SHOWN = ("bilevel.ll.rules",)
@@ -67,6 +76,49 @@ def test_snippets_run(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                     exec(compile(code, f"{page}[block {i}]", "exec"), namespace)
                 except Exception as error:
                     raise AssertionError(f"{page}, tested block {i} failed: {error!r}") from error
+    finally:
+        torch.set_default_dtype(dtype)
+
+
+def fragments() -> list[tuple[str, int, str, str]]:
+    """``(page, index, setup name, code)`` of every fragment of the pages and the README."""
+    return [
+        (page.name, i, name, code)
+        for page in PAGES
+        for i, (name, code) in enumerate(FRAGMENT.findall(page.read_text()))
+    ]
+
+
+def test_every_python_block_is_run_or_said_not_to_be() -> None:
+    """No ```` ```python ```` block escapes: each is tested, a fragment with a setup, or
+    another project's code; and every fragment names a setup that exists."""
+    from doc_setups import SETUPS
+
+    for page in PAGES:
+        unmarked = [m.start() for m in MARKERS.finditer(page.read_text()) if not m.group(1)]
+        lines = [page.read_text()[:at].count("\n") + 1 for at in unmarked]
+        assert not lines, f"{page.name}: python blocks at lines {lines} have no marker"
+    assert {name for _, _, name, _ in fragments()} <= set(SETUPS)
+    assert len(fragments()) >= 6
+
+
+@pytest.mark.parametrize(
+    "page, index, setup, code", fragments(), ids=[f"{p}-{i}" for p, i, _, _ in fragments()]
+)
+def test_fragments_run(page: str, index: int, setup: str, code: str, tmp_path: Path, monkeypatch):
+    """The fragment runs, float64, every warning an error, with the names its page leaves to
+    the reader defined by its setup."""
+    from doc_setups import SETUPS
+
+    monkeypatch.chdir(tmp_path)
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        namespace = SETUPS[setup]()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            exec(compile(code, f"{page}[fragment {index}]", "exec"), namespace)
+            namespace["check"](namespace)
     finally:
         torch.set_default_dtype(dtype)
 
