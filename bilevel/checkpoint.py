@@ -385,10 +385,16 @@ def _damaged_member(path: Path) -> str | None:
     return None
 
 
+# torch's words for a refused global: "Unsupported global: GLOBAL builtins.eval was not an
+# allowed global" or, for a module it blocks (os, subprocess, ...), "Trying to load unsupported
+# GLOBAL posix.system whose module posix is blocked"
+_UNSUPPORTED_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL (\S+)", re.IGNORECASE)
+
+
 def _refusal(error: BaseException) -> str:
     """The reason in a weights-only unpickler error, in a few words."""
     message = str(error)
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    found = _UNSUPPORTED_GLOBAL.search(message)
     if found:
         return f"a reference to {found.group(1)}"
     found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", message)
@@ -399,7 +405,7 @@ def _refusal(error: BaseException) -> str:
 def _load_failure(path: Path, error: Exception) -> str:
     """The message for a file that ``torch.load(weights_only=True)`` did not load."""
     message = str(error)
-    refused = "Unsupported global" in message or (
+    refused = _UNSUPPORTED_GLOBAL.search(message) is not None or (
         "Weights only load failed" in message and zipfile.is_zipfile(path)
     )
     if refused:

@@ -350,9 +350,17 @@ class FolderLock:
         """
         if fcntl is None:
             return
+        # O_NOFOLLOW: the file is truncated and written; a symbolic link in its place (one
+        # planted in a shared folder) would have this run overwrite the file it points to
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, flags, 0o644)
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise SystemExit(
+                    f"the lock file {self.path} is a symbolic link: this run would overwrite "
+                    "the file it points to. Delete the link, or choose another --out."
+                ) from None
             raise SystemExit(
                 f"cannot create the lock file {self.path} ({error.strerror or error}): "
                 f"{_cure(error)}, or choose another --out."

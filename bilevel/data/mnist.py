@@ -19,7 +19,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
@@ -108,34 +108,51 @@ def read_idx(path: str | os.PathLike[str], expected_magic: int | None = None) ->
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            data = f.read()
+            head = _read_at_most(f, 4)
+            if len(head) < 4:
+                raise ValueError(f"{path}: not an IDX file (only {len(head)} bytes)")
+            (magic,) = struct.unpack(">I", head)
+            if expected_magic is not None and magic != expected_magic:
+                raise ValueError(f"{path}: bad IDX magic number {magic}, expected {expected_magic}")
+            zero, code, ndim = magic >> 16, (magic >> 8) & 0xFF, magic & 0xFF
+            if zero != 0 or code not in _IDX_DTYPES:
+                raise ValueError(f"{path}: bad IDX magic number {magic:#010x}")
+            sizes = _read_at_most(f, 4 * ndim)
+            if len(sizes) < 4 * ndim:
+                raise ValueError(f"{path}: truncated IDX header")
+            shape = struct.unpack(f">{ndim}I", sizes)
+            dtype = _IDX_DTYPES[code]
+            expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+            # one byte more than the header announces, no more: a small gzip file can expand
+            # to gigabytes, which are reported without being held in memory
+            data = _read_at_most(f, expected + 1)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise ValueError(
             f"{path}: cannot decompress it ({type(exc).__name__}: {exc}); the file is "
             "truncated or corrupt (e.g. a download cut short). Delete it and download it "
             "again (download=True fetches missing files and checks their md5)."
         ) from exc
-    if len(data) < 4:
-        raise ValueError(f"{path}: not an IDX file (only {len(data)} bytes)")
-    (magic,) = struct.unpack(">I", data[:4])
-    if expected_magic is not None and magic != expected_magic:
-        raise ValueError(f"{path}: bad IDX magic number {magic}, expected {expected_magic}")
-    zero, code, ndim = magic >> 16, (magic >> 8) & 0xFF, magic & 0xFF
-    if zero != 0 or code not in _IDX_DTYPES:
-        raise ValueError(f"{path}: bad IDX magic number {magic:#010x}")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise ValueError(f"{path}: truncated IDX header")
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = _IDX_DTYPES[code]
-    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
-    if len(data) - header != expected:
+    if len(data) != expected:
+        held = f"more than {expected}" if len(data) > expected else f"only {len(data)}"
         raise ValueError(
             f"{path}: IDX header gives shape {shape} ({expected} bytes of data), "
-            f"but the file holds {len(data) - header} bytes of data"
+            f"but the file holds {held} bytes of data"
         )
-    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=False)
+
+
+def _read_at_most(f: BinaryIO, limit: int) -> bytes:
+    """Up to ``limit`` bytes of ``f`` (fewer at its end), read in blocks: the memory taken
+    follows the bytes the file holds, not the sizes its header claims."""
+    blocks, size = [], 0
+    while size < limit:
+        block = f.read(min(limit - size, 1 << 24))
+        if not block:
+            break
+        blocks.append(block)
+        size += len(block)
+    return b"".join(blocks)
 
 
 def _check_kind(kind: str) -> None:

@@ -1,0 +1,103 @@
+"""Security audit: files that bilevel reads or writes on a user's behalf.
+
+- a crafted checkpoint in torch's legacy (non-zip) format, or one that names a global of a
+  module torch blocks (``os.system``), is refused and reported as unsafe, not as a damaged
+  copy;
+- an IDX gzip file that expands far beyond what its header announces (a decompression bomb)
+  is reported without being decompressed into memory;
+- the examples' folder lock does not follow a symbolic link planted in the output folder.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import tracemalloc
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from example_modules import example_module
+
+from bilevel import checkpoint
+from bilevel.checkpoint import CheckpointError
+from bilevel.data import read_idx
+
+
+class _RunsSystem:
+    """Unpickling this runs ``os.system`` (a module torch's weights-only loader blocks)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_a_crafted_checkpoint_calling_os_system_is_reported_as_unsafe(
+    tmp_path: Path, zip_format: bool
+) -> None:
+    """BUG (before the fix): torch words a blocked module's global as "unsupported GLOBAL
+    posix.system whose module posix is blocked"; that was not recognised, so a legacy-format
+    file crafted to run code was reported as "truncated or corrupted" (restore it from a copy),
+    and the zip one's reason was the first line of torch's advice, not the global."""
+    marker = tmp_path / "ran"
+    path = tmp_path / "crafted.pt"
+    payload = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "x": _RunsSystem(marker)}
+    torch.save(payload, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(CheckpointError) as error:
+        checkpoint.load(path)
+    message = str(error.value)
+    assert not marker.exists()
+    assert "cannot be loaded safely" in message and "truncated" not in message
+    assert "a reference to" in message and "system" in message
+
+
+def test_a_gzip_idx_file_that_expands_past_its_header_is_not_read_whole(tmp_path: Path) -> None:
+    """BUG (before the fix): read_idx decompressed the whole file before comparing its size
+    with the header: a 64 KB gzip file of labels announcing 10 bytes and holding 64 MiB took
+    over 64 MiB of memory (a 10 MB file, 10 GB) before the mismatch was reported."""
+    path = tmp_path / "labels-idx1-ubyte.gz"
+    extra = 64 << 20
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: gzip container
+    with open(path, "wb") as f:
+        f.write(compressor.compress(struct.pack(">II", 2049, 10) + bytes(range(10))))
+        block = bytes(1 << 20)
+        for _ in range(extra >> 20):
+            f.write(compressor.compress(block))
+        f.write(compressor.flush())
+    assert path.stat().st_size < extra // 100
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"gives shape \(10,\).*more than 10 bytes"):
+            read_idx(path, expected_magic=2049)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB held to read 10 bytes of labels"
+    # the control: the same labels without the excess read as before
+    (tmp_path / "good.gz").write_bytes(
+        gzip.compress(struct.pack(">II", 2049, 10) + bytes(range(10)))
+    )
+    assert read_idx(tmp_path / "good.gz", expected_magic=2049).tolist() == list(range(10))
+
+
+@pytest.mark.skipif(not hasattr(os, "O_NOFOLLOW"), reason="no O_NOFOLLOW (not POSIX)")
+def test_the_run_lock_does_not_follow_a_symbolic_link(tmp_path: Path) -> None:
+    """BUG (before the fix): FolderLock opened OUT/run.lock following links, then truncated it
+    and wrote its PID there: a link planted in a shared output folder made the run overwrite
+    the file it pointed to (here, a file outside the folder lost its content)."""
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.lock").symlink_to(victim)
+    with example_module("_common") as common:
+        with pytest.raises(SystemExit, match="symbolic link") as error:
+            common.FolderLock(out).acquire()
+        assert str(out / "run.lock") in str(error.value)
+    assert victim.read_text() == "keep me\n"
+    assert (out / "run.lock").is_symlink()  # left for the user to look at
