@@ -356,10 +356,10 @@ class Run:
                 saved[impl] = record
             self.records.append(record)
         if agreement and "floor" in saved:
-            floor = torch.load(saved["floor"]["saved"])
+            floor = torch.load(saved["floor"]["saved"], weights_only=True)
             flat_floor = torch.cat([g.flatten() for g in floor])
             for record in saved.values():
-                mine = torch.load(record["saved"])
+                mine = torch.load(record["saved"], weights_only=True)
                 flat = torch.cat([g.flatten() for g in mine])
                 record["difference_to_floor"] = P.relative_error(flat, flat_floor)
         for record in saved.values():
