@@ -617,9 +617,10 @@ class Implicit(HypergradientCalculator):
                 )
         else:
             message = (
-                f"{name} returned a non-finite solution or residual ({info.residual_norm:.3g}): "
-                "the LL Hessian may be singular at the auxiliary model's weights. Run more LL "
-                "steps or add L2 regularization to the LL objective."
+                f"{name} returned a non-finite solution or residual, or one above that of q = 0 "
+                f"(residual {info.residual_norm:.3g}, ||v|| = {info.rhs_norm:.3g}): the LL "
+                "Hessian may be singular at the auxiliary model's weights. Run more LL steps, "
+                "add L2 regularization to the LL objective, or pass damping > 0."
             )
         if self.on_divergence == "raise":
             raise HypergradientDivergenceError(message)
