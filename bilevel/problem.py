@@ -23,6 +23,7 @@ from bilevel.ll import GradientDescent, PerElement, PerStep
 from bilevel.state import (
     all_finite,
     check_data_matches,
+    check_precision,
     map_tensors,
     tensor_leaves,
 )
@@ -548,6 +549,7 @@ class BilevelProblem:
         models', also inside nested data (checked here, before the LL runs, rather than met
         as a raw error, or a silent promotion, inside an objective)."""
         reference = self.ul.ul_params[0]
+        check_precision(reference.dtype, "ul_model (converted since the problem was built)")
         for name, pair in pairs.items():
             for i, member in enumerate(pair):
                 check_data_matches(member, reference, name, i)

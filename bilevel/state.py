@@ -283,9 +283,25 @@ def names_without_gradient(
     return parameter_names(model, [params[i] for i in missing])
 
 
+def check_precision(dtype: torch.dtype, where: str) -> None:
+    """Refuse a floating-point dtype below 32 bits (float16, bfloat16, float8): the
+    library's round-off floors (``bilevel.ul.base.ROUNDOFF * eps``: PTT's ties, the LL's
+    stationarity, the series' divergence certificate) are 10% to 80% of a value there, and an
+    LL step below ``eps / 2`` of a weight is lost, so results would be silently wrong."""
+    if not dtype.is_floating_point or torch.finfo(dtype).bits >= 32:
+        return
+    raise ValueError(
+        f"{where} has dtype {dtype} (eps {torch.finfo(dtype).eps:.1e}), but bilevel computes "
+        "in float32 or float64: in half precision its round-off checks cannot tell noise from "
+        "signal and LL steps smaller than eps/2 of a weight are lost, so hypergradients "
+        "would be silently wrong. Convert the models and the data with .float() (or "
+        ".double())."
+    )
+
+
 def check_same_device_and_dtype(**models: nn.Module) -> None:
     """Raise if the floating-point (or complex) parameters of the given modules differ in
-    device or dtype."""
+    device or dtype, or are of a floating-point dtype below 32 bits (:func:`check_precision`)."""
     seen: dict[str, tuple[str, torch.device, torch.dtype]] = {}
     for name, model in models.items():
         for pname, p in model.named_parameters():
@@ -293,6 +309,7 @@ def check_same_device_and_dtype(**models: nn.Module) -> None:
                 continue
             key = "first"
             if key not in seen:
+                check_precision(p.dtype, f"{name}.{pname}")
                 seen[key] = (f"{name}.{pname}", p.device, p.dtype)
                 continue
             ref_name, device, dtype = seen[key]
