@@ -250,7 +250,9 @@ class IGA(HypergradientCalculator):
             return
         if start is None:
             return
-        ratio = float(self.diagnostics["ll_grad_norm"] / start.clamp_min(1e-300))
+        ratio = float(
+            self.diagnostics["ll_grad_norm"] / start.clamp_min(torch.finfo(start.dtype).tiny)
+        )
         if ratio < self.converged_warning:
             self._warned = True  # once per calculator
             warnings.warn(
