@@ -37,7 +37,10 @@ from __future__ import annotations
 
 import functools
 import math
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -357,6 +360,51 @@ def test_compiled_objectives_that_need_first_derivatives_only_are_exact(
         got, expected = steps(compiled_objective(where, backend)), steps(plain)
         for a, b in zip(got, expected, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * float(b.abs().max()))
+
+
+FRESH_PROCESS_CASE = """
+import sys, warnings
+import torch
+import test_once_differentiable_review as t
+from bilevel.ul import IGA, Truncated
+name, where = sys.argv[1], sys.argv[2]
+cases = {"IGA": (IGA, {"converged_warning": None}), "Truncated": (Truncated, {"truncate_iter": 2})}
+cls, options = cases[name]
+warnings.simplefilter("ignore")
+run, p = t.runner(cls, 6, options, t.compiled_objective(where))
+try:
+    got = run.hypergradient(p.train, p.val)
+except ValueError as error:
+    print("refused:", str(error).replace("\\n", " "))
+else:
+    expected = t.runner(cls, 6, options, t.plain)[0].hypergradient(p.train, p.val)
+    print("error:", max(float(t.relative_error(a, b)) for a, b in zip(got, expected)))
+"""
+
+
+@needs_dynamo
+@pytest.mark.parametrize("where", ["loss", "model"])
+@pytest.mark.parametrize("name", ["IGA", "Truncated"])
+def test_a_compiled_objective_in_a_fresh_process(name, where):
+    """FOUND (run alone, in a fresh process): a compiled objective whose first backward ran
+    without a graph (Truncated's steps before its window, IGA's LL run) has its backward
+    compiled with "donated buffers", which raise a bare RuntimeError at the first backward
+    with a graph: Truncated now refuses it with the cure, as Reverse does, and IGA (first
+    derivatives only) takes its LL gradient without a graph, exact. In a process of its own:
+    what AOTAutograd compiled for an earlier case is reused by a later one."""
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_CASE, name, where],
+        cwd=Path(__file__).parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout.strip().splitlines()[-1]
+    if name == "Truncated":
+        assert out.startswith("refused:") and "backend='eager'" in out, out
+    else:
+        assert out.startswith("error:") and float(out.split()[1]) < 1e-10, out
 
 
 # ------------------------------------------------------------------------ weight_norm

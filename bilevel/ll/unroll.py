@@ -176,7 +176,14 @@ class GradientStep:
         if create_graph:
             refuse_broken_weight_norm(state["ll_model"])
         loss = check_objective_result(self.objective(state), "ll_objective")
-        grads = torch.autograd.grad(loss, weights, create_graph=create_graph, allow_unused=True)
+        try:
+            grads = torch.autograd.grad(loss, weights, create_graph=create_graph, allow_unused=True)
+        except RuntimeError:
+            # torch.compile's backward, compiled without a graph by the run's earlier steps
+            # ("donated buffers"), refuses one: the refusal that names it and the cures
+            if create_graph:
+                refuse_once_differentiable(loss, weights, THROUGH_STEPS)
+            raise
         if step == 0:
             self.on_first_grads(grads)
         if has_none(grads):  # conditional computation: a weight that this
