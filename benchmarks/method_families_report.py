@@ -83,7 +83,8 @@ BOAT_OPS = {
     "meso": "MESO",
     "first_order": "FOA + IAD + RAD",
 }
-# BOAT's first-order operations are other algorithms than ours in their details
+# BOAT's first-order operations are other algorithms than ours in their details: they are not
+# counted among the comparisons of the same operation (the targets), but told apart
 NOT_STEP_FOR_STEP = {"bome", "pbgd", "bvfim", "meso"}
 PROBLEMS = {
     "ridge": "ridge regression, 20 per-feature L2 penalties",
@@ -175,10 +176,14 @@ class Page:
 
     # ------------------------------------------------------------------ comparisons
 
-    def accuracy_pairs(self) -> list[tuple[str, dict, float, float, bool]]:
+    def accuracy_pairs(
+        self, family: bool | None = False
+    ) -> list[tuple[str, dict, float, float, bool]]:
         """(what, config, ours, BOAT's, ours at least as accurate) for every shared op:
         error against the exact hypergradient (lower is better; equal to round-off counts as
-        equal) and hyper-cleaning test accuracy (higher is better)."""
+        equal) and hyper-cleaning test accuracy (higher is better). ``family``: instead, the
+        methods whose BOAT operation is another algorithm of the same family
+        (``NOT_STEP_FOR_STEP``), which the same-operation counts leave out; ``None``: all."""
         pairs = []
         for c in self.configs("regression"):
             ours, boat = self.error(c, "bilevel"), self.error(c, "boat")
@@ -190,17 +195,40 @@ class Page:
             if ours and boat:
                 a, b = ours["test_accuracy"], boat["test_accuracy"]
                 pairs.append(("test accuracy", c, a, b, a >= b - 1e-4))
-        return pairs
+        return [p for p in pairs if family in (None, p[1]["method"] in NOT_STEP_FOR_STEP)]
 
-    def time_pairs(self, other: str) -> list[tuple[dict, float]]:
-        """(config, ours / other's median time per UL step) for every config both timed."""
+    def time_pairs(self, other: str, family: bool | None = False) -> list[tuple[dict, float]]:
+        """(config, ours / other's median time per UL step) for every config both timed of
+        the same operation (``family``: of another algorithm of the same family; ``None``:
+        all)."""
         out = []
         for suite in ("regression", "cleaning", "meta"):
             for c in self.configs(suite):
                 r = ratio(self.res.median(c, "bilevel"), self.res.median(c, other))
-                if r is not None:
+                if r is not None and family in (None, c["method"] in NOT_STEP_FOR_STEP):
                     out.append((c, r))
         return out
+
+    def family_note(self) -> str:
+        """How ours compares with BOAT's first-order operations of the same family (other
+        algorithms), which the same-operation counts leave out; empty where none ran."""
+        acc, times = self.accuracy_pairs(family=True), self.time_pairs("boat", family=True)
+        if not acc and not times:
+            return ""
+        methods = sorted({p[1]["method"] for p in acc} | {c["method"] for c, _ in times})
+        text = (
+            f"BOAT's operations for {', '.join(NAMES[m] for m in methods)} are other "
+            "algorithms of the same family, not counted above"
+        )
+        if acc:
+            text += (
+                f"; ours is at least as accurate in {sum(p[4] for p in acc)} of {len(acc)} of them"
+            )
+        if times:
+            low, high = min(r for _, r in times), max(r for _, r in times)
+            spread = f"{low:.2f}" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}–{high:.2f}"
+            text += f", and its time per UL step is {spread} times BOAT's"
+        return text + "."
 
     # ------------------------------------------------------------------ sections
 
@@ -247,6 +275,7 @@ class Page:
             )
             + (f" (see [where BOAT is ahead](#{AHEAD_ANCHOR}))." if worse or closer else ".")
         )
+        family = self.family_note()
         boat = self.time_pairs("boat")
         if boat:
             values = [r for _, r in boat]
@@ -254,7 +283,8 @@ class Page:
             lines.append(
                 f"- **Speed against BOAT.** Time per UL step, ours ÷ BOAT's: median "
                 f"{statistics.median(values):.2f} (range {min(values):.2f}–{max(values):.2f}) "
-                f"over {len(values)} shared configurations; ours is slower in {len(slower)}."
+                f"over {len(values)} configurations of the same operation; ours is slower in "
+                f"{len(slower)}." + (f" {family}" if family else "")
             )
         floor = self.floor_targets()
         if floor:
@@ -374,7 +404,8 @@ class Page:
             ],
         ]
         out = ["## The issue's targets", "", *table(["target", "met", "where not"], rows, "---")]
-        return out + self.over_notes(over)
+        family = self.family_note()
+        return out + ([family, ""] if family else []) + self.over_notes(over)
 
     def over_notes(self, over: list[tuple[dict, float]]) -> list[str]:
         """The cells above the floor target, timed again with ours and the floor in one
@@ -437,11 +468,10 @@ class Page:
                 extra_us = max(e for e, _ in per_step)
                 floor_us = min(f for _, f in per_step)
                 cost += (
-                    f" For PTT it is about {extra_us:.0f} µs per LL step (the RNG state "
-                    "recorded at every step, so that the step it picks is differentiated with "
-                    "the random draws it was compared with, and the checks of the UL loss it "
-                    f"evaluates at every iterate), next to {floor_us:.0f} µs of torch work per "
-                    "LL step for the floor."
+                    f" For PTT it is about {extra_us:.0f} µs per LL step (the UL loss of every "
+                    "iterate evaluated through the patched module, its weights installed and "
+                    "its buffers put back for each, and the LL run's own checks at every "
+                    f"step), next to {floor_us:.0f} µs of torch work per LL step for the floor."
                 )
             out.append(
                 f"{', '.join(library)} {'stays' if len(library) == 1 else 'stay'} above "
@@ -632,8 +662,8 @@ class Page:
 
     def boat_ahead(self) -> list[str]:
         out = [f"## {AHEAD}", ""]
-        worse = [p for p in self.accuracy_pairs() if not p[4]]
-        faster = [(c, r) for c, r in self.time_pairs("boat") if r >= 1]
+        worse = [p for p in self.accuracy_pairs(family=None) if not p[4]]
+        faster = [(c, r) for c, r in self.time_pairs("boat", family=None) if r >= 1]
         for p in worse:
             out.append(f"- **More accurate**: {self.pair_text(p)}, ours vs BOAT's.")
         out += self.closer()
@@ -846,7 +876,7 @@ class Page:
         plt.rcParams.update({"font.size": 8, "axes.titlesize": 9, "legend.fontsize": 8})
         IMAGES.mkdir(parents=True, exist_ok=True)
         out = {}
-        boat, floor = self.time_pairs("boat"), self.floor_targets()
+        boat, floor = self.time_pairs("boat", family=None), self.floor_targets()
         if boat or floor:
             fig, axes = plt.subplots(1, 2, figsize=(FIG_WIDTH, 0.5 + 0.16 * max(len(boat), 6)))
             for ax, pairs, title, line in (
