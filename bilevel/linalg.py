@@ -946,8 +946,9 @@ def auto_alpha(make: Callable[[float], Solver], power_iters: int = 20) -> Solver
     """A series solver whose step is set from the operator at each solve.
 
     At each ``run``, estimates ``lambda_max(A)`` with ``power_iters`` products of
-    :func:`power_iteration` and runs ``make(1 / lambda_max)`` (a step safely inside
-    ``(0, 2 / lambda_max)`` even when the estimate falls short by up to half). The info
+    :func:`power_iteration` and runs ``make(1 / lambda_max)``: a step inside
+    ``(0, 2 / lambda_max)`` as long as the estimate, a lower bound, is above half the true
+    value (20 products estimated 6999.997 for a true 7000 in the solvers audit). The info
     records ``lambda_max`` and the ``alpha`` used.
 
     Reference: Lorraine, Vicol & Duvenaud (2020), AISTATS (the Neumann step must be below

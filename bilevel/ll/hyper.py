@@ -344,8 +344,8 @@ def _check_placement(item: torch.Tensor, what: str, reference: torch.Tensor) -> 
         )
     if item.is_floating_point() and item.dtype != reference.dtype:
         raise ValueError(
-            f"{what} has dtype {item.dtype} but ll_model has {reference.dtype}: the LL would "
-            f"run with its value rounded to {item.dtype}. Give it in {reference.dtype} (e.g. "
+            f"{what} has dtype {item.dtype} but ll_model has {reference.dtype}: the LL steps "
+            f"would mix the two precisions. Give it in {reference.dtype} (e.g. "
             f"torch.tensor(0.1, dtype={reference.dtype})), or as a Python number."
         )
 

@@ -91,7 +91,9 @@ class Implicit(HypergradientCalculator):
             optimizer's (:class:`bilevel.BilevelProblem` checks).
         k: solver iterations (CG, MINRES, normal CG), series terms after the first (Neumann)
             or updates (fixed point); >= 1.
-        tolerance: relative residual ``||H q - v|| / ||v||`` at which the solver stops (>= 0).
+        tolerance: relative residual ``||H q - v|| / ||v||`` at which CG, MINRES and
+            normal_cg stop (>= 0); the series (``neumann``, ``fixed_point``) take all ``k``
+            steps and report ``converged`` against it.
         method: one of ``"cg"``, ``"neumann"``, ``"fixed_point"``, ``"minres"``,
             ``"normal_cg"``, or a callable ``solve(matvec, b) -> x``.
         alpha: step of Neumann / fixed point: ``None`` (the LL step size), a float, or
