@@ -467,8 +467,7 @@ class GradientDescent:
                 recorded = unroll.run_in_place(overwritten)
             for _ in range(unroll.steps, untracked):
                 recorded.append(unroll.step(graph=False))
-        for _ in range(untracked, iters):
-            recorded.append(unroll.step(graph=True))
+        recorded += unroll.run_with_graph(iters - untracked)
         losses = recorded[0].reshape(1) if len(recorded) == 1 else torch.stack(recorded)
         self._check_losses(losses, unroll)
         return unroll.record(losses, tracked)

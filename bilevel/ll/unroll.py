@@ -275,6 +275,8 @@ class Unroll:
         """Take one LL step; keep its graph if ``graph``. Returns the LL loss (detached)."""
         if not graph and self.in_place and self.observer is None:
             return self.run_in_place(1)[0]
+        if graph and self._plain_graph_steps():
+            return self.run_with_graph(1)[0]
         self.in_place = False
         params = fast_weights(self.model)
         active = params if self.all_trainable else [params[i] for i in self.index]
@@ -305,6 +307,60 @@ class Unroll:
         self._install(params, new)
         self.steps += 1
         return loss.detach()
+
+    def _plain_graph_steps(self) -> bool:
+        """Whether steps with a graph can run in :meth:`run_with_graph`'s loop: plain SGD
+        steps, and an observer (if any) that neither detaches their inputs nor looks before
+        them."""
+        observer = self.observer
+        if self.plain_lrs is None:
+            return False
+        return observer is None or not (
+            observer.detach_inputs or getattr(observer, "before_step", None) is not None
+        )
+
+    def run_with_graph(self, steps: int) -> list[torch.Tensor]:
+        """``steps`` steps that keep their graph; returns the LL loss before each (detached).
+        For plain SGD steps (:meth:`_plain_graph_steps`) one loop carries the trainable
+        weights from step to step instead of reading them back from the model, and detaches
+        the gradients of the first and the last step only (what :meth:`step` keeps): on the
+        small problems of hyperparameter optimization a step's Python work is a tenth of it,
+        and costs more between torch's operations than alone. Other steps: :meth:`step`."""
+        if not self._plain_graph_steps():
+            return [self.step(graph=True) for _ in range(steps)]
+        self.in_place = False
+        model, state, lrs = self.model, self.state, self.plain_lrs
+        direction, index = self.step_map.direction, self.index
+        propagate = None if self.observer is None else self.observer.propagate
+        params = fast_weights(model)
+        active = params if self.all_trainable else [params[i] for i in index]
+        losses: list[torch.Tensor] = []
+        done: Tensors | None = None  # the gradients of the latest step taken
+        try:
+            for _ in range(steps):
+                loss, grads = direction(active, state, self.steps, True)
+                new = [p - lr * g for p, g, lr in zip(active, grads, lrs, strict=True)]
+                if not self.checked_graph:  # once per run, as in step()
+                    self.checked_graph = True
+                    refuse_once_differentiable(loss, active, THROUGH_STEPS)
+                if propagate is not None:
+                    propagate(active, self.opt_state, new, self.opt_state)
+                if self.steps == 0:
+                    self.initial_grads = [g.detach() for g in grads]
+                done = grads
+                if self.all_trainable:
+                    params = new
+                else:
+                    for i, w in zip(index, new, strict=True):
+                        params[i] = w
+                install(model, params)
+                active = new
+                self.steps += 1
+                losses.append(loss.detach())
+        finally:
+            if done is not None:  # as step() keeps them
+                self.last_grads = [g.detach() for g in done]
+        return losses
 
     def _apply(self, active: Tensors, keep: bool) -> tuple[Tensors, dict, torch.Tensor, Tensors]:
         if self.plain_lrs is None:

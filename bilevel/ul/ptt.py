@@ -177,11 +177,16 @@ class PTT(HypergradientCalculator):
         losses: list[torch.Tensor] = []
         draws = [start]
         with torch.no_grad(), evaluate_at(model, weights):
+            every_weight = len(index) == len(weights)  # (the usual case: no list to fill)
             for k, trainable in enumerate(iterates):
-                for i, w in zip(index, trainable, strict=True):
-                    weights[i] = w
-                install(model, weights)
-                put_back(after_run)
+                if every_weight:
+                    install(model, trainable)
+                else:
+                    for i, w in zip(index, trainable, strict=True):
+                        weights[i] = w
+                    install(model, weights)
+                if after_run:
+                    put_back(after_run)
                 if k > 0 and every:
                     now = capture_draws(device)
                     draws.append(draws[-1] if draws[-1].same_as(now) else now)
