@@ -558,16 +558,19 @@ def minres(
     tridiagonal projection of ``A``, Givens rotations keep its QR factorization up to date, and
     ``x`` is updated through three-term search directions, so memory stays constant. Stops when
     the residual (from the rotations, no extra product) is below ``tolerance * ||b||``, or,
-    before a step, when the iterate already solves the least-squares problem to ``tolerance``
-    (``||A r|| <= tolerance * ||A|| ||r||``, also from the rotations: Paige & Saunders' second
-    test); after that, iterations until the next host check leave ``x`` unchanged. Unlike CG
-    it needs no positive definiteness: a saddle point of the LL (an indefinite Hessian) is
-    solved, not flagged. On a singular, consistent system it returns, from ``x0 = 0``, the
-    minimum-norm solution; on an inconsistent one (``b`` has a component in the null space:
-    an LL with a flat direction the UL sees) a least-squares solution, not necessarily the
-    minimum-norm one (Choi, Paige & Saunders 2011), with ``converged`` false: without the
-    least-squares test its next step divides by a round-off pivot (``||x||`` near 1e13 on a
-    6 x 6 system).
+    before a step, when the iterate already solves the least-squares problem to
+    ``t = min(tolerance, sqrt(eps))`` (``||A r|| <= t ||A|| ||r||``, also from the rotations:
+    Paige & Saunders' second test; capped so that a loose tolerance does not take a
+    nonsingular system of condition number up to ``1 / sqrt(eps)`` for a singular one); after
+    that, iterations until the next host check leave ``x`` unchanged. Unlike CG it needs no
+    positive definiteness: a saddle point of the LL (an indefinite Hessian) is solved, not
+    flagged. On a singular, consistent system it returns, from ``x0 = 0``, the minimum-norm
+    solution; on an inconsistent one (``b`` has a component in the null space: an LL with a
+    flat direction the UL sees) a least-squares solution, not necessarily the minimum-norm one
+    (Choi, Paige & Saunders 2011), with ``converged`` false: without the least-squares test
+    its next step divides by a round-off pivot (``||x||`` near 1e13 on a 6 x 6 system). On
+    larger ones (20 to 50 unknowns, tolerance 1e-10) the test can miss that step: ``||x||``
+    near 1e14, reported as ``diverged``.
 
     The rotations' residual drifts from the true one on ill-conditioned systems (measured: a
     claimed relative residual below 1e-10 where the true one is 1e-4, condition number 1e8),
@@ -600,6 +603,10 @@ def minres(
     c_prev, s_prev, c_prev2, s_prev2 = one, zero, one, zero
     eta, n_iter, interval = beta, zero, _check_interval(beta)
     a_norm, stopped = zero, torch.zeros((), dtype=torch.bool, device=beta.device)
+    # the least-squares test's level: the tolerance, at most sqrt(eps) (a loose residual
+    # tolerance does not make a system of condition number 1e5 singular: at 1e-4 it stopped
+    # diag(1, 1e-5) after one step, 71% off, where two steps solve it)
+    singular = min(tolerance, torch.finfo(beta.dtype).eps ** 0.5)
     moved = False  # whether x may differ from x0
     for i in range(iters):
         active = (eta.abs() > threshold) & ~stopped
@@ -615,7 +622,7 @@ def minres(
         # entry above alpha: beta is ||r0|| there, not an entry of A's projection)
         above = beta**2 if i > 0 else zero
         a_norm = torch.maximum(a_norm, torch.sqrt(alpha**2 + above + beta_next**2))
-        solved = torch.hypot(gamma_bar, c_prev * beta_next) <= tolerance * a_norm
+        solved = torch.hypot(gamma_bar, c_prev * beta_next) <= singular * a_norm
         stopped = stopped | (active & solved)
         active = active & ~solved
         c, s, gamma = _rotation(gamma_bar, beta_next)

@@ -94,3 +94,19 @@ def test_minres_least_squares_test_is_scale_free(scale):
     exact = torch.linalg.solve(a, b)
     assert info.converged and not info.diverged
     assert float((x[0] - exact).norm() / exact.norm()) < 1e-8
+
+
+@pytest.mark.parametrize("tolerance", [1e-4, 1e-6])
+@pytest.mark.parametrize("n, smallest", [(2, 1e-5), (4, 1e-7), (8, 1e-7)])
+def test_minres_solves_an_ill_conditioned_nonsingular_system_at_a_loose_tolerance(
+    tolerance, n, smallest
+):
+    # diag(1 .. smallest), b = ones: Krylov's space is the whole space after n steps, and the
+    # solution's largest component, 1 / smallest, lies in the last direction resolved
+    a = torch.diag(torch.logspace(0, torch.log10(torch.tensor(smallest)).item(), n, dtype=DTYPE))
+    b = torch.ones(n, dtype=DTYPE)
+    x, info = linalg.minres(lambda v: [a @ v[0]], [b], iters=4 * n, tolerance=tolerance)
+    exact = torch.linalg.solve(a, b)
+    assert info.converged and not info.diverged
+    assert float((b - a @ x[0]).norm()) <= tolerance * float(b.norm())
+    assert float((x[0] - exact).norm() / exact.norm()) < 1e-2
