@@ -106,3 +106,13 @@ def test_float32_hypergradient_is_as_accurate_as_float32_allows(build):
         ).hypergradient(p.train, p.val)
     assert grad.dtype == torch.float32
     assert relative_error(grad.double(), exact) < 1e-5
+
+
+def test_half_precision_complex_is_refused_too():
+    """complex32 (16-bit parts) is half precision as float16 is; complex64 is not refused."""
+    from bilevel.state import check_precision
+
+    with pytest.raises(ValueError, match=r"complex32.*\.float\(\)"):
+        check_precision(torch.complex32, "ll_model.w")
+    for dtype in (torch.complex64, torch.complex128, torch.float32, torch.int64):
+        check_precision(dtype, "ll_model.w")
