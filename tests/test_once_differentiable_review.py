@@ -53,7 +53,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrizations, parametrize
 
 from bilevel import BilevelProblem
-from bilevel.ll import FixedPointMap, GradientDescent
+from bilevel.ll import BDA, FixedPointMap, GradientDescent
 from bilevel.ll.patched import _weight_norm_second_derivatives_right
 from bilevel.online import OnlineHypergradient
 from bilevel.second_derivatives import once_differentiable_in
@@ -483,6 +483,25 @@ def test_weight_norm_is_refused_by_every_method_that_differentiates_the_ll_gradi
     with warnings.catch_warnings():  # (Implicit: the LL is 60 steps from stationary)
         warnings.simplefilter("ignore", RuntimeWarning)
         weight_norm_runner(name, "hand").step(train, val)  # guard: the cure is not refused
+
+
+@broken_weight_norm
+@pytest.mark.parametrize("method", [Reverse, PTT])
+def test_weight_norm_is_refused_through_bda_steps(method):
+    """FOUND: BDA's steps compute their own direction, which skipped the refusal that
+    gradient descent's steps made: Reverse and PTT through BDA on a weight-normalized model
+    returned a hypergradient silently. The refusal is now the LL run's, once per run, for
+    every step map."""
+    train, val = tanh_ridge()
+
+    def run(kind: str) -> None:
+        net, ul = normalized(kind), FeatureL2(5)
+        ll = BDA(tanh_ll, net, ul, lr=LR, iters=4, ul_objective=tanh_ul, alpha=0.5, alpha_decay=0.9)
+        BilevelProblem(ll, method(tanh_ul, ul, tanh_ll, net)).hypergradient(train, val)
+
+    with pytest.raises(ValueError, match=r"(?s)weight_norm.*g \* v / v.norm"):
+        run("weight_norm")
+    run("hand")  # guard: the cure is not refused
 
 
 # ------------------------------------------------------------------- what is recognized

@@ -21,6 +21,7 @@ from bilevel.ll.patched import (
     install,
     parameter_list,
     patch,
+    refuse_broken_weight_norm,
     release_weights,
     sync_from,
 )
@@ -578,6 +579,7 @@ class GradientDescent:
             # a message must not change the run: the evaluation's random draws (dropout,
             # noise) leave the global RNG where it was
             untouched = draws_untouched(start[0].device)
+            refuse_broken_weight_norm(unroll.model)  # (its curvature would be wrong)
             with untouched, torch.enable_grad(), evaluate_at(unroll.model, start):
                 # the step map's direction (the LL gradient for gradient descent; a later
                 # step's index, so that no first-step hook runs again)

@@ -172,9 +172,9 @@ class GradientStep:
     def direction(
         self, weights: Tensors, state: dict, step: int, create_graph: bool
     ) -> tuple[torch.Tensor, Tensors]:
-        """The loss and the update direction at ``weights`` (installed in the model)."""
-        if create_graph:
-            refuse_broken_weight_norm(state["ll_model"])
+        """The loss and the update direction at ``weights`` (installed in the model). A
+        graph through a weight-normalized model is refused by the caller, once per run
+        (``refuse_broken_weight_norm``)."""
         loss = check_objective_result(self.objective(state), "ll_objective")
         try:
             grads = torch.autograd.grad(loss, weights, create_graph=create_graph, allow_unused=True)
@@ -277,6 +277,8 @@ class Unroll:
             return self.run_in_place(1)[0]
         if graph and self._plain_graph_steps():
             return self.run_with_graph(1)[0]
+        if (graph or self.observer_graph) and not self.checked_graph:
+            refuse_broken_weight_norm(self.model)  # (the once-differentiable check follows)
         self.in_place = False
         params = fast_weights(self.model)
         active = params if self.all_trainable else [params[i] for i in self.index]
@@ -334,6 +336,8 @@ class Unroll:
         propagate = None if self.observer is None else self.observer.propagate
         params = fast_weights(model)
         active = params if self.all_trainable else [params[i] for i in index]
+        if not self.checked_graph:
+            refuse_broken_weight_norm(model)
         losses: list[torch.Tensor] = []
         done: Tensors | None = None  # the gradients of the latest step taken
         try:
