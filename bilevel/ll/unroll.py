@@ -323,7 +323,7 @@ class Unroll:
 
     def run_with_graph(self, steps: int) -> list[torch.Tensor]:
         """``steps`` steps that keep their graph; returns the LL loss before each (detached).
-        For plain SGD steps (:meth:`_plain_graph_steps`) one loop carries the trainable
+        For plain SGD steps (``_plain_graph_steps``) one loop carries the trainable
         weights from step to step instead of reading them back from the model, and detaches
         the gradients of the first and the last step only (what :meth:`step` keeps): on the
         small problems of hyperparameter optimization a step's Python work is a tenth of it,
