@@ -152,6 +152,12 @@ def check_key(c: dict[str, Any]) -> str:
     return "fd_one_step" if c["method"] == "fd" and c.get("T") == 1 else c["method"]
 
 
+def value_range(values: list[float]) -> str:
+    """``"a-b"`` for the smallest and largest of ``values`` (sorted), or the one value."""
+    low, high = f"{values[0]:.0f}", f"{values[-1]:.0f}"
+    return low if low == high else f"{low}-{high}"
+
+
 class Page:
     """The results, and what the page says about them."""
 
@@ -465,13 +471,14 @@ class Page:
                     "with 100-200 LL steps above)."
                 )
             if per_step:
-                extra_us = max(e for e, _ in per_step)
-                floor_us = min(f for _, f in per_step)
+                extras = sorted(e for e, _ in per_step)
+                floors = sorted(f for _, f in per_step)
                 cost += (
-                    f" For PTT it is about {extra_us:.0f} µs per LL step (the UL loss of every "
-                    "iterate evaluated through the patched module, its weights installed and "
-                    "its buffers put back for each, and the LL run's own checks at every "
-                    f"step), next to {floor_us:.0f} µs of torch work per LL step for the floor."
+                    f" For PTT it is {value_range(extras)} µs per LL step (each step's and each "
+                    "iterate's objective read through the state dict and the patched module, "
+                    "with the iterate's weights installed, and the LL run's records and checks "
+                    f"at every step), next to {value_range(floors)} µs of torch work per LL step "
+                    "for the floor."
                 )
             out.append(
                 f"{', '.join(library)} {'stays' if len(library) == 1 else 'stay'} above "
