@@ -176,6 +176,7 @@ class PTT(HypergradientCalculator):
         state = self.states(model, *call.val)  # one state, as the LL steps share theirs
         losses: list[torch.Tensor] = []
         draws = [start]
+        objective, kept = self.ul_objective, modes_kept(model)  # (one context, entered T times)
         with torch.no_grad(), evaluate_at(model, weights):
             every_weight = len(index) == len(weights)  # (the usual case: no list to fill)
             for k, trainable in enumerate(iterates):
@@ -190,8 +191,8 @@ class PTT(HypergradientCalculator):
                 if k > 0 and every:
                     now = capture_draws(device)
                     draws.append(draws[-1] if draws[-1].same_as(now) else now)
-                with modes_kept(model):
-                    losses.append(self.ul_objective(state))
+                with kept:
+                    losses.append(objective(state))
                 if k == 0 and not every:
                     every = not capture_draws(device).same_as(start)
         if len(draws) == len(iterates):
