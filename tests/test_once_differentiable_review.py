@@ -507,13 +507,17 @@ def test_weight_norm_is_refused_through_bda_steps(method):
 # ------------------------------------------------------------------- what is recognized
 
 
-class AsVjp(torch.autograd.Function):
-    """A first-order-only backward given as ``vjp`` (PyTorch's alias of ``backward``)."""
+class HalfMeanSquareForward(torch.autograd.Function):
+    """``half_mean_square``'s forward, saving ``r``; subclasses give the backward."""
 
     @staticmethod
     def forward(ctx, r: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(r)
         return half_mean_square(r)
+
+
+class AsVjp(HalfMeanSquareForward):
+    """A first-order-only backward given as ``vjp`` (PyTorch's alias of ``backward``)."""
 
     @staticmethod
     @once_differentiable
@@ -532,12 +536,7 @@ def logged(fn):
     return wrapper
 
 
-class Decorated(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, r: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(r)
-        return half_mean_square(r)
-
+class Decorated(HalfMeanSquareForward):
     @staticmethod
     @logged
     @once_differentiable

@@ -91,6 +91,16 @@ class Run:
         idx = torch.randint(0, 60, (20,))
         return self.p.val[0][idx], self.p.val[1][idx]
 
+    def terminated_at(self, step: int):
+        """A ``train`` that sends this process SIGTERM when asked for LL step ``step``."""
+
+        def train(asked: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if asked == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return self.train(asked)
+
+        return train
+
     def run(self, steps: int = STEPS, train=None, **kwargs) -> nn.Module:
         train = self.train if train is None else train
         return self.runner.run(
@@ -180,14 +190,8 @@ def test_sigterm_saves_at_the_next_update_and_the_run_resumes_bitwise(tmp_path, 
     path = tmp_path / "online.pt"
     seed_all(0)
     run = Run(method)
-
-    def terminated(step: int):
-        if step == 9:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return run.train(step)
-
     with pytest.raises(Interrupted) as stopped:
-        run.run(train=terminated, checkpoint=path, checkpoint_every=100)
+        run.run(train=run.terminated_at(9), checkpoint=path, checkpoint_every=100)
     assert stopped.value.step == 3 and run.asked[-1] == 11  # the update at LL step 12
     assert torch.load(path, weights_only=True)["online"]["ll_step"] == 12
     seed_all(1)

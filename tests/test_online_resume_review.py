@@ -318,22 +318,13 @@ def test_building_an_online_runner_under_torch_distributed_keeps_each_process_s_
 def test_sigterm_before_the_first_update_does_not_claim_a_checkpoint(tmp_path, method, capsys):
     """A run shorter than hyper_every has no UL update, so nothing is saved: the message said
     "checkpoint saved to ..." and Interrupted named the file, which did not exist."""
-    import os
-    import signal
-
     from bilevel.problem import Interrupted
 
     path = tmp_path / "online.pt"
     seed_all(0)
     run = Run(method)
-
-    def terminated(step: int):
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return run.train(step)
-
     with pytest.raises(Interrupted) as stopped:
-        run.run(steps=3, train=terminated, checkpoint=path)
+        run.run(steps=3, train=run.terminated_at(1), checkpoint=path)
     assert not path.exists()
     assert stopped.value.checkpoint is None
     message = capsys.readouterr().err

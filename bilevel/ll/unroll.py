@@ -173,8 +173,8 @@ class GradientStep:
         self, weights: Tensors, state: dict, step: int, create_graph: bool
     ) -> tuple[torch.Tensor, Tensors]:
         """The loss and the update direction at ``weights`` (installed in the model). A
-        graph through a weight-normalized model is refused by the caller, once per run
-        (``refuse_broken_weight_norm``)."""
+        graph through a weight-normalized model is refused by the run, once
+        (``Unroll._check_graph``)."""
         loss = check_objective_result(self.objective(state), "ll_objective")
         try:
             grads = torch.autograd.grad(loss, weights, create_graph=create_graph, allow_unused=True)
@@ -252,6 +252,12 @@ class Unroll:
         self.observer_graph = needs_graph(observer)
         self.in_place = in_place
         self.plain_lrs = schedule.plain_sgd_lrs() if plain_sgd else None
+        #: steps with a graph run in :meth:`run_with_graph`'s loop: plain SGD steps, and an
+        #: observer (if any) that neither detaches their inputs nor looks before them
+        self.lean_graph_steps = self.plain_lrs is not None and (
+            observer is None
+            or not (observer.detach_inputs or getattr(observer, "before_step", None) is not None)
+        )
         self.opt_state: dict[str, Tensors] = {}
         self.steps = 0
         self.initial_grads: Tensors | None = None
@@ -275,10 +281,8 @@ class Unroll:
         """Take one LL step; keep its graph if ``graph``. Returns the LL loss (detached)."""
         if not graph and self.in_place and self.observer is None:
             return self.run_in_place(1)[0]
-        if graph and self._plain_graph_steps():
+        if graph and self.lean_graph_steps:
             return self.run_with_graph(1)[0]
-        if (graph or self.observer_graph) and not self.checked_graph:
-            refuse_broken_weight_norm(self.model)  # (the once-differentiable check follows)
         self.in_place = False
         params = fast_weights(self.model)
         active = params if self.all_trainable else [params[i] for i in self.index]
@@ -295,9 +299,7 @@ class Unroll:
                 before(active, self.model)
         new, new_state, loss, grads = self._apply(active, graph or self.observer_graph)
         if (graph or self.observer_graph) and not self.checked_graph:
-            # once per run: the walk costs about as much as a small LL step's Python work
-            self.checked_graph = True
-            refuse_once_differentiable(loss, active, THROUGH_STEPS)
+            self._check_graph(loss, active)
         if observer is not None:
             observer.propagate(active, self.opt_state, new, new_state)
         if not graph:
@@ -310,25 +312,23 @@ class Unroll:
         self.steps += 1
         return loss.detach()
 
-    def _plain_graph_steps(self) -> bool:
-        """Whether steps with a graph can run in :meth:`run_with_graph`'s loop: plain SGD
-        steps, and an observer (if any) that neither detaches their inputs nor looks before
-        them."""
-        observer = self.observer
-        if self.plain_lrs is None:
-            return False
-        return observer is None or not (
-            observer.detach_inputs or getattr(observer, "before_step", None) is not None
-        )
+    def _check_graph(self, loss: torch.Tensor, active: Tensors) -> None:
+        """At the first step with a graph of a run (callers test ``checked_graph``: the walk
+        costs about as much as a small LL step's Python work): refuse a graph through a
+        weight-normalized model or a once-differentiable Function, whose second derivatives
+        PyTorch gets wrong or leaves out."""
+        self.checked_graph = True
+        refuse_broken_weight_norm(self.model)
+        refuse_once_differentiable(loss, active, THROUGH_STEPS)
 
     def run_with_graph(self, steps: int) -> list[torch.Tensor]:
         """``steps`` steps that keep their graph; returns the LL loss before each (detached).
-        For plain SGD steps (``_plain_graph_steps``) one loop carries the trainable
+        For plain SGD steps (``lean_graph_steps``) one loop carries the trainable
         weights from step to step instead of reading them back from the model, and detaches
         the gradients of the first and the last step only (what :meth:`step` keeps): on the
         small problems of hyperparameter optimization a step's Python work is a tenth of it,
         and costs more between torch's operations than alone. Other steps: :meth:`step`."""
-        if not self._plain_graph_steps():
+        if not self.lean_graph_steps:
             return [self.step(graph=True) for _ in range(steps)]
         self.in_place = False
         model, state, lrs = self.model, self.state, self.plain_lrs
@@ -336,17 +336,14 @@ class Unroll:
         propagate = None if self.observer is None else self.observer.propagate
         params = fast_weights(model)
         active = params if self.all_trainable else [params[i] for i in index]
-        if not self.checked_graph:
-            refuse_broken_weight_norm(model)
         losses: list[torch.Tensor] = []
         done: Tensors | None = None  # the gradients of the latest step taken
         try:
             for _ in range(steps):
                 loss, grads = direction(active, state, self.steps, True)
                 new = [p - lr * g for p, g, lr in zip(active, grads, lrs, strict=True)]
-                if not self.checked_graph:  # once per run, as in step()
-                    self.checked_graph = True
-                    refuse_once_differentiable(loss, active, THROUGH_STEPS)
+                if not self.checked_graph:
+                    self._check_graph(loss, active)
                 if propagate is not None:
                     propagate(active, self.opt_state, new, self.opt_state)
                 if self.steps == 0:

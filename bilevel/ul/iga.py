@@ -11,7 +11,7 @@ from torch import nn
 
 from bilevel.ll import evaluate_at
 from bilevel.second_derivatives import once_differentiable_in
-from bilevel.state import Objective, capture_draws, replay_draws
+from bilevel.state import Objective
 from bilevel.ul.base import (
     Call,
     Grads,
@@ -127,7 +127,6 @@ class IGA(HypergradientCalculator):
         with evaluate_at(call.auxiliary_model, weights):
             loss = self.ul_loss(call)
             ul = torch.autograd.grad(loss, [*self.ul_params, *w], allow_unused=True)
-            draws = capture_draws(w[0].device)
             ll_loss = self.ll_loss(call)
             try:
                 ll = torch.autograd.grad(
@@ -137,13 +136,11 @@ class IGA(HypergradientCalculator):
             except RuntimeError as error:
                 # torch.compile's backward compiled for first derivatives (its "donated
                 # buffers", when the first backward of the objective ran without a graph)
-                # refuses create_graph: the LL gradient again, with the same draws, without
+                # refuses create_graph before it runs: the same loss's gradient, without
                 if "donated buffers" not in str(error):
                     raise
                 self._warn_floor(f"{error}; no floor is applied")
-                with replay_draws(draws):
-                    ll_loss = self.ll_loss(call)
-                    ll = torch.autograd.grad(ll_loss, [*self.ul_params, *w], allow_unused=True)
+                ll = torch.autograd.grad(ll_loss, [*self.ul_params, *w], allow_unused=True)
                 scale = None
         ll = [None if g is None else g.detach() for g in ll]
         pairs = [(a, b) for a, b in zip(ul[n:], ll[n:], strict=True) if b is not None]
