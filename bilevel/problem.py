@@ -23,6 +23,7 @@ from bilevel.ll import GradientDescent, PerElement, PerStep
 from bilevel.state import (
     all_finite,
     check_data_matches,
+    check_hypergradient,
     check_precision,
     map_tensors,
     tensor_leaves,
@@ -488,6 +489,10 @@ class BilevelProblem:
                 torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
                 for p in self.ul_params
             ]
+            try:  # a query refuses what a step would
+                check_hypergradient(grads)
+            except FloatingPointError as error:
+                raise _located(error, self.ul.name) from None
         except BaseException as error:
             self._put_back(saved, kept, error)
             raise
@@ -579,8 +584,7 @@ class BilevelProblem:
         self.ul_optimizer.zero_grad(set_to_none=True)
         try:
             loss = self._accumulate(tasks)
-            if not all_finite([p.grad for p in self.ul.ul_params]):
-                raise FloatingPointError("the hypergradient is not finite (NaN or inf).")
+            check_hypergradient([p.grad for p in self.ul.ul_params])
             if self.before_ul_step is not None:
                 self.before_ul_step(self.ul_params)
                 left = [p.grad for p in self.ul_params if p.grad is not None]

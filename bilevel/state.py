@@ -205,6 +205,16 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     return math.isfinite(total.item()) or all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def check_hypergradient(grads: Sequence[torch.Tensor]) -> None:
+    """Raise ``FloatingPointError`` if a hypergradient holds NaN or inf (one host sync)."""
+    if grads and not all_finite(grads):
+        raise FloatingPointError(
+            "the hypergradient is not finite (NaN or inf): an objective whose derivative is "
+            "infinite or undefined where it is taken (sqrt or log at 0, a division by zero), "
+            "or values that overflow. Check the objectives there, or lower the learning rates."
+        )
+
+
 def check_finite(value: torch.Tensor, what: str) -> None:
     """Raise ``FloatingPointError`` if ``value`` holds NaN or inf (one host sync)."""
     if not all_finite([value]):

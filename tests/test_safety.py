@@ -311,3 +311,29 @@ def test_divergence_warning_is_given_once_but_every_solve_is_flagged():
             problem.hypergradient(p.train, p.val)
             assert ul.diagnostics["diverged"]
     assert sum("diverged" in str(w.message) for w in caught) == 1
+
+
+def test_queries_refuse_a_nonfinite_hypergradient_like_a_step():
+    """``hypergradient``, ``meta_hypergradient`` and the BOML-style ``compute_gradients``
+    returned or added a NaN hypergradient silently (``step`` refused it); now they raise, and
+    compute_gradients leaves ``.grad`` as it was."""
+    p = ridge()
+
+    def ul_objective(state):
+        return ridge_ul(state) * torch.sqrt(state["ul_model"].log_l2.sum() * 0)  # grad: inf*0
+
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.5, iters=5)
+    ul = Reverse(ul_objective, p.ul_model, ridge_ll, p.ll_model)
+    problem = BilevelProblem(ll, ul)
+    with pytest.raises(FloatingPointError, match=r"reverse: the hypergradient is not finite"):
+        problem.hypergradient(p.train, p.val)
+    batch = {"train": tuple(t[None] for t in p.train), "test": tuple(t[None] for t in p.val)}
+    with pytest.raises(FloatingPointError, match=r"the hypergradient is not finite"):
+        problem.meta_hypergradient(batch)
+    assert p.ul_model.log_l2.grad is None  # the queries leave .grad as it was
+    earlier = torch.ones_like(p.ul_model.log_l2)
+    p.ul_model.log_l2.grad = earlier.clone()
+    model = ll.optimize(*p.train)
+    with pytest.raises(FloatingPointError, match=r"the hypergradient is not finite"):
+        ul.compute_gradients(*p.val, model, *p.train)
+    assert torch.equal(p.ul_model.log_l2.grad, earlier)

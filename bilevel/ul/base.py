@@ -21,6 +21,7 @@ from bilevel.state import (
     Objective,
     check_data_matches,
     check_finite,
+    check_hypergradient,
     check_objective_result,
     check_same_device_and_dtype,
     has_none,
@@ -284,11 +285,15 @@ class HypergradientCalculator:
         ):
             check_data_matches(value, reference, name)
         return self.accumulate(
-            trajectory, (validate_data, validate_target), (train_data, train_target)
+            trajectory, (validate_data, validate_target), (train_data, train_target), True
         )
 
     def accumulate(
-        self, trajectory: Trajectory, val: tuple[Any, Any], train: tuple[Any, Any]
+        self,
+        trajectory: Trajectory,
+        val: tuple[Any, Any],
+        train: tuple[Any, Any],
+        refuse_nonfinite: bool = False,
     ) -> torch.Tensor:
         """Add the hypergradient at an LL run's result to ``.grad``; return the UL loss.
 
@@ -296,6 +301,9 @@ class HypergradientCalculator:
             trajectory: what the LL run returned (``ll.run`` or :meth:`run_ll`).
             val: the UL batch ``(data, target)``.
             train: the LL batch ``(data, target)`` (for methods that revisit the LL objective).
+            refuse_nonfinite: raise ``FloatingPointError`` on a NaN or inf hypergradient,
+                leaving ``.grad`` as it was (for callers that step the UL optimizer
+                themselves; ``BilevelProblem`` checks the summed ``.grad`` once).
         """
         self._check_recorded(trajectory)
         check_ul_parameters(self)
@@ -305,6 +313,8 @@ class HypergradientCalculator:
         loss = loss.detach()
         if loss.numel() != 1 or not math.isfinite(loss.item()):  # one host sync
             check_finite(loss, "the UL loss")  # raises if not finite, with the values
+        if refuse_nonfinite:
+            check_hypergradient([g for g in grads if g is not None])
         for p, g in zip(self.ul_params, grads, strict=True):
             if p.grad is None:
                 p.grad = g.detach().clone()
