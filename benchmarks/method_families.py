@@ -329,6 +329,17 @@ def own_target(config: dict[str, Any], p: P.Regression) -> torch.Tensor | None:
     return None
 
 
+def straight_line_truncation(config: dict[str, Any], p: P.Regression) -> torch.Tensor:
+    """Truncated's hypergradient (the last K of T steps) when its T - K untracked steps all
+    take the LL gradient at the starting weights ``w0``: the K tracked steps start from
+    ``w0 - (T - K) lr grad f(w0)``. BOAT's RGT computes this (``gm_ol/ngd.py`` evaluates the
+    LL loss of those steps on the patched model, whose weights they do not move)."""
+    r, lam0, w0 = DenseRidge(p), p.log_l2.double(), p.w0().double()
+    with torch.no_grad():
+        start = w0 + (config["T"] - config["K"]) * (r.run(lam0, w0, 1) - w0)
+    return r.gradient(lambda lam: r.run(lam, start, config["K"]), lam0)
+
+
 def iga_formula(p: P.Regression, lam: torch.Tensor, w: torch.Tensor, r: DenseRidge):
     """IGA at ``w``: ``grad_lam F - c grad_lam f``, ``c = <grad_w F, grad_w f> / |grad_w f|^2``
     (``grad_lam F = 0`` here), from the closed-form gradients."""
@@ -381,6 +392,9 @@ class FamilyWorker(worker.Worker):
             out["error_target"] = P.relative_error(flat, target)
             out["cosine_target"] = cosine(flat, target)
             out["target_norm"] = float(target.norm())
+        if p.kind == "ridge" and config["method"] == "truncated":
+            flat = torch.cat([g.flatten() for g in grads])
+            out["error_straight_line"] = P.relative_error(flat, straight_line_truncation(config, p))
         if save:
             torch.save(grads, save)
             out["saved"] = save

@@ -764,6 +764,15 @@ class Page:
                     f"compute (ours {sci(ours)}); its error against the exact hypergradient is "
                     f"{sci(err)}, cosine {cos:.2f}."
                 )
+                line = self.error(c, "boat", "error_straight_line")
+                if line is not None and line < 1e-10:
+                    lines.append(
+                        f"  Why: it equals, to {sci(line)}, the last K steps started from "
+                        "w0 - (T - K) lr grad f(w0). Its T - K untracked steps take the LL "
+                        "loss on the patched model, whose weights they do not move, so every "
+                        "one of them uses the gradient at the starting weights: the weights "
+                        "move along a straight line instead of descending (`gm_ol/ngd.py`)."
+                    )
         one_step = [
             c for c in self.configs("regression") if c["method"] == "fd" and c.get("T") == 1
         ]

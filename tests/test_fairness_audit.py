@@ -118,3 +118,32 @@ def test_where_boat_is_ahead_still_lists_the_other_algorithms(report) -> None:
     assert "- **More accurate**: BOME on hyper-cleaning (80.00% vs 90.00%)" in ahead
     targets = "\n".join(page.targets())
     assert "at least as accurate in 0 of 1 of them" in targets
+
+
+# --------------------------------------------------------------------------- BOAT's Truncated
+
+
+def test_straight_line_truncation_is_truncation_with_the_start_gradient(floor_and_driver) -> None:
+    """The page explains BOAT's Truncated (131x off the truncated hypergradient on ridge) by
+    ``straight_line_truncation``: its T - K untracked steps all take the LL gradient at the
+    starting weights. Pinned here against that loop written out with autograd (no BOAT), and
+    against the true truncated hypergradient, from which it is far."""
+    _, families, problems = floor_and_driver
+    config = {**families.method_config("regression", "ridge", "truncated"), "T": 30, "K": 5}
+    problem = families.make_problem(config)
+    s = problems.spec(problem)
+    lams = [t.detach().clone().requires_grad_() for t in s.lam0]
+    start = [w.detach().clone().requires_grad_() for w in s.w0]
+    (at_start,) = torch.autograd.grad(s.ll(start, [t.detach() for t in lams]), start)
+    ws = [start[0].detach()]
+    for _ in range(config["T"] - config["K"]):  # each untracked step: the same gradient
+        ws = [ws[0] - s.lr * at_start]
+    for _ in range(config["K"]):
+        ws = [w.requires_grad_() if not w.requires_grad else w for w in ws]
+        (g,) = torch.autograd.grad(s.ll(ws, lams), ws, create_graph=True)
+        ws = [ws[0] - s.lr * g]
+    (written_out,) = torch.autograd.grad(s.ul(ws, lams), lams)
+    line = families.straight_line_truncation(config, problem)
+    assert float((line - written_out.flatten()).norm() / written_out.norm()) < 1e-10
+    truncated = families.own_target(config, problem)
+    assert float((line - truncated).norm() / truncated.norm()) > 0.1
