@@ -57,5 +57,5 @@ class Alternating(FirstOrderMethod):
     def _update(self, c: StepContext) -> Update:
         y = self.ll_descend(self.current_y(), c.iters, c.lr, c.train)
         ul_loss, _, ul_x = self.grad(self.ul_objective, "ul_objective", y, c.val, True, False)
-        ll_loss = self.value(self.ll_objective, "ll_objective", y, c.train, False).detach()
+        ll_loss = self.reported_value(self.ll_objective, "ll_objective", y, c.train)
         return Update(ul_loss=ul_loss, ll_loss=ll_loss, x_direction=ul_x, y=y)

@@ -213,7 +213,7 @@ class GAFFO(FirstOrderMethod):
         lag_value, lag_y, lag_x = self.grad(self._lagrangian(lam), "ll_objective", y, c.train, True)
         ll_loss = lag_value
         if lam is not None:  # the Lagrangian is not the LL loss
-            ll_loss = self.value(self.ll_objective, "ll_objective", y, c.train, False).detach()
+            ll_loss = self.reported_value(self.ll_objective, "ll_objective", y, c.train)
         th_value, _, th_x = self.grad(at_theta, "ll_objective", theta, c.train, True, False)
         d_y = [
             u / ck + g + (t - w) / self.gamma1

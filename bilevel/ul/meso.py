@@ -43,8 +43,8 @@ class MESO(FirstOrderMethod):
     Step 3 needs ``x_{k+1}``, which the runner's UL optimizer makes after this method
     returns, so it is taken at the start of the next UL step (with that step's batches): the
     iterates are the paper's, and ``ll_model`` holds ``y_k`` while ``x`` is ``x_{k+1}``.
-    Cost per UL step: 6 gradient evaluations (2 of ``F``, 4 of ``f``); ``ll.iters`` is not
-    used; memory: ``theta``.
+    Cost per UL step: 6 gradient evaluations (2 of ``F``, 4 of ``f``; 4 at the first UL
+    step, which has no ``y`` update); ``ll.iters`` is not used; memory: ``theta``.
 
     For fixed ``c`` the iterates converge to a minimizer of the penalized problem, which is
     ``O(1 / c)`` from the bilevel solution; the growing ``c_k`` removes that bias slowly (the

@@ -48,6 +48,8 @@ class PBGD(FirstOrderMethod):
     accuracy for conditioning: with ``d`` scaled as above, progress along the LL solution set
     slows by ``1 / gamma``. ``gamma_k = min(gamma + gamma_growth k, gamma_max)`` lets it grow.
     Cost per UL step (value penalty): ``T + 3`` gradient evaluations; memory: ``y_hat``.
+    Gradient penalty: one UL gradient, one LL gradient with its graph and one backward pass
+    through it (a Hessian-vector product); ``ll.iters`` is not used.
 
     Reference: Shen & Chen (2023), "On Penalty-based Bilevel Gradient Descent Method", ICML.
 

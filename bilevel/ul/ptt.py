@@ -55,14 +55,15 @@ class PTT(HypergradientCalculator):
     Truncating at the worst iterate rather than the last one makes the UL step pessimistic
     about where the LL dynamics pass, which is what lets IAPTT-GM handle non-convex LL
     problems whose solution set is not a singleton. Cost: one UL forward pass per LL step
-    (without a graph) to choose ``k*``, then one backward pass through ``k*`` steps; memory as
-    ``Reverse`` (all steps keep their graph). A UL objective that draws at random (dropout)
-    draws anew at each iterate; the loss differentiated at ``k*`` replays the draws it was
-    compared with (it is the largest of the losses compared; one that draws at later
-    iterates but not at the first is compared twice, to record them), and every UL loss,
-    compared or differentiated, is evaluated from the LL model's buffers as the LL run left
-    them (a forward that moves them, as spectral norm's power iteration does, moves them for
-    its own evaluation only).
+    (without a graph) to choose ``k*``, then one more at ``k*`` with its graph and one
+    backward pass through its ``k*`` steps; memory as ``Reverse`` (all steps keep their
+    graph). A UL objective that draws at random (dropout) draws anew at each iterate; the
+    loss differentiated at ``k*`` replays the draws it was compared with (it is the largest
+    of the losses compared; one that draws at later iterates but not at the first is
+    compared twice, to record them), and every UL loss, compared or differentiated, is
+    evaluated from the LL model's buffers as the LL run left them (a forward that moves
+    them, as spectral norm's power iteration does, moves them for its own evaluation
+    only).
 
     Reference: Liu, Liu, Yuan, Zeng & Zhang (2021), "Towards Gradient-based Bilevel
     Optimization with Non-convex Followers and Beyond" (IAPTT-GM), NeurIPS.

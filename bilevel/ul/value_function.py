@@ -358,6 +358,15 @@ class FirstOrderMethod(HypergradientCalculator):
             return check_objective_result(result.detach().requires_grad_(), name).detach()
         return check_objective_result(result, name)
 
+    def reported_value(
+        self, objective: Objective, name: str, weights: Tensors, batch: Batch
+    ) -> torch.Tensor:
+        """``objective`` at ``weights`` on ``batch`` (detached), for a loss that is reported and
+        not differentiated: evaluated without recording a graph (to the UL parameters, which
+        an objective may read)."""
+        with torch.no_grad():
+            return self.value(objective, name, weights, batch, require_graph=False).detach()
+
     def grad(
         self,
         objective: Objective,
