@@ -84,11 +84,14 @@ def all_reduce_sum(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     tensors = list(tensors)
     if not active():
         return tensors
-    flat = torch.cat([t.reshape(-1) for t in tensors])
+    # complex tensors travel as their real and imaginary parts, in one real buffer
+    parts = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+    flat = torch.cat([t.reshape(-1) for t in parts])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     out, offset = [], 0
-    for t in tensors:
-        out.append(flat[offset : offset + t.numel()].view_as(t))
+    for t, given in zip(parts, tensors, strict=True):
+        part = flat[offset : offset + t.numel()].view_as(t)
+        out.append(torch.view_as_complex(part) if given.is_complex() else part)
         offset += t.numel()
     return out
 

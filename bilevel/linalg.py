@@ -68,10 +68,17 @@ class SolverInfo:
 
 
 def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Inner product of two lists of tensors, as a 0-d tensor on their device."""
+    """Inner product of two lists of tensors, as a real 0-d tensor on their device.
+
+    For complex tensors it is ``Re sum(conj(a) b)``: the inner product of their real and
+    imaginary parts taken as pairs of real numbers, the one under which torch's gradient of a
+    real loss with respect to a complex tensor (``dL/dRe + i dL/dIm``) is a gradient, and
+    Hessian-vector products are symmetric. (``vdot`` alone is complex: its imaginary part
+    made CG's tests raise and its step sizes complex.)
+    """
     if len(a) == 1 and len(b) == 1:  # the common case, without the list's overhead
-        return torch.vdot(a[0].reshape(-1), b[0].reshape(-1))
-    terms = [torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)]
+        return torch.vdot(a[0].reshape(-1), b[0].reshape(-1)).real
+    terms = [torch.vdot(x.reshape(-1), y.reshape(-1)).real for x, y in zip(a, b, strict=True)]
     total = terms[0]
     for term in terms[1:]:
         total = total + term
@@ -507,7 +514,7 @@ def power_iteration(matvec: MatVec, like: Vector, iters: int = 20, seed: int = 0
     """
     generator = torch.Generator(device=like[0].device).manual_seed(seed)
     u = [torch.randn(t.shape, generator=generator, dtype=t.dtype, device=t.device) for t in like]
-    eig = torch.zeros((), dtype=like[0].dtype, device=like[0].device)
+    eig = torch.zeros((), dtype=like[0].dtype, device=like[0].device).real
     for _ in range(iters):
         scale = norm(u).clamp_min(torch.finfo(eig.dtype).tiny)
         u = [t / scale for t in u]

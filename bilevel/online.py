@@ -24,6 +24,7 @@ from bilevel.problem import (
 )
 from bilevel.state import check_finite
 from bilevel.ul import Forward, Truncated
+from bilevel.ul.forward import tangent_count
 
 
 class OnlineHypergradient:
@@ -383,9 +384,9 @@ class OnlineHypergradient:
                 "checkpoint path, or delete the file)."
             )
         trainable = [p for p in self.ll.ll_model.parameters() if p.requires_grad]
-        n = sum(v.numel() for v in self.ul.ul_params)
+        n = tangent_count(self.ul.ul_params)
         # per trainable weight: the rule's state (its shape, or empty before it exists) and
-        # the tangents (one row per UL scalar)
+        # the tangents (one row per real UL scalar: two per complex entry)
         saved = {k: (v, [p.shape for p in trainable]) for k, v in run["opt_state"].items()}
         if observer is not None:
             tangents = observer.get("tangents") if isinstance(observer, dict) else None

@@ -328,17 +328,17 @@ class BilevelProblem:
             for p in self.ul_params:
                 p.grad = None
         reference = self.ul_params[0]  # no task on this process: zeros
+        dtype = reference.dtype.to_real()  # losses are real, also for complex models
         if not group and len(losses) == 2:  # one task in one process: the sums are its own
             for p in self.ul_params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            dtype = reference.dtype
             self.last_ll_loss = _scalar(losses[1], dtype)
             return _scalar(losses[0], dtype)
         if fault is None and losses:
-            totals = torch.stack(losses).view(-1, 2).sum(0).to(reference.dtype)
+            totals = torch.stack(losses).view(-1, 2).sum(0).to(dtype)
         else:
-            totals = reference.new_zeros(2)
+            totals = reference.new_zeros(2, dtype=dtype)
         grads = [
             torch.zeros_like(p) if p.grad is None or fault is not None else p.grad
             for p in self.ul_params
@@ -397,14 +397,15 @@ class BilevelProblem:
         (batch-norm running statistics, which the UL objective moves on each process with
         its own share: the others add zeros). Raises on every process if any failed."""
         reference = self.ul_params[0]
+        dtype = reference.dtype.to_real()  # (the flags and buffers are real)
         world, rank = distributed.world_size(), distributed.rank()
-        flags = reference.new_zeros(2 * world + 1)  # [numeric fault | other error | stop]
+        flags = reference.new_zeros(2 * world + 1, dtype=dtype)  # [numeric fault | other | stop]
         if fault is not None:
             flags[rank + (0 if isinstance(fault, FloatingPointError) else world)] = 1
         flags[-1] = float(self._signal is not None)
         buffers = [b for b in self._all_buffers() if not b.is_complex()]
         sent = [
-            b.detach().to(reference.dtype) if rank == 0 else reference.new_zeros(b.shape)
+            b.detach().to(dtype) if rank == 0 else reference.new_zeros(b.shape, dtype=dtype)
             for b in buffers
         ]
         reduced = distributed.all_reduce_sum([*grads, totals, flags, *sent])

@@ -8,9 +8,9 @@ and ``"ll_model"`` (the lower-level module; during and after lower-level optimiz
 
 from __future__ import annotations
 
+import cmath
 import contextlib
 import functools
-import math
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -178,6 +178,11 @@ def check_objective_result(value: Any, name: str) -> torch.Tensor:
             "compute it from state['ll_model'] and/or state['ul_model'], without .detach(), "
             ".item() or torch.no_grad()."
         )
+    if value.is_complex():
+        raise TypeError(
+            f"{name} must return a real loss, got a complex one ({value.dtype}): reduce complex "
+            "residuals to a real number, e.g. (r.real**2 + r.imag**2).mean()."
+        )
     if not value.is_floating_point():
         raise TypeError(f"{name} must return a floating-point tensor, got dtype {value.dtype}.")
     return value if value.ndim == 0 else value.reshape(())
@@ -197,12 +202,13 @@ requires_grad = operator.attrgetter("requires_grad")
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether no entry is NaN or inf, in one host sync: finite entries have a finite sum, and
-    an infinite sum (finite entries can overflow to one) is looked into entry by entry."""
+    an infinite sum (finite entries can overflow to one) is looked into entry by entry. (A
+    complex sum is a Python complex, finite when both its parts are: ``cmath.isfinite``.)"""
     if len(tensors) == 1:  # one tensor: its own sum (no stack)
         (only,) = tensors
-        return math.isfinite(only.sum().item()) or bool(torch.isfinite(only).all())
+        return cmath.isfinite(only.sum().item()) or bool(torch.isfinite(only).all())
     total = torch.stack([t.sum() for t in tensors]).sum()
-    return math.isfinite(total.item()) or all(bool(torch.isfinite(t).all()) for t in tensors)
+    return cmath.isfinite(total.item()) or all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def check_hypergradient(grads: Sequence[torch.Tensor]) -> None:
@@ -369,11 +375,13 @@ def check_data_matches(
     data: Any, reference: torch.Tensor, name: str, index: int | None = None
 ) -> None:
     """Raise if a data tensor (or one inside nested data: tuples, lists, dicts) lives on
-    another device, or is floating point of another dtype. Messages name it ``name``, or
-    ``name[index]`` with an ``index`` (formatted only when needed)."""
+    another device, is floating point of another dtype, or complex of another precision
+    (complex data with real models of its parts' dtype is the objectives' choice). Messages
+    name it ``name``, or ``name[index]`` with an ``index`` (formatted only when needed)."""
     if isinstance(data, torch.Tensor):
         same_dtype = data.dtype == reference.dtype  # the usual case, a match, in one test
-        if data.device == reference.device and (same_dtype or not data.is_floating_point()):
+        inexact = data.is_floating_point() or data.is_complex()
+        if data.device == reference.device and (same_dtype or not inexact):
             return
     if index is not None:
         name = f"{name}[{index}]"
@@ -391,4 +399,11 @@ def check_data_matches(
             raise ValueError(
                 f"{where} has dtype {tensor.dtype} but the models have {reference.dtype}; "
                 f"convert it with .to({reference.dtype})."
+            )
+        precision = reference.dtype.to_real()
+        if tensor.is_complex() and tensor.dtype.to_real() != precision:
+            raise ValueError(
+                f"{where} has dtype {tensor.dtype} but the models have {reference.dtype}: the "
+                f"objectives would mix two precisions; convert it with "
+                f".to({precision.to_complex()})."
             )

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bilevel import linalg
 from bilevel.ll.gradient_descent import GradientDescent
 from bilevel.ll.unroll import GradientStep
 
@@ -63,7 +64,7 @@ class FixedPointStep(GradientStep):
         with torch.set_grad_enabled(create_graph):
             image = self._image(weights, state)
         residual = [(w - p).detach() for w, p in zip(weights, image, strict=True)]
-        loss = 0.5 * torch.stack([r.pow(2).sum() for r in residual]).sum()
+        loss = 0.5 * linalg.dot(residual, residual)
         return image, opt_state, loss, residual
 
 

@@ -147,6 +147,15 @@ def kind_of(
     """Whether a value is a scalar, a per-step schedule or a per-element value (``shape``:
     the parameter's shape when the value is for one parameter, else ``None``; ``mark``: the
     kind a :class:`PerElement` or :class:`PerStep` marker gave it, checked)."""
+    if isinstance(value, torch.Tensor) and value.is_complex():
+        raise ValueError(
+            f"{what} is complex ({value.dtype}), but the LL steps' hyperparameters (step "
+            "sizes, momenta, decays) are real numbers: a complex step size turns the gradient, "
+            "and the step is no descent step (its imaginary part was silently used, and "
+            "dropped where it was range-checked). Give a real value of the models' precision "
+            f"({value.dtype.to_real()}); a learned one as its real part, e.g. "
+            "lr=lambda ul: ul.log_lr.real.exp()."
+        )
     if mark is not None:
         return _marked_kind(value, what, iters, shape, mark)
     if not isinstance(value, torch.Tensor) or value.ndim == 0:
@@ -336,17 +345,19 @@ def check(value: Any, name: str, bound: Bound, iters: int, shapes: list[torch.Si
 
 def _check_placement(item: torch.Tensor, what: str, reference: torch.Tensor) -> None:
     """Refuse a hyperparameter tensor on another device than the LL model's, or floating
-    point of another dtype (the LL would run with its value rounded)."""
+    point of another precision (the LL would run with its value rounded); a complex model's
+    hyperparameters are real, of its parts' dtype (float64 for complex128)."""
     if item.device != reference.device:
         raise ValueError(
             f"{what} is on {item.device} but ll_model is on {reference.device}; keep the UL "
             "model and the LL model on one device."
         )
-    if item.is_floating_point() and item.dtype != reference.dtype:
+    real = reference.dtype.to_real()
+    if item.is_floating_point() and item.dtype != real:
         raise ValueError(
             f"{what} has dtype {item.dtype} but ll_model has {reference.dtype}: the LL steps "
-            f"would mix the two precisions. Give it in {reference.dtype} (e.g. "
-            f"torch.tensor(0.1, dtype={reference.dtype})), or as a Python number."
+            f"would mix the two precisions. Give it in {real} (e.g. "
+            f"torch.tensor(0.1, dtype={real})), or as a Python number."
         )
 
 

@@ -25,6 +25,7 @@ Reference for the composable design: Babuschkin et al. (2020), "The DeepMind JAX
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -158,6 +159,46 @@ def _no_buffer(param: torch.Tensor) -> torch.Tensor:
     return param.new_zeros(0)
 
 
+def _on_parts(update: Update) -> Update:
+    """``update`` with complex parameters (and their gradients, state and per-element
+    hyperparameters) taken as real tensors of their parts, ``torch.view_as_real`` (a last
+    dimension of 2), as ``torch.optim``'s Adam, AdamW, RMSprop and Adagrad take them: their
+    squares and roots act on each part (``g * g`` of a complex ``g`` is no square, and the
+    root of a complex number is no scale). The state keeps the parameters' dtype."""
+
+    @functools.wraps(update)
+    def on_parts(
+        params: Tensors, grads: Tensors, state: dict, hyper: dict[str, list[Any]], step: int
+    ) -> tuple[Tensors, dict]:
+        parts = [p.is_complex() for p in params]
+        if not any(parts):  # the usual case
+            return update(params, grads, state, hyper, step)
+
+        def real(tensors: list) -> list:
+            return [
+                torch.view_as_real(t) if c and t is not None else t
+                for t, c in zip(tensors, parts, strict=True)
+            ]
+
+        def joined(tensors: Tensors) -> Tensors:
+            return [
+                torch.view_as_complex(t) if c else t for t, c in zip(tensors, parts, strict=True)
+            ]
+
+        both = {  # a per-element value (its parameter's shape) applies to both parts
+            name: [
+                v.unsqueeze(-1) if c and isinstance(v, torch.Tensor) and v.ndim else v
+                for v, c in zip(values, parts, strict=True)
+            ]
+            for name, values in hyper.items()
+        }
+        viewed = {name: real(list(values)) for name, values in state.items()}
+        new, new_state = update(real(params), real(grads), viewed, both, step)
+        return joined(new), {name: joined(values) for name, values in new_state.items()}
+
+    return on_parts
+
+
 def _momentum_sgd(
     params: Tensors, grads: Tensors, state: dict, hyper: dict[str, list[Any]], nesterov: bool
 ) -> tuple[Tensors, dict]:
@@ -245,6 +286,7 @@ def _adam_like(
     return new, {**state, "exp_avg": ms, "exp_avg_sq": vs}
 
 
+@_on_parts
 def _adam_update(
     params: Tensors, grads: Tensors, state: dict, hyper: dict[str, list[Any]], step: int
 ) -> tuple[Tensors, dict]:
@@ -252,6 +294,7 @@ def _adam_update(
     return _adam_like(params, grads, state, hyper, step, decoupled=False)
 
 
+@_on_parts
 def _adamw_update(
     params: Tensors, grads: Tensors, state: dict, hyper: dict[str, list[Any]], step: int
 ) -> tuple[Tensors, dict]:
@@ -259,6 +302,7 @@ def _adamw_update(
     return _adam_like(params, grads, state, hyper, step, decoupled=True)
 
 
+@_on_parts
 def _rmsprop_update(
     params: Tensors, grads: Tensors, state: dict, hyper: dict[str, list[Any]], step: int
 ) -> tuple[Tensors, dict]:
@@ -295,6 +339,7 @@ def _rmsprop_update(
     return new, out
 
 
+@_on_parts
 def _adagrad_update(
     params: Tensors, grads: Tensors, state: dict, hyper: dict[str, list[Any]], step: int
 ) -> tuple[Tensors, dict]:

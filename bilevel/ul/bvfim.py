@@ -19,6 +19,7 @@ from bilevel.ul.value_function import (
     check_optional_number,
     check_schedule,
     combine,
+    dot,
     evaluate_schedule,
 )
 
@@ -178,15 +179,15 @@ class BVFIM(FirstOrderMethod):
 
         def regularized(w: list[torch.Tensor]) -> torch.Tensor:
             value = self.value(self.ll_objective, "ll_objective", w, c.train)
-            return value + 0.5 * mu * sum((v * v).sum() for v in w)
+            return value + 0.5 * mu * dot(w, w)
 
         z_start = self._auxiliary_or("z", y)
         with torch.no_grad(), self._ul_frozen(True):
             before_z = self.value(self.ll_objective, "ll_objective", z_start, c.train, False)
-            before_z = before_z + 0.5 * mu * sum((v * v).sum() for v in z_start)
+            before_z = before_z + 0.5 * mu * dot(z_start, z_start)
         z = self.descend(regularized, z_start, c.iters, c.lr)
         f_z, _, f_z_x = self.grad(self.ll_objective, "ll_objective", z, c.train, True, False)
-        reg = 0.5 * mu * torch.stack([(v * v).sum() for v in z]).sum()
+        reg = 0.5 * mu * dot(z, z)
         phi = f_z + reg
         with torch.no_grad(), self._ul_frozen(True):
             f_y = self.value(self.ll_objective, "ll_objective", y, c.train, False).detach()
@@ -207,15 +208,15 @@ class BVFIM(FirstOrderMethod):
             ul = self.value(self.ul_objective, "ul_objective", w, c.val, require_graph=False)
             reads_y.append(ul.requires_grad)
             ll = self.value(self.ll_objective, "ll_objective", w, c.train)
-            return ul + 0.5 * theta * sum((v * v).sum() for v in w) + rho * ll
+            return ul + 0.5 * theta * dot(w, w) + rho * ll
 
-        before_y = F_y + 0.5 * theta * sum((v * v).sum() for v in y) + rho * f_y
+        before_y = F_y + 0.5 * theta * dot(y, y) + rho * f_y
         lr_y = (c.lr if self.lr_y is None else self.lr_y) / (1.0 + rho)
         y = self.descend(barrier, y, y_iters, lr_y)
         ul_loss, _, ul_x = self.grad(self.ul_objective, "ul_objective", y, c.val, True, False)
         self.refuse_ul_without_graph(reads_y, ul_x)  # F must read x or y
         ll_loss, _, ll_x = self.grad(self.ll_objective, "ll_objective", y, c.train, True, False)
-        after_y = ul_loss + 0.5 * theta * sum((v * v).sum() for v in y) + rho * ll_loss
+        after_y = ul_loss + 0.5 * theta * dot(y, y) + rho * ll_loss
         self._check(c.step, slack, (before_z, phi), (before_y, after_y))
         return Update(
             ul_loss=ul_loss,

@@ -210,7 +210,7 @@ class MemorySavingReverse(HypergradientCalculator):
         """Recompute step ``t`` with a graph and pull the adjoint back through it."""
         w_t = [w.detach().requires_grad_() for w in stored.weights[t]]
         s_t = {
-            k: [s.detach().requires_grad_(s.is_floating_point()) for s in v]
+            k: [s.detach().requires_grad_(s.is_floating_point() or s.is_complex()) for s in v]
             for k, v in stored.states[t].items()
         }
         at = list(weights)

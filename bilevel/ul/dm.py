@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bilevel import linalg
 from bilevel.ll import evaluate_at
 from bilevel.second_derivatives import gradient_to_differentiate
 from bilevel.state import Objective, all_finite, parameter_names
@@ -26,10 +27,6 @@ Tensors = list[torch.Tensor]
 
 def _zeros_for_none(values: Any, like: Tensors) -> Tensors:
     return [torch.zeros_like(x) if v is None else v for x, v in zip(like, values, strict=True)]
-
-
-def _dot(a: Tensors, b: Tensors) -> torch.Tensor:
-    return torch.stack([(x * y).sum() for x, y in zip(a, b, strict=True)]).sum()
 
 
 class DM(HypergradientCalculator):
@@ -236,9 +233,9 @@ class DM(HypergradientCalculator):
             )
 
         residual = [hz - vi for hz, vi in zip(_zeros_for_none(vjp(z, y), y), v, strict=True)]
-        squared = _dot(residual, residual)
+        squared = linalg.dot(residual, residual)
         if self.eta == "auto":
-            curvature = _dot(residual, _zeros_for_none(vjp(residual, y), y))
+            curvature = linalg.dot(residual, _zeros_for_none(vjp(residual, y), y))
             tiny = torch.finfo(curvature.dtype).tiny
             eta = torch.where(
                 curvature > 0, squared / curvature.clamp_min(tiny), torch.zeros_like(curvature)

@@ -17,6 +17,24 @@ Tensors = list[torch.Tensor]
 
 MANY = 1000  # scalar hyperparameters above which Forward warns about its cost
 
+
+def directions(variable: torch.Tensor) -> torch.Tensor:
+    """The unit directions that forward mode carries a tangent along, one row per real
+    coordinate of ``variable`` (flattened): the identity, and for a complex variable the
+    identity then ``1j`` times it. A complex function of a complex variable is not
+    holomorphic in general (``|w|^2``, ``w.real``), so the derivatives along the real and the
+    imaginary part are two tangents: one complex tangent per entry gave the derivative along
+    the real parts alone (33% off on a complex ridge problem)."""
+    eye = torch.eye(variable.numel(), dtype=variable.dtype, device=variable.device)
+    return torch.cat([eye, 1j * eye]) if variable.is_complex() else eye
+
+
+def tangent_count(variables: Tensors) -> int:
+    """How many tangents forward mode carries for ``variables``: their real coordinates (a
+    complex entry has two)."""
+    return sum(v.numel() * (2 if v.is_complex() else 1) for v in variables)
+
+
 #: who differentiates the step map's vector-Jacobian products (refused Functions' message)
 FORWARD_MODE = (
     "Forward mode (Forward; online RTHO), which takes its Jacobian-vector products as "
@@ -33,9 +51,9 @@ class Forward(HypergradientCalculator):
     """Forward-mode hypergradient (FMD): carry ``Z_t = dw_t/dlambda`` through the LL steps.
 
     The LL propagates ``Z_{t+1} = A_t Z_t + B_t`` (the optimizer state's tangents included:
-    momentum buffers, Adam moments) with Jacobian-vector products, one per scalar of the UL
-    variables, and keeps no graph across steps: memory is independent of the number of LL
-    steps, and cost grows with the number of scalar hyperparameters. Then
+    momentum buffers, Adam moments) with Jacobian-vector products, one per real scalar of the UL
+    variables (two per complex entry), and keeps no graph across steps: memory is independent
+    of the number of LL steps, and cost grows with the number of scalar hyperparameters. Then
     ``dF/dlambda = grad_lambda L_ul + Z_T^T grad_w L_ul``: the same number as ``Reverse``.
     Use it for a few hyperparameters (an L2 coefficient, the LL step size, the momentum) and
     long LL runs; it is the basis of online RTHO (:class:`bilevel.online.OnlineHypergradient`).
@@ -65,7 +83,7 @@ class Forward(HypergradientCalculator):
         ll_model: nn.Module,
     ) -> None:
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
-        n = sum(p.numel() for p in self.ul_params)
+        n = tangent_count(self.ul_params)
         if n > MANY:
             warnings.warn(
                 f"Forward carries one tangent per scalar hyperparameter: {n} Jacobian-vector "
@@ -95,8 +113,10 @@ class Forward(HypergradientCalculator):
         w = [weights[i] for i in active]
         grads = torch.autograd.grad(loss, [*self.ul_params, *w], allow_unused=True)
         direct, v = grads[: len(self.ul_params)], grads[len(self.ul_params) :]
+        # the derivative of the loss along each tangent: the real inner product <Z_k, v>
+        # (Re sum(conj(Z_k) v) for complex weights; plain Z_k . v for real ones)
         through = sum(
-            (z.reshape(z.shape[0], -1) @ vi.reshape(-1))
+            (z.reshape(z.shape[0], -1).conj() @ vi.reshape(-1)).real
             for z, vi in zip(carried.tangents, v, strict=True)
             if vi is not None
         )
@@ -104,9 +124,13 @@ class Forward(HypergradientCalculator):
         offset = 0
         for p, d, reached in zip(self.ul_params, direct, carried.reached, strict=True):
             part = None
+            size = tangent_count([p])
             if reached and isinstance(through, torch.Tensor):
-                part = through[offset : offset + p.numel()].reshape(p.shape)
-            offset += p.numel()
+                part = through[offset : offset + size]
+                if p.is_complex():  # along the real parts, then the imaginary parts
+                    part = torch.complex(part[: p.numel()], part[p.numel() :])
+                part = part.reshape(p.shape)
+            offset += size
             result.append(part if d is None else (d if part is None else d + part))
         return result, loss
 
@@ -137,7 +161,7 @@ def _unflatten(flat: Tensors, like: dict[str, Tensors]) -> dict[str, Tensors]:
 class Tangents:
     """The LL-step observer of forward mode: ``Z_{t+1} = A_t Z_t + B_t``.
 
-    ``Z = d(state)/d(lambda)`` for every scalar of the variables (the optimizer state's
+    ``Z = d(state)/d(lambda)`` for every real scalar of the variables (the optimizer state's
     tangents included: momentum buffers, Adam moments), with ``A_t Z`` and ``B_t`` taken as
     Jacobian-vector products of the step map through a double vector-Jacobian product,
     batched over the scalars. Only one step's graph lives at a time, so memory does not grow
@@ -153,15 +177,15 @@ class Tangents:
 
     def __init__(self, variables: Tensors, ll_params: Tensors) -> None:
         self.variables = variables
-        sizes = [v.numel() for v in variables]
-        self.n = sum(sizes)
+        self.n = tangent_count(variables)
         self.identity: Tensors = []
         offset = 0
-        for v, size in zip(variables, sizes, strict=True):
-            eye = torch.zeros(self.n, size, dtype=v.dtype, device=v.device)
-            eye[offset : offset + size] = torch.eye(size, dtype=v.dtype, device=v.device)
+        for v in variables:
+            units = directions(v)
+            eye = torch.zeros(self.n, v.numel(), dtype=v.dtype, device=v.device)
+            eye[offset : offset + len(units)] = units
             self.identity.append(eye.reshape(self.n, *v.shape))
-            offset += size
+            offset += len(units)
         which = {id(v): k for k, v in enumerate(variables)}
         self.tangents = [
             self.identity[which[id(p)]].clone() if id(p) in which else p.new_zeros(self.n, *p.shape)

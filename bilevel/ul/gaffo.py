@@ -21,6 +21,7 @@ from bilevel.ul.value_function import (
     check_number,
     check_optional_number,
     combine,
+    dot,
 )
 
 Constraints = Callable[[dict[str, Any]], torch.Tensor]
@@ -163,9 +164,11 @@ class GAFFO(FirstOrderMethod):
             with evaluate_at(model, self._full(weights)):
                 values = self.ll_constraints(make_state(*batch, self.ul_model, model))
         if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+            got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
             raise TypeError(
-                "ll_constraints must return a floating-point tensor of constraint values "
-                f"(feasible where <= 0), got {type(values).__name__}."
+                "ll_constraints must return a real floating-point tensor of constraint values "
+                f"(feasible where <= 0), got {got}; for complex weights, constrain real "
+                "quantities of them (w.real, w.abs())."
             )
         return values.detach()
 
@@ -220,7 +223,8 @@ class GAFFO(FirstOrderMethod):
             for u, g, w, t in zip(ul_y, lag_y, y, theta, strict=True)
         ]
         auxiliary = {"theta": theta}
-        proximal = sum(((t - w) ** 2).sum() for t, w in zip(theta, y, strict=True))
+        differences = [t - w for t, w in zip(theta, y, strict=True)]
+        proximal = dot(differences, differences)
         gap = lag_value - th_value - proximal / (2 * self.gamma1)
         if z is not None and lam is not None:
             lr_z = lr_y if self.lr_z is None else self.lr_z

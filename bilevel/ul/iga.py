@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bilevel import linalg
 from bilevel.ll import evaluate_at
 from bilevel.second_derivatives import once_differentiable_in
 from bilevel.state import Objective
@@ -145,8 +146,10 @@ class IGA(HypergradientCalculator):
         ll = [None if g is None else g.detach() for g in ll]
         pairs = [(a, b) for a, b in zip(ul[n:], ll[n:], strict=True) if b is not None]
         zero = loss.detach().new_zeros(())
-        inner = sum(((a * b).sum() for a, b in pairs if a is not None), zero)
-        squared = sum((b.pow(2).sum() for _, b in pairs), zero)
+        reached = [(a, b) for a, b in pairs if a is not None]
+        inner = linalg.dot([a for a, _ in reached], [b for _, b in reached]) if reached else zero
+        ll_grads = [b for _, b in pairs]
+        squared = linalg.dot(ll_grads, ll_grads) if pairs else zero
         tiny = torch.finfo(squared.dtype).tiny
         # the pseudo-inverse of the rank-one model: c = 0 where the LL gradient is 0, to
         # round-off (there c would be round-off / round-off^2: 1e15 times the hypergradient;

@@ -15,6 +15,7 @@ from bilevel.ul.value_function import (
     check_number,
     check_optional_number,
     combine,
+    dot,
 )
 
 
@@ -119,11 +120,8 @@ class MESO(FirstOrderMethod):
         envelope, _, th_x = self.grad(
             self.ll_objective, "ll_objective", theta, c.train, True, False
         )
-        gap = (
-            ll_loss
-            - envelope
-            - sum(((t - w) ** 2).sum() for t, w in zip(theta, y, strict=True)) / (2 * self.gamma)
-        )
+        differences = [t - w for t, w in zip(theta, y, strict=True)]
+        gap = ll_loss - envelope - dot(differences, differences) / (2 * self.gamma)
         return Update(
             ul_loss=ul_loss,
             ll_loss=ll_loss,

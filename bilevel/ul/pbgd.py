@@ -19,6 +19,7 @@ from bilevel.ul.value_function import (
     check_number,
     check_optional_number,
     combine,
+    dot,
 )
 
 
@@ -139,10 +140,9 @@ class PBGD(FirstOrderMethod):
         leaves = [w.detach().requires_grad_() for w in y]
         value = self.value(self.ll_objective, "ll_objective", leaves, batch)
         grads = gradient_to_differentiate(value, leaves, self._model, "PBGD(penalty='gradient')")
-        terms = [(g * g).sum() for g in grads if g is not None]
-        if not terms:
+        if all(g is None for g in grads):
             raise ValueError("ll_objective does not depend on the trainable LL parameters.")
-        penalty = torch.stack(terms).sum()
+        penalty = dot(grads, grads)
         if not penalty.requires_grad:  # f linear in y: the penalty is constant
             zeros = [torch.zeros_like(w) for w in leaves]
             return value.detach(), penalty.detach(), zeros, [None] * len(self.ul_params)

@@ -369,7 +369,7 @@ class StochasticMethod(HypergradientCalculator):
         """``steps`` SGD steps on the LL from ``y`` (warm start), a new train minibatch each:
         the final LL variable (new leaves) and the LL loss at every step (one tensor, checked
         later in one sync)."""
-        losses = y[0].new_empty(steps)
+        losses = y[0].new_empty(steps, dtype=y[0].dtype.to_real())  # real for complex y
         for s in range(steps):
             mb, batch = self.draw("train", train)
             losses[s], grads = self.ll_gradient(model, y, mb, batch)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bilevel import distributed
+from bilevel import distributed, linalg
 from bilevel.ll import evaluate_at
 from bilevel.state import (
     Objective,
@@ -97,11 +97,12 @@ def evaluate_schedule(value: float | Callable[[int], float], name: str, step: in
 
 
 def dot(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """``sum_i <a_i, b_i>`` over the pairs where both are given (a 0-d tensor)."""
-    terms = [(u * v).sum() for u, v in zip(a, b, strict=True) if u is not None and v is not None]
-    if not terms:
+    """``sum_i <a_i, b_i>`` over the pairs where both are given (a real 0-d tensor; for
+    complex tensors the real inner product of :func:`bilevel.linalg.dot`)."""
+    pairs = [(u, v) for u, v in zip(a, b, strict=True) if u is not None and v is not None]
+    if not pairs:
         raise ValueError("dot of two empty lists")
-    return torch.stack(terms).sum()
+    return linalg.dot([u for u, _ in pairs], [v for _, v in pairs])
 
 
 def add_scaled(a: Tensors, b: Tensors, scale: float | torch.Tensor) -> Tensors:
