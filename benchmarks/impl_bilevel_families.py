@@ -93,6 +93,7 @@ def calculator(config: dict[str, Any], args: tuple, lr: float) -> Any:
     table: dict[str, Callable[[], Any]] = {
         "first_order": lambda: U.FirstOrder(*args),
         "ptt": lambda: U.PTT(*args),
+        "ptt_interior": lambda: U.PTT(*args),
         "fd": lambda: U.FiniteDifference(*args, r=config.get("r", 1e-2)),
         "iga": lambda: U.IGA(*args, converged_warning=None),
         "dm": lambda: U.DM(*args, eta="auto"),
@@ -121,8 +122,9 @@ def calculator(config: dict[str, Any], args: tuple, lr: float) -> Any:
 
 
 def lower_level(config: dict[str, Any], problem: Any, objectives: tuple, models: tuple, lr):
-    """The LL dynamics: ``GradientDescent``, ``BDA`` (method ``bda``) or ``FixedPointMap``
-    (the gradient step written as a map, method ``fixed_point_map``)."""
+    """The LL dynamics: ``GradientDescent`` (heavy-ball with ``config["momentum"]``), ``BDA``
+    (method ``bda``) or ``FixedPointMap`` (the gradient step written as a map, method
+    ``fixed_point_map``)."""
     ll_obj, ul_obj = objectives
     ll_model, ul_model = models
     steps = config["T"]
@@ -141,7 +143,8 @@ def lower_level(config: dict[str, Any], problem: Any, objectives: tuple, models:
     if config["method"] == "fixed_point_map":
         gradient_step = closed_form_step(problem, lr)
         return FixedPointMap(gradient_step, ll_model, ul_model, iters=steps), gradient_step
-    return GradientDescent(ll_obj, ll_model, ul_model, lr=lr, iters=steps)
+    momentum = config.get("momentum")
+    return GradientDescent(ll_obj, ll_model, ul_model, lr=lr, iters=steps, momentum=momentum)
 
 
 class UnscaledRunner(Runner):
@@ -196,6 +199,11 @@ def meta(config: dict[str, Any], m: P.Meta) -> MetaRunner:
     ul = META_METHODS[method](loss, net, loss, net)
     problem = BilevelProblem(ll, ul, torch.optim.SGD(net.parameters(), lr=0.0))
     return MetaRunner(problem, {"train": (m.xs, m.ys), "test": (m.xq, m.yq)})
+
+
+def ptt_step(runner: Runner) -> int:
+    """The LL iterate ``k*`` (1-based) that ``PTT`` back-propagated from at the last UL step."""
+    return int(runner.problem.ul.diagnostics["ptt_step"])
 
 
 def ul_tensors(runner: Any) -> Tensors:

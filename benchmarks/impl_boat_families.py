@@ -8,7 +8,7 @@ The LL is BOAT's ``NGD`` (``lower_iters`` SGD steps through ``higher``) unless s
 | ``Reverse`` | ``na_op=["RAD"]`` |
 | ``Truncated(K)`` | ``["RAD", "RGT"]``, ``truncate_iter = T - K`` |
 | ``Implicit`` cg / neumann | ``["CG"]`` / ``["NS"]`` |
-| ``PTT`` | ``["PTT", "RAD"]`` |
+| ``PTT`` | ``["PTT", "RAD"]`` (heavy-ball LL: ``lower_level_opt`` is SGD with momentum) |
 | ``FiniteDifference`` (DARTS) | ``["FD"]`` |
 | ``IGA`` | ``["IGA"]`` |
 | ``BDA`` + ``Reverse`` | ``gm_op=["NGD", "GDA"]``, ``["RAD"]`` (``gda_loss = a F + (1 - a) f``) |
@@ -44,6 +44,7 @@ Tensors = list[torch.Tensor]
 NA_OP = {
     **impl_boat.NA_OP,
     "ptt": ["PTT", "RAD"],
+    "ptt_interior": ["PTT", "RAD"],
     "fd": ["FD"],
     "iga": ["IGA"],
     "bda": ["RAD"],
@@ -143,6 +144,9 @@ def regression(config: dict[str, Any], problem: Any) -> Runner:
     ul_vars = list(ul_model.parameters())
     ul_lr = config.get("ul_lr")
     extra = op_settings(config, s.lr)
+    if config.get("momentum"):  # heavy-ball LL steps (``higher`` differentiates SGD's momentum)
+        momentum = config["momentum"]
+        extra["lower_level_opt"] = torch.optim.SGD(ll_model.parameters(), s.lr, momentum)
     extra["upper_level_opt"] = (
         torch.optim.Adam(ul_vars, lr=ul_lr) if ul_lr else torch.optim.SGD(ul_vars, lr=0.0)
     )
@@ -178,6 +182,14 @@ def meta(config: dict[str, Any], m: P.Meta) -> Runner:
         runner.config["na_op"] = META_NA_OP["ptt"]
         runner.problem = impl_boat._problem(runner.config, "impl_boat.task_loss")
     return runner
+
+
+def ptt_step(runner: Runner) -> int:
+    """The LL iterate ``k*`` (1-based) that BOAT's PTT back-propagated from at the last
+    ``run_iter``: what its ``NGD.optimize`` returned and ``run_iter`` passed on as
+    ``max_loss_iter`` (the first largest of the UL losses it took with ``.item()``)."""
+    (last,) = runner.problem._ll_solver.result_store.get_results()[-1].values()
+    return int(last)
 
 
 def ul_tensors(runner: Runner) -> Tensors:

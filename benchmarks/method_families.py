@@ -12,7 +12,8 @@ What is measured, per method:
   and logistic regression with per-feature L2 (Newton's method, a dense solve): relative
   error and cosine against the exact implicit hypergradient at the LL minimizer, and on ridge
   against the exact value of what the method computes (the T-step unrolled hypergradient,
-  the one-step DARTS hypergradient, the IGA formula, ...; dense float64 algebra). Methods that
+  the one-step DARTS hypergradient, the IGA formula, ...; dense float64 algebra), for PTT on
+  logistic too, with the iterate ``k*`` that each implementation truncated at. Methods that
   keep state across UL steps (DM, SOBA, ...) first take ``warm`` UL steps at a fixed UL point;
 - **MNIST data hyper-cleaning** (``BILEVEL_DATA``, as ``examples/hyper_cleaning.py``, on a
   small subset): the validation loss, test accuracy and F1 of the flagged examples after a
@@ -80,6 +81,14 @@ BDA = {"alpha": 0.5, "decay": 0.9}  # BOAT's configurations' values
 # PTT and one-step DARTS on regression start the LL from its iterate after START GD steps: from
 # w = 0 their first step does not depend on the penalties (their hypergradient would be zero)
 START = 20
+# From there the UL loss only falls along the LL run, so PTT's pessimistic iterate is the first
+# one (k* = 1) and its cells measure a one-step hypergradient. PTT with k* inside the run: the
+# LL starts at the UL loss's minimizer and runs heavy-ball GD (torch.optim.SGD's momentum),
+# which overshoots its own solution: the UL loss rises from its minimum, peaks when the LL
+# overshoots (k* = 5 of 10 on ridge, 8 of 16 on logistic; the next largest loss 2.3% below on
+# both) and falls back as the LL settles. Options given as {problem: value} are per problem.
+UL_OPTIMUM = "ul_optimum"
+PTT_INTERIOR = {"start": UL_OPTIMUM, "momentum": 0.7, "T": {"ridge": 10, "logistic": 16}}
 
 # per method: its options, and which problems it runs on ("r": ridge and logistic, "c":
 # hyper-cleaning, "m": the meta-step)
@@ -94,6 +103,7 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
     "forward": ({}, "r"),
     "memory_saving_reverse": ({}, "rcm"),
     "ptt": ({"start": START}, "rcm"),
+    "ptt_interior": (PTT_INTERIOR, "r"),
     "fd": ({"r": 1e-2}, "rcm"),
     "fd_one_step": ({"r": 1e-2, "T": 1, "start": START}, "r"),
     "iga": ({"T": 10}, "rc"),
@@ -118,9 +128,9 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
 OFFERS = {
     "bilevel": set(METHODS),
     "boat": {"reverse", "truncated", "cg", "neumann", "ptt", "fd", "fd_one_step", "iga", "bda"}
-    | {"reverse_di", "dm", "bome", "pbgd", "bvfim", "meso", "first_order"},
+    | {"reverse_di", "dm", "bome", "pbgd", "bvfim", "meso", "first_order", "ptt_interior"},
     "floor": {"reverse", "truncated", "cg", "neumann", "fixed_point", "forward", "ptt", "fd"}
-    | {"fd_one_step", "bda", "first_order"},
+    | {"fd_one_step", "bda", "first_order", "ptt_interior"},
 }
 # what the meta-step offers per implementation (the rest answer "unsupported")
 META_OFFERS = {"boat": {"reverse", "first_order", "ptt"}, "floor": {"reverse", "first_order"}}
@@ -130,11 +140,14 @@ QUICK = {"reverse", "cg", "ptt", "fd", "bda", "dm"}
 LL_STEPS = {"ridge": 200, "logistic": 100}
 # the minibatch of the stochastic implicit solver's Hessian-vector products, per problem
 MINIBATCH = {"ridge": 50, "logistic": 250}
+# the methods that pick the LL iterate with the largest UL loss (their k* is recorded)
+PESSIMISTIC = {"ptt", "ptt_interior"}
 
 
 def method_config(suite: str, problem: str, method: str) -> dict[str, Any]:
-    """One configuration: the problem's defaults, then the method's options."""
-    options = dict(METHODS[method][0])
+    """One configuration: the problem's defaults, then the method's options (those given as
+    ``{problem: value}`` taken for ``problem``)."""
+    options = {k: v[problem] if isinstance(v, dict) else v for k, v in METHODS[method][0].items()}
     base = {"suite": suite, "problem": problem, "method": method}
     if problem in LL_STEPS:
         base["T"] = LL_STEPS[problem]
@@ -218,12 +231,15 @@ class Started(P.Regression):
 
 def make_problem(config: dict[str, Any]) -> Any:
     """The problem of a configuration: ``problems.build``'s, the MNIST subset, or a regression
-    started at its ``config["start"]``-th GD iterate."""
+    started at its ``config["start"]``-th GD iterate, or (``UL_OPTIMUM``) at the minimizer of
+    its UL loss."""
     if config["problem"] == "mnist":
         return mnist_cleaning(config["data"])
     p = P.build(config)
     if not config.get("start"):
         return p
+    if config["start"] == UL_OPTIMUM:
+        return Started(**vars(p), start=P.ul_minimizer(p).to(p.x))
     from impl_floor import descend
 
     (start,) = descend(P.spec(p), [p.w0()], [p.log_l2], config["start"])
@@ -270,42 +286,75 @@ def evaluate_cleaning(problem: MnistCleaning, lam: torch.Tensor) -> dict[str, fl
 # --------------------------------------------------------------------------- exact answers
 
 
-class DenseRidge:
-    """Ridge regression as dense float64 matrices: ``H = X^T X / n + diag(exp(log_l2))``,
-    ``b = X^T y / n`` (and ``Hv``, ``bv`` of the validation set), with the GD (and BDA)
-    recursion ``w <- w - lr ((1 - a) (H w - b) + a (Hv w - bv))`` differentiable in
-    ``log_l2`` and the start. Independent of the implementations measured (no losses, no
-    autograd through them)."""
+class DenseRegression:
+    """Ridge or logistic regression as dense float64 algebra, with closed-form gradients of
+    both levels and the GD recursion ``w <- w - lr ((1 - a) grad_w f + a grad_w F)`` (BDA's
+    ``a``; ``a = 0``: GD), with heavy-ball momentum as ``torch.optim.SGD`` takes it (the first
+    step a plain gradient step), differentiable in ``log_l2`` and the start. Independent of
+    the implementations measured (no losses, no autograd through them). Ridge's quadratic
+    forms: ``H = X^T X / n + diag(exp(log_l2))``, ``b = X^T y / n`` and ``Hv``, ``bv`` of the
+    validation set."""
 
     def __init__(self, p: P.Regression) -> None:
         x, y, xv, yv = (t.double() for t in (p.x, p.y, p.xv, p.yv))
         n = len(x)
-        self.p, self.h0, self.b = p, x.T @ x / n, x.T @ y / n
+        self.p, self.x, self.y, self.h0, self.b = p, x, y, x.T @ x / n, x.T @ y / n
         self.hv, self.bv, self.xv, self.yv = xv.T @ xv / n, xv.T @ yv / n, xv, yv
 
-    def run(self, lam: torch.Tensor, w: torch.Tensor, steps: int, alphas=None) -> torch.Tensor:
-        h = self.h0 + torch.diag(lam.exp()[self.p.group])
+    def _data_gradient(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        z = x @ w
+        residual = z - y if self.p.kind == "ridge" else torch.sigmoid(z) - y
+        return x.T @ residual / len(x)
+
+    def iterates(
+        self, lam: torch.Tensor, w: torch.Tensor, steps: int, alphas=None, momentum: float = 0.0
+    ) -> list[torch.Tensor]:
+        """``w_1 .. w_steps`` from ``w``."""
+        l2 = lam.exp()[self.p.group]
+        out, velocity = [], None
         for k in range(steps):
-            g = h @ w - self.b
+            g = self._data_gradient(self.x, self.y, w) + l2 * w
             if alphas is not None:
-                g = (1 - alphas[k]) * g + alphas[k] * (self.hv @ w - self.bv)
-            w = w - self.p.lr * g
-        return w
+                g = (1 - alphas[k]) * g + alphas[k] * self._data_gradient(self.xv, self.yv, w)
+            velocity = g if velocity is None else momentum * velocity + g
+            w = w - self.p.lr * velocity
+            out.append(w)
+        return out
+
+    def run(self, lam: torch.Tensor, w: torch.Tensor, steps: int, alphas=None) -> torch.Tensor:
+        """``w_steps`` (GD) from ``w``."""
+        return self.iterates(lam, w, steps, alphas)[-1] if steps else w
 
     def ul(self, w: torch.Tensor) -> torch.Tensor:
-        return 0.5 * ((self.xv @ w - self.yv) ** 2).mean()
+        z = self.xv @ w
+        if self.p.kind == "ridge":
+            return 0.5 * ((z - self.yv) ** 2).mean()
+        return (torch.nn.functional.softplus(z) - self.yv * z).mean()
 
     def gradient(self, fn, *inputs: torch.Tensor) -> torch.Tensor:
         """``d ul(fn(*inputs)) / d inputs``, flattened."""
         leaves = [t.detach().clone().requires_grad_() for t in inputs]
         return torch.cat([g.flatten() for g in torch.autograd.grad(self.ul(fn(*leaves)), leaves)])
 
+    def pessimistic_step(self, config: dict[str, Any]) -> int:
+        """PTT's ``k*`` of a configuration: the (1-based) LL iterate with the largest UL loss
+        (float64; the first of equal ones, which these configurations do not have)."""
+        lam, w0 = self.p.log_l2.double(), self.p.w0().double()
+        with torch.no_grad():
+            path = self.iterates(lam, w0, config["T"], momentum=config.get("momentum", 0.0))
+            return 1 + int(torch.stack([self.ul(w) for w in path]).argmax())
+
 
 def own_target(config: dict[str, Any], p: P.Regression) -> torch.Tensor | None:
-    """The exact value of what the method computes, on ridge (``None`` where that is the
-    implicit hypergradient itself, or not defined)."""
-    r, method, steps = DenseRidge(p), config["method"], config["T"]
+    """The exact value of what the method computes (``None`` where that is the implicit
+    hypergradient itself, or not defined): on ridge, and for PTT on logistic too."""
+    r, method, steps = DenseRegression(p), config["method"], config["T"]
     lam0, w0 = p.log_l2.double(), p.w0().double()
+    if method in PESSIMISTIC:
+        worst, momentum = r.pessimistic_step(config), config.get("momentum", 0.0)
+        return r.gradient(lambda lam: r.iterates(lam, w0, worst, momentum=momentum)[-1], lam0)
+    if p.kind != "ridge":
+        return None
     with torch.no_grad():
         path = [w0]
         for _ in range(steps):
@@ -318,9 +367,6 @@ def own_target(config: dict[str, Any], p: P.Regression) -> torch.Tensor | None:
         return r.gradient(lambda lam: r.run(lam, path[steps - config["K"]], config["K"]), lam0)
     if method == "fd":  # one step from w_{T-1}; DARTS is this to O(r^2)
         return r.gradient(lambda lam: r.run(lam, path[steps - 1], 1), lam0)
-    if method == "ptt":
-        worst = 1 + int(torch.stack([r.ul(w) for w in path[1:]]).argmax())
-        return r.gradient(lambda lam: r.run(lam, w0, worst), lam0)
     if method == "bda":
         alphas = [config["alpha"] * config["decay"] ** k for k in range(steps)]
         return r.gradient(lambda lam: r.run(lam, w0, steps, alphas), lam0)
@@ -334,13 +380,13 @@ def straight_line_truncation(config: dict[str, Any], p: P.Regression) -> torch.T
     take the LL gradient at the starting weights ``w0``: the K tracked steps start from
     ``w0 - (T - K) lr grad f(w0)``. BOAT's RGT computes this (``gm_ol/ngd.py`` evaluates the
     LL loss of those steps on the patched model, whose weights they do not move)."""
-    r, lam0, w0 = DenseRidge(p), p.log_l2.double(), p.w0().double()
+    r, lam0, w0 = DenseRegression(p), p.log_l2.double(), p.w0().double()
     with torch.no_grad():
         start = w0 + (config["T"] - config["K"]) * (r.run(lam0, w0, 1) - w0)
     return r.gradient(lambda lam: r.run(lam, start, config["K"]), lam0)
 
 
-def iga_formula(p: P.Regression, lam: torch.Tensor, w: torch.Tensor, r: DenseRidge):
+def iga_formula(p: P.Regression, lam: torch.Tensor, w: torch.Tensor, r: DenseRegression):
     """IGA at ``w``: ``grad_lam F - c grad_lam f``, ``c = <grad_w F, grad_w f> / |grad_w f|^2``
     (``grad_lam F = 0`` here), from the closed-form gradients."""
     l2 = lam.exp()[p.group]
@@ -386,7 +432,10 @@ class FamilyWorker(worker.Worker):
         out: dict[str, Any] = {"norm": float(torch.cat([g.flatten() for g in grads]).norm())}
         out["error_exact"] = P.relative_error(grads[0], exact)
         out["cosine_exact"] = cosine(grads[0], exact)
-        target = own_target(config, p) if p.kind == "ridge" else None
+        if config["method"] in PESSIMISTIC:
+            out["ptt_step"] = self.module.ptt_step(runner)
+            out["ptt_step_exact"] = DenseRegression(p).pessimistic_step(config)
+        target = own_target(config, p)
         if target is not None:
             flat = torch.cat([g.flatten() for g in grads])
             out["error_target"] = P.relative_error(flat, target)

@@ -110,30 +110,44 @@ def regression(
     return Regression(kind, x.to(dt), y.to(dt), xv.to(dt), yv.to(dt), group, log_l2, lr, scale)
 
 
+def _data_hessian(kind: str, x: Tensor, w: Tensor) -> Tensor:
+    """Hessian of ``data_loss(kind, ., x, y)`` at ``w`` (it does not depend on ``y``)."""
+    if kind == "ridge":
+        return x.T @ x / len(x)
+    s = torch.sigmoid(x @ w)
+    return x.T @ (x * (s * (1 - s))[:, None]) / len(x)
+
+
 def _hessian(p: Regression, w: Tensor, l2: Tensor) -> Tensor:
-    x = p.x
-    if p.kind == "ridge":
-        h = x.T @ x / len(x)
-    else:
-        s = torch.sigmoid(x @ w)
-        h = x.T @ (x * (s * (1 - s))[:, None]) / len(x)
-    return h + torch.diag(l2[p.group])
+    return _data_hessian(p.kind, p.x, w) + torch.diag(l2[p.group])
+
+
+def _fit(kind: str, x: Tensor, y: Tensor, l2: Tensor) -> Tensor:
+    """``argmin_w data_loss(kind, w, x, y) + 0.5 sum_i l2_i w_i^2`` (``l2`` per feature): a
+    dense solve (ridge) or Newton's method from zero (logistic), in the dtype of ``x``."""
+    w = torch.zeros(x.shape[1], dtype=x.dtype)
+    if kind == "ridge":
+        return torch.linalg.solve(_data_hessian(kind, x, w) + torch.diag(l2), x.T @ y / len(x))
+    for _ in range(100):
+        grad = x.T @ (torch.sigmoid(x @ w) - y) / len(x) + l2 * w
+        step = torch.linalg.solve(_data_hessian(kind, x, w) + torch.diag(l2), grad)
+        w = w - step
+        if float(step.norm()) < 1e-15 * (1 + float(w.norm())):
+            break
+    return w
 
 
 def exact_solution(p: Regression) -> Tensor:
     """The LL minimizer ``w*(lambda)`` in float64: closed form (ridge) or Newton (logistic)."""
     q = _float64(p)
-    l2 = q.log_l2.exp()
-    if q.kind == "ridge":
-        return torch.linalg.solve(_hessian(q, q.w0(), l2), q.x.T @ q.y / len(q.x))
-    w = q.w0()
-    for _ in range(100):
-        grad = q.x.T @ (torch.sigmoid(q.x @ w) - q.y) / len(q.x) + l2[q.group] * w
-        step = torch.linalg.solve(_hessian(q, w, l2), grad)
-        w = w - step
-        if float(step.norm()) < 1e-15 * (1 + float(w.norm())):
-            break
-    return w
+    return _fit(q.kind, q.x, q.y, q.log_l2.exp()[q.group])
+
+
+def ul_minimizer(p: Regression) -> Tensor:
+    """The minimizer of the UL objective (the validation loss, no penalty) in float64: least
+    squares (ridge) or Newton's method (logistic). It does not depend on the penalties."""
+    q = _float64(p)
+    return _fit(q.kind, q.xv, q.yv, torch.zeros(q.d, dtype=torch.float64))
 
 
 def exact_hypergradient(p: Regression) -> Tensor:

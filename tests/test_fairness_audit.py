@@ -16,18 +16,20 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 def _benchmark_modules(*names: str):
     """benchmarks/<name>.py for each name, imported with benchmarks/ on the path (its own
-    problems.py, not tests/problems.py); what they brought in is removed afterwards and the
-    shadowed modules put back."""
+    problems.py, not tests/problems.py); the benchmark modules they brought in are removed
+    afterwards and the shadowed modules put back. Other modules stay: torch imports some
+    lazily (``torch._dynamo`` on a first optimizer step), and one imported again registers
+    its operators again, which fails in a later test."""
     local = {path.stem for path in BENCHMARKS.glob("*.py")}
     shadowed = {name: sys.modules.pop(name) for name in local if name in sys.modules}
-    before, path = set(sys.modules), list(sys.path)
+    path = list(sys.path)
     sys.path.insert(0, str(BENCHMARKS))
     try:
         yield [importlib.import_module(name) for name in names]
     finally:
         sys.path[:] = path
-        for added in set(sys.modules) - before:
-            del sys.modules[added]
+        for name in local:
+            sys.modules.pop(name, None)
         sys.modules.update(shadowed)
 
 
@@ -65,12 +67,73 @@ def test_floor_ptt_takes_the_ul_losses_after_the_ll_run(floor_and_driver) -> Non
 
     recording = problems.Spec(ll, ul, s.w0, s.lam0, s.lr, s.train, s.val)
     lams = [t.detach().clone().requires_grad_() for t in s.lam0]
-    (got,) = floor.ptt(recording, lams, config["T"])
+    (got,), _ = floor.ptt(recording, lams, config["T"])
     steps = config["T"]
     assert calls == ["ll"] * steps + ["ul"] * (steps + 1)
     exact = families.own_target(config, problem)
     assert got.dtype == torch.float64
     assert float((got - exact).norm() / exact.norm()) < 1e-10
+
+
+# --------------------------------------------------------------------------- PTT's k* inside
+
+#: the truncation step the interior PTT cells are designed for (method_families.PTT_INTERIOR)
+INTERIOR_STEP = {"ridge": 5, "logistic": 8}
+
+
+@pytest.mark.parametrize("problem", ["ridge", "logistic"])
+def test_interior_ptt_cells_truncate_well_inside_the_run(floor_and_driver, problem) -> None:
+    """Started at a GD iterate, the UL loss only falls along the LL run: PTT's k* was 1 on
+    ridge and logistic, and its cells measured a one-step hypergradient. The interior cells
+    (LL from the UL loss's minimizer, heavy-ball steps) peak at k* = 5 of 10 and 8 of 16,
+    the largest UL loss clear of the next (no near-tie that round-off could flip)."""
+    _, families, _ = floor_and_driver
+    old = families.method_config("regression", problem, "ptt")
+    assert families.DenseRegression(families.make_problem(old)).pessimistic_step(old) == 1
+
+    config = families.method_config("regression", problem, "ptt_interior")
+    p = families.make_problem(config)
+    reference = families.DenseRegression(p)
+    step = reference.pessimistic_step(config)
+    assert step == INTERIOR_STEP[problem]
+    assert 0.3 * config["T"] <= step <= 0.7 * config["T"]
+    lam, w0 = p.log_l2.double(), p.w0().double()
+    with torch.no_grad():
+        path = reference.iterates(lam, w0, config["T"], momentum=config["momentum"])
+        losses = torch.stack([reference.ul(w) for w in path]).sort(descending=True).values
+    assert float(losses[1]) < 0.99 * float(losses[0])
+
+
+@pytest.mark.parametrize("problem", ["ridge", "logistic"])
+def test_ours_and_the_floor_pick_the_interior_k_star(floor_and_driver, problem) -> None:
+    """The worker records each side's k* next to the reference's; ours and the floor pick
+    the same one, and their hypergradients are the exact one through k* steps (a float64
+    unroll on both problems)."""
+    _, families, _ = floor_and_driver
+    config = families.method_config("regression", problem, "ptt_interior")
+    for impl in ("bilevel_families", "floor_families"):
+        out = families.FamilyWorker(impl).error(config, None)
+        assert out["ptt_step"] == out["ptt_step_exact"] == INTERIOR_STEP[problem], impl
+        assert out["error_target"] < 1e-10, impl
+
+
+def test_the_page_says_whether_every_side_picks_the_same_k_star(report) -> None:
+    """The page's PTT paragraph: each side's k* against the reference's, in one sentence."""
+    (r,) = report
+    c = {"suite": "regression", "problem": "ridge", "method": "ptt_interior", "T": 10}
+    steps = {"bilevel": 5, "boat": 4, "floor": 5}
+    records = [
+        {"kind": "error", "config": c, "impl": impl, "ptt_step": k, "ptt_step_exact": 5}
+        | {"error_target": 1e-15 if k == 5 else 0.1}
+        for impl, k in steps.items()
+    ]
+    text = "\n".join(r.Page({"records": records}).pessimistic())
+    assert "they do not all pick the reference's k*: BOAT k* = 4 on ridge" in text
+    assert "the largest errors are bilevel 1.0e-15, BOAT 1.0e-01, torch floor 1.0e-15" in text
+    for record in records:
+        record.update(ptt_step=5, error_target=1e-15)
+    text = "\n".join(r.Page({"records": records}).pessimistic())
+    assert "all 3 sides pick the reference's k* in every cell" in text
 
 
 # --------------------------------------------------------------------------- the page's counts
