@@ -47,7 +47,6 @@ MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 
-#: Official md5 sums of the eight gzip files.
 MNIST_MD5 = {
     "MNIST": {
         "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
@@ -62,6 +61,7 @@ MNIST_MD5 = {
         "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
     },
 }
+"""Official md5 sums of the eight gzip files: ``{data set: {file name: md5}}``."""
 
 #: Public mirrors used by ``download=True``, tried in order.
 MNIST_MIRRORS = {

@@ -59,8 +59,6 @@ __all__ = [
 #: The two archives of the original release, in canonical order.
 OMNIGLOT_PARTS = ("images_background", "images_evaluation")
 
-#: Accepted md5 sums of the zips: the upstream release first, then a pixel-identical
-#: repack without PNG timestamp chunks (as kept beside this project).
 OMNIGLOT_MD5 = {
     "images_background": (
         "68d2efa1b9178cc56df9314c21c6e718",
@@ -71,6 +69,8 @@ OMNIGLOT_MD5 = {
         "4b7da8cad29899f3e50f53208d03ac08",
     ),
 }
+"""Accepted md5 sums of the zips: the upstream release first, then a pixel-identical
+repack without PNG timestamp chunks (as kept beside this project)."""
 
 #: Upstream download locations (used by ``download=True``; only the upstream md5 is
 #: accepted for a download).
@@ -90,9 +90,9 @@ N_DRAWINGS = 20
 
 #: Seed of the character split (see ``omniglot_split_indices``).
 SPLIT_SEED = 0
-#: Characters per split: 1,100 + 100 = 1,200 meta-training characters and 423 for
-#: meta-testing, as in Vinyals et al. (2016) and Finn et al. (2017).
 SPLIT_SIZES = {"train": 1100, "val": 100, "test": 423}
+"""Characters per split: 1,100 + 100 = 1,200 meta-training characters and 423 for
+meta-testing, as in Vinyals et al. (2016) and Finn et al. (2017)."""
 
 _RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,

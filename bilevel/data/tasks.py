@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 __all__ = ["Task", "TaskDataset", "TaskSampler", "collate_tasks", "meta_batches"]
 
-#: A task or meta-batch: ``{"train": (x, y), "test": (x, y)}``.
 Task = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""A task or meta-batch: ``{"train": (x, y), "test": (x, y)}``."""
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
