@@ -301,7 +301,7 @@ def names_without_gradient(
 
 def check_precision(dtype: torch.dtype, where: str) -> None:
     """Refuse a floating-point dtype below 32 bits (float16, bfloat16, float8, complex32): the
-    library's round-off floors (``bilevel.ul.base.ROUNDOFF * eps``: PTT's ties, the LL's
+    library's round-off floors (``bilevel.roundoff.ROUNDOFF * eps``: PTT's ties, the LL's
     stationarity, the series' divergence certificate) are 10% to 80% of a value there, and an
     LL step below ``eps / 2`` of a weight is lost, so results would be silently wrong."""
     if not (dtype.is_floating_point or dtype.is_complex) or torch.finfo(dtype).bits >= 32:

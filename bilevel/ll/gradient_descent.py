@@ -18,6 +18,7 @@ from bilevel.ll.hyper import PerElement, PerStep, Schedule
 from bilevel.ll.patched import (
     ModelChanged,
     evaluate_at,
+    fast_weights,
     install,
     parameter_list,
     patch,
@@ -34,6 +35,7 @@ from bilevel.ll.unroll import (
     last_step_only,
     needs_graph,
 )
+from bilevel.roundoff import ROUNDOFF, roundoff_floor
 from bilevel.state import (
     LowerLevelDivergenceError,
     Objective,
@@ -143,7 +145,11 @@ class GradientDescent:
 
     The growth check: with ``first`` and ``last`` the LL loss before the first and before the
     last step, a run of two or more steps diverges when ``last > first + growth_tolerance *
-    |first| + eps`` (``eps`` of the loss's dtype). The batch is fixed during a run, so the
+    |first| + 100 eps max(|first|, |last|)`` (``eps`` of the loss's dtype) and its weights
+    left round-off of their start (``||w_T - w_0|| > 100 eps max(||w_0||, ||w_T||)``: a run
+    that did not move did not diverge, whatever the round-off of its losses). Every term is
+    relative, so the decision is the same at any scale of the LL objective (a loss of 1e-20
+    near a perfect fit, or one summed over a data set). The batch is fixed during a run, so the
     loss carries no minibatch noise; the default relative tolerance ``1e-3`` is far above
     round-off and below any real divergence, which grows geometrically. An LL objective that
     is noisy by design (dropout, sampling inside the objective) may need a larger
@@ -520,9 +526,13 @@ class GradientDescent:
             )
         if self.on_growth == "ignore" or count < 2:
             return
-        eps = torch.finfo(losses.dtype).eps
-        if not last > first + self.growth_tolerance * abs(first) + eps:
+        # every term relative to the losses compared, none absolute: a loss of 1e-20 near a
+        # perfect fit that grows tenfold is caught as one of 1e12 summed over a data set
+        noise = ROUNDOFF * torch.finfo(losses.dtype).eps * max(abs(first), abs(last))
+        if not last > first + self.growth_tolerance * abs(first) + noise:
             return
+        if unroll is not None and not self._moved(unroll):
+            return  # weights at round-off of their start: the losses' changes are noise
         if self.on_growth == "warn" and self._warned_growth:
             return  # once per optimizer
         lambda_max, safe_lr, advice = self._stable_step(unroll)
@@ -545,6 +555,21 @@ class GradientDescent:
             lambda_max=lambda_max,
             safe_lr=safe_lr,
         )
+
+    def _moved(self, unroll: Unroll) -> bool:
+        """Whether the run's trainable weights left round-off of their start (``ll_model``'s),
+        ``||w_T - w_0|| > ROUNDOFF * eps * max(||w_0||, ||w_T||)``; on the growth path only. A
+        run that did not move has not diverged, whatever its losses say: where they are
+        differences of terms that cancel (a perfect fit, ``||y||`` of 1e8 with residuals at
+        round-off; a fixed point's ``||Phi(w) - w||^2``) their round-off is far above
+        ``eps`` times their value, and its result is its start, to round-off."""
+        params = list(self.ll_model.parameters())
+        end = fast_weights(unroll.model)
+        start = [params[i].detach() for i in unroll.index]
+        end = [end[i].detach() for i in unroll.index]
+        apart = linalg.norm([b - a for a, b in zip(start, end, strict=True)])
+        size = torch.maximum(linalg.norm(start), linalg.norm(end))
+        return bool(apart > roundoff_floor(size))
 
     def _run_settings(self, rule: bool) -> str:
         """The settings a failed run's message quotes: the step size (and the rule)."""

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from bilevel import linalg
+from bilevel.roundoff import roundoff_floor
 from bilevel.state import Objective
-from bilevel.ul.base import roundoff_floor
 from bilevel.ul.value_function import (
     FirstOrderMethod,
     StepContext,

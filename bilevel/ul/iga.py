@@ -11,6 +11,7 @@ from torch import nn
 
 from bilevel import linalg
 from bilevel.ll import evaluate_at
+from bilevel.roundoff import roundoff_floor
 from bilevel.second_derivatives import once_differentiable_in
 from bilevel.state import Objective
 from bilevel.ul.base import (
@@ -22,7 +23,6 @@ from bilevel.ul.base import (
     gradient_scale,
     refuse_fixed_point_map,
     refuse_rule_weight_decay,
-    roundoff_floor,
 )
 
 

@@ -12,10 +12,10 @@ from torch import nn
 
 from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
+from bilevel.roundoff import ROUNDOFF
 from bilevel.second_derivatives import gradient_to_differentiate, refuse_once_differentiable
 from bilevel.state import Objective, all_finite, names_without_gradient
 from bilevel.ul.base import (
-    ROUNDOFF,
     Call,
     Grads,
     HypergradientCalculator,
@@ -436,7 +436,10 @@ class Implicit(HypergradientCalculator):
             return
         norms = [start, self.diagnostics["ll_grad_norm"], *self._distance_norms(trajectory)]
         first, final, *distance = torch.stack([n.double() for n in norms]).tolist()  # one sync
-        ratio = final / max(first, 1e-30)
+        # (no absolute floor under first: at an LL objective of scale 1e-32 the gradients are
+        # below 1e-30, and a floor there made every ratio small; first = 0 only at an LL
+        # started at an exact stationary point, where any later gradient is growth)
+        ratio = final / first if first > 0 else (math.inf if final > 0 else 0.0)
         self.diagnostics["ll_grad_ratio"] = ratio
         left = self._distance_left(trajectory.step_size, final, ratio, distance)
         if left is not None:

@@ -10,6 +10,7 @@ import torch
 from bilevel import linalg
 from bilevel.ll import evaluate_at
 from bilevel.ll.patched import install
+from bilevel.roundoff import roundoff_floor
 from bilevel.state import Draws, capture_draws, modes_kept, replay_draws
 from bilevel.ul.base import (
     Call,
@@ -19,7 +20,6 @@ from bilevel.ul.base import (
     kept_buffers,
     put_back,
     put_back_buffers,
-    roundoff_floor,
 )
 
 Tensors = list[torch.Tensor]
