@@ -91,7 +91,9 @@ def all_reduce_sum(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     out, offset = [], 0
     for t, given in zip(parts, tensors, strict=True):
         part = flat[offset : offset + t.numel()].view_as(t)
-        out.append(torch.view_as_complex(part) if given.is_complex() else part)
+        # (a copy: a view of the buffer at an odd offset, after real tensors of odd size,
+        # cannot be read as complex)
+        out.append(torch.complex(part[..., 0], part[..., 1]) if given.is_complex() else part)
         offset += t.numel()
     return out
 

@@ -18,11 +18,12 @@ from bilevel.ll.unroll import restore_model
 from bilevel.problem import (
     BilevelProblem,
     Pair,
+    _located,
     _NonStrictLoadCures,
     check_run_options,
     resume_strictly,
 )
-from bilevel.state import check_finite
+from bilevel.state import check_finite, check_hypergradient
 from bilevel.ul import Forward, Truncated
 from bilevel.ul.forward import tangent_count
 
@@ -220,11 +221,10 @@ class OnlineHypergradient:
             trajectory = unroll.record(losses, len(ll_losses) if graph else 0)
             self.ul_optimizer.zero_grad(set_to_none=True)
             ul_loss = self.ul.accumulate(trajectory, val_batch(updates), (data, target))
-            grads = [p.grad for p in self.ul.ul_params if p.grad is not None]
-            check_finite(
-                torch.stack([g.sum() for g in grads]),
-                f"the online {self.ul.name} hypergradient at LL step {step + 1}",
-            )
+            try:  # (the finite entries of a hypergradient can have an infinite sum)
+                check_hypergradient([p.grad for p in self.ul.ul_params if p.grad is not None])
+            except FloatingPointError as error:
+                raise _located(error, f"online {self.ul.name}, LL step {step + 1}") from None
             self.ul_optimizer.step()
             self._held = None  # the UL variables moved on: an earlier position no longer fits
             updates += 1

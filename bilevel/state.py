@@ -375,13 +375,14 @@ def check_data_matches(
     data: Any, reference: torch.Tensor, name: str, index: int | None = None
 ) -> None:
     """Raise if a data tensor (or one inside nested data: tuples, lists, dicts) lives on
-    another device, is floating point of another dtype, or complex of another precision
-    (complex data with real models of its parts' dtype is the objectives' choice). Messages
-    name it ``name``, or ``name[index]`` with an ``index`` (formatted only when needed)."""
-    if isinstance(data, torch.Tensor):
-        same_dtype = data.dtype == reference.dtype  # the usual case, a match, in one test
-        inexact = data.is_floating_point() or data.is_complex()
-        if data.device == reference.device and (same_dtype or not inexact):
+    another device, or is floating point or complex of another precision than the models
+    (``float64`` and ``complex128`` are one precision: real data with complex models, or
+    complex data with real ones, is the objectives' choice). Messages name it ``name``, or
+    ``name[index]`` with an ``index`` (formatted only when needed)."""
+    if isinstance(data, torch.Tensor) and data.device == reference.device:
+        if data.dtype == reference.dtype:  # the usual case, a match, in one test
+            return
+        if not (data.is_floating_point() or data.is_complex()):
             return
     if index is not None:
         name = f"{name}[{index}]"
@@ -389,18 +390,18 @@ def check_data_matches(
         leaves: Iterable[tuple[str, torch.Tensor]] = ((name, data),)
     else:
         leaves = tensor_leaves(data, name)
+    precision = reference.dtype.to_real()
     for where, tensor in leaves:
         if tensor.device != reference.device:
             raise ValueError(
                 f"{where} is on {tensor.device} but the models are on {reference.device}; move "
                 f"it with .to({str(reference.device)!r})."
             )
-        if tensor.is_floating_point() and tensor.dtype != reference.dtype:
+        if tensor.is_floating_point() and tensor.dtype != precision:
             raise ValueError(
                 f"{where} has dtype {tensor.dtype} but the models have {reference.dtype}; "
-                f"convert it with .to({reference.dtype})."
+                f"convert it with .to({precision})."
             )
-        precision = reference.dtype.to_real()
         if tensor.is_complex() and tensor.dtype.to_real() != precision:
             raise ValueError(
                 f"{where} has dtype {tensor.dtype} but the models have {reference.dtype}: the "

@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from bilevel import BilevelProblem, linalg
+from bilevel import BilevelProblem, distributed, linalg
 from bilevel import ul as U
 from bilevel.ll import BDA, FixedPointMap, GradientDescent
 from bilevel.ll.rules import make_rule
@@ -426,6 +426,32 @@ def test_two_processes_take_the_complex_step_one_process_takes(tmp_path):
         assert relative(lam, single[0]) < 1e-13 and relative(losses, single[1]) < 1e-13
 
 
+def _reduce_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        real = torch.full((3,), rank + 1.0, dtype=torch.float64)  # an odd size first
+        torch.save(distributed.all_reduce_sum([real, (rank + 1) * W0]), f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_complex_tensor_after_a_real_one_of_odd_size_is_summed(tmp_path):
+    """A real UL parameter of odd size before a complex one put the complex part at an odd
+    offset of the all-reduce buffer, which ``view_as_complex`` refuses (a raw RuntimeError on
+    every process). Fails before."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "reduced")
+    mp.spawn(_reduce_worker, args=(2, port, out), nprocs=2, join=True)
+    for rank in range(2):
+        real, summed = torch.load(f"{out}.{rank}", weights_only=True)
+        torch.testing.assert_close(real, torch.full((3,), 3.0, dtype=torch.float64))
+        torch.testing.assert_close(summed, 3 * W0, rtol=1e-15, atol=0)
+
+
 # --- what is refused, and what is accepted now --------------------------------------------
 
 
@@ -469,6 +495,26 @@ def test_complex_data_of_another_precision_is_refused_before_the_ll_runs():
     problem, _, _, val = build(U.Reverse, iters=5)
     with pytest.raises(ValueError, match=r"complex64.*complex128.*\.to\(torch\.complex128\)"):
         problem.hypergradient((A.to(torch.complex64), B), val)
+
+
+def test_real_data_of_the_parts_precision_is_accepted_as_complex_data_is_by_real_models():
+    """Real features of a complex model (float64 for complex128: one precision, as the
+    docs' rule says) were refused ("convert it with .to(torch.complex128)") while complex
+    data for real models was accepted. Fails before."""
+
+    def loss(state: dict) -> torch.Tensor:
+        x, w = state["data"].to(CX), state["ll_model"].w
+        return 0.5 * squared(x @ w - state["target"]).mean() + 0.5 * squared(w).sum()
+
+    grads = []
+    for features in (A.real, A.real.to(CX)):
+        net = Params(w=W0)
+        ll = GradientDescent(loss, net, net, lr=0.3, iters=5)
+        problem = BilevelProblem(ll, U.Reverse(loss, net, loss, net))
+        grads.append(problem.hypergradient((features, B), (features, B))[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"float32.*complex128.*\.to\(torch\.float64\)"):
+        problem.hypergradient((A.real.float(), B), (A.real, B))
 
 
 def test_an_objective_that_returns_a_complex_loss_is_refused_with_the_cure():

@@ -60,6 +60,7 @@ from bilevel.ul import (
     IGA,
     PTT,
     FiniteDifference,
+    Forward,
     HypergradientDivergenceError,
     Implicit,
     Reverse,
@@ -89,12 +90,14 @@ class Scalar(nn.Module):
         self.w = nn.Parameter(torch.ones(1, dtype=DTYPE))
 
 
-@pytest.mark.parametrize("k", [-24, -18, -15, -12, -6, 0, 6, 12, 18, 24])
+@pytest.mark.parametrize("k", [-40, -24, -18, -15, -12, -6, 0, 6, 12, 18, 24, 50])
 @pytest.mark.parametrize(("growth", "diverges"), [(5e-4, False), (2e-3, True)])
 def test_the_growth_tolerance_is_relative_at_every_loss_scale(k, growth, diverges):
     """Two steps of ``w <- (1 - lr c) w`` on ``c w^2 / 2`` with ``|1 - lr c| = sqrt(1 +
     growth)``: the loss grows by ``1 + growth`` whatever ``c``. Before: below a loss of about
-    1e-13 the absolute ``eps`` hid a growth of 2e-3 (k <= -15)."""
+    1e-13 the absolute ``eps`` hid a growth of 2e-3 (k <= -15); and a step size given as a
+    number was range-checked in float32, so ``lr`` of 2e-50 (k = 50) read as 0 and 2e40
+    (k = -40) as inf, and both were refused."""
     c = 10.0**k
 
     def objective(state):
@@ -106,6 +109,22 @@ def test_the_growth_tolerance_is_relative_at_every_loss_scale(k, growth, diverge
         with pytest.raises(LowerLevelDivergenceError):
             ll.optimize(None, None)
     else:
+        ll.optimize(None, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_divergence_whose_last_weights_overflow_a_square_is_caught(dtype):
+    """``w <- -1000 w`` on ``w^2 / 2`` from 1: the run stops just before its loss overflows,
+    and its last weights (1e156; 1e21 in float32) have a square that does: the 'weights did
+    not move' exemption took ``inf > inf`` for a run that stood still. Fails before."""
+    iters = 52 if dtype == torch.float64 else 7  # last loss 5e305 (5e35 in float32)
+    ll_model = Scalar().to(dtype)
+
+    def objective(state):
+        return 0.5 * (state["ll_model"].w ** 2).sum()
+
+    ll = GradientDescent(objective, ll_model, Scalar().to(dtype), lr=1001.0, iters=iters)
+    with pytest.raises(LowerLevelDivergenceError):
         ll.optimize(None, None)
 
 
@@ -500,3 +519,24 @@ def test_the_finite_checks_take_huge_finite_values_as_finite():
     assert all_finite([huge]) and all_finite([huge, huge])
     check_hypergradient([huge, -huge])
     assert not all_finite([huge, torch.tensor([float("nan")], dtype=DTYPE)])
+
+
+def test_an_online_run_takes_a_huge_finite_hypergradient_as_finite():
+    """The online runner checked the sums of the hypergradient's tensors: two entries of 1e308
+    (a UL objective in units of 1e308) summed to inf and the run was refused as "not finite".
+    It now checks as ``BilevelProblem.step`` does. Fails before."""
+    from bilevel.online import OnlineHypergradient
+
+    p = ridge(d=2)
+
+    def ul_objective(state):
+        lam = state["ul_model"].log_l2
+        return ridge_ul(state) + 1e308 * (lam - lam.detach()).sum()  # value 0, gradient 1e308
+
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=LR, iters=10)
+    ul = Forward(ul_objective, p.ul_model, ridge_ll, p.ll_model)
+    before = p.ul_model.log_l2.detach().clone()
+    optimizer = torch.optim.SGD(p.ul_model.parameters(), lr=1e-310)
+    OnlineHypergradient(ll, ul, optimizer, hyper_every=5).run(p.train, p.val, 10, progress=False)
+    moved = p.ul_model.log_l2.detach() - before
+    assert ((moved < -1e-3) & (moved > -1e-1)).all()  # two steps of about 1e308 * 1e-310

@@ -562,11 +562,22 @@ class GradientDescent:
         run that did not move has not diverged, whatever its losses say: where they are
         differences of terms that cancel (a perfect fit, ``||y||`` of 1e8 with residuals at
         round-off; a fixed point's ``||Phi(w) - w||^2``) their round-off is far above
-        ``eps`` times their value, and its result is its start, to round-off."""
+        ``eps`` times their value, and its result is its start, to round-off. The weights are
+        divided by their largest entry first: a diverging run's last weights (1e155 in
+        float64, 1e20 in float32) overflow a sum of squares, and ``inf > inf`` would have
+        called the run still; weights that became inf or NaN moved."""
         params = list(self.ll_model.parameters())
         end = fast_weights(unroll.model)
-        start = [params[i].detach() for i in unroll.index]
-        end = [end[i].detach() for i in unroll.index]
+        start = [params[i].detach() for i in unroll.index if params[i].numel()]
+        end = [end[i].detach() for i in unroll.index if params[i].numel()]
+        if not start:
+            return False  # (no entries to move)
+        top = torch.stack([t.abs().max() for t in (*start, *end)]).max()
+        if not torch.isfinite(top):
+            return True
+        if not top > 0:
+            return False  # zeros at the start and the end
+        start, end = [t / top for t in start], [t / top for t in end]
         apart = linalg.norm([b - a for a, b in zip(start, end, strict=True)])
         size = torch.maximum(linalg.norm(start), linalg.norm(end))
         return bool(apart > roundoff_floor(size))

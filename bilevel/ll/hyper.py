@@ -182,8 +182,10 @@ def kind_of(
 
 def _outside(values: list[Any], bound: Bound) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The values flattened (one host sync for all of them) and the mask of those outside
-    ``bound`` (non-finite ones included)."""
-    flat = [torch.as_tensor(v).detach().reshape(-1).double().cpu() for v in values]
+    ``bound`` (non-finite ones included). Python numbers are read in float64 (torch's
+    default float32 made a step size of 1e-50, for an LL objective of scale 1e50, a 0, and
+    one of 1e40 inf)."""
+    flat = [torch.as_tensor(v, dtype=torch.float64).detach().reshape(-1).cpu() for v in values]
     every = torch.cat(flat)
     low_ok = (every >= bound.low) if bound.closed_low else (every > bound.low)
     return flat, ~(low_ok & (every < bound.high) & torch.isfinite(every))
