@@ -28,7 +28,6 @@ most 6e-15 relative here).
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +35,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_distributed import free_port
 from torch import nn
 
 from bilevel import BilevelProblem, distributed, linalg
@@ -414,9 +414,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_two_processes_take_the_complex_step_one_process_takes(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = str(tmp_path / "result")
     mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
     single = implicit_steps()
@@ -441,9 +439,7 @@ def test_a_complex_tensor_after_a_real_one_of_odd_size_is_summed(tmp_path):
     """A real UL parameter of odd size before a complex one put the complex part at an odd
     offset of the all-reduce buffer, which ``view_as_complex`` refuses (a raw RuntimeError on
     every process). Fails before."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = str(tmp_path / "reduced")
     mp.spawn(_reduce_worker, args=(2, port, out), nprocs=2, join=True)
     for rank in range(2):
