@@ -475,9 +475,9 @@ CLAIMS = {
         lambda T: per_step(T + 2, 1, T + 3),
     ),
     "IGA": Claim(
-        "the LL run, 2 gradients, 2 HVPs",
+        "the LL run, 2 gradients, 3 HVPs",
         IGA,
-        lambda T: per_step(T + 1, 1, T + 2, with_graph=1, through=[1, 1]),
+        lambda T: per_step(T + 1, 1, T + 2, with_graph=1, through=[1, 1, 1]),
     ),
     "DM": Claim(
         "the LL run, one UL gradient, one LL gradient with its graph, 1 HVP, 1 mixed product",

@@ -38,7 +38,7 @@ class IGA(HypergradientCalculator):
     This is the implicit formula ``grad_lambda F - grad2_{lambda,w} f H^{-1} grad_w F`` with
     the Hessian blocks of ``f`` modelled by outer products of its gradient,
     ``H ~ grad_w f grad_w f^T`` and ``grad2_{lambda,w} f ~ grad_lambda f grad_w f^T``, and the
-    pseudo-inverse of the rank-one ``H``. It costs two gradients and two Hessian-vector
+    pseudo-inverse of the rank-one ``H``. It costs two gradients and three Hessian-vector
     products at the last iterate (no LL graph), and is what the LwCL authors' code (``GN``
     mode) and BOAT's ``IGA`` compute (the products only set the round-off floor below).
 
@@ -171,7 +171,7 @@ class IGA(HypergradientCalculator):
         self, loss: torch.Tensor, grads: Sequence[torch.Tensor | None], w: list[torch.Tensor]
     ) -> torch.Tensor | None:
         """The size of the terms that cancel in the LL gradient ``grads`` (with its graph) at
-        ``w``, which sets its round-off (a detached 0-d tensor; two Hessian-vector products,
+        ``w``, which sets its round-off (a detached 0-d tensor; three Hessian-vector products,
         ``bilevel.ul.base.gradient_scale``, as :class:`~bilevel.ul.Implicit` takes it).
         ``None`` where ``ll_objective`` has no second derivative in PyTorch (``torch.cdist``
         on a few rows, ``pdist``, ``embedding_bag``: ``NotImplementedError``; a

@@ -448,7 +448,7 @@ class Implicit(HypergradientCalculator):
         if limit is None or (ratio <= limit and (left is None or left <= limit)):
             return
         eps = torch.finfo(self.diagnostics["ll_grad_norm"].dtype).eps
-        if final <= ROUNDOFF * eps * float(scale()):  # one more product, on this path only
+        if final <= ROUNDOFF * eps * float(scale()):  # its products: on this path only
             return
         self.stationarity_warning = None  # once per calculator
         step_map = trajectory.step_map
