@@ -272,13 +272,21 @@ def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
 
     def check(tmp: Path) -> None:
         try:  # with mmap, the tensors' bytes are not read, only the pickled structure
-            torch.load(tmp, weights_only=True, map_location="cpu", **_MMAP)
+            written = torch.load(tmp, weights_only=True, map_location="cpu", **_MMAP)
         except pickle.UnpicklingError as error:
             raise TypeError(
                 f"the checkpoint for {path} holds objects that a weights-only load refuses "
                 f"({_refusal(error)}); {path} was left as it was. Save tensors and plain values "
                 "only (dict, list, tuple, str, int, float, bool, None)."
             ) from None
+        inflated = _inflated_tensor(written)
+        if inflated is not None:
+            raise TypeError(
+                f"the checkpoint for {path} holds a tensor ({inflated}) with more elements "
+                f"than its storage: a view whose entries share memory (expand, stride 0), "
+                f"which load refuses; {path} was left as it was. Save .contiguous() or the "
+                "tensor it was expanded from."
+            )
 
     atomic_write(path, lambda f: torch.save(checkpoint, f), check=check)
 
@@ -342,6 +350,15 @@ def load(path: str | os.PathLike, require: Iterable[str] = ()) -> dict[str, Any]
         raise CheckpointError(_load_failure(path, error)) from None
     if not isinstance(state, dict) or "format" not in state:
         raise CheckpointError(_foreign(path, state))
+    inflated = _inflated_tensor(state)
+    if inflated is not None:
+        raise CheckpointError(
+            f"{path} cannot be loaded safely: it holds a tensor ({inflated}) with more elements "
+            "than its storage in the file (entries sharing memory, as expand makes), which "
+            "would take far more memory than the file once copied or converted. bilevel's save "
+            "never writes one: the file was crafted or written by other code. Restore it from "
+            "a copy, or delete it to start the run again."
+        )
     if state["format"] != FORMAT:
         raise CheckpointError(
             f"{path} is not a bilevel checkpoint (its format is {state['format']!r}). Point to "
@@ -361,6 +378,32 @@ def load(path: str | os.PathLike, require: Iterable[str] = ()) -> dict[str, Any]
             "Point to the right file, or delete it to start the run again."
         )
     return state
+
+
+def _inflated_tensor(value: Any, where: str = "") -> str | None:
+    """Where in ``value`` (dicts, lists, tuples) a tensor has more elements than its storage
+    holds (``"['opt']['state'][0]"``, its shape and size in the file), or ``None``. torch
+    refuses a tensor that reaches past its storage, but not one whose entries overlap: a
+    stride-0 view of one stored number can claim 2^40 elements, and copying or converting it
+    (an optimizer's ``load_state_dict`` casts its state) allocates all of them."""
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:  # sparse: torch checks its invariants on load
+            return None
+        stored = value.untyped_storage().nbytes() // max(value.element_size(), 1)
+        if value.numel() > stored:
+            return f"{where or 'the checkpoint'}: shape {tuple(value.shape)}, {stored} stored"
+        return None
+    if isinstance(value, dict):
+        items: Iterable[tuple[Any, Any]] = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _inflated_tensor(item, f"{where}[{key!r}]")
+        if found is not None:
+            return found
+    return None
 
 
 def _damaged_member(path: Path) -> str | None:

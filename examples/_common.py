@@ -37,6 +37,7 @@ import platform
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -365,6 +366,19 @@ class FolderLock:
                 f"cannot create the lock file {self.path} ({error.strerror or error}): "
                 f"{_cure(error)}, or choose another --out."
             ) from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # (O_NOFOLLOW stops links
+            # by name only) a hard link's target, or a FIFO or device, would be written to
+            os.close(fd)
+            kind = (
+                "has other names (a hard link)"
+                if stat.S_ISREG(info.st_mode)
+                else "is not a regular file"
+            )
+            raise SystemExit(
+                f"the lock file {self.path} {kind}: this run would overwrite another file "
+                "through it. Delete it, or choose another --out."
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:

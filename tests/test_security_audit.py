@@ -5,7 +5,10 @@
   copy;
 - an IDX gzip file that expands far beyond what its header announces (a decompression bomb)
   is reported without being decompressed into memory;
-- the examples' folder lock does not follow a symbolic link planted in the output folder.
+- a checkpoint tensor with more elements than its storage (a stride-0 view claiming 2^40) is
+  refused on load, and ``save`` does not write one;
+- the examples' folder lock does not follow a symbolic link planted in the output folder, nor
+  write through a hard link.
 """
 
 from __future__ import annotations
@@ -101,3 +104,58 @@ def test_the_run_lock_does_not_follow_a_symbolic_link(tmp_path: Path) -> None:
         assert str(out / "run.lock") in str(error.value)
     assert victim.read_text() == "keep me\n"
     assert (out / "run.lock").is_symlink()  # left for the user to look at
+
+
+def test_a_checkpoint_tensor_with_more_elements_than_its_storage_is_refused(
+    tmp_path: Path,
+) -> None:
+    """BUG (before the fix): a stride-0 view of one stored number, claiming 2^40 elements in a
+    file of a few hundred bytes, loaded without a word; an optimizer's ``load_state_dict``
+    casting it to its parameter's dtype would then try to allocate 8 TiB."""
+    inflated = torch.zeros((), dtype=torch.float32).expand(2**40)
+    path = tmp_path / "crafted.pt"
+    torch.save(
+        {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "opt": [inflated]}, path
+    )
+    assert path.stat().st_size < 4096
+    with pytest.raises(CheckpointError, match="more elements") as error:
+        checkpoint.load(path)
+    assert "['opt'][0]" in str(error.value) and str(path) in str(error.value)
+    # a dense tensor, and a view that overlaps within its storage, load as they are
+    dense = torch.arange(6.0)
+    window = torch.arange(4.0).as_strided((3, 2), (1, 1))  # 6 elements over 4 stored
+    torch.save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "w": dense}, path)
+    assert torch.equal(checkpoint.load(path)["w"], dense)
+    assert window.numel() > window.untyped_storage().nbytes() // window.element_size()
+    torch.save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "w": window}, path)
+    with pytest.raises(CheckpointError, match="more elements"):
+        checkpoint.load(path)
+
+
+def test_save_refuses_a_tensor_that_load_would_refuse(tmp_path: Path) -> None:
+    """BUG (before the fix): ``save`` wrote an expanded view, which ``load`` refuses (above):
+    a checkpoint that could not be resumed. It is refused when written, naming the cure, and
+    an existing file at the path is left as it was."""
+    path = tmp_path / "run.pt"
+    checkpoint.save(path, {"step": 1})
+    with pytest.raises(TypeError, match=r"contiguous\(\)"):
+        checkpoint.save(path, {"step": 2, "lam": torch.ones(1).expand(1000)})
+    assert checkpoint.load(path)["step"] == 1
+    checkpoint.save(path, {"step": 3, "lam": torch.ones(1).expand(1000).contiguous()})
+    assert checkpoint.load(path)["lam"].shape == (1000,)
+
+
+def test_the_run_lock_does_not_write_through_a_hard_link(tmp_path: Path) -> None:
+    """BUG (before the fix): O_NOFOLLOW stops a symbolic link, not a hard link: a run.lock
+    planted as a second name of another file had the run truncate that file and write its PID
+    there."""
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(victim, out / "run.lock")
+    with example_module("_common") as common:
+        with pytest.raises(SystemExit, match="other names") as error:
+            common.FolderLock(out).acquire()
+        assert str(out / "run.lock") in str(error.value)
+    assert victim.read_text() == "keep me\n"
