@@ -86,8 +86,9 @@ class Forward(HypergradientCalculator):
         n = tangent_count(self.ul_params)
         if n > MANY:
             warnings.warn(
-                f"Forward carries one tangent per scalar hyperparameter: {n} Jacobian-vector "
-                f"products per LL step, and tangents of {n} times the LL's size in memory. "
+                "Forward carries one tangent per real coordinate of the hyperparameters (two "
+                f"per complex entry): {n} Jacobian-vector products per LL step, and tangents of "
+                f"{n} times the LL's size in memory. "
                 "For this many hyperparameters use Reverse, Truncated or Implicit.",
                 RuntimeWarning,
                 stacklevel=3,
