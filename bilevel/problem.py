@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import operator
 import os
 import signal
 import sys
@@ -28,7 +29,7 @@ from bilevel.state import (
     map_tensors,
     tensor_leaves,
 )
-from bilevel.ul.base import check_ul_parameters, kept_buffers
+from bilevel.ul.base import check_ul_parameters, kept_buffers, put_back_buffers
 
 Pair = tuple[Any, Any]
 Batch = Pair | tuple[Pair, Pair] | dict[str, Pair]
@@ -192,7 +193,9 @@ class BilevelProblem:
             :meth:`hypergradient` and ``ul_optimizer.step()`` would not do: that query
             leaves their state as it was, so the LL would never move. A hook registered on a
             UL parameter is no substitute: it sees the partial terms that some methods add up
-            (Implicit's direct and implicit terms, Forward's per-step tangent terms).
+            (Implicit's direct and implicit terms, Forward's per-step tangent terms). Methods
+            that keep LL state move it after the UL optimizer's step: the hook sees
+            ``ll_model`` as it was before the UL step.
 
     """
 
@@ -582,33 +585,69 @@ class BilevelProblem:
     def _step(self, tasks: Sequence[tuple[Pair, Pair]]) -> torch.Tensor:
         if self.ul_optimizer is None:
             raise ValueError("step needs a ul_optimizer: BilevelProblem(ll, ul, ul_optimizer).")
-        self.ul_optimizer.zero_grad(set_to_none=True)
+        start = _StepStart(self)
+        commits = self.ul.hold_state_changes()  # the method's changes, until the UL step
         try:
-            loss = self._accumulate(tasks)
-            check_hypergradient([p.grad for p in self.ul.ul_params])
-            if self.before_ul_step is not None:
-                self.before_ul_step(self.ul_params)
-                left = [p.grad for p in self.ul_params if p.grad is not None]
-                if left and not all_finite(left):
-                    raise FloatingPointError(
-                        "the gradient that before_ul_step left is not finite (NaN or inf)."
-                    )
-        except FloatingPointError as error:
-            # a failed LL run (NaN, inf, or a loss that grew), a diverged solver or a
-            # non-finite hypergradient: the UL parameters are not touched either way
-            self.ul_optimizer.zero_grad(set_to_none=True)
-            located = _located(error, f"UL step {self.step_count} ({self.ul.name})")
-            if self.on_nonfinite == "raise":
-                raise located from error
-            self.last_skipped = located
-            self.skipped_steps += 1
-            self.step_count += 1
-            return torch.tensor(float("nan"))
-        self.ul_optimizer.step()
-        if self.ul_scheduler is not None:
-            self.ul_scheduler.step()
+            try:
+                loss = self._direction(tasks)
+            except FloatingPointError as error:
+                return self._refuse_or_skip(error)
+            self._take_ul_step()
+        except BaseException:
+            start.put_back()
+            raise
+        finally:
+            self.ul.stop_holding_state_changes()
+        for commit in commits:  # the method's state moves with the UL variables
+            commit()
         self.step_count += 1
         return loss
+
+    def _direction(self, tasks: Sequence[tuple[Pair, Pair]]) -> torch.Tensor:
+        """Set ``.grad`` of the UL parameters to the direction of the UL step: the
+        hypergradient, checked, as ``before_ul_step`` leaves it; return the UL loss."""
+        self.ul_optimizer.zero_grad(set_to_none=True)
+        loss = self._accumulate(tasks)
+        check_hypergradient([p.grad for p in self.ul.ul_params])
+        if self.before_ul_step is not None:
+            self.before_ul_step(self.ul_params)
+            left = [p.grad for p in self.ul_params if p.grad is not None]
+            if left and not all_finite(left):
+                raise FloatingPointError(
+                    "the gradient that before_ul_step left is not finite (NaN or inf)."
+                )
+        return loss
+
+    def _refuse_or_skip(self, error: FloatingPointError) -> torch.Tensor:
+        """A failed LL run (NaN, inf, or a loss that grew), a diverged solver or a non-finite
+        hypergradient: raise it, located, or (``on_nonfinite="skip"``) count the UL step as
+        skipped, without touching the UL parameters (a method's own draws stay taken, so that
+        the next step draws anew)."""
+        located = _located(error, f"UL step {self.step_count} ({self.ul.name})")
+        if self.on_nonfinite == "raise":
+            raise located from error
+        self.ul_optimizer.zero_grad(set_to_none=True)
+        self.last_skipped = located
+        self.skipped_steps += 1
+        self.step_count += 1
+        return torch.tensor(float("nan"))
+
+    def _take_ul_step(self) -> None:
+        """Step the UL optimizer and scheduler. An error in them after they changed a UL
+        parameter or the optimizer's state says so: that change cannot be put back."""
+        versions = _versions(self.ul_optimizer)
+        try:
+            self.ul_optimizer.step()
+            if self.ul_scheduler is not None:
+                self.ul_scheduler.step()
+        except BaseException as error:
+            if _versions(self.ul_optimizer) != versions:
+                error.add_note(
+                    "(The UL optimizer or its scheduler raised after it had changed UL "
+                    "parameters or its state: that part of the UL step cannot be put back. "
+                    "Load the last checkpoint before taking more steps.)"
+                )
+            raise
 
     def step(self, train: Pair, val: Pair) -> torch.Tensor:
         """Zero the UL grads, compute the hypergradient, step the UL optimizer.
@@ -617,6 +656,14 @@ class BilevelProblem:
         linear solve) leaves the UL parameters bitwise unchanged: it raises (the error's type
         is kept, its message starts with the UL step and the method) or, under
         ``on_nonfinite="skip"``, is skipped and counted in ``skipped_steps``.
+
+        A step that raises, whatever the error (an objective's, ``KeyboardInterrupt``, a
+        refusal), changes nothing: ``.grad`` of the UL parameters, the LL model, the method's
+        state across UL steps (its draws included), its diagnostics, the models' buffers and
+        torch's generators (CPU and the models' device) are as before, so that catching the
+        error and stepping again gives the step an uninterrupted run takes. Only an error
+        inside the UL optimizer's own step, after it changed a UL parameter, cannot be undone:
+        the error then says so (load the last checkpoint).
 
         Returns:
             The UL loss before the step (detached); NaN for a skipped step.
@@ -1005,6 +1052,71 @@ class BilevelProblem:
 
 
 _ABSENT = object()
+
+
+class _StepStart:
+    """What a UL step that raises puts back, so that catching the error and stepping again
+    (or saving a checkpoint) is safe: ``.grad`` of the UL parameters, the method's state
+    across UL steps (its sampler's draws; the changes it commits are held until the UL step
+    is taken), its diagnostics, the models' buffers (batch-norm running statistics), the torch
+    generators of the CPU and the models' device (dropout draws) and the last LL loss. Cheap:
+    references, and copies of the buffers, the generators' states and what the method's
+    ``state_dict`` copies (no LL or UL weights)."""
+
+    def __init__(self, problem: BilevelProblem) -> None:
+        self.problem = problem
+        ul = problem.ul
+        # (map and chain rather than comprehensions: this runs at every UL step, and a
+        # sub-millisecond step feels each Python frame; tests/test_lean_darts.py counts them)
+        params = [*ul.ul_params, *_optimized(problem.ul_optimizer)]
+        self.grads = list(zip(params, map(_GRAD, params), strict=True))
+        self.method = ul.state_dict() if hasattr(ul, "state_dict") else None
+        diagnostics = getattr(ul, "diagnostics", None)
+        self.diagnostics = None if diagnostics is None else dict(diagnostics)
+        buffers = problem._all_buffers()
+        self.buffers = list(zip(buffers, map(_detached_copy, buffers), strict=True))
+        self.device = params[0].device
+        self.rng = torch.get_rng_state()
+        self.device_rng = (
+            torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        )
+        self.last_ll_loss = problem.last_ll_loss
+
+    def put_back(self) -> None:
+        problem = self.problem
+        for p, grad in self.grads:
+            p.grad = grad
+        if self.method is not None:
+            problem.ul.load_state_dict(self.method)
+        if self.diagnostics is not None:
+            problem.ul.diagnostics = self.diagnostics
+        put_back_buffers(self.buffers)
+        torch.set_rng_state(self.rng)
+        if self.device_rng is not None:
+            torch.cuda.set_rng_state(self.device_rng, self.device)
+        problem.last_ll_loss = self.last_ll_loss
+
+
+def _optimized(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    """The parameters of an optimizer, group after group."""
+    return itertools.chain.from_iterable(map(_PARAMS, optimizer.param_groups))
+
+
+def _versions(optimizer: torch.optim.Optimizer) -> list[int]:
+    """The version counters (in-place changes) of an optimizer's parameters and state."""
+    tensors = list(_optimized(optimizer))
+    for state in optimizer.state.values():
+        tensors += filter(torch.is_tensor, state.values())
+    return list(map(_VERSION, tensors))
+
+
+_GRAD = operator.attrgetter("grad")
+_PARAMS = operator.itemgetter("params")
+_VERSION = operator.attrgetter("_version")
+
+
+def _detached_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone()
 
 
 def _module_differences(name: str, saved: Any, module: torch.nn.Module) -> list[tuple[str, str]]:

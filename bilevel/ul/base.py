@@ -120,6 +120,8 @@ class HypergradientCalculator:
     #: and first-order methods): an auxiliary model from ``ll.optimize`` does not apply, so
     #: :meth:`compute_gradients` refuses it, and the runner refuses task batches
     keeps_ll_state = False
+    #: where :meth:`commit_state` puts the changes while they are held (else ``None``)
+    _held_commits: list[Callable[[], None]] | None = None
 
     def __init__(
         self,
@@ -146,6 +148,28 @@ class HypergradientCalculator:
     def differentiable_steps(self, iters: int) -> int:
         """How many final LL steps must keep a graph, for an LL run of ``iters`` steps."""
         raise NotImplementedError
+
+    def commit_state(self, change: Callable[[], None]) -> None:
+        """Apply ``change``, a UL step's update of what the method keeps across UL steps (the
+        LL variables in ``ll_model``, multipliers, tables, counters), once the step has been
+        checked: at once, or, while they are held (:meth:`hold_state_changes`, which
+        ``BilevelProblem.step`` calls), once the runner has taken the UL step, so that a step
+        that raises (in ``before_ul_step``, in the UL optimizer) moves nothing."""
+        if self._held_commits is None:
+            change()
+        else:
+            self._held_commits.append(change)
+
+    def hold_state_changes(self) -> list[Callable[[], None]]:
+        """Hold the changes given to :meth:`commit_state` from now on in the list returned
+        (for the runner to apply once the UL step is taken), until
+        :meth:`stop_holding_state_changes`."""
+        self._held_commits = []
+        return self._held_commits
+
+    def stop_holding_state_changes(self) -> None:
+        """Apply the changes given to :meth:`commit_state` at once again."""
+        self._held_commits = None
 
     def settings(self) -> dict[str, Any]:
         """The method's settings that a checkpoint must agree on to be resumed."""

@@ -182,17 +182,23 @@ class DM(HypergradientCalculator):
                     f"DM's multiplier or LL weights became NaN or inf at UL step {self.steps}: "
                     "lower eta (or use eta='auto') and the LL learning rate."
                 )
-            self.multiplier = pending
-            self._multiplier_params = self._pending_params
-            self.steps += 1
-            params = [p for p in self.ll_model.parameters() if p.requires_grad]
-            with torch.no_grad():
-                for p, w in zip(params, new_weights, strict=True):
-                    p.copy_(w)
+            made_for = self._pending_params
+            self.commit_state(lambda: self._advance(pending, made_for, new_weights))
         finally:
             self._pending = None
             ll.release(trajectory.model)
         return loss, trajectory.losses[-1]
+
+    def _advance(self, multiplier: Tensors, made_for: Tensors, weights: Tensors) -> None:
+        """Take the step: the new multiplier (made for the parameters ``made_for``) and the
+        new LL weights, written into ``ll_model``."""
+        self.multiplier = multiplier
+        self._multiplier_params = made_for
+        self.steps += 1
+        params = [p for p in self.ll_model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for p, w in zip(params, weights, strict=True):
+                p.copy_(w)
 
     def _hypergradient(self, call: Call) -> tuple[Grads, torch.Tensor]:
         weights, active = detached_weights(call.trajectory)

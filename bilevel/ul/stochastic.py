@@ -413,13 +413,14 @@ class StochasticMethod(HypergradientCalculator):
         losses: torch.Tensor | None = None,
         commit: Callable[[], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Check the step (one host sync), commit ``y`` to ``ll_model`` and ``v`` (and run
-        ``commit``, the method's own state update), add ``scale * direction`` to ``.grad`` of
-        the UL parameters, count the step.
+        """Check the step (one host sync), add ``scale * direction`` to ``.grad`` of the UL
+        parameters and commit (:meth:`commit_state`) ``y`` to ``ll_model``, ``v``, the count
+        of steps and ``commit`` (the method's own state update).
 
-        Nothing is changed when a value is not finite (but the sampler has moved on): the
-        step raises ``FloatingPointError`` naming the cause (the runner's
-        ``on_nonfinite="skip"`` then skips a step that left the state as it was)."""
+        Nothing is changed when a value is not finite (but the sampler has moved on; the
+        runner puts it back unless it skips the step): the step raises
+        ``FloatingPointError`` naming the cause (the runner's ``on_nonfinite="skip"`` then
+        skips a step that left the state as it was)."""
         direction = [d.detach() if d.requires_grad else d for d in direction]
         y = [w.detach() if w.requires_grad else w for w in y]
         checked = [ll_loss, ul_loss, *direction, *y, *(v or [])]
@@ -427,20 +428,24 @@ class StochasticMethod(HypergradientCalculator):
             checked.append(losses)
         if not all_finite(checked):
             raise FloatingPointError(self._nonfinite(ll_loss, ul_loss, direction, y, v, losses))
-        with torch.no_grad():
-            for p, w in zip(self.ll_trainable, y, strict=True):
-                p.copy_(w)
-        if v is not None:
-            self.v = [u.detach() for u in v]
-        if commit is not None:
-            commit()
+
+        def change() -> None:
+            with torch.no_grad():
+                for p, w in zip(self.ll_trainable, y, strict=True):
+                    p.copy_(w)
+            if v is not None:
+                self.v = [u.detach() for u in v]
+            if commit is not None:
+                commit()
+            self.t += 1
+
+        self.commit_state(change)
         for p, d in zip(self.ul_params, direction, strict=True):
             d = d if scale == 1.0 else d * scale
             if p.grad is None:
                 p.grad = d.clone()
             else:
                 p.grad.add_(d)
-        self.t += 1
         self.diagnostics["ul_loss"] = ul_loss
         return ul_loss, ll_loss
 

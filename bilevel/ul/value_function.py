@@ -305,17 +305,21 @@ class FirstOrderMethod(HypergradientCalculator):
                 "(the UL optimizer's lr, ll.lr, lr_y) or the penalty, or check the objectives "
                 "for log(0) or division by zero."
             )
-        with torch.no_grad():
-            for p, w in zip(self._ll_params, update.y, strict=True):
-                p.copy_(w)
-        for key, values in update.auxiliary.items():
-            self.auxiliary[key] = [v.detach() for v in values]
+
+        def change() -> None:
+            with torch.no_grad():
+                for p, w in zip(self._ll_params, update.y, strict=True):
+                    p.copy_(w)
+            for key, values in update.auxiliary.items():
+                self.auxiliary[key] = [v.detach() for v in values]
+            self.steps_taken += 1
+
+        self.commit_state(change)
         for p, g in zip(self.ul_params, update.x_direction, strict=True):
             if p.grad is None:
                 p.grad = g.detach().clone()
             else:
                 p.grad.add_(g.detach())
-        self.steps_taken += 1
         self.diagnostics = {"ul_loss": update.ul_loss, **update.diagnostics}
 
     # --- evaluation at given LL weights ----------------------------------------------------
