@@ -343,9 +343,10 @@ def steady_seconds_per_iter(points: list[dict]) -> float:
 
 def thin(points: list[dict], growth: float = 1.05) -> list[dict]:
     """The records kept in the JSON: the first 32, then one each time the iteration count
-    has grown by ``growth``, the first one below every level of ``LEVELS``, and the last
-    (the summaries are the same from the thinned curve)."""
-    keep = set(range(min(32, len(points)))) | {len(points) - 1}
+    has grown by ``growth``, the first one below every level of ``LEVELS``, the lowest
+    (``best_subopt``) and the last (the summaries are the same from the thinned curve)."""
+    lowest = min(range(len(points)), key=lambda i: points[i]["subopt"])
+    keep = set(range(min(32, len(points)))) | {lowest, len(points) - 1}
     for level in LEVELS:
         hit = next((i for i, r in enumerate(points) if r["subopt"] < level), None)
         if hit is not None:
@@ -388,6 +389,7 @@ def merge_update(base: dict, new: dict, summary: dict, raw: dict) -> dict:
     measured = {
         "date": new["date"],
         "command": new["command"],
+        "git": new.get("git"),
         "repeats": new["repeats"],
         "limits": new["limits"],
         "load_average_start": new["machine"]["load_average_start"],
@@ -507,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "command": common.command_line(argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "git": common.git_revision(),
         "machine": {
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),

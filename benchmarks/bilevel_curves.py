@@ -701,7 +701,8 @@ def updated(path: Path, new: dict, methods: list[str]) -> dict:
         fresh = {run["method"]: run for run in problem["runs"]}
         kept["runs"] = [fresh.get(run["method"], run) for run in kept["runs"]]
     old.setdefault("updates", []).append(
-        {k: new[k] for k in ("command", "date", "machine", "wall_seconds")} | {"methods": methods}
+        {k: new[k] for k in ("command", "date", "git", "machine", "wall_seconds")}
+        | {"methods": methods}
     )
     return old
 
@@ -720,6 +721,7 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict[str, Any] = {
         "command": common.command_line(argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "git": common.git_revision(),
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),

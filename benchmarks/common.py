@@ -145,6 +145,14 @@ def git_revision() -> dict[str, Any]:
     return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "-s"))}
 
 
+def code_revision(git: dict[str, Any] | None) -> str:
+    """How a page names the code a result was measured with (a :func:`git_revision` record),
+    or ``""`` when the result did not record it."""
+    if not git:
+        return ""
+    return f"commit {git['commit']}" + (" (with local changes)" if git.get("dirty") else "")
+
+
 def machine() -> dict[str, Any]:
     """What the page states about the machine."""
     return {

@@ -34,6 +34,7 @@ from typing import Any
 
 import problems as P
 import torch
+from common import git_revision
 from torch import nn
 
 from bilevel import BilevelProblem
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python benchmarks/fd_many_steps.py"
         + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv)),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "git": git_revision(),
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
         "1 thread",
         "settings": {

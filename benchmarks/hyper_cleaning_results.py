@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import code_revision
+
 ROOT = Path(__file__).resolve().parent.parent
 FORWARD_COST = "forward_cost.json"
 
@@ -34,8 +36,8 @@ classifier trained on a data set with many wrong labels does as well as one trai
 clean part only. It is the standard test of hypergradients with thousands of hyperparameters,
 used since by Shaban et al. (2019) and the BOML/BOAT line. Everything on this page is generated
 by `benchmarks/hyper_cleaning_results.py` from the runs' `results.json`. Those files are not
-in the repository (`runs/` is not committed, and they record no date or commit): the numbers
-below cannot be checked from a checkout, only remade with the commands at the end.
+in the repository (`runs/` is not committed{provenance}): the numbers below cannot be checked
+from a checkout, only remade with the commands at the end.
 """
 
 PROTOCOL = """\
@@ -81,6 +83,61 @@ def load_runs(runs: Path) -> dict[str, list[tuple[str, dict[str, Any], Path]]]:
         if experiment in ("hyper_cleaning", "feature_penalty"):
             found.setdefault(experiment, []).append((path.parent.name, results, path.parent))
     return found
+
+
+def made_with(results: dict[str, Any]) -> str:
+    """The date and the code of a run, as its ``results.json`` records them (runs made
+    before they were recorded say so)."""
+    code = code_revision(results.get("git"))
+    if "date" not in results or not code:
+        return "not recorded"
+    return f"{results['date'][:10]}, {code}"
+
+
+def title(runs: list[dict[str, Any]]) -> str:
+    """The page's head: what it is generated from, and whether the runs record their date
+    and code (shown in the cost table when they do)."""
+    undated = [r for r in runs if made_with(r) == "not recorded"]
+    if len(undated) == len(runs):
+        provenance = ", and they record no date or commit"
+    elif undated:
+        provenance = "; the cost table gives the date and commit of the runs that record them"
+    else:
+        provenance = "; the cost table gives each run's date and commit"
+    return TITLE.format(provenance=provenance)
+
+
+def stationarity_text(before_check: list[str], runs: int) -> str:
+    """What the stationarity table shows; ``before_check``: the runs (of ``runs``) that
+    record no commit, made before ``Implicit`` checked the distance left (commits are
+    recorded since after that check came)."""
+    if not before_check:
+        made = ""
+    elif len(before_check) == runs:
+        made = " The runs on this page were made before that check."
+    else:
+        made = f" The runs {', '.join(before_check)} were made before that check."
+    return (
+        "`Implicit` assumes that the LL has reached a stationary point. The first two columns "
+        "give the LL gradient norm, relative to its value at the start, after `--ll-steps` "
+        "(the LL of the bilevel problem) and after `--final-steps` (the final model), on the "
+        "learned weights; the L2 term makes the LL strongly convex for the linear model. On "
+        "Fashion-MNIST the LL Hessian is stiffer: with `--ll-lr 1` gradient descent oscillated "
+        "without the LL loss growing (its gradient stayed far from zero, so the library's "
+        "growth warning did not fire), hence `--ll-lr 0.5` there; the example now prints a "
+        "warning when the LL gradient after `--ll-steps` is above 10% of its initial norm. The "
+        "last columns are the diagnostics of the last UL step: the LL gradient norm "
+        "`ll_grad_norm`, the relative residual of the linear solve, and $\\lambda_{max}$ "
+        'of the LL Hessian measured for `alpha="auto"`. The solves are not run to '
+        "convergence (20 iterations, float32): the LL Hessian is ill-conditioned, with "
+        "eigenvalues down to about the L2 coefficient, and Neumann's fixed step converges "
+        "slowest; a few iterations still give a good descent direction, as `Truncated` does. "
+        "A small gradient ratio does not by itself put the weights near the LL solution: "
+        "along the least curved direction (curvature about the L2 coefficient) each step of "
+        "1.0 shrinks the distance by only about 1%. `Implicit` now also estimates the distance "
+        "left from the last step's contraction and warns when it is above 10% of the distance "
+        f"travelled.{made}"
+    )
 
 
 def pct(value: float) -> str:
@@ -132,10 +189,13 @@ def results_tables(rows: list[dict[str, str]]) -> list[str]:
             for r in rows
         ],
     )
+    dated = any(r["made"] != "not recorded" for r in rows)
     cost = table(
-        ["data", "model", "method", "LL lr", "UL steps", "wall s", "CPU s"],
+        ["data", "model", "method", "LL lr", "UL steps", "wall s", "CPU s"]
+        + (["date, code"] if dated else []),
         [
             [r["data"], r["model"], r["method"], r["ll_lr"], r["ul_steps"], r["wall"], r["cpu"]]
+            + ([r["made"]] if dated else [])
             for r in rows
         ],
     )
@@ -195,6 +255,7 @@ def hyper_cleaning_section(
         key=lambda r: (r[1]["dataset"], r[1]["model"], order.get(r[1]["method"], 9), r[0]),
     )
     rows, refs, stationarity, figures = [], {}, [], []
+    undated = [name for name, r, _ in runs if made_with(r) == "not recorded"]
     for name, r, folder in runs:
         s = r["settings"]
         rows.append(
@@ -212,6 +273,7 @@ def hyper_cleaning_section(
                 "cpu": f"{r.get('cpu_seconds', float('nan')):.0f}",
                 "peak": peak(r["history"]),
                 "hardware": r["hardware"],
+                "made": made_with(r),
             }
         )
         key = (r["dataset"], r["model"], r["seed"], s["n_train"], s["l2"], s["final_steps"])
@@ -260,27 +322,7 @@ def hyper_cleaning_section(
         "process, all threads) are the steadier measure of cost.",
         failed_section(failed),
         "### Is the lower level stationary?",
-        "`Implicit` assumes that the LL has reached a stationary point. The first two columns "
-        "give the LL gradient norm, relative to its value at the start, after `--ll-steps` "
-        "(the LL of the bilevel problem) and after `--final-steps` (the final model), on the "
-        "learned weights; the L2 term makes the LL strongly convex for the linear model. On "
-        "Fashion-MNIST the LL Hessian is stiffer: with `--ll-lr 1` gradient descent oscillated "
-        "without the LL loss growing (its gradient stayed far from zero, so the library's "
-        "growth warning did not fire), hence `--ll-lr 0.5` there; the example now prints a "
-        "warning when the LL gradient after `--ll-steps` is above 10% of its initial norm. The "
-        "last columns are the diagnostics of the last UL step: the LL gradient norm "
-        "`ll_grad_norm`, the relative residual of the linear solve, and $\\lambda_{max}$ "
-        'of the LL Hessian measured for `alpha="auto"`. The solves are not run to '
-        "convergence (20 iterations, float32): the LL Hessian is ill-conditioned, with "
-        "eigenvalues down to about the L2 coefficient, and Neumann's fixed step converges "
-        "slowest; a few iterations still give a good descent direction, as `Truncated` does. "
-        "A small gradient ratio does not by itself put the weights near the LL solution: "
-        "along the least curved direction (curvature about the L2 coefficient) each step of "
-        "1.0 shrinks the distance by only about 1%. `Implicit` now also estimates the distance "
-        "left from the last step's contraction and warns when it is above 10% of the distance "
-        "travelled: with 100 LL steps (the linear model on MNIST) it estimates about a "
-        "quarter, and with `--ll-steps 300` it no longer warns; the runs on this page were made "
-        "before that check.",
+        stationarity_text([f"`{n}`" for n in undated], len(runs)),
         table(
             [
                 "data",
@@ -538,7 +580,8 @@ def main() -> None:
     for stale in img.glob("*.png"):  # this folder holds only this page's plots
         stale.unlink()
     summary, results = hyper_cleaning_section(found["hyper_cleaning"], img)
-    parts = [TITLE, summary, results, forward_section(runs / "hyper_cleaning")]
+    every = [r for experiment in found.values() for _, r, _ in experiment]
+    parts = [title(every), summary, results, forward_section(runs / "hyper_cleaning")]
     if "feature_penalty" in found:
         parts.append(feature_penalty_section(found["feature_penalty"], img))
     parts += [PROTOCOL, reproduce_section(found), REFERENCES]

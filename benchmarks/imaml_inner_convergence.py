@@ -41,6 +41,8 @@ from torch.func import functional_call
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import git_revision  # noqa: E402
+
 from bilevel import checkpoint  # noqa: E402
 from bilevel.data import Omniglot, TaskSampler  # noqa: E402
 from bilevel.models import FewShotNet  # noqa: E402
@@ -170,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = {
         "command": "python benchmarks/imaml_inner_convergence.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "git": git_revision(),
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
         "1 thread",
         **out,

@@ -143,6 +143,7 @@ def main() -> None:
             )
             runs.append(run)
     import torch
+    from common import git_revision
 
     ratios = {}
     for steps in args.steps:
@@ -158,6 +159,7 @@ def main() -> None:
         "benchmark": "memory_saving_reverse",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python benchmarks/memory_saving_reverse.py " + " ".join(sys.argv[1:]),
+        "git": git_revision(),
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),

@@ -11,6 +11,8 @@ accurate (however little) or uses less memory than ours. Table cells and helpers
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import statistics
 import sys
@@ -20,7 +22,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import RESULTS, ROOT  # noqa: E402
+from common import RESULTS, ROOT, code_revision  # noqa: E402
 from report import FIG_DPI, FIG_WIDTH, PAGE_PX, Results, cell_time, mib, portable, sci  # noqa: E402
 
 SOURCE = RESULTS / "method_families.json"
@@ -139,15 +141,24 @@ def fmt(x: float | None, digits: str = ".2f") -> str:
     return "–" if x is None else format(x, digits)
 
 
-def process_cells() -> tuple[dict[tuple[str, str], dict[str, Any]], str]:
-    """What ``benchmarks/process_check.py`` measured, by ``(method, problem)``, and its command
-    and date (empty when it has not been run)."""
+def moment(date: str) -> datetime.datetime:
+    """A recorded date (ISO 8601, or ``YYYY-MM-DD HH:MM UTC``) as an aware datetime, UTC
+    when it names no zone."""
+    when = datetime.datetime.fromisoformat(date.removesuffix(" UTC"))
+    return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
+
+
+def process_cells() -> tuple[dict[tuple[str, str], dict[str, Any]], str, str]:
+    """What ``benchmarks/process_check.py`` measured, by ``(method, problem)``, its command
+    and date, and its date as recorded (all empty when it has not been run)."""
     if not PROCESS_CHECK.exists():
-        return {}, ""
+        return {}, "", ""
     check = json.loads(PROCESS_CHECK.read_text())
     cells = {(c["method"], c["problem"]): c for c in check["cells"]}
     cpu = f", on {check['cpu']}" if check.get("cpu") else ""
-    return cells, f"`{check['command']}`, {check['date']}{cpu}"
+    code = code_revision(check.get("git"))
+    where = f"`{check['command']}`, {check['date']}{cpu}{', ' + code if code else ''}"
+    return cells, where, check["date"]
 
 
 def check_key(c: dict[str, Any]) -> str:
@@ -380,6 +391,13 @@ class Page:
             return f"{name(c)} on {c['problem']} ({sci(ours)} vs {sci(boat)})"
         return f"{NAMES[c['method']]} on hyper-cleaning ({100 * ours:.2f}% vs {100 * boat:.2f}%)"
 
+    def measured_on(self, method: str) -> datetime.datetime:
+        """When ``method``'s rows were last measured: the full run's start, or the latest
+        re-measurement that named it."""
+        notes = self.data.get("remeasured", [])
+        dates = [n["date"] for n in notes if method in (n.get("methods") or [method])]
+        return max(map(moment, [self.data["date"], *dates]))
+
     def floor_targets(self) -> list[tuple[dict, float]]:
         """ours / floor for the methods of the issue's 1.1x target."""
         return [(c, r) for c, r in self.time_pairs("floor") if c["method"] in FLOOR_TARGETS]
@@ -421,7 +439,7 @@ class Page:
         process (``benchmarks/process_check.py``): is it the library or the process?"""
         if not over:
             return []
-        checked, source = process_cells()
+        checked, source, taken = process_cells()
         lines, library, process, fixed_us, floor_ms = [], [], [], [], []
         per_step: list[tuple[float, float]] = []  # PTT: ours' extra and the floor, per LL step
         for c, r in over:
@@ -429,6 +447,12 @@ class Page:
             text = f"{name(c)} on {c['problem']}: {r:.2f} with each in its own process"
             if cell is None:
                 lines.append(f"- {text} (not re-measured in one process).")
+                continue
+            if moment(taken) < self.measured_on(c["method"]):
+                lines.append(
+                    f"- {text} (re-measured in one process on {taken}, before this "
+                    "measurement: not quoted)."
+                )
                 continue
             one = cell["one_process"]
             (library if one > TARGET_FLOOR else process).append(f"{name(c)} on {c['problem']}")
@@ -1027,8 +1051,15 @@ class Page:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    source = Path(argv[0]) if argv else SOURCE
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "source",
+        nargs="?",
+        type=Path,
+        default=SOURCE,
+        help="results file of method_families.py (default: %(default)s)",
+    )
+    source = parser.parse_args(argv).source
     data = json.loads(source.read_text())
     PAGE.write_text(Page(data).render(source.resolve()))
     print(f"wrote {PAGE.relative_to(ROOT)}")

@@ -75,6 +75,8 @@ from torch.func import functional_call
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import git_revision  # noqa: E402
+
 from bilevel import BilevelProblem, linalg  # noqa: E402
 from bilevel.data import Omniglot, TaskSampler  # noqa: E402
 from bilevel.ll import GradientDescent  # noqa: E402
@@ -1306,6 +1308,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "settings": {k: v for k, v in vars(args).items() if k != "func"},
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "git": git_revision(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"{torch.get_num_threads()} thread(s); torch {torch.__version__}",
         "seconds": round(time.perf_counter() - started, 1),

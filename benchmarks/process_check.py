@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         serve(args.serve.split(","))
         return
     sys.path.insert(0, str(HERE))
-    from common import cpu_model
+    from common import cpu_model, git_revision
 
     cells = []
     for method in args.methods.split(","):
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python3 benchmarks/process_check.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpu": cpu_model(),
+        "git": git_revision(),
         "cells": cells,
     }
     OUT.write_text(json.dumps(result, indent=1) + "\n")

@@ -12,6 +12,7 @@ less memory, or is more accurate (however little).
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -22,7 +23,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import RESULTS, ROOT  # noqa: E402
+from common import RESULTS, ROOT, code_revision  # noqa: E402
 
 PAGE = ROOT / "docs" / "benchmarks.md"
 IMAGES = ROOT / "docs" / "img" / "benchmarks"
@@ -220,12 +221,14 @@ def vmap_section() -> list[str]:
     if not source.exists():
         return []
     d = json.loads(source.read_text())
+    code = code_revision(d.get("git"))
     lines = [
         "## Batching the tasks of a meta-batch with vmap",
         "",
         "The same MAML meta-gradient (the meta problem above) in bare `torch.func`, one task at "
         "a time in a loop against all tasks at once under `torch.func.vmap`, measured on "
-        f"{d['date'][:10]} ({d['machine']}, torch {d['torch']}, {d['threads']} thread(s)) with",
+        f"{d['date'][:10]} ({d['machine']}, torch {d['torch']}, {d['threads']} thread(s)"
+        f"{', ' + code if code else ''}) with",
         "",
         "```bash",
         d["command"],
@@ -941,10 +944,16 @@ def page(res: Results, source: Path, images: dict[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv:
-        sources = [Path(a) for a in argv]
-    else:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "results",
+        nargs="*",
+        type=Path,
+        help="results files of run.py (default: the newest in benchmarks/results); later "
+        "ones replace the records they repeat",
+    )
+    sources = parser.parse_args(argv).results
+    if not sources:
         dated = sorted(RESULTS.glob("2*-*.json"))  # the runs' files, named by date and time
         if not dated:
             raise SystemExit("no results yet: run python benchmarks/run.py first")

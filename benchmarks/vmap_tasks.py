@@ -26,6 +26,7 @@ from pathlib import Path
 import problems as P
 import torch
 import torch.nn.functional as F
+from common import git_revision
 from torch.func import functional_call, grad, vmap
 
 OUT = Path(__file__).resolve().parent / "results" / "vmap_tasks.json"
@@ -142,6 +143,7 @@ def main() -> None:
                 "command": "python benchmarks/vmap_tasks.py --batches "
                 + " ".join(map(str, args.batches))
                 + f" --rounds {args.rounds} --threads {args.threads}",
+                "git": git_revision(),
                 "machine": platform.processor() or platform.machine(),
                 "torch": torch.__version__,
                 "threads": args.threads,

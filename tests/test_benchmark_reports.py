@@ -1,8 +1,12 @@
-"""The benchmark scripts' bookkeeping: partial re-runs merged into a results file."""
+"""The benchmark scripts' bookkeeping: partial re-runs merged into a results file, the
+commands and summaries recorded with the results, and which results a page may quote."""
 
 from __future__ import annotations
 
+import datetime
 import importlib
+import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -13,18 +17,20 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 def _benchmark_module(name: str):
     """benchmarks/<name>.py, imported with benchmarks/ on the path and its own modules
-    (benchmarks/problems.py, not tests/problems.py); the modules it brought in are removed
-    afterwards and the shadowed ones put back."""
+    (benchmarks/problems.py, not tests/problems.py); the benchmark modules are removed
+    afterwards and the shadowed ones put back. Other modules stay: a benchmark run here
+    imports some of torch's lazily (``torch._dynamo`` on a first optimizer step), and one
+    imported again registers its operators again, which fails in a later test."""
     names = {path.stem for path in BENCHMARKS.glob("*.py")}
     shadowed = {name: sys.modules.pop(name) for name in names if name in sys.modules}
-    before, path = set(sys.modules), list(sys.path)
+    path = list(sys.path)
     sys.path.insert(0, str(BENCHMARKS))
     try:
         yield importlib.import_module(name)
     finally:
         sys.path[:] = path  # the benchmark modules insert benchmarks/ themselves too
-        for added in set(sys.modules) - before:
-            del sys.modules[added]
+        for local in names:
+            sys.modules.pop(local, None)
         sys.modules.update(shadowed)
 
 
@@ -183,3 +189,84 @@ def test_feature_norm_runs_are_named_and_described(omniglot_results):
     assert text.endswith("head L2 0.001; features scaled to norm 5")
     del settings["feature_norm"]
     assert "norm" not in omniglot_results.setting({**run, "settings": settings})
+
+
+@pytest.fixture(scope="module")
+def online_vs_offline():
+    """benchmarks/online_vs_offline.py (see :func:`_benchmark_module`)."""
+    yield from _benchmark_module("online_vs_offline")
+
+
+def test_online_results_record_the_command_that_made_them(online_vs_offline, tmp_path, monkeypatch):
+    """The command on docs/online.md is the one that ran: run again, it gives the recorded
+    settings (it was recorded without its arguments, so a shorter run quoted the defaults)."""
+    page = tmp_path / "docs" / "online.md"
+    page.parent.mkdir()
+    begin, end = online_vs_offline.BEGIN, online_vs_offline.END
+    page.write_text(f"before\n{begin}\nold\n{end}\nafter\n")
+    monkeypatch.setattr(online_vs_offline, "ROOT", tmp_path)
+    argv = ["--n", "20", "--d", "4", "--ll-steps", "5", "--budget", "10", "--ul-lrs", "0.05"]
+    monkeypatch.setattr(sys, "argv", ["benchmarks/online_vs_offline.py", *argv])
+    online_vs_offline.main()
+    result = json.loads((tmp_path / "benchmarks" / "results" / "online.json").read_text())
+    command = shlex.split(result["command"])
+    assert command == ["python", "benchmarks/online_vs_offline.py", *argv]
+    rerun = online_vs_offline.make_parser().parse_args(command[2:])
+    assert vars(rerun) == result["settings"]
+    assert set(result["git"]) == {"commit", "dirty"}
+    assert f"`{result['command']}`" in page.read_text()
+
+
+@pytest.fixture(scope="module")
+def benchopt_quadratic():
+    """benchmarks/benchopt_quadratic.py (see :func:`_benchmark_module`)."""
+    yield from _benchmark_module("benchopt_quadratic")
+
+
+def test_a_thinned_curve_gives_the_summary_of_the_whole_curve(benchopt_quadratic):
+    """The JSON keeps thinned curves and ``--resummarize`` recomputes the summaries from
+    them: the lowest point (``best_subopt``) must be kept, also where it is a dip of a curve
+    that has levelled off, between the points kept for the iteration count and the levels."""
+    curve = []
+    for i in range(400):  # down to a floor of 2e-3 (between two levels), with noise
+        subopt = max(10.0 ** (-1 - i / 100), 2e-3) * (1.5 if i % 2 else 1.0)
+        curve.append({"iters": i, "time": 0.01 * i, "subopt": subopt, "distance": subopt})
+    kept = {p["iters"] for p in benchopt_quadratic.thin(curve)}
+    dip = next(i for i in range(300, 400) if i not in kept)
+    curve[dip]["subopt"] = 1.5e-3  # the lowest point, above the next level (1e-3)
+    thinned = benchopt_quadratic.thin(curve)
+    assert len(thinned) < len(curve) / 2
+    summary = benchopt_quadratic.summarize([{"curve": thinned}], 1.0)
+    assert summary == benchopt_quadratic.summarize([{"curve": curve}], 1.0)
+    assert summary["best_subopt"] == 1.5e-3
+
+
+@pytest.fixture(scope="module")
+def method_families_report():
+    """benchmarks/method_families_report.py (see :func:`_benchmark_module`)."""
+    yield from _benchmark_module("method_families_report")
+
+
+def test_a_process_check_made_before_the_measurement_is_not_quoted(method_families_report):
+    """The page explains a cell over the floor target by its re-timing in one process
+    (process_check.py), a separate file: a check older than the run, or than a re-measurement
+    of the method, says nothing about these numbers."""
+    report = method_families_report
+    data = json.loads(report.SOURCE.read_text())
+    later = datetime.datetime.fromisoformat(data["date"]) + datetime.timedelta(days=1)
+    later = later.isoformat()  # after the run and after the committed process check
+
+    def notes(run: dict) -> str:
+        page = report.Page(run)
+        over = [(c, r) for c, r in page.floor_targets() if r > report.TARGET_FLOOR]
+        assert over, "the committed run has a cell over the target"
+        return "\n".join(page.over_notes(over))
+
+    quoted = "in one process**"
+    assert quoted in notes(data)
+    assert quoted not in notes({**data, "date": later})
+    over = {c["method"] for c, r in report.Page(data).floor_targets() if r > report.TARGET_FLOOR}
+    again = {"date": later, "methods": sorted(over)}
+    assert quoted not in notes({**data, "remeasured": [again]})
+    other = {"date": later, "methods": ["reverse"]}
+    assert quoted in notes({**data, "remeasured": [other]})

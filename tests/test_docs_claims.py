@@ -97,6 +97,90 @@ def test_curves_page_is_what_its_report_writes(tmp_path) -> None:
     assert page("bilevel_curves.md") == out.read_text(), "run bilevel_curves_report.py"
 
 
+def test_curves_page_quotes_every_command_its_results_were_made_with() -> None:
+    """The curves of an ``--update`` run replace some methods' runs in the JSON: the page
+    gives its command and date next to the full run's, as it does for benchopt's updates."""
+    text = page("bilevel_curves.md")
+    for source in ("bilevel_curves.json", "benchopt_quadratic.json"):
+        data = load(source)
+        for run in [data, *data.get("updates", [])]:
+            assert f"\n{run['command']}\n" in text, run["command"]
+            assert run["date"][:10] in text
+
+
+@pytest.mark.parametrize(
+    ("script", "results", "doc"),
+    [
+        ("online_vs_offline", "online.json", "online.md"),
+        ("memory_long_run", "memory_long_run.json", "robustness.md"),
+    ],
+)
+def test_results_sections_are_what_their_scripts_write(script, results, doc) -> None:
+    """The generated sections of the online and robustness pages (between their markers)."""
+    with imported(BENCHMARKS, script) as module:
+        expected = module.results_block(load(results))
+    assert expected in page(doc), f"run python benchmarks/{script}.py"
+
+
+def _hyper_cleaning_run(method: str) -> dict:
+    """A ``results.json`` of examples/hyper_cleaning.py made before runs recorded their date
+    and commit (the page's runs), with made-up numbers: only its fields matter here."""
+    keys = ["n_train", "n_val", "corrupt", "ll_steps", "l2", "hidden", "ul_lr", "truncate"]
+    keys += ["solver_iters", "tolerance", "neumann_alpha", "final_steps", "seed"]
+    settings = {**dict.fromkeys(keys, 1), "ll_lr": 1.0}
+    return {
+        "experiment": "hyper_cleaning",
+        "dataset": "mnist",
+        "model": "linear",
+        "method": method,
+        "seed": 0,
+        "settings": settings,
+        "test_acc": 0.9,
+        "f1": 0.9,
+        "precision": 0.9,
+        "recall": 0.9,
+        "ul_steps": 100,
+        "seconds": 60.0,
+        "cpu_seconds": 50.0,
+        "history": [{"step": 10, "f1": 0.9, "cpu_seconds": 5.0, "ll_grad_norm": 0.01}],
+        "hardware": "x86_64",
+        "baseline": {"test_acc": 0.8},
+        "oracle": {"test_acc": 0.9},
+        "relative_grad_norm_at_ll_steps": 0.01,
+        "relative_grad_norm_at_final_steps": 0.001,
+    }
+
+
+def test_hyper_cleaning_generator_writes_the_pages_text(tmp_path) -> None:
+    """docs/hyper_cleaning.md cannot be regenerated from the repository (its runs are not
+    committed), but what its generator writes whatever the numbers must be on it: a
+    regeneration would otherwise bring back text the page corrected (a claim about the
+    distance check that no result records)."""
+    runs = [(m, _hyper_cleaning_run(m), tmp_path / m) for m in ("reverse", "implicit-cg")]
+    with imported(BENCHMARKS, "hyper_cleaning_results") as generator:
+        _, results = generator.hyper_cleaning_section(runs, tmp_path / "img")
+        fixed = [generator.PROTOCOL.strip(), generator.REFERENCES.strip()]
+    stationarity = results.split("### Is the lower level stationary?\n\n")[1].split("\n\n")[0]
+    text = page("hyper_cleaning.md")
+    for paragraph in [stationarity, *fixed]:
+        assert paragraph in text, paragraph[-200:]
+
+
+def test_hyper_cleaning_cost_table_gives_the_date_and_code_of_runs_that_record_them(
+    tmp_path,
+) -> None:
+    dated = {**_hyper_cleaning_run("reverse"), "date": "2026-12-03 05:59:59 UTC"}
+    dated["git"] = {"commit": "abc1234", "dirty": True}
+    runs = [("old", _hyper_cleaning_run("reverse"), tmp_path), ("new", dated, tmp_path)]
+    with imported(BENCHMARKS, "hyper_cleaning_results") as generator:
+        _, results = generator.hyper_cleaning_section(runs, tmp_path / "img")
+        head = generator.title([r for _, r, _ in runs])
+    assert "| 2026-12-03, commit abc1234 (with local changes) |" in results
+    assert "| not recorded |" in results
+    assert "The runs `old` were made before that check." in results
+    assert "date and commit of the runs that record them" in head
+
+
 def test_omniglot_tables_are_what_omniglot_results_writes_from_the_digest(tmp_path) -> None:
     """The generated blocks of docs/omniglot.md against the committed digest (the run
     folders are not in the repository)."""
