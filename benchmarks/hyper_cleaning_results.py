@@ -1,11 +1,17 @@
 """Generate ``docs/hyper_cleaning.md`` from the ``results.json`` of hyper-cleaning and
-per-pixel-penalty runs; nothing on the page is typed by hand.
+per-pixel-penalty runs (Franceschi et al. 2017; Pedregosa 2016); nothing on the page is typed
+by hand.
 
-    python benchmarks/hyper_cleaning_results.py                 # the page, from runs/
+    python benchmarks/hyper_cleaning_results.py                 # the page (from runs/ if any)
     python benchmarks/hyper_cleaning_results.py --forward-cost  # first measure Forward vs Reverse
 
 The runs are made by ``examples/hyper_cleaning.py`` and ``examples/feature_penalty.py`` with
-``--out runs/...``; their plots are copied to ``docs/img/hyper_cleaning/``.
+``--out runs/...``. What the page shows of each run (its metrics, settings, command, date,
+commit and machine) is kept in ``benchmarks/results/hyper_cleaning_runs.json`` (committed):
+the runs found under ``--runs`` replace their records there (by experiment and run name), the
+others stay, and their plots are copied to ``docs/img/hyper_cleaning/``. Without runs at hand
+the page is rendered from that digest alone (``tests/test_benchmark_reports.py`` checks that
+it gives the committed page). A run is taken off the page by deleting its record.
 """
 
 from __future__ import annotations
@@ -21,7 +27,14 @@ from typing import Any
 from common import code_revision
 
 ROOT = Path(__file__).resolve().parent.parent
+DIGEST = ROOT / "benchmarks" / "results" / "hyper_cleaning_runs.json"
 FORWARD_COST = "forward_cost.json"
+EXPERIMENTS = ("hyper_cleaning", "feature_penalty")
+#: the settings the page states (each run's ``results.json`` holds them all)
+HC_SETTINGS = ["n_train", "n_val", "corrupt", "ll_steps", "ll_lr", "l2", "hidden", "ul_lr"]
+HC_SETTINGS += ["truncate", "solver_iters", "tolerance", "neumann_alpha", "final_steps", "seed"]
+FP_SETTINGS = ["n_train", "n_val", "ll_steps", "ll_lr", "init_l2", "ul_optimizer", "ul_lr"]
+FP_SETTINGS += ["cg_iters", "tolerance"]
 
 TITLE = """\
 ---
@@ -35,9 +48,10 @@ Data hyper-cleaning (Franceschi et al. 2017) learns one weight per training exam
 classifier trained on a data set with many wrong labels does as well as one trained on the
 clean part only. It is the standard test of hypergradients with thousands of hyperparameters,
 used since by Shaban et al. (2019) and the BOML/BOAT line. Everything on this page is generated
-by `benchmarks/hyper_cleaning_results.py` from the runs' `results.json`. Those files are not
-in the repository (`runs/` is not committed{provenance}): the numbers below cannot be checked
-from a checkout, only remade with the commands at the end.
+by `benchmarks/hyper_cleaning_results.py` from `benchmarks/results/hyper_cleaning_runs.json`:
+the digest of the runs' `results.json` (the runs themselves, under `runs/`, are not committed),
+which keeps what the page shows of each run with its command, date, commit and machine;
+`tests/test_benchmark_reports.py` regenerates the page from it. {provenance}
 """
 
 PROTOCOL = """\
@@ -71,6 +85,9 @@ PROTOCOL = """\
 """
 
 
+# --- the digest: what the page shows of each run ----------------------------------------------
+
+
 def load_runs(runs: Path) -> dict[str, list[tuple[str, dict[str, Any], Path]]]:
     """All ``results.json`` under ``runs``, grouped by experiment, as (name, results, folder)."""
     found: dict[str, list[tuple[str, dict[str, Any], Path]]] = {}
@@ -80,31 +97,154 @@ def load_runs(runs: Path) -> dict[str, list[tuple[str, dict[str, Any], Path]]]:
         except (OSError, json.JSONDecodeError):
             continue
         experiment = results.get("experiment") if isinstance(results, dict) else None
-        if experiment in ("hyper_cleaning", "feature_penalty"):
+        if experiment in EXPERIMENTS:
             found.setdefault(experiment, []).append((path.parent.name, results, path.parent))
     return found
 
 
-def made_with(results: dict[str, Any]) -> str:
-    """The date and the code of a run, as its ``results.json`` records them (runs made
-    before they were recorded say so)."""
-    code = code_revision(results.get("git"))
-    if "date" not in results or not code:
+def provenance_of(r: dict[str, Any]) -> dict[str, Any]:
+    """The command, date, commit and machine of a run (runs from before the date and commit
+    were recorded have none)."""
+    git = r.get("git") or {}
+    return {
+        "command": r.get("command"),
+        "date": r.get("date"),
+        "commit": git.get("commit"),
+        "dirty": git.get("dirty"),
+        "hardware": r.get("hardware"),
+    }
+
+
+def hyper_cleaning_record(name: str, r: dict[str, Any], image: str | None) -> dict[str, Any]:
+    """What the page shows of one hyper-cleaning run."""
+    record = {
+        "name": name,
+        "dataset": r["dataset"],
+        "model": r["model"],
+        "method": r["method"],
+        "seed": r["seed"],
+        "settings": {k: r["settings"][k] for k in HC_SETTINGS if k in r["settings"]},
+        **provenance_of(r),
+    }
+    if "error" in r:
+        return {**record, "error": r["error"], "failed_at_ul_step": r["failed_at_ul_step"]}
+    history = r["history"]
+    best = max(history, key=lambda h: h.get("f1", 0.0)) if history else None
+    last = history[-1] if history else {}
+    return {
+        **record,
+        "test_acc": r["test_acc"],
+        "f1": r["f1"],
+        "precision": r["precision"],
+        "recall": r["recall"],
+        "ul_steps": r["ul_steps"],
+        "seconds": r["seconds"],
+        "cpu_seconds": r.get("cpu_seconds"),
+        "peak_f1": None
+        if best is None
+        else {"f1": best["f1"], "step": best["step"], "cpu_seconds": best.get("cpu_seconds")},
+        "baseline_test_acc": r["baseline"]["test_acc"],
+        "oracle_test_acc": r["oracle"]["test_acc"],
+        "relative_grad_norm_at_ll_steps": r["relative_grad_norm_at_ll_steps"],
+        "relative_grad_norm_at_final_steps": r["relative_grad_norm_at_final_steps"],
+        "last_ll_grad_norm": last.get("ll_grad_norm"),
+        "last_solver_relative_residual": last["residual_norm"] / last["rhs_norm"]
+        if last.get("rhs_norm")
+        else None,
+        "last_lambda_max": last.get("lambda_max"),
+        "image": image,
+    }
+
+
+def feature_penalty_record(name: str, r: dict[str, Any], image: str | None) -> dict[str, Any]:
+    """What the page shows of one per-pixel-penalty run."""
+    return {
+        "name": name,
+        "dataset": r["dataset"],
+        "method": r["method"],
+        "seed": r["seed"],
+        "settings": {k: r["settings"][k] for k in FP_SETTINGS if k in r["settings"]},
+        **provenance_of(r),
+        "test_acc": r["test_acc"],
+        "val_acc": r["val_acc"],
+        "initial_penalty": r["initial_penalty"],
+        "best_single_penalty": {k: r["best_single_penalty"][k] for k in ("l2", "test_acc")},
+        "ul_steps": r["ul_steps"],
+        "seconds": r["seconds"],
+        "cpu_seconds": r.get("cpu_seconds"),
+        "image": image,
+    }
+
+
+def copy_plot(folder: Path, plot: str, img: Path, name: str) -> str | None:
+    """Copy a run's plot into the docs' images; its file name there, or ``None``."""
+    source = folder / plot
+    if not source.exists():
+        return None
+    img.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, img / name)
+    return name
+
+
+def update_digest(
+    digest: dict[str, Any], found: dict[str, list[tuple[str, dict[str, Any], Path]]], img: Path
+) -> dict[str, Any]:
+    """``digest`` with the records of the runs ``found`` replaced or added (their plots copied
+    to ``img``); the plots of no record are removed from ``img``."""
+    make = {
+        "hyper_cleaning": lambda name, r, folder: hyper_cleaning_record(
+            name, r, copy_plot(folder, "weights_hist.png", img, f"{name}.png")
+        ),
+        "feature_penalty": lambda name, r, folder: feature_penalty_record(
+            name, r, copy_plot(folder, "penalty.png", img, f"penalty-{name}.png")
+        ),
+    }
+    updated = dict(digest)
+    for experiment in EXPERIMENTS:
+        fresh = [make[experiment](*run) for run in found.get(experiment, [])]
+        names = {r["name"] for r in fresh}
+        kept = [r for r in digest.get(experiment, []) if r["name"] not in names]
+        updated[experiment] = sorted(kept + fresh, key=lambda r: r["name"])
+    shown = {r.get("image") for experiment in EXPERIMENTS for r in updated[experiment]}
+    for stale in img.glob("*.png"):  # this folder holds only this page's plots
+        if stale.name not in shown:
+            stale.unlink()
+    return updated
+
+
+# --- the page ----------------------------------------------------------------------------------
+
+
+def made_with(record: dict[str, Any]) -> str:
+    """The date and the code of a run (runs made before they were recorded say so)."""
+    if not record.get("date") or not record.get("commit"):
         return "not recorded"
-    return f"{results['date'][:10]}, {code}"
+    return f"{record['date'][:10]}, {code_of(record)}"
 
 
-def title(runs: list[dict[str, Any]]) -> str:
-    """The page's head: what it is generated from, and whether the runs record their date
-    and code (shown in the cost table when they do)."""
-    undated = [r for r in runs if made_with(r) == "not recorded"]
-    if len(undated) == len(runs):
-        provenance = ", and they record no date or commit"
-    elif undated:
-        provenance = "; the cost table gives the date and commit of the runs that record them"
+def code_of(record: dict[str, Any]) -> str:
+    """E.g. "commit 76e3861 (with local changes)"."""
+    return code_revision({"commit": record["commit"], "dirty": record.get("dirty")})
+
+
+def title(records: list[dict[str, Any]], conditions: str | None) -> str:
+    """The page's head: where its numbers come from, when and with which code they were made,
+    and under which conditions the runs ran."""
+    dated = [r for r in records if made_with(r) != "not recorded"]
+    if not dated:
+        made = "The runs record no date or commit."
     else:
-        provenance = "; the cost table gives each run's date and commit"
-    return TITLE.format(provenance=provenance)
+        days = sorted({r["date"][:10] for r in dated})
+        codes = sorted({code_of(r) for r in dated})
+        when = days[0] if len(days) == 1 else f"between {days[0]} and {days[-1]}"
+        made = f"The runs were made {when} with the code of {' and '.join(codes)}"
+        undated = len(records) - len(dated)
+        made += f" ({undated} run(s) record no date or commit)." if undated else "."
+    if conditions:  # how the runs shared the machine: what their times are worth
+        made += f" They ran {conditions}."
+    else:
+        made += " How they shared the machine is not recorded."
+    return TITLE.format(provenance=made)
 
 
 def stationarity_text(before_check: list[str], runs: int) -> str:
@@ -145,6 +285,11 @@ def pct(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
+def seconds(value: float | None) -> str:
+    """Seconds, rounded (``nan`` for runs that did not record them)."""
+    return f"{float('nan') if value is None else value:.0f}"
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     """A Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -152,12 +297,11 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def peak(history: list[dict[str, Any]]) -> str:
+def peak(best: dict[str, Any] | None) -> str:
     """The highest logged F1, the UL step where it was reached and the CPU seconds until then."""
-    if not history:
+    if not best:
         return ""
-    best = max(history, key=lambda h: h.get("f1", 0.0))
-    return f"{best['f1']:.3f} at {best['step']} ({best.get('cpu_seconds', float('nan')):.0f})"
+    return f"{best['f1']:.3f} at {best['step']} ({seconds(best.get('cpu_seconds'))})"
 
 
 def settings_line(all_settings: list[dict[str, Any]], keys: list[str]) -> str:
@@ -242,21 +386,18 @@ def takeaways(rows: list[dict[str, str]], refs: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def hyper_cleaning_section(
-    runs: list[tuple[str, dict[str, Any], Path]], img: Path
-) -> tuple[str, str]:
+def hyper_cleaning_section(records: list[dict[str, Any]]) -> tuple[str, str]:
     """What to take away; the results tables, baseline and oracle, LL stationarity and the
     weight histograms."""
     order = {"reverse": 0, "truncated": 1, "implicit-cg": 2, "implicit-neumann": 3}
-    failed = [r for r in runs if "error" in r[1]]
-    runs = [r for r in runs if "error" not in r[1]]
-    runs = sorted(
-        runs,
-        key=lambda r: (r[1]["dataset"], r[1]["model"], order.get(r[1]["method"], 9), r[0]),
+    failed = [r for r in records if "error" in r]
+    records = sorted(
+        (r for r in records if "error" not in r),
+        key=lambda r: (r["dataset"], r["model"], order.get(r["method"], 9), r["name"]),
     )
     rows, refs, stationarity, figures = [], {}, [], []
-    undated = [name for name, r, _ in runs if made_with(r) == "not recorded"]
-    for name, r, folder in runs:
+    undated = [r["name"] for r in records if made_with(r) == "not recorded"]
+    for r in records:
         s = r["settings"]
         rows.append(
             {
@@ -269,16 +410,16 @@ def hyper_cleaning_section(
                 "precision": f"{r['precision']:.3f}",
                 "recall": f"{r['recall']:.3f}",
                 "ul_steps": str(r["ul_steps"]),
-                "wall": f"{r['seconds']:.0f}",
-                "cpu": f"{r.get('cpu_seconds', float('nan')):.0f}",
-                "peak": peak(r["history"]),
+                "wall": seconds(r["seconds"]),
+                "cpu": seconds(r["cpu_seconds"]),
+                "peak": peak(r["peak_f1"]),
                 "hardware": r["hardware"],
                 "made": made_with(r),
             }
         )
         key = (r["dataset"], r["model"], r["seed"], s["n_train"], s["l2"], s["final_steps"])
-        refs.setdefault(key, (r["baseline"], r["oracle"]))
-        last = r["history"][-1] if r["history"] else {}
+        refs.setdefault(key, (r["baseline_test_acc"], r["oracle_test_acc"]))
+        residual = r["last_solver_relative_residual"]
         stationarity.append(
             [
                 r["dataset"],
@@ -286,23 +427,18 @@ def hyper_cleaning_section(
                 f"`{r['method']}`",
                 f"{r['relative_grad_norm_at_ll_steps']:.2%}",
                 f"{r['relative_grad_norm_at_final_steps']:.3%}",
-                f"{last['ll_grad_norm']:.2g}" if "ll_grad_norm" in last else "",
-                f"{last['residual_norm'] / last['rhs_norm']:.1e}" if last.get("rhs_norm") else "",
-                f"{last['lambda_max']:.3g}" if last.get("lambda_max") else "",
+                "" if r["last_ll_grad_norm"] is None else f"{r['last_ll_grad_norm']:.2g}",
+                "" if residual is None else f"{residual:.1e}",
+                f"{r['last_lambda_max']:.3g}" if r["last_lambda_max"] else "",
             ]
         )
-        source = folder / "weights_hist.png"
-        if source.exists():
-            img.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, img / f"{name}.png")
-            figures.append(f"![{name}](img/hyper_cleaning/{name}.png)")
+        if r["image"]:
+            figures.append(f"![{r['name']}](img/hyper_cleaning/{r['image']})")
     ref_rows = [
-        [d, m, str(seed), pct(b["test_acc"]), pct(o["test_acc"])]
-        for (d, m, seed, *_), (b, o) in sorted(refs.items())
+        [d, m, str(seed), pct(b), pct(o)] for (d, m, seed, *_), (b, o) in sorted(refs.items())
     ]
-    every = [r["settings"] for _, r, _ in runs]
-    keys = ["n_train", "n_val", "corrupt", "ll_steps", "l2", "hidden", "ul_lr", "truncate"]
-    keys += ["solver_iters", "tolerance", "neumann_alpha", "final_steps", "seed"]
+    every = [r["settings"] for r in records]
+    keys = [k for k in HC_SETTINGS if k != "ll_lr"]
     parts = [
         "## Results",
         "One row per run (each run is one `results.json`). Test accuracy of the classifier "
@@ -317,12 +453,12 @@ def hyper_cleaning_section(
         table(["data", "model", "seed", "baseline test acc", "oracle test acc"], ref_rows),
         "Settings (every value used by some run; the LL learning rate of each run is in the "
         "table, and each `results.json` holds its full `settings`): "
-        f"{settings_line(every, keys)}. The runs ran one at a time with `--threads 1` on a "
-        "machine shared with other jobs, so wall-clock times are noisy; CPU seconds (of the "
-        "process, all threads) are the steadier measure of cost.",
+        f"{settings_line(every, keys)}. The runs ran with `--threads 1` on a machine shared "
+        "with other jobs (how, at the top of the page), so wall-clock times are noisy; CPU "
+        "seconds (of the process, all threads) are the steadier measure of cost.",
         failed_section(failed),
         "### Is the lower level stationary?",
-        stationarity_text([f"`{n}`" for n in undated], len(runs)),
+        stationarity_text([f"`{n}`" for n in undated], len(records)),
         table(
             [
                 "data",
@@ -344,7 +480,7 @@ def hyper_cleaning_section(
     return takeaways(rows, ref_rows), "\n\n".join(p for p in parts if p)
 
 
-def failed_section(failed: list[tuple[str, dict[str, Any], Path]]) -> str:
+def failed_section(failed: list[dict[str, Any]]) -> str:
     """The runs that stopped with an error (a diverged solve, a NaN), with the message."""
     if not failed:
         return ""
@@ -352,7 +488,7 @@ def failed_section(failed: list[tuple[str, dict[str, Any], Path]]) -> str:
         "Runs that stopped with an error (the library refuses to return a hypergradient it "
         "cannot trust; the message names the cure):",
     ]
-    for _, r, _ in sorted(failed, key=lambda r: r[0]):
+    for r in sorted(failed, key=lambda r: r["name"]):
         lines.append(
             f"- {r['dataset']}, {r['model']}, `{r['method']}`: stopped at UL step "
             f"{r['failed_at_ul_step']} with *{r['error']}*"
@@ -360,7 +496,7 @@ def failed_section(failed: list[tuple[str, dict[str, Any], Path]]) -> str:
     return lines[0] + "\n\n" + "\n".join(lines[1:])
 
 
-def forward_section(runs: Path) -> str:
+def forward_section(cost: dict[str, Any] | None) -> str:
     """Why Forward is not run here, with the measured cost if ``--forward-cost`` was run."""
     text = (
         "## Forward mode\n\n"
@@ -371,10 +507,8 @@ def forward_section(runs: Path) -> str:
         "number of examples; `examples/hyper_cleaning.py --method forward` refuses to run "
         "with more than 100 hyperparameters. It gives the same hypergradient as `Reverse`."
     )
-    path = runs / FORWARD_COST
-    if not path.exists():
+    if cost is None:
         return text
-    cost = json.loads(path.read_text())
     rows = [
         [
             str(m["n_train"]),
@@ -386,11 +520,13 @@ def forward_section(runs: Path) -> str:
         ]
         for m in cost["measurements"]
     ]
+    made = made_with(cost)
+    made = "" if made == "not recorded" else f"; {made}"
     return "\n\n".join(
         [
             text,
             f"Measured on linear hyper-cleaning with fewer training examples "
-            f"({cost['ll_steps']} LL steps, CPU seconds per LL step, {cost['hardware']}):",
+            f"({cost['ll_steps']} LL steps, CPU seconds per LL step, {cost['hardware']}{made}):",
             table(
                 [
                     "training examples = hyperparameters",
@@ -409,12 +545,13 @@ def forward_section(runs: Path) -> str:
     )
 
 
-def feature_penalty_section(runs: list[tuple[str, dict[str, Any], Path]], img: Path) -> str:
+def feature_penalty_section(records: list[dict[str, Any]]) -> str:
     """The per-pixel L2 penalty runs: accuracies and the penalty images."""
     rows, figures = [], []
-    for name, r, folder in sorted(runs, key=lambda r: r[0]):
+    for r in sorted(records, key=lambda r: r["name"]):
         s = r["settings"]
-        best = r["best_single_penalty"]
+        best, initial = r["best_single_penalty"], r["initial_penalty"]
+        cpu = float("nan") if r["cpu_seconds"] is None else r["cpu_seconds"]
         rows.append(
             [
                 r["dataset"],
@@ -422,21 +559,18 @@ def feature_penalty_section(runs: list[tuple[str, dict[str, Any], Path]], img: P
                 f"{s['n_train']} / {s['n_val']}",
                 pct(r["test_acc"]),
                 pct(r["val_acc"]),
-                f"{pct(r['initial_penalty']['test_acc'])} ({r['initial_penalty']['l2']:g})",
+                f"{pct(initial['test_acc'])} ({initial['l2']:g})",
                 f"{pct(best['test_acc'])} ({best['l2']:g})",
                 str(r["ul_steps"]),
-                f"{r['seconds']:.0f}",
-                f"{r.get('cpu_seconds', float('nan')):.0f}",
-                f"{r.get('cpu_seconds', float('nan')) / max(r['ul_steps'], 1):.2g}",
+                seconds(r["seconds"]),
+                seconds(r["cpu_seconds"]),
+                f"{cpu / max(r['ul_steps'], 1):.2g}",
             ]
         )
-        source = folder / "penalty.png"
-        if source.exists():
-            img.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, img / f"penalty-{name}.png")
-            figures.append(f"![learned penalty, {name}](img/hyper_cleaning/penalty-{name}.png)")
-    every = [r["settings"] for _, r, _ in runs]
-    keys = ["ll_steps", "ll_lr", "init_l2", "ul_optimizer", "ul_lr", "cg_iters", "tolerance"]
+        if r["image"]:
+            figures.append(f"![learned penalty, {r['name']}](img/hyper_cleaning/{r['image']})")
+    every = [r["settings"] for r in records]
+    keys = [k for k in FP_SETTINGS if k not in ("n_train", "n_val")]
     return "\n\n".join(
         [
             "## Per-pixel L2 penalties",
@@ -477,16 +611,18 @@ def feature_penalty_section(runs: list[tuple[str, dict[str, Any], Path]], img: P
     )
 
 
-def reproduce_section(found: dict[str, list[tuple[str, dict[str, Any], Path]]]) -> str:
-    """The commands of all runs."""
-    commands = [r["command"] for runs in found.values() for _, r, _ in runs if "command" in r]
+def reproduce_section(digest: dict[str, Any]) -> str:
+    """The commands of all runs, then this script's."""
+    commands = [r["command"] for e in EXPERIMENTS for r in digest.get(e, []) if r["command"]]
+    report = "python benchmarks/hyper_cleaning_results.py"
+    if digest.get("forward_cost"):
+        report += " --forward-cost"
     return "\n\n".join(
         [
             "## Reproduce",
             "With the data folder in `BILEVEL_DATA` (or `--data-root`); running a command "
             "again resumes it from its `checkpoint.pt`:",
-            "```bash\n" + "\n".join(sorted(commands)) + "\npython benchmarks/"
-            "hyper_cleaning_results.py\n```",
+            "```bash\n" + "\n".join(sorted(commands)) + f"\n{report}\n```",
         ]
     )
 
@@ -504,11 +640,24 @@ REFERENCES = """\
 """
 
 
-def measure_forward_cost(
-    runs: Path, sizes: list[int], ll_steps: int, data_root: str | None
-) -> None:
+def render(digest: dict[str, Any]) -> str:
+    """The page, from the digest alone."""
+    if not digest.get("hyper_cleaning"):
+        raise SystemExit("no hyper-cleaning run in the digest or under the runs folder")
+    conditions = digest.get("conditions")
+    summary, results = hyper_cleaning_section(digest["hyper_cleaning"])
+    every = [r for e in EXPERIMENTS for r in digest.get(e, [])]
+    cost = forward_section(digest.get("forward_cost"))
+    parts = [title(every, conditions), summary, results, cost]
+    if digest.get("feature_penalty"):
+        parts.append(feature_penalty_section(digest["feature_penalty"]))
+    parts += [PROTOCOL, reproduce_section(digest), REFERENCES]
+    return "\n\n".join(p.strip("\n") for p in parts) + "\n"
+
+
+def measure_forward_cost(sizes: list[int], ll_steps: int, data_root: str | None) -> dict[str, Any]:
     """Time Forward and Reverse hypergradients of linear hyper-cleaning for a few training-set
-    sizes (one thread, CPU seconds) and check that they agree; write ``FORWARD_COST``."""
+    sizes (one thread, CPU seconds) and check that they agree."""
     import torch
 
     sys.path.insert(0, str(ROOT / "examples"))
@@ -525,7 +674,7 @@ def measure_forward_cost(
     for n in sizes:
         x = data["train"][0][:n]
         y, _ = hc.corrupt_labels(data["train"][1][:n], 0.5, 10, 0)
-        seconds, grads = {}, {}
+        cpu, grads = {}, {}
         for name, cls in (("forward", Forward), ("reverse", Reverse)):
             for m in (10, n):  # the first is a warm-up
                 ll_model = hc.make_classifier("linear", 32, 0)
@@ -536,57 +685,75 @@ def measure_forward_cost(
                 problem = BilevelProblem(ll, ul)
                 start = time.process_time()
                 grads[name] = problem.hypergradient((x[:m], y[:m]), data["val"])[0]
-                seconds[name] = (time.process_time() - start) / ll_steps
+                cpu[name] = (time.process_time() - start) / ll_steps
         measurements.append(
             {
                 "n_train": n,
-                "forward_s_per_ll_step": seconds["forward"],
-                "reverse_s_per_ll_step": seconds["reverse"],
+                "forward_s_per_ll_step": cpu["forward"],
+                "reverse_s_per_ll_step": cpu["reverse"],
                 "max_abs_difference": (grads["forward"] - grads["reverse"]).abs().max().item(),
                 "max_abs_hypergradient": grads["reverse"].abs().max().item(),
             }
         )
         print(measurements[-1])
     largest = measurements[-1]
-    result = {
+    return {
         "ll_steps": ll_steps,
-        "hardware": _common.hardware(torch.device("cpu")),
+        **provenance_of(
+            {
+                "command": "python benchmarks/hyper_cleaning_results.py --forward-cost --sizes "
+                + " ".join(map(str, sizes)),
+                "hardware": _common.hardware(torch.device("cpu")),
+                **_common.provenance(),
+            }
+        ),
         "measurements": measurements,
         "extrapolated_s_per_ul_step_at_5000": largest["forward_s_per_ll_step"]
         * (5000 / largest["n_train"]) ** 2
         * 100,
     }
-    _common.write_json(runs / FORWARD_COST, result)
 
 
-def main() -> None:
-    """Command line."""
+def main(argv: list[str] | None = None) -> None:
+    """Command line: update the digest from the runs at hand (if any), then write the page
+    from the digest."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=str(ROOT / "runs"), help="folder searched for runs")
+    parser.add_argument("--digest", default=str(DIGEST), help="what the page shows of each run")
     parser.add_argument("--page", default=str(ROOT / "docs" / "hyper_cleaning.md"))
     parser.add_argument("--img", default=str(ROOT / "docs" / "img" / "hyper_cleaning"))
+    parser.add_argument(
+        "--conditions",
+        default=None,
+        help="how the new runs shared the machine, stated on the page (e.g. 'two at a time on "
+        "2 cores, load average 3 to 4'); kept from the digest when not given",
+    )
     parser.add_argument(
         "--forward-cost", action="store_true", help="measure Forward vs Reverse first"
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[250, 500, 1000, 2000])
     parser.add_argument("--data-root", default=None, help="default: $BILEVEL_DATA")
-    args = parser.parse_args()
-    runs, img = Path(args.runs), Path(args.img)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    runs, img, digest_path = Path(args.runs), Path(args.img), Path(args.digest)
+    digest = json.loads(digest_path.read_text()) if digest_path.exists() else {}
+    cost_path = runs / "hyper_cleaning" / FORWARD_COST
     if args.forward_cost:
-        measure_forward_cost(runs / "hyper_cleaning", args.sizes, 5, args.data_root)
-    found = load_runs(runs)
-    if "hyper_cleaning" not in found:
-        raise SystemExit(f"no hyper-cleaning results.json under {runs}")
-    for stale in img.glob("*.png"):  # this folder holds only this page's plots
-        stale.unlink()
-    summary, results = hyper_cleaning_section(found["hyper_cleaning"], img)
-    every = [r for experiment in found.values() for _, r, _ in experiment]
-    parts = [title(every), summary, results, forward_section(runs / "hyper_cleaning")]
-    if "feature_penalty" in found:
-        parts.append(feature_penalty_section(found["feature_penalty"], img))
-    parts += [PROTOCOL, reproduce_section(found), REFERENCES]
-    Path(args.page).write_text("\n\n".join(p.strip("\n") for p in parts) + "\n")
-    print(f"wrote {args.page} and the plots in {img}")
+        cost_path.parent.mkdir(parents=True, exist_ok=True)
+        cost_path.write_text(
+            json.dumps(measure_forward_cost(args.sizes, 5, args.data_root), indent=2) + "\n"
+        )
+    found = load_runs(runs) if runs.is_dir() else {}
+    if found or cost_path.exists() or args.conditions is not None:
+        digest = update_digest(digest, found, img)
+        if cost_path.exists():
+            digest["forward_cost"] = json.loads(cost_path.read_text())
+        if args.conditions is not None:
+            digest["conditions"] = args.conditions
+        digest_path.write_text(json.dumps(digest, indent=1, sort_keys=True) + "\n")
+    page = render(digest)
+    Path(args.page).write_text(page)
+    source = f"{sum(map(len, found.values()))} run(s) from {runs}" if found else "the digest"
+    print(f"wrote {args.page} from {source} ({digest_path})")
 
 
 if __name__ == "__main__":

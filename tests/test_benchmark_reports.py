@@ -270,3 +270,86 @@ def test_a_process_check_made_before_the_measurement_is_not_quoted(method_famili
     assert quoted not in notes({**data, "remeasured": [again]})
     other = {"date": later, "methods": ["reverse"]}
     assert quoted in notes({**data, "remeasured": [other]})
+
+
+@pytest.fixture(scope="module")
+def hyper_cleaning_results():
+    """benchmarks/hyper_cleaning_results.py (see :func:`_benchmark_module`)."""
+    yield from _benchmark_module("hyper_cleaning_results")
+
+
+def test_the_hyper_cleaning_page_is_what_its_committed_digest_gives(
+    hyper_cleaning_results, tmp_path
+):
+    """Without runs at hand docs/hyper_cleaning.md is rendered from the digest alone, byte for
+    byte; the digest and the plots are left alone, and every plot the digest names is
+    committed (and no other)."""
+    module = hyper_cleaning_results
+    digest = module.DIGEST.read_bytes()
+    page, img = tmp_path / "hyper_cleaning.md", tmp_path / "img"
+    module.main(["--runs", str(tmp_path / "no-runs"), "--page", str(page), "--img", str(img)])
+    assert page.read_text() == (BENCHMARKS.parent / "docs" / "hyper_cleaning.md").read_text()
+    assert module.DIGEST.read_bytes() == digest and not img.exists()
+    records = json.loads(digest)
+    named = {r.get("image") for e in module.EXPERIMENTS for r in records[e]} - {None}
+    committed = BENCHMARKS.parent / "docs" / "img" / "hyper_cleaning"
+    assert named == {path.name for path in committed.glob("*.png")}
+
+
+def _hyper_cleaning_run(name: str, test_acc: float) -> dict:
+    """A results.json of examples/hyper_cleaning.py, with the fields the page reads."""
+    settings = {"n_train": 5000, "n_val": 5000, "ll_lr": 1.0, "l2": 0.01, "final_steps": 500}
+    return {
+        "experiment": "hyper_cleaning",
+        "dataset": "mnist",
+        "model": "linear",
+        "method": name,
+        "seed": 0,
+        "command": f"python examples/hyper_cleaning.py --method {name}",
+        "settings": {**settings, "log_every": 10},
+        "hardware": "CPU, 1 thread(s)",
+        "date": "2026-12-03 06:00:00 UTC",
+        "git": {"commit": "abc1234", "dirty": False},
+        **{"test_acc": test_acc, "f1": 0.9, "precision": 0.9, "recall": 0.9},
+        **{"ul_steps": 100, "seconds": 60.0, "cpu_seconds": 50.0},
+        "baseline": {"test_acc": 0.8, "val_acc": 0.8},
+        "oracle": {"test_acc": 0.9, "val_acc": 0.9},
+        "relative_grad_norm_at_ll_steps": 0.01,
+        "relative_grad_norm_at_final_steps": 0.001,
+        "history": [{"step": 10, "f1": 0.95, "cpu_seconds": 5.0, "ll_grad_norm": 0.01}],
+    }
+
+
+def test_runs_at_hand_replace_their_records_and_plots_and_keep_the_others(
+    hyper_cleaning_results, tmp_path
+):
+    """A run found under --runs replaces its record in the digest (what the page shows, not
+    its history) and its plot; the other runs' records and plots stay; a plot of no record
+    is removed."""
+    module = hyper_cleaning_results
+    runs, img, digest = tmp_path / "runs", tmp_path / "img", tmp_path / "digest.json"
+    old = {
+        name: module.hyper_cleaning_record(name, _hyper_cleaning_run(name, 0.5), f"{name}.png")
+        for name in ("reverse", "truncated")
+    }
+    digest.write_text(json.dumps({"hyper_cleaning": list(old.values())}))
+    img.mkdir()
+    for name in ("reverse", "truncated", "withdrawn"):
+        (img / f"{name}.png").write_bytes(b"old")
+    folder = runs / "hyper_cleaning" / "truncated"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(_hyper_cleaning_run("truncated", 0.75)))
+    (folder / "weights_hist.png").write_bytes(b"new")
+    page = tmp_path / "page.md"
+    args = ["--runs", str(runs), "--digest", str(digest), "--page", str(page), "--img", str(img)]
+    module.main([*args, "--conditions", "two at a time"])
+    records = {r["name"]: r for r in json.loads(digest.read_text())["hyper_cleaning"]}
+    assert records["reverse"] == old["reverse"] and records["truncated"]["test_acc"] == 0.75
+    assert "history" not in records["truncated"]
+    assert {p.name: p.read_bytes() for p in img.iterdir()} == {
+        "reverse.png": b"old",
+        "truncated.png": b"new",
+    }
+    text = page.read_text()
+    assert "75.00%" in text and "50.00%" in text and "two at a time" in text
+    assert "2026-12-03, commit abc1234" in text
