@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bilevel import linalg
-from bilevel.roundoff import roundoff_floor
+from bilevel.roundoff import batch_terms, roundoff_floor
 from bilevel.state import Objective
 from bilevel.ul.value_function import (
     FirstOrderMethod,
@@ -38,9 +38,11 @@ class BOME(FirstOrderMethod):
     3. ``phi = eta ||grad q||^2`` (``phi="grad_norm"``, the paper's default) or
        ``eta q(x_k, y_k)`` (``phi="value"``);
        ``lambda = max(phi - <grad F, grad q>, 0) / ||grad q||^2`` (0 where ``grad q = 0``,
-       and where ``y_hat`` is ``y`` to round-off, ``||y_hat - y|| <= ROUNDOFF * eps * ||y||``:
-       ``y`` then solves the LL in floating point, and ``grad q`` is round-off, whose square
-       would make ``lambda`` about ``1e14`` and ``d`` noise);
+       and where ``y_hat`` is ``y`` to round-off, within what ``T`` LL steps travel on
+       round-off gradients, ``||y_hat - y|| <= T ROUNDOFF * eps * ||y||`` (``sqrt(n / 100)``
+       times that over ``n > 100`` examples, ``bilevel.roundoff.roundoff_floor``): ``y`` then
+       solves the LL in floating point, and ``grad q`` is round-off, whose square would make
+       ``lambda`` about ``1e14`` and ``d`` noise);
     4. ``d = grad F(x_k, y_k) + lambda grad q``: the UL parameters receive ``d_x`` (the UL
        optimizer steps them, with the paper's ``xi`` as its learning rate) and
        ``y_{k+1} = y_k - lr_y d_y``.
@@ -121,11 +123,15 @@ class BOME(FirstOrderMethod):
         phi = self.eta * (squared_norm if self.phi == "grad_norm" else gap)
         tiny = torch.finfo(squared_norm.dtype).tiny
         lam = torch.clamp_min(phi - inner, 0.0) / squared_norm.clamp_min(tiny)
-        # y_hat = y to round-off (of the terms of y_hat - y, of size ||y||): y solves the LL in
-        # floating point, q and grad q are differences of equal terms, and lambda would be
-        # round-off over round-off squared (1e14, steering d by noise): grad q = 0, lambda = 0
+        # y_hat = y to round-off: within what T LL steps travel on round-off gradients, each
+        # at most about the floor of ||y|| (lr g, with lr ||H|| < 2 and g at the floor of
+        # ||H|| ||y||; 4 steps on 1e6 uncentered examples moved 70 to 340 eps ||y||, and
+        # lambda was 0 or 4e10 by the thread count): y solves the LL in floating point, q and
+        # grad q are differences of equal terms, and lambda would be round-off over round-off
+        # squared (1e14, steering d by noise): grad q = 0, lambda = 0
         moved = linalg.norm([a - b for a, b in zip(y_hat, y, strict=True)])
-        lam = torch.where(moved > roundoff_floor(linalg.norm(y)), lam, torch.zeros_like(lam))
+        floor = c.iters * roundoff_floor(linalg.norm(y), batch_terms(c.train[0]))
+        lam = torch.where(moved > floor, lam, torch.zeros_like(lam))
         lr_y = c.lr if self.lr_y is None else evaluate_schedule(self.lr_y, "lr_y", c.step)
         d_y = add_scaled(ul_y, q_y, lam)
         return Update(

@@ -11,7 +11,7 @@ from torch import nn
 
 from bilevel import linalg
 from bilevel.ll import evaluate_at
-from bilevel.roundoff import roundoff_floor
+from bilevel.roundoff import batch_terms, roundoff_floor
 from bilevel.second_derivatives import once_differentiable_in
 from bilevel.state import Objective
 from bilevel.ul.base import (
@@ -50,7 +50,8 @@ class IGA(HypergradientCalculator):
     -0.97/0.84/-0.92 on three seeds) from 10 to 1000 LL steps, while its norm grows. Where the
     LL gradient is round-off (its norm at most ``ROUNDOFF * eps`` times the size of the terms
     that cancel in it, the larger of ``||H w||`` and ``||H|| ||w||`` as estimated by
-    ``bilevel.ul.base.gradient_scale``: an LL at its solution, as one started there), ``c``
+    ``bilevel.ul.base.gradient_scale``, and ``sqrt(n / 100)`` times that for a gradient summed
+    over ``n > 100`` examples: an LL at its solution, as one started there), ``c``
     is round-off over round-off squared (it gave ``1e15`` times the hypergradient), so it is
     taken as 0, the pseudo-inverse of a zero model: the result is ``grad_lambda F``. A
     ``RuntimeWarning`` says so (once), as it does when the LL gradient has fallen below
@@ -154,7 +155,7 @@ class IGA(HypergradientCalculator):
         # the pseudo-inverse of the rank-one model: c = 0 where the LL gradient is 0, to
         # round-off (there c would be round-off / round-off^2: 1e15 times the hypergradient;
         # without second derivatives of f, no floor can be taken: exactly 0)
-        floor = zero if scale is None else roundoff_floor(scale)
+        floor = zero if scale is None else roundoff_floor(scale, batch_terms(call.train_data))
         nonzero = squared.sqrt() > floor
         c = torch.where(nonzero, inner / squared.clamp_min(tiny), zero)
         self.diagnostics["iga_multiplier"] = c.detach()

@@ -12,7 +12,7 @@ from torch import nn
 
 from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
-from bilevel.roundoff import ROUNDOFF
+from bilevel.roundoff import batch_terms, roundoff_floor
 from bilevel.second_derivatives import gradient_to_differentiate, refuse_once_differentiable
 from bilevel.state import Objective, all_finite, names_without_gradient
 from bilevel.ul.base import (
@@ -108,7 +108,8 @@ class Implicit(HypergradientCalculator):
             formula assumes a stationary LL, and an LL that oscillates (a step size near
             ``2 / lambda_max``) or stopped early gives a wrong hypergradient. A final
             gradient at round-off (below ``100 eps`` times the larger of ``||H w||`` and
-            ``||H|| ||w||``, estimated) never warns. ``None``: never.
+            ``||H|| ||w||``, estimated, and ``sqrt(n / 100)`` times that over ``n > 100``
+            examples) never warns. ``None``: never.
         damping: ``delta >= 0`` added to the system's diagonal, ``(H + delta I) q = v``; 0 (the
             default) is the exact implicit hypergradient.
     """
@@ -292,7 +293,11 @@ class Implicit(HypergradientCalculator):
         matvec = self._operator(hvp, w, call.trajectory, vjp, [gi for gi, _ in linked])
         q, info = self._solver(call.trajectory).run(matvec, v)
         self.diagnostics = {**info.as_dict(), "ll_grad_norm": linalg.norm(g).detach()}
-        self._check_stationary(call.trajectory, lambda: self._gradient_scale(call, w, g, hvp))
+        self._check_stationary(
+            call.trajectory,
+            lambda: self._gradient_scale(call, w, g, hvp),
+            batch_terms(call.train_data),
+        )
         if info.diverged:
             self._report_divergence(info, matvec, v, loss)
         indirect = vjp(q, self.ul_params)
@@ -419,7 +424,9 @@ class Implicit(HypergradientCalculator):
             return linalg.norm([x.detach() for x in w])
         return gradient_scale(hvp, w, g)
 
-    def _check_stationary(self, trajectory: Trajectory, scale: Callable[[], torch.Tensor]) -> None:
+    def _check_stationary(
+        self, trajectory: Trajectory, scale: Callable[[], torch.Tensor], terms: int = 1
+    ) -> None:
         """Warn (once) when the LL run did not end near a stationary point: its gradient is
         still above ``stationarity_warning`` of the first step's, or (plain SGD) the
         distance left to travel, estimated from the rate at which the last step shrank the
@@ -430,7 +437,10 @@ class Implicit(HypergradientCalculator):
         A final gradient at round-off is stationary, whatever the ratios say (an LL started
         at its solution has a first gradient at round-off too, and their ratio is noise): no
         warning where it is below ``ROUNDOFF * eps`` times ``scale()``, the size of the terms
-        that cancel in it (:meth:`_gradient_scale`, taken only on the way to a warning)."""
+        that cancel in it (:meth:`_gradient_scale`, taken only on the way to a warning), and
+        ``sqrt(terms / 100)`` times more for a gradient summed over ``terms > 100`` examples
+        (``bilevel.roundoff.roundoff_floor``: at 1e6 examples its round-off reached 100 to 300
+        eps times that size, and the warning came and went with torch's thread count)."""
         start = trajectory.initial_grad_norm
         if start is None:
             return
@@ -447,8 +457,7 @@ class Implicit(HypergradientCalculator):
         limit = self.stationarity_warning
         if limit is None or (ratio <= limit and (left is None or left <= limit)):
             return
-        eps = torch.finfo(self.diagnostics["ll_grad_norm"].dtype).eps
-        if final <= ROUNDOFF * eps * float(scale()):  # its products: on this path only
+        if final <= float(roundoff_floor(scale(), terms)):  # its products: on this path only
             return
         self.stationarity_warning = None  # once per calculator
         step_map = trajectory.step_map

@@ -10,7 +10,7 @@ import torch
 from bilevel import linalg
 from bilevel.ll import evaluate_at
 from bilevel.ll.patched import install
-from bilevel.roundoff import roundoff_floor
+from bilevel.roundoff import batch_terms, roundoff_floor
 from bilevel.state import Draws, capture_draws, modes_kept, replay_draws
 from bilevel.ul.base import (
     Call,
@@ -47,8 +47,10 @@ class PTT(HypergradientCalculator):
     largest, ``k* = argmax_{1 <= k <= T} L_ul(w_k, lambda)``, and the hypergradient is that of
     ``L_ul(w_{k*}(lambda), lambda)`` back-propagated through the first ``k*`` LL steps. Losses
     within round-off of the largest (``ROUNDOFF * eps * max_k |L_ul(w_k)|``) are ties, and so
-    is the last iterate's where it equals the largest loss's iterate to round-off
-    (``||w_k - w_T|| <= ROUNDOFF * eps * ||w_T||``); ties go to the latest iterate: an LL that
+    is the last iterate's where the largest loss's iterate is within what the ``T - k`` LL
+    steps between them travel on round-off gradients (``||w_k - w_T|| <= (T - k) ROUNDOFF *
+    eps * ||w_T||``); both floors grow as ``sqrt(n / 100)`` for sums over ``n > 100``
+    examples (``bilevel.roundoff.roundoff_floor``). Ties go to the latest iterate: an LL that
     does not move (started at its solution) gives ``Reverse``'s hypergradient, not one
     truncated at a step picked by round-off.
 
@@ -137,7 +139,8 @@ class PTT(HypergradientCalculator):
         # losses within round-off of the largest (of the terms that cancel in their
         # difference: the losses themselves) are ties, and go to the latest iterate: an LL at
         # its solution has T equal iterates, and argmax would pick among them by noise
-        tied = values >= values.max() - roundoff_floor(values.abs().max())
+        top = values.abs().max()
+        tied = values >= values.max() - roundoff_floor(top, batch_terms(call.validate_data))
         steps = torch.arange(len(values), device=values.device)
         latest = torch.where(tied, steps, -1).max()
         first = values.argmax()
@@ -152,7 +155,13 @@ class PTT(HypergradientCalculator):
             with torch.no_grad():
                 last = iterates[-1]
                 apart = linalg.norm([a - b for a, b in zip(iterates[first], last, strict=True)])
-                if apart <= roundoff_floor(linalg.norm(last)):
+                # round-off here is what the LL steps between them travel on round-off
+                # gradients, each at most about the floor of ||w|| (lr g, with lr ||H|| < 2 and
+                # g at the floor of ||H|| ||w||): an LL started at its solution on 2e5
+                # uncentered examples drifted 400 to 800 eps ||w|| in 20 steps, and k* went
+                # from 1 to T with torch's thread count
+                floor = roundoff_floor(linalg.norm(last), batch_terms(call.train_data))
+                if apart <= (final - first) * floor:
                     latest = final
         chosen = latest if latest >= 0 else first  # none tied: a NaN loss, which argmax takes
         return chosen, draws[chosen]
