@@ -381,21 +381,24 @@ def load(path: str | os.PathLike, require: Iterable[str] = ()) -> dict[str, Any]
 
 
 def _inflated_tensor(value: Any, where: str = "") -> str | None:
-    """Where in ``value`` (dicts, lists, tuples) a tensor has more elements than its storage
-    holds (``"['opt']['state'][0]"``, its shape and size in the file), or ``None``. torch
-    refuses a tensor that reaches past its storage, but not one whose entries overlap: a
-    stride-0 view of one stored number can claim 2^40 elements, and copying or converting it
-    (an optimizer's ``load_state_dict`` casts its state) allocates all of them."""
+    """Where in ``value`` (dicts, lists, tuples, sets: what a weights-only load returns) a
+    tensor has more elements than its storage holds (``"['opt']['state'][0]"``, its shape and
+    size in the file), or ``None``. torch refuses a tensor that reaches past its storage, but
+    not one whose entries overlap: a stride-0 view of one stored number can claim 2^40
+    elements, and copying or converting it (an optimizer's ``load_state_dict`` casts its
+    state, through any iterable) allocates all of them. A sparse tensor is made of strided
+    ones (its indices and values), checked as such: torch does not check sparse tensors on
+    load unless asked to."""
     if isinstance(value, torch.Tensor):
-        if value.layout != torch.strided:  # sparse: torch checks its invariants on load
-            return None
+        if value.layout != torch.strided:
+            return _inflated_tensor(_sparse_parts(value), where)
         stored = value.untyped_storage().nbytes() // max(value.element_size(), 1)
         if value.numel() > stored:
             return f"{where or 'the checkpoint'}: shape {tuple(value.shape)}, {stored} stored"
         return None
     if isinstance(value, dict):
         items: Iterable[tuple[Any, Any]] = value.items()
-    elif isinstance(value, (list, tuple)):
+    elif isinstance(value, (list, tuple, set)):
         items = enumerate(value)
     else:
         return None
@@ -404,6 +407,21 @@ def _inflated_tensor(value: Any, where: str = "") -> str | None:
         if found is not None:
             return found
     return None
+
+
+def _sparse_parts(value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The strided tensors a sparse tensor is made of (COO, or compressed: CSR, CSC, BSR,
+    BSC), by name; none for another layout."""
+    if value.layout == torch.sparse_coo:
+        return {"indices": value._indices(), "values": value._values()}
+    if value.layout in (torch.sparse_csr, torch.sparse_bsr):
+        compressed, plain = "crow_indices", "col_indices"
+    elif value.layout in (torch.sparse_csc, torch.sparse_bsc):
+        compressed, plain = "ccol_indices", "row_indices"
+    else:
+        return {}
+    names = (compressed, plain, "values")
+    return {name: getattr(value, name)() for name in names}
 
 
 def _damaged_member(path: Path) -> str | None:

@@ -27,6 +27,7 @@ from bilevel.state import (
     check_hypergradient,
     check_precision,
     map_tensors,
+    module_list,
     tensor_leaves,
 )
 from bilevel.ul.base import check_ul_parameters, kept_buffers, put_back_buffers
@@ -486,6 +487,10 @@ class BilevelProblem:
         kept = self._method_state()
         # a query: the models' buffers (batch-norm running statistics) as they were
         buffers = [(b, b.detach().clone()) for b in self._all_buffers()]
+        last_ll_loss = self.last_ll_loss
+        # the method's changes are dropped (and kept apart from those of a step under way,
+        # when the query comes from before_ul_step)
+        _, outer = self.ul.hold_state_changes()
         try:
             with kept_buffers(buffers):
                 self._accumulate(tasks)
@@ -500,15 +505,21 @@ class BilevelProblem:
         except BaseException as error:
             self._put_back(saved, kept, error)
             raise
+        finally:
+            self.ul.stop_holding_state_changes(outer)
+            self.last_ll_loss = last_ll_loss
         self._put_back(saved, kept, None)
         return grads
 
     def _all_buffers(self) -> list[torch.Tensor]:
-        """Every buffer of the UL and LL models (each once)."""
+        """Every buffer of the UL and LL models (each once; without ``buffers()``'s chain of
+        generators, most of the cost of the UL step's record of them for small models)."""
         seen: dict[int, torch.Tensor] = {}
-        for module in (self.ul.ul_model, self.ll.ll_model):
-            for b in module.buffers():
-                seen.setdefault(id(b), b)
+        for model in (self.ul.ul_model, self.ll.ll_model):
+            for module in module_list(model):
+                for b in module._buffers.values():
+                    if b is not None:
+                        seen.setdefault(id(b), b)
         return list(seen.values())
 
     def _put_back(
@@ -586,18 +597,18 @@ class BilevelProblem:
         if self.ul_optimizer is None:
             raise ValueError("step needs a ul_optimizer: BilevelProblem(ll, ul, ul_optimizer).")
         start = _StepStart(self)
-        commits = self.ul.hold_state_changes()  # the method's changes, until the UL step
+        commits, outer = self.ul.hold_state_changes()  # the method's changes, until the UL step
         try:
             try:
                 loss = self._direction(tasks)
             except FloatingPointError as error:
-                return self._refuse_or_skip(error)
+                return self._refuse_or_skip(error, start)
             self._take_ul_step()
         except BaseException:
             start.put_back()
             raise
         finally:
-            self.ul.stop_holding_state_changes()
+            self.ul.stop_holding_state_changes(outer)
         for commit in commits:  # the method's state moves with the UL variables
             commit()
         self.step_count += 1
@@ -618,14 +629,17 @@ class BilevelProblem:
                 )
         return loss
 
-    def _refuse_or_skip(self, error: FloatingPointError) -> torch.Tensor:
+    def _refuse_or_skip(self, error: FloatingPointError, start: _StepStart) -> torch.Tensor:
         """A failed LL run (NaN, inf, or a loss that grew), a diverged solver or a non-finite
         hypergradient: raise it, located, or (``on_nonfinite="skip"``) count the UL step as
-        skipped, without touching the UL parameters (a method's own draws stay taken, so that
-        the next step draws anew)."""
+        skipped, without touching the UL parameters, the method's state or the models'
+        buffers (a NaN batch would leave its NaN in batch-norm statistics for good); the
+        method's own draws and torch's generators stay drawn, so that the next step draws
+        anew."""
         located = _located(error, f"UL step {self.step_count} ({self.ul.name})")
         if self.on_nonfinite == "raise":
             raise located from error
+        put_back_buffers(start.buffers)
         self.ul_optimizer.zero_grad(set_to_none=True)
         self.last_skipped = located
         self.skipped_steps += 1
@@ -1061,7 +1075,8 @@ class _StepStart:
     is taken), its diagnostics, the models' buffers (batch-norm running statistics), the torch
     generators of the CPU and the models' device (dropout draws) and the last LL loss. Cheap:
     references, and copies of the buffers, the generators' states and what the method's
-    ``state_dict`` copies (no LL or UL weights)."""
+    ``state_at_step_start`` copies (no LL or UL weights, nor LL-sized variables that the
+    method's step replaces)."""
 
     def __init__(self, problem: BilevelProblem) -> None:
         self.problem = problem
@@ -1070,7 +1085,7 @@ class _StepStart:
         # sub-millisecond step feels each Python frame; tests/test_lean_darts.py counts them)
         params = [*ul.ul_params, *_optimized(problem.ul_optimizer)]
         self.grads = list(zip(params, map(_GRAD, params), strict=True))
-        self.method = ul.state_dict() if hasattr(ul, "state_dict") else None
+        self.method = ul.state_at_step_start() if hasattr(ul, "state_dict") else None
         diagnostics = getattr(ul, "diagnostics", None)
         self.diagnostics = None if diagnostics is None else dict(diagnostics)
         buffers = problem._all_buffers()

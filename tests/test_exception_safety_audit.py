@@ -17,7 +17,9 @@ refusal of a NaN), for every method family. Afterwards, in float64:
   dropout-like, so a step that failed must also leave the generator as it was).
 
 Also: an error in the UL optimizer after it changed a UL parameter says so (that part cannot
-be put back), and an online run that raised resumes from its checkpoint bitwise.
+be put back), an online run that raised resumes from its checkpoint bitwise, a hypergradient
+query made from ``before_ul_step`` leaves the step as it was, and a skipped step
+(``on_nonfinite="skip"``) leaves the models' buffers as they were.
 """
 
 from __future__ import annotations
@@ -376,3 +378,52 @@ def test_an_online_run_that_raised_resumes_from_its_checkpoint_bitwise(tmp_path)
     FAULT.arm(None, 0)
     got = run(runner, p, tmp_path / "failed.pt")
     assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(expected, got, strict=True))
+
+
+@pytest.mark.parametrize("name", ["soba", "saba", "dm", "f2sa"])
+def test_a_hypergradient_query_inside_a_step_leaves_the_step_as_it_was(name):
+    """BUG (before the fix): a query (``problem.hypergradient``) made while a step holds the
+    method's changes, from ``before_ul_step``, had its own changes held with the step's and
+    applied after the UL step: the LL state and the step counter moved twice per UL step.
+    The query changes nothing but the diagnostics, which are its own (and its draws of
+    torch's generator, forked here)."""
+    querying, clean = Twin(name), Twin(name)
+    problem = querying.problem
+
+    def query(params: list) -> None:
+        with torch.random.fork_rng():
+            problem.hypergradient(*querying.batch())
+
+    problem.before_ul_step = query
+    FAULT.arm(None, 0)
+    for _ in range(3):
+        querying.step()
+        clean.step()
+        expected, got = everything(clean), everything(querying)
+        for state in (expected, got):
+            for key in [k for k in state if k.startswith("/diagnostics/")]:
+                del state[key]
+        assert_bitwise(expected, got)
+
+
+def test_a_skipped_step_puts_the_models_buffers_back():
+    """BUG (before the fix): under ``on_nonfinite="skip"`` a batch with a NaN was skipped,
+    but the batch-norm running statistics it had moved kept its NaN for good (every later
+    step averages them in): the model gave NaN in eval mode. A skipped step leaves the
+    buffers as they were; the next steps move them as usual."""
+    twin = Twin("reverse-batchnorm")
+    problem = twin.problem
+    problem.on_nonfinite = "skip"
+    FAULT.arm(None, 0)
+    twin.step()
+    buffers = [b.detach().clone() for b in problem.ul.ul_model.buffers()]
+    (x, y), (xv, yv) = twin.batch()
+    xv = xv.clone()
+    xv[0, 0] = float("nan")
+    assert problem.step((x, y), (xv, yv)).isnan() and problem.skipped_steps == 1
+    after = list(problem.ul.ul_model.buffers())
+    assert all(torch.equal(a, b) for a, b in zip(buffers, after, strict=True))
+    twin.step()
+    moved = list(problem.ul.ul_model.buffers())
+    assert all(b.isfinite().all() for b in moved)
+    assert not torch.equal(moved[0], buffers[0])

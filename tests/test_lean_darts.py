@@ -42,8 +42,9 @@ def test_a_one_step_darts_ul_step_runs_few_library_calls():
     """A UL step of one-step DARTS (BilevelProblem.step: checks, one LL step, the finite
     differences, the UL optimizer) enters at most 165 Python frames of the library (187
     before the lean path, 149 with it, 153 later, 162 once a step that raises puts
-    everything back; a hand-written torch loop enters none): a guard against the per-step
-    overhead creeping back."""
+    everything back, 164 with the models' buffers listed without ``buffers()``'s generators,
+    which costs less time; a hand-written torch loop enters none): a guard against the
+    per-step overhead creeping back."""
     p = ridge(seed=1)
     ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=LR, iters=1)
     fd = FiniteDifference(ridge_ul, p.ul_model, ridge_ll, p.ll_model, r=1e-3)

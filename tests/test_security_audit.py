@@ -6,7 +6,8 @@
 - an IDX gzip file that expands far beyond what its header announces (a decompression bomb)
   is reported without being decompressed into memory;
 - a checkpoint tensor with more elements than its storage (a stride-0 view claiming 2^40) is
-  refused on load, and ``save`` does not write one;
+  refused on load, also inside a set or as a sparse tensor's indices or values, and ``save``
+  does not write one;
 - the examples' folder lock does not follow a symbolic link planted in the output folder, nor
   write through a hard link.
 """
@@ -159,3 +160,46 @@ def test_the_run_lock_does_not_write_through_a_hard_link(tmp_path: Path) -> None
             common.FolderLock(out).acquire()
         assert str(out / "run.lock") in str(error.value)
     assert victim.read_text() == "keep me\n"
+
+
+def _inflated_sparse() -> torch.Tensor:
+    """A sparse tensor whose indices and values are stride-0 views of one stored entry,
+    claiming 2^40 of them."""
+    indices = torch.zeros((1, 1), dtype=torch.long).expand(1, 2**40)
+    values = torch.zeros((), dtype=torch.float16).expand(2**40)
+    return torch.sparse_coo_tensor(
+        indices, values, (5,), check_invariants=False, is_coalesced=False
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize(
+    "where",
+    [
+        pytest.param(lambda: {torch.zeros((), dtype=torch.float16).expand(2**40)}, id="in-a-set"),
+        pytest.param(_inflated_sparse, id="sparse-components"),
+    ],
+)
+def test_an_inflated_tensor_inside_a_set_or_a_sparse_tensor_is_refused(
+    tmp_path: Path, where
+) -> None:
+    """BUG (before the fix): the walk for tensors with more elements than their storage looked
+    through dicts, lists and tuples only. A weights-only load also returns sets, and sparse
+    tensors built from strided ones (torch does not check sparse invariants on load by
+    default): either carried a stride-0 view claiming 2^40 entries in a file of a few KiB,
+    which an optimizer's ``load_state_dict`` casts to its parameter's dtype (it recurses into
+    any iterable, and casts a sparse tensor's values): 8 TiB asked for."""
+    path = tmp_path / "crafted.pt"
+    torch.save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "opt": [where()]}, path)
+    assert path.stat().st_size < 8192
+    with pytest.raises(CheckpointError, match="more elements") as error:
+        checkpoint.load(path)
+    assert "['opt'][0]" in str(error.value)  # (a sparse tensor's: ['opt'][0]['indices'])
+    # legitimate sparse tensors and sets load as they are
+    sparse = torch.tensor([[0.0, 2.0], [3.0, 0.0]], dtype=torch.float64)
+    payload = {"coo": sparse.to_sparse(), "csr": sparse.to_sparse_csr(), "set": {1, 2}}
+    checkpoint.save(path, payload)
+    loaded = checkpoint.load(path)
+    assert torch.equal(loaded["coo"].to_dense(), sparse)
+    assert torch.equal(loaded["csr"].to_dense(), sparse)
+    assert loaded["set"] == {1, 2}

@@ -142,24 +142,20 @@ def test_implicit_at_the_ll_solution_of_many_examples_does_not_warn():
     assert relative(*results) < TOLERANCE
 
 
-def test_iga_at_the_ll_solution_of_many_examples_takes_a_zero_multiplier():
-    """FOUND 2: at the LL's solution IGA's multiplier is round-off over round-off squared,
-    taken as 0 below the floor; over 1e6 examples it was -3.4e9 with one thread."""
+@pytest.mark.parametrize(
+    ("method", "multiplier"),
+    [(U.IGA, "iga_multiplier"), (U.BOME, "lambda")],
+    ids=["iga", "bome"],
+)
+def test_a_multiplier_at_the_ll_solution_of_many_examples_is_zero(method, multiplier):
+    """FOUND 2 and 3: at the LL's solution IGA's multiplier is round-off over round-off
+    squared, and BOME's ``y_hat`` is ``y``'s round-off drift over its inner steps: both are
+    taken as 0 below the floor. Over 1e6 examples IGA's was -3.4e9 with one thread, BOME's
+    lambda 3.0e10 with one thread and 1.1e11 with two."""
     results = []
     for count in (1, 2):
-        grad, diagnostics, _ = at_the_solution(9, count, U.IGA)
-        assert float(diagnostics["iga_multiplier"]) == 0.0, (count, diagnostics)
-        results.append(grad)
-    assert relative(*results) < TOLERANCE
-
-
-def test_bome_at_the_ll_solution_of_many_examples_takes_a_zero_multiplier():
-    """FOUND 3: ``y`` at the LL's solution, ``y_hat`` its round-off drift over the inner
-    steps: lambda must be 0 (it was 3.0e10 with one thread, 1.1e11 with two)."""
-    results = []
-    for count in (1, 2):
-        grad, diagnostics, _ = at_the_solution(9, count, U.BOME)
-        assert float(diagnostics["lambda"]) == 0.0, (count, diagnostics)
+        grad, diagnostics, _ = at_the_solution(9, count, method)
+        assert float(diagnostics[multiplier]) == 0.0, (count, diagnostics)
         results.append(grad)
     assert relative(*results) < TOLERANCE
 

@@ -34,6 +34,8 @@ from bilevel.state import (
 )
 
 Grads = list[torch.Tensor | None]
+#: a UL step's changes of a method's state, held until the runner applies them
+Commits = list[Callable[[], None]]
 
 
 def gradient_scale(
@@ -121,7 +123,7 @@ class HypergradientCalculator:
     #: :meth:`compute_gradients` refuses it, and the runner refuses task batches
     keeps_ll_state = False
     #: where :meth:`commit_state` puts the changes while they are held (else ``None``)
-    _held_commits: list[Callable[[], None]] | None = None
+    _held_commits: Commits | None = None
 
     def __init__(
         self,
@@ -160,16 +162,27 @@ class HypergradientCalculator:
         else:
             self._held_commits.append(change)
 
-    def hold_state_changes(self) -> list[Callable[[], None]]:
+    def hold_state_changes(self) -> tuple[Commits, Commits | None]:
         """Hold the changes given to :meth:`commit_state` from now on in the list returned
-        (for the runner to apply once the UL step is taken), until
-        :meth:`stop_holding_state_changes`."""
-        self._held_commits = []
-        return self._held_commits
+        (for the runner to apply once the UL step is taken, or to drop), until
+        :meth:`stop_holding_state_changes` is given the second value returned: what was held
+        before, so that a query made inside a step (``problem.hypergradient`` from
+        ``before_ul_step``) holds its own changes apart from the step's."""
+        outer, self._held_commits = self._held_commits, []
+        return self._held_commits, outer
 
-    def stop_holding_state_changes(self) -> None:
-        """Apply the changes given to :meth:`commit_state` at once again."""
-        self._held_commits = None
+    def stop_holding_state_changes(self, outer: Commits | None = None) -> None:
+        """Hold the changes as before :meth:`hold_state_changes` (``outer``, what it returned
+        second): at once again, or in the enclosing step's list."""
+        self._held_commits = outer
+
+    def state_at_step_start(self) -> Any:
+        """What ``BilevelProblem.step`` keeps at a UL step's start of a method with a
+        ``state_dict``, to put back with ``load_state_dict`` if the step raises:
+        ``state_dict()``, copies. A method whose tensors change only through
+        :meth:`commit_state`, by being replaced rather than changed in place, returns them
+        shared instead: no copy of LL-sized tensors at every UL step."""
+        return self.state_dict()  # type: ignore[attr-defined]
 
     def settings(self) -> dict[str, Any]:
         """The method's settings that a checkpoint must agree on to be resumed."""

@@ -132,6 +132,11 @@ class DM(HypergradientCalculator):
         multiplier = None if self.multiplier is None else [z.clone() for z in self.multiplier]
         return {"multiplier": multiplier, "steps": self.steps}
 
+    def state_at_step_start(self) -> dict[str, Any]:
+        """:meth:`state_dict` with the multiplier shared: a step replaces it
+        (:meth:`commit_state`)."""
+        return {"multiplier": self.multiplier, "steps": self.steps}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved.
 

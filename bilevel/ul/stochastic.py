@@ -192,12 +192,14 @@ class StochasticMethod(HypergradientCalculator):
     def state_dict(self) -> dict[str, Any]:
         """The step counter, ``v``, the sampler's state and the method's own state (tensors
         and plain values; the LL variable is ``ll_model``, saved by the runner)."""
-        return {
-            "t": self.t,
-            "v": None if self.v is None else [t.detach().clone() for t in self.v],
-            "sampler": self.sampler.state_dict(),
-            **self._extra_state(),
-        }
+        return self._state(None if self.v is None else [t.detach().clone() for t in self.v])
+
+    def state_at_step_start(self) -> dict[str, Any]:
+        """:meth:`state_dict` with ``v`` shared: a step replaces it (:meth:`commit_state`)."""
+        return self._state(self.v)
+
+    def _state(self, v: Tensors | None) -> dict[str, Any]:
+        return {"t": self.t, "v": v, "sampler": self.sampler.state_dict(), **self._extra_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (tensors go to the LL parameters' device and dtype)."""

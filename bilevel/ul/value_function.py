@@ -466,14 +466,20 @@ class FirstOrderMethod(HypergradientCalculator):
     def state_dict(self) -> dict[str, Any]:
         """What this method keeps across UL steps (tensors and plain values; ``y`` itself is
         ``ll_model``'s parameters, checkpointed with ``ll_model``)."""
-        return {
-            "method": self.name,
-            "steps_taken": self.steps_taken,
-            "auxiliary": {
+        return self._state(
+            {
                 k: None if v is None else [t.detach().clone() for t in v]
                 for k, v in self.auxiliary.items()
-            },
-        }
+            }
+        )
+
+    def state_at_step_start(self) -> dict[str, Any]:
+        """:meth:`state_dict` with the auxiliary variables shared: a step replaces them
+        (:meth:`commit_state`)."""
+        return self._state(dict(self.auxiliary))
+
+    def _state(self, auxiliary: dict[str, Tensors | None]) -> dict[str, Any]:
+        return {"method": self.name, "steps_taken": self.steps_taken, "auxiliary": auxiliary}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (tensors go to the LL model's device and
