@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=OUT, help=f"results file (default {OUT})")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -135,8 +136,8 @@ def main() -> None:
     checks = diagnosis()
     for name, value in checks.items():
         print(f"{name}: relative distance {value:.1e}")
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
         json.dumps(
             {
                 "date": datetime.now().isoformat(timespec="seconds"),
@@ -153,7 +154,7 @@ def main() -> None:
             indent=1,
         )
     )
-    print(f"wrote {OUT}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

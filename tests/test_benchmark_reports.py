@@ -217,6 +217,24 @@ def test_online_results_record_the_command_that_made_them(online_vs_offline, tmp
     assert f"`{result['command']}`" in page.read_text()
 
 
+def test_online_results_elsewhere_leave_the_committed_ones_and_the_page(
+    online_vs_offline, tmp_path, monkeypatch
+):
+    """``--out`` elsewhere (a quick try): the committed results and the page they make are
+    left as they are (before, every run overwrote both)."""
+    page = tmp_path / "docs" / "online.md"
+    page.parent.mkdir()
+    begin, end = online_vs_offline.BEGIN, online_vs_offline.END
+    page.write_text(f"before\n{begin}\nold\n{end}\nafter\n")
+    monkeypatch.setattr(online_vs_offline, "ROOT", tmp_path)
+    elsewhere = tmp_path / "try" / "online.json"
+    argv = ["--n", "20", "--d", "4", "--ll-steps", "5", "--budget", "10", "--ul-lrs", "0.05"]
+    online_vs_offline.main([*argv, "--out", str(elsewhere)])
+    assert json.loads(elsewhere.read_text())["runs"]
+    assert not (tmp_path / "benchmarks" / "results" / "online.json").exists()
+    assert page.read_text() == f"before\n{begin}\nold\n{end}\nafter\n"
+
+
 @pytest.fixture(scope="module")
 def benchopt_quadratic():
     """benchmarks/benchopt_quadratic.py (see :func:`_benchmark_module`)."""
