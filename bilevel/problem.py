@@ -674,10 +674,10 @@ class BilevelProblem:
         A step that raises, whatever the error (an objective's, ``KeyboardInterrupt``, a
         refusal), changes nothing: ``.grad`` of the UL parameters, the LL model, the method's
         state across UL steps (its draws included), its diagnostics, the models' buffers and
-        torch's generators (CPU and the models' device) are as before, so that catching the
-        error and stepping again gives the step an uninterrupted run takes. Only an error
-        inside the UL optimizer's own step, after it changed a UL parameter, cannot be undone:
-        the error then says so (load the last checkpoint).
+        torch's generators (CPU, and the first UL parameter's CUDA device) are as before, so
+        that catching the error and stepping again gives the step an uninterrupted run takes.
+        Only an error inside the UL optimizer's own step, after it changed a UL parameter,
+        cannot be undone: the error then says so (load the last checkpoint).
 
         Returns:
             The UL loss before the step (detached); NaN for a skipped step.
@@ -1073,10 +1073,10 @@ class _StepStart:
     (or saving a checkpoint) is safe: ``.grad`` of the UL parameters, the method's state
     across UL steps (its sampler's draws; the changes it commits are held until the UL step
     is taken), its diagnostics, the models' buffers (batch-norm running statistics), the torch
-    generators of the CPU and the models' device (dropout draws) and the last LL loss. Cheap:
-    references, and copies of the buffers, the generators' states and what the method's
-    ``state_at_step_start`` copies (no LL or UL weights, nor LL-sized variables that the
-    method's step replaces)."""
+    generators of the CPU and of the first UL parameter's CUDA device (dropout draws) and the
+    last LL loss. Cheap: references, and copies of the buffers, the generators' states and
+    what the method's ``state_at_step_start`` copies (no LL or UL weights, nor LL-sized
+    variables that the method's step replaces)."""
 
     def __init__(self, problem: BilevelProblem) -> None:
         self.problem = problem
