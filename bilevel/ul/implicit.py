@@ -295,8 +295,9 @@ class Implicit(HypergradientCalculator):
         self.diagnostics = {**info.as_dict(), "ll_grad_norm": linalg.norm(g).detach()}
         self._check_stationary(
             call.trajectory,
-            lambda: self._gradient_scale(call, w, g, hvp),
-            batch_terms(call.train_data),
+            lambda: roundoff_floor(
+                self._gradient_scale(call, w, g, hvp), batch_terms(call.train_data)
+            ),
         )
         if info.diverged:
             self._report_divergence(info, matvec, v, loss)
@@ -424,9 +425,7 @@ class Implicit(HypergradientCalculator):
             return linalg.norm([x.detach() for x in w])
         return gradient_scale(hvp, w, g)
 
-    def _check_stationary(
-        self, trajectory: Trajectory, scale: Callable[[], torch.Tensor], terms: int = 1
-    ) -> None:
+    def _check_stationary(self, trajectory: Trajectory, floor: Callable[[], torch.Tensor]) -> None:
         """Warn (once) when the LL run did not end near a stationary point: its gradient is
         still above ``stationarity_warning`` of the first step's, or (plain SGD) the
         distance left to travel, estimated from the rate at which the last step shrank the
@@ -436,11 +435,11 @@ class Implicit(HypergradientCalculator):
 
         A final gradient at round-off is stationary, whatever the ratios say (an LL started
         at its solution has a first gradient at round-off too, and their ratio is noise): no
-        warning where it is below ``ROUNDOFF * eps`` times ``scale()``, the size of the terms
-        that cancel in it (:meth:`_gradient_scale`, taken only on the way to a warning), and
-        ``sqrt(terms / 100)`` times more for a gradient summed over ``terms > 100`` examples
-        (``bilevel.roundoff.roundoff_floor``: at 1e6 examples its round-off reached 100 to 300
-        eps times that size, and the warning came and went with torch's thread count)."""
+        warning where it is below ``floor()``, ``bilevel.roundoff.roundoff_floor`` of the size
+        of the terms that cancel in it (:meth:`_gradient_scale`, taken only on the way to a
+        warning) and of the number of examples it sums (at 1e6 examples its round-off reached
+        100 to 300 eps times that size, and the warning came and went with torch's thread
+        count)."""
         start = trajectory.initial_grad_norm
         if start is None:
             return
@@ -457,7 +456,7 @@ class Implicit(HypergradientCalculator):
         limit = self.stationarity_warning
         if limit is None or (ratio <= limit and (left is None or left <= limit)):
             return
-        if final <= float(roundoff_floor(scale(), terms)):  # its products: on this path only
+        if final <= float(floor()):  # its products: on this path only
             return
         self.stationarity_warning = None  # once per calculator
         step_map = trajectory.step_map
