@@ -14,6 +14,7 @@ setup(
     extras_require={
         "dev": [
             "pytest",
+            "pytest-xdist",  # make test runs the tests in two processes
             "ruff",
             "mkdocs",
             "mkdocs-material",

@@ -407,7 +407,8 @@ def torch_pin(text: str) -> str:
 
 def test_readme_commands_are_the_makefiles() -> None:
     """README: ``make quickstart`` (the main job) and ``make test`` (ruff lint and format,
-    the docs in strict mode, pytest) install first, torch pinned to constraints.txt's."""
+    the docs in strict mode, pytest in two processes) install first, torch pinned to
+    constraints.txt's."""
     readme = (ROOT / "README.md").read_text()
     assert "make quickstart" in readme and "make test" in readme
     pin = torch_pin((ROOT / "constraints.txt").read_text())
@@ -423,7 +424,7 @@ def test_readme_commands_are_the_makefiles() -> None:
         "python -m ruff check .",
         "python -m ruff format --check .",
         "python -m mkdocs build --strict --site-dir site",
-        "python -m pytest -q",
+        "python -m pytest -q -n 2 --dist loadfile",
     ]
 
 
