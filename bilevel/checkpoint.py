@@ -287,6 +287,13 @@ def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
                 f"which load refuses; {path} was left as it was. Save .contiguous() or the "
                 "tensor it was expanded from."
             )
+        invalid = _invalid_sparse(written)
+        if invalid is not None:
+            raise TypeError(
+                f"the checkpoint for {path} holds a sparse tensor with indices outside its "
+                f"shape or out of order ({invalid}), which load refuses; {path} was left as "
+                "it was. Build sparse tensors with torch's checks on (the default)."
+            )
 
     atomic_write(path, lambda f: torch.save(checkpoint, f), check=check)
 
@@ -359,6 +366,15 @@ def load(path: str | os.PathLike, require: Iterable[str] = ()) -> dict[str, Any]
             "never writes one: the file was crafted or written by other code. Restore it from "
             "a copy, or delete it to start the run again."
         )
+    invalid = _invalid_sparse(state)
+    if invalid is not None:
+        raise CheckpointError(
+            f"{path} cannot be loaded safely: it holds a sparse tensor with indices outside its "
+            f"shape or out of order ({invalid}), which would read and write memory outside "
+            "the tensor's once used. bilevel's save never writes one: the file was crafted or "
+            "damaged before it was saved. Restore it from a copy, or delete it to start the "
+            "run again."
+        )
     if state["format"] != FORMAT:
         raise CheckpointError(
             f"{path} is not a bilevel checkpoint (its format is {state['format']!r}). Point to "
@@ -380,22 +396,14 @@ def load(path: str | os.PathLike, require: Iterable[str] = ()) -> dict[str, Any]
     return state
 
 
-def _inflated_tensor(value: Any, where: str = "") -> str | None:
-    """Where in ``value`` (dicts, lists, tuples, sets: what a weights-only load returns) a
-    tensor has more elements than its storage holds (``"['opt']['state'][0]"``, its shape and
-    size in the file), or ``None``. torch refuses a tensor that reaches past its storage, but
-    not one whose entries overlap: a stride-0 view of one stored number can claim 2^40
-    elements, and copying or converting it (an optimizer's ``load_state_dict`` casts its
-    state, through any iterable) allocates all of them. A sparse tensor is made of strided
-    ones (its indices and values), checked as such: torch does not check sparse tensors on
-    load unless asked to."""
+def _first_found(
+    value: Any, check: Callable[[torch.Tensor, str], str | None], where: str = ""
+) -> str | None:
+    """``check(tensor, where)`` on each tensor in ``value`` (dicts, lists, tuples, sets: what a
+    weights-only load returns), ``where`` naming it (``"['opt']['state'][0]"``); the first
+    answer that is not ``None``, or ``None``."""
     if isinstance(value, torch.Tensor):
-        if value.layout != torch.strided:
-            return _inflated_tensor(_sparse_parts(value), where)
-        stored = value.untyped_storage().nbytes() // max(value.element_size(), 1)
-        if value.numel() > stored:
-            return f"{where or 'the checkpoint'}: shape {tuple(value.shape)}, {stored} stored"
-        return None
+        return check(value, where or "the checkpoint")
     if isinstance(value, dict):
         items: Iterable[tuple[Any, Any]] = value.items()
     elif isinstance(value, (list, tuple, set)):
@@ -403,9 +411,59 @@ def _inflated_tensor(value: Any, where: str = "") -> str | None:
     else:
         return None
     for key, item in items:
-        found = _inflated_tensor(item, f"{where}[{key!r}]")
+        found = _first_found(item, check, f"{where}[{key!r}]")
         if found is not None:
             return found
+    return None
+
+
+def _inflated_tensor(value: Any) -> str | None:
+    """Where in ``value`` a tensor has more elements than its storage holds (its shape and
+    size in the file), or ``None``. torch refuses a tensor that reaches past its storage, but
+    not one whose entries overlap: a stride-0 view of one stored number can claim 2^40
+    elements, and copying or converting it (an optimizer's ``load_state_dict`` casts its
+    state, through any iterable) allocates all of them. A sparse tensor is made of strided
+    ones (its indices and values), checked as such."""
+    return _first_found(value, _inflated)
+
+
+def _inflated(value: torch.Tensor, where: str) -> str | None:
+    """:func:`_inflated_tensor`'s check of one tensor."""
+    if value.layout != torch.strided:
+        return _first_found(_sparse_parts(value), _inflated, where)
+    stored = value.untyped_storage().nbytes() // max(value.element_size(), 1)
+    if value.numel() > stored:
+        return f"{where}: shape {tuple(value.shape)}, {stored} stored"
+    return None
+
+
+def _invalid_sparse(value: Any) -> str | None:
+    """Where in ``value`` a sparse tensor breaks torch's invariants (indices outside its
+    shape, compressed indices out of order), with torch's reason, or ``None``. torch checks
+    them on load only inside ``torch.sparse.check_sparse_tensor_invariants``, and reading such
+    a tensor (``to_dense``, any op) reads and writes outside its memory. Run after
+    :func:`_inflated_tensor`: the check reads every index."""
+    return _first_found(value, _sparse_reason)
+
+
+def _sparse_reason(value: torch.Tensor, where: str) -> str | None:
+    """:func:`_invalid_sparse`'s check of one tensor: torch's own, on a copy built from its
+    parts (a COO tensor's claim to be coalesced included)."""
+    if value.layout == torch.strided:
+        return None
+    parts = list(_sparse_parts(value).values())
+    try:
+        if value.layout == torch.sparse_coo:
+            torch.sparse_coo_tensor(
+                *parts, value.shape, check_invariants=True, is_coalesced=value.is_coalesced()
+            )
+        elif parts:
+            torch.sparse_compressed_tensor(
+                *parts, value.shape, layout=value.layout, check_invariants=True
+            )
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "invalid"
+        return f"{where}: {reason[:160]}"
     return None
 
 

@@ -203,3 +203,42 @@ def test_an_inflated_tensor_inside_a_set_or_a_sparse_tensor_is_refused(
     assert torch.equal(loaded["coo"].to_dense(), sparse)
     assert torch.equal(loaded["csr"].to_dense(), sparse)
     assert loaded["set"] == {1, 2}
+
+
+def _sparse_out_of_range() -> dict[str, torch.Tensor]:
+    """Sparse tensors whose indices point outside their shape (a COO index 7 in a tensor of
+    5 entries, a CSR column 9 of 2), built without torch's checks."""
+    coo = torch.sparse_coo_tensor(
+        torch.tensor([[0, 7]]), torch.ones(2), (5,), check_invariants=False
+    )
+    csr = torch.sparse_csr_tensor(
+        torch.tensor([0, 1, 2]),
+        torch.tensor([0, 9]),
+        torch.ones(2),
+        (2, 2),
+        check_invariants=False,
+    )
+    return {"coo": coo, "csr": csr}
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_a_sparse_tensor_with_indices_outside_its_shape_is_refused(
+    tmp_path: Path, layout: str
+) -> None:
+    """BUG (before the fix): torch checks a loaded sparse tensor's indices against its shape
+    only inside ``torch.sparse.check_sparse_tensor_invariants``, which ``load`` did not enter:
+    a crafted file's out-of-range indices loaded silently, and converting the tensor (to_dense,
+    or any op that reads it) reads and writes memory outside the tensor's. Refused now, with
+    where it is; ``save`` refuses to write one."""
+    bad = _sparse_out_of_range()[layout]
+    path = tmp_path / "crafted.pt"
+    torch.save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "opt": [bad]}, path)
+    with pytest.raises(CheckpointError, match="indices outside") as error:
+        checkpoint.load(path)
+    assert "['opt'][0]" in str(error.value)
+    good = tmp_path / "good.pt"
+    checkpoint.save(good, {"step": 1})
+    with pytest.raises(TypeError, match="indices outside"):
+        checkpoint.save(good, {"step": 2, "bad": bad})
+    assert checkpoint.load(good)["step"] == 1
