@@ -77,7 +77,7 @@ sys.path.insert(0, str(ROOT))
 
 from common import git_revision  # noqa: E402
 
-from bilevel import BilevelProblem, linalg  # noqa: E402
+from bilevel import BilevelProblem, checkpoint, linalg  # noqa: E402
 from bilevel.data import Omniglot, TaskSampler  # noqa: E402
 from bilevel.ll import GradientDescent  # noqa: E402
 from bilevel.models import FewShotNet  # noqa: E402
@@ -566,7 +566,7 @@ def run_imaml(args: argparse.Namespace) -> dict:
     """The ``imaml`` subcommand."""
     dtype = torch.float64
     if args.checkpoint:
-        saved = torch.load(args.checkpoint, weights_only=True)
+        saved = load_params(args.checkpoint)
         hidden, ways = saved["hidden"], saved["ways"]
         net = Net(ways, hidden, dtype, seed=args.seed)
         theta = [saved["params"][n].to(dtype) for n in net.names]
@@ -622,7 +622,7 @@ def run_curvature(args: argparse.Namespace) -> dict:
     ``lambda_min(H)`` from above. At an iMAML solution ``grad L = -reg (w - theta)`` is not
     zero, so ``H + reg I`` is indefinite as soon as that bound is below ``-reg``."""
     dtype = torch.float64
-    saved = torch.load(args.checkpoint, weights_only=True) if args.checkpoint else None
+    saved = load_params(args.checkpoint) if args.checkpoint else None
     hidden = saved["hidden"] if saved else args.hidden
     net = Net(args.ways, hidden, dtype, seed=args.seed)
     theta = [saved["params"][n].to(dtype) for n in net.names] if saved else net.init()
@@ -721,7 +721,7 @@ def run_spikes(args: argparse.Namespace) -> dict:
     """The ``spikes`` subcommand: the size of iMAML's meta-gradient over many tasks, as
     meta-training computes it (float32, the library's CG), against the query gradient."""
     dtype = torch.float64 if args.float64 else torch.float32
-    saved = torch.load(args.checkpoint, weights_only=True) if args.checkpoint else None
+    saved = load_params(args.checkpoint) if args.checkpoint else None
     hidden = saved["hidden"] if saved else args.hidden
     net = Net(args.ways, hidden, dtype, seed=args.seed)
     theta = [saved["params"][n].to(dtype) for n in net.names] if saved else net.init()
@@ -1028,10 +1028,20 @@ def save_params(net: Net, theta: Vec, args: argparse.Namespace, done: int) -> No
         "params": {n: t.detach().clone() for n, t in zip(net.names, theta, strict=True)},
         "hidden": args.hidden,
         "ways": args.ways,
-        "settings": {k: v for k, v in vars(args).items() if k != "func"},
+        "settings": {  # (paths as strings: a weights-only load refuses Path objects)
+            k: os.fspath(v) if isinstance(v, os.PathLike) else v
+            for k, v in vars(args).items()
+            if k != "func"
+        },
         "meta_steps": done,
     }
-    torch.save(state, path)
+    checkpoint.save(path, checkpoint.plain(state))  # atomic: a cut-short save leaves no file
+
+
+def load_params(path: str) -> dict[str, Any]:
+    """The meta-parameters :func:`save_params` wrote, read by ``bilevel.checkpoint.load``
+    (weights only, the archive's checksums and the tensors' sizes checked)."""
+    return checkpoint.load(path, require=("params", "hidden", "ways"))
 
 
 def run_check(args: argparse.Namespace) -> dict:
@@ -1306,7 +1316,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     record = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "settings": {k: v for k, v in vars(args).items() if k != "func"},
+        "settings": {  # (paths as strings: a weights-only load refuses Path objects)
+            k: os.fspath(v) if isinstance(v, os.PathLike) else v
+            for k, v in vars(args).items()
+            if k != "func"
+        },
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "git": git_revision(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "

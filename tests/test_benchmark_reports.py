@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -371,3 +372,28 @@ def test_runs_at_hand_replace_their_records_and_plots_and_keep_the_others(
     text = page.read_text()
     assert "75.00%" in text and "50.00%" in text and "two at a time" in text
     assert "2026-12-03, commit abc1234" in text
+
+
+def test_the_omniglot_diagnosis_saves_and_reads_its_parameters_as_checkpoints(tmp_path) -> None:
+    """``omniglot_diagnosis.py train --save`` wrote its meta-parameters with a bare
+    ``torch.save`` (a run stopped mid-write left a cut-short file) and ``--checkpoint`` read
+    them with a bare ``torch.load``, past the checks of ``bilevel.checkpoint``: now both go
+    through it. A round trip keeps every parameter bitwise; a cut-short file is refused."""
+    import argparse
+
+    from bilevel.checkpoint import CheckpointError
+
+    for diagnosis in _benchmark_module("omniglot_diagnosis"):
+        net = diagnosis.Net(5, 4, torch.float64, seed=0)
+        theta = net.init()
+        path = tmp_path / "step-{step}.pt"
+        args = argparse.Namespace(save=str(path), hidden=4, ways=5, seed=0, data_root=tmp_path)
+        diagnosis.save_params(net, theta, args, 3)
+        saved = diagnosis.load_params(str(tmp_path / "step-3.pt"))
+        assert (saved["hidden"], saved["ways"], saved["meta_steps"]) == (4, 5, 3)
+        for name, value in zip(net.names, theta, strict=True):
+            assert torch.equal(saved["params"][name], value)
+        whole = (tmp_path / "step-3.pt").read_bytes()
+        (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])
+        with pytest.raises(CheckpointError, match=r"cut\.pt"):
+            diagnosis.load_params(str(tmp_path / "cut.pt"))
