@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import time
+import tracemalloc
 import warnings
 import zipfile
 from collections import Counter
@@ -269,3 +270,51 @@ def test_a_corrupt_zip_names_itself_and_the_cure(tmp_path: Path) -> None:
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 3])
     with pytest.raises(ValueError, match=r"(?s)cannot read it as a zip archive.*download=True"):
         om._decode_sources(_sources(folder), 28, "lanczos", 0, False)
+
+
+@pytest.mark.parametrize("as_zip", [True, False], ids=["zip", "folder"])
+def test_an_oversized_drawing_is_refused_before_it_is_read(tmp_path: Path, as_zip: bool) -> None:
+    """BUG (before the fix): each drawing was read whole into memory before its PNG header
+    was checked, so a crafted or damaged archive whose member expands to gigabytes (a zip
+    bomb: 64 MiB of zeros here, 64 KiB compressed) or a huge file in the extracted folder was
+    read in full. A 105x105 drawing takes a few KiB; anything over 1 MiB is refused by the
+    size the archive (or the file system) states, naming the file."""
+    folder = _synthetic(tmp_path, as_zip=as_zip)
+    part = om.OMNIGLOT_PARTS[0]
+    name = f"{part}/Script_00/character01/0001_01.png"
+    huge = bytes(64 << 20)
+    if as_zip:
+        archive = folder / f"{part}.zip"
+        with zipfile.ZipFile(archive) as zf:
+            members = {n: zf.read(n) for n in zf.namelist()}
+        members[name] = huge
+        with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for member, data in members.items():
+                zf.writestr(member, data)
+        assert archive.stat().st_size < 1 << 20
+    else:
+        (folder / name).write_bytes(huge)
+    del huge
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"(?s)0001_01\.png.*67108864 bytes.*download"):
+            om._decode_sources(_sources(folder), 28, "lanczos", 0, False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB held to refuse one drawing"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_damaged_drawing_names_itself_and_the_cure(tmp_path: Path, workers: int) -> None:
+    """BUG (before the fix): a drawing that is not a PNG raised PIL's bare
+    ``UnidentifiedImageError``; with worker processes, that error (an ``OSError``) was taken
+    for a failure of the pool: a warning that parallel decoding failed, and everything
+    decoded again in this process, to the same bare error."""
+    folder = _synthetic(tmp_path, as_zip=False)
+    name = f"{om.OMNIGLOT_PARTS[0]}/Script_01/character02/0102_07.png"
+    (folder / name).write_bytes(b"not a png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        with pytest.raises(ValueError, match=r"(?s)0102_07\.png is not a readable PNG.*download"):
+            om._decode_sources(_sources(folder), 28, "lanczos", workers, False)

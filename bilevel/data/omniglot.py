@@ -218,16 +218,42 @@ def _decode_job(
     bits = np.empty((len(names), (_ORIGINAL_SIZE * _ORIGINAL_SIZE + 7) // 8), dtype=np.uint8)
     zf = _open_zip(path) if is_zip else None
     for i, name in enumerate(names):
-        data = zf.read(name) if zf is not None else (Path(path) / name).read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
-            if im.size != (_ORIGINAL_SIZE, _ORIGINAL_SIZE):
-                raise ValueError(f"{path}: {name} is {im.size}, expected 105x105")
-            gray = im.convert("L")
+        try:
+            with Image.open(io.BytesIO(_read_drawing(path, zf, name))) as im:
+                if im.size != (_ORIGINAL_SIZE, _ORIGINAL_SIZE):
+                    raise ValueError(f"{path}: {name} is {im.size}, expected 105x105")
+                gray = im.convert("L")
+        except (OSError, zipfile.BadZipFile) as error:  # not a PNG, cut short, bad CRC
+            raise ValueError(
+                f"{path}: {name} is not a readable PNG ({error}): {_DAMAGED_CURE}"
+            ) from None
         bits[i] = np.packbits(np.asarray(gray) >= 128)
         if size != _ORIGINAL_SIZE:
             gray = gray.resize((size, size), _RESAMPLE[resample])
         images[i] = 255 - np.asarray(gray)
     return images, bits
+
+
+#: the most bytes one drawing may take: a 105x105 PNG takes a few KiB
+_MAX_DRAWING_BYTES = 1 << 20
+_DAMAGED_CURE = (
+    "the data is damaged or not Omniglot's. Delete it and download it again (download=True), "
+    "or extract a good copy beside it."
+)
+
+
+def _read_drawing(path: str, zf: zipfile.ZipFile | None, name: str) -> bytes:
+    """The bytes of one drawing, from the zip ``zf`` or the folder ``path``; refused by the
+    size the archive or the file system states before it is read, when it is larger than
+    any drawing (a zip member that expands to gigabytes would otherwise be read whole)."""
+    file = None if zf is not None else Path(path) / name
+    size = zf.getinfo(name).file_size if zf is not None else file.stat().st_size
+    if size > _MAX_DRAWING_BYTES:
+        raise ValueError(
+            f"{path}: {name} takes {size} bytes, where a 105x105 drawing takes a few KiB: "
+            f"{_DAMAGED_CURE}"
+        )
+    return zf.read(name) if zf is not None else file.read_bytes()
 
 
 def _default_workers() -> int:
