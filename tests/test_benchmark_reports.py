@@ -4,7 +4,6 @@ commands and summaries recorded with the results, and which results a page may q
 from __future__ import annotations
 
 import datetime
-import importlib
 import json
 import shlex
 import sys
@@ -12,27 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from local_modules import local_modules
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _benchmark_module(name: str):
-    """benchmarks/<name>.py, imported with benchmarks/ on the path and its own modules
-    (benchmarks/problems.py, not tests/problems.py); the benchmark modules are removed
-    afterwards and the shadowed ones put back. Other modules stay: a benchmark run here
-    imports some of torch's lazily (``torch._dynamo`` on a first optimizer step), and one
-    imported again registers its operators again, which fails in a later test."""
-    names = {path.stem for path in BENCHMARKS.glob("*.py")}
-    shadowed = {name: sys.modules.pop(name) for name in names if name in sys.modules}
-    path = list(sys.path)
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module(name)
-    finally:
-        sys.path[:] = path  # the benchmark modules insert benchmarks/ themselves too
-        for local in names:
-            sys.modules.pop(local, None)
-        sys.modules.update(shadowed)
+    """benchmarks/<name>.py (see :func:`local_modules.local_modules`)."""
+    with local_modules(BENCHMARKS, name) as (module,):
+        yield module
 
 
 @pytest.fixture(scope="module")

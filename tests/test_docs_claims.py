@@ -18,18 +18,17 @@ figures drawn into a temporary folder.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import json
 import re
 import shlex
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from local_modules import local_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -48,20 +47,10 @@ def load(name: str) -> dict:
 
 @contextlib.contextmanager
 def imported(folder: Path, name: str) -> Iterator:
-    """``folder/name.py`` imported with ``folder`` first on the path (the benchmarks' and the
-    examples' own modules, not tests/'s); what it brought in is removed afterwards and the
-    modules it shadowed are put back."""
-    names = {path.stem for path in folder.glob("*.py")}
-    shadowed = {n: sys.modules.pop(n) for n in names if n in sys.modules}
-    before, path = set(sys.modules), list(sys.path)
-    sys.path.insert(0, str(folder))
-    try:
-        yield importlib.import_module(name)
-    finally:
-        sys.path[:] = path
-        for added in set(sys.modules) - before:
-            del sys.modules[added]
-        sys.modules.update(shadowed)
+    """``folder/name.py`` imported with its folder's own modules (see
+    :func:`local_modules.local_modules`)."""
+    with local_modules(folder, name) as (module,):
+        yield module
 
 
 # --------------------------------------------------------------------------- generated pages

@@ -4,33 +4,19 @@ operation" only BOAT operations that are our algorithm."""
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from local_modules import local_modules
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _benchmark_modules(*names: str):
-    """benchmarks/<name>.py for each name, imported with benchmarks/ on the path (its own
-    problems.py, not tests/problems.py); the benchmark modules they brought in are removed
-    afterwards and the shadowed modules put back. Other modules stay: torch imports some
-    lazily (``torch._dynamo`` on a first optimizer step), and one imported again registers
-    its operators again, which fails in a later test."""
-    local = {path.stem for path in BENCHMARKS.glob("*.py")}
-    shadowed = {name: sys.modules.pop(name) for name in local if name in sys.modules}
-    path = list(sys.path)
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield [importlib.import_module(name) for name in names]
-    finally:
-        sys.path[:] = path
-        for name in local:
-            sys.modules.pop(name, None)
-        sys.modules.update(shadowed)
+    """benchmarks/<name>.py for each name (see :func:`local_modules.local_modules`)."""
+    with local_modules(BENCHMARKS, *names) as modules:
+        yield modules
 
 
 @pytest.fixture(scope="module")
