@@ -12,6 +12,7 @@ import time
 import tracemalloc
 import warnings
 import zipfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -317,4 +318,100 @@ def test_a_damaged_drawing_names_itself_and_the_cure(tmp_path: Path, workers: in
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning
         with pytest.raises(ValueError, match=r"(?s)0102_07\.png is not a readable PNG.*download"):
+            om._decode_sources(_sources(folder), 28, "lanczos", workers, False)
+
+
+def _rewrite_zip_member(archive: Path, name: str, data: bytes, compress: int) -> None:
+    """Write ``archive`` again with ``name``'s bytes replaced (and ``compress`` for all)."""
+    with zipfile.ZipFile(archive) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    members[name] = data
+    with zipfile.ZipFile(archive, "w", compression=compress) as zf:
+        for member, content in members.items():
+            zf.writestr(member, content)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG signature and header chunk claiming ``width x height`` pixels, then its end."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+        )
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_a_zip_member_that_understates_its_size_is_not_inflated_whole(tmp_path: Path) -> None:
+    """BUG (before the fix): the size check read the size the archive states; ``zf.read``
+    then inflated the whole member before cutting it to that size, so a member stating 3,000
+    bytes that inflates to 64 MiB held 64 MiB and more (at 256 MiB: a 558 MiB peak). Now at
+    most 1 MiB of a drawing is read, whatever the archive says."""
+    folder = _synthetic(tmp_path, as_zip=True)
+    part = om.OMNIGLOT_PARTS[0]
+    archive = folder / f"{part}.zip"
+    name = f"{part}/Script_00/character01/0001_01.png"
+    _rewrite_zip_member(archive, name, bytes(64 << 20), zipfile.ZIP_DEFLATED)
+    with zipfile.ZipFile(archive) as zf:  # the central directory's sizes, edited to 3,000
+        info = zf.getinfo(name)
+        entry = zf.fp.seek(0) or archive.read_bytes()
+    at = entry.rindex(name.encode()) - 46  # the member's central directory record
+    assert entry[at : at + 4] == b"PK\x01\x02" and info.file_size == 64 << 20
+    edited = bytearray(entry)
+    edited[at + 24 : at + 28] = (3000).to_bytes(4, "little")  # uncompressed size
+    archive.write_bytes(bytes(edited))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"(?s)0001_01\.png.*download"):
+            om._decode_sources(_sources(folder), 28, "lanczos", 0, False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB held to refuse one drawing"
+
+
+def _damaged_deflate(archive: Path, name: str) -> None:
+    """Make ``name``'s compressed data in ``archive`` start with a reserved deflate block
+    type (a flipped bit in a download): inflating it fails before any CRC is checked."""
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo(name)
+    raw = bytearray(archive.read_bytes())
+    local = info.header_offset
+    start = local + 30 + int.from_bytes(raw[local + 26 : local + 28], "little")
+    start += int.from_bytes(raw[local + 28 : local + 30], "little")
+    raw[start] = 0xFF  # BFINAL 1, BTYPE 11: reserved
+    archive.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", ["deflate", "bomb-header", "unreadable-file"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_damaged_drawing_names_itself(tmp_path: Path, damage: str, workers: int) -> None:
+    """BUG (before the fix): damage outside PIL's OSError escaped bare: a bit flipped in a
+    deflated member (the real archives are deflated) raised ``zlib.error``; a PNG whose
+    header claims 1e10 pixels PIL's ``DecompressionBombError``; and a drawing the user may
+    not be read (an OSError: here a folder where the file should be) was taken by the worker
+    pool for its own failure. Each now names the file, without the pool's fallback warning."""
+    part = om.OMNIGLOT_PARTS[0]
+    name = f"{part}/Script_01/character02/0102_07.png"
+    folder = _synthetic(tmp_path, as_zip=damage != "unreadable-file")
+    if damage == "deflate":
+        archive = folder / f"{part}.zip"
+        with zipfile.ZipFile(archive) as zf:
+            drawing = zf.read(name)
+        _rewrite_zip_member(archive, name, drawing, zipfile.ZIP_DEFLATED)
+        _damaged_deflate(archive, name)
+        expected = r"0102_07\.png is not a readable PNG.*download"
+    elif damage == "bomb-header":
+        _rewrite_zip_member(
+            folder / f"{part}.zip", name, _png_header_only(100_000, 100_000), zipfile.ZIP_STORED
+        )
+        expected = r"0102_07\.png is not a readable PNG.*download"
+    else:
+        (folder / name).unlink()
+        (folder / name).mkdir()
+        expected = r"cannot read .*0102_07\.png.*permissions"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        with pytest.raises(ValueError, match=f"(?s){expected}"):
             om._decode_sources(_sources(folder), 28, "lanczos", workers, False)

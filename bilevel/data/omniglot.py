@@ -27,6 +27,7 @@ import os
 import tempfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -218,12 +219,13 @@ def _decode_job(
     bits = np.empty((len(names), (_ORIGINAL_SIZE * _ORIGINAL_SIZE + 7) // 8), dtype=np.uint8)
     zf = _open_zip(path) if is_zip else None
     for i, name in enumerate(names):
+        data = _read_drawing(path, zf, name)
         try:
-            with Image.open(io.BytesIO(_read_drawing(path, zf, name))) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 if im.size != (_ORIGINAL_SIZE, _ORIGINAL_SIZE):
                     raise ValueError(f"{path}: {name} is {im.size}, expected 105x105")
                 gray = im.convert("L")
-        except (OSError, zipfile.BadZipFile) as error:  # not a PNG, cut short, bad CRC
+        except (OSError, Image.DecompressionBombError) as error:  # not a PNG, cut short
             raise ValueError(
                 f"{path}: {name} is not a readable PNG ({error}): {_DAMAGED_CURE}"
             ) from None
@@ -243,17 +245,34 @@ _DAMAGED_CURE = (
 
 
 def _read_drawing(path: str, zf: zipfile.ZipFile | None, name: str) -> bytes:
-    """The bytes of one drawing, from the zip ``zf`` or the folder ``path``; refused by the
-    size the archive or the file system states before it is read, when it is larger than
-    any drawing (a zip member that expands to gigabytes would otherwise be read whole)."""
-    file = None if zf is not None else Path(path) / name
-    size = zf.getinfo(name).file_size if zf is not None else file.stat().st_size
-    if size > _MAX_DRAWING_BYTES:
+    """The bytes of one drawing, from the zip ``zf`` or the folder ``path``. At most
+    :data:`_MAX_DRAWING_BYTES` are read, whatever size the archive states (``zf.read`` would
+    inflate a whole member that expands to gigabytes); a larger drawing, or a member whose
+    data is damaged, is refused with its name."""
+    limit = _MAX_DRAWING_BYTES
+    if zf is None:
+        try:
+            with open(Path(path) / name, "rb") as file:
+                data, size = file.read(limit + 1), os.fstat(file.fileno()).st_size
+        except OSError as error:  # a file removed, a folder in its place, no permission
+            raise ValueError(
+                f"{path}: cannot read {name} ({error.strerror or error}). Check the file and "
+                "its permissions, or extract a good copy of the data beside it."
+            ) from None
+    else:
+        try:
+            with zf.open(name) as member:
+                data, size = member.read(limit + 1), zf.getinfo(name).file_size
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # bad CRC, deflate
+            raise ValueError(
+                f"{path}: {name} is not a readable PNG ({error}): {_DAMAGED_CURE}"
+            ) from None
+    if len(data) > limit:
         raise ValueError(
-            f"{path}: {name} takes {size} bytes, where a 105x105 drawing takes a few KiB: "
-            f"{_DAMAGED_CURE}"
+            f"{path}: {name} takes {max(size, len(data))} bytes, where a 105x105 drawing takes "
+            f"a few KiB: {_DAMAGED_CURE}"
         )
-    return zf.read(name) if zf is not None else file.read_bytes()
+    return data
 
 
 def _default_workers() -> int:
