@@ -292,7 +292,7 @@ def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
             raise TypeError(
                 f"the checkpoint for {path} holds a sparse tensor with indices outside its "
                 f"shape or out of order ({invalid}), which load refuses; {path} was left as "
-                "it was. Build sparse tensors with torch's checks on (the default)."
+                "it was. Build sparse tensors with check_invariants=True."
             )
 
     atomic_write(path, lambda f: torch.save(checkpoint, f), check=check)
@@ -401,19 +401,30 @@ def _first_found(
 ) -> str | None:
     """``check(tensor, where)`` on each tensor in ``value`` (dicts, lists, tuples, sets: what a
     weights-only load returns), ``where`` naming it (``"['opt']['state'][0]"``); the first
-    answer that is not ``None``, or ``None``."""
-    if isinstance(value, torch.Tensor):
-        return check(value, where or "the checkpoint")
-    if isinstance(value, dict):
-        items: Iterable[tuple[Any, Any]] = value.items()
-    elif isinstance(value, (list, tuple, set)):
-        items = enumerate(value)
-    else:
-        return None
-    for key, item in items:
-        found = _first_found(item, check, f"{where}[{key!r}]")
-        if found is not None:
-            return found
+    answer that is not ``None``, or ``None``. Each container and tensor is visited once, and
+    without recursion: a pickle stores a shared object once, so a file of a few KiB can hold
+    a list that holds one list twice, 40 levels deep (2^40 paths), or a list that holds
+    itself."""
+    pending: list[tuple[Any, str]] = [(value, where)]
+    seen: set[int] = set()
+    while pending:
+        item, at = pending.pop()
+        if id(item) in seen:
+            continue
+        if isinstance(item, torch.Tensor):
+            seen.add(id(item))
+            found = check(item, at or "the checkpoint")
+            if found is not None:
+                return found
+            continue
+        if isinstance(item, dict):
+            items: Iterable[tuple[Any, Any]] = item.items()
+        elif isinstance(item, (list, tuple, set)):
+            items = enumerate(item)
+        else:
+            continue
+        seen.add(id(item))
+        pending.extend(reversed([(child, f"{at}[{key!r}]") for key, child in items]))
     return None
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import time
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -242,3 +243,31 @@ def test_a_sparse_tensor_with_indices_outside_its_shape_is_refused(
     with pytest.raises(TypeError, match="indices outside"):
         checkpoint.save(good, {"step": 2, "bad": bad})
     assert checkpoint.load(good)["step"] == 1
+
+
+def test_shared_and_self_referencing_containers_are_walked_once(tmp_path: Path) -> None:
+    """BUG (before the fix): the checks of a loaded checkpoint walked its containers as trees,
+    so a list holding one list twice, 40 levels deep (a file of a few KiB, which pickle
+    stores once per object), took 2^40 visits and hung ``load``; a list that holds itself
+    raised a bare RecursionError. Each container is now visited once, iteratively."""
+    shared: list = [torch.ones(1, dtype=torch.float64)]
+    for _ in range(40):
+        shared = [shared, shared]
+    looped: list = [torch.ones(1)]
+    looped.append(looped)
+    path = tmp_path / "shared.pt"
+    torch.save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "a": shared}, path)
+    assert path.stat().st_size < 16384
+    start = time.process_time()
+    loaded = checkpoint.load(path)
+    assert time.process_time() - start < 10
+    assert loaded["a"][0] is loaded["a"][1]
+    torch.save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "a": looped}, path)
+    assert checkpoint.load(path)["a"][1] is not None
+    # ... and a bad tensor deep inside is still found, with where it is
+    deep: list = [_sparse_out_of_range()["coo"]]
+    for _ in range(3):
+        deep = [deep, deep]
+    torch.save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "a": deep}, path)
+    with pytest.raises(CheckpointError, match=r"\['a'\]\[0\]\[0\]\[0\]\[0\]"):
+        checkpoint.load(path)
