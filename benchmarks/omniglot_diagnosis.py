@@ -1041,7 +1041,13 @@ def save_params(net: Net, theta: Vec, args: argparse.Namespace, done: int) -> No
 def load_params(path: str) -> dict[str, Any]:
     """The meta-parameters :func:`save_params` wrote, read by ``bilevel.checkpoint.load``
     (weights only, the archive's checksums and the tensors' sizes checked)."""
-    return checkpoint.load(path, require=("params", "hidden", "ways"))
+    try:
+        return checkpoint.load(path, require=("params", "hidden", "ways"))
+    except checkpoint.CheckpointError as error:
+        raise SystemExit(
+            f"{error}\n(this script wrote its parameters with a bare torch.save before f04d727: "
+            "such files are refused; write them again with `train --save`)"
+        ) from None
 
 
 def run_check(args: argparse.Namespace) -> dict:
