@@ -40,14 +40,15 @@ def data_root() -> Path:
 @pytest.fixture(scope="session")
 def data_cache_dir(request: pytest.FixtureRequest, tmp_path_factory) -> Path:
     """Cache for decoded data: ``$BILEVEL_CACHE``, else pytest's cache folder (kept
-    between runs of this checkout; one per pytest-xdist worker), else a fresh temporary
-    folder."""
-    env = os.environ.get("BILEVEL_CACHE")
-    if env:
-        return Path(env)
+    between runs of this checkout), else a fresh temporary folder; one folder per
+    pytest-xdist worker."""
     # one folder per pytest-xdist worker: a worker decoding Omniglot would otherwise leave
     # its temporary file where another worker's test checks that none is left
-    name = "bilevel_data" + os.environ.get("PYTEST_XDIST_WORKER", "")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    env = os.environ.get("BILEVEL_CACHE")
+    if env:
+        return Path(env) / worker if worker else Path(env)
+    name = "bilevel_data" + worker
     cache = getattr(request.config, "cache", None)
     if cache is not None:
         return Path(cache.mkdir(name))

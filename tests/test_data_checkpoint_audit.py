@@ -45,7 +45,6 @@ from bilevel.data import omniglot as om
 from bilevel.ll import GradientDescent
 from bilevel.ul import Reverse
 
-AUDIT = Path("/tmp/audit_data")
 DTYPE = torch.float64
 
 
@@ -450,12 +449,10 @@ class OpensMarker:
 
 
 @pytest.fixture
-def pwned():
-    AUDIT.mkdir(exist_ok=True)
-    marker = AUDIT / "pwned"
-    marker.unlink(missing_ok=True)
-    yield marker
-    marker.unlink(missing_ok=True)
+def pwned(tmp_path_factory) -> Path:
+    """Where a crafted payload would write if it ran: a fresh folder of this test's own (a
+    fixed path was shared by every run on the machine)."""
+    return tmp_path_factory.mktemp("payload") / "pwned"
 
 
 def _replace_member(path: Path, suffix: str, data: bytes) -> None:
