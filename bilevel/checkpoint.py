@@ -416,6 +416,9 @@ def _first_found(
             found = check(item, at or "the checkpoint")
             if found is not None:
                 return found
+            # attributes set on a tensor survive a weights-only load, and copy.deepcopy
+            # copies them (a stride-0 one into all its elements)
+            pending.extend((child, f"{at}.{name}") for name, child in vars(item).items())
             continue
         if isinstance(item, dict):
             items: Iterable[tuple[Any, Any]] = item.items()

@@ -6,8 +6,9 @@
 - an IDX gzip file that expands far beyond what its header announces (a decompression bomb)
   is reported without being decompressed into memory;
 - a checkpoint tensor with more elements than its storage (a stride-0 view claiming 2^40) is
-  refused on load, also inside a set or as a sparse tensor's indices or values, and ``save``
-  does not write one;
+  refused on load, also inside a set, as a sparse tensor's indices or values, or as an
+  attribute of another tensor, and ``save`` does not write one; so is a sparse tensor with
+  indices outside its shape; shared and self-referencing containers are walked once;
 - the examples' folder lock does not follow a symbolic link planted in the output folder, nor
   write through a hard link.
 """
@@ -271,3 +272,17 @@ def test_shared_and_self_referencing_containers_are_walked_once(tmp_path: Path) 
     torch.save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "a": deep}, path)
     with pytest.raises(CheckpointError, match=r"\['a'\]\[0\]\[0\]\[0\]\[0\]"):
         checkpoint.load(path)
+
+
+def test_a_tensor_hung_on_another_tensor_is_checked(tmp_path: Path) -> None:
+    """BUG (before the fix): an attribute set on a tensor (``t.hidden = ...``) survives a
+    weights-only load, and the checks never looked there: a stride-0 view claiming 2^40
+    entries loaded silently, which ``copy.deepcopy`` of its tensor (as a method's state is
+    copied) would expand into terabytes."""
+    carrier = torch.ones(2, dtype=torch.float64)
+    carrier.hidden = torch.zeros((), dtype=torch.float16).expand(2**40)
+    path = tmp_path / "crafted.pt"
+    torch.save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "a": [carrier]}, path)
+    with pytest.raises(CheckpointError, match=r"more elements") as error:
+        checkpoint.load(path)
+    assert "['a'][0].hidden" in str(error.value)
