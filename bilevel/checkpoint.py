@@ -279,19 +279,18 @@ def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
                 f"({_refusal(error)}); {path} was left as it was. Save tensors and plain values "
                 "only (dict, list, tuple, str, int, float, bool, None)."
             ) from None
-        inflated = _inflated_tensor(written)
-        if inflated is not None:
+        unsafe = _unsafe_tensor(written)
+        if unsafe is not None and unsafe[0] == "inflated":
             raise TypeError(
-                f"the checkpoint for {path} holds a tensor ({inflated}) with more elements "
+                f"the checkpoint for {path} holds a tensor ({unsafe[1]}) with more elements "
                 f"than its storage: a view whose entries share memory (expand, stride 0), "
                 f"which load refuses; {path} was left as it was. Save .contiguous() or the "
                 "tensor it was expanded from."
             )
-        invalid = _invalid_sparse(written)
-        if invalid is not None:
+        if unsafe is not None:
             raise TypeError(
                 f"the checkpoint for {path} holds a sparse tensor with indices outside its "
-                f"shape or out of order ({invalid}), which load refuses; {path} was left as "
+                f"shape or out of order ({unsafe[1]}), which load refuses; {path} was left as "
                 "it was. Build sparse tensors with check_invariants=True."
             )
 
@@ -357,20 +356,19 @@ def load(path: str | os.PathLike, require: Iterable[str] = ()) -> dict[str, Any]
         raise CheckpointError(_load_failure(path, error)) from None
     if not isinstance(state, dict) or "format" not in state:
         raise CheckpointError(_foreign(path, state))
-    inflated = _inflated_tensor(state)
-    if inflated is not None:
+    unsafe = _unsafe_tensor(state)
+    if unsafe is not None and unsafe[0] == "inflated":
         raise CheckpointError(
-            f"{path} cannot be loaded safely: it holds a tensor ({inflated}) with more elements "
+            f"{path} cannot be loaded safely: it holds a tensor ({unsafe[1]}) with more elements "
             "than its storage in the file (entries sharing memory, as expand makes), which "
             "would take far more memory than the file once copied or converted. bilevel's save "
             "never writes one: the file was crafted or written by other code. Restore it from "
             "a copy, or delete it to start the run again."
         )
-    invalid = _invalid_sparse(state)
-    if invalid is not None:
+    if unsafe is not None:
         raise CheckpointError(
             f"{path} cannot be loaded safely: it holds a sparse tensor with indices outside its "
-            f"shape or out of order ({invalid}), which would read and write memory outside "
+            f"shape or out of order ({unsafe[1]}), which would read and write memory outside "
             "the tensor's once used. bilevel's save never writes one: the file was crafted or "
             "damaged before it was saved. Restore it from a copy, or delete it to start the "
             "run again."
@@ -396,9 +394,7 @@ def load(path: str | os.PathLike, require: Iterable[str] = ()) -> dict[str, Any]
     return state
 
 
-def _first_found(
-    value: Any, check: Callable[[torch.Tensor, str], str | None], where: str = ""
-) -> str | None:
+def _first_found(value: Any, check: Callable[[torch.Tensor, str], Any], where: str = "") -> Any:
     """``check(tensor, where)`` on each tensor in ``value`` (dicts, lists, tuples, sets: what a
     weights-only load returns), ``where`` naming it (``"['opt']['state'][0]"``); the first
     answer that is not ``None``, or ``None``. Each container and tensor is visited once, and
@@ -431,18 +427,33 @@ def _first_found(
     return None
 
 
-def _inflated_tensor(value: Any) -> str | None:
-    """Where in ``value`` a tensor has more elements than its storage holds (its shape and
-    size in the file), or ``None``. torch refuses a tensor that reaches past its storage, but
-    not one whose entries overlap: a stride-0 view of one stored number can claim 2^40
-    elements, and copying or converting it (an optimizer's ``load_state_dict`` casts its
-    state, through any iterable) allocates all of them. A sparse tensor is made of strided
-    ones (its indices and values), checked as such."""
-    return _first_found(value, _inflated)
+def _unsafe_tensor(value: Any) -> tuple[str, str] | None:
+    """The first tensor in ``value`` that is unsafe to use, as ``(kind, where and why)``, or
+    ``None``. ``"inflated"``: more elements than its storage holds. torch refuses a tensor
+    that reaches past its storage, but not one whose entries overlap: a stride-0 view of one
+    stored number can claim 2^40 elements, and copying or converting it (an optimizer's
+    ``load_state_dict`` casts its state, through any iterable) allocates all of them; a
+    sparse tensor's parts (indices, values) are checked as such. ``"sparse"``: a sparse
+    tensor that breaks torch's invariants (indices outside its shape, compressed indices out
+    of order), which torch checks on load only inside
+    ``torch.sparse.check_sparse_tensor_invariants``; reading one (``to_dense``, any op) reads
+    and writes outside its memory. A tensor is checked for the first before the second,
+    which reads every index."""
+    return _first_found(value, _unsafe)
+
+
+def _unsafe(value: torch.Tensor, where: str) -> tuple[str, str] | None:
+    """:func:`_unsafe_tensor`'s check of one tensor."""
+    inflated = _inflated(value, where)
+    if inflated is not None:
+        return "inflated", inflated
+    reason = _sparse_reason(value, where)
+    return None if reason is None else ("sparse", reason)
 
 
 def _inflated(value: torch.Tensor, where: str) -> str | None:
-    """:func:`_inflated_tensor`'s check of one tensor."""
+    """Where and how ``value`` (or a sparse tensor's part) holds more elements than its
+    storage, or ``None``."""
     if value.layout != torch.strided:
         return _first_found(_sparse_parts(value), _inflated, where)
     stored = value.untyped_storage().nbytes() // max(value.element_size(), 1)
@@ -451,18 +462,9 @@ def _inflated(value: torch.Tensor, where: str) -> str | None:
     return None
 
 
-def _invalid_sparse(value: Any) -> str | None:
-    """Where in ``value`` a sparse tensor breaks torch's invariants (indices outside its
-    shape, compressed indices out of order), with torch's reason, or ``None``. torch checks
-    them on load only inside ``torch.sparse.check_sparse_tensor_invariants``, and reading such
-    a tensor (``to_dense``, any op) reads and writes outside its memory. Run after
-    :func:`_inflated_tensor`: the check reads every index."""
-    return _first_found(value, _sparse_reason)
-
-
 def _sparse_reason(value: torch.Tensor, where: str) -> str | None:
-    """:func:`_invalid_sparse`'s check of one tensor: torch's own, on a copy built from its
-    parts (a COO tensor's claim to be coalesced included)."""
+    """Where and why a sparse ``value`` breaks torch's invariants, or ``None``: torch's own
+    check, on a copy built from its parts (a COO tensor's claim to be coalesced included)."""
     if value.layout == torch.strided:
         return None
     parts = list(_sparse_parts(value).values())

@@ -283,27 +283,26 @@ def test_an_oversized_drawing_is_refused_before_it_is_read(tmp_path: Path, as_zi
     folder = _synthetic(tmp_path, as_zip=as_zip)
     part = om.OMNIGLOT_PARTS[0]
     name = f"{part}/Script_00/character01/0001_01.png"
-    huge = bytes(64 << 20)
     if as_zip:
         archive = folder / f"{part}.zip"
-        with zipfile.ZipFile(archive) as zf:
-            members = {n: zf.read(n) for n in zf.namelist()}
-        members[name] = huge
-        with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for member, data in members.items():
-                zf.writestr(member, data)
+        _rewrite_zip_member(archive, name, bytes(64 << 20), zipfile.ZIP_DEFLATED)
         assert archive.stat().st_size < 1 << 20
     else:
-        (folder / name).write_bytes(huge)
-    del huge
+        (folder / name).write_bytes(bytes(64 << 20))
+    peak = _peak_memory_refusing(folder, r"(?s)0001_01\.png.*67108864 bytes.*download")
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB held to refuse one drawing"
+
+
+def _peak_memory_refusing(folder: Path, message: str) -> int:
+    """The peak of Python's allocations (tracemalloc) while decoding ``folder`` in this
+    process raises a ValueError matching ``message``."""
     tracemalloc.start()
     try:
-        with pytest.raises(ValueError, match=r"(?s)0001_01\.png.*67108864 bytes.*download"):
+        with pytest.raises(ValueError, match=message):
             om._decode_sources(_sources(folder), 28, "lanczos", 0, False)
-        _, peak = tracemalloc.get_traced_memory()
+        return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB held to refuse one drawing"
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -353,21 +352,14 @@ def test_a_zip_member_that_understates_its_size_is_not_inflated_whole(tmp_path: 
     archive = folder / f"{part}.zip"
     name = f"{part}/Script_00/character01/0001_01.png"
     _rewrite_zip_member(archive, name, bytes(64 << 20), zipfile.ZIP_DEFLATED)
-    with zipfile.ZipFile(archive) as zf:  # the central directory's sizes, edited to 3,000
-        info = zf.getinfo(name)
-        entry = zf.fp.seek(0) or archive.read_bytes()
-    at = entry.rindex(name.encode()) - 46  # the member's central directory record
-    assert entry[at : at + 4] == b"PK\x01\x02" and info.file_size == 64 << 20
-    edited = bytearray(entry)
+    with zipfile.ZipFile(archive) as zf:
+        assert zf.getinfo(name).file_size == 64 << 20
+    edited = bytearray(archive.read_bytes())  # the central directory's size, edited to 3,000
+    at = edited.rindex(name.encode()) - 46  # the member's central directory record
+    assert edited[at : at + 4] == b"PK\x01\x02"
     edited[at + 24 : at + 28] = (3000).to_bytes(4, "little")  # uncompressed size
     archive.write_bytes(bytes(edited))
-    tracemalloc.start()
-    try:
-        with pytest.raises(ValueError, match=r"(?s)0001_01\.png.*download"):
-            om._decode_sources(_sources(folder), 28, "lanczos", 0, False)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = _peak_memory_refusing(folder, r"(?s)0001_01\.png.*download")
     assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB held to refuse one drawing"
 
 
