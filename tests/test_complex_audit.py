@@ -27,7 +27,6 @@ most 6e-15 relative here).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +34,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_distributed import free_port
+from test_distributed import join_group
 from torch import nn
 
 from bilevel import BilevelProblem, distributed, linalg
@@ -403,9 +402,8 @@ def implicit_steps() -> list[torch.Tensor]:
     return [ul_model.lam.detach().clone(), losses]
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, rendezvous: str, out: str) -> None:
+    join_group(rank, world, rendezvous)
     try:
         torch.save(implicit_steps(), f"{out}.{rank}")
         dist.barrier()
@@ -414,9 +412,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_two_processes_take_the_complex_step_one_process_takes(tmp_path):
-    port = free_port()
+    rendezvous = str(tmp_path / "rendezvous")
     out = str(tmp_path / "result")
-    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, rendezvous, out), nprocs=2, join=True)
     single = implicit_steps()
     for rank in range(2):
         lam, losses = torch.load(f"{out}.{rank}", weights_only=True)
@@ -424,9 +422,8 @@ def test_two_processes_take_the_complex_step_one_process_takes(tmp_path):
         assert relative(lam, single[0]) < 1e-13 and relative(losses, single[1]) < 1e-13
 
 
-def _reduce_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _reduce_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
+    join_group(rank, world, rendezvous)
     try:
         real = torch.full((3,), rank + 1.0, dtype=torch.float64)  # an odd size first
         torch.save(distributed.all_reduce_sum([real, (rank + 1) * W0]), f"{out}.{rank}")
@@ -439,9 +436,9 @@ def test_a_complex_tensor_after_a_real_one_of_odd_size_is_summed(tmp_path):
     """A real UL parameter of odd size before a complex one put the complex part at an odd
     offset of the all-reduce buffer, which ``view_as_complex`` refuses (a raw RuntimeError on
     every process). Fails before."""
-    port = free_port()
+    rendezvous = str(tmp_path / "rendezvous")
     out = str(tmp_path / "reduced")
-    mp.spawn(_reduce_worker, args=(2, port, out), nprocs=2, join=True)
+    mp.spawn(_reduce_worker, args=(2, rendezvous, out), nprocs=2, join=True)
     for rank in range(2):
         real, summed = torch.load(f"{out}.{rank}", weights_only=True)
         torch.testing.assert_close(real, torch.full((3,), 3.0, dtype=torch.float64))

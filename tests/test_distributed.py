@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
 import os
-import socket
 import time
 
 import torch
@@ -58,9 +58,8 @@ def hyper_step() -> list[torch.Tensor]:
     return [p.ul_model.log_l2.detach().clone()]
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, rendezvous: str, out: str) -> None:
+    join_group(rank, world, rendezvous)
     try:
         torch.save({"meta": meta_step(), "hyper": hyper_step()}, f"{out}.{rank}")
         dist.barrier()  # no rank tears gloo down while the other still talks to it
@@ -68,15 +67,19 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def join_group(rank: int, world: int, rendezvous: str, timeout_s: float | None = None) -> None:
+    """Join a gloo group of ``world`` processes that meet in the file ``rendezvous`` (one per
+    test, in its temporary folder): no TCP port to pick, which tests running side by side
+    (pytest-xdist) or gloo's own connections could take between its choice and its use."""
+    options = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    dist.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world, **options
+    )
 
 
 def test_two_processes_match_one(tmp_path):
     out = str(tmp_path / "result")
-    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
     single = {"meta": meta_step(), "hyper": hyper_step()}
     ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     for key in ("meta", "hyper"):
@@ -99,19 +102,15 @@ def _outcome(action) -> str:
     return "ok"
 
 
-def _faults_worker(rank: int, world: int, port: int, out: str, ckpt: str) -> None:
+def _faults_worker(rank: int, world: int, rendezvous: str, out: str, ckpt: str) -> None:
     """A NaN, a diverging LL and an error on rank 1 only, and a SIGTERM to rank 1 only: every
     rank skips, raises or stops together (a rank left in a collective would hang: gloo's
     timeout below turns that into an error, and the test's deadline into a failure)."""
-    import datetime
     import signal
 
     from bilevel.ll import LowerLevelDivergenceError
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
-    )
+    join_group(rank, world, rendezvous, timeout_s=60)
     results: dict = {}
     try:
         p = ridge(n=61)
@@ -195,8 +194,9 @@ def _faults_worker(rank: int, world: int, port: int, out: str, ckpt: str) -> Non
 
 def test_a_fault_on_one_process_is_met_by_all(tmp_path):
     out, ckpt = str(tmp_path / "faults"), str(tmp_path / "run.pt")
+    rendezvous = str(tmp_path / "rendezvous")
     context = mp.start_processes(
-        _faults_worker, args=(2, free_port(), out, ckpt), nprocs=2, join=False, start_method="spawn"
+        _faults_worker, args=(2, rendezvous, out, ckpt), nprocs=2, join=False, start_method="spawn"
     )
     deadline = time.time() + 240
     try:

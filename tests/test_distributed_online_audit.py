@@ -21,7 +21,6 @@ whose length is not a multiple of ``hyper_every``.
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
 import sys
@@ -32,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from problems import DTYPE, FeatureL2, Linear, ridge, ridge_ll, ridge_ul
-from test_distributed import free_port
+from test_distributed import join_group
 from torch import nn
 
 from bilevel import BilevelProblem
@@ -373,12 +372,9 @@ def cases(world: int, folder: str) -> dict:
 # ------------------------------------------------------------------------- the processes
 
 
-def _worker(rank: int, world: int, port: int, folder: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, world: int, folder: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
-    )
+    join_group(rank, world, os.path.join(folder, "rendezvous"), timeout_s=60)
     try:
         torch.save(cases(world, folder), os.path.join(folder, f"result.{rank}"))
         dist.barrier()
@@ -388,7 +384,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
 
 def _launch(world: int, folder: str) -> list[dict]:
     context = mp.start_processes(
-        _worker, args=(world, free_port(), folder), nprocs=world, join=False, start_method="spawn"
+        _worker, args=(world, folder), nprocs=world, join=False, start_method="spawn"
     )
     deadline = time.time() + 150
     try:

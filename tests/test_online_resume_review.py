@@ -18,7 +18,6 @@ the uninterrupted run bitwise (``torch.equal``), or a refusal before any change:
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -279,12 +278,12 @@ def test_a_second_call_without_checkpoint_starts_a_new_ll_run(method):
 # --- an online run is one process's ---------------------------------------------------------
 
 
-def _online_worker(rank: int, world: int, port: int, out: str) -> None:
+def _online_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
     """Each process builds its own online runner from its own initial values."""
     import torch.distributed as dist
+    from test_distributed import join_group
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_group(rank, world, rendezvous)
     try:
         ul = FeatureL2(3, value=0.1 * (rank + 1))
         net = Linear(3, torch.full((3,), float(rank + 1), dtype=DTYPE))
@@ -303,10 +302,9 @@ def test_building_an_online_runner_under_torch_distributed_keeps_each_process_s_
     from BilevelProblem, which does so for the problems the processes compute together),
     overwriting the other processes' own initial values in a per-process sweep."""
     import torch.multiprocessing as mp
-    from test_distributed import free_port
 
     out = str(tmp_path / "rank")
-    mp.spawn(_online_worker, args=(2, free_port(), out), nprocs=2, join=True)
+    mp.spawn(_online_worker, args=(2, str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(out + str(rank), weights_only=True)
         assert torch.equal(got["ll"], torch.full((3,), float(rank + 1), dtype=DTYPE))
