@@ -20,6 +20,7 @@ from bilevel.problem import (
     Pair,
     _located,
     _NonStrictLoadCures,
+    check_pair,
     check_run_options,
     resume_strictly,
 )
@@ -144,7 +145,10 @@ class OnlineHypergradient:
                 checkpoint of an online run.
             ValueError: ``checkpoint`` was written by a run with other settings or other
                 LL weights trainable, or holds a run past ``ll_steps`` (a state given to
-                :meth:`load_state_dict` then stays loaded, for the next call).
+                :meth:`load_state_dict` then stays loaded, for the next call); a batch is of
+                another dtype or device than the models (``TypeError``: not a pair).
+            bilevel.ll.LowerLevelDivergenceError: the LL loss grew over the first
+                ``hyper_every`` steps on a fixed ``train`` batch (the LL's ``on_growth``).
         """
         if isinstance(ll_steps, bool) or not isinstance(ll_steps, int) or ll_steps < 0:
             raise ValueError(f"ll_steps must be an integer >= 0, got {ll_steps!r}.")
@@ -188,8 +192,8 @@ class OnlineHypergradient:
             model = self.ll.patched_model(graph_from_start=False)
             restore_model(model, held["run"])
             return model
-        batch = train if callable(train) else (lambda step: train)
-        val_batch = val if callable(val) else (lambda update: val)
+        batch = self._checked_batches(train, "train")
+        val_batch = self._checked_batches(val, "val")
         graph = isinstance(self.ul, Truncated)
         first = batch(start)  # asked once: a batch function may read the next batch of a loader
         unroll = self.ll.start(*first, observer=self.ul.observer(self.ll))
@@ -218,6 +222,16 @@ class OnlineHypergradient:
                 continue
             losses = torch.stack(ll_losses)
             check_finite(losses, f"the LL loss before LL step {step + 1}")
+            if step + 1 == self.hyper_every and not callable(train):
+                # the first window is an LL run from ll_model's weights on one batch at one
+                # UL point, as BilevelProblem's runs are: checked for growth as they are (a
+                # step size that diverges from the start). Later windows start near the LL's
+                # solution, where their few losses differ by noise (dropout, Adam's moves)
+                try:
+                    self.ll._check_losses(losses, unroll)
+                except FloatingPointError as error:
+                    where = f"online {self.ul.name}, LL steps 1-{step + 1}"
+                    raise _located(error, where) from None
             trajectory = unroll.record(losses, len(ll_losses) if graph else 0)
             self.ul_optimizer.zero_grad(set_to_none=True)
             ul_loss = self.ul.accumulate(trajectory, val_batch(updates), (data, target))
@@ -265,6 +279,23 @@ class OnlineHypergradient:
             saved = checkpoint is not None and Path(checkpoint).exists()  # (or none was made)
             self._problem._stop(ll_steps // self.hyper_every, checkpoint, saved)
         return unroll.model
+
+    def _checked_batches(
+        self, given: Pair | Callable[[int], Pair], name: str
+    ) -> Callable[[int], Pair]:
+        """``given`` as a function of the step, whose batches are checked as
+        :meth:`BilevelProblem.step <bilevel.BilevelProblem.step>` checks its arguments: a pair,
+        on the models' device and of their dtype (a fixed batch once, here)."""
+
+        def checked(pair: Any, at: str) -> Pair:
+            check_pair(pair, at)
+            self._problem._check_data({at: pair})
+            return pair
+
+        if not callable(given):
+            checked(given, name)
+            return lambda step: given
+        return lambda step: checked(given(step), f"{name}({step})")
 
     def _capture(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The ``online`` part of :meth:`state_dict` and the RNG states, now (at a UL update,
