@@ -1263,3 +1263,17 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, ul: Any, ll: Any) -> None
             f"ul_model with requires_grad): nothing would move. Build it over the UL model: "
             f"torch.optim.{kind}(ul_model.parameters(), ...)."
         )
+    stepped = {id(p) for p in held}
+    left = [
+        n for n, p in ul.ul_model.named_parameters() if p.requires_grad and id(p) not in stepped
+    ]
+    if left:
+        more = f" and {len(left) - 4} more" if len(left) > 4 else ""
+        raise ValueError(
+            f"ul_optimizer leaves out UL parameter(s) that receive hypergradients: "
+            f"{', '.join(f'ul_model.{n}' for n in left[:4])}{more}. They would never move, and "
+            "their .grad, which only the optimizer's parameters have cleared, would add up "
+            "across UL steps (a clipping hook would see its norm grow). Freeze those meant to "
+            "stay (requires_grad_(False)), or build the optimizer over all of them: "
+            f"torch.optim.{kind}(ul_model.parameters(), ...)."
+        )

@@ -1,16 +1,20 @@
-"""Bad input that a review fed the public API (2026-12-03) and that got through: an online
-run whose LL diverges from its first window, online batches that are not pairs or are of
-another dtype, ... Each test fails before its fix."""
+"""What two reviews fed the public API (2026-12-03) that got through: an online run whose LL
+diverges from its first window, online batches that are not pairs or of another dtype, a
+plain ``nn.Module()`` container in the LL model, a UL optimizer that leaves out a UL
+parameter, a series divergence told to use the step size that diverged. Each test fails
+before its fix."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from problems import ridge, ridge_hessian, ridge_ll, ridge_ul
+from problems import DTYPE, FeatureL2, Linear, ridge, ridge_hessian, ridge_ll, ridge_ul
+from torch import nn
 
+from bilevel import BilevelProblem
 from bilevel.ll import GradientDescent, LowerLevelDivergenceError
 from bilevel.online import OnlineHypergradient
-from bilevel.ul import Forward, Truncated
+from bilevel.ul import Forward, HypergradientDivergenceError, Implicit, Reverse, Truncated
 
 
 def _online(p, lr: float, method: str = "forward", hyper_every: int = 2) -> OnlineHypergradient:
@@ -66,3 +70,97 @@ def test_online_batches_from_a_function_are_checked_each():
     batch = lambda step: (x, y) if step < 3 else x  # noqa: E731
     with pytest.raises(TypeError, match=r"train\(3\) must be a pair"):
         _online(p, lr=0.1).run(batch, p.val, 6, progress=False)
+
+
+# ------------------------------------------------------------------ models and optimizers
+
+
+class _Inner(nn.Module):
+    """An empty subclass: what a plain ``nn.Module()`` container should behave as."""
+
+
+class _Holder(nn.Module):
+    """An LL model whose weight lives in a container submodule ``inner``."""
+
+    def __init__(self, container: type[nn.Module], d: int) -> None:
+        super().__init__()
+        self.inner = container()
+        self.inner.w = nn.Parameter(torch.zeros(d, dtype=DTYPE))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.inner.w
+
+
+def _held_ll(state: dict) -> torch.Tensor:
+    residual = state["ll_model"](state["data"]) - state["target"]
+    penalty = 0.5 * (state["ul_model"].log_l2.exp() * state["ll_model"].inner.w ** 2).sum()
+    return 0.5 * (residual**2).mean() + penalty
+
+
+@pytest.mark.parametrize("method", ["reverse", "cg"])
+def test_an_ll_model_with_a_plain_module_as_container_runs(method):
+    """``self.inner = nn.Module()`` holding a parameter: every LL run raised higher's bare
+    "Cannot create a consistent method resolution order (MRO) for bases Module,
+    _MonkeyPatchBase". Now it gives the hypergradient of the same model built with a
+    subclass, bitwise, and the user's module keeps its class."""
+    p = ridge()
+    grads = []
+    for container in (nn.Module, _Inner):
+        net, ul = _Holder(container, 5), FeatureL2(5)
+        ll = GradientDescent(_held_ll, net, ul, lr=0.1, iters=20)
+        args = (ridge_ul, ul, _held_ll, net)
+        upper = (
+            Reverse(*args)
+            if method == "reverse"
+            else Implicit(*args, method="cg", k=20, stationarity_warning=None)
+        )
+        grads.append(BilevelProblem(ll, upper).hypergradient(p.train, p.val)[0])
+        assert type(net.inner) is container
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().max() > 0
+
+
+def test_a_ul_optimizer_that_leaves_out_a_ul_parameter_is_refused():
+    """The parameter left out never moved and its .grad added up across steps (0.088,
+    0.177, 0.265, ...): a clipping hook saw its norm grow and scaled down the others'."""
+    p = ridge()
+    ul = FeatureL2(5)
+    ul.shift = nn.Parameter(torch.zeros(5, dtype=DTYPE))
+    ll = GradientDescent(ridge_ll, p.ll_model, ul, lr=0.1, iters=3)
+    with pytest.raises(ValueError, match=r"leaves out UL parameter\(s\) .*ul_model\.shift"):
+        BilevelProblem(
+            ll, Reverse(ridge_ul, ul, ridge_ll, p.ll_model), torch.optim.SGD([ul.log_l2])
+        )
+    ul.shift.requires_grad_(False)  # the cure: a parameter meant to stay is frozen
+    BilevelProblem(ll, Reverse(ridge_ul, ul, ridge_ll, p.ll_model), torch.optim.SGD([ul.log_l2]))
+
+
+# ------------------------------------------------------------------ messages with a cure
+
+
+@pytest.mark.parametrize("method", ["neumann", "fixed_point"])
+def test_a_series_on_an_indefinite_hessian_is_not_told_to_use_the_alpha_it_used(method):
+    """Eigenvalues -0.05 next to 0.05: the shifted power iteration cannot resolve the
+    negative one, and the message said "use alpha=0.0915 (alpha='auto' does this) or
+    method='cg'", the alpha that had just diverged, and a method that fails too."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=DTYPE))
+    eigenvalues = torch.tensor([-0.05, 0.05, 0.4, 0.5, 0.6, 10.93], dtype=DTYPE)
+    a, b = q @ torch.diag(eigenvalues) @ q.T, torch.randn(6, generator=g, dtype=DTYPE)
+
+    def ll_objective(state: dict) -> torch.Tensor:
+        w = state["ll_model"].w
+        return 0.5 * w @ a @ w - (state["ul_model"].log_l2 * b) @ w
+
+    def ul_objective(state: dict) -> torch.Tensor:
+        return 0.5 * ((state["ll_model"].w - 1.0) ** 2).sum()
+
+    net, ul = Linear(6), FeatureL2(6)
+    ll = GradientDescent(ll_objective, net, ul, lr=0.05, iters=2, on_growth="ignore")
+    upper = Implicit(
+        ul_objective, ul, ll_objective, net, method=method, alpha="auto", k=500,
+        stationarity_warning=None,
+    )  # fmt: skip
+    with pytest.raises(HypergradientDivergenceError, match="a smaller alpha is no cure") as info:
+        BilevelProblem(ll, upper).hypergradient((None, None), (None, None))
+    assert "alpha='auto' does this" not in str(info.value)
+    assert "method='minres'" in str(info.value)

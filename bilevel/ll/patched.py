@@ -173,13 +173,13 @@ def sync_from(
     was patched (a submodule swapped for another kind, pruning applied later) raises
     :class:`ModelChanged`: its patched copy would run the old structure (the LL optimizer then
     patches the model again)."""
-    if type(patched).__bases__[0] is not type(model) or patched._param_names != [
+    if _patched_class(patched) is not type(model) or patched._param_names != [
         name for name, p in model._parameters.items() if p is not None
     ]:
         raise ModelChanged(
             f"ll_model changed since the LL optimizer patched it: a {type(model).__name__} with "
             f"parameters {[n for n, p in model._parameters.items() if p is not None]} where its "
-            f"copy is a {type(patched).__bases__[0].__name__} with {patched._param_names} "
+            f"copy is a {_patched_class(patched).__name__} with {patched._param_names} "
             "(a submodule replaced by another kind, parameters added or removed): patch it "
             "again (GradientDescent does so by itself)."
         )
@@ -229,10 +229,30 @@ def _same_attributes(mine: dict[str, Any], copy: dict[str, Any]) -> bool:
         return False
 
 
+class _Container(nn.Module):
+    """What a plain ``nn.Module()`` holding submodules or parameters (``self.inner =
+    nn.Module()``) is patched as: ``higher`` derives each patched class from the module's
+    class and its own subclass of ``nn.Module``, which ``nn.Module`` itself cannot be
+    combined with (Python finds no method resolution order)."""
+
+
+def _patched_class(patched: nn.Module) -> type:
+    """The class of the user's module that ``patched`` is a copy of."""
+    kind = type(patched).__bases__[0]
+    return nn.Module if kind is _Container else kind
+
+
 def patch(model: nn.Module) -> nn.Module:
     """A new patched copy of ``model`` (creates classes: milliseconds; reuse it, with
     :func:`sync_from` at every run)."""
-    patched = higher.monkeypatch(model, copy_initial_weights=True, track_higher_grads=False)
+    plain = [m for m in model.modules() if type(m) is nn.Module]
+    try:
+        for module in plain:  # (only while the copy is made: the user's model is put back)
+            module.__class__ = _Container
+        patched = higher.monkeypatch(model, copy_initial_weights=True, track_higher_grads=False)
+    finally:
+        for module in plain:
+            module.__class__ = nn.Module
     kind = type(patched)  # the class is this copy's own
     kind.parameters = _latest_parameters
     kind.forward = _forward_without_params(kind.forward)

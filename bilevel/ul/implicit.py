@@ -621,6 +621,16 @@ class Implicit(HypergradientCalculator):
                     "method='normal_cg', run more LL steps or add L2 regularization to the LL "
                     "objective, or use Reverse/Truncated."
                 )
+            elif alpha * lambda_max < 2:  # a step that converges on a positive definite H
+                message = (
+                    f"{diverged} Its alpha {alpha:.3g} is below 2/lambda_max({system}) "
+                    f"({matrix} largest eigenvalue is about {lambda_max:.4g}), so a smaller "
+                    f"alpha is no cure: {system} has an eigenvalue at or below zero at the "
+                    "auxiliary model's weights, too close to a small positive one for the "
+                    "estimate to resolve (the LL is not at a minimum). Use method='minres' "
+                    "(symmetric indefinite) or method='normal_cg', run more LL steps or add L2 "
+                    "regularization to the LL objective, or use Reverse/Truncated."
+                )
             else:
                 message = (
                     f"{diverged} It converges only for alpha < 2/lambda_max({system}); alpha "
