@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,7 @@ def split_tasks(batch: dict[str, Pair]) -> list[tuple[Pair, Pair]]:
         x, y = batch[key]
         for i, member in enumerate((x, y)):
             leaves += tensor_leaves(member, f'batch["{key}"][{i}]')
+            map_tensors(member, _unchanged, partial(_refuse_array, f'batch["{key}"][{i}]'))
         both = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
         if both and x.ndim >= 2 and y.ndim >= 2 and x.shape[1] != y.shape[1]:
             raise ValueError(
@@ -107,6 +109,22 @@ def split_tasks(batch: dict[str, Pair]) -> list[tuple[Pair, Pair]]:
         return map_tensors(value, lambda t: t[i], lambda other: other)
 
     return [((task(tx, i), task(ty, i)), (task(vx, i), task(vy, i))) for i in range(n)]
+
+
+def _unchanged(value: Any) -> Any:
+    return value
+
+
+def _refuse_array(name: str, leaf: Any) -> Any:
+    """Refuse an array that is not a tensor (NumPy's) in a task batch: only tensors are split
+    by task, and every task would get the whole array."""
+    if hasattr(leaf, "__array__") and getattr(leaf, "ndim", 0):
+        raise TypeError(
+            f"{name} holds a {type(leaf).__module__}.{type(leaf).__name__} of shape "
+            f"{tuple(leaf.shape)}: a task batch is split by task along its tensors only, so "
+            "every task would get all of it. Convert it with torch.as_tensor(...)."
+        )
+    return leaf
 
 
 class _NonStrictLoadCures(ValueError):
@@ -901,7 +919,8 @@ class BilevelProblem:
         Raises:
             Interrupted: SIGTERM arrived (the checkpoint was saved first).
             KeyboardInterrupt: SIGINT arrived (the checkpoint was saved first).
-            ValueError: ``data`` holds or yields fewer than ``steps`` batches.
+            ValueError: ``data`` holds or yields fewer than ``steps`` batches; the run (or
+                ``checkpoint``) is already past UL step ``steps``.
         """
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {steps!r}.")
@@ -947,6 +966,13 @@ class BilevelProblem:
         if checkpoint is not None and Path(checkpoint).exists():
             resume_strictly(self.load_checkpoint, checkpoint, "problem")
         start = self.step_count
+        if start > steps:  # (a loaded checkpoint stays loaded, as OnlineHypergradient's does)
+            where = f"the checkpoint {checkpoint} holds" if checkpoint is not None else "it is at"
+            raise ValueError(
+                f"steps={steps} is the total number of UL steps, and this problem's run is "
+                f"past it: {where} UL step {start}. Give steps >= {start} to go on, or start a "
+                "new run (a new BilevelProblem; another checkpoint path, or delete the file)."
+            )
         if callable(data):
             batches: Iterable[Batch] = (data(i) for i in range(start, steps))
         else:

@@ -164,3 +164,104 @@ def test_a_series_on_an_indefinite_hessian_is_not_told_to_use_the_alpha_it_used(
         BilevelProblem(ll, upper).hypergradient((None, None), (None, None))
     assert "alpha='auto' does this" not in str(info.value)
     assert "method='minres'" in str(info.value)
+
+
+# ------------------------------------------------------------------ settings and call order
+
+
+def _reverse_problem(p, **options) -> BilevelProblem:
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.1, iters=3, **options)
+    upper = Reverse(ridge_ul, p.ul_model, ridge_ll, p.ll_model)
+    return BilevelProblem(ll, upper, torch.optim.SGD(p.ul_model.parameters(), lr=0.1))
+
+
+def test_run_to_fewer_steps_than_its_checkpoint_holds_is_refused(tmp_path):
+    """It returned None silently, the problem at the checkpoint's later step."""
+    path = tmp_path / "run.pt"
+    _reverse_problem(ridge()).run(lambda i: (ridge().train, ridge().val), 4, path, progress=False)
+    again = _reverse_problem(ridge())
+    with pytest.raises(ValueError, match=r"steps=2 is the total .* holds UL step 4"):
+        again.run(lambda i: (ridge().train, ridge().val), 2, path, progress=False)
+    again.run(lambda i: (ridge().train, ridge().val), 4, path, progress=False)  # the cure
+    assert again.step_count == 4
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(0, "iters must be an integer >= 1"), (2.5, "iters must be an integer >= 1")],
+)
+def test_ll_iters_set_later_is_checked_as_at_construction(value, message):
+    """``ll.iters = 0`` raised a bare 'stack expects a non-empty TensorList' at the next run,
+    and 2.5 a message about differentiable_steps, which the user never set."""
+    ll = GradientDescent(ridge_ll, Linear(5), FeatureL2(5), lr=0.1, iters=3)
+    with pytest.raises(ValueError, match=message):
+        ll.iters = value
+    ll.iters = 7  # a valid change goes through
+    assert ll.iters == 7
+
+
+def test_ll_iters_cannot_outgrow_a_per_step_schedule():
+    """A schedule of 3 step sizes with ll.iters = 5 raised a bare IndexError at step 3."""
+    schedule = torch.tensor([0.1, 0.05, 0.02], dtype=DTYPE)
+    ll = GradientDescent(ridge_ll, Linear(5), FeatureL2(5), lr=schedule, iters=3)
+    with pytest.raises(ValueError, match="lr is a per-step schedule of 3 steps"):
+        ll.iters = 5
+
+
+def test_a_step_size_that_requires_grad_outside_the_ul_model_is_refused():
+    """It was accepted, got no hypergradient and never moved (lr.grad stayed None)."""
+    lr = torch.tensor(0.1, dtype=DTYPE, requires_grad=True)
+    with pytest.raises(ValueError, match="lr is a tensor that requires grad but is not a param"):
+        GradientDescent(ridge_ll, Linear(5), FeatureL2(5), lr=lr, iters=3)
+
+
+def test_an_ll_model_holding_the_ul_model_is_told_to_keep_them_apart():
+    """The message said 'freeze them' of the UL parameter that the LL model held (the cure
+    froze the hyperparameter, and the next error was 'ul_model has no parameters')."""
+    p = ridge()
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(5, dtype=DTYPE))
+            self.sub = p.ul_model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.w
+
+    net = Holder()
+    ll = GradientDescent(ridge_ll, net, p.ul_model, lr=0.1, iters=3)
+    problem = BilevelProblem(ll, Reverse(ridge_ul, p.ul_model, ridge_ll, net))
+    with pytest.raises(
+        ValueError, match=r"ll_model holds parameters of ul_model \(\['sub\.log_l2'"
+    ):
+        problem.hypergradient(p.train, p.val)
+
+
+def test_compute_gradients_twice_on_one_unrolled_auxiliary_model_says_why():
+    """The second call raised torch's bare 'Trying to backward through the graph a second
+    time'. Implicit, which keeps no graph of the steps, may be asked twice."""
+    p = ridge()
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.1, iters=3)
+    reverse = Reverse(ridge_ul, p.ul_model, ridge_ll, p.ll_model)
+    aux = ll.optimize(*p.train)
+    reverse.compute_gradients(*p.val, aux, *p.train)
+    with pytest.raises(TypeError, match="back-propagated through by an earlier compute_grad"):
+        reverse.compute_gradients(*p.val, aux, *p.train)
+    implicit = Implicit(ridge_ul, p.ul_model, ridge_ll, p.ll_model, stationarity_warning=None)
+    ll.differentiable_steps = 0
+    aux = ll.optimize(*p.train)
+    p.ul_model.log_l2.grad = None
+    implicit.compute_gradients(*p.val, aux, *p.train)
+    once = p.ul_model.log_l2.grad.clone()
+    implicit.compute_gradients(*p.val, aux, *p.train)
+    torch.testing.assert_close(p.ul_model.log_l2.grad, 2 * once, rtol=1e-14, atol=0)
+
+
+def test_a_numpy_array_in_a_task_batch_is_refused():
+    """Only tensors were split by task: every task got the whole (4, 10, 3) array."""
+    p = ridge()
+    x = torch.randn(4, 10, 5, dtype=DTYPE)
+    batch = {"train": (x.numpy(), x.sum(-1)), "test": (x, x.sum(-1))}
+    with pytest.raises(TypeError, match=r'batch\["train"\]\[0\] holds a numpy.ndarray'):
+        _reverse_problem(p).meta_hypergradient(batch)

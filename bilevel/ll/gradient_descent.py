@@ -184,8 +184,6 @@ class GradientDescent:
         params = trainable_parameters(ll_model, "ll_model")
         trainable_parameters(ul_model, "ul_model")
         check_same_device_and_dtype(ll_model=ll_model, ul_model=ul_model)
-        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-            raise ValueError(f"iters must be an integer >= 1, got {iters!r}.")
         self.ll_objective = ll_objective
         self.ll_model = ll_model
         self.ul_model = ul_model
@@ -202,8 +200,19 @@ class GradientDescent:
             name: hyperparameters.check(value, name, bounds[name], iters, shapes)
             for name, value in given.items()
         }
+        ul_params = {id(t) for t in ul_model.parameters()}
         for checked in self.hyper.values():
             hyperparameters.check_device(checked, params[0])
+            for item in checked.items:
+                if isinstance(item, torch.Tensor) and item.requires_grad:
+                    if id(item) not in ul_params:
+                        raise ValueError(
+                            f"{checked.name} is a tensor that requires grad but is not a "
+                            "parameter of ul_model: it would receive no hypergradient and "
+                            "never move. Make it one (ul_model.log_lr = nn.Parameter(...), "
+                            f"then {checked.name}=lambda ul: ul.log_lr.exp()), or pass it "
+                            "detached, or as a number."
+                        )
         self.differentiable_steps = differentiable_steps
         self._spare: nn.Module | None = None  # a patched model handed back by release()
         self.on_growth = _growth_policy(on_growth, warn_on_growth)
@@ -275,6 +284,28 @@ class GradientDescent:
         self._lr = value
 
     @property
+    def iters(self) -> int:
+        """LL steps per run; may be set between runs, checked as at construction."""
+        return self._iters
+
+    @iters.setter
+    def iters(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"iters must be an integer >= 1, got {value!r}.")
+        scheduled = [
+            name
+            for name, h in self.__dict__.get("hyper", {}).items()
+            if hyperparameters.SCHEDULE in h.kinds
+        ]
+        if scheduled and value != self._iters:
+            raise ValueError(
+                f"{', '.join(scheduled)} is a per-step schedule of {self._iters} steps, so iters "
+                f"cannot become {value}: build a new GradientDescent with a schedule of {value} "
+                "steps (and a new BilevelProblem)."
+            )
+        self._iters = value
+
+    @property
     def differentiable_steps(self) -> int | None:
         """Steps at the end of the trajectory that keep a graph in :meth:`optimize` (``None``:
         all)."""
@@ -300,7 +331,7 @@ class GradientDescent:
         order = self._per_parameter_order(now)
         values = {}
         for name, h in self.hyper.items():
-            items = h.resolve(self.ul_model, self.iters, plan.reference)
+            items = h.resolve(self.ul_model, self._iters, plan.reference)
             values[name] = (
                 [items[j] for j in order] if h.per_parameter else items,
                 h.per_parameter,
@@ -459,7 +490,7 @@ class GradientDescent:
         steps = self.differentiable_steps
         if differentiable_steps is not AS_CONFIGURED:
             steps = _check_steps(differentiable_steps)
-        iters = self.iters
+        iters = self._iters
         tracked = iters if steps is None else min(steps, iters)
         untracked = iters - tracked
         shown = 0 if observer is None else untracked  # steps without a graph it sees
@@ -502,11 +533,22 @@ class GradientDescent:
         ``grads`` are those of the parameters at positions ``index`` of ``ll_model``.
         """
         names = names_without_gradient(self.ll_model, grads, index)
-        if names:
+        if not names:
+            return
+        ul_params = set(map(id, self.ul_model.parameters()))
+        named = self.ll_model.named_parameters()
+        shared = [n for n, t in named if n in names and id(t) in ul_params]
+        if shared and self.ll_model is not self.ul_model:
             raise ValueError(
-                f"ll_objective does not depend on ll_model parameter(s) {names}: they would "
-                "never move. Use them in ll_objective or freeze them with requires_grad_(False)."
+                f"ll_model holds parameters of ul_model ({shared}), which the LL would "
+                "optimize as LL weights, and ll_objective reads them from state['ul_model']: "
+                "keep the UL model out of the LL model (do not register it as a submodule of "
+                "ll_model; objectives reach it as state['ul_model'])."
             )
+        raise ValueError(
+            f"ll_objective does not depend on ll_model parameter(s) {names}: they would "
+            "never move. Use them in ll_objective or freeze them with requires_grad_(False)."
+        )
 
     def _check_losses(self, losses: torch.Tensor, unroll: Unroll | None = None) -> None:
         """Raise if the LL loss of a run became NaN or inf, or grew (``on_growth``): one host

@@ -173,13 +173,16 @@ def sync_from(
     was patched (a submodule swapped for another kind, pruning applied later) raises
     :class:`ModelChanged`: its patched copy would run the old structure (the LL optimizer then
     patches the model again)."""
-    if _patched_class(patched) is not type(model) or patched._param_names != [
+    kind = type(patched).__bases__[0]  # the user's class (a plain container's: _Container)
+    if kind is _Container:
+        kind = nn.Module
+    if kind is not type(model) or patched._param_names != [
         name for name, p in model._parameters.items() if p is not None
     ]:
         raise ModelChanged(
             f"ll_model changed since the LL optimizer patched it: a {type(model).__name__} with "
             f"parameters {[n for n, p in model._parameters.items() if p is not None]} where its "
-            f"copy is a {_patched_class(patched).__name__} with {patched._param_names} "
+            f"copy is a {kind.__name__} with {patched._param_names} "
             "(a submodule replaced by another kind, parameters added or removed): patch it "
             "again (GradientDescent does so by itself)."
         )
@@ -234,12 +237,6 @@ class _Container(nn.Module):
     nn.Module()``) is patched as: ``higher`` derives each patched class from the module's
     class and its own subclass of ``nn.Module``, which ``nn.Module`` itself cannot be
     combined with (Python finds no method resolution order)."""
-
-
-def _patched_class(patched: nn.Module) -> type:
-    """The class of the user's module that ``patched`` is a copy of."""
-    kind = type(patched).__bases__[0]
-    return nn.Module if kind is _Container else kind
 
 
 def patch(model: nn.Module) -> nn.Module:

@@ -54,6 +54,8 @@ class Trajectory:
             :attr:`initial_grad_norm`.
         last_grads: the LL gradient at the start of the last step (detached).
         plain_sgd: every step was ``w - lr * g`` with constant numbers ``lr``.
+        differentiated: a hypergradient was back-propagated through the recorded steps
+            (``compute_gradients``), which frees their graph.
     """
 
     iters: int
@@ -68,6 +70,7 @@ class Trajectory:
     initial_grads: Tensors | None = None
     last_grads: Tensors | None = None
     plain_sgd: bool = False
+    differentiated: bool = False
 
     @property
     def initial_grad_norm(self) -> torch.Tensor | None:

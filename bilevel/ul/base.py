@@ -326,9 +326,19 @@ class HypergradientCalculator:
             ("train_target", train_target),
         ):
             check_data_matches(value, reference, name)
-        return self.accumulate(
+        steps = self.differentiable_steps(trajectory.iters)  # those it back-propagates through
+        if trajectory.differentiated and steps:
+            raise TypeError(
+                "auxiliary_model's LL steps were back-propagated through by an earlier "
+                "compute_gradients, which frees their graph: run ll.optimize(data, target) "
+                "again for another hypergradient (for several validation batches, concatenate "
+                "them, or sum their UL losses in one ul_objective)."
+            )
+        loss = self.accumulate(
             trajectory, (validate_data, validate_target), (train_data, train_target), True
         )
+        trajectory.differentiated = trajectory.differentiated or bool(steps)
+        return loss
 
     def accumulate(
         self,
