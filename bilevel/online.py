@@ -152,7 +152,7 @@ class OnlineHypergradient:
         """
         if isinstance(ll_steps, bool) or not isinstance(ll_steps, int) or ll_steps < 0:
             raise ValueError(f"ll_steps must be an integer >= 0, got {ll_steps!r}.")
-        check_run_options(checkpoint_seconds, checkpoint_every=checkpoint_every)
+        check_run_options(checkpoint_seconds, log, checkpoint_every=checkpoint_every)
         with self._problem._signals(checkpoint is not None):
             try:
                 return self._run(

@@ -148,9 +148,15 @@ def resume_strictly(
         ) from error
 
 
-def check_run_options(checkpoint_seconds: float | None, **counts: Any) -> None:
+def check_run_options(checkpoint_seconds: float | None, log: Any, **counts: Any) -> None:
     """Refuse a ``run()`` option out of range: ``counts`` (``checkpoint_every``, ...) must be
-    integers >= 1, ``checkpoint_seconds`` ``None`` or a number > 0."""
+    integers >= 1, ``checkpoint_seconds`` ``None`` or a number > 0, ``log`` ``None`` or a
+    callable (refused before the first step, not when the first record is due)."""
+    if log is not None and not callable(log):
+        raise TypeError(
+            f"log must be None or a callable that takes each record (a dict), e.g. "
+            f"records.append, got {type(log).__name__} {log!r:.60}."
+        )
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
@@ -925,7 +931,7 @@ class BilevelProblem:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {steps!r}.")
         check_run_options(
-            checkpoint_seconds, checkpoint_every=checkpoint_every, log_every=log_every
+            checkpoint_seconds, log, checkpoint_every=checkpoint_every, log_every=log_every
         )
         if not callable(data):
             if not isinstance(data, Iterable):

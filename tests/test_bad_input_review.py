@@ -265,3 +265,14 @@ def test_a_numpy_array_in_a_task_batch_is_refused():
     batch = {"train": (x.numpy(), x.sum(-1)), "test": (x, x.sum(-1))}
     with pytest.raises(TypeError, match=r'batch\["train"\]\[0\] holds a numpy.ndarray'):
         _reverse_problem(p).meta_hypergradient(batch)
+
+
+def test_a_log_that_is_not_callable_is_refused_before_the_first_step():
+    """``log="log.csv"`` was refused only when the first record was due, 10 UL steps in."""
+    p = ridge()
+    problem = _reverse_problem(p)
+    with pytest.raises(TypeError, match="log must be None or a callable"):
+        problem.run(lambda i: (p.train, p.val), 30, log="log.csv", progress=False)
+    assert problem.step_count == 0
+    with pytest.raises(TypeError, match="log must be None or a callable"):
+        _online(ridge(), lr=0.1).run(p.train, p.val, 4, log="log.csv", progress=False)
