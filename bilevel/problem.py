@@ -564,8 +564,9 @@ class BilevelProblem:
     def _method_state(self) -> tuple[dict, dict] | None:
         """A copy of what a stateful method keeps across UL steps (its state and the LL
         model's weights, which such methods move), so that :meth:`hypergradient` can leave
-        them as they were; ``None`` for methods that keep nothing."""
-        if not hasattr(self.ul, "state_dict"):
+        them as they were; ``None`` for methods that keep nothing, or whose state a query
+        advances (``queries_keep_state``: a generator's draws)."""
+        if not hasattr(self.ul, "state_dict") or not self.ul.queries_keep_state:
             return None
         method = copy.deepcopy(self.ul.state_dict())
         ll_model = copy.deepcopy(self.ll.ll_model.state_dict())
@@ -602,10 +603,12 @@ class BilevelProblem:
         """The hypergradient for one task, one tensor per entry of :attr:`ul_params` (the UL
         parameters that require grad; a frozen one has none).
 
-        UL parameters and their ``.grad`` are left unchanged. Random draws in the objectives
+        UL parameters and their ``.grad`` are left unchanged, and so is the state of a method
+        that keeps one across UL steps (SOBA, DM, ...). Random draws in the objectives
         (dropout, noise) come from the global RNG as in :meth:`step`: from the same RNG state
         this is the hypergradient ``step`` takes, and each call draws anew (wrap it in
-        ``torch.random.fork_rng()`` to leave the global RNG as it was).
+        ``torch.random.fork_rng()`` to leave the global RNG as it was); so do
+        ``StochasticImplicit``'s minibatches, from its own generator.
 
         Args:
             train: ``(data, target)`` for the LL.

@@ -276,3 +276,23 @@ def test_a_log_that_is_not_callable_is_refused_before_the_first_step():
     assert problem.step_count == 0
     with pytest.raises(TypeError, match="log must be None or a callable"):
         _online(ridge(), lr=0.1).run(p.train, p.val, 4, log="log.csv", progress=False)
+
+
+def test_stochastic_implicit_queries_draw_new_minibatches():
+    """problem.hypergradient put StochasticImplicit's generator back after each call: 50
+    queries were one estimate, bitwise, and a loop of queries and optimizer steps reused one
+    minibatch sequence. Now each call draws on, as from the global RNG; from the same
+    generator state a query is the hypergradient a step takes."""
+    from bilevel.ul import StochasticImplicit
+
+    p = ridge(n=40)
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.3, iters=50)
+    si = StochasticImplicit(ridge_ul, p.ul_model, ridge_ll, p.ll_model, steps=5, batches=4)
+    problem = BilevelProblem(ll, si, torch.optim.SGD(p.ul_model.parameters(), lr=0.0))
+    start = si.state_dict()
+    first = problem.hypergradient(p.train, p.val)[0]
+    second = problem.hypergradient(p.train, p.val)[0]
+    assert si.draws > 0 and not torch.equal(first, second)
+    si.load_state_dict(start)
+    problem.step(p.train, p.val)
+    assert torch.equal(p.ul_model.log_l2.grad, first)

@@ -122,6 +122,11 @@ class HypergradientCalculator:
     #: and first-order methods): an auxiliary model from ``ll.optimize`` does not apply, so
     #: :meth:`compute_gradients` refuses it, and the runner refuses task batches
     keeps_ll_state = False
+    #: whether :meth:`BilevelProblem.hypergradient <bilevel.BilevelProblem.hypergradient>`
+    #: leaves the method's ``state_dict`` as it was (a query changes nothing); ``False`` for a
+    #: state that is only the draws of the method's own generator, which a query advances as
+    #: it advances the global RNG (consecutive queries see fresh minibatches)
+    queries_keep_state = True
     #: where :meth:`commit_state` puts the changes while they are held (else ``None``)
     _held_commits: Commits | None = None
 

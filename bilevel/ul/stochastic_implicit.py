@@ -137,6 +137,7 @@ class StochasticImplicit(HypergradientCalculator):
     """
 
     name = "stochastic_implicit"
+    queries_keep_state = False  # (its state is its generator's draws)
 
     def __init__(
         self,
