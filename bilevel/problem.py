@@ -897,8 +897,8 @@ class BilevelProblem:
         With a ``checkpoint``, SIGTERM (what schedulers send before preemption) and SIGINT
         (Ctrl-C) stop the run cleanly: the UL step under way is finished, the checkpoint is
         saved, and ``run`` raises :class:`Interrupted` (a ``SystemExit``: uncaught, the
-        process exits with status 143 for SIGTERM) or ``KeyboardInterrupt`` (SIGINT; a second
-        Ctrl-C stops at once). Starting the same command again resumes where it stopped.
+        process exits with status 143 for SIGTERM) or ``KeyboardInterrupt`` (SIGINT); a second
+        signal stops at once. Starting the same command again resumes where it stopped.
         Under ``torch.distributed`` a signal to any process stops every process after the
         same UL step. The handlers are installed for the duration of ``run`` only (and only
         from the main thread); the previous ones are restored afterwards.
@@ -1045,18 +1045,21 @@ class BilevelProblem:
     @contextlib.contextmanager
     def _signals(self, enabled: bool) -> Iterator[None]:
         """While ``run`` runs: SIGTERM and SIGINT ask for a stop after the UL step under way
-        (a second SIGINT stops at once). Only from the main thread (elsewhere Python cannot
-        install handlers, and signals keep their usual effect)."""
+        (a second one stops at once: ``KeyboardInterrupt`` for SIGINT, ``SystemExit(143)``
+        for SIGTERM, the last checkpoint standing). Only from the main thread (elsewhere
+        Python cannot install handlers, and signals keep their usual effect)."""
         self._signal, self._peer_stop = None, False
         if not enabled or threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def handler(signum: int, frame: Any) -> None:
-            if self._signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop now
             if self._signal is None:
                 self._signal = signum
+                return
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            raise SystemExit(128 + signum)  # a second SIGTERM (a scheduler insisting): now
 
         previous = {}
         for signum in (signal.SIGTERM, signal.SIGINT):

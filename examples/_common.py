@@ -15,7 +15,7 @@ What a run with ``--out OUT`` guarantees (see :class:`Run`):
   save a checkpoint of the steps done at the end of the current step, then the process exits
   with status ``128 + signal number`` (143 for SIGTERM, 130 for SIGINT); the same command
   resumes. Outside the loop (loading data, evaluating) it exits at once: nothing there would
-  be lost. A second signal exits at once, the last checkpoint standing;
+  be lost. A second signal (SIGINT or SIGTERM) exits at once, the last checkpoint standing;
 - a checkpoint is also written every ``--checkpoint-minutes`` (besides every N steps);
 - a damaged or foreign ``checkpoint.pt`` or ``progress.json`` (or a checkpoint without its
   ``progress.json``) stops the run with a message that names the file and what to do, before

@@ -232,15 +232,17 @@ def test_a_signal_saves_the_step_under_way_and_exits_128_plus_its_number(
     same_model(tmp_path / "full" / "checkpoint.pt", out / "checkpoint.pt")
 
 
-def test_a_second_sigint_stops_at_once_and_the_last_checkpoint_stands(
-    quickstart, tmp_path, monkeypatch
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_stops_at_once_and_the_last_checkpoint_stands(
+    quickstart, tmp_path, monkeypatch, signum
 ):
+    """A second SIGTERM (a scheduler insisting) was ignored: the step ran to its end."""
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
-        _signal_at(patch, {13: [signal.SIGINT, signal.SIGINT]})
+        _signal_at(patch, {13: [signum, signum]})
         with pytest.raises(SystemExit) as stop:
             quick(quickstart, out)
-    assert stop.value.code == 130
+    assert stop.value.code == 128 + signum
     assert step_of(out / "checkpoint.pt") == 10
     assert not list(out.glob("*.tmp"))
     assert quick(quickstart, out)["resumed_from_step"] == 10

@@ -301,7 +301,11 @@ def test_sigint_saves_then_raises_keyboard_interrupt_and_resumes_bitwise(script,
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
-def test_a_second_sigint_stops_at_once(tmp_path):
+@pytest.mark.parametrize(
+    ("signum", "stopped"), [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)]
+)
+def test_a_second_signal_stops_at_once(tmp_path, signum, stopped):
+    """A second SIGTERM was ignored until the UL step ended."""
     p = ridge()
     ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.5, iters=5)
     problem = BilevelProblem(
@@ -312,13 +316,14 @@ def test_a_second_sigint_stops_at_once(tmp_path):
 
     def batch(step):
         if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)  # the second raises here, mid-step
+            os.kill(os.getpid(), signum)
+            os.kill(os.getpid(), signum)  # the second raises here, mid-step
         return p.train, p.val
 
-    with pytest.raises(KeyboardInterrupt) as err:
+    with pytest.raises(stopped) as err:
         problem.run(batch, steps=10, checkpoint=tmp_path / "c.pt", progress=False)
     assert "stopped after" not in str(err.value) and problem.step_count == 2
+    assert not isinstance(err.value, Interrupted)  # (not the clean stop after the step)
 
 
 class FakeClock:
