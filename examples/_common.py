@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import errno
 import json
+import math
 import os
 import platform
 import shutil
@@ -80,11 +81,58 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SPACE_MARGIN = 1 << 20
 
 
+def count(text: str) -> int:
+    """An argparse type: an integer >= 1 (steps, sizes, threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def positive(text: str) -> float:
+    """An argparse type: a finite number > 0 (step sizes, penalties, minutes)."""
+    value = _finite(text, "> 0")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def nonnegative(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    value = _finite(text, ">= 0")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _finite(text: str, bound: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):  # NaN compares false with every bound: refused here
+        raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}")
+    return value
+
+
+def folder(text: str) -> str:
+    """An argparse type: a folder's path, not empty (``Path("")`` is the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "must name a folder: an empty path would write into the current folder"
+        )
+    return text
+
+
 def add_run_args(parser: argparse.ArgumentParser, default_out: str) -> None:
     """Add ``--out``, ``--data-root``, ``--seed``, ``--device``, ``--threads``,
     ``--no-progress``."""
     parser.add_argument(
         "--out",
+        type=folder,
         default=default_out,
         help="output folder: results.json, checkpoint.pt (resumed when the same command is "
         "run again), progress.json, plots",
@@ -97,7 +145,7 @@ def add_run_args(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed of the run")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument(
-        "--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)"
+        "--threads", type=count, default=None, help="CPU threads (torch.set_num_threads)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -737,6 +785,12 @@ class Run:
                     raise SystemExit(str(error)) from None
                 if self.main:
                     self.record.begin()
+                    if self.record.resumed_from:  # (said also with --no-progress)
+                        print(
+                            f"resuming from UL step {self.record.resumed_from} "
+                            f"({self.record.checkpoint})",
+                            flush=True,
+                        )
             self.signals.install()
         except BaseException:
             self._close()

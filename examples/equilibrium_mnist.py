@@ -29,6 +29,8 @@ from bilevel import BilevelProblem
 from bilevel.ll import FixedPointMap
 from bilevel.ul import Implicit, Reverse
 
+TRAIN_IMAGES = 60000 - 10000  # MNIST's training set, less the 10,000 held out for validation
+
 
 class Equilibrium(nn.Module):
     """UL model: the layer's weights and the classifier that reads its fixed point."""
@@ -88,31 +90,50 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="implicit",
         help="UL gradient: implicit (fixed-point adjoint) or reverse (unrolled)",
     )
-    parser.add_argument("--hidden", type=int, default=64, help="hidden units (default: 64)")
+    parser.add_argument(
+        "--hidden", type=_common.count, default=64, help="hidden units (default: 64)"
+    )
     parser.add_argument(
         "--gamma",
-        type=float,
+        type=_common.positive,
         default=0.9,
         help="contraction factor of the recurrent weight (default: 0.9)",
     )
-    parser.add_argument("--batch", type=int, default=250, help="images per UL step (default: 250)")
     parser.add_argument(
-        "--ll-steps", type=int, default=25, help="fixed-point iterations per UL step (default: 25)"
+        "--batch", type=_common.count, default=250, help="images per UL step (default: 250)"
+    )
+    parser.add_argument(
+        "--ll-steps",
+        type=_common.count,
+        default=25,
+        help="fixed-point iterations per UL step (default: 25)",
     )
     parser.add_argument(
         "--adjoint-steps",
-        type=int,
+        type=_common.count,
         default=25,
         help="iterations of the adjoint system (Implicit's k, default: 25)",
     )
     parser.add_argument(
         "--ul-steps",
-        type=int,
+        type=_common.count,
         default=480,
         help="UL steps (default: 480, two passes over 60,000 images)",
     )
-    parser.add_argument("--ul-lr", type=float, default=2e-3, help="Adam step size (default: 2e-3)")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--ul-lr", type=_common.positive, default=2e-3, help="Adam step size (default: 2e-3)"
+    )
+    args = parser.parse_args(argv)
+    if not args.gamma < 1:
+        parser.error(
+            f"--gamma must lie in (0, 1): the recurrent layer is a contraction (a fixed point "
+            f"exists and the iteration reaches it) only for gamma < 1; got {args.gamma}."
+        )
+    if args.batch > TRAIN_IMAGES:
+        parser.error(
+            f"--batch must be at most the {TRAIN_IMAGES} training images; got {args.batch}."
+        )
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -130,7 +151,7 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
     torch.manual_seed(args.seed)
     device, out, record = torch.device(args.device), run.out, run.record
     record.note_invocation(_common.invocation(device))
-    data = _common.mnist_split(args.data_root, "mnist", 60000 - 10000, 10000, args.seed)
+    data = _common.mnist_split(args.data_root, "mnist", TRAIN_IMAGES, 10000, args.seed)
     x, y = (t.to(device) for t in data["train"])
     x_val, y_val = (t.to(device) for t in data["val"])
     x_test, y_test = (t.to(device) for t in data["test"])

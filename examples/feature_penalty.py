@@ -120,27 +120,44 @@ def make_parser() -> argparse.ArgumentParser:
         default="implicit-cg",
         help="forward costs one JVP per pixel (784) per LL step: for timing comparisons only",
     )
-    parser.add_argument("--ul-steps", type=int, default=100, help="UL (outer) steps")
-    parser.add_argument("--ll-steps", type=int, default=200, help="LL gradient-descent steps")
-    parser.add_argument("--ll-lr", type=float, default=1.0, help="LL learning rate")
+    parser.add_argument("--ul-steps", type=_common.count, default=100, help="UL (outer) steps")
+    parser.add_argument(
+        "--ll-steps", type=_common.count, default=200, help="LL gradient-descent steps"
+    )
+    parser.add_argument("--ll-lr", type=_common.positive, default=1.0, help="LL learning rate")
     parser.add_argument(
         "--ul-optimizer", choices=["adam", "sgd"], default="adam", help="UL optimizer"
     )
-    parser.add_argument("--ul-lr", type=float, default=0.03, help="UL step on log penalties")
-    parser.add_argument("--init-l2", type=float, default=1e-2, help="initial penalty")
     parser.add_argument(
-        "--n-train", type=int, default=1000, help="training examples (random subset)"
+        "--ul-lr", type=_common.positive, default=0.03, help="UL step on log penalties"
+    )
+    parser.add_argument("--init-l2", type=_common.positive, default=1e-2, help="initial penalty")
+    parser.add_argument(
+        "--n-train", type=_common.count, default=1000, help="training examples (random subset)"
     )
     parser.add_argument(
-        "--n-val", type=int, default=5000, help="validation examples (disjoint from training)"
-    )
-    parser.add_argument("--cg-iters", type=int, default=30, help="CG iterations (implicit-cg)")
-    parser.add_argument("--tolerance", type=float, default=1e-6, help="CG relative residual")
-    parser.add_argument(
-        "--final-steps", type=int, default=1000, help="GD steps of the final and reference models"
+        "--n-val",
+        type=_common.count,
+        default=5000,
+        help="validation examples (disjoint from training)",
     )
     parser.add_argument(
-        "--log-every", type=int, default=10, help="UL steps between log records (checkpoints: 5x)"
+        "--cg-iters", type=_common.count, default=30, help="CG iterations (implicit-cg)"
+    )
+    parser.add_argument(
+        "--tolerance", type=_common.positive, default=1e-6, help="CG relative residual"
+    )
+    parser.add_argument(
+        "--final-steps",
+        type=_common.count,
+        default=1000,
+        help="GD steps of the final and reference models",
+    )
+    parser.add_argument(
+        "--log-every",
+        type=_common.count,
+        default=10,
+        help="UL steps between log records (checkpoints: 5x)",
     )
     _common.add_checkpoint_minutes(parser)
     _common.add_run_args(parser, default_out="runs/feature_penalty")

@@ -209,30 +209,51 @@ def make_parser() -> argparse.ArgumentParser:
         help="LL classifier: softmax regression, or an MLP with one tanh hidden layer",
     )
     parser.add_argument("--method", choices=methods, default="implicit-cg", help="hypergradient")
-    parser.add_argument("--ul-steps", type=int, default=100, help="UL (outer) steps")
-    parser.add_argument("--ll-steps", type=int, default=100, help="LL gradient-descent steps")
-    parser.add_argument("--ll-lr", type=float, default=1.0, help="LL learning rate")
-    parser.add_argument("--ul-lr", type=float, default=0.1, help="Adam step on the logits")
-    parser.add_argument("--l2", type=float, default=1e-2, help="LL L2 on weight matrices")
-    parser.add_argument("--hidden", type=int, default=32, help="MLP hidden units")
+    parser.add_argument("--ul-steps", type=_common.count, default=100, help="UL (outer) steps")
     parser.add_argument(
-        "--n-train", type=int, default=5000, help="training examples (random subset)"
+        "--ll-steps", type=_common.count, default=100, help="LL gradient-descent steps"
+    )
+    parser.add_argument("--ll-lr", type=_common.positive, default=1.0, help="LL learning rate")
+    parser.add_argument(
+        "--ul-lr", type=_common.positive, default=0.1, help="Adam step on the logits"
     )
     parser.add_argument(
-        "--n-val", type=int, default=5000, help="validation examples (disjoint from training)"
+        "--l2", type=_common.nonnegative, default=1e-2, help="LL L2 on weight matrices"
+    )
+    parser.add_argument("--hidden", type=_common.count, default=32, help="MLP hidden units")
+    parser.add_argument(
+        "--n-train", type=_common.count, default=5000, help="training examples (random subset)"
+    )
+    parser.add_argument(
+        "--n-val",
+        type=_common.count,
+        default=5000,
+        help="validation examples (disjoint from training)",
     )
     parser.add_argument("--corrupt", type=float, default=0.5, help="fraction of noisy labels")
-    parser.add_argument("--truncate", type=int, default=20, help="K for --method truncated")
-    parser.add_argument("--solver-iters", type=int, default=20, help="CG / Neumann iterations")
-    parser.add_argument("--tolerance", type=float, default=1e-6, help="CG relative residual")
+    parser.add_argument(
+        "--truncate", type=_common.count, default=20, help="K for --method truncated"
+    )
+    parser.add_argument(
+        "--solver-iters", type=_common.count, default=20, help="CG / Neumann iterations"
+    )
+    parser.add_argument(
+        "--tolerance", type=_common.positive, default=1e-6, help="CG relative residual"
+    )
     parser.add_argument(
         "--neumann-alpha", default="auto", help="Neumann step: 'auto' (1/lambda_max) or a number"
     )
     parser.add_argument(
-        "--final-steps", type=int, default=500, help="GD steps of the final/baseline/oracle models"
+        "--final-steps",
+        type=_common.count,
+        default=500,
+        help="GD steps of the final/baseline/oracle models",
     )
     parser.add_argument(
-        "--log-every", type=int, default=10, help="UL steps between log records (checkpoints: 5x)"
+        "--log-every",
+        type=_common.count,
+        default=10,
+        help="UL steps between log records (checkpoints: 5x)",
     )
     _common.add_checkpoint_minutes(parser)
     _common.add_run_args(parser, default_out="runs/hyper_cleaning")
@@ -245,8 +266,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.final_steps < args.ll_steps:
         parser.error("--final-steps must be at least --ll-steps.")
+    if not 0 <= args.corrupt <= 1:
+        parser.error(f"--corrupt is a fraction of the labels, in [0, 1]; got {args.corrupt}.")
     if args.neumann_alpha != "auto":
-        args.neumann_alpha = float(args.neumann_alpha)
+        try:
+            args.neumann_alpha = _common.positive(args.neumann_alpha)
+        except argparse.ArgumentTypeError as error:
+            parser.error(f"--neumann-alpha is 'auto' or a number: it {error}.")
     return args
 
 

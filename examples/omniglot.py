@@ -406,7 +406,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--meta-batch", type=int, default=32, help="tasks per meta-step")
     parser.add_argument("--meta-steps", type=int, default=60000, help="UL (outer) steps")
     parser.add_argument(
-        "--meta-lr", type=float, default=None, help="UL step (default 1e-3; reptile 1.0)"
+        "--meta-lr", type=_common.positive, default=None, help="UL step (default 1e-3; reptile 1.0)"
     )
     parser.add_argument(
         "--meta-optimizer",
@@ -416,7 +416,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--budget-cpu-minutes",
-        type=float,
+        type=_common.positive,
         default=None,
         help="stop meta-training once its CPU time (summed over resumed runs, validation "
         "excluded) reaches this: the same compute for every method (use with --threads 1)",
@@ -425,10 +425,12 @@ def make_parser() -> argparse.ArgumentParser:
         "--inner-steps", type=int, default=None, help="LL steps (default: per method)"
     )
     parser.add_argument(
-        "--inner-lr", type=float, default=None, help="LL step size (default: per method)"
+        "--inner-lr", type=_common.positive, default=None, help="LL step size (default: per method)"
     )
     parser.add_argument("--hidden", type=int, default=64, help="filters per conv block")
-    parser.add_argument("--reg", type=float, default=2.0, help="iMAML proximal strength")
+    parser.add_argument(
+        "--reg", type=_common.nonnegative, default=2.0, help="iMAML proximal strength"
+    )
     parser.add_argument("--cg-steps", type=int, default=5, help="iMAML / implicit CG steps")
     parser.add_argument(
         "--solver",
@@ -450,7 +452,10 @@ def make_parser() -> argparse.ArgumentParser:
         "--truncate", type=int, default=None, help="K of --ul-method truncated (default T/2)"
     )
     parser.add_argument(
-        "--head-l2", type=float, default=1e-3, help="L2 on the head (hyperrep LL objective)"
+        "--head-l2",
+        type=_common.nonnegative,
+        default=1e-3,
+        help="L2 on the head (hyperrep LL objective)",
     )
     parser.add_argument(
         "--feature-norm",
@@ -470,7 +475,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-every", type=int, default=10, help="meta-steps between logs")
     parser.add_argument(
         "--max-minutes",
-        type=float,
+        type=_common.positive,
         default=None,
         help="stop meta-training after this many minutes of this invocation (then evaluate; "
         "the same command goes on from there)",
@@ -513,8 +518,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optimizer, meta_lr = META_DEFAULTS.get(args.method, ("adam", 1e-3))
     args.meta_optimizer = args.meta_optimizer or optimizer
     args.meta_lr = meta_lr if args.meta_lr is None else args.meta_lr
-    if args.budget_cpu_minutes is not None and args.budget_cpu_minutes <= 0:
-        parser.error("--budget-cpu-minutes must be > 0")
     if not 0.0 <= args.bda_alpha <= 1.0 or not 0.0 < args.bda_alpha_decay <= 1.0:
         parser.error("--bda-alpha must lie in [0, 1] and --bda-alpha-decay in (0, 1]")
     if args.solver is None:
@@ -538,7 +541,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.eval_inner_steps = args.inner_steps
     if args.truncate is None:
         args.truncate = max(1, args.inner_steps // 2)
-    for name in ("ways", "shots", "query", "meta_batch", "inner_steps", "eval_inner_steps"):
+    for name in (
+        "ways",
+        "shots",
+        "query",
+        "meta_batch",
+        "inner_steps",
+        "eval_inner_steps",
+        "truncate",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("eval_every", "log_every", "val_tasks", "eval_tasks", "hidden", "cg_steps"):
@@ -546,6 +557,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.meta_steps < 0:
         parser.error("--meta-steps must be >= 0")
+    if args.ways < 2:
+        parser.error("--ways must be >= 2: a task with one class is solved by any model")
+    if args.truncate > args.inner_steps:
+        parser.error(
+            f"--truncate ({args.truncate}) is more than the {args.inner_steps} LL steps "
+            "(--inner-steps) it truncates"
+        )
     return args
 
 

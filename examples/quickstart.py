@@ -97,6 +97,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random seed (data and run)")
     parser.add_argument(
         "--out",
+        type=_common.folder,
         default=None,
         help="output folder for results.json and checkpoint.pt, which the same command "
         "resumes from; if not given, nothing is written",
@@ -148,8 +149,6 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
     problem = BilevelProblem(ll, ul, torch.optim.Adam(ul_model.parameters(), lr=args.ul_lr))
     log_every = checkpoint_every = 10
     record = run.record
-    if record is not None and record.resumed_from:
-        print(f"resuming from UL step {record.resumed_from} ({record.checkpoint})")
 
     def show(entry: dict) -> None:
         solver = ""

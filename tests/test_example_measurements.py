@@ -693,9 +693,12 @@ def test_feature_penalty_selects_the_single_penalty_on_validation_and_reports_te
     assert results["learned_l2"]["max"] == pytest.approx(float(learned[30:].max()), rel=1e-6)
 
 
-def test_hyper_cleaning_results_name_the_hardware_of_every_invocation(tmp_path, monkeypatch):
+def test_hyper_cleaning_results_name_the_hardware_of_every_invocation(
+    tmp_path, monkeypatch, capsys
+):
     """As for Omniglot: two invocations (UL steps 1-2 on "CPU-A", 3-4 on "CPU-B") and
-    results.json names only the second machine."""
+    results.json names only the second machine. The second says that it resumes, also with
+    --no-progress (it said nothing: only results.json's resumed_from_step told)."""
     with example_module("hyper_cleaning") as hc:
         monkeypatch.setattr(hc._common, "mnist_split", fake_mnist())
         monkeypatch.setattr(hc._common, "pyplot", lambda: None)
@@ -705,6 +708,7 @@ def test_hyper_cleaning_results_name_the_hardware_of_every_invocation(tmp_path, 
             monkeypatch.setattr(hc._common, "hardware", lambda device, cpu=cpu: cpu)
             results = hc.main([*argv, "--ul-steps", steps])
     assert results["resumed_from_step"] == 2 and results["ul_steps"] == 4
+    assert capsys.readouterr().out.count("resuming from UL step 2") == 1
     text = (tmp_path / "results.json").read_text()
     assert "CPU-B" in text
     assert "CPU-A" in text, "the first invocation's hardware is not recorded"

@@ -692,3 +692,42 @@ def test_plots_are_written_atomically(common, tmp_path, monkeypatch):
     common.save_figure(fig, tmp_path / "curve.png")
     assert written == [tmp_path / "curve.png"]
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- command-line values a review found accepted (2026-12-03) -----------------------------
+
+BAD_ARGUMENTS = [
+    # an empty validation set stopped with "the UL loss is not finite ... lower the learning
+    # rate", a wrong cure; --n-train 0 a ZeroDivisionError
+    ("hyper_cleaning", ["--n-val", "0"], "--n-val: must be an integer >= 1"),
+    ("hyper_cleaning", ["--n-train", "-5"], "--n-train: must be an integer >= 1"),
+    ("hyper_cleaning", ["--neumann-alpha", "abc"], "--neumann-alpha is 'auto' or a number"),
+    ("hyper_cleaning", ["--corrupt", "1.5"], "--corrupt is a fraction"),
+    ("hyper_cleaning", ["--log-every", "0"], "--log-every: must be an integer >= 1"),
+    # exited 0 with an untrained model's accuracy; a math domain error
+    ("feature_penalty", ["--final-steps", "0"], "--final-steps: must be an integer >= 1"),
+    ("feature_penalty", ["--init-l2", "0"], "--init-l2: must be a finite number > 0"),
+    # ZeroDivisionError; a non-contracting layer accepted
+    ("equilibrium_mnist", ["--batch", "0"], "--batch: must be an integer >= 1"),
+    ("equilibrium_mnist", ["--batch", "60000"], "--batch must be at most the 50000"),
+    ("equilibrium_mnist", ["--gamma", "1.5"], "--gamma must lie in"),
+    # a NaN budget never stopped the run; 0 or fewer minutes ran a step anyway
+    ("omniglot", ["--max-minutes", "nan"], "--max-minutes: must be a finite number > 0"),
+    ("omniglot", ["--max-minutes", "0"], "--max-minutes: must be a finite number > 0"),
+    ("omniglot", ["--budget-cpu-minutes", "nan"], "--budget-cpu-minutes: must be a finite"),
+    ("omniglot", ["--meta-lr", "0"], "--meta-lr: must be a finite number > 0"),
+    ("omniglot", ["--ways", "1"], "--ways must be >= 2"),
+    ("omniglot", ["--truncate", "50", "--inner-steps", "10"], "--truncate (50) is more than"),
+    ("omniglot", ["--threads", "0"], "--threads: must be an integer >= 1"),
+    # wrote checkpoint.pt, results.json, ... into the current folder
+    ("quickstart", ["--out", ""], "--out: must name a folder"),
+    ("hyper_cleaning", ["--out", ""], "--out: must name a folder"),
+]
+
+
+@pytest.mark.parametrize(("script", "argv", "message"), BAD_ARGUMENTS)
+def test_a_bad_command_line_value_is_refused_by_its_flag(script, argv, message, capsys):
+    with example_module(script) as module, pytest.raises(SystemExit) as stop:
+        module.parse_args(argv)
+    assert stop.value.code == 2  # argparse's usage error, before any work
+    assert message in capsys.readouterr().err
