@@ -144,18 +144,13 @@ def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (net(x).argmax(1) == y).float().mean().item()
 
 
-def make_calculator(args: argparse.Namespace, common: tuple, n_hyper: int) -> Any:
+def make_calculator(args: argparse.Namespace, common: tuple) -> Any:
     """The UL calculator named by ``--method``."""
     if args.method == "reverse":
         return Reverse(*common)
     if args.method == "truncated":
         return Truncated(*common, truncate_iter=args.truncate)
-    if args.method == "forward":
-        if n_hyper > FORWARD_MAX_HYPERPARAMETERS:
-            raise SystemExit(
-                f"--method forward costs one JVP per hyperparameter per LL step: with {n_hyper} "
-                "example weights that is not practical. Use reverse, truncated or implicit-*."
-            )
+    if args.method == "forward":  # (its size is checked with the command line)
         return bilevel.ul.Forward(*common)
     solver = args.method.split("-", 1)[1]
     return Implicit(
@@ -266,6 +261,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.final_steps < args.ll_steps:
         parser.error("--final-steps must be at least --ll-steps.")
+    if args.method == "forward" and args.n_train > FORWARD_MAX_HYPERPARAMETERS:
+        parser.error(
+            f"--method forward costs one JVP per hyperparameter per LL step: with "
+            f"{args.n_train} example weights (--n-train) that is not practical. Use reverse, "
+            f"truncated or implicit-*, or --n-train {FORWARD_MAX_HYPERPARAMETERS} or fewer."
+        )
     if not 0 <= args.corrupt <= 1:
         parser.error(f"--corrupt is a fraction of the labels, in [0, 1]; got {args.corrupt}.")
     if args.neumann_alpha != "auto":
@@ -323,7 +324,7 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
     ll_objective, ul_objective = make_objectives(args.l2)
     ll = GradientDescent(ll_objective, ll_model, ul_model, lr=args.ll_lr, iters=args.ll_steps)
     common = (ul_objective, ul_model, ll_objective, ll_model)
-    ul = make_calculator(args, common, len(y))
+    ul = make_calculator(args, common)
     problem = BilevelProblem(ll, ul, torch.optim.Adam(ul_model.parameters(), lr=args.ul_lr))
     checkpoint_every = 5 * args.log_every
 

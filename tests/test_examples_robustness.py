@@ -704,6 +704,8 @@ BAD_ARGUMENTS = [
     ("hyper_cleaning", ["--neumann-alpha", "abc"], "--neumann-alpha is 'auto' or a number"),
     ("hyper_cleaning", ["--corrupt", "1.5"], "--corrupt is a fraction"),
     ("hyper_cleaning", ["--log-every", "0"], "--log-every: must be an integer >= 1"),
+    # refused only after MNIST was loaded and two reference models trained (10 s)
+    ("hyper_cleaning", ["--method", "forward"], "with 5000 example weights (--n-train)"),
     # exited 0 with an untrained model's accuracy; a math domain error
     ("feature_penalty", ["--final-steps", "0"], "--final-steps: must be an integer >= 1"),
     ("feature_penalty", ["--init-l2", "0"], "--init-l2: must be a finite number > 0"),
