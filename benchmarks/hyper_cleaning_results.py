@@ -504,8 +504,9 @@ def forward_section(cost: dict[str, Any] | None) -> str:
         "Jacobian-vector product per scalar hyperparameter per LL step. With one weight per "
         "training example that is 5,000 products per LL step, each as expensive as a pass "
         "over the training set, so the cost of one hypergradient grows with the square of the "
-        "number of examples; `examples/hyper_cleaning.py --method forward` refuses to run "
-        "with more than 100 hyperparameters. It gives the same hypergradient as `Reverse`."
+        "number of examples; `examples/hyper_cleaning.py` refuses `--method forward` with "
+        "more than 100 hyperparameters (`--n-train`). It gives the same hypergradient as "
+        "`Reverse`."
     )
     if cost is None:
         return text

@@ -287,15 +287,20 @@ class OnlineHypergradient:
         :meth:`BilevelProblem.step <bilevel.BilevelProblem.step>` checks its arguments: a pair,
         on the models' device and of their dtype (a fixed batch once, here)."""
 
-        def checked(pair: Any, at: str) -> Pair:
-            check_pair(pair, at)
-            self._problem._check_data({at: pair})
+        def checked(pair: Any, step: int | None = None) -> Pair:
+            try:
+                check_pair(pair, name)
+                self._problem._check_data({name: pair})
+            except (TypeError, ValueError) as error:
+                if step is None:
+                    raise
+                raise type(error)(f"the batch {name}({step}) returned: {error}") from None
             return pair
 
         if not callable(given):
-            checked(given, name)
+            checked(given)
             return lambda step: given
-        return lambda step: checked(given(step), f"{name}({step})")
+        return lambda step: checked(given(step), step)
 
     def _capture(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The ``online`` part of :meth:`state_dict` and the RNG states, now (at a UL update,

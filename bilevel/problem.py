@@ -1059,7 +1059,9 @@ class BilevelProblem:
                 return
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt  # a second Ctrl-C: stop now
-            raise SystemExit(128 + signum)  # a second SIGTERM (a scheduler insisting): now
+            stop = SystemExit(128 + signum)  # a second SIGTERM (a scheduler insisting): now
+            stop.signal = signum  # (a caller's loop tells a signal's stop from another exit)
+            raise stop
 
         previous = {}
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -1307,11 +1309,21 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, ul: Any, ll: Any) -> None
     ]
     if left:
         more = f" and {len(left) - 4} more" if len(left) > 4 else ""
+        ll_weights = {id(p) for p in ll.ll_model.parameters()}
+        initialization = any(
+            id(p) in ll_weights for n, p in ul.ul_model.named_parameters() if n in left
+        )
+        cure = (
+            "Some are the LL model's weights (ul_model holds ll_model: a learned "
+            "initialization); if the initialization is not to be learned, keep ll_model out "
+            "of ul_model. Otherwise"
+            if initialization
+            else "Freeze those meant to stay (requires_grad_(False)), or"
+        )
         raise ValueError(
             f"ul_optimizer leaves out UL parameter(s) that receive hypergradients: "
             f"{', '.join(f'ul_model.{n}' for n in left[:4])}{more}. They would never move, and "
             "their .grad, which only the optimizer's parameters have cleared, would add up "
-            "across UL steps (a clipping hook would see its norm grow). Freeze those meant to "
-            "stay (requires_grad_(False)), or build the optimizer over all of them: "
-            f"torch.optim.{kind}(ul_model.parameters(), ...)."
+            f"across UL steps (a clipping hook would see its norm grow). {cure} build the "
+            f"optimizer over all of them: torch.optim.{kind}(ul_model.parameters(), ...)."
         )

@@ -51,6 +51,7 @@ import torch
 
 from bilevel import checkpoint
 from bilevel.data import load_mnist
+from bilevel.problem import Interrupted
 
 try:
     import fcntl
@@ -928,7 +929,7 @@ class Run:
             message = f"{name}: stopped at once; the last checkpoint (UL step {saved}) stands."
         else:
             message = f"{name}: stopped after UL step {problem.step_count}; nothing saved."
-        if isinstance(error, SystemExit):  # the runner said it already
+        if isinstance(error, Interrupted):  # the runner said it already
             message = ""
         raise Stopped(signum, message) from None
 

@@ -68,7 +68,7 @@ def test_online_batches_from_a_function_are_checked_each():
     p = ridge()
     x, y = p.train
     batch = lambda step: (x, y) if step < 3 else x  # noqa: E731
-    with pytest.raises(TypeError, match=r"train\(3\) must be a pair"):
+    with pytest.raises(TypeError, match=r"the batch train\(3\) returned: train must be a pair"):
         _online(p, lr=0.1).run(batch, p.val, 6, progress=False)
 
 
@@ -296,3 +296,72 @@ def test_stochastic_implicit_queries_draw_new_minibatches():
     si.load_state_dict(start)
     problem.step(p.train, p.val)
     assert torch.equal(p.ul_model.log_l2.grad, first)
+
+
+# ------------------------------------------------------------------ a review of the fixes
+
+
+class _Meta(nn.Module):
+    """A UL model that holds the LL model (its weights' start, learned) and a step size."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.log_lr = nn.Parameter(torch.tensor(-2.0, dtype=DTYPE))
+
+
+def test_an_unused_weight_of_a_learned_initialization_is_named_as_unused():
+    """The UL model holds the LL model (Meta-SGD, a learned start): an LL weight the
+    objective does not read was said to be 'll_model holds parameters of ul_model'."""
+    p = ridge()
+    net = Linear(5)
+    net.unused = nn.Parameter(torch.zeros(2, dtype=DTYPE))
+    meta = _Meta(net)
+    ll = GradientDescent(_start_ll, net, meta, lr=0.1, iters=3)
+    problem = BilevelProblem(ll, Reverse(ridge_ul, meta, _start_ll, net))
+    with pytest.raises(ValueError, match=r"ll_objective does not depend on .*\['unused'\]"):
+        problem.hypergradient(p.train, p.val)
+
+
+def _start_ll(state: dict) -> torch.Tensor:
+    """Ridge with a fixed penalty: the UL variable is the LL's start (and its step size)."""
+    residual = state["ll_model"](state["data"]) - state["target"]
+    return 0.5 * (residual**2).mean() + 0.05 * (state["ll_model"].w ** 2).sum()
+
+
+def test_leaving_a_learned_initialization_out_of_the_optimizer_is_told_the_right_cure():
+    """The refusal said to freeze ul_model.net.w, the LL's own weight (then 'll_model has
+    no parameters that require grad')."""
+    net = Linear(5)
+    meta = _Meta(net)
+    ll = GradientDescent(_start_ll, net, meta, lr=0.1, iters=3)
+    with pytest.raises(ValueError, match="keep ll_model out of ul_model") as info:
+        BilevelProblem(ll, Reverse(ridge_ul, meta, _start_ll, net), torch.optim.SGD([meta.log_lr]))
+    assert "ul_model.net.w" in str(info.value)
+
+
+def test_a_series_diverging_on_a_positive_definite_hessian_is_told_to_lower_alpha():
+    """alpha 2% above the true 2/lambda_max but below 2/(the power iteration's estimate,
+    which is from below): the series diverges and a smaller alpha is the cure; the first fix
+    said 'a smaller alpha is no cure'."""
+    d = 200
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=DTYPE))
+    a = q @ torch.diag(torch.linspace(0.5, 10.0, d, dtype=DTYPE)) @ q.T
+    b = torch.randn(d, generator=g, dtype=DTYPE)
+
+    def ll_objective(state: dict) -> torch.Tensor:
+        w = state["ll_model"].w
+        return 0.5 * w @ a @ w - (state["ul_model"].log_l2 * b) @ w
+
+    def ul_objective(state: dict) -> torch.Tensor:
+        return 0.5 * ((state["ll_model"].w - 1.0) ** 2).sum()
+
+    net, ul = Linear(d), FeatureL2(d)
+    ll = GradientDescent(ll_objective, net, ul, lr=0.1, iters=300)
+    upper = Implicit(
+        ul_objective, ul, ll_objective, net, method="neumann", alpha=2.04 / 10, k=500,
+        stationarity_warning=None,
+    )  # fmt: skip
+    with pytest.raises(HypergradientDivergenceError, match="converges only for alpha <"):
+        BilevelProblem(ll, upper).hypergradient((None, None), (None, None))

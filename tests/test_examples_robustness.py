@@ -234,7 +234,7 @@ def test_a_signal_saves_the_step_under_way_and_exits_128_plus_its_number(
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_second_signal_stops_at_once_and_the_last_checkpoint_stands(
-    quickstart, tmp_path, monkeypatch, signum
+    quickstart, tmp_path, monkeypatch, signum, capsys
 ):
     """A second SIGTERM (a scheduler insisting) was ignored: the step ran to its end."""
     out = tmp_path / "run"
@@ -243,6 +243,10 @@ def test_a_second_signal_stops_at_once_and_the_last_checkpoint_stands(
         with pytest.raises(SystemExit) as stop:
             quick(quickstart, out)
     assert stop.value.code == 128 + signum
+    name = signal.Signals(signum).name
+    assert f"{name}: stopped at once; the last checkpoint (UL step 10) stands" in (
+        capsys.readouterr().err
+    )
     assert step_of(out / "checkpoint.pt") == 10
     assert not list(out.glob("*.tmp"))
     assert quick(quickstart, out)["resumed_from_step"] == 10

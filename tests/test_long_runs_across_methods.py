@@ -372,10 +372,12 @@ def test_a_skipped_step_then_a_resume_stays_bitwise(name, tmp_path):
 # --- (c) hypergradient() between steps ----------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [n for n in CASES if not n.startswith("stochastic_implicit")])
 def test_hypergradient_between_steps_changes_nothing(name):
     """Two ``hypergradient`` calls before every step: they agree, leave the state, ``.grad``
-    and the global RNG as they were, and the run is bitwise the run of steps alone."""
+    and the global RNG as they were, and the run is bitwise the run of steps alone.
+    (``StochasticImplicit`` is left out: a query draws new minibatches from its generator, as
+    from the global RNG; ``tests/test_bad_input_review.py`` checks that.)"""
     expected = snapshot(stepped(name, 3)[0])
 
     problem, _, data = fresh(name)

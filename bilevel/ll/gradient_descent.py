@@ -538,7 +538,8 @@ class GradientDescent:
         ul_params = set(map(id, self.ul_model.parameters()))
         named = self.ll_model.named_parameters()
         shared = [n for n, t in named if n in names and id(t) in ul_params]
-        if shared and self.ll_model is not self.ul_model:
+        holds_ul = any(m is self.ul_model for m in self.ll_model.modules())
+        if shared and holds_ul and self.ll_model is not self.ul_model:
             raise ValueError(
                 f"ll_model holds parameters of ul_model ({shared}), which the LL would "
                 "optimize as LL weights, and ll_objective reads them from state['ul_model']: "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import operator
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -239,17 +240,21 @@ class _Container(nn.Module):
     combined with (Python finds no method resolution order)."""
 
 
+_SWAPPING = threading.Lock()
+
+
 def patch(model: nn.Module) -> nn.Module:
     """A new patched copy of ``model`` (creates classes: milliseconds; reuse it, with
     :func:`sync_from` at every run)."""
     plain = [m for m in model.modules() if type(m) is nn.Module]
-    try:
-        for module in plain:  # (only while the copy is made: the user's model is put back)
-            module.__class__ = _Container
-        patched = higher.monkeypatch(model, copy_initial_weights=True, track_higher_grads=False)
-    finally:
-        for module in plain:
-            module.__class__ = nn.Module
+    with _SWAPPING:  # (another thread patching the model would see the classes swapped)
+        try:
+            for module in plain:  # only while the copy is made: the user's classes put back
+                module.__class__ = _Container
+            patched = higher.monkeypatch(model, copy_initial_weights=True, track_higher_grads=False)
+        finally:
+            for module in plain:
+                module.__class__ = nn.Module
     kind = type(patched)  # the class is this copy's own
     kind.parameters = _latest_parameters
     kind.forward = _forward_without_params(kind.forward)

@@ -621,11 +621,14 @@ class Implicit(HypergradientCalculator):
                     "method='normal_cg', run more LL steps or add L2 regularization to the LL "
                     "objective, or use Reverse/Truncated."
                 )
-            elif alpha * lambda_max < 2:  # a step that converges on a positive definite H
+            elif alpha * lambda_max <= 1.25:
+                # about 1/lambda_max (alpha='auto'): half the stable bound, which the power
+                # iteration's estimate (from below) would have to miss by 60%
                 message = (
-                    f"{diverged} Its alpha {alpha:.3g} is below 2/lambda_max({system}) "
-                    f"({matrix} largest eigenvalue is about {lambda_max:.4g}), so a smaller "
-                    f"alpha is no cure: {system} has an eigenvalue at or below zero at the "
+                    f"{diverged} Its alpha {alpha:.3g} is about 1/lambda_max({system}), half "
+                    f"the bound 2/lambda_max ({matrix} largest eigenvalue is about "
+                    f"{lambda_max:.4g}), so a smaller alpha is no cure: {system} has an "
+                    "eigenvalue at or below zero at the "
                     "auxiliary model's weights, too close to a small positive one for the "
                     "estimate to resolve (the LL is not at a minimum). Use method='minres' "
                     "(symmetric indefinite) or method='normal_cg', run more LL steps or add L2 "
