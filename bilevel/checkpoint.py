@@ -21,6 +21,7 @@ written by :func:`atomic_write`: a temporary file beside the target, ``fsync``,
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import inspect
 import os
@@ -86,6 +87,11 @@ def atomic_write(
             raising there leaves ``path`` untouched.
     """
     path = Path(path)
+    if path.is_dir():  # (os.replace onto it would fail after the whole write)
+        raise IsADirectoryError(
+            errno.EISDIR,
+            f"{path} is a folder: give the path of a file in it, e.g. {path / 'checkpoint.pt'}",
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f"{path.name}.{os.getpid()}."
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=_TMP_SUFFIX)

@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -759,6 +759,18 @@ class BilevelProblem:
         state that does not fit) puts the models, the UL optimizer, the method's state, the
         step counters and the RNG states back as they were before raising.
         """
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                "state must be the dict of state_dict() or bilevel.checkpoint.load(path), got "
+                f"{type(state).__name__}."
+            )
+        missing = [key for key in ("ul_model", "ll_model") if key not in state]
+        if missing:  # (also without strict: the models are what any load restores)
+            raise ValueError(
+                f"the state has no {' or '.join(map(repr, missing))}: it was not written by "
+                "BilevelProblem.state_dict. Resume from a checkpoint written by this problem's "
+                "save_checkpoint."
+            )
         saved = state.get("settings")
         current = ckpt.plain(self.settings)
         if strict and saved is None:

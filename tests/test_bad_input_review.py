@@ -365,3 +365,20 @@ def test_a_series_diverging_on_a_positive_definite_hessian_is_told_to_lower_alph
     )  # fmt: skip
     with pytest.raises(HypergradientDivergenceError, match="converges only for alpha <"):
         BilevelProblem(ll, upper).hypergradient((None, None), (None, None))
+
+
+def test_load_state_dict_of_something_else_says_what_it_needs(tmp_path):
+    """None raised a bare AttributeError, and {} with strict=False a KeyError."""
+    problem = _reverse_problem(ridge())
+    with pytest.raises(TypeError, match=r"state must be the dict of state_dict\(\)"):
+        problem.load_state_dict(None)
+    with pytest.raises(ValueError, match="the state has no 'ul_model' or 'll_model'"):
+        problem.load_state_dict({}, strict=False)
+
+
+def test_a_checkpoint_saved_onto_a_folder_is_refused_before_writing(tmp_path):
+    """A bare IsADirectoryError from os.replace, after the whole file was written."""
+    problem = _reverse_problem(ridge())
+    with pytest.raises(IsADirectoryError, match="is a folder: give the path of a file in it"):
+        problem.save_checkpoint(tmp_path)
+    assert list(tmp_path.iterdir()) == []
