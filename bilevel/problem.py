@@ -1316,15 +1316,12 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, ul: Any, ll: Any) -> None
             f"torch.optim.{kind}(ul_model.parameters(), ...)."
         )
     stepped = {id(p) for p in held}
-    left = [
-        n for n, p in ul.ul_model.named_parameters() if p.requires_grad and id(p) not in stepped
-    ]
+    named = ul.ul_model.named_parameters()
+    left = [(n, p) for n, p in named if p.requires_grad and id(p) not in stepped]
     if left:
         more = f" and {len(left) - 4} more" if len(left) > 4 else ""
         ll_weights = {id(p) for p in ll.ll_model.parameters()}
-        initialization = any(
-            id(p) in ll_weights for n, p in ul.ul_model.named_parameters() if n in left
-        )
+        initialization = any(id(p) in ll_weights for _, p in left)
         cure = (
             "Some are the LL model's weights (ul_model holds ll_model: a learned "
             "initialization); if the initialization is not to be learned, keep ll_model out "
@@ -1334,7 +1331,7 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, ul: Any, ll: Any) -> None
         )
         raise ValueError(
             f"ul_optimizer leaves out UL parameter(s) that receive hypergradients: "
-            f"{', '.join(f'ul_model.{n}' for n in left[:4])}{more}. They would never move, and "
+            f"{', '.join(f'ul_model.{n}' for n, _ in left[:4])}{more}. They would never move, and "
             "their .grad, which only the optimizer's parameters have cleared, would add up "
             f"across UL steps (a clipping hook would see its norm grow). {cure} build the "
             f"optimizer over all of them: torch.optim.{kind}(ul_model.parameters(), ...)."

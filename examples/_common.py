@@ -153,16 +153,9 @@ def add_run_args(parser: argparse.ArgumentParser, default_out: str) -> None:
 
 def add_checkpoint_minutes(parser: argparse.ArgumentParser, default: float = 10.0) -> None:
     """Add ``--checkpoint-minutes``: a checkpoint at least this often, besides every N steps."""
-
-    def minutes(text: str) -> float:
-        value = float(text)
-        if not value >= 0:  # NaN too
-            raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-        return value
-
     parser.add_argument(
         "--checkpoint-minutes",
-        type=minutes,
+        type=nonnegative,
         default=default,
         help="also write the checkpoint when this many minutes have passed since the last one "
         "(at the end of a UL step; 0: only every N steps), so that a kill loses at most that",

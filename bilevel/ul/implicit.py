@@ -612,14 +612,17 @@ class Implicit(HypergradientCalculator):
                 f"The {name} series diverged: its residual went from {info.rhs_norm:.3g} "
                 f"to {info.residual_norm:.3g} in {info.iterations} steps."
             )
+            indefinite = (
+                "the LL is not at a minimum. Use method='minres' (symmetric indefinite) or "
+                "method='normal_cg', run more LL steps or add L2 regularization to the LL "
+                "objective, or use Reverse/Truncated."
+            )
             if lambda_min is not None:  # no step converges: a smaller alpha is no cure
                 message = (
                     f"{diverged} {system} is not positive definite at the auxiliary model's "
                     f"weights ({matrix} eigenvalues reach about {lambda_min:.4g}, and "
                     f"{lambda_max:.4g} at the top), so the series diverges for every alpha: "
-                    "the LL is not at a minimum. Use method='minres' (symmetric indefinite) or "
-                    "method='normal_cg', run more LL steps or add L2 regularization to the LL "
-                    "objective, or use Reverse/Truncated."
+                    f"{indefinite}"
                 )
             elif alpha * lambda_max <= 1.25:
                 # about 1/lambda_max (alpha='auto'): half the stable bound, which the power
@@ -628,11 +631,8 @@ class Implicit(HypergradientCalculator):
                     f"{diverged} Its alpha {alpha:.3g} is about 1/lambda_max({system}), half "
                     f"the bound 2/lambda_max ({matrix} largest eigenvalue is about "
                     f"{lambda_max:.4g}), so a smaller alpha is no cure: {system} has an "
-                    "eigenvalue at or below zero at the "
-                    "auxiliary model's weights, too close to a small positive one for the "
-                    "estimate to resolve (the LL is not at a minimum). Use method='minres' "
-                    "(symmetric indefinite) or method='normal_cg', run more LL steps or add L2 "
-                    "regularization to the LL objective, or use Reverse/Truncated."
+                    "eigenvalue at or below zero at the auxiliary model's weights, too close "
+                    f"to a small positive one for the estimate to resolve: {indefinite}"
                 )
             else:
                 message = (
