@@ -540,17 +540,18 @@ def test_minibatch_methods_refuse_members_of_different_lengths(method, where):
 
 
 def test_stochastic_implicit_int_batches_refuse_what_they_cannot_draw_rows_from():
-    """``batches=<int>`` draws rows of the (data, target) tensors: nested data or no target
-    are refused with the cure (a callable ``batches``), and so are a data and a target of
-    different lengths; never a draw of unrelated rows."""
+    """``batches=<int>`` draws the same rows of every tensor in (data, target), as the other
+    methods' samplers (nested data and no target: tests/test_refusals_review3.py); a member
+    without rows is refused with the cure (a callable ``batches``), and so are a data and a
+    target of different lengths; never a draw of unrelated rows."""
     ll_objective, ul_objective = objectives(fit_dict)
     ll_model, ul_model = Linear(D), FeatureL2(D)
     ll = GradientDescent(ll_objective, ll_model, ul_model, lr=0.5, iters=5)
     ul = StochasticImplicit(ul_objective, ul_model, ll_objective, ll_model, batches=5)
     problem = BilevelProblem(ll, ul)
     (x, y), (xv, yv) = TRAIN, VAL
-    with pytest.raises(TypeError, match="pass a callable batches"):
-        problem.hypergradient(({"x": x, "y": y}, None), ({"x": xv, "y": yv}, None))
+    with pytest.raises(TypeError, match="a callable batches"):
+        problem.hypergradient(({"x": x, "y": y, "name": "a"}, None), ({"x": xv, "y": yv}, None))
     with pytest.raises(ValueError, match="one row per sample"):
         ul.draw((x, y[:-1]))
 

@@ -38,6 +38,7 @@ class FixedPointStep(GradientStep):
                 + (f" of length {len(image)}" if isinstance(image, list | tuple) else "")
                 + "."
             )
+        graph = False
         for i, (w, p) in enumerate(zip(weights, image, strict=True)):
             if not isinstance(p, torch.Tensor) or p.shape != w.shape or p.dtype != w.dtype:
                 got = (p.shape, p.dtype) if isinstance(p, torch.Tensor) else type(p).__name__
@@ -45,6 +46,18 @@ class FixedPointStep(GradientStep):
                     f"fixed_point_map's output {i} must be a tensor of shape {tuple(w.shape)} and "
                     f"dtype {w.dtype} (its LL parameter's), got {got}."
                 )
+            graph = graph or p.requires_grad
+        if not graph and torch.is_grad_enabled():
+            # where the method differentiates the map: a map without a graph (computed under
+            # torch.no_grad() or detached) leaves the UL variables no path through the LL
+            raise ValueError(
+                "fixed_point_map returned tensors with no graph (requires_grad=False) where the "
+                "hypergradient differentiates it: it was computed under torch.no_grad() or "
+                "from .detach()ed values, so the UL variables would have no path through the "
+                "LL (and the error would surface later, blamed on the objectives). Compute "
+                "the map from state['ll_model'] and state['ul_model'] with autograd on: no "
+                "torch.no_grad(), .detach(), .item() or .numpy() inside it."
+            )
         return list(image)
 
     def residual(self, weights: Tensors, state: dict) -> list[torch.Tensor | None]:

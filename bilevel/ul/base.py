@@ -145,7 +145,8 @@ class HypergradientCalculator:
         self.ul_model = ul_model
         self.ll_model = ll_model
         self.ul_params = trainable_parameters(ul_model, "ul_model")
-        trainable_parameters(ll_model, "ll_model")
+        #: the LL parameters trainable at construction (read only to explain a refusal)
+        self._ll_params_at_build = trainable_parameters(ll_model, "ll_model")
         check_same_device_and_dtype(ll_model=ll_model, ul_model=ul_model)
         position = {id(p): i for i, p in enumerate(ll_model.parameters())}
         #: for each UL parameter, the index of the LL fast weight it initializes (or None)
@@ -221,9 +222,21 @@ class HypergradientCalculator:
         (``ul_batch``: the UL batch, for LL dynamics that look at it, such as BDA)."""
         steps = self.differentiable_steps(ll.iters)
         observer = self.observer(ll)
-        return ll.run(
-            data, target, differentiable_steps=steps, observer=observer, ul_batch=ul_batch
-        )
+        try:
+            return ll.run(
+                data, target, differentiable_steps=steps, observer=observer, ul_batch=ul_batch
+            )
+        except ValueError as error:  # every LL parameter frozen since: say so
+            changed = self._ll_changes()
+            if changed is None or any(map(requires_grad, parameter_list(self.ll_model))):
+                raise
+            raise ValueError(
+                f"ll_model has no parameters that require grad any more: its trainable "
+                f"parameters changed after {type(self).__name__} was built ({changed}), and "
+                "the LL has nothing left to optimize. Unfreeze the LL parameters to train "
+                "(requires_grad_(True)); or build the LL optimizer, the method and the "
+                "BilevelProblem again after changing the model."
+            ) from error
 
     def task_gradients(
         self, ll: Any, train: tuple[Any, Any], val: tuple[Any, Any]
@@ -390,6 +403,7 @@ class HypergradientCalculator:
         unused = [p for p, g in zip(self.ul_params, grads, strict=True) if g is None]
         if unused:
             names = parameter_names(self.ul_model, unused)
+            self._refuse_after_ll_change(names)
             raise ValueError(
                 f"UL parameter(s) {names} get no hypergradient from {type(self).__name__}: "
                 "neither objective depends on them along the path this method differentiates, "
@@ -397,6 +411,39 @@ class HypergradientCalculator:
                 "freeze them with requires_grad_(False), or pick a method that reaches them "
                 "(e.g. Reverse for the LL's initial weights; Implicit needs a proximal term)."
             )
+
+    def _ll_changes(self) -> str | None:
+        """In words, the LL parameters trainable at construction that were frozen or left
+        ``ll_model`` since; ``None`` where none did (for refusals only: not on the hot path)."""
+        kept = self.__dict__.get("_ll_params_at_build")
+        changes = None if kept is None else parameter_changes(self.ll_model, kept)
+        if changes is None or not (changes.frozen or changes.gone):
+            return None
+        described = []
+        if changes.frozen:
+            frozen = parameter_names(self.ll_model, changes.frozen)
+            described.append(f"{frozen} frozen (requires_grad False)")
+        if changes.gone:
+            described.append(f"{changes.gone} no longer in ll_model (replaced or deleted)")
+        return "; ".join(described)
+
+    def _refuse_after_ll_change(self, names: list[str]) -> None:
+        """For UL parameters ``names`` that get no hypergradient: raise, saying so, where LL
+        parameters trainable at construction were frozen (or left ``ll_model``) since, which
+        cut the UL parameters' path through the LL; on the refusal path only."""
+        changed = self._ll_changes()
+        if changed is None:
+            return
+        method = type(self).__name__
+        raise ValueError(
+            f"UL parameter(s) {names} get no hypergradient from {method}, and ll_model's "
+            f"trainable parameters changed after {method} was built ({changed}). The LL "
+            "parameter set changed after construction, and the UL parameters "
+            "reached the objectives through LL parameters that no longer train. Unfreeze them "
+            "(requires_grad_(True)); or, to train without them, build the LL optimizer, the "
+            "method and the BilevelProblem again after changing the model (and freeze the UL "
+            "parameters that then reach no objective)."
+        )
 
 
 def refuse_rule_weight_decay(rule: Any, method: str) -> None:
@@ -519,17 +566,34 @@ def check_ul_parameters(method: Any) -> None:
     changes = parameter_changes(model, method.ul_params)
     if changes is None:
         return
-    for params, what in (
-        (changes.frozen, "frozen (requires_grad False)"),
-        (changes.new, "unfrozen"),
-    ):
-        if params:
-            raise ValueError(
-                f"UL parameter(s) {parameter_names(model, params)} were {what} after "
-                f"{type(method).__name__} was built: its UL parameters are those that "
-                "required grad then. Build the method, the LL optimizer and the UL optimizer "
-                "again for the new set of UL variables (a BilevelProblem too)."
-            )
+    name = type(method).__name__
+    described = []
+    if changes.frozen:
+        frozen = parameter_names(model, changes.frozen)
+        described.append(f"UL parameter(s) {frozen} were frozen (requires_grad False)")
+    if changes.new and changes.gone:  # new tensors where kept ones were: replaced
+        new = parameter_names(model, changes.new)
+        described.append(
+            f"UL parameter(s) {new} were replaced by new tensors (an assignment such as "
+            f"ul_model.{new[0]} = nn.Parameter(...))"
+        )
+    elif changes.new:
+        described.append(f"UL parameter(s) {parameter_names(model, changes.new)} were unfrozen")
+    elif changes.gone:
+        described.append(
+            f"{changes.gone} UL parameter(s) that {name} was built with are no longer in "
+            "ul_model (replaced by a tensor that does not require grad, or deleted)"
+        )
+    if not described:  # only their order changed: the method holds the same tensors
+        return
+    replaced = " To change a value, assign in place: with torch.no_grad(): p.copy_(value)."
+    raise ValueError(
+        "; ".join(described)
+        + f" after {name} was built: the UL parameter set changed after construction, and "
+        f"{name} differentiates (the UL optimizer steps) the parameters that required grad "
+        "when it was built. Build the method, the LL optimizer and the UL optimizer again "
+        "after changing the model (a BilevelProblem too)." + (replaced if changes.gone else "")
+    )
 
 
 def check_ll_parameters(method: Any, kept: list[torch.Tensor]) -> None:

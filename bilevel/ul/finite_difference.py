@@ -162,7 +162,10 @@ class FiniteDifference(HypergradientCalculator):
             in the weights' units (the scale of the objectives does not matter): with weights
             of size 1e-2 and a mixed derivative that is not quadratic in them (a logistic LL
             with a learned temperature), the default was 6% off ``Reverse``, 32% at 1e-4;
-            give ``r`` a fraction of the weights' scale there.
+            give ``r`` a fraction of the weights' scale there. A radius below the weights'
+            round-off, ``eps * ||w||`` (``w`` the weights it moves, ``eps`` their dtype's
+            machine epsilon), raises ``ValueError`` naming a working one: the two points
+            would be the same floating-point numbers, and the finite difference 0.
     """
 
     name = "finite_difference"
@@ -248,6 +251,8 @@ class FiniteDifference(HypergradientCalculator):
             eps = self.r / norm
             # the perturbation eps * u (no graph: u and eps come from gradients taken without)
             delta = list(map(eps.mul, u))
+            # the size of the weights moved, whose round-off the radius must be above
+            size = torch.linalg.vector_norm(before[0]) if len(before) == 1 else linalg.norm(before)
             plus, minus = self._ll_gradients(call, weights, active, before, delta, wanted)
         # mixed = (plus - minus) * scale, the second derivative along u (times xi when the
         # direction is v); the UL parameters take direct - mixed. scale = xi / (2 eps), with
@@ -271,7 +276,28 @@ class FiniteDifference(HypergradientCalculator):
             for i, k in initial:
                 curvature = curvatures[k]
                 result[i] = add(result[i], v[k] if curvature is None else v[k] - curvature)
+        # (read after all the work is queued: the UL loss check that follows waits for it too)
+        floor = torch.finfo(size.dtype).eps * float(size)
+        if self.r < floor < math.inf:
+            self._refuse_radius(float(size), size.dtype)
         return result, loss
+
+    def _refuse_radius(self, size: float, dtype: torch.dtype) -> None:
+        """Raise for a radius ``r`` below ``eps * ||w||``, the round-off of the weights ``w``
+        it moves: ``w + eps v`` and ``w - eps v`` differ by less than one unit in the last
+        place per weight on average (below half of it they are bitwise equal), and the finite
+        difference is round-off, or exactly 0, leaving the direct term alone."""
+        eps = torch.finfo(dtype).eps
+        working = max(1e-2, eps ** (1 / 3) * size)
+        raise ValueError(
+            f"FiniteDifference's radius r={self.r:g} is below the round-off of the LL weights "
+            f"it moves (machine epsilon {eps:.3g} times ||w|| = {size:.4g}: {eps * size:.3g}): "
+            "w + eps v and w - eps v are the same floating-point numbers or nearly, so the "
+            "finite difference of the LL gradients is round-off or exactly 0, and the "
+            "hypergradient would be its direct term alone. r is the norm of the perturbation "
+            "in weight space (DARTS' eps = 0.01 / ||v|| is r = 0.01, the default): use "
+            f"r={working:.3g}, a fraction of the weights' scale well above round-off."
+        )
 
     def _layout(self, active: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
         """For the trainable weights at positions ``active`` of the LL model: the indices into

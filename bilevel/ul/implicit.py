@@ -97,7 +97,7 @@ class Implicit(HypergradientCalculator):
         method: one of ``"cg"``, ``"neumann"``, ``"fixed_point"``, ``"minres"``,
             ``"normal_cg"``, or a callable ``solve(matvec, b) -> x``.
         alpha: step of Neumann / fixed point: ``None`` (the LL step size), a float, or
-            ``"auto"``.
+            ``"auto"``. The other methods do not use it, and refuse it when given.
         power_iters: power iterations used to estimate ``lambda_max``.
         on_divergence: ``"raise"``, or ``"warn"`` (once per calculator; every solve's
             ``diagnostics["diverged"]`` says whether it diverged).
@@ -157,6 +157,14 @@ class Implicit(HypergradientCalculator):
             )
         if not (alpha is None or alpha == "auto" or _positive(alpha)):
             raise ValueError(f"alpha must be None, 'auto' or a number > 0, got {alpha!r}.")
+        if alpha is not None and not (isinstance(method, str) and method in SERIES):
+            solver = repr(method) if isinstance(method, str) else "a callable solver"
+            raise ValueError(
+                f"alpha={alpha!r} was given, but method={solver} does not use it: alpha is the "
+                "step of the series, method='neumann' and method='fixed_point', and nothing else "
+                "reads it (a callable solve(matvec, b) -> x takes its own settings). Leave alpha "
+                "out, or pick a series method to take steps of alpha."
+            )
         if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 1:
             raise ValueError(f"power_iters must be an integer >= 1, got {power_iters!r}.")
         if on_divergence not in ("raise", "warn"):

@@ -30,6 +30,8 @@ from bilevel.state import map_tensors
 LEVELS = ("train", "val")
 #: ``val_batch_size``'s default: the train batch size
 SAME = "same"
+#: what :func:`num_samples` advises for data it cannot draw rows from (the samplers' option)
+TAKE_AS_GIVEN = "pass batch_size=None to use the data as given"
 
 
 @dataclass(frozen=True)
@@ -68,13 +70,14 @@ def check_batch_size(value: Any, name: str) -> int | None:
     return value
 
 
-def num_samples(data: Any, target: Any, level: str) -> int:
+def num_samples(data: Any, target: Any, level: str, cure: str = TAKE_AS_GIVEN) -> int:
     """The number of samples of ``(data, target)``: the common length of the first dimension
     of every tensor in them (tensors, or tuples, lists and dicts of tensors; ``None``
-    allowed)."""
+    allowed). ``cure``: what the error for data without rows advises (the caller's option
+    to use the data as given)."""
     lengths: list[int] = []
-    _lengths(data, f"{level} data", lengths)
-    _lengths(target, f"{level} target", lengths)
+    _lengths(data, f"{level} data", lengths, cure)
+    _lengths(target, f"{level} target", lengths, cure)
     if not lengths:
         raise TypeError(
             f"the {level} (data, target) hold no tensor: the sampler draws minibatches along the "
@@ -91,30 +94,30 @@ def num_samples(data: Any, target: Any, level: str) -> int:
     return lengths[0]
 
 
-def _lengths(value: Any, name: str, out: list[int]) -> None:
+def _lengths(value: Any, name: str, out: list[int], cure: str = TAKE_AS_GIVEN) -> None:
     if value is None:
         return
     if isinstance(value, torch.Tensor):
         if value.ndim == 0:
             raise ValueError(
                 f"{name} holds a 0-dimensional tensor: the sampler needs one row per sample "
-                "along the first dimension (pass batch_size=None to use the data as given)."
+                f"along the first dimension ({cure})."
             )
         out.append(value.shape[0])
     elif type(value) is dict:  # the common case, before the slower abstract-class check
         for item in value.values():
-            _lengths(item, name, out)
+            _lengths(item, name, out, cure)
     elif isinstance(value, tuple | list):
         for item in value:
-            _lengths(item, name, out)
+            _lengths(item, name, out, cure)
     elif isinstance(value, Mapping):
         for item in value.values():
-            _lengths(item, name, out)
+            _lengths(item, name, out, cure)
     else:
         raise TypeError(
             f"{name} must be a tensor, or a tuple, list or dict of tensors with one row per "
-            f"sample, to draw minibatches from; got {type(value).__name__}. Pass "
-            "batch_size=None to use the data as given."
+            f"sample, to draw minibatches from; got {type(value).__name__}. "
+            f"{cure[:1].upper()}{cure[1:]}."
         )
 
 

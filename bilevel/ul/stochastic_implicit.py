@@ -24,6 +24,7 @@ from bilevel.ul.base import (
     refuse_rule_weight_decay,
 )
 from bilevel.ul.implicit import HypergradientDivergenceError
+from bilevel.ul.sampling import num_samples, select
 
 Tensors = list[torch.Tensor]
 Batch = tuple[Any, Any]
@@ -36,6 +37,11 @@ CURVATURES = ("hessian", "gauss_newton")
 CROSS = ("minibatch", "full")
 #: the last minibatch residual above this multiple of ``||v||`` declares the solve diverged
 DIVERGED = 1e6
+#: what an int ``batches`` advises for LL data it cannot draw rows from
+TAKE_AS_GIVEN = (
+    "pass batches=None to use the LL data as given, or a callable batches=lambda draw: "
+    "(data, target) that draws its own minibatches"
+)
 FIXED_POINT_REFUSED = (
     "StochasticImplicit solves H q = v with the Hessian of ll_objective, but this LL is a "
     "fixed-point map, whose implicit system (I - dPhi/dw)^T q = v is not a Hessian: use "
@@ -121,9 +127,11 @@ class StochasticImplicit(HypergradientCalculator):
         steps: optimizer steps on the quadratic (>= 1).
         batches: the minibatches of the solver steps and of a minibatch cross term: ``None``
             (the full LL batch: deterministic), an int (that many samples, drawn without
-            replacement from the LL batch, whose tensors ``(data, target)`` have one row per
-            sample), or a callable ``draw -> (data, target)`` (``draw`` counts the draws since
-            construction; the callable owns its randomness).
+            replacement from the LL batch: the same rows of every tensor in ``(data,
+            target)``, tensors or tuples, lists and dicts of them with one row per sample
+            along their first dimension, split as the other stochastic methods' samplers
+            split them), or a callable ``draw -> (data, target)`` (``draw`` counts the draws
+            since construction; the callable owns its randomness).
         cross: ``"minibatch"`` (the paper's choice) or ``"full"``.
         curvature: ``"hessian"`` or ``"gauss_newton"`` (needs ``ll_outputs``).
         ll_outputs: for ``"gauss_newton"``: ``state -> (outputs, output_loss, rest)``, with
@@ -321,24 +329,13 @@ class StochasticImplicit(HypergradientCalculator):
                     f"{type(batch).__name__}."
                 )
             return batch[0], batch[1]
+        # the same rows of every tensor in (data, target), as the other methods' samplers
         data, target = train
-        if not isinstance(data, torch.Tensor) or not isinstance(target, torch.Tensor):
-            raise TypeError(
-                "batches=<int> draws rows of the LL (data, target) tensors; they are "
-                f"{type(data).__name__} and {type(target).__name__}: pass a callable batches="
-                "lambda draw: (data, target) instead."
-            )
-        n = data.shape[0] if data.ndim else 0
-        if data.ndim == 0 or target.ndim == 0 or target.shape[0] != n:
-            raise ValueError(
-                "batches=<int> needs LL data and target with one row per sample along their "
-                f"first dimension, got shapes {tuple(data.shape)} and {tuple(target.shape)}."
-            )
+        n = num_samples(data, target, "train", TAKE_AS_GIVEN)
         if self.batches >= n:
             return train
         index = torch.randperm(n, generator=self.generator)[: self.batches]
-        index = index.to(data.device)
-        return data.index_select(0, index), target.index_select(0, index)
+        return select(data, index), select(target, index)
 
     # -- products ---------------------------------------------------------------------------
 
