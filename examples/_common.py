@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import errno
 import json
-import math
 import os
 import platform
 import shutil
@@ -43,14 +42,20 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
+# the argparse types: defined in _argtypes.py (the benchmarks use them too), used here as
+# _common.count, _common.positive, ...
+from _argtypes import count, folder, nonnegative, positive  # noqa: F401
+
 from bilevel import checkpoint
-from bilevel.data import load_mnist
+from bilevel.data import load_mnist, reword
+from bilevel.ll import LowerLevelDivergenceError
 from bilevel.problem import Interrupted
 
 try:
@@ -69,6 +74,8 @@ CHECKPOINT_KEYS = ("ul_model", "ll_model", "step", "rng")
 NOT_SETTINGS = (
     "out",
     "data_root",
+    "download",
+    "no_check_md5",
     "device",
     "threads",
     "no_progress",
@@ -80,52 +87,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # a folder must have room for this much besides two checkpoints (the old stays until the new
 # one is complete) and the logs
 SPACE_MARGIN = 1 << 20
-
-
-def count(text: str) -> int:
-    """An argparse type: an integer >= 1 (steps, sizes, threads)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
-def positive(text: str) -> float:
-    """An argparse type: a finite number > 0 (step sizes, penalties, minutes)."""
-    value = _finite(text, "> 0")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
-
-
-def nonnegative(text: str) -> float:
-    """An argparse type: a finite number >= 0."""
-    value = _finite(text, ">= 0")
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
-
-
-def _finite(text: str, bound: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not math.isfinite(value):  # NaN compares false with every bound: refused here
-        raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}")
-    return value
-
-
-def folder(text: str) -> str:
-    """An argparse type: a folder's path, not empty (``Path("")`` is the current folder)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(
-            "must name a folder: an empty path would write into the current folder"
-        )
-    return text
 
 
 def add_run_args(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -143,7 +104,13 @@ def add_run_args(parser: argparse.ArgumentParser, default_out: str) -> None:
         default=None,
         help="folder holding MNIST/, FashionMNIST/ and omniglot/ (default: $BILEVEL_DATA)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the run")
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="download the data files missing from the data folder from their public "
+        "location, checking their md5 (needs an internet connection)",
+    )
+    parser.add_argument("--seed", type=seed, default=0, help="random seed of the run")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument(
         "--threads", type=count, default=None, help="CPU threads (torch.set_num_threads)"
@@ -160,6 +127,67 @@ def add_checkpoint_minutes(parser: argparse.ArgumentParser, default: float = 10.
         help="also write the checkpoint when this many minutes have passed since the last one "
         "(at the end of a UL step; 0: only every N steps), so that a kill loses at most that",
     )
+
+
+def seed(text: str) -> int:
+    """An argparse type: a random seed, an integer in [0, 2**64) (torch's and NumPy's range;
+    the task samplers take no negative seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {text!r}")
+    return value
+
+
+# --- the data: loaded with the command line's options, failures named by them -------------
+
+#: the options of the examples that cure what a data loader refuses, in the words of
+#: bilevel.data.CURE_ARGUMENTS (whose "pass download=True" a command line cannot act on)
+DATA_OPTIONS = {
+    "root": "--data-root",
+    "pass_root": "give --data-root",
+    "default_root": "leave --data-root out",
+    "download": "add --download",
+    "no_check_md5": "add --no-check-md5",
+    "cache_dir": "give --cache-dir",
+}
+
+
+def data_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The loaders' keyword arguments that ``--download`` and ``--no-check-md5`` set, those
+    given only (the others stay at the loaders' defaults)."""
+    options: dict[str, Any] = {}
+    if args.download:
+        options["download"] = True
+    if getattr(args, "no_check_md5", False):
+        options["check_md5"] = False
+    return options
+
+
+@contextlib.contextmanager
+def loading_data() -> Iterator[None]:
+    """Loading a data set (:mod:`bilevel.data`): an error whose message names the arguments
+    that cure it (no data folder, missing or damaged files, an unknown md5) stops the run with
+    that message, the cures named by this command line's options (:data:`DATA_OPTIONS`), and
+    without a traceback; a warning of the kind is reworded too."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    except (OSError, ValueError) as error:
+        message = reword(error, DATA_OPTIONS)
+        if message == str(error):  # not a cure of the loaders'
+            raise
+        raise SystemExit(message) from None
+    finally:
+        for warning in caught:
+            warnings.warn_explicit(
+                reword(warning.message, DATA_OPTIONS),
+                warning.category,
+                warning.filename,
+                warning.lineno,
+            )
 
 
 # --- plots: optional ---------------------------------------------------------------------
@@ -273,13 +301,33 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
 
 
+#: the training images of MNIST and of Fashion-MNIST, of which --n-train and --n-val are
+#: disjoint subsets
+MNIST_TRAIN_IMAGES = 60000
+
+
+def check_subsets(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse ``--n-train`` + ``--n-val`` beyond the training set, with argparse's usage
+    error (before the data is loaded)."""
+    total = args.n_train + args.n_val
+    if total > MNIST_TRAIN_IMAGES:
+        parser.error(
+            f"--n-train + --n-val is {total}: they are disjoint subsets of the "
+            f"{MNIST_TRAIN_IMAGES} training images of {DATASETS[args.dataset]}; lower one of them."
+        )
+
+
 def mnist_split(
-    root: str | None, dataset: str, n_train: int, n_val: int, seed: int
+    root: str | None, dataset: str, n_train: int, n_val: int, seed: int, download: bool = False
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Disjoint random train and validation subsets of the training set, and the test set;
-    pixels in [0, 1], flattened, centered by the training subset's mean image."""
-    images, labels = load_mnist(root, split="train", kind=DATASETS[dataset])
-    test_images, test_labels = load_mnist(root, split="test", kind=DATASETS[dataset])
+    pixels in [0, 1], flattened, centered by the training subset's mean image. A file missing
+    or damaged stops the run with the cure in the command line's options (:func:`loading_data`);
+    ``download``: fetch the missing files (``--download``)."""
+    with loading_data():
+        kind = DATASETS[dataset]
+        images, labels = load_mnist(root, split="train", kind=kind, download=download)
+        test_images, test_labels = load_mnist(root, split="test", kind=kind, download=download)
     if n_train + n_val > images.shape[0]:
         raise ValueError(f"n_train + n_val must be at most {images.shape[0]}.")
     order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
@@ -292,6 +340,18 @@ def mnist_split(
         "val": (x[val] - mean, labels[val]),
         "test": (x_test - mean, test_labels),
     }
+
+
+def stopped_by(error: FloatingPointError, method: str, step: int, ll_lr: str) -> str:
+    """What a run stopped by numerical trouble at UL step ``step`` says: the library's message
+    and, for a diverged LL (:class:`bilevel.ll.LowerLevelDivergenceError`, whose cure names
+    the library's ``lr``), the cure in the command line's flag of the LL step, ``ll_lr``."""
+    message = f"{method} stopped at UL step {step}: {error}"
+    if isinstance(error, LowerLevelDivergenceError):
+        safe = error.safe_lr
+        cure = f"{ll_lr} {safe:.3g} or less" if safe else f"halve {ll_lr} until the LL loss falls"
+        message += f" On the command line: {cure}."
+    return message
 
 
 def nbytes(obj: Any) -> int:
@@ -665,6 +725,28 @@ class RunRecord:
         at; saved with the next checkpoint's progress."""
         self.invocations.append({"from_step": self.resumed_from, **info})
 
+    def account(self, step: int) -> dict[str, Any]:
+        """What ``results.json`` says of the invocations that made the model of UL step
+        ``step`` (the one evaluated):
+
+        - ``resumed_from_step``: the step this invocation resumed training at (0: a fresh
+          run), ``None`` for a re-evaluation;
+        - ``reevaluation``: whether this invocation took no step on a run that had taken some
+          (the same command run again on a finished run, or on one whose budget is spent,
+          only evaluates its model again);
+        - ``invocations``: the machine and code of each invocation that trained the model,
+          from the step it resumed at (a re-evaluation is not one of them: the results' own
+          ``hardware``, ``date`` and ``git`` name it).
+        """
+        reevaluation = 0 < self.resumed_from == step
+        return {
+            "resumed_from_step": None if reevaluation else self.resumed_from,
+            "reevaluation": reevaluation,
+            "invocations": [i for i in self.invocations if i.get("from_step", 0) < step]
+            if reevaluation
+            else self.invocations,
+        }
+
     def begin(self) -> None:
         """Write ``progress.json`` of a fresh run (a checkpoint never goes without one)."""
         if not self.checkpoint.exists():
@@ -744,6 +826,8 @@ class Run:
             last one (``None`` or 0: only the runner's every-N-steps checkpoints).
         threads: ``torch.set_num_threads`` (``None``: leave it).
         main: this process writes the folder (rank 0).
+        steps: the UL steps asked for: a checkpoint that holds as many is said to be evaluated
+            again, not resumed (``None``: not said).
     """
 
     def __init__(
@@ -753,9 +837,11 @@ class Run:
         checkpoint_minutes: float | None = None,
         threads: int | None = None,
         main: bool = True,
+        steps: int | None = None,
     ) -> None:
         self.out = None if out is None else Path(out)
         self.settings = settings
+        self.steps_wanted = steps
         self.checkpoint_seconds = 60.0 * checkpoint_minutes if checkpoint_minutes else None
         self.threads = threads
         self.main = main
@@ -780,11 +866,7 @@ class Run:
                 if self.main:
                     self.record.begin()
                     if self.record.resumed_from:  # (said also with --no-progress)
-                        print(
-                            f"resuming from UL step {self.record.resumed_from} "
-                            f"({self.record.checkpoint})",
-                            flush=True,
-                        )
+                        print(self._resuming(self.record.resumed_from), flush=True)
             self.signals.install()
         except BaseException:
             self._close()
@@ -806,6 +888,15 @@ class Run:
                 f"so the last checkpoint{self._saved_step()} stands."
             ) from error
         return False
+
+    def _resuming(self, step: int) -> str:
+        if self.steps_wanted is not None and step >= self.steps_wanted:
+            return (
+                f"the run in {self.out} is finished ({self.record.checkpoint.name} holds UL "
+                f"step {step}, of {self.steps_wanted} asked for): evaluating it again, no "
+                "step taken"
+            )
+        return f"resuming from UL step {step} ({self.record.checkpoint})"
 
     def _close(self) -> None:
         self.signals.restore()

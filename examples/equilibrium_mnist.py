@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = sys.argv[1:] if argv is None else argv
     args = parse_args(command)
     settings = _common.settings_of(args)
-    with _common.Run(args.out, settings, args.checkpoint_minutes, args.threads) as run:
+    with _common.Run(
+        args.out, settings, args.checkpoint_minutes, args.threads, steps=args.ul_steps
+    ) as run:
         return experiment(args, run, command)
 
 
@@ -151,7 +153,8 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
     torch.manual_seed(args.seed)
     device, out, record = torch.device(args.device), run.out, run.record
     record.note_invocation(_common.invocation(device))
-    data = _common.mnist_split(args.data_root, "mnist", TRAIN_IMAGES, 10000, args.seed)
+    options = _common.data_options(args)  # --download
+    data = _common.mnist_split(args.data_root, "mnist", TRAIN_IMAGES, 10000, args.seed, **options)
     x, y = (t.to(device) for t in data["train"])
     x_val, y_val = (t.to(device) for t in data["val"])
     x_test, y_test = (t.to(device) for t in data["test"])
@@ -201,11 +204,11 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
         "ul_steps": problem.step_count,
         "seconds": round(seconds, 2),
         "seconds_per_ul_step": round(seconds / max(problem.step_count, 1), 4),
-        "resumed_from_step": record.resumed_from,
+        # where this invocation resumed, or that it only evaluated a finished run again
+        **record.account(problem.step_count),
         "settings": _common.settings_of(args),
         "hardware": _common.hardware(device),
         **_common.provenance(),
-        "invocations": record.invocations,
         "history": record.history,
     }
     _common.write_json(out / _common.RESULTS_FILE, results)

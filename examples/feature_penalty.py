@@ -165,8 +165,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line, parsed."""
-    return make_parser().parse_args(argv)
+    """The command line, parsed and checked."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    _common.check_subsets(parser, args)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -174,7 +177,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     command = sys.argv[1:] if argv is None else argv
     settings = _common.settings_of(args)
-    with _common.Run(args.out, settings, args.checkpoint_minutes, args.threads) as run:
+    with _common.Run(
+        args.out, settings, args.checkpoint_minutes, args.threads, steps=args.ul_steps
+    ) as run:
         return experiment(args, run, command)
 
 
@@ -184,7 +189,10 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
     device, out, record = torch.device(args.device), run.out, run.record
     record.note_invocation(_common.invocation(device))
 
-    data = _common.mnist_split(args.data_root, args.dataset, args.n_train, args.n_val, args.seed)
+    options = _common.data_options(args)  # --download
+    data = _common.mnist_split(
+        args.data_root, args.dataset, args.n_train, args.n_val, args.seed, **options
+    )
     train, val, test = (tuple(t.to(device) for t in data[k]) for k in ("train", "val", "test"))
     varying = train[0].std(0) > 0
 
@@ -222,15 +230,19 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
         record.log(entry, done % checkpoint_every == 0 or done == args.ul_steps)
 
     run.reserve(problem.state_dict())
-    run.run_problem(
-        problem,
-        lambda step: (train, val),
-        steps=args.ul_steps,
-        checkpoint_every=checkpoint_every,
-        log=log,
-        log_every=args.log_every,
-        progress=not args.no_progress,
-    )
+    try:
+        run.run_problem(
+            problem,
+            lambda step: (train, val),
+            steps=args.ul_steps,
+            checkpoint_every=checkpoint_every,
+            log=log,
+            log_every=args.log_every,
+            progress=not args.no_progress,
+        )
+    except FloatingPointError as error:  # a diverged LL or solve: stop with the cure
+        message = _common.stopped_by(error, args.method, problem.step_count, "--ll-lr")
+        raise SystemExit(message) from error
     seconds, cpu_seconds = record.seconds, record.cpu_seconds
 
     with torch.no_grad():
@@ -261,11 +273,11 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
         "seconds": round(seconds, 2),
         "cpu_seconds": round(cpu_seconds, 2),
         "seconds_per_ul_step": round(seconds / max(problem.step_count, 1), 4),
-        "resumed_from_step": record.resumed_from,
+        # where this invocation resumed, or that it only evaluated a finished run again
+        **record.account(problem.step_count),
         "settings": {**_common.settings_of(args), "ul_steps": args.ul_steps},
         "hardware": _common.hardware(device),
         **_common.provenance(),
-        "invocations": record.invocations,
         "history": record.history,
     }
     title = f"{args.dataset}, {args.method}: test acc {final['test_acc']:.4f}"

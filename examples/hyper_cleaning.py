@@ -261,6 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.final_steps < args.ll_steps:
         parser.error("--final-steps must be at least --ll-steps.")
+    _common.check_subsets(parser, args)
     if args.method == "forward" and args.n_train > FORWARD_MAX_HYPERPARAMETERS:
         parser.error(
             f"--method forward costs one JVP per hyperparameter per LL step: with "
@@ -282,7 +283,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     command = sys.argv[1:] if argv is None else argv
     settings = _common.settings_of(args)
-    with _common.Run(args.out, settings, args.checkpoint_minutes, args.threads) as run:
+    with _common.Run(
+        args.out, settings, args.checkpoint_minutes, args.threads, steps=args.ul_steps
+    ) as run:
         return experiment(args, run, command)
 
 
@@ -292,7 +295,10 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
     device, out, record = torch.device(args.device), run.out, run.record
     record.note_invocation(_common.invocation(device))
 
-    data = _common.mnist_split(args.data_root, args.dataset, args.n_train, args.n_val, args.seed)
+    options = _common.data_options(args)  # --download
+    data = _common.mnist_split(
+        args.data_root, args.dataset, args.n_train, args.n_val, args.seed, **options
+    )
     (x, y_clean), val, test = data["train"], data["val"], data["test"]
     y, corrupted = corrupt_labels(y_clean, args.corrupt, 10, args.seed)
     x, y, y_clean, corrupted = (t.to(device) for t in (x, y, y_clean, corrupted))
@@ -367,7 +373,7 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
     except FloatingPointError as error:  # a diverged solve or LL: record it, then stop
         failed = {**identity, "error": str(error), "failed_at_ul_step": problem.step_count}
         _common.write_json(out / _common.RESULTS_FILE, failed)
-        message = f"{args.method} stopped at UL step {problem.step_count}: {error}"
+        message = _common.stopped_by(error, args.method, problem.step_count, "--ll-lr")
         raise SystemExit(message) from error
     seconds, cpu_seconds = record.seconds, record.cpu_seconds
 
@@ -390,9 +396,8 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
         "seconds": round(seconds, 2),
         "seconds_per_ul_step": round(seconds / max(problem.step_count, 1), 4),
         "cpu_seconds": round(cpu_seconds, 2),
-        "resumed_from_step": record.resumed_from,
-        # the machine and code of each invocation that made the learned weights
-        "invocations": record.invocations,
+        # where this invocation resumed, or that it only evaluated a finished run again
+        **record.account(problem.step_count),
         "baseline": baseline,
         "oracle": oracle,
         "history": record.history,

@@ -25,8 +25,9 @@ together. Test accuracy: the mean over ``--eval-tasks`` meta-test tasks with its
 confidence interval, taken with the best model on ``--val-tasks`` meta-validation tasks.
 
 Run: ``python examples/omniglot.py --method maml --out runs/omniglot/maml-5w1s`` (``--help``).
-Data: ``--data-root`` or ``BILEVEL_DATA``, the folder holding ``omniglot/``. Running the
-same command again resumes from ``OUT/checkpoint.pt`` (a larger ``--meta-steps`` or
+Data: ``--data-root`` or ``BILEVEL_DATA``, the folder holding ``omniglot/`` (``--download``
+fetches missing zips, ``--no-check-md5`` takes zips of unknown md5). Running the same command
+again resumes from ``OUT/checkpoint.pt`` (a larger ``--meta-steps`` or
 ``--budget-cpu-minutes`` extends the run). ``--budget-cpu-minutes`` gives every method the
 same compute: meta-training stops once its CPU time, validation excluded, reaches it.
 Writes ``OUT/log.csv``, ``OUT/curve.png``, ``OUT/best.pt`` and ``OUT/results.json``.
@@ -51,7 +52,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bilevel import BilevelProblem, checkpoint, distributed
-from bilevel.data import Omniglot, TaskSampler
+from bilevel.data import SPLIT_SIZES, Omniglot, TaskSampler
+from bilevel.data.omniglot import N_DRAWINGS
 from bilevel.ll import BDA, GradientDescent, LowerLevelDivergenceError, PerElement
 from bilevel.models import ConvNet4, FewShotNet
 from bilevel.ul import FirstOrder, Implicit, Reptile, Reverse, Truncated
@@ -82,6 +84,10 @@ INNER_DEFAULTS = {
 #: the UL optimizer and its step: Adam for the hypergradient methods; Reptile's direction
 #: ``theta - w_T`` is not a gradient, and its paper steps it with SGD (outer step 1)
 META_DEFAULTS = {"reptile": ("sgd", 1.0)}
+#: the classes of each split as the example samples them: each character in 4 rotations
+#: (``Omniglot.split(name)``, rotations on), so the meta-validation split has the fewest
+SPLIT_CLASSES = {name: 4 * characters for name, characters in SPLIT_SIZES.items()}
+SPLIT_LABELS = {"train": "meta-training", "val": "meta-validation", "test": "meta-test"}
 #: task seeds of the meta-validation and meta-test samplers (fixed, so that every run and
 #: every method is evaluated on the same tasks); meta-training tasks use --seed
 VAL_SEED, TEST_SEED = 1, 2
@@ -439,7 +445,9 @@ def make_parser() -> argparse.ArgumentParser:
         help="linear solver of the implicit hypergradient (default: minres for imaml, whose "
         "LL Hessian is indefinite away from a minimum; cg for hyperrep, whose is not)",
     )
-    parser.add_argument("--cg-tolerance", type=float, default=1e-6, help="CG relative residual")
+    parser.add_argument(
+        "--cg-tolerance", type=_common.nonnegative, default=1e-6, help="CG relative residual"
+    )
     parser.add_argument(
         "--damping",
         type=float,
@@ -492,6 +500,12 @@ def make_parser() -> argparse.ArgumentParser:
     _common.add_checkpoint_minutes(parser)
     parser.add_argument(
         "--cache-dir", default=None, help="decoded Omniglot cache (default: $BILEVEL_CACHE)"
+    )
+    parser.add_argument(
+        "--no-check-md5",
+        action="store_true",
+        help="use Omniglot zips whose md5 is none of the known ones (a copy of one's own); "
+        "their pixels are still checked against the original release's, with a warning",
     )
     _common.add_run_args(parser, default_out="runs/omniglot/run")
     return parser
@@ -552,13 +566,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("eval_every", "log_every", "val_tasks", "eval_tasks", "hidden", "cg_steps"):
+    for name in (
+        "eval_query",
+        "eval_every",
+        "log_every",
+        "val_tasks",
+        "eval_tasks",
+        "hidden",
+        "cg_steps",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.meta_steps < 0:
         parser.error("--meta-steps must be >= 0")
     if args.ways < 2:
         parser.error("--ways must be >= 2: a task with one class is solved by any model")
+    smallest = min(SPLIT_CLASSES, key=SPLIT_CLASSES.get)
+    if args.ways > SPLIT_CLASSES[smallest]:
+        parser.error(
+            f"--ways {args.ways} is more than the {SPLIT_CLASSES[smallest]} classes of the "
+            f"{SPLIT_LABELS[smallest]} split ({smallest!r}: {SPLIT_SIZES[smallest]} characters, "
+            f"each in 4 rotations), from which every task draws {args.ways} classes"
+        )
+    for flag, queries in (("--query", args.query), ("--eval-query", args.eval_query)):
+        if args.shots + queries > N_DRAWINGS:
+            parser.error(
+                f"--shots {args.shots} + {flag} {queries} = {args.shots + queries} images of "
+                f"each class, more than the {N_DRAWINGS} drawings of each Omniglot character"
+            )
     if args.truncate > args.inner_steps:
         parser.error(
             f"--truncate ({args.truncate}) is more than the {args.inner_steps} LL steps "
@@ -587,7 +622,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if settings[name] == default:
             del settings[name]
     minutes = args.checkpoint_minutes
-    with _common.Run(args.out, settings, minutes, args.threads, main=main_process) as run:
+    with _common.Run(
+        args.out, settings, minutes, args.threads, main=main_process, steps=args.meta_steps
+    ) as run:
         return experiment(args, run, device, settings)
 
 
@@ -600,7 +637,9 @@ def experiment(
     out, record = run.out, run.record
     progress = not args.no_progress and main_process
 
-    omniglot = Omniglot(args.data_root, cache_dir=args.cache_dir, progress=progress)
+    with _common.loading_data():
+        options = _common.data_options(args)
+        omniglot = Omniglot(args.data_root, cache_dir=args.cache_dir, progress=progress, **options)
     shape = (args.ways, args.shots)
     train = TaskSampler(omniglot.split("train"), *shape, args.query, seed=args.seed)
     val = TaskSampler(omniglot.split("val"), *shape, args.eval_query, seed=VAL_SEED)
@@ -816,7 +855,9 @@ def experiment(
         "train_cpu_seconds": round(cpu_seconds, 2),
         "train_cpu_seconds_without_validation": round(cpu_seconds - val_cpu, 2),
         "eval_seconds": round(eval_seconds, 2),
-        "resumed_from_step": record.resumed_from,
+        # where this invocation resumed, or that it only evaluated a finished run again; the
+        # machine and code of each invocation that trained the model tested
+        **record.account(meta_steps),
         "stopped": stopped,
         "skipped_steps": problem.skipped_steps,
         # every setting, those of ADDED_SETTINGS at their defaults too (which the resume
@@ -828,8 +869,6 @@ def experiment(
         },
         "hardware": _common.hardware(device),
         **_common.provenance(),
-        # the machine and code of each invocation that trained the model tested
-        "invocations": record.invocations,
         "device": str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the quickstart; with ``--out``, write ``results.json`` and the checkpoint."""
     args = parse_args(argv)
     command = sys.argv[1:] if argv is None else argv
-    with _common.Run(args.out, _common.settings_of(args)) as run:
+    with _common.Run(args.out, _common.settings_of(args), steps=args.ul_steps) as run:
         return experiment(args, run, command)
 
 
@@ -149,6 +149,8 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
     problem = BilevelProblem(ll, ul, torch.optim.Adam(ul_model.parameters(), lr=args.ul_lr))
     log_every = checkpoint_every = 10
     record = run.record
+    if record is not None:
+        record.note_invocation(_common.invocation(torch.device("cpu")))
 
     def show(entry: dict) -> None:
         solver = ""
@@ -202,7 +204,8 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
     if record is not None:
         results.update(
             seconds=round(record.seconds, 3),
-            resumed_from_step=record.resumed_from,
+            # where this invocation resumed, or that it only evaluated a finished run again
+            **record.account(problem.step_count),
             history=record.history,
             hardware=_common.hardware(torch.device("cpu")),
             **_common.provenance(),

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from bilevel.data import MNIST_MD5, load_mnist, mnist, read_idx, resolve_root, verify_mnist
+from bilevel.data import (
+    MNIST_MD5,
+    load_mnist,
+    mnist,
+    read_idx,
+    resolve_root,
+    reword,
+    verify_mnist,
+)
 from bilevel.data._files import download_file, read_md5sums
 from bilevel.data.mnist import MNIST_FILES
 
@@ -131,6 +139,33 @@ def test_missing_files(tmp_path: Path) -> None:
     message = str(info.value)
     assert "train-images-idx3-ubyte.gz" in message and "train-labels-idx1-ubyte.gz" in message
     assert str(tmp_path / "FashionMNIST") in message and "download=True" in message
+
+
+def test_a_cure_can_be_named_in_a_command_lines_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loaders' cures name their arguments ("pass download=True"), which a command line
+    over them cannot act on: reword() names its options instead, the rest of the message as
+    it is; a message without a cure is returned as is."""
+    options = {
+        "root": "--root",
+        "pass_root": "give --root",
+        "default_root": "leave --root out",
+        "download": "add --download",
+    }
+    monkeypatch.delenv("BILEVEL_DATA", raising=False)
+    expected = {  # what the library says, what the command line says instead
+        lambda: load_mnist(tmp_path): ("pass download=True to fetch them", "add --download to"),
+        lambda: resolve_root(None): ("pass root= or set the BILEVEL_DATA", "give --root or set"),
+        lambda: resolve_root(" "): ("pass root=None to use", "--root is an empty path"),
+    }
+    for call, (library, script) in expected.items():
+        with pytest.raises((OSError, ValueError)) as info:
+            call()
+        assert library in str(info.value)
+        reworded = reword(info.value, options)
+        assert script in reworded and "root=" not in reworded and "=True" not in reworded
+    assert reword(ValueError("plain"), options) == "plain"
 
 
 def test_bad_arguments(tmp_path: Path) -> None:

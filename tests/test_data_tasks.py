@@ -144,3 +144,18 @@ def test_omniglot_tasks(omniglot: Omniglot) -> None:
         chars = set(split.character_index[classes].tolist())
         assert chars <= set(omniglot.split_indices("train").tolist())
         assert all(len(set(row.tolist())) == 16 for row in examples)
+
+
+def test_a_split_too_small_for_the_task_is_named() -> None:
+    """Given an OmniglotSplit, the refusal names the split that is too small and its class
+    count (it said "in images": an example samples three splits, and the user had to guess)."""
+    from bilevel.data import OmniglotSplit
+
+    n = 3
+    split = OmniglotSplit(
+        "val", np.zeros((n, 20, 2, 2), np.uint8), list("abc"), np.arange(n), np.zeros(n, int)
+    )
+    with pytest.raises(ValueError, match=r"ways=4 is more than the 3 classes in the 'val' split"):
+        TaskSampler(split, 4, 1, 1)
+    with pytest.raises(ValueError, match=r"20 examples per class in the 'val' split"):
+        TaskSampler(split, 2, 5, 16)

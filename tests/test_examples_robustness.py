@@ -728,6 +728,25 @@ BAD_ARGUMENTS = [
     # wrote checkpoint.pt, results.json, ... into the current folder
     ("quickstart", ["--out", ""], "--out: must name a folder"),
     ("hyper_cleaning", ["--out", ""], "--out: must name a folder"),
+    # (review 2026-12-03b) refused by the library after the data was loaded, naming its own
+    # arguments (ways=, shots + queries, queries, seed, tolerance, n_train + n_val) or none
+    *[
+        ("omniglot", argv, message)
+        for argv, message in [
+            # "ways=401 is more than the 400 classes in images": which split?
+            (["--ways", "401"], "--ways 401 is more than the 400 classes of the meta-validation"),
+            (["--shots", "5", "--query", "16"], "--shots 5 + --query 16 = 21 images of each"),
+            (["--shots", "5", "--eval-query", "16"], "--shots 5 + --eval-query 16 = 21"),
+            (["--eval-query", "0"], "--eval-query must be >= 1"),
+            (["--seed", "-1"], "--seed: must be an integer in [0, 2**64)"),
+            (["--method", "imaml", "--cg-tolerance", "-1"], "--cg-tolerance: must be a finite"),
+        ]
+    ],
+    ("equilibrium_mnist", ["--seed", str(2**64)], "--seed: must be an integer in [0, 2**64)"),
+    *[
+        (script, ["--n-train", "59000", "--n-val", "5000"], "--n-train + --n-val is 64000")
+        for script in ("hyper_cleaning", "feature_penalty")
+    ],
 ]
 
 
@@ -737,3 +756,129 @@ def test_a_bad_command_line_value_is_refused_by_its_flag(script, argv, message, 
         module.parse_args(argv)
     assert stop.value.code == 2  # argparse's usage error, before any work
     assert message in capsys.readouterr().err
+
+
+# --- what a data loader refuses, named by the scripts' flags (review 2026-12-03b) ------------
+
+#: the library's spellings of its cures, which no script accepts
+LIBRARY_CURES = ("download=True", "check_md5=False", "root=", "cache_dir=")
+DATA_SCRIPTS = ("omniglot", "hyper_cleaning", "feature_penalty", "equilibrium_mnist")
+
+
+def refusal(script: str, *argv: str) -> str:
+    """The message that ``examples/<script>.py`` stops with (without a traceback)."""
+    with example_module(script) as module, pytest.raises(SystemExit) as stop:
+        module.main(list(argv))
+    message = stop.value.code
+    assert isinstance(message, str), message  # a message, not argparse's usage error (2)
+    return message
+
+
+@pytest.mark.parametrize("script", DATA_SCRIPTS)
+def test_missing_data_is_refused_with_the_scripts_flags(script, tmp_path, monkeypatch):
+    """No data files, no data folder, an empty --data-root: the cures were the library's
+    "pass download=True" and "pass root=", as a traceback."""
+    out = ("--out", str(tmp_path / "run"), "--no-progress")
+    missing = refusal(script, "--data-root", str(tmp_path / "data"), *out)
+    assert "add --download" in missing and "give --data-root" in missing
+    assert "MNIST/" in missing or "omniglot/" in missing
+    empty = refusal(script, "--data-root", "", *out)
+    assert empty.startswith("--data-root is an empty path") and "leave --data-root out" in empty
+    monkeypatch.delenv("BILEVEL_DATA", raising=False)
+    unset = refusal(script, *out)
+    assert "give --data-root or set the BILEVEL_DATA environment variable" in unset
+    for message in (missing, empty, unset):
+        assert not any(cure in message for cure in LIBRARY_CURES), message
+
+
+def test_an_omniglot_zip_of_unknown_md5_is_usable_from_the_command_line(tmp_path):
+    """A zip whose md5 is none of the known ones (one's own copy) was refused with "pass
+    check_md5=False", which the script had no way to pass: --no-check-md5 does."""
+    folder = tmp_path / "data" / "omniglot"
+    folder.mkdir(parents=True)
+    for part in ("images_background", "images_evaluation"):
+        (folder / f"{part}.zip").write_bytes(b"not a zip")
+    argv = ("--data-root", str(folder.parent), "--cache-dir", str(tmp_path / "cache"))
+    argv += ("--out", str(tmp_path / "run"), "--no-progress")
+    unknown = refusal("omniglot", *argv)
+    assert "is not one of the known sums" in unknown and "add --no-check-md5" in unknown
+    damaged = refusal("omniglot", *argv, "--no-check-md5")  # accepted: then read
+    assert "cannot read it as a zip archive" in damaged and "add --download" in damaged
+    for message in (unknown, damaged):
+        assert not any(cure in message for cure in LIBRARY_CURES), message
+
+
+def test_a_data_warning_is_named_by_the_scripts_flags(common, tmp_path):
+    """A cache that cannot be written is warned about with "pass cache_dir=": the Omniglot
+    script names its --cache-dir."""
+    from bilevel.data import omniglot
+
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache folder would be")
+    with pytest.warns(RuntimeWarning) as caught, common.loading_data():
+        assert not omniglot._save_cache(blocked / "cache.npz", {})
+    (warning,) = caught
+    assert "give --cache-dir or set BILEVEL_CACHE" in str(warning.message)
+    assert "cache_dir=" not in str(warning.message)
+
+
+# --- a finished run run again: a re-evaluation, not a resume (review 2026-12-03b) ------------
+
+
+def test_a_finished_run_run_again_is_recorded_as_a_reevaluation(quickstart, tmp_path, capsys):
+    """The same command on a finished run takes no step and evaluates the model again: it was
+    recorded as an invocation that resumed (resumed_from_step 20, an invocation "from step
+    20" among those that trained the model) and said "resuming from UL step 20"."""
+    out = tmp_path / "run"
+    first = quick(quickstart, out, 20)
+    capsys.readouterr()
+    again = quick(quickstart, out, 20)
+    said = capsys.readouterr().out
+    assert "is finished" in said and "evaluating it again" in said and "resuming" not in said
+    assert (first["resumed_from_step"], first["reevaluation"]) == (0, False)
+    assert (again["resumed_from_step"], again["reevaluation"]) == (None, True)
+    assert again["invocations"] == first["invocations"]
+    assert [i["from_step"] for i in again["invocations"]] == [0]
+    assert json.loads((out / "results.json").read_text())["reevaluation"] is True
+    more = quick(quickstart, out, 30)  # a resume: the re-evaluation trained nothing
+    assert (more["resumed_from_step"], more["reevaluation"]) == (20, False)
+    assert [i["from_step"] for i in more["invocations"]] == [0, 20]
+
+
+def test_a_finished_omniglot_run_run_again_is_recorded_as_a_reevaluation(
+    omniglot_example, tmp_path, monkeypatch
+):
+    """examples/omniglot.py on a finished run (on a stand-in for the data set) re-tests its
+    best model: results.json says so, and names only the invocation that trained it."""
+    from test_example_measurements import FakeOmniglot
+
+    monkeypatch.setattr(omniglot_example, "Omniglot", FakeOmniglot)
+    monkeypatch.setattr(omniglot_example._common, "pyplot", lambda: None)
+    argv = ["--out", str(tmp_path), *TINY, "--ways", "3", "--meta-steps", "2"]
+    argv += ["--eval-every", "2", "--inner-steps", "1"]
+    first = omniglot_example.main(argv)
+    again = omniglot_example.main(argv)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (first["resumed_from_step"], first["reevaluation"]) == (0, False)
+    assert (saved["resumed_from_step"], saved["reevaluation"]) == (None, True)
+    assert saved["meta_steps"] == 2 and saved["evaluated_model"] == "best"
+    assert saved["invocations"] == first["invocations"] == again["invocations"]
+    assert [i["from_step"] for i in saved["invocations"]] == [0]
+
+
+@pytest.mark.parametrize("script", ["hyper_cleaning", "feature_penalty"])
+def test_a_diverging_ll_is_cured_by_the_scripts_flag(script, tmp_path, monkeypatch):
+    """--ll-lr 1000 makes the LL diverge; the library's cure is "use lr=1.47 or less", which
+    the scripts take as --ll-lr (feature_penalty stopped with a traceback)."""
+    from test_example_measurements import fake_mnist
+
+    argv = ["--out", str(tmp_path), "--n-train", "30", "--n-val", "20", "--ll-steps", "2"]
+    argv += ["--final-steps", "2", "--ul-steps", "1", "--no-progress", "--ll-lr", "1000"]
+    with example_module(script) as module:
+        monkeypatch.setattr(module._common, "mnist_split", fake_mnist())
+        monkeypatch.setattr(module._common, "pyplot", lambda: None)
+        with pytest.raises(SystemExit) as stop:
+            module.main(argv)
+    message = str(stop.value.code)
+    assert message.startswith("implicit-cg stopped at UL step 0") and "diverging" in message
+    assert re.search(r"On the command line: --ll-lr \d\S* or less\.$", message), message

@@ -1,4 +1,5 @@
-"""Private helpers: md5 sums, MD5SUMS files and verified downloads."""
+"""Private helpers: md5 sums, MD5SUMS files, verified downloads, and the messages of the
+data loaders' errors, whose cures a command line can name with its own options."""
 
 from __future__ import annotations
 
@@ -6,10 +7,56 @@ import hashlib
 import os
 import tempfile
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
-__all__ = ["download_file", "md5sum", "read_md5sums"]
+__all__ = ["CURE_ARGUMENTS", "download_file", "md5sum", "read_md5sums", "reword"]
+
+CURE_ARGUMENTS = {
+    "root": "root",
+    "pass_root": "pass root=",
+    "default_root": "pass root=None",
+    "download": "pass download=True",
+    "no_check_md5": "pass check_md5=False",
+    "cache_dir": "pass cache_dir=",
+}
+"""How the data loaders' messages name the arguments that cure a problem, as a caller of the
+library spells them: ``{download}`` in a message reads "pass download=True". A command line
+over the loaders names its own options instead with :func:`reword`."""
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def cure_error(kind: type[_E], template: str, /, **values: Any) -> _E:
+    """``kind(message)``: ``template`` with the cures spelled as :data:`CURE_ARGUMENTS` says
+    and ``values`` filled in. The template and values stay on the error (or warning), so that
+    :func:`reword` can spell its cures otherwise."""
+    error = kind(template.format_map({**CURE_ARGUMENTS, **values}))
+    error._cure_template = (template, values)  # type: ignore[attr-defined]
+    return error
+
+
+def reword(error: BaseException, arguments: Mapping[str, str]) -> str:
+    """The message of a data loader's error or warning, its cures named by ``arguments``.
+
+    A command line over the loaders cannot act on "pass download=True": it maps the keys of
+    :data:`CURE_ARGUMENTS` to its own options (``{"download": "add --download", ...}``) and
+    reports ``reword(error, those)``. Keys left out keep the library's spelling; an error
+    whose message names no argument is returned as ``str(error)``.
+
+    Args:
+        error: An exception or warning raised by :mod:`bilevel.data`.
+        arguments: The phrases that replace those of :data:`CURE_ARGUMENTS`.
+
+    Returns:
+        The message.
+    """
+    kept = getattr(error, "_cure_template", None)
+    if kept is None:
+        return str(error)
+    template, values = kept
+    return template.format_map({**CURE_ARGUMENTS, **arguments, **values})
 
 
 def md5sum(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:

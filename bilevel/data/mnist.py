@@ -24,8 +24,8 @@ from typing import BinaryIO, Literal
 import numpy as np
 import torch
 
-from bilevel.data._files import download_file, md5sum
-from bilevel.data.root import resolve_root
+from bilevel.data._files import cure_error, download_file, md5sum
+from bilevel.data.root import DATA_ENV, resolve_root
 
 __all__ = [
     "MNIST_FILES",
@@ -127,10 +127,14 @@ def read_idx(path: str | os.PathLike[str], expected_magic: int | None = None) ->
             # to gigabytes, which are reported without being held in memory
             data = _read_at_most(f, expected + 1)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise ValueError(
-            f"{path}: cannot decompress it ({type(exc).__name__}: {exc}); the file is "
-            "truncated or corrupt (e.g. a download cut short). Delete it and download it "
-            "again (download=True fetches missing files and checks their md5)."
+        raise cure_error(
+            ValueError,
+            "{path}: cannot decompress it ({kind}: {exc}); the file is truncated or corrupt "
+            "(e.g. a download cut short). Delete it and download it again ({download}: it "
+            "fetches missing files and checks their md5).",
+            path=path,
+            kind=type(exc).__name__,
+            exc=exc,
         ) from exc
     if len(data) != expected:
         held = f"more than {expected}" if len(data) > expected else f"only {len(data)}"
@@ -201,10 +205,16 @@ def verify_mnist(root: str | os.PathLike[str] | None = None, kind: str = "MNIST"
 def _require_files(folder: Path, kind: str, names: list[str]) -> None:
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"{kind} files missing from {folder}: {', '.join(missing)}. Expected the original "
-            f"gzip files {', '.join(MNIST_MD5[kind])} in that folder; pass download=True "
-            f"to fetch them, or pass root=/ set BILEVEL_DATA to the folder that holds {kind}/"
+        raise cure_error(
+            FileNotFoundError,
+            "{kind} files missing from {folder}: {missing}. Expected the original gzip files "
+            "{files} in that folder; {download} to fetch them, or {pass_root} or set {env} to "
+            "the folder that holds {kind}/",
+            kind=kind,
+            folder=folder,
+            missing=", ".join(missing),
+            files=", ".join(MNIST_MD5[kind]),
+            env=DATA_ENV,
         )
 
 

@@ -39,8 +39,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from bilevel.data._files import download_file, md5sum
-from bilevel.data.root import resolve_cache_dir, resolve_root
+from bilevel.data._files import cure_error, download_file, md5sum
+from bilevel.data.root import CACHE_ENV, DATA_ENV, resolve_cache_dir, resolve_root
 
 __all__ = [
     "N_ALPHABETS",
@@ -122,20 +122,28 @@ def _find_source(folder: Path, part: str, download: bool, check_md5: bool) -> _S
     if zip_path.is_file():
         digest = md5sum(zip_path)
         if check_md5 and digest not in OMNIGLOT_MD5[part]:
-            raise ValueError(
-                f"{zip_path}: md5 {digest} is not one of the known sums "
-                f"{list(OMNIGLOT_MD5[part])}; the file may be corrupt or a different release "
-                "(pass check_md5=False to use it anyway)"
+            raise cure_error(
+                ValueError,
+                "{zip_path}: md5 {digest} is not one of the known sums {known}; the file may be "
+                "corrupt or a different release ({no_check_md5} to use it anyway)",
+                zip_path=zip_path,
+                digest=digest,
+                known=list(OMNIGLOT_MD5[part]),
             )
         return _Source(part, zip_path, True, "zip:" + digest)
     if dir_path.is_dir():
         return _Source(part, folder, False, "dir:" + _folder_fingerprint(folder, part))
-    raise FileNotFoundError(
-        f"Omniglot {part!r} not found in {folder}: expected {zip_path.name} or the extracted "
-        f"folder {part}/ ({part}/<Alphabet>/characterNN/XXXX_YY.png), for both "
-        f"{' and '.join(p + '.zip' for p in OMNIGLOT_PARTS)}. Get them from "
-        "https://github.com/brendenlake/omniglot (python/ folder), pass download=True, or "
-        "pass root=/ set BILEVEL_DATA to the folder that holds omniglot/"
+    raise cure_error(
+        FileNotFoundError,
+        "Omniglot {part!r} not found in {folder}: expected {zip} or the extracted folder "
+        "{part}/ ({part}/<Alphabet>/characterNN/XXXX_YY.png), for both {both}. Get them from "
+        "https://github.com/brendenlake/omniglot (python/ folder), {download}, or {pass_root} "
+        "or set {env} to the folder that holds omniglot/",
+        part=part,
+        folder=folder,
+        zip=zip_path.name,
+        both=" and ".join(p + ".zip" for p in OMNIGLOT_PARTS),
+        env=DATA_ENV,
     )
 
 
@@ -171,10 +179,13 @@ def _list_members(source: _Source) -> list[str]:
             with zipfile.ZipFile(source.path) as zf:
                 names = zf.namelist()
         except (zipfile.BadZipFile, OSError) as error:
-            raise ValueError(
-                f"{source.path}: cannot read it as a zip archive ({error}); the file is "
-                "truncated or corrupt (e.g. a download cut short). Delete it and download it "
-                "again (download=True), or extract a good copy beside it."
+            raise cure_error(
+                ValueError,
+                "{path}: cannot read it as a zip archive ({error}); the file is truncated or "
+                "corrupt (e.g. a download cut short). Delete it and download it again "
+                "({download}), or extract a good copy beside it.",
+                path=source.path,
+                error=error,
             ) from error
         out = []
         for name in names:
@@ -226,9 +237,7 @@ def _decode_job(
                     raise ValueError(f"{path}: {name} is {im.size}, expected 105x105")
                 gray = im.convert("L")
         except (OSError, Image.DecompressionBombError) as error:  # not a PNG, cut short
-            raise ValueError(
-                f"{path}: {name} is not a readable PNG ({error}): {_DAMAGED_CURE}"
-            ) from None
+            raise _damaged(f"{name} is not a readable PNG ({error})", path) from None
         bits[i] = np.packbits(np.asarray(gray) >= 128)
         if size != _ORIGINAL_SIZE:
             gray = gray.resize((size, size), _RESAMPLE[resample])
@@ -238,10 +247,17 @@ def _decode_job(
 
 #: the most bytes one drawing may take: a 105x105 PNG takes a few KiB
 _MAX_DRAWING_BYTES = 1 << 20
-_DAMAGED_CURE = (
-    "the data is damaged or not Omniglot's. Delete it and download it again (download=True), "
-    "or extract a good copy beside it."
-)
+
+
+def _damaged(what: str, path: str) -> ValueError:
+    """The error for a drawing of the data at ``path`` that cannot be used (``what``)."""
+    return cure_error(
+        ValueError,
+        "{path}: {what}: the data is damaged or not Omniglot's. Delete it and download it "
+        "again ({download}), or extract a good copy beside it.",
+        path=path,
+        what=what,
+    )
 
 
 def _read_drawing(path: str, zf: zipfile.ZipFile | None, name: str) -> bytes:
@@ -264,13 +280,11 @@ def _read_drawing(path: str, zf: zipfile.ZipFile | None, name: str) -> bytes:
             with zf.open(name) as member:
                 data, size = member.read(limit + 1), zf.getinfo(name).file_size
         except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # bad CRC, deflate
-            raise ValueError(
-                f"{path}: {name} is not a readable PNG ({error}): {_DAMAGED_CURE}"
-            ) from None
+            raise _damaged(f"{name} is not a readable PNG ({error})", path) from None
     if len(data) > limit:
-        raise ValueError(
-            f"{path}: {name} takes {max(size, len(data))} bytes, where a 105x105 drawing takes "
-            f"a few KiB: {_DAMAGED_CURE}"
+        raise _damaged(
+            f"{name} takes {max(size, len(data))} bytes, where a 105x105 drawing takes a few KiB",
+            path,
         )
     return data
 
@@ -609,12 +623,15 @@ def _save_cache(path: Path, arrays: dict[str, np.ndarray]) -> bool:
         tmp = None
         return True
     except OSError as exc:
-        warnings.warn(
-            f"could not write the Omniglot cache {path} ({exc}); pass cache_dir= or set "
-            "BILEVEL_CACHE to a writable folder to avoid decoding on every load",
+        warning = cure_error(
             RuntimeWarning,
-            stacklevel=3,
+            "could not write the Omniglot cache {path} ({exc}); {cache_dir} or set {env} to a "
+            "writable folder to avoid decoding on every load",
+            path=path,
+            exc=exc,
+            env=CACHE_ENV,
         )
+        warnings.warn(warning, stacklevel=3)
         return False
     finally:
         if tmp is not None and os.path.exists(tmp):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from bilevel.data._files import cure_error
+
 __all__ = ["CACHE_ENV", "DATA_ENV", "resolve_cache_dir", "resolve_root"]
 
 #: Environment variable naming the data folder (holds ``MNIST/``, ``omniglot/``, ...).
@@ -34,17 +36,21 @@ def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
     if root is None:
         env = os.environ.get(DATA_ENV, "")
         if not env:
-            raise ValueError(
-                f"no data folder given: pass root=<folder> or set the {DATA_ENV} "
-                "environment variable to the folder that holds the data sets"
+            raise cure_error(
+                ValueError,
+                "no data folder given: {pass_root} or set the {env} environment variable to "
+                "the folder that holds the data sets",
+                env=DATA_ENV,
             )
         root = env
     elif not os.fspath(root).strip():
         # Path("") is the current folder: a blank argument (an unset shell variable in
         # --data-root "$DIR") would read whatever data lies there
-        raise ValueError(
-            f"root is an empty path: pass the folder that holds the data sets, or root=None "
-            f"to use the {DATA_ENV} environment variable"
+        raise cure_error(
+            ValueError,
+            "{root} is an empty path (the current folder): name the folder that holds the data "
+            "sets, or {default_root} to use the {env} environment variable",
+            env=DATA_ENV,
         )
     return Path(root).expanduser().absolute()
 

@@ -90,12 +90,15 @@ class TaskSampler:
         self.queries = _check_int("queries", queries, 1)
         self.seed = _check_int("seed", seed, 0)
         n_classes, n_per_class = data.shape[:2]
+        # an OmniglotSplit says which split it is: the one too small is named
+        name = getattr(images, "name", None)
+        where = f"the {name!r} split" if isinstance(name, str) else "images"
         if self.ways > n_classes:
-            raise ValueError(f"ways={ways} is more than the {n_classes} classes in images")
+            raise ValueError(f"ways={ways} is more than the {n_classes} classes in {where}")
         if self.shots + self.queries > n_per_class:
             raise ValueError(
                 f"shots + queries = {self.shots + self.queries} is more than the "
-                f"{n_per_class} examples per class in images"
+                f"{n_per_class} examples per class in {where}"
             )
         self.data = data
         self.n_classes = int(n_classes)
