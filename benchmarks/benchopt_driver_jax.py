@@ -45,6 +45,7 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+from argtypes import existing_file, json_object
 
 
 def load_module(path: str, name: str) -> Any:
@@ -152,14 +153,26 @@ class Recorder:
         return bool(go)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; values out of range are refused, naming the flag."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bench", required=True, help="benchopt's benchmark_bilevel folder")
-    parser.add_argument("--npz", required=True, help="the problem (written by the caller)")
-    parser.add_argument("--spec", required=True, help="JSON: solver, params, oracle, limits")
+    parser.add_argument(
+        "--npz", required=True, type=existing_file, help="the problem (written by the caller)"
+    )
+    parser.add_argument(
+        "--spec", required=True, type=json_object, help="JSON: solver, params, oracle, limits"
+    )
     parser.add_argument("--check", action="store_true", help="only evaluate the oracles")
-    args = parser.parse_args()
-    spec = json.loads(args.spec)
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.bench):
+        parser.error(f"--bench: no folder {args.bench}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    spec = args.spec
     assert "torch" not in sys.modules and "bilevel" not in sys.modules
 
     os.chdir(os.environ.get("TMPDIR", "/tmp"))  # joblib's cache folder lands here, not in a repo

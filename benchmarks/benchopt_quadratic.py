@@ -63,6 +63,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bilevel_curves as bc
+from argtypes import count, folder, names, nonnegative, positive
 
 from bilevel import BilevelProblem
 from bilevel.ll import GradientDescent
@@ -407,20 +408,28 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated solvers")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per side and solver (3)")
-    parser.add_argument("--every", type=int, default=8, help="iterations between records (8)")
-    parser.add_argument("--budget", type=float, default=20.0, help="seconds per run at most (20)")
-    parser.add_argument("--max-iters", type=int, default=200_000, help="iterations per run")
-    parser.add_argument("--stop", type=float, default=1e-10, help="stop below this subopt")
+    parser.add_argument(
+        "--methods", type=names(METHODS), default=",".join(METHODS), help="comma-separated solvers"
+    )
+    parser.add_argument("--repeats", type=count, default=3, help="runs per side and solver (3)")
+    parser.add_argument("--every", type=count, default=8, help="iterations between records (8)")
+    parser.add_argument(
+        "--budget", type=positive, default=20.0, help="seconds per run at most (20)"
+    )
+    parser.add_argument("--max-iters", type=count, default=200_000, help="iterations per run")
+    parser.add_argument(
+        "--stop", type=nonnegative, default=1e-10, help="stop below this subopt (0: never)"
+    )
     parser.add_argument(
         "--benchopt-oracle",
+        type=names(("dense", "rank1")),
         default="dense,rank1",
         help="benchopt-side oracles: dense (benchopt's get_function, a matrix per sample), "
         "rank1 (the same function from the vectors), or both (default)",
     )
     parser.add_argument(
         "--scratch",
+        type=folder,
         default=os.environ.get("SCRATCH", "/work/scratch"),
         help="folder holding benchmark_bilevel/ and jaxenv/ ($SCRATCH, else /work/scratch)",
     )
@@ -447,8 +456,19 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; values out of range are refused, naming the flag."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    reading = {"--resummarize": args.resummarize, "--sampler-check": args.sampler_check}
+    for flag, given in reading.items():
+        if given and not Path(args.out).is_file():
+            parser.error(f"{flag} reads --out, and there is no file {args.out}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.resummarize:
         resummarize(args.out)
         return 0

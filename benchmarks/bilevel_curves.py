@@ -49,6 +49,7 @@ from typing import Any
 
 import common
 import torch
+from argtypes import count, names, positive
 from torch import nn
 
 from bilevel import BilevelProblem
@@ -71,6 +72,8 @@ from bilevel.ul import (
 )
 
 DTYPE = torch.float64
+MNIST_TRAIN = 60_000  # MNIST's training images
+CLEANING_VAL = 1000  # of them, the hyper-cleaning problem's validation images
 ALL_METHODS = [
     "SOBA",
     "SABA",
@@ -427,7 +430,7 @@ def logreg_setting(n: int = 49_990, d: int = 22, seed: int = 0) -> Setting:
 
 
 def cleaning_setting(
-    root: str, n_train: int = 4000, n_val: int = 1000, reg: float = 1e-3, seed: int = 0
+    root: str, n_train: int = 4000, n_val: int = CLEANING_VAL, reg: float = 1e-3, seed: int = 0
 ) -> Setting:
     """MNIST data hyper-cleaning: LL = weighted multinomial logistic regression (weights
     ``sigmoid(x_i)``, one per train example, labels corrupted with probability 0.5 by a uniform
@@ -633,23 +636,25 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--problems",
+        type=names(SHARES),
         default="quadratic,logreg,cleaning",
         help="comma-separated problems among quadratic, logreg, cleaning (default: all three)",
     )
     parser.add_argument(
         "--methods",
+        type=names(ALL_METHODS),
         default=",".join(ALL_METHODS),
         help="comma-separated methods (default: all fourteen)",
     )
     parser.add_argument(
         "--max-minutes",
-        type=float,
+        type=positive,
         default=15.0,
         help="total time budget; each problem gets a share (quadratic 15%%, logreg 30%%, "
         "cleaning 45%%; the rest covers setup and evaluations), split evenly among methods",
     )
     parser.add_argument(
-        "--max-steps", type=int, default=100_000, help="most UL steps per method (default 1e5)"
+        "--max-steps", type=count, default=100_000, help="most UL steps per method (default 1e5)"
     )
     parser.add_argument(
         "--data-root",
@@ -658,11 +663,13 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cleaning-train",
-        type=int,
+        type=count,
         default=4000,
         help="MNIST train examples for hyper-cleaning (default 4000)",
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument(
+        "--threads", type=count, default=1, help="torch intra-op threads (default 1)"
+    )
     parser.add_argument(
         "--update",
         action="store_true",
@@ -675,6 +682,21 @@ def make_parser() -> argparse.ArgumentParser:
         help="JSON file written (default benchmarks/results/bilevel_curves.json)",
     )
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; values out of range are refused, naming the flag."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    most = MNIST_TRAIN - CLEANING_VAL
+    if args.cleaning_train > most:
+        parser.error(
+            f"--cleaning-train {args.cleaning_train}: at most {most} (MNIST's {MNIST_TRAIN} "
+            f"training images, less {CLEANING_VAL} for validation)"
+        )
+    if args.update and not Path(args.out).is_file():
+        parser.error(f"--update replaces runs in --out, and there is no file {args.out}")
+    return args
 
 
 SHARES = {"quadratic": 0.15, "logreg": 0.30, "cleaning": 0.45}
@@ -708,13 +730,10 @@ def updated(path: Path, new: dict, methods: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = make_parser().parse_args(argv)
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     problems = [p for p in args.problems.split(",") if p]
     methods = [m for m in args.methods.split(",") if m]
-    for m in methods:
-        if m not in CLASSES:
-            raise ValueError(f"--methods: unknown method {m!r}; choose among {ALL_METHODS}.")
     root = args.data_root or os.environ.get("BILEVEL_DATA") or "/work/shared/data"
     torch.autograd.grad = _counting_grad
     started = time.perf_counter()

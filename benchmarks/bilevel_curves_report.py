@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+from argtypes import existing_file, folder
 from common import RESULTS, ROOT, code_revision
 
 matplotlib.use("Agg")
@@ -765,14 +766,20 @@ def write(
     page.write_text("\n".join(out))
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; a result file that does not exist is refused."""
     parser = argparse.ArgumentParser(description="Write the convergence-curves page.")
-    parser.add_argument("result", help="JSON written by benchmarks/bilevel_curves.py")
+    parser.add_argument(
+        "result", type=existing_file, help="JSON written by benchmarks/bilevel_curves.py"
+    )
     parser.add_argument(
         "--page", default=ROOT / "docs" / "bilevel_curves.md", help="markdown page written"
     )
     parser.add_argument(
-        "--img", default=ROOT / "docs" / "img" / "bilevel_curves", help="folder for the figures"
+        "--img",
+        type=folder,
+        default=ROOT / "docs" / "img" / "bilevel_curves",
+        help="folder for the figures",
     )
     parser.add_argument(
         "--benchopt",
@@ -780,7 +787,11 @@ def main(argv: list[str] | None = None) -> None:
         help="JSON written by benchmarks/benchopt_quadratic.py (its section is left out when "
         "the file is absent)",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     bench, source = Path(args.benchopt), Path(args.result)
     side_by_side = json.loads(bench.read_text()) if bench.is_file() else None
     write(json.loads(source.read_text()), Path(args.page), Path(args.img), side_by_side, source)

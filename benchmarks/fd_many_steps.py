@@ -34,6 +34,7 @@ from typing import Any
 
 import problems as P
 import torch
+from argtypes import count, positive
 from common import git_revision
 from torch import nn
 
@@ -92,16 +93,24 @@ def measure(p: P.Regression, steps: int, r: float) -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; values out of range are refused, naming the flag."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=100, help="training (and validation) rows")
-    parser.add_argument("--d", type=int, default=80, help="features")
-    parser.add_argument("--steps", type=int, default=100, help="LL gradient steps T")
-    parser.add_argument("--kappa", type=float, nargs="+", default=[2.0, 50.0])
-    parser.add_argument("--seeds", type=int, default=5, help="problems per condition number")
-    parser.add_argument("--r", type=float, default=1e-2, help="finite-difference radius")
+    parser.add_argument("--n", type=count, default=100, help="training (and validation) rows")
+    parser.add_argument("--d", type=count, default=80, help="features")
+    parser.add_argument("--steps", type=count, default=100, help="LL gradient steps T")
+    parser.add_argument("--kappa", type=positive, nargs="+", default=[2.0, 50.0])
+    parser.add_argument("--seeds", type=count, default=5, help="problems per condition number")
+    parser.add_argument("--r", type=positive, default=1e-2, help="finite-difference radius")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
+    if min(args.kappa) <= 1:
+        parser.error(f"--kappa: a condition number must be > 1, got {min(args.kappa):g}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     torch.set_num_threads(1)
     results = []
     for kappa in args.kappa:

@@ -24,11 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from argtypes import count, folder
 from common import code_revision
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGEST = ROOT / "benchmarks" / "results" / "hyper_cleaning_runs.json"
 FORWARD_COST = "forward_cost.json"
+FORWARD_COST_VAL = 1000  # validation images of the Forward cost measurement
+MNIST_TRAIN = 60_000  # MNIST's training images
 EXPERIMENTS = ("hyper_cleaning", "feature_penalty")
 #: the settings the page states (each run's ``results.json`` holds them all)
 HC_SETTINGS = ["n_train", "n_val", "corrupt", "ll_steps", "ll_lr", "l2", "hidden", "ul_lr"]
@@ -670,7 +673,7 @@ def measure_forward_cost(sizes: list[int], ll_steps: int, data_root: str | None)
     from bilevel.ul import Forward, Reverse
 
     torch.set_num_threads(1)
-    data = _common.mnist_split(data_root, "mnist", max(sizes), 1000, 0)
+    data = _common.mnist_split(data_root, "mnist", max(sizes), FORWARD_COST_VAL, 0)
     measurements = []
     for n in sizes:
         x = data["train"][0][:n]
@@ -715,14 +718,15 @@ def measure_forward_cost(sizes: list[int], ll_steps: int, data_root: str | None)
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: update the digest from the runs at hand (if any), then write the page
-    from the digest."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; values out of range are refused, naming the flag."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default=str(ROOT / "runs"), help="folder searched for runs")
+    parser.add_argument(
+        "--runs", type=folder, default=str(ROOT / "runs"), help="folder searched for runs"
+    )
     parser.add_argument("--digest", default=str(DIGEST), help="what the page shows of each run")
     parser.add_argument("--page", default=str(ROOT / "docs" / "hyper_cleaning.md"))
-    parser.add_argument("--img", default=str(ROOT / "docs" / "img" / "hyper_cleaning"))
+    parser.add_argument("--img", type=folder, default=str(ROOT / "docs" / "img" / "hyper_cleaning"))
     parser.add_argument(
         "--conditions",
         default=None,
@@ -732,9 +736,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--forward-cost", action="store_true", help="measure Forward vs Reverse first"
     )
-    parser.add_argument("--sizes", type=int, nargs="+", default=[250, 500, 1000, 2000])
+    parser.add_argument("--sizes", type=count, nargs="+", default=[250, 500, 1000, 2000])
     parser.add_argument("--data-root", default=None, help="default: $BILEVEL_DATA")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    most = MNIST_TRAIN - FORWARD_COST_VAL
+    if max(args.sizes) > most:
+        parser.error(
+            f"--sizes: at most {most} training examples (MNIST's {MNIST_TRAIN} training "
+            f"images, less {FORWARD_COST_VAL} for validation), got {max(args.sizes)}"
+        )
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: update the digest from the runs at hand (if any), then write the page
+    from the digest."""
+    args = parse_args(argv)
     runs, img, digest_path = Path(args.runs), Path(args.img), Path(args.digest)
     digest = json.loads(digest_path.read_text()) if digest_path.exists() else {}
     cost_path = runs / "hyper_cleaning" / FORWARD_COST

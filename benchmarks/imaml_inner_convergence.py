@@ -41,6 +41,7 @@ from torch.func import functional_call
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from argtypes import count  # noqa: E402
 from common import git_revision  # noqa: E402
 
 from bilevel import checkpoint  # noqa: E402
@@ -159,13 +160,22 @@ def measure(run: Path, tasks: int, data_root: str | None) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; values out of range are refused, naming the flag."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="an examples/omniglot.py --method imaml run folder")
-    parser.add_argument("--tasks", type=int, default=100, help="meta-validation tasks")
+    parser.add_argument("--tasks", type=count, default=100, help="meta-validation tasks")
     parser.add_argument("--data-root", default=None, help="folder with omniglot/ (BILEVEL_DATA)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
+    missing = [name for name in ("results.json", "best.pt") if not (args.run / name).is_file()]
+    if missing:
+        parser.error(f"run: {args.run} is not a run folder (no {' or '.join(missing)} in it)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     out = measure(args.run, args.tasks, args.data_root or os.environ.get("BILEVEL_DATA"))

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from argtypes import count, nonnegative_int
 from common import code_revision, git_revision
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,19 +152,38 @@ def write_docs(result: dict) -> None:
     page.write_text(head + results_block(result) + rest.split(END)[1])
 
 
-def main() -> None:
+def fewest_steps(every: int, warmup: int) -> int:
+    """The fewest UL steps that give two RSS samples (a slope): :func:`child` samples at the
+    multiples of ``every`` from step ``warmup`` on."""
+    first = -(-max(warmup, 1) // every) * every
+    return first + every
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; values out of range are refused, naming the flag."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--every", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--steps", type=count, default=3000)
+    parser.add_argument("--every", type=count, default=100)
+    parser.add_argument("--warmup", type=nonnegative_int, default=200)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument(
         "--out",
         help="results file (default benchmarks/results/memory_long_run.json, the one the "
         "docs page is rewritten from; with another, the page is left as it is)",
     )
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    fewest = fewest_steps(args.every, args.warmup)
+    if args.steps < fewest:
+        parser.error(
+            f"--steps {args.steps} takes fewer than two RSS samples (a slope) after --warmup "
+            f"{args.warmup}, one every --every {args.every} steps: give --steps >= {fewest}"
+        )
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.every, args.warmup)))
         return

@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from argtypes import count, positive
+
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["reverse", "memory_saving_reverse"]
 
@@ -97,18 +99,23 @@ def child(method: str, steps: int, hidden: int, repeats: int, lr: float) -> dict
     }
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; values out of range are refused, naming the flag."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[10, 100, 1000])
-    parser.add_argument("--hidden", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--steps", type=count, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--hidden", type=count, default=16)
+    parser.add_argument("--repeats", type=count, default=3)
+    parser.add_argument("--lr", type=positive, default=0.01)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument(
         "--out", default=str(ROOT / "benchmarks" / "results" / "memory_saving_reverse.json")
     )
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.child:
         steps = args.steps[0]
         result = child(args.child, steps, args.hidden, args.repeats, args.lr)

@@ -53,6 +53,7 @@ sys.path.insert(0, str(HERE))
 import problems as P  # noqa: E402
 import run  # noqa: E402
 import worker  # noqa: E402
+from argtypes import count, names  # noqa: E402
 from common import RESULTS, ROOT, git_revision, machine, summarize  # noqa: E402
 
 OUT = RESULTS / "method_families.json"
@@ -476,10 +477,10 @@ class FamilyWorker(worker.Worker):
         return out
 
 
-def worker_main() -> None:
+def worker_main(argv: list[str] | None = None) -> None:
     """``worker.py``'s command line (``serve`` / ``memory``) with :class:`FamilyWorker`."""
     worker.Worker = FamilyWorker  # worker.serve and worker.memory build the module's Worker
-    worker.main()
+    worker.main(argv)
 
 
 # --------------------------------------------------------------------------- the runner
@@ -641,23 +642,25 @@ class FamilyRun(run.Run):
                     self.log(f"    {r['impl']}: test accuracy {final['test_accuracy']:.4f}")
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in ("serve", "memory"):
-        worker_main()
-        return
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (not the workers'); values out of range are refused, naming the
+    flag."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     options = {
         "--quick": {"action": "store_true", "help": "a few configurations only"},
-        "--impls": {"default": ",".join(IMPLS), "help": "comma-separated"},
-        "--threads": {"type": int, "default": 1, "help": "torch threads per worker"},
-        "--rounds": {"type": int, "default": 2, "help": "alternation rounds"},
+        "--impls": {"type": names(IMPLS), "default": ",".join(IMPLS), "help": "comma-separated"},
+        "--threads": {"type": count, "default": 1, "help": "torch threads per worker"},
+        "--rounds": {"type": count, "default": 2, "help": "alternation rounds"},
         "--no-memory": {"action": "store_true", "help": "skip the memory runs"},
         "--out": {"default": str(OUT), "help": "results file"},
         "--partial": {"help": "file to rewrite with the records after each configuration"},
         "--no-report": {"action": "store_true", "help": "do not write the docs page"},
-        "--methods": {"help": f"comma-separated subset of the methods ({', '.join(METHODS)})"},
+        "--methods": {
+            "type": names(METHODS),
+            "help": f"comma-separated subset of the methods ({', '.join(METHODS)})",
+        },
         "--target-rounds": {
-            "type": int,
+            "type": count,
             "default": 16,
             "help": "alternation rounds for the BDA, PTT and DARTS timings (floor targets)",
         },
@@ -668,11 +671,17 @@ def main() -> None:
     }
     for flag, spec in options.items():
         parser.add_argument(flag, **spec)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.budget = None
-    unknown = set(args.methods.split(",")) - set(METHODS) if args.methods else set()
-    if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}; choose among {', '.join(METHODS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("serve", "memory"):
+        worker_main(argv)
+        return
+    args = parse_args(argv)
     result = FamilyRun(args).run()
     minutes = result["duration_s"] / 60
     if args.merge and Path(args.out).exists():

@@ -22,6 +22,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from argtypes import existing_file  # noqa: E402
 from common import RESULTS, ROOT, code_revision  # noqa: E402
 from report import FIG_DPI, FIG_WIDTH, PAGE_PX, Results, cell_time, mib, portable, sci  # noqa: E402
 
@@ -1050,16 +1051,21 @@ class Page:
         return "\n".join(lines).rstrip() + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; a results file that does not exist is refused."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "source",
         nargs="?",
-        type=Path,
+        type=existing_file,
         default=SOURCE,
         help="results file of method_families.py (default: %(default)s)",
     )
-    source = parser.parse_args(argv).source
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    source = parse_args(argv).source
     data = json.loads(source.read_text())
     PAGE.write_text(Page(data).render(source.resolve()))
     print(f"wrote {PAGE.relative_to(ROOT)}")

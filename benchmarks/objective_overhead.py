@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from argtypes import count, nonnegative, nonnegative_int
 from common import RESULTS, ROOT, git_revision, machine
 from torch import nn
 from torch.func import functional_call
@@ -1002,35 +1003,43 @@ def _guarded(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
         return {"error": f"{type(error).__name__}: {error}"}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; values out of range are refused, naming the flag."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--repeats", type=int, default=60, help="timed rounds per configuration (default 60)"
+        "--repeats", type=count, default=60, help="timed rounds per configuration (default 60)"
     )
     parser.add_argument(
-        "--iters", type=int, default=100, help="LL steps T of one hypergradient (default 100)"
+        "--iters", type=count, default=100, help="LL steps T of one hypergradient (default 100)"
     )
     parser.add_argument(
-        "--warmup", type=int, default=3, help="untimed rounds before the timed ones (default 3)"
+        "--warmup",
+        type=nonnegative_int,
+        default=3,
+        help="untimed rounds before the timed ones (default 3)",
     )
     parser.add_argument(
         "--profile-calls",
-        type=int,
+        type=nonnegative_int,
         default=40,
         help="hypergradients run under the sampling profiler (0: no profile; default 40)",
     )
     parser.add_argument(
         "--wait",
-        type=float,
+        type=nonnegative,
         default=0.0,
         help="seconds to keep retrying, once a minute, an import of bilevel that fails "
         "(the library may be mid-edit; default 0)",
     )
     parser.add_argument("--out", type=Path, default=OUT, help=f"JSON file (default {OUT})")
-    args = parser.parse_args()
-    if args.iters < 2 or args.repeats < 1:
-        parser.error("--iters must be >= 2 and --repeats >= 1")
+    args = parser.parse_args(argv)
+    if args.iters < 2:
+        parser.error(f"--iters must be >= 2 (a one-step run is timed beside it), got {args.iters}")
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(1)
     load_before = os.getloadavg()
     data = make_data()

@@ -75,6 +75,7 @@ from torch.func import functional_call
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from argtypes import count, nonnegative, nonnegative_int, positive  # noqa: E402
 from common import git_revision  # noqa: E402
 
 from bilevel import BilevelProblem, checkpoint, linalg  # noqa: E402
@@ -1100,18 +1101,18 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--cache-dir", default=None, help="decoded Omniglot cache (default: $BILEVEL_CACHE)"
         )
-        p.add_argument("--ways", type=int, default=5, help="classes per task (N)")
-        p.add_argument("--shots", type=int, default=1, help="support examples per class (K)")
+        p.add_argument("--ways", type=count, default=5, help="classes per task (N)")
+        p.add_argument("--shots", type=count, default=1, help="support examples per class (K)")
         p.add_argument(
-            "--query", type=int, default=5, help="query examples per class (meta-training tasks)"
+            "--query", type=count, default=5, help="query examples per class (meta-training tasks)"
         )
-        p.add_argument("--hidden", type=int, default=32, help="filters per conv block")
+        p.add_argument("--hidden", type=count, default=32, help="filters per conv block")
         p.add_argument(
             "--seed", type=int, default=0, help="initialization and meta-training task seed"
         )
-        p.add_argument("--threads", type=int, default=1, help="torch threads")
+        p.add_argument("--threads", type=count, default=1, help="torch threads")
         p.add_argument(
-            "--max-minutes", type=float, default=60.0, help="stop after this many minutes"
+            "--max-minutes", type=positive, default=60.0, help="stop after this many minutes"
         )
         p.add_argument(
             "--out",
@@ -1119,6 +1120,17 @@ def make_parser() -> argparse.ArgumentParser:
             help="JSON file to write (default: "
             "benchmarks/results/omniglot_diagnosis_<command>.json)",
         )
+
+    def at_checkpoint(p: argparse.ArgumentParser, tasks: int) -> None:
+        """The tasks and inner loop of spikes and curvature (measured at a checkpoint)."""
+        p.add_argument("--checkpoint", default=None, help="meta-parameters saved by train --save")
+        p.add_argument("--tasks", type=count, default=tasks, help="meta-training tasks to measure")
+        p.add_argument(
+            "--first-task", type=nonnegative_int, default=100000, help="index of the first task"
+        )
+        p.add_argument("--reg", type=positive, default=2.0, help="iMAML proximal strength")
+        p.add_argument("--inner-steps", type=count, default=20, help="inner gradient steps")
+        p.add_argument("--inner-lr", type=positive, default=0.05, help="inner step size")
 
     t = sub.add_parser(
         "train", help="short meta-training run with diagnostics", formatter_class=fmt
@@ -1130,14 +1142,16 @@ def make_parser() -> argparse.ArgumentParser:
         default="fomaml",
         help="meta-learning method",
     )
-    t.add_argument("--meta-steps", type=int, default=300, help="meta-steps (UL steps)")
-    t.add_argument("--meta-batch", type=int, default=8, help="tasks per meta-step")
-    t.add_argument("--meta-lr", type=float, default=3e-3, help="Adam step of the meta-parameters")
+    t.add_argument("--meta-steps", type=count, default=300, help="meta-steps (UL steps)")
+    t.add_argument("--meta-batch", type=count, default=8, help="tasks per meta-step")
     t.add_argument(
-        "--adam-eps", type=float, default=1e-8, help="Adam's eps (the iMAML release uses 1e-3)"
+        "--meta-lr", type=positive, default=3e-3, help="Adam step of the meta-parameters"
     )
-    t.add_argument("--inner-steps", type=int, default=1, help="inner (LL) gradient steps")
-    t.add_argument("--inner-lr", type=float, default=0.4, help="inner step size")
+    t.add_argument(
+        "--adam-eps", type=positive, default=1e-8, help="Adam's eps (the iMAML release uses 1e-3)"
+    )
+    t.add_argument("--inner-steps", type=count, default=1, help="inner (LL) gradient steps")
+    t.add_argument("--inner-lr", type=positive, default=0.4, help="inner step size")
     t.add_argument(
         "--zero-head",
         action="store_true",
@@ -1157,8 +1171,8 @@ def make_parser() -> argparse.ArgumentParser:
         help="batch-norm scale: meta-learned and adapted, or fixed at 1 (Finn et al.'s code "
         "has none)",
     )
-    t.add_argument("--reg", type=float, default=2.0, help="iMAML proximal strength")
-    t.add_argument("--cg", type=int, default=5, help="iMAML solver iterations")
+    t.add_argument("--reg", type=positive, default=2.0, help="iMAML proximal strength")
+    t.add_argument("--cg", type=count, default=5, help="iMAML solver iterations")
     t.add_argument(
         "--solver",
         choices=(
@@ -1184,23 +1198,26 @@ def make_parser() -> argparse.ArgumentParser:
         "iMAML release's GD on the task loss then one proximal pull",
     )
     t.add_argument(
-        "--damping", type=float, default=0.0, help="iMAML: solve (H + (reg + damping) I) x = g"
+        "--damping",
+        type=nonnegative,
+        default=0.0,
+        help="iMAML: solve (H + (reg + damping) I) x = g",
     )
-    t.add_argument("--log-every", type=int, default=10, help="meta-steps between log records")
+    t.add_argument("--log-every", type=count, default=10, help="meta-steps between log records")
     t.add_argument(
         "--cos-every",
-        type=int,
+        type=nonnegative_int,
         default=50,
         help="meta-steps between first-order/MAML gradient comparisons (0: never)",
     )
     t.add_argument(
         "--curvature-tasks",
-        type=int,
+        type=nonnegative_int,
         default=2,
         help="tasks of the batch on which --cos-every also measures lr * eig(H_support)",
     )
-    t.add_argument("--eval-every", type=int, default=100, help="meta-steps between validations")
-    t.add_argument("--val-tasks", type=int, default=100, help="meta-validation tasks")
+    t.add_argument("--eval-every", type=count, default=100, help="meta-steps between validations")
+    t.add_argument("--val-tasks", type=count, default=100, help="meta-validation tasks")
     t.add_argument(
         "--save",
         default=None,
@@ -1208,7 +1225,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--checkpoint); '{step}' in it is replaced by the meta-step",
     )
     t.add_argument(
-        "--save-at", type=int, nargs="*", default=[], help="meta-steps at which to save too"
+        "--save-at", type=count, nargs="*", default=[], help="meta-steps at which to save too"
     )
     t.set_defaults(func=run_train)
 
@@ -1221,15 +1238,15 @@ def make_parser() -> argparse.ArgumentParser:
         default=None,
         help="meta-parameters saved by train --save (default: the initialization)",
     )
-    m.add_argument("--tasks", type=int, default=8, help="meta-training tasks to measure")
+    m.add_argument("--tasks", type=count, default=8, help="meta-training tasks to measure")
     m.add_argument(
         "--first-task",
-        type=int,
+        type=nonnegative_int,
         default=100000,
         help="index of the first task (of the --seed sampler)",
     )
     m.add_argument(
-        "--reg", type=float, nargs="+", default=[2.0], help="iMAML proximal strengths to measure"
+        "--reg", type=positive, nargs="+", default=[2.0], help="iMAML proximal strengths to measure"
     )
     m.add_argument(
         "--inner",
@@ -1238,24 +1255,24 @@ def make_parser() -> argparse.ArgumentParser:
         help="inner loop: GD on the proximal objective (examples/omniglot.py), or the iMAML "
         "release's GD on the task loss then one proximal pull",
     )
-    m.add_argument("--inner-steps", type=int, default=20, help="inner gradient steps")
-    m.add_argument("--inner-lr", type=float, default=0.05, help="inner step size")
+    m.add_argument("--inner-steps", type=count, default=20, help="inner gradient steps")
+    m.add_argument("--inner-lr", type=positive, default=0.05, help="inner step size")
     m.add_argument(
         "--cg-steps",
-        type=int,
+        type=count,
         nargs="+",
         default=[5],
         help="solver iterations to compare (the first also for the damped solves)",
     )
     m.add_argument(
         "--exact-iters",
-        type=int,
+        type=count,
         default=3000,
         help="MINRES iterations of the exact solve (to 1e-10)",
     )
     m.add_argument(
         "--lanczos-steps",
-        type=int,
+        type=count,
         default=60,
         help="Lanczos steps for the extreme eigenvalues of H",
     )
@@ -1263,7 +1280,10 @@ def make_parser() -> argparse.ArgumentParser:
         "--dense", action="store_true", help="also build H densely (small --hidden only)"
     )
     m.add_argument(
-        "--maml-lr", type=float, default=0.4, help="MAML's inner step (1 step) for the comparison"
+        "--maml-lr",
+        type=positive,
+        default=0.4,
+        help="MAML's inner step (1 step) for the comparison",
     )
     m.set_defaults(func=run_imaml)
 
@@ -1273,13 +1293,8 @@ def make_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     common(k)
-    k.add_argument("--checkpoint", default=None, help="meta-parameters saved by train --save")
-    k.add_argument("--tasks", type=int, default=48, help="meta-training tasks to measure")
-    k.add_argument("--first-task", type=int, default=100000, help="index of the first task")
-    k.add_argument("--reg", type=float, default=2.0, help="iMAML proximal strength")
-    k.add_argument("--inner-steps", type=int, default=20, help="inner gradient steps")
-    k.add_argument("--inner-lr", type=float, default=0.05, help="inner step size")
-    k.add_argument("--cg", type=int, default=5, help="CG iterations")
+    at_checkpoint(k, tasks=48)
+    k.add_argument("--cg", type=count, default=5, help="CG iterations")
     k.add_argument("--float64", action="store_true", help="float64 instead of float32")
     k.set_defaults(func=run_spikes)
 
@@ -1290,12 +1305,7 @@ def make_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     common(v)
-    v.add_argument("--checkpoint", default=None, help="meta-parameters saved by train --save")
-    v.add_argument("--tasks", type=int, default=6, help="meta-training tasks to measure")
-    v.add_argument("--first-task", type=int, default=100000, help="index of the first task")
-    v.add_argument("--reg", type=float, default=2.0, help="iMAML proximal strength")
-    v.add_argument("--inner-steps", type=int, default=20, help="inner gradient steps")
-    v.add_argument("--inner-lr", type=float, default=0.05, help="inner step size")
+    at_checkpoint(v, tasks=6)
     v.set_defaults(func=run_curvature)
 
     c = sub.add_parser(
@@ -1304,16 +1314,36 @@ def make_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     common(c)
-    c.add_argument("--tasks", type=int, default=3, help="tasks")
-    c.add_argument("--inner-steps", type=int, default=1, help="inner steps")
-    c.add_argument("--inner-lr", type=float, default=0.4, help="inner step size")
+    c.add_argument("--tasks", type=count, default=3, help="tasks")
+    c.add_argument("--inner-steps", type=count, default=1, help="inner steps")
+    c.add_argument("--inner-lr", type=positive, default=0.4, help="inner step size")
     c.set_defaults(func=run_check)
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; values out of range are refused, naming the flag."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.ways < 2:
+        parser.error(f"--ways must be >= 2 (a task tells classes apart), got {args.ways}")
+    if args.command == "train":
+        if args.curvature_tasks > args.meta_batch:
+            parser.error(
+                f"--curvature-tasks {args.curvature_tasks} is more than the --meta-batch "
+                f"{args.meta_batch} tasks it is measured on"
+            )
+        if args.save_at and args.save is None:
+            parser.error("--save-at needs --save, the file to write")
+        late = [step for step in args.save_at if step > args.meta_steps]
+        if late:
+            parser.error(f"--save-at {late[0]} is after the last of --meta-steps {args.meta_steps}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run a subcommand and write its JSON."""
-    args = make_parser().parse_args(argv)
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     result = args.func(args)

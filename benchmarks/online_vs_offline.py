@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from argtypes import count, positive
 from common import code_revision, git_revision
 from torch import nn
 
@@ -143,13 +144,13 @@ def write_docs(result: dict) -> None:
 def make_parser() -> argparse.ArgumentParser:
     """The command line (its settings are recorded with the results)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=100)
-    parser.add_argument("--d", type=int, default=20)
-    parser.add_argument("--ll-lr", type=float, default=0.3)
-    parser.add_argument("--ll-steps", type=int, default=200, help="offline LL steps per UL step")
-    parser.add_argument("--hyper-every", type=int, default=10)
-    parser.add_argument("--budget", type=int, default=2000, help="LL steps in total")
-    parser.add_argument("--ul-lrs", type=float, nargs="+", default=[0.05, 0.01])
+    parser.add_argument("--n", type=count, default=100)
+    parser.add_argument("--d", type=count, default=20)
+    parser.add_argument("--ll-lr", type=positive, default=0.3)
+    parser.add_argument("--ll-steps", type=count, default=200, help="offline LL steps per UL step")
+    parser.add_argument("--hyper-every", type=count, default=10)
+    parser.add_argument("--budget", type=count, default=2000, help="LL steps in total")
+    parser.add_argument("--ul-lrs", type=positive, nargs="+", default=[0.05, 0.01])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--out",
@@ -159,9 +160,19 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; values out of range are refused, naming the flag."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    for flag, steps in (("--ll-steps", args.ll_steps), ("--hyper-every", args.hyper_every)):
+        if args.budget < steps:  # the method would take no UL step
+            parser.error(f"--budget {args.budget} is less than {flag} {steps}: no UL step")
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    args = make_parser().parse_args(argv)
+    args = parse_args(argv)
     torch.manual_seed(args.seed)
     train, val = make_data(args.n, args.d, args.seed)
     runs = [

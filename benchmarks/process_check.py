@@ -28,6 +28,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from argtypes import count, names, positive
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "method_families_process_check.json"
 SLOTS = (("ours", "bilevel"), ("floor", "floor"), ("both", "bilevel"), ("both", "floor"))
@@ -106,16 +108,29 @@ def check(method: str, problem: str, rounds: int, seconds: float) -> dict[str, A
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; values out of range are refused, naming the flag."""
+    sys.path[:0] = [str(HERE.parent), str(HERE)]
+    import method_families
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="bda", help="method_families methods")
-    parser.add_argument("--rounds", type=int, default=10, help="alternation rounds per cell")
     parser.add_argument(
-        "--request-seconds", type=float, default=0.5, help="timed seconds per request"
+        "--methods",
+        type=names(method_families.METHODS),
+        default="bda",
+        help="method_families methods",
+    )
+    parser.add_argument("--rounds", type=count, default=10, help="alternation rounds per cell")
+    parser.add_argument(
+        "--request-seconds", type=positive, default=0.5, help="timed seconds per request"
     )
     parser.add_argument("--out", type=Path, default=OUT, help=f"results file (default {OUT})")
     parser.add_argument("--serve", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.serve:
         serve(args.serve.split(","))
         return

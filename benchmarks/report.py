@@ -23,6 +23,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from argtypes import existing_file  # noqa: E402
 from common import RESULTS, ROOT, code_revision  # noqa: E402
 
 PAGE = ROOT / "docs" / "benchmarks.md"
@@ -943,16 +944,21 @@ def page(res: Results, source: Path, images: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; a results file that does not exist is refused."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "results",
         nargs="*",
-        type=Path,
+        type=existing_file,
         help="results files of run.py (default: the newest in benchmarks/results); later "
         "ones replace the records they repeat",
     )
-    sources = parser.parse_args(argv).results
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    sources = parse_args(argv).results
     if not sources:
         dated = sorted(RESULTS.glob("2*-*.json"))  # the runs' files, named by date and time
         if not dated:

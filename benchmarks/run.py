@@ -30,6 +30,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from argtypes import count, existing_file, names, positive  # noqa: E402
 from common import RESULTS, ROOT, git_revision, machine  # noqa: E402
 
 PEERS = {
@@ -452,23 +453,46 @@ def annotate(path: Path, args: argparse.Namespace) -> None:
     print(f"recorded the notes of {', '.join(workers)} in {path}")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; values out of range are refused, naming the flag."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few minutes instead of ~25")
-    parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated")
-    parser.add_argument("--suites", default=",".join(SUITES), help="comma-separated")
+    parser.add_argument(
+        "--impls", type=names(IMPLS), default=",".join(IMPLS), help="comma-separated"
+    )
+    parser.add_argument(
+        "--suites", type=names(SUITES), default=",".join(SUITES), help="comma-separated"
+    )
     parser.add_argument("--only", help="regular expression on configuration labels")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    parser.add_argument("--rounds", type=int, help="alternation rounds (2 quick, 3 full)")
-    parser.add_argument("--budget", type=float, help="seconds of timed steps per round")
+    parser.add_argument("--threads", type=count, default=1, help="torch threads per worker")
+    parser.add_argument("--rounds", type=count, help="alternation rounds (2 quick, 3 full)")
+    parser.add_argument("--budget", type=positive, help="seconds of timed steps per round")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory runs")
     parser.add_argument("--memory-only", action="store_true", help="only the memory runs")
     parser.add_argument("--no-report", action="store_true", help="do not write the docs page")
     parser.add_argument("--out", help="results file (default: results/<date>.json)")
     parser.add_argument("--patched", help="folder with a modified bilevel package to compare")
     parser.add_argument("--partial", help="file to rewrite with the results after each config")
-    parser.add_argument("--annotate", help="only (re)record the workers' notes into this file")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--annotate",
+        type=existing_file,
+        help="only (re)record the workers' notes into this file",
+    )
+    args = parser.parse_args(argv)
+    if args.only is not None:
+        try:
+            re.compile(args.only)
+        except re.error as error:
+            parser.error(f"--only: not a regular expression ({error}): {args.only!r}")
+    if args.no_memory and args.memory_only:
+        parser.error("--no-memory and --memory-only together would measure nothing")
+    if args.patched is not None and not (Path(args.patched) / "bilevel" / "__init__.py").is_file():
+        parser.error(f"--patched: {args.patched} holds no bilevel package (bilevel/__init__.py)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.annotate:
         annotate(Path(args.annotate), args)
         return

@@ -26,6 +26,7 @@ from pathlib import Path
 import problems as P
 import torch
 import torch.nn.functional as F
+from argtypes import count
 from common import git_revision
 from torch.func import functional_call, grad, vmap
 
@@ -97,13 +98,18 @@ def timed(fn: Callable, *args: object) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; values out of range are refused, naming the flag."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[4, 16])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batches", type=count, nargs="+", default=[4, 16])
+    parser.add_argument("--rounds", type=count, default=5)
+    parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--out", type=Path, default=OUT, help=f"results file (default {OUT})")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     for batch in args.batches:

@@ -26,6 +26,7 @@ from typing import Any
 
 import problems as P
 import torch
+from argtypes import count, json_object
 from common import NotSupported, measure_peak_memory, summarize, time_steps
 
 
@@ -159,21 +160,29 @@ def _tail() -> str:
     return "".join(traceback.format_exc().splitlines(keepends=True)[-6:])
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; values out of range are refused, naming the flag."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["serve", "memory"])
     parser.add_argument("--impl", required=True)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=1, help="UL steps measured (memory)")
-    parser.add_argument("--config", help="configuration as JSON (memory)")
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=count, default=1)
+    parser.add_argument("--steps", type=count, default=1, help="UL steps measured (memory)")
+    parser.add_argument("--config", type=json_object, help="configuration as JSON (memory)")
+    args = parser.parse_args(argv)
+    if args.mode == "memory" and args.config is None:
+        parser.error("memory needs --config, the configuration measured")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)  # TorchOpt's functorch notices
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     if args.mode == "serve":
         serve(args.impl)
     else:
-        memory(args.impl, json.loads(args.config), args.steps)
+        memory(args.impl, args.config, args.steps)
 
 
 if __name__ == "__main__":
