@@ -31,6 +31,7 @@ SCRIPTS = (
     "process_check",
     "report",
     "run",
+    "single_loop_growth",
     "vmap_tasks",
     "worker",
 )
@@ -203,6 +204,9 @@ BAD = {
         (["--no-memory", "--memory-only"], "--memory-only"),
         (["--patched", FOLDER], "--patched"),
         (["--annotate", MISSING], "--annotate"),
+    ],
+    "single_loop_growth": [
+        (["--steps", "0"], "--steps"),
     ],
     "vmap_tasks": [
         (["--rounds", "0"], "--rounds"),

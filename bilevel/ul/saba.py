@@ -11,7 +11,7 @@ from torch import nn
 from bilevel.state import Objective
 from bilevel.ul.base import Grads
 from bilevel.ul.sampling import SAME, Minibatch, Sampler, num_samples, select
-from bilevel.ul.stochastic import StochasticMethod, Tensors, dense
+from bilevel.ul.stochastic import LLStep, StochasticMethod, Tensors, dense
 
 #: the directions SABA keeps a memory of, per level: LL-shaped or UL-shaped
 TERMS = {"train": ("ll_grad", "hvp", "cross"), "val": ("ul_grad_y", "ul_grad_x")}
@@ -265,10 +265,11 @@ class SABA(StochasticMethod):
                 memory_all = self._make_memory(model, train, val)
             y, v = self.leaves(), self.initial_v()
             reduced: dict[str, Tensors] = {}
-            losses, raw = {}, {}
+            losses, raw, drawn = {}, {}, {}
             pending: list[Callable[[], None]] = []  # the tables' updates, once checked
             for level, pair in (("train", train), ("val", val)):
                 mb, batch = self.draw(level, pair)
+                drawn[level] = mb, batch
                 losses[level], raw[level], terms = self._terms(level, model, y, v, mb, batch)
                 memory = memory_all.get(level)
                 if memory is None:  # one batch: the terms themselves (weight 1)
@@ -299,6 +300,7 @@ class SABA(StochasticMethod):
             new_y,
             new_v,
             commit=lambda: self._commit_memory(memory_all, pending),
+            step=LLStep(ll, y, *drawn["train"], rho),
         )
 
     def _commit_memory(self, memory: dict[str, _Memory], pending: list[Callable[[], None]]) -> None:

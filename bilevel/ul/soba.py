@@ -10,7 +10,7 @@ from torch import nn
 
 from bilevel.state import Objective
 from bilevel.ul.sampling import SAME, Sampler
-from bilevel.ul.stochastic import StochasticMethod
+from bilevel.ul.stochastic import LLStep, StochasticMethod
 
 
 def check_decay(value: Any, name: str) -> float:
@@ -123,4 +123,5 @@ class SOBA(StochasticMethod):
         finally:
             ll.release(model)
         self.diagnostics.update(ll_lr=rho, ul_scale=scale)
-        return self.finish(ll_loss, ul_loss, direction, new_y, new_v, scale)
+        step = LLStep(ll, y, mb_in, batch_in, rho)
+        return self.finish(ll_loss, ul_loss, direction, new_y, new_v, scale, step=step)

@@ -13,15 +13,27 @@ the UL objective on the validation data, ``y`` the LL variable (the trainable pa
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from bilevel.linalg import power_iteration
 from bilevel.ll import evaluate_at
+from bilevel.roundoff import ROUNDOFF
 from bilevel.second_derivatives import gradient_to_differentiate
-from bilevel.state import Objective, all_finite, check_objective_result, make_state, parameter_names
+from bilevel.state import (
+    LowerLevelDivergenceError,
+    Objective,
+    all_finite,
+    check_objective_result,
+    draws_untouched,
+    make_state,
+    parameter_names,
+)
 from bilevel.ul.base import (
     Call,
     Grads,
@@ -29,9 +41,23 @@ from bilevel.ul.base import (
     check_ll_parameters,
     refuse_other_dynamics,
 )
+from bilevel.ul.ll_growth import RisingLoss, divergence_message
 from bilevel.ul.sampling import SAME, Minibatch, Sampler, num_samples, select
 
 Tensors = list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LLStep:
+    """A single-loop method's LL step, as :meth:`StochasticMethod.finish` confirms a suspect
+    growth with it: the LL optimizer ``ll``, the LL variable ``y`` before the step, the train
+    ``minibatch`` and its ``batch`` (data, target), and the step size ``lr``."""
+
+    ll: Any
+    y: list[torch.Tensor]
+    minibatch: Minibatch
+    batch: tuple[Any, Any]
+    lr: float
 
 
 def dense(like: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> Tensors:
@@ -130,6 +156,9 @@ class StochasticMethod(HypergradientCalculator):
         self.t = 0
         #: the linear-system variable (``None`` until the first step)
         self.v: Tensors | None = None
+        #: the LL loss across UL steps, for single-loop methods' growth check (``finish``)
+        self.rising = RisingLoss()
+        self._warned_growth = False
 
     # --- settings, checks, state -----------------------------------------------------------
 
@@ -199,7 +228,9 @@ class StochasticMethod(HypergradientCalculator):
         return self._state(self.v)
 
     def _state(self, v: Tensors | None) -> dict[str, Any]:
-        return {"t": self.t, "v": v, "sampler": self.sampler.state_dict(), **self._extra_state()}
+        sampler = self.sampler.state_dict()
+        extra = self._extra_state()
+        return {"t": self.t, "v": v, "sampler": sampler, "ll_growth": self.rising.state(), **extra}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (tensors go to the LL parameters' device and dtype)."""
@@ -212,6 +243,7 @@ class StochasticMethod(HypergradientCalculator):
         self.v = None if v is None else self._like(v, self.ll_trainable, "v")
         self.sampler.load_state_dict(state["sampler"])
         self._load_extra_state(state)
+        self.rising.load(state.get("ll_growth"))
         self.t = int(state["t"])
 
     def _extra_state(self) -> dict[str, Any]:
@@ -414,6 +446,7 @@ class StochasticMethod(HypergradientCalculator):
         scale: float = 1.0,
         losses: torch.Tensor | None = None,
         commit: Callable[[], None] | None = None,
+        step: LLStep | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Check the step (one host sync), add ``scale * direction`` to ``.grad`` of the UL
         parameters and commit (:meth:`commit_state`) ``y`` to ``ll_model``, ``v``, the count
@@ -422,7 +455,10 @@ class StochasticMethod(HypergradientCalculator):
         Nothing is changed when a value is not finite (but the sampler has moved on; the
         runner puts it back unless it skips the step): the step raises
         ``FloatingPointError`` naming the cause (the runner's ``on_nonfinite="skip"`` then
-        skips a step that left the state as it was)."""
+        skips a step that left the state as it was). A single-loop method gives its LL
+        ``step``: an LL loss that grows across UL steps is then checked
+        (:mod:`bilevel.ul.ll_growth`; :class:`~bilevel.ll.LowerLevelDivergenceError`, or a
+        warning, as the LL optimizer's ``on_growth`` says)."""
         direction = [d.detach() if d.requires_grad else d for d in direction]
         y = [w.detach() if w.requires_grad else w for w in y]
         checked = [ll_loss, ul_loss, *direction, *y, *(v or [])]
@@ -430,8 +466,16 @@ class StochasticMethod(HypergradientCalculator):
             checked.append(losses)
         if not all_finite(checked):
             raise FloatingPointError(self._nonfinite(ll_loss, ul_loss, direction, y, v, losses))
+        value, cleared = None, False
+        policy = None if step is None else getattr(step.ll, "on_growth", "raise")
+        if policy == "raise" or (policy == "warn" and not self._warned_growth):
+            value = float(ll_loss)  # (synchronized already, by the check above)
+            if self.rising.suspect(value):
+                cleared = self._confirm_growth(step, value)
 
         def change() -> None:
+            if value is not None:
+                self.rising.record(value, cleared)
             with torch.no_grad():
                 for p, w in zip(self.ll_trainable, y, strict=True):
                     p.copy_(w)
@@ -450,6 +494,71 @@ class StochasticMethod(HypergradientCalculator):
                 p.grad.add_(d)
         self.diagnostics["ul_loss"] = ul_loss
         return ul_loss, ll_loss
+
+    def _confirm_growth(self, step: LLStep, loss: float) -> bool:
+        """Raise (or warn, as ``step.ll.on_growth`` says) if the LL step is too large for the
+        curvature of the step's train minibatch at this UL point: this UL step's LL loss
+        ``loss`` is suspect (:class:`~bilevel.ul.ll_growth.RisingLoss`). Returns whether
+        the suspicion was cleared (the step is stable there)."""
+        evidence = self._step_too_large(step)
+        if evidence is None:
+            return True  # the rises came from the UL side or the minibatches
+        message = divergence_message(
+            type(self).__name__, self.t, loss, self.rising.peak or 0.0, evidence
+        )
+        if getattr(step.ll, "on_growth", "raise") == "warn":
+            if not self._warned_growth:  # once per method
+                self._warned_growth = True
+                warnings.warn(message, RuntimeWarning, stacklevel=4)
+            return False
+        raise LowerLevelDivergenceError(message, first=self.rising.peak, last=loss, iters=1)
+
+    def _step_too_large(self, step: LLStep) -> str | None:
+        """What shows the LL step ``step.lr`` too large at the step's UL point and train
+        minibatch, in words, or ``None``: one SGD step raises the minibatch's LL loss beyond
+        ``step.ll.growth_tolerance`` (and round-off), or the largest eigenvalue of its
+        Hessian (20 power iterations, which approach it from below) is above
+        ``2 / step.lr``. The evaluations leave the random generators as they were."""
+        lr, y = step.lr, step.y
+        model = step.ll.patched_model(graph_from_start=False)
+        try:
+            with draws_untouched(y[0].device):
+                before, grads = self._ll_grad(model, y, step.minibatch, step.batch, True)
+                with torch.no_grad():
+                    moved = [(w - lr * g).requires_grad_() for w, g in zip(y, grads, strict=True)]
+                after = self._loss(self.ll_objective, "ll_objective", model, moved, step.batch, 1.0)
+                first, last = float(before), float(after[0].detach())
+                tolerance = getattr(step.ll, "growth_tolerance", 1e-3)
+                noise = ROUNDOFF * torch.finfo(before.dtype).eps * max(abs(first), abs(last))
+                if last > first + tolerance * abs(first) + noise:
+                    return (
+                        f"one SGD step of the LL step size {lr:.4g} raises this step's train "
+                        f"minibatch's LL loss from {first:.4g} to {last:.4g}"
+                    )
+                linked = [(g, i) for i, g in enumerate(grads) if g.requires_grad]
+                if not linked:
+                    return None  # a loss linear in y: no curvature
+
+                def hvp(vector: Tensors) -> Tensors:
+                    out = torch.autograd.grad(
+                        [g for g, _ in linked],
+                        y,
+                        grad_outputs=[vector[i] for _, i in linked],
+                        retain_graph=True,
+                        allow_unused=True,
+                    )
+                    return dense(y, out)
+
+                lambda_max = float(power_iteration(hvp, y))
+        finally:
+            step.ll.release(model)
+        if lambda_max * lr > 2.0:
+            return (
+                f"the largest eigenvalue of this step's train minibatch's LL Hessian is at least "
+                f"{lambda_max:.4g} (power iteration), above 2 / the LL step size {lr:.4g} = "
+                f"{2.0 / lr:.4g}"
+            )
+        return None
 
     def _nonfinite(
         self,
