@@ -36,6 +36,16 @@ def roundoff_floor(scale: torch.Tensor, terms: int = 1) -> torch.Tensor:
     return ROUNDOFF * growth * torch.finfo(scale.dtype).eps * scale
 
 
+def loss_grew(first: float, last: float, tolerance: float, dtype: torch.dtype) -> bool:
+    """Whether a loss grew from ``first`` to ``last`` beyond the relative ``tolerance`` and
+    round-off: ``last > first + tolerance |first| + ROUNDOFF eps max(|first|, |last|)``
+    (``eps`` of ``dtype``). Every term is relative to the losses compared, none absolute: a
+    loss of 1e-20 near a perfect fit that grows tenfold is caught as one of 1e12 summed over
+    a data set."""
+    noise = ROUNDOFF * torch.finfo(dtype).eps * max(abs(first), abs(last))
+    return last > first + tolerance * abs(first) + noise
+
+
 def batch_terms(data: Any) -> int:
     """The number of examples that an objective sums over a batch ``data`` (a tensor, or
     tuples, lists and dicts of them): the largest leading dimension of its tensors; 1 where

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from problems import DTYPE, ridge, ridge_hessian, ridge_ll, ridge_ul
 from torch import nn
 
@@ -144,20 +145,29 @@ def pulled_ll(state: dict) -> torch.Tensor:
     return 0.5 * x.exp().sum() * ((y - C) ** 2).sum() + 0.5 * (y**2).sum()
 
 
+def pulled_dropout_ll(state: dict) -> torch.Tensor:
+    """:func:`pulled_ll` with dropout (p = 0.2) on ``y - C``: curvature at most
+    ``1 + exp(x) / 0.8^2``, below 2.6 for ``x < 0``."""
+    y, x = state["ll_model"].y, state["ul_model"].x
+    return 0.5 * x.exp().sum() * (F.dropout(y - C, 0.2) ** 2).sum() + 0.5 * (y**2).sum()
+
+
 def pulled_ul(state: dict) -> torch.Tensor:
     return 0.5 * ((state["ll_model"].y - C) ** 2).sum()
 
 
-def pulled_run(method: type, on_growth: str, steps: int = 60) -> tuple[list[float], Gate]:
-    """60 UL steps (Adam) in which the UL variable raises the LL loss 860-fold, from 8.8e-4
-    to 0.76, with a stable LL step (``lr * curvature <= 0.9``)."""
+def pulled_run(
+    method: type, on_growth: str, objective=pulled_ll, lr: float = 0.5
+) -> tuple[list[float], Gate]:
+    """60 UL steps (Adam) in which the UL variable raises the LL loss 1,200-fold, from
+    8.8e-4 to 1.06, with a stable LL step (``lr * curvature <= 0.9``)."""
     gate, point = Gate(), Point()
-    ll = GradientDescent(pulled_ll, point, gate, lr=0.5, iters=1, on_growth=on_growth)
+    ll = GradientDescent(objective, point, gate, lr=lr, iters=1, on_growth=on_growth)
     options = {"batch_size": None, **(CONSTANT if method is SOBA else {})}
-    ul = method(pulled_ul, gate, pulled_ll, point, **options)
+    ul = method(pulled_ul, gate, objective, point, **options)
     problem = BilevelProblem(ll, ul, torch.optim.Adam(gate.parameters(), lr=0.1))
     losses = []
-    for _ in range(steps):
+    for _ in range(60):
         problem.step(NO_DATA, NO_DATA)
         losses.append(float(problem.last_ll_loss))
     return losses, gate
@@ -165,7 +175,7 @@ def pulled_run(method: type, on_growth: str, steps: int = 60) -> tuple[list[floa
 
 @pytest.mark.parametrize("method", [SOBA, SABA])
 def test_an_ll_loss_that_the_ul_raises_is_not_called_diverging(method, monkeypatch):
-    """The LL loss rises 860-fold, twice within every 10 UL steps for most of the run: the
+    """The LL loss rises 1,200-fold, twice within every 10 UL steps for most of the run: the
     steps are suspect, the confirmation finds the LL step stable each time (a few times, not
     at every step), and the run is bitwise the run without the check."""
     verdicts = []
@@ -178,7 +188,7 @@ def test_an_ll_loss_that_the_ul_raises_is_not_called_diverging(method, monkeypat
 
     monkeypatch.setattr(stochastic_module.StochasticMethod, "_step_too_large", spy)
     checked, gate = pulled_run(method, "raise")
-    assert checked[-1] > 500 * checked[0]
+    assert checked[-1] > 1000 * checked[0]
     assert 3 <= len(verdicts) <= 15 and all(v is None for v in verdicts)
     unchecked, other_gate = pulled_run(method, "ignore")
     assert checked == unchecked
@@ -258,3 +268,18 @@ def test_rising_loss_compares_with_every_loss_before_the_window():
     restored = RisingLoss()
     restored.load(rising.state())
     assert restored.state() == rising.state()
+
+
+@pytest.mark.parametrize("method", [SOBA, SABA])
+def test_dropout_in_the_ll_objective_is_not_called_diverging(method):
+    """FOUND (review): the confirmation compared the loss before and after one SGD step with
+    two different dropout masks, and mask noise alone (3-4x) read as growth: 9 of 10 stable
+    runs stopped, also with a step ten times smaller. Both losses now make the same draws;
+    the runs are bitwise those without the check (the generators left as they were)."""
+    for seed in range(4):
+        torch.manual_seed(seed)
+        checked, gate = pulled_run(method, "raise", pulled_dropout_ll, lr=0.2)
+        torch.manual_seed(seed)
+        unchecked, other_gate = pulled_run(method, "ignore", pulled_dropout_ll, lr=0.2)
+        assert checked == unchecked
+        assert torch.equal(gate.x, other_gate.x)

@@ -35,7 +35,7 @@ from bilevel.ll.unroll import (
     last_step_only,
     needs_graph,
 )
-from bilevel.roundoff import ROUNDOFF, roundoff_floor
+from bilevel.roundoff import loss_grew, roundoff_floor
 from bilevel.state import (
     LowerLevelDivergenceError,
     Objective,
@@ -569,10 +569,7 @@ class GradientDescent:
             )
         if self.on_growth == "ignore" or count < 2:
             return
-        # every term relative to the losses compared, none absolute: a loss of 1e-20 near a
-        # perfect fit that grows tenfold is caught as one of 1e12 summed over a data set
-        noise = ROUNDOFF * torch.finfo(losses.dtype).eps * max(abs(first), abs(last))
-        if not last > first + self.growth_tolerance * abs(first) + noise:
+        if not loss_grew(first, last, self.growth_tolerance, losses.dtype):
             return
         if unroll is not None and not self._moved(unroll):
             return  # weights at round-off of their start: the losses' changes are noise

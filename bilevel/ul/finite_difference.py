@@ -162,10 +162,11 @@ class FiniteDifference(HypergradientCalculator):
             in the weights' units (the scale of the objectives does not matter): with weights
             of size 1e-2 and a mixed derivative that is not quadratic in them (a logistic LL
             with a learned temperature), the default was 6% off ``Reverse``, 32% at 1e-4;
-            give ``r`` a fraction of the weights' scale there. A radius below the weights'
-            round-off, ``eps * ||w||`` (``w`` the weights it moves, ``eps`` their dtype's
-            machine epsilon), raises ``ValueError`` naming a working one: the two points
-            would be the same floating-point numbers, and the finite difference 0.
+            give ``r`` a fraction of the weights' scale there. A radius that the rounding of
+            the two points eats (below ``eps * ||w||``, ``w`` the weights it moves, ``eps``
+            their dtype's machine epsilon, and less than half of ``2 r`` left between the
+            rounded points) raises ``ValueError`` naming a working one: the points would be
+            the same floating-point numbers, and the finite difference 0.
     """
 
     name = "finite_difference"
@@ -278,25 +279,38 @@ class FiniteDifference(HypergradientCalculator):
                 result[i] = add(result[i], v[k] if curvature is None else v[k] - curvature)
         # (read after all the work is queued: the UL loss check that follows waits for it too)
         floor = torch.finfo(size.dtype).eps * float(size)
-        if self.r < floor < math.inf:
-            self._refuse_radius(float(size), size.dtype)
+        if self.r < floor < math.inf:  # only then can the points' rounding eat the radius
+            self._refuse_rounded_radius(before, delta, float(size))
         return result, loss
 
-    def _refuse_radius(self, size: float, dtype: torch.dtype) -> None:
-        """Raise for a radius ``r`` below ``eps * ||w||``, the round-off of the weights ``w``
-        it moves: ``w + eps v`` and ``w - eps v`` differ by less than one unit in the last
-        place per weight on average (below half of it they are bitwise equal), and the finite
-        difference is round-off, or exactly 0, leaving the direct term alone."""
+    def _refuse_rounded_radius(self, before: Tensors, delta: Tensors, size: float) -> None:
+        """Raise if less than half of the points' intended distance ``2 ||delta|| = 2 r``
+        survives their rounding: ``w + delta`` and ``w - delta`` are then the same
+        floating-point numbers, or nearly, and the finite difference round-off or exactly 0,
+        leaving the direct term alone. Called where ``r < eps ||w||`` only: a radius below
+        the round-off of the whole weights' norm may still survive on the weights it moves
+        (a large intercept beside small weights), and is then let through. A ``delta``
+        shorter than ``r`` (the UL loss flat in ``w``: the difference is 0 by right) too."""
+        intended = 2.0 * float(linalg.norm(delta))
+        realized = float(
+            linalg.norm(
+                [torch.add(b, d) - torch.sub(b, d) for b, d in zip(before, delta, strict=True)]
+            )
+        )
+        if not (intended >= self.r and realized < 0.5 * intended):
+            return
+        dtype = before[0].dtype
         eps = torch.finfo(dtype).eps
         working = max(1e-2, eps ** (1 / 3) * size)
         raise ValueError(
             f"FiniteDifference's radius r={self.r:g} is below the round-off of the LL weights "
             f"it moves (machine epsilon {eps:.3g} times ||w|| = {size:.4g}: {eps * size:.3g}): "
-            "w + eps v and w - eps v are the same floating-point numbers or nearly, so the "
-            "finite difference of the LL gradients is round-off or exactly 0, and the "
-            "hypergradient would be its direct term alone. r is the norm of the perturbation "
-            "in weight space (DARTS' eps = 0.01 / ||v|| is r = 0.01, the default): use "
-            f"r={working:.3g}, a fraction of the weights' scale well above round-off."
+            f"w + eps v and w - eps v are {realized:.3g} apart where they should be 2r = "
+            f"{intended:.3g}, so the finite difference of the LL gradients is round-off or "
+            "exactly 0, and the hypergradient would be its direct term alone. r is the norm of "
+            "the perturbation in weight space (DARTS' eps = 0.01 / ||v|| is r = 0.01, the "
+            f"default): use r={working:.3g}, a fraction of the weights' scale well above "
+            "round-off."
         )
 
     def _layout(self, active: list[int]) -> tuple[list[int], list[tuple[int, int]]]:

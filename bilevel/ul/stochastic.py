@@ -23,16 +23,17 @@ from torch import nn
 
 from bilevel.linalg import power_iteration
 from bilevel.ll import evaluate_at
-from bilevel.roundoff import ROUNDOFF
+from bilevel.roundoff import loss_grew
 from bilevel.second_derivatives import gradient_to_differentiate
 from bilevel.state import (
     LowerLevelDivergenceError,
     Objective,
     all_finite,
+    capture_draws,
     check_objective_result,
-    draws_untouched,
     make_state,
     parameter_names,
+    replay_draws,
 )
 from bilevel.ul.base import (
     Call,
@@ -353,15 +354,25 @@ class StochasticMethod(HypergradientCalculator):
         return loss, [g.detach() for g in grads], hv, cv
 
     def products(
-        self, y: Tensors, grads: Tensors, vector: Tensors, hessian: bool = True, cross: bool = True
+        self,
+        y: Tensors,
+        grads: Tensors,
+        vector: Tensors,
+        hessian: bool = True,
+        cross: bool = True,
+        retain_graph: bool = False,
     ) -> tuple[Tensors | None, Grads | None]:
         """``(grad_yy G @ vector, grad_xy G @ vector)`` from ``grads = grad_y G`` taken with its
-        graph; either may be skipped."""
+        graph; either may be skipped; ``retain_graph``: keep the graph for more products."""
         inputs = (list(y) if hessian else []) + (list(self.ul_params) if cross else [])
         pairs = [(g, u) for g, u in zip(grads, vector, strict=True) if g.requires_grad]
         if pairs:
             out = torch.autograd.grad(
-                [g for g, _ in pairs], inputs, grad_outputs=[u for _, u in pairs], allow_unused=True
+                [g for g, _ in pairs],
+                inputs,
+                grad_outputs=[u for _, u in pairs],
+                retain_graph=retain_graph,
+                allow_unused=True,
             )
         else:  # G is linear in y: no second derivatives at all
             out = (None,) * len(inputs)
@@ -471,7 +482,7 @@ class StochasticMethod(HypergradientCalculator):
         if policy == "raise" or (policy == "warn" and not self._warned_growth):
             value = float(ll_loss)  # (synchronized already, by the check above)
             if self.rising.suspect(value):
-                cleared = self._confirm_growth(step, value)
+                cleared = self._confirm_growth(step, value, policy)
 
         def change() -> None:
             if value is not None:
@@ -495,59 +506,51 @@ class StochasticMethod(HypergradientCalculator):
         self.diagnostics["ul_loss"] = ul_loss
         return ul_loss, ll_loss
 
-    def _confirm_growth(self, step: LLStep, loss: float) -> bool:
-        """Raise (or warn, as ``step.ll.on_growth`` says) if the LL step is too large for the
-        curvature of the step's train minibatch at this UL point: this UL step's LL loss
-        ``loss`` is suspect (:class:`~bilevel.ul.ll_growth.RisingLoss`). Returns whether
+    def _confirm_growth(self, step: LLStep, loss: float, policy: str) -> bool:
+        """Raise (``policy="raise"``) or warn once (``"warn"``) if the LL step is too large
+        for the curvature of the step's train minibatch at this UL point: this UL step's LL
+        loss ``loss`` is suspect (:class:`~bilevel.ul.ll_growth.RisingLoss`). Returns whether
         the suspicion was cleared (the step is stable there)."""
         evidence = self._step_too_large(step)
         if evidence is None:
             return True  # the rises came from the UL side or the minibatches
-        message = divergence_message(
-            type(self).__name__, self.t, loss, self.rising.peak or 0.0, evidence
-        )
-        if getattr(step.ll, "on_growth", "raise") == "warn":
-            if not self._warned_growth:  # once per method
-                self._warned_growth = True
-                warnings.warn(message, RuntimeWarning, stacklevel=4)
+        peak = self.rising.peak or 0.0
+        message = divergence_message(type(self).__name__, self.t, loss, peak, evidence)
+        if policy == "warn":
+            self._warned_growth = True
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
             return False
-        raise LowerLevelDivergenceError(message, first=self.rising.peak, last=loss, iters=1)
+        raise LowerLevelDivergenceError(message, first=peak, last=loss, iters=1)
 
     def _step_too_large(self, step: LLStep) -> str | None:
         """What shows the LL step ``step.lr`` too large at the step's UL point and train
         minibatch, in words, or ``None``: one SGD step raises the minibatch's LL loss beyond
         ``step.ll.growth_tolerance`` (and round-off), or the largest eigenvalue of its
         Hessian (20 power iterations, which approach it from below) is above
-        ``2 / step.lr``. The evaluations leave the random generators as they were."""
+        ``2 / step.lr``. Both losses make the same random draws (dropout: one function
+        compared at two points), and the generators are left as they were."""
         lr, y = step.lr, step.y
         model = step.ll.patched_model(graph_from_start=False)
         try:
-            with draws_untouched(y[0].device):
+            with replay_draws(capture_draws(y[0].device)) as draws:
                 before, grads = self._ll_grad(model, y, step.minibatch, step.batch, True)
                 with torch.no_grad():
                     moved = [(w - lr * g).requires_grad_() for w, g in zip(y, grads, strict=True)]
+                draws.rewind()
                 after = self._loss(self.ll_objective, "ll_objective", model, moved, step.batch, 1.0)
                 first, last = float(before), float(after[0].detach())
                 tolerance = getattr(step.ll, "growth_tolerance", 1e-3)
-                noise = ROUNDOFF * torch.finfo(before.dtype).eps * max(abs(first), abs(last))
-                if last > first + tolerance * abs(first) + noise:
+                if loss_grew(first, last, tolerance, before.dtype):
                     return (
                         f"one SGD step of the LL step size {lr:.4g} raises this step's train "
                         f"minibatch's LL loss from {first:.4g} to {last:.4g}"
                     )
-                linked = [(g, i) for i, g in enumerate(grads) if g.requires_grad]
-                if not linked:
+                if not any(g.requires_grad for g in grads):
                     return None  # a loss linear in y: no curvature
+                hessian = self.products  # (the gradient's graph is kept for the 20 products)
 
                 def hvp(vector: Tensors) -> Tensors:
-                    out = torch.autograd.grad(
-                        [g for g, _ in linked],
-                        y,
-                        grad_outputs=[vector[i] for _, i in linked],
-                        retain_graph=True,
-                        allow_unused=True,
-                    )
-                    return dense(y, out)
+                    return hessian(y, grads, vector, cross=False, retain_graph=True)[0]
 
                 lambda_max = float(power_iteration(hvp, y))
         finally:
