@@ -180,12 +180,24 @@ class FiniteDifference(HypergradientCalculator):
         r: float = 1e-2,
     ) -> None:
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
-        if isinstance(r, bool) or not isinstance(r, int | float):
-            raise TypeError(f"r must be a number > 0 (the finite-difference radius), got {r!r}.")
-        if not (math.isfinite(r) and r > 0):
-            raise ValueError(f"r must be a finite number > 0 (DARTS uses 0.01), got {r!r}.")
-        self.r = float(r)
+        self.r = r
         self._warned_steps = False
+
+    @property
+    def r(self) -> float:
+        """The finite-difference radius; may be set between steps, checked as at
+        construction."""
+        return self._r
+
+    @r.setter
+    def r(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(
+                f"r must be a number > 0 (the finite-difference radius), got {value!r}."
+            )
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"r must be a finite number > 0 (DARTS uses 0.01), got {value!r}.")
+        self._r = float(value)
 
     def differentiable_steps(self, iters: int) -> int:
         """None: the finite differences replace the LL graph."""
@@ -193,7 +205,7 @@ class FiniteDifference(HypergradientCalculator):
 
     def settings(self) -> dict[str, Any]:
         """The finite-difference radius."""
-        return {"r": self.r}
+        return {"r": self._r}
 
     def check_against(self, ll: Any) -> None:
         """Also: the LL step is plain SGD, the step this method differentiates."""
@@ -248,8 +260,8 @@ class FiniteDifference(HypergradientCalculator):
             norm = torch.linalg.vector_norm(u[0]) if len(u) == 1 else linalg.norm(u)
             # u = 0 (the UL loss is flat in w): w+- = w, and the difference is exactly 0 (the
             # floor keeps eps finite, r / floor <= 1 / tiny, so that 0 * eps is not NaN)
-            norm = norm.clamp_min(_norm_floor(norm.dtype, self.r))
-            eps = self.r / norm
+            norm = norm.clamp_min(_norm_floor(norm.dtype, self._r))
+            eps = self._r / norm
             # the perturbation eps * u (no graph: u and eps come from gradients taken without)
             delta = list(map(eps.mul, u))
             # the size of the weights moved, whose round-off the radius must be above
@@ -258,7 +270,7 @@ class FiniteDifference(HypergradientCalculator):
         # mixed = (plus - minus) * scale, the second derivative along u (times xi when the
         # direction is v); the UL parameters take direct - mixed. scale = xi / (2 eps), with
         # 1 / eps = ||u|| / r
-        scale = norm * ((common if common is not None else 1.0) / (2 * self.r))
+        scale = norm * ((common if common is not None else 1.0) / (2 * self._r))
         # the perturbation's multiple of u = xi * v (the same point as eps * v with one xi)
         self.diagnostics["fd_epsilon"] = eps if common is None else eps / common
         result: list[torch.Tensor | None] = []
@@ -279,7 +291,7 @@ class FiniteDifference(HypergradientCalculator):
                 result[i] = add(result[i], v[k] if curvature is None else v[k] - curvature)
         # (read after all the work is queued: the UL loss check that follows waits for it too)
         floor = torch.finfo(size.dtype).eps * float(size)
-        if self.r < floor < math.inf:  # only then can the points' rounding eat the radius
+        if self._r < floor < math.inf:  # only then can the points' rounding eat the radius
             self._refuse_rounded_radius(before, delta, float(size))
         return result, loss
 
@@ -297,13 +309,13 @@ class FiniteDifference(HypergradientCalculator):
                 [torch.add(b, d) - torch.sub(b, d) for b, d in zip(before, delta, strict=True)]
             )
         )
-        if not (intended >= self.r and realized < 0.5 * intended):
+        if not (intended >= self._r and realized < 0.5 * intended):
             return
         dtype = before[0].dtype
         eps = torch.finfo(dtype).eps
         working = max(1e-2, eps ** (1 / 3) * size)
         raise ValueError(
-            f"FiniteDifference's radius r={self.r:g} is below the round-off of the LL weights "
+            f"FiniteDifference's radius r={self._r:g} is below the round-off of the LL weights "
             f"it moves (machine epsilon {eps:.3g} times ||w|| = {size:.4g}: {eps * size:.3g}): "
             f"w + eps v and w - eps v are {realized:.3g} apart where they should be 2r = "
             f"{intended:.3g}, so the finite difference of the LL gradients is round-off or "

@@ -133,19 +133,13 @@ class Implicit(HypergradientCalculator):
         damping: float = 0.0,
     ) -> None:
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
-        if isinstance(damping, bool) or not isinstance(damping, int | float):
-            raise ValueError(f"damping must be a finite number >= 0, got {damping!r}.")
-        if not 0 <= damping < math.inf:
-            raise ValueError(f"damping must be a finite number >= 0, got {damping!r}.")
-        self.damping = float(damping)
+        self.damping = damping
         if isinstance(ll_learning_rate, torch.Tensor):
             ll_learning_rate = float(ll_learning_rate.detach())
         if ll_learning_rate is not None and not _positive(ll_learning_rate):
             raise ValueError(
                 f"ll_learning_rate must be a number > 0 or None, got {ll_learning_rate!r}."
             )
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}.")
         if isinstance(tolerance, bool) or not isinstance(tolerance, int | float):
             raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}.")
         if not tolerance >= 0:
@@ -184,6 +178,31 @@ class Implicit(HypergradientCalculator):
         self._warned_graph = False
         self._warned_divergence = False
 
+    @property
+    def k(self) -> int:
+        """The solver's iterations; may be set between steps, checked as at construction."""
+        return self._k
+
+    @k.setter
+    def k(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"k must be an integer >= 1, got {value!r}.")
+        self._k = value
+
+    @property
+    def damping(self) -> float:
+        """The Tikhonov damping ``delta`` of ``(H + delta I) q = v``; may be set between
+        steps, checked as at construction."""
+        return self._damping
+
+    @damping.setter
+    def damping(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"damping must be a finite number >= 0, got {value!r}.")
+        if not 0 <= value < math.inf:
+            raise ValueError(f"damping must be a finite number >= 0, got {value!r}.")
+        self._damping = float(value)
+
     def differentiable_steps(self, iters: int) -> int:
         """None: the LL graph is not needed."""
         return 0
@@ -200,9 +219,14 @@ class Implicit(HypergradientCalculator):
         ``power_iters`` where ``alpha="auto"`` picks the step with other than the default 20
         (so that checkpoints written before these were recorded still resume)."""
         method = self.method if isinstance(self.method, str) else type(self.method).__name__
-        settings = {"k": self.k, "method": method, "tolerance": self.tolerance, "alpha": self.alpha}
-        if self.damping:
-            settings["damping"] = self.damping
+        settings = {
+            "k": self._k,
+            "method": method,
+            "tolerance": self.tolerance,
+            "alpha": self.alpha,
+        }
+        if self._damping:
+            settings["damping"] = self._damping
         if self.alpha == "auto" and self.method in SERIES and self.power_iters != 20:
             settings["power_iters"] = self.power_iters
         return settings
@@ -359,7 +383,7 @@ class Implicit(HypergradientCalculator):
         passes through a once-differentiable Function: its backward would be
         differentiated)."""
         step_map = trajectory.step_map
-        if self.damping:
+        if self._damping:
             hvp = self._damped(hvp)
         if step_map is None or step_map.symmetric:
             return linalg.Operator(hvp, symmetric=True)
@@ -396,11 +420,11 @@ class Implicit(HypergradientCalculator):
             )
             return [torch.zeros_like(x) if o is None else o for x, o in zip(w, out, strict=True)]
 
-        return linalg.Operator(hvp, rmatvec=self._damped(jvp) if self.damping else jvp)
+        return linalg.Operator(hvp, rmatvec=self._damped(jvp) if self._damping else jvp)
 
     def _damped(self, product: linalg.MatVec) -> linalg.MatVec:
         """``q -> product(q) + damping * q``."""
-        delta = self.damping
+        delta = self._damping
 
         def damped(q: list[torch.Tensor]) -> list[torch.Tensor]:
             return [h + delta * x for h, x in zip(product(q), q, strict=True)]
@@ -534,14 +558,14 @@ class Implicit(HypergradientCalculator):
         if callable(self.method):
             return linalg.as_solver(self.method, self.tolerance)
         if self.method not in SERIES:
-            return linalg.make_solver(self.method, self.k, self.tolerance)
+            return linalg.make_solver(self.method, self._k, self.tolerance)
         if self.alpha == "auto":
             return linalg.auto_alpha(
-                lambda a: linalg.make_solver(self.method, self.k, self.tolerance, alpha=a),
+                lambda a: linalg.make_solver(self.method, self._k, self.tolerance, alpha=a),
                 self.power_iters,
             )
         alpha = self.alpha if self.alpha is not None else self._ll_step_size(trajectory)
-        return linalg.make_solver(self.method, self.k, self.tolerance, alpha=alpha)
+        return linalg.make_solver(self.method, self._k, self.tolerance, alpha=alpha)
 
     def _ll_step_size(self, trajectory: Trajectory) -> float:
         step = self.ll_learning_rate
@@ -598,7 +622,7 @@ class Implicit(HypergradientCalculator):
             )
         elif self.method in SERIES and not getattr(matvec, "symmetric", True):
             # a fixed-point map: the system is not symmetric, and lambda_max bounds no step
-            system = "(I - dPhi/dw)^T" + (f" + {self.damping:g} I" if self.damping else "")
+            system = "(I - dPhi/dw)^T" + (f" + {self._damping:g} I" if self._damping else "")
             message = (
                 f"The {name} series diverged on the fixed-point map's adjoint system "
                 f"{system} q = v: its residual went from {info.rhs_norm:.3g} to "
@@ -614,8 +638,8 @@ class Implicit(HypergradientCalculator):
             self.diagnostics["lambda_max"] = lambda_max
             lambda_min = self._smallest_eigenvalue(matvec, v, lambda_max)
             alpha = info.alpha
-            system = f"H + {self.damping:g} I" if self.damping else "H"
-            matrix = "the damped system's" if self.damping else "the LL Hessian's"
+            system = f"H + {self._damping:g} I" if self._damping else "H"
+            matrix = "the damped system's" if self._damping else "the LL Hessian's"
             diverged = (
                 f"The {name} series diverged: its residual went from {info.rhs_norm:.3g} "
                 f"to {info.residual_norm:.3g} in {info.iterations} steps."

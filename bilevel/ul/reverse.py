@@ -69,16 +69,26 @@ class Truncated(Reverse):
         truncate_iter: int,
     ) -> None:
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
-        if isinstance(truncate_iter, bool) or not isinstance(truncate_iter, int):
-            raise TypeError(f"truncate_iter must be an int >= 1, got {truncate_iter!r}.")
-        if truncate_iter < 1:
-            raise ValueError(f"truncate_iter must be >= 1, got {truncate_iter}.")
         self.truncate_iter = truncate_iter
+
+    @property
+    def truncate_iter(self) -> int:
+        """K, the final LL steps differentiated; may be set between steps, checked as at
+        construction."""
+        return self._truncate_iter
+
+    @truncate_iter.setter
+    def truncate_iter(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"truncate_iter must be an int >= 1, got {value!r}.")
+        if value < 1:
+            raise ValueError(f"truncate_iter must be >= 1, got {value}.")
+        self._truncate_iter = value
 
     def settings(self) -> dict[str, int]:
         """The truncation."""
-        return {"truncate_iter": self.truncate_iter}
+        return {"truncate_iter": self._truncate_iter}
 
     def differentiable_steps(self, iters: int) -> int:
         """The last ``truncate_iter`` (or all, if fewer)."""
-        return min(self.truncate_iter, iters)
+        return min(self._truncate_iter, iters)
