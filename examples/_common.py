@@ -57,6 +57,7 @@ from bilevel import checkpoint
 from bilevel.data import load_mnist, reword
 from bilevel.ll import LowerLevelDivergenceError
 from bilevel.problem import Interrupted
+from bilevel.ul import HypergradientDivergenceError
 
 try:
     import fcntl
@@ -342,15 +343,22 @@ def mnist_split(
     }
 
 
-def stopped_by(error: FloatingPointError, method: str, step: int, ll_lr: str) -> str:
+def stopped_by(
+    error: FloatingPointError, method: str, step: int, ll_lr: str, alpha: str | None = None
+) -> str:
     """What a run stopped by numerical trouble at UL step ``step`` says: the library's message
-    and, for a diverged LL (:class:`bilevel.ll.LowerLevelDivergenceError`, whose cure names
-    the library's ``lr``), the cure in the command line's flag of the LL step, ``ll_lr``."""
+    and, where its cure names a library setting, the cure in the command line's flag: for a
+    diverged LL (:class:`bilevel.ll.LowerLevelDivergenceError`, whose cure names ``lr``) the
+    flag of the LL step, ``ll_lr``; for a diverged series
+    (:class:`bilevel.ul.HypergradientDivergenceError` with a ``safe_alpha``) the flag of its
+    step, ``alpha``."""
     message = f"{method} stopped at UL step {step}: {error}"
     if isinstance(error, LowerLevelDivergenceError):
         safe = error.safe_lr
         cure = f"{ll_lr} {safe:.3g} or less" if safe else f"halve {ll_lr} until the LL loss falls"
         message += f" On the command line: {cure}."
+    elif isinstance(error, HypergradientDivergenceError) and alpha and error.safe_alpha:
+        message += f" On the command line: {alpha} {error.safe_alpha:.3g}, or {alpha} auto."
     return message
 
 

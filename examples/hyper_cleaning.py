@@ -373,7 +373,8 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
     except FloatingPointError as error:  # a diverged solve or LL: record it, then stop
         failed = {**identity, "error": str(error), "failed_at_ul_step": problem.step_count}
         _common.write_json(out / _common.RESULTS_FILE, failed)
-        message = _common.stopped_by(error, args.method, problem.step_count, "--ll-lr")
+        flags = ("--ll-lr", "--neumann-alpha")
+        message = _common.stopped_by(error, args.method, problem.step_count, *flags)
         raise SystemExit(message) from error
     seconds, cpu_seconds = record.seconds, record.cpu_seconds
 

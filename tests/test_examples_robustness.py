@@ -882,3 +882,26 @@ def test_a_diverging_ll_is_cured_by_the_scripts_flag(script, tmp_path, monkeypat
     message = str(stop.value.code)
     assert message.startswith("implicit-cg stopped at UL step 0") and "diverging" in message
     assert re.search(r"On the command line: --ll-lr \d\S* or less\.$", message), message
+
+
+def test_a_diverging_neumann_series_is_cured_by_the_scripts_flag(tmp_path, monkeypatch):
+    """--neumann-alpha 100 makes the series diverge; the library's cure is "use alpha=1.73
+    (alpha='auto' does this) or method='cg'", which the script takes as --neumann-alpha (it
+    named only the library's alpha)."""
+    from test_example_measurements import fake_mnist
+
+    argv = ["--out", str(tmp_path), "--n-train", "30", "--n-val", "20", "--ll-steps", "20"]
+    argv += ["--final-steps", "20", "--ul-steps", "1", "--no-progress"]
+    argv += ["--method", "implicit-neumann", "--neumann-alpha", "100"]
+    with example_module("hyper_cleaning") as module:
+        monkeypatch.setattr(module._common, "mnist_split", fake_mnist())
+        monkeypatch.setattr(module._common, "pyplot", lambda: None)
+        with pytest.raises(SystemExit) as stop:
+            module.main(argv)
+    message = str(stop.value.code)
+    assert message.startswith("implicit-neumann stopped at UL step 0"), message
+    assert "series diverged" in message
+    pattern = r"On the command line: --neumann-alpha (\S+), or --neumann-alpha auto\.$"
+    safe = re.search(pattern, message)
+    assert safe is not None, message
+    assert 0 < float(safe.group(1)) < 100

@@ -30,7 +30,16 @@ def _positive(value: Any) -> bool:
 
 
 class HypergradientDivergenceError(FloatingPointError):
-    """The linear solve behind an implicit hypergradient diverged."""
+    """The linear solve behind an implicit hypergradient diverged.
+
+    Attributes:
+        safe_alpha: for a series whose step ``alpha`` was above ``2 / lambda_max``, a step that
+            converges, ``1 / lambda_max`` (``None`` where no smaller step is the cure).
+    """
+
+    def __init__(self, message: str, *, safe_alpha: float | None = None) -> None:
+        super().__init__(message)
+        self.safe_alpha = safe_alpha
 
 
 METHODS = ("cg", "neumann", "fixed_point", "normal_cg", "minres")
@@ -612,6 +621,7 @@ class Implicit(HypergradientCalculator):
                 "objective for NaN, log(0) or division by zero."
             )
         name = self.method if isinstance(self.method, str) else "the given solver"
+        safe_alpha = None  # a step that converges, where a smaller one is the cure
         if self.method == "cg":
             message = (
                 "CG met a direction of non-positive curvature (or a non-finite residual): the LL "
@@ -667,10 +677,11 @@ class Implicit(HypergradientCalculator):
                     f"to a small positive one for the estimate to resolve: {indefinite}"
                 )
             else:
+                safe_alpha = 1.0 / lambda_max
                 message = (
                     f"{diverged} It converges only for alpha < 2/lambda_max({system}); alpha "
                     f"is {alpha:.3g} and {matrix} largest eigenvalue is about "
-                    f"{lambda_max:.4g}, so use alpha={1.0 / lambda_max:.3g} (alpha='auto' does "
+                    f"{lambda_max:.4g}, so use alpha={safe_alpha:.3g} (alpha='auto' does "
                     "this) or method='cg'."
                 )
         else:
@@ -681,7 +692,7 @@ class Implicit(HypergradientCalculator):
                 "add L2 regularization to the LL objective, or pass damping > 0."
             )
         if self.on_divergence == "raise":
-            raise HypergradientDivergenceError(message)
+            raise HypergradientDivergenceError(message, safe_alpha=safe_alpha)
         if not self._warned_divergence:  # once: diagnostics["diverged"] tells every time
             self._warned_divergence = True
             warnings.warn(message, RuntimeWarning, stacklevel=4)
