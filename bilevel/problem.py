@@ -79,7 +79,6 @@ def split_tasks(batch: dict[str, Pair]) -> list[tuple[Pair, Pair]]:
         x, y = batch[key]
         for i, member in enumerate((x, y)):
             leaves += tensor_leaves(member, f'batch["{key}"][{i}]')
-            map_tensors(member, _unchanged, partial(_refuse_array, f'batch["{key}"][{i}]'))
         both = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
         if both and x.ndim >= 2 and y.ndim >= 2 and x.shape[1] != y.shape[1]:
             raise ValueError(
@@ -103,16 +102,13 @@ def split_tasks(batch: dict[str, Pair]) -> list[tuple[Pair, Pair]]:
             raise ValueError(
                 f"task batch {name} has {t.shape[0]} tasks along its first dimension, expected {n}."
             )
-    (tx, ty), (vx, vy) = batch["train"], batch["test"]
+    members = [(batch[key][j], f'batch["{key}"][{j}]') for key in ("train", "test") for j in (0, 1)]
 
-    def task(value: Any, i: int) -> Any:  # row i of every tensor; other leaves are shared
-        return map_tensors(value, lambda t: t[i], lambda other: other)
+    def task(i: int) -> list[Any]:  # row i of every tensor; other leaves are shared
+        return [map_tensors(v, lambda t: t[i], partial(_refuse_array, name)) for v, name in members]
 
-    return [((task(tx, i), task(ty, i)), (task(vx, i), task(vy, i))) for i in range(n)]
-
-
-def _unchanged(value: Any) -> Any:
-    return value
+    tasks = [task(i) for i in range(n)]
+    return [((tx, ty), (vx, vy)) for tx, ty, vx, vy in tasks]
 
 
 def _refuse_array(name: str, leaf: Any) -> Any:

@@ -145,8 +145,9 @@ class HypergradientCalculator:
         self.ul_model = ul_model
         self.ll_model = ll_model
         self.ul_params = trainable_parameters(ul_model, "ul_model")
-        #: the LL parameters trainable at construction (read only to explain a refusal)
-        self._ll_params_at_build = trainable_parameters(ll_model, "ll_model")
+        #: the LL parameters trainable at construction (the LL variable of the methods that
+        #: keep it; for the others, what a refusal compares with)
+        self.ll_trainable = trainable_parameters(ll_model, "ll_model")
         check_same_device_and_dtype(ll_model=ll_model, ul_model=ul_model)
         position = {id(p): i for i, p in enumerate(ll_model.parameters())}
         #: for each UL parameter, the index of the LL fast weight it initializes (or None)
@@ -415,8 +416,7 @@ class HypergradientCalculator:
     def _ll_changes(self) -> str | None:
         """In words, the LL parameters trainable at construction that were frozen or left
         ``ll_model`` since; ``None`` where none did (for refusals only: not on the hot path)."""
-        kept = self.__dict__.get("_ll_params_at_build")
-        changes = None if kept is None else parameter_changes(self.ll_model, kept)
+        changes = parameter_changes(self.ll_model, self.ll_trainable)
         if changes is None or not (changes.frozen or changes.gone):
             return None
         described = []

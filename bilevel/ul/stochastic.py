@@ -149,7 +149,6 @@ class StochasticMethod(HypergradientCalculator):
                     "to the Sampler."
                 )
         self.sampler = sampler
-        self.ll_trainable = [p for p in ll_model.parameters() if p.requires_grad]
         #: ll_model's parameters and which of them are ``y`` (fixed here, as ``ll_trainable``)
         self._ll_params = list(ll_model.parameters())
         self._all_trainable = len(self._ll_params) == len(self.ll_trainable)
@@ -478,7 +477,7 @@ class StochasticMethod(HypergradientCalculator):
         if not all_finite(checked):
             raise FloatingPointError(self._nonfinite(ll_loss, ul_loss, direction, y, v, losses))
         value, cleared = None, False
-        policy = None if step is None else getattr(step.ll, "on_growth", "raise")
+        policy = None if step is None else step.ll.on_growth
         if policy == "raise" or (policy == "warn" and not self._warned_growth):
             value = float(ll_loss)  # (synchronized already, by the check above)
             if self.rising.suspect(value):
@@ -539,8 +538,7 @@ class StochasticMethod(HypergradientCalculator):
                 draws.rewind()
                 after = self._loss(self.ll_objective, "ll_objective", model, moved, step.batch, 1.0)
                 first, last = float(before), float(after[0].detach())
-                tolerance = getattr(step.ll, "growth_tolerance", 1e-3)
-                if loss_grew(first, last, tolerance, before.dtype):
+                if loss_grew(first, last, step.ll.growth_tolerance, before.dtype):
                     return (
                         f"one SGD step of the LL step size {lr:.4g} raises this step's train "
                         f"minibatch's LL loss from {first:.4g} to {last:.4g}"
