@@ -13,6 +13,7 @@ from bilevel.ll.gradient_descent import GradientDescent
 from bilevel.ll.rules import UpdateRule
 from bilevel.ll.unroll import THROUGH_STEPS, GradientStep, Observer, Tensors, Unroll
 from bilevel.second_derivatives import refuse_once_differentiable
+from bilevel.settings import Fixed, Setting
 from bilevel.state import (
     Objective,
     check_data_matches,
@@ -37,6 +38,37 @@ def _number(value: Any, name: str) -> float:
     value = float(value)
     if math.isnan(value):
         raise ValueError(f"{name} must be a number, got NaN.")
+    return value
+
+
+def _check_alpha(value: Any, name: str) -> float:
+    """A number in [0, 1]."""
+    value = _number(value, name)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value!r}.")
+    return value
+
+
+def _check_alpha_decay(value: Any, name: str) -> float:
+    """A number in (0, 1]."""
+    value = _number(value, name)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must lie in (0, 1], got {value!r} (1 keeps alpha constant).")
+    return value
+
+
+def _check_ul_scale(value: Any, name: str) -> float:
+    """A finite number > 0."""
+    value = _number(value, name)
+    if not 0.0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    return value
+
+
+def _check_objective(value: Any, name: str) -> Objective:
+    """A callable."""
+    if not callable(value):
+        raise TypeError(f"{name} must be callable: state -> scalar tensor.")
     return value
 
 
@@ -206,19 +238,10 @@ class BDA(GradientDescent):
         on_growth: str = "ignore",
         growth_tolerance: float = 1e-3,
     ) -> None:
-        if not callable(ul_objective):
-            raise TypeError("ul_objective must be callable: state -> scalar tensor.")
-        alpha = _number(alpha, "alpha")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}.")
-        alpha_decay = _number(alpha_decay, "alpha_decay")
-        if not 0.0 < alpha_decay <= 1.0:
-            raise ValueError(
-                f"alpha_decay must lie in (0, 1], got {alpha_decay!r} (1 keeps alpha constant)."
-            )
-        ul_scale = _number(ul_scale, "ul_scale")
-        if not 0.0 < ul_scale < math.inf:
-            raise ValueError(f"ul_scale must be a finite number > 0, got {ul_scale!r}.")
+        self.ul_objective = ul_objective
+        self.alpha = alpha
+        self.alpha_decay = alpha_decay
+        self.ul_scale = ul_scale
         super().__init__(
             ll_objective,
             ll_model,
@@ -233,22 +256,29 @@ class BDA(GradientDescent):
             on_growth=on_growth,
             growth_tolerance=growth_tolerance,
         )
-        self.ul_objective = ul_objective
-        self.alpha = alpha
-        self.alpha_decay = alpha_decay
-        self.ul_scale = ul_scale
+
+    ul_objective = Fixed(
+        "BilevelProblem checked that the UL method differentiates the same function",
+        _check_objective,
+        cure="To change it, build BDA, the UL method and the BilevelProblem again with the "
+        "new ul_objective.",
+    )
+    # may be set between runs, checked as at construction (each run's step map reads them)
+    alpha = Setting(_check_alpha)
+    alpha_decay = Setting(_check_alpha_decay)
+    ul_scale = Setting(_check_ul_scale)
 
     @property
     def reads_ul_batch(self) -> bool:
         """Whether the LL steps depend on the UL batch (``alpha > 0``): then a UL batch cannot
         be split by examples across processes (each share would steer its own LL run)."""
-        return self.alpha != 0.0
+        return self._alpha != 0.0
 
     @property
     def solves_ll_objective(self) -> bool:
         """Whether a run ends (as ``iters`` grows) at a stationary point of ``ll_objective``
         alone, as implicit differentiation assumes: only with ``alpha = 0``."""
-        return self.alpha == 0.0
+        return self._alpha == 0.0
 
     def settings(self) -> dict[str, Any]:
         """:meth:`GradientDescent.settings` and the aggregation's ``alpha``, ``alpha_decay``
@@ -264,7 +294,7 @@ class BDA(GradientDescent):
 
     def alphas(self) -> list[float]:
         """``alpha_k`` of each LL step of a run."""
-        return [self.alpha * self.alpha_decay**k for k in range(self.iters)]
+        return [self._alpha * self._alpha_decay**k for k in range(self.iters)]
 
     def start(
         self,
@@ -298,9 +328,9 @@ class BDA(GradientDescent):
             self.ll_objective,
             self.ul_objective,
             ul_state,
-            self.alpha,
-            self.alpha_decay,
-            self.ul_scale,
+            self._alpha,
+            self._alpha_decay,
+            self._ul_scale,
             self.rule,
             lambda g: self._check_reached(g, index),
         )
@@ -312,7 +342,7 @@ class BDA(GradientDescent):
             return
         params = list(self.ll_model.parameters())
         names = parameter_names(self.ll_model, [params[i] for i in unused])
-        if self.alpha == 0.0:
+        if self._alpha == 0.0:
             self.check_used(grads, index)  # alpha = 0 is GradientDescent: its message
         raise ValueError(
             f"neither ll_objective nor ul_objective depends on ll_model parameter(s) {names}: "

@@ -11,6 +11,7 @@ from torch import nn
 from bilevel import linalg
 from bilevel.ll.gradient_descent import GradientDescent
 from bilevel.ll.unroll import GradientStep
+from bilevel.settings import Fixed
 
 Tensors = list[torch.Tensor]
 FixedPointMapFn = Callable[[dict[str, Any]], Tensors]
@@ -81,6 +82,13 @@ class FixedPointStep(GradientStep):
         return image, opt_state, loss, residual
 
 
+def _check_map(value: Any, name: str) -> FixedPointMapFn:
+    """A callable."""
+    if not callable(value):
+        raise TypeError(f"{name} must be callable: state -> list of tensors.")
+    return value
+
+
 class FixedPointMap(GradientDescent):
     """The lower level as ``iters`` iterations of any fixed-point map ``w <- Phi(w, lambda)``
     that is not a gradient step: equilibrium models, message passing, a solver's own update.
@@ -115,6 +123,14 @@ class FixedPointMap(GradientDescent):
     #: the steps are the map's, not gradient steps on a loss: ``ll_objective`` is the map
     descends_objective = False
 
+    fixed_point_map = Fixed(
+        "it is also the LL optimizer's ll_objective, which BilevelProblem checked the UL "
+        "method against",
+        _check_map,
+        cure="To change it, build the FixedPointMap, the UL method and the BilevelProblem "
+        "again with the new map.",
+    )
+
     def __init__(
         self,
         fixed_point_map: FixedPointMapFn,
@@ -125,8 +141,6 @@ class FixedPointMap(GradientDescent):
         on_growth: str = "raise",
         growth_tolerance: float = 1e-3,
     ) -> None:
-        if not callable(fixed_point_map):
-            raise TypeError("fixed_point_map must be callable: state -> list of tensors.")
         self.fixed_point_map = fixed_point_map
         # a step of size 1 on the residual w - Phi(w): the series' default step is then the
         # plain fixed-point iteration of the adjoint system

@@ -36,6 +36,7 @@ from bilevel.ll.unroll import (
     needs_graph,
 )
 from bilevel.roundoff import loss_grew, roundoff_floor
+from bilevel.settings import Fixed, Setting
 from bilevel.state import (
     LowerLevelDivergenceError,
     Objective,
@@ -51,6 +52,38 @@ from bilevel.state import (
 
 #: ``run``'s default: record as many graph steps as ``differentiable_steps`` says
 AS_CONFIGURED: Any = object()
+#: why what a run is made of is fixed at construction, and the cure
+PLANNED = (
+    "the runs' plans (their step map and schedule of hyperparameters) were made from it, "
+    "BilevelProblem checked the UL method against it, and checkpoints record it"
+)
+REBUILD = (
+    "To change it, build the LL optimizer again with the new value (a new model, objective, "
+    "optimizer= or hyperparameter), and the UL method and BilevelProblem on it."
+)
+
+
+def _check_on_growth(value: Any, name: str) -> str:
+    """``"raise"`` (also for ``None``, the default), ``"warn"`` or ``"ignore"``."""
+    if value is None:
+        return "raise"
+    if value not in ("raise", "warn", "ignore"):
+        raise ValueError(f"{name} must be 'raise', 'warn' or 'ignore', got {value!r}.")
+    return value
+
+
+def _check_growth_tolerance(value: Any, name: str) -> float:
+    """A finite number >= 0, as a float."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not value >= 0
+        or value == float("inf")
+    ):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
 #: runs up to this many steps read their losses back whole for the checks (cheaper than
 #: reducing them on the device first)
 SHORT_RUN = 4096
@@ -216,17 +249,24 @@ class GradientDescent:
         self.differentiable_steps = differentiable_steps
         self._spare: nn.Module | None = None  # a patched model handed back by release()
         self.on_growth = _growth_policy(on_growth, warn_on_growth)
-        if (
-            isinstance(growth_tolerance, bool)
-            or not isinstance(growth_tolerance, int | float)
-            or not growth_tolerance >= 0
-            or growth_tolerance == float("inf")
-        ):
-            raise ValueError(
-                f"growth_tolerance must be a finite number >= 0, got {growth_tolerance!r}."
-            )
-        self.growth_tolerance = float(growth_tolerance)
+        self.growth_tolerance = growth_tolerance
         self._warned_growth = False
+
+    ll_objective = Fixed(PLANNED, cure=REBUILD)
+    ll_model = Fixed(PLANNED, cure=REBUILD)
+    ul_model = Fixed(PLANNED, cure=REBUILD)
+    rule = Fixed(PLANNED, cure=REBUILD)
+    optimizer = Fixed(PLANNED, cure=REBUILD)
+    hyper = Fixed(PLANNED, cure=REBUILD)
+    lr = Fixed(
+        "every run uses the value checked then, and checkpoints record it",
+        cure="To change the LL step size across UL steps, give lr as a callable of the UL "
+        "model (evaluated at every run) or a per-step schedule, or build a new LL optimizer "
+        "(and BilevelProblem).",
+    )
+    # may be set between runs, checked as at construction
+    on_growth = Setting(_check_on_growth)
+    growth_tolerance = Setting(_check_growth_tolerance)
 
     @staticmethod
     def _make_rule(optimizer: str | UpdateRule, **options: Any) -> UpdateRule:
@@ -266,22 +306,6 @@ class GradientDescent:
         return self.rule.name == "sgd" and all(
             isinstance(v, float) and v == 0.0 for h in terms for v in h.items
         )
-
-    @property
-    def lr(self) -> Any:
-        """The step size as given; fixed at construction (see the setter)."""
-        return self._lr
-
-    @lr.setter
-    def lr(self, value: Any) -> None:
-        if "_lr" in self.__dict__:  # runs use the copy checked at construction (``hyper``)
-            raise AttributeError(
-                "GradientDescent.lr is fixed at construction: every run uses the value checked "
-                "then, and checkpoints record it. To change the LL step size across UL steps, "
-                "give lr as a callable of the UL model (evaluated at every run) or a per-step "
-                "schedule, or build a new GradientDescent (and BilevelProblem)."
-            )
-        self._lr = value
 
     @property
     def iters(self) -> int:
@@ -567,22 +591,22 @@ class GradientDescent:
                 f"The LL loss became {losses[bad].item()} at LL step {bad} of {self.iters} "
                 f"({self._run_settings(rule=False)}). {self._nonfinite_advice()}"
             )
-        if self.on_growth == "ignore" or count < 2:
+        if self._on_growth == "ignore" or count < 2:
             return
-        if not loss_grew(first, last, self.growth_tolerance, losses.dtype):
+        if not loss_grew(first, last, self._growth_tolerance, losses.dtype):
             return
         if unroll is not None and not self._moved(unroll):
             return  # weights at round-off of their start: the losses' changes are noise
-        if self.on_growth == "warn" and self._warned_growth:
+        if self._on_growth == "warn" and self._warned_growth:
             return  # once per optimizer
         lambda_max, safe_lr, advice = self._stable_step(unroll)
         ratio = f" (x{last / first:.3g})" if first > 0 else ""
         message = (
             f"The LL loss grew from {first:.4g} to {last:.4g}{ratio} over {len(losses)} LL steps "
             f"({self._run_settings(rule=True)}), beyond the tolerance "
-            f"last <= first + {self.growth_tolerance:g}*|first|: the LL is diverging. {advice}"
+            f"last <= first + {self._growth_tolerance:g}*|first|: the LL is diverging. {advice}"
         )
-        if self.on_growth == "warn":
+        if self._on_growth == "warn":
             self._warned_growth = True
             warnings.warn(message, RuntimeWarning, stacklevel=3)
             return
@@ -699,7 +723,7 @@ class GradientDescent:
     @property
     def warn_on_growth(self) -> bool:
         """Deprecated: whether ``on_growth`` is not ``"ignore"``."""
-        return self.on_growth != "ignore"
+        return self._on_growth != "ignore"
 
     @warn_on_growth.setter
     def warn_on_growth(self, value: bool) -> None:
@@ -746,8 +770,9 @@ def _check_steps(value: int | None) -> int | None:
     return value
 
 
-def _growth_policy(on_growth: str | None, warn_on_growth: bool | None) -> str:
-    """``on_growth`` from the arguments, with the deprecated ``warn_on_growth`` mapped onto it."""
+def _growth_policy(on_growth: str | None, warn_on_growth: bool | None) -> str | None:
+    """``on_growth`` from the arguments, with the deprecated ``warn_on_growth`` mapped onto it
+    (checked by the setting, :func:`_check_on_growth`)."""
     if warn_on_growth is not None:
         if not isinstance(warn_on_growth, bool):
             raise TypeError(f"warn_on_growth must be a bool, got {warn_on_growth!r}.")
@@ -765,8 +790,4 @@ def _growth_policy(on_growth: str | None, warn_on_growth: bool | None) -> str:
             stacklevel=3,
         )
         on_growth = mapped
-    if on_growth is None:
-        return "raise"
-    if on_growth not in ("raise", "warn", "ignore"):
-        raise ValueError(f"on_growth must be 'raise', 'warn' or 'ignore', got {on_growth!r}.")
     return on_growth

@@ -7,10 +7,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from bilevel.settings import Setting
 from bilevel.state import Objective
 from bilevel.ul.sampling import SAME, Sampler
 from bilevel.ul.stocbio import check_lr, check_steps
 from bilevel.ul.stochastic import StochasticMethod
+
+
+def _check_v_iters(value: Any, name: str) -> int | None:
+    """``None`` (``ll.iters``), or an integer >= 1."""
+    return None if value is None else check_steps(value, name, 1)
 
 
 class AmIGO(StochasticMethod):
@@ -81,8 +87,12 @@ class AmIGO(StochasticMethod):
             seed,
             sampler,
         )
-        self.v_iters = None if v_iters is None else check_steps(v_iters, "v_iters", 1)
-        self.v_lr = check_lr(v_lr, "v_lr")
+        self.v_iters = v_iters
+        self.v_lr = v_lr
+
+    # may be set between UL steps, checked as at construction
+    v_iters = Setting(_check_v_iters)
+    v_lr = Setting(check_lr)
 
     def settings(self) -> dict[str, Any]:
         """The linear-system SGD settings and the sampler's settings."""
@@ -96,8 +106,8 @@ class AmIGO(StochasticMethod):
         returns the minibatch UL loss after the LL steps and the last LL step's loss
         (detached)."""
         alpha = self.ll_lr(ll)
-        beta = alpha if self.v_lr is None else self.v_lr
-        steps = ll.iters if self.v_iters is None else self.v_iters
+        beta = alpha if self._v_lr is None else self._v_lr
+        steps = ll.iters if self._v_iters is None else self._v_iters
         model = ll.patched_model(graph_from_start=False)
         try:
             y, losses = self.inner_sgd(model, self.leaves(), train, ll.iters, alpha)

@@ -17,6 +17,7 @@ from bilevel import linalg
 from bilevel.ll import Trajectory
 from bilevel.ll.patched import is_released, parameter_list
 from bilevel.ll.unroll import Observer
+from bilevel.settings import Fixed
 from bilevel.state import (
     Objective,
     check_data_matches,
@@ -34,6 +35,22 @@ from bilevel.state import (
 )
 
 Grads = list[torch.Tensor | None]
+#: the cure of a change of what a method was built on
+REBUILD = (
+    "Build the LL optimizer, the method and the BilevelProblem again on the new value (to "
+    "change a parameter's values, assign in place: with torch.no_grad(): p.copy_(value))."
+)
+#: why the problem's objectives and models are fixed
+PROBLEM = (
+    "it defines the problem, which BilevelProblem checked against the LL optimizer when it "
+    "was built (both must be built on the same models and ll_objective), and the method's "
+    "parameter lists and state were taken from it"
+)
+#: why the parameter lists are fixed
+TAKEN = (
+    "it was taken from the models at construction (the parameters that required grad then; "
+    "one frozen, unfrozen or replaced since is refused at the next step, saying so)"
+)
 #: a UL step's changes of a method's state, held until the runner applies them
 Commits = list[Callable[[], None]]
 
@@ -107,11 +124,27 @@ class HypergradientCalculator:
     records exactly what the method needs, then :meth:`accumulate`. Methods that keep LL
     state across UL steps implement the same call their own way.
 
+    A method's numeric and string settings may be set between UL steps (``ul.k = 20``):
+    they are checked as the constructor checks them (:class:`bilevel.settings.Setting`), and
+    the next :meth:`run_ll` checks the method against the LL optimizer again
+    (:meth:`check_against`), as the runner did when it was built. What a change could not
+    reach consistently (the objectives, the models and the parameter lists taken from them,
+    seeds and samplers, what the method's state across UL steps was made for) is fixed at
+    construction and refused with ``AttributeError`` (:class:`bilevel.settings.Fixed`).
+
     Attributes:
         diagnostics: what the last call measured (UL loss, solver diagnostics, ...).
     """
 
     name = "calculator"
+
+    ul_objective = Fixed(PROBLEM, cure=REBUILD)
+    ll_objective = Fixed(PROBLEM, cure=REBUILD)
+    ul_model = Fixed(PROBLEM, cure=REBUILD)
+    ll_model = Fixed(PROBLEM, cure=REBUILD)
+    ul_params = Fixed(TAKEN, cure=REBUILD)
+    ll_trainable = Fixed(TAKEN, cure=REBUILD)
+    initial_weight_of = Fixed(TAKEN, cure=REBUILD)
 
     #: whether the hypergradient and the UL loss of one task are linear in the UL objective
     #: for a given LL run, so that a UL batch split by examples into shards weighted by their
@@ -129,6 +162,10 @@ class HypergradientCalculator:
     queries_keep_state = True
     #: where :meth:`commit_state` puts the changes while they are held (else ``None``)
     _held_commits: Commits | None = None
+    #: settings changed after construction (:mod:`bilevel.settings` counts them), and the
+    #: counts of this method's and the LL's when they were last checked together
+    _settings_changes = 0
+    _checked_changes = (0, 0)
 
     def __init__(
         self,
@@ -220,7 +257,13 @@ class HypergradientCalculator:
         self, ll: Any, data: Any, target: Any, ul_batch: tuple[Any, Any] | None = None
     ) -> Trajectory:
         """One LL run on ``(data, target)`` that records exactly what this method needs
-        (``ul_batch``: the UL batch, for LL dynamics that look at it, such as BDA)."""
+        (``ul_batch``: the UL batch, for LL dynamics that look at it, such as BDA). Where a
+        setting of this method or of ``ll`` changed since they were checked together (by
+        the runner, when it was built), :meth:`check_against` runs first."""
+        changes = (self._settings_changes, getattr(ll, "_settings_changes", 0))
+        if changes != self._checked_changes:  # (inline: no call on the usual path)
+            self.check_against(ll)
+            self._checked_changes = changes
         steps = self.differentiable_steps(ll.iters)
         observer = self.observer(ll)
         try:

@@ -10,6 +10,7 @@ from torch import nn
 
 from bilevel import linalg
 from bilevel.roundoff import batch_terms, roundoff_floor
+from bilevel.settings import Setting
 from bilevel.state import Objective
 from bilevel.ul.value_function import (
     FirstOrderMethod,
@@ -18,7 +19,7 @@ from bilevel.ul.value_function import (
     add_scaled,
     check_choice,
     check_number,
-    check_schedule,
+    check_optional_schedule,
     combine,
     dot,
     evaluate_schedule,
@@ -93,9 +94,14 @@ class BOME(FirstOrderMethod):
         lr_y: float | Callable[[int], float] | None = None,
     ) -> None:
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
-        self.eta = check_number(eta, "eta")
-        self.phi = check_choice(phi, "phi", ("grad_norm", "value"))
-        self.lr_y = None if lr_y is None else check_schedule(lr_y, "lr_y")
+        self.eta = eta
+        self.phi = phi
+        self.lr_y = lr_y
+
+    # may be set between UL steps, checked as at construction
+    eta = Setting(check_number)
+    phi = Setting(check_choice, ("grad_norm", "value"))
+    lr_y = Setting(check_optional_schedule)
 
     def settings(self) -> dict[str, Any]:
         """The hyperparameters a resumed run must share."""
@@ -120,7 +126,7 @@ class BOME(FirstOrderMethod):
         if any(u is not None and v is not None for u, v in zip(ul_x, q_x, strict=True)):
             inner = inner + dot(ul_x, q_x)
         gap = ll_loss - ll_hat
-        phi = self.eta * (squared_norm if self.phi == "grad_norm" else gap)
+        phi = self._eta * (squared_norm if self._phi == "grad_norm" else gap)
         tiny = torch.finfo(squared_norm.dtype).tiny
         lam = torch.clamp_min(phi - inner, 0.0) / squared_norm.clamp_min(tiny)
         # y_hat = y to round-off: within what T LL steps travel on round-off gradients, each
@@ -132,7 +138,7 @@ class BOME(FirstOrderMethod):
         moved = linalg.norm([a - b for a, b in zip(y_hat, y, strict=True)])
         floor = c.iters * roundoff_floor(linalg.norm(y), batch_terms(c.train[0]))
         lam = torch.where(moved > floor, lam, torch.zeros_like(lam))
-        lr_y = c.lr if self.lr_y is None else evaluate_schedule(self.lr_y, "lr_y", c.step)
+        lr_y = c.lr if self._lr_y is None else evaluate_schedule(self._lr_y, "lr_y", c.step)
         d_y = add_scaled(ul_y, q_y, lam)
         return Update(
             ul_loss=ul_loss,

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bilevel.settings import Setting
 from bilevel.state import Objective
 from bilevel.ul.value_function import (
     FirstOrderMethod,
@@ -24,6 +25,22 @@ from bilevel.ul.value_function import (
 )
 
 Schedule = float | Callable[[int], float]
+
+
+def _check_y_iters(value: Any, name: str) -> int | None:
+    """``None`` or an integer >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}.")
+    return value
+
+
+def _check_slack_pair(slack: str, ll_lower_bound: float | None) -> None:
+    """Refuse ``ll_lower_bound`` without ``slack="lower_bound"``, or that slack without it."""
+    if (slack == "lower_bound") != (ll_lower_bound is not None):
+        raise ValueError(
+            "ll_lower_bound is needed with slack='lower_bound' and only there, got "
+            f"slack={slack!r} and ll_lower_bound={ll_lower_bound!r}."
+        )
 
 
 class BVFIM(FirstOrderMethod):
@@ -120,29 +137,41 @@ class BVFIM(FirstOrderMethod):
         slack_floor: float = 0.3,
     ) -> None:
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
-        self.mu = check_schedule(mu, "mu")
-        self.theta = check_schedule(theta, "theta")
-        self.sigma = check_schedule(sigma, "sigma")
-        if y_iters is not None and (
-            isinstance(y_iters, bool) or not isinstance(y_iters, int) or y_iters < 1
-        ):
-            raise ValueError(f"y_iters must be an integer >= 1 or None, got {y_iters!r}.")
+        self.mu = mu
+        self.theta = theta
+        self.sigma = sigma
         self.y_iters = y_iters
-        self.lr_y = check_optional_number(lr_y, "lr_y")
-        self.ll_lower_bound = (
-            None
-            if ll_lower_bound is None
-            else check_number(ll_lower_bound, "ll_lower_bound", low=-float("inf"))
-        )
-        if slack is None:
-            slack = "barrier" if ll_lower_bound is None else "lower_bound"
-        self.slack = check_choice(slack, "slack", ("barrier", "regularized", "lower_bound"))
-        if (self.slack == "lower_bound") != (ll_lower_bound is not None):
-            raise ValueError(
-                "ll_lower_bound is needed with slack='lower_bound' and only there, got "
-                f"slack={self.slack!r} and ll_lower_bound={ll_lower_bound!r}."
-            )
-        self.slack_floor = check_number(slack_floor, "slack_floor", high=1.0)
+        self.lr_y = lr_y
+        self.ll_lower_bound = ll_lower_bound
+        self.slack = slack
+        self.slack_floor = slack_floor
+
+    def _check_ll_lower_bound(self, value: Any) -> float | None:
+        """``None`` or a number; given only with ``slack="lower_bound"``."""
+        bound = check_optional_number(value, "ll_lower_bound", low=-math.inf)
+        if "_slack" in self.__dict__:
+            _check_slack_pair(self._slack, bound)
+        return bound
+
+    def _check_slack(self, value: Any) -> str:
+        """One of the slacks (``None``: by ``ll_lower_bound``), ``"lower_bound"`` with
+        ``ll_lower_bound`` and only there."""
+        bound = self._ll_lower_bound
+        if value is None:
+            value = "barrier" if bound is None else "lower_bound"
+        slack = check_choice(value, "slack", ("barrier", "regularized", "lower_bound"))
+        _check_slack_pair(slack, bound)
+        return slack
+
+    # may be set between UL steps, checked as at construction
+    mu = Setting(check_schedule)
+    theta = Setting(check_schedule)
+    sigma = Setting(check_schedule)
+    y_iters = Setting(_check_y_iters)
+    lr_y = Setting(check_optional_number)
+    ll_lower_bound = Setting(_check_ll_lower_bound, reads_object=True)
+    slack = Setting(_check_slack, reads_object=True)
+    slack_floor = Setting(check_number, high=1.0)
 
     def settings(self) -> dict[str, Any]:
         """The hyperparameters a resumed run must share."""
@@ -166,7 +195,7 @@ class BVFIM(FirstOrderMethod):
         decays = {"mu": 1.1, "theta": 1.1, "sigma": 0.5}
         values = []
         for name, power in decays.items():
-            given = getattr(self, name)
+            given = getattr(self, f"_{name}")
             if callable(given):
                 values.append(evaluate_schedule(given, name, step))
             else:
@@ -192,13 +221,13 @@ class BVFIM(FirstOrderMethod):
         with torch.no_grad(), self._ul_frozen(True):
             f_y = self.value(self.ll_objective, "ll_objective", y, c.train, False).detach()
             F_y = self.value(self.ul_objective, "ul_objective", y, c.val, False).detach()
-        y_iters = c.iters if self.y_iters is None else self.y_iters
-        if self.slack == "barrier":  # the paper's slack at the kept y, floored
-            slack = torch.maximum(phi - f_y, self.slack_floor * reg)
-        elif self.slack == "regularized":
+        y_iters = c.iters if self._y_iters is None else self._y_iters
+        if self._slack == "barrier":  # the paper's slack at the kept y, floored
+            slack = torch.maximum(phi - f_y, self._slack_floor * reg)
+        elif self._slack == "regularized":
             slack = reg
         else:
-            slack = phi - self.ll_lower_bound
+            slack = phi - self._ll_lower_bound
         rho = sigma / slack
 
         reads_y: list[bool] = []
@@ -211,7 +240,7 @@ class BVFIM(FirstOrderMethod):
             return ul + 0.5 * theta * dot(w, w) + rho * ll
 
         before_y = F_y + 0.5 * theta * dot(y, y) + rho * f_y
-        lr_y = (c.lr if self.lr_y is None else self.lr_y) / (1.0 + rho)
+        lr_y = (c.lr if self._lr_y is None else self._lr_y) / (1.0 + rho)
         y = self.descend(barrier, y, y_iters, lr_y)
         ul_loss, _, ul_x = self.grad(self.ul_objective, "ul_objective", y, c.val, True, False)
         self.refuse_ul_without_graph(reads_y, ul_x)  # F must read x or y
@@ -255,7 +284,7 @@ class BVFIM(FirstOrderMethod):
                     "(the regularized LL solution z is 0, so the value-function constraint has "
                     "no interior); pass ll_lower_bound (a lower bound of the LL objective) or "
                     "use PBGD or F2SA."
-                    if self.slack != "lower_bound"
+                    if self._slack != "lower_bound"
                     else "(the LL objective went below ll_lower_bound); pass a true lower bound."
                 )
             )

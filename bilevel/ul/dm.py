@@ -11,6 +11,7 @@ from torch import nn
 from bilevel import linalg
 from bilevel.ll import evaluate_at
 from bilevel.second_derivatives import gradient_to_differentiate
+from bilevel.settings import Setting
 from bilevel.state import Objective, all_finite, parameter_names
 from bilevel.ul.base import (
     Call,
@@ -27,6 +28,17 @@ Tensors = list[torch.Tensor]
 
 def _zeros_for_none(values: Any, like: Tensors) -> Tensors:
     return [torch.zeros_like(x) if v is None else v for x, v in zip(like, values, strict=True)]
+
+
+def _check_eta(value: Any, name: str) -> float | str:
+    """``"auto"``, or a finite number > 0 as a float."""
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number > 0 or 'auto', got {value!r}.")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0 or 'auto', got {value!r}.")
+    return float(value)
 
 
 class DM(HypergradientCalculator):
@@ -89,12 +101,6 @@ class DM(HypergradientCalculator):
         eta: float | str = "auto",
     ) -> None:
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
-        if eta != "auto":
-            if isinstance(eta, bool) or not isinstance(eta, int | float):
-                raise TypeError(f"eta must be a number > 0 or 'auto', got {eta!r}.")
-            if not (math.isfinite(eta) and eta > 0):
-                raise ValueError(f"eta must be a finite number > 0 or 'auto', got {eta!r}.")
-            eta = float(eta)
         self.eta = eta
         pairs = zip(self.ul_params, self.initial_weight_of, strict=True)
         shared = [p for p, j in pairs if j is not None]
@@ -109,6 +115,9 @@ class DM(HypergradientCalculator):
         #: UL steps taken
         self.steps = 0
         self._pending: Tensors | None = None
+
+    #: may be set between UL steps, checked as at construction
+    eta = Setting(_check_eta)
 
     def differentiable_steps(self, iters: int) -> int:
         """None: derivatives are taken at the last LL iterate."""
@@ -245,14 +254,14 @@ class DM(HypergradientCalculator):
 
         residual = [hz - vi for hz, vi in zip(_zeros_for_none(vjp(z, y), y), v, strict=True)]
         squared = linalg.dot(residual, residual)
-        if self.eta == "auto":
+        if self._eta == "auto":
             curvature = linalg.dot(residual, _zeros_for_none(vjp(residual, y), y))
             tiny = torch.finfo(curvature.dtype).tiny
             eta = torch.where(
                 curvature > 0, squared / curvature.clamp_min(tiny), torch.zeros_like(curvature)
             )
         else:
-            eta = self.eta
+            eta = self._eta
         new = [(zi - eta * ri).detach() for zi, ri in zip(z, residual, strict=True)]
         cross = vjp(new, self.ul_params)
         self._pending = new

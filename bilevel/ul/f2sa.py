@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from bilevel.settings import Setting
 from bilevel.state import Objective
 from bilevel.ul.value_function import (
     FirstOrderMethod,
@@ -16,6 +17,11 @@ from bilevel.ul.value_function import (
     check_optional_number,
     combine,
 )
+
+
+def _checked_lam_max(lam_max: Any, lam: float) -> float | None:
+    """``None``, or a number >= ``lam`` (the multiplier never falls below its start)."""
+    return check_optional_number(lam_max, "lam_max", low=lam, closed=True)
 
 
 class F2SA(FirstOrderMethod):
@@ -81,10 +87,26 @@ class F2SA(FirstOrderMethod):
         lr_y: float | None = None,
     ) -> None:
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
-        self.lam = check_number(lam, "lam")
-        self.lam_growth = check_number(lam_growth, "lam_growth", closed=True)
-        self.lam_max = check_optional_number(lam_max, "lam_max", low=self.lam, closed=True)
-        self.lr_y = check_optional_number(lr_y, "lr_y")
+        self.lam = lam
+        self.lam_growth = lam_growth
+        self.lam_max = lam_max
+        self.lr_y = lr_y
+
+    def _check_lam(self, value: Any) -> float:
+        """A number > 0, at most ``lam_max``."""
+        lam = check_number(value, "lam")
+        _checked_lam_max(self.__dict__.get("_lam_max"), lam)
+        return lam
+
+    def _check_lam_max(self, value: Any) -> float | None:
+        """``None``, or a number at least ``lam``."""
+        return _checked_lam_max(value, self._lam)
+
+    # may be set between UL steps, checked as at construction
+    lam = Setting(_check_lam, reads_object=True)
+    lam_growth = Setting(check_number, closed=True)
+    lam_max = Setting(_check_lam_max, reads_object=True)
+    lr_y = Setting(check_optional_number)
 
     def settings(self) -> dict[str, Any]:
         """The hyperparameters a resumed run must share."""
@@ -97,15 +119,15 @@ class F2SA(FirstOrderMethod):
 
     def lam_at(self, step: int) -> float:
         """The multiplier of UL step ``step``."""
-        limit = math.inf if self.lam_max is None else self.lam_max
-        return min(self.lam + self.lam_growth * step, limit)
+        limit = math.inf if self._lam_max is None else self._lam_max
+        return min(self._lam + self._lam_growth * step, limit)
 
     def _update(self, c: StepContext) -> Update:
         lam = self.lam_at(c.step)
         y = self.current_y()
         z = self._auxiliary_or("z", y)
         z = self.ll_descend(z, c.iters, c.lr, c.train)
-        lr_y = (c.lr if self.lr_y is None else self.lr_y) / (1.0 + lam)
+        lr_y = (c.lr if self._lr_y is None else self._lr_y) / (1.0 + lam)
 
         reads_y: list[bool] = []
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bilevel.ll import evaluate_at
+from bilevel.settings import Fixed, Setting
 from bilevel.state import Objective, check_objective_result, make_state
 from bilevel.ul.value_function import (
     Batch,
@@ -25,6 +26,13 @@ from bilevel.ul.value_function import (
 )
 
 Constraints = Callable[[dict[str, Any]], torch.Tensor]
+
+
+def _check_constraints(value: Any, name: str) -> Constraints | None:
+    """``None`` or a callable."""
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable: state -> tensor (<= 0 feasible).")
+    return value
 
 
 class GAFFO(FirstOrderMethod):
@@ -125,17 +133,30 @@ class GAFFO(FirstOrderMethod):
         z_max: float | None = None,
     ) -> None:
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
-        if ll_constraints is not None and not callable(ll_constraints):
-            raise TypeError("ll_constraints must be callable: state -> tensor (<= 0 feasible).")
         self.ll_constraints = ll_constraints
-        self.gamma1 = check_number(gamma1, "gamma1")
-        self.gamma2 = check_number(gamma2, "gamma2")
-        self.c0 = check_number(c0, "c0")
-        self.p = check_number(p, "p", closed=True)
-        self.eta = check_optional_number(eta, "eta")
-        self.lr_y = check_optional_number(lr_y, "lr_y")
-        self.lr_z = check_optional_number(lr_z, "lr_z")
-        self.z_max = check_optional_number(z_max, "z_max")
+        self.gamma1 = gamma1
+        self.gamma2 = gamma2
+        self.c0 = c0
+        self.p = p
+        self.eta = eta
+        self.lr_y = lr_y
+        self.lr_z = lr_z
+        self.z_max = z_max
+
+    ll_constraints = Fixed(
+        "the multipliers z kept across UL steps are one per constraint value it returns, "
+        "and checkpoints record whether there are any",
+        _check_constraints,
+    )
+    # may be set between UL steps, checked as at construction
+    gamma1 = Setting(check_number)
+    gamma2 = Setting(check_number)
+    c0 = Setting(check_number)
+    p = Setting(check_number, closed=True)
+    eta = Setting(check_optional_number)
+    lr_y = Setting(check_optional_number)
+    lr_z = Setting(check_optional_number)
+    z_max = Setting(check_optional_number)
 
     def settings(self) -> dict[str, Any]:
         """The hyperparameters a resumed run must share."""
@@ -153,7 +174,7 @@ class GAFFO(FirstOrderMethod):
 
     def c_at(self, step: int) -> float:
         """The penalty ``c_k = c0 (k + 1)^p`` of UL step ``step``."""
-        return self.c0 * (step + 1) ** self.p
+        return self._c0 * (step + 1) ** self._p
 
     def _constraint_values(self, weights: Tensors, batch: Batch) -> torch.Tensor:
         """``g(x, y)`` at the LL weights ``weights`` (detached)."""
@@ -194,8 +215,8 @@ class GAFFO(FirstOrderMethod):
     def _update(self, c: StepContext) -> Update:
         y = self.current_y()
         theta = self._auxiliary_or("theta", y)
-        eta = c.lr if self.eta is None else self.eta
-        lr_y = c.lr if self.lr_y is None else self.lr_y
+        eta = c.lr if self._eta is None else self._eta
+        lr_y = c.lr if self._lr_y is None else self._lr_y
         z = lam = None
         if self.ll_constraints is not None:
             g_y = self._constraint_values(y, c.train)
@@ -206,10 +227,10 @@ class GAFFO(FirstOrderMethod):
                     f"ll_constraints returned shape {tuple(g_y.shape)}, the multipliers kept "
                     f"have shape {tuple(z.shape)}."
                 )
-            lam = torch.clamp_min(z + self.gamma2 * g_y, 0.0)
+            lam = torch.clamp_min(z + self._gamma2 * g_y, 0.0)
         at_theta = self._lagrangian(z)
         _, th_y, _ = self.grad(at_theta, "ll_objective", theta, c.train)
-        d_theta = [g + (t - w) / self.gamma1 for g, t, w in zip(th_y, theta, y, strict=True)]
+        d_theta = [g + (t - w) / self._gamma1 for g, t, w in zip(th_y, theta, y, strict=True)]
         theta = add_scaled(theta, d_theta, -eta)
         ck = self.c_at(c.step)
         ul_loss, ul_y, ul_x = self.grad(self.ul_objective, "ul_objective", y, c.val, wrt_x=True)
@@ -219,19 +240,19 @@ class GAFFO(FirstOrderMethod):
             ll_loss = self.reported_value(self.ll_objective, "ll_objective", y, c.train)
         th_value, _, th_x = self.grad(at_theta, "ll_objective", theta, c.train, True, False)
         d_y = [
-            u / ck + g + (t - w) / self.gamma1
+            u / ck + g + (t - w) / self._gamma1
             for u, g, w, t in zip(ul_y, lag_y, y, theta, strict=True)
         ]
         auxiliary = {"theta": theta}
         differences = [t - w for t, w in zip(theta, y, strict=True)]
         proximal = dot(differences, differences)
-        gap = lag_value - th_value - proximal / (2 * self.gamma1)
+        gap = lag_value - th_value - proximal / (2 * self._gamma1)
         if z is not None and lam is not None:
-            lr_z = lr_y if self.lr_z is None else self.lr_z
+            lr_z = lr_y if self._lr_z is None else self._lr_z
             g_theta = self._constraint_values(theta, c.train)
-            d_z = -g_theta + (lam - z) / self.gamma2
-            auxiliary["z"] = [torch.clamp(z - lr_z * d_z, min=0.0, max=self.z_max)]
-            gap = gap - ((lam - z) ** 2).sum() / (2 * self.gamma2)
+            d_z = -g_theta + (lam - z) / self._gamma2
+            auxiliary["z"] = [torch.clamp(z - lr_z * d_z, min=0.0, max=self._z_max)]
+            gap = gap - ((lam - z) ** 2).sum() / (2 * self._gamma2)
         return Update(
             ul_loss=ul_loss,
             ll_loss=ll_loss,

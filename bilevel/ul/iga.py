@@ -13,6 +13,7 @@ from bilevel import linalg
 from bilevel.ll import evaluate_at
 from bilevel.roundoff import batch_terms, roundoff_floor
 from bilevel.second_derivatives import once_differentiable_in
+from bilevel.settings import Setting
 from bilevel.state import Objective
 from bilevel.ul.base import (
     Call,
@@ -24,6 +25,17 @@ from bilevel.ul.base import (
     refuse_fixed_point_map,
     refuse_rule_weight_decay,
 )
+
+
+def _check_converged_warning(value: Any, name: str) -> float | None:
+    """``None``, or a number in (0, 1)."""
+    if value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number in (0, 1) or None, got {value!r}.")
+    if not 0 < value < 1:
+        raise ValueError(f"{name} must lie in (0, 1) (or be None), got {value!r}.")
+    return value
 
 
 class IGA(HypergradientCalculator):
@@ -89,22 +101,12 @@ class IGA(HypergradientCalculator):
         converged_warning: float | None = 1e-3,
     ) -> None:
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
-        number = isinstance(converged_warning, int | float) and not isinstance(
-            converged_warning, bool
-        )
-        if converged_warning is not None:
-            if not number:
-                raise TypeError(
-                    f"converged_warning must be a number in (0, 1) or None, got "
-                    f"{converged_warning!r}."
-                )
-            if not 0 < converged_warning < 1:
-                raise ValueError(
-                    f"converged_warning must lie in (0, 1) (or be None), got {converged_warning!r}."
-                )
         self.converged_warning = converged_warning
         self._warned = False
         self._warned_scale = False
+
+    #: may be set between UL steps, checked as at construction
+    converged_warning = Setting(_check_converged_warning)
 
     def differentiable_steps(self, iters: int) -> int:
         """None: only gradients at the last iterate are used."""
@@ -181,7 +183,7 @@ class IGA(HypergradientCalculator):
         ``torch.autograd.Function`` marked ``once_differentiable`` (or a compiled loss), the
         products leave its terms out without an error: the size of the other terms (a lower
         bound) is taken, and that is said once too."""
-        if self.converged_warning is not None and not self._warned_scale:  # (only said)
+        if self._converged_warning is not None and not self._warned_scale:  # (only said)
             once = once_differentiable_in(loss, w)
             if once is not None:
                 self._warn_floor(
@@ -219,7 +221,7 @@ class IGA(HypergradientCalculator):
 
     def _warn_floor(self, reason: str) -> None:
         """Say (once) that the round-off floor of the multiplier is missing or partial."""
-        if self.converged_warning is not None and not self._warned_scale:
+        if self._converged_warning is not None and not self._warned_scale:
             self._warned_scale = True  # once per calculator
             warnings.warn(
                 "IGA could not take the Hessian-vector products that set the round-off floor "
@@ -241,7 +243,7 @@ class IGA(HypergradientCalculator):
         """Warn (once) at a converged LL: its gradient at round-off, where ``c`` was taken as
         0 (unless ``grad_w F``, ``ul_grad_w``, is 0, which makes that exact), or below
         ``converged_warning`` of its first norm."""
-        if self.converged_warning is None or self._warned:
+        if self._converged_warning is None or self._warned:
             return
         start = call.trajectory.initial_grad_norm
         if not bool(nonzero):  # one host sync
@@ -267,7 +269,7 @@ class IGA(HypergradientCalculator):
         ratio = float(
             self.diagnostics["ll_grad_norm"] / start.clamp_min(torch.finfo(start.dtype).tiny)
         )
-        if ratio < self.converged_warning:
+        if ratio < self._converged_warning:
             self._warned = True  # once per calculator
             warnings.warn(
                 f"IGA at a converged LL: the LL gradient is {ratio:.1e} of its initial norm, and "

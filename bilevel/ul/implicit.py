@@ -14,6 +14,7 @@ from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
 from bilevel.roundoff import batch_terms, roundoff_floor
 from bilevel.second_derivatives import gradient_to_differentiate, refuse_once_differentiable
+from bilevel.settings import Setting
 from bilevel.state import Objective, all_finite, names_without_gradient
 from bilevel.ul.base import (
     Call,
@@ -27,6 +28,62 @@ from bilevel.ul.base import (
 
 def _positive(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, int | float) and value > 0
+
+
+def _check_ll_learning_rate(value: Any, name: str) -> float | None:
+    """``None``, or a number > 0 (a tensor's value) as a float."""
+    if isinstance(value, torch.Tensor):
+        value = float(value.detach())
+    if value is not None and not _positive(value):
+        raise ValueError(f"{name} must be a number > 0 or None, got {value!r}.")
+    return None if value is None else float(value)
+
+
+def _check_count(value: Any, name: str) -> int:
+    """An integer >= 1 (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    return value
+
+
+def _check_tolerance(value: Any, name: str) -> float:
+    """A number >= 0, as a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
+    return float(value)
+
+
+def _check_damping(value: Any, name: str) -> float:
+    """A finite number >= 0, as a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
+def _check_stationarity_warning(value: Any, name: str) -> float | None:
+    """``None`` or a number > 0."""
+    if value is not None and not _positive(value):
+        raise ValueError(f"{name} must be None or a number > 0, got {value!r}.")
+    return value
+
+
+def _check_policy(value: Any, name: str) -> str:
+    """``"raise"`` or ``"warn"``."""
+    if value not in ("raise", "warn"):
+        raise ValueError(f"{name} must be 'raise' or 'warn', got {value!r}.")
+    return value
+
+
+def _check_alpha_used(alpha: Any, method: Any) -> None:
+    """Refuse a given ``alpha`` with a ``method`` that does not read it (not a series)."""
+    if alpha is not None and not (isinstance(method, str) and method in SERIES):
+        solver = repr(method) if isinstance(method, str) else "a callable solver"
+        raise ValueError(
+            f"alpha={alpha!r} was given, but method={solver} does not use it: alpha is the "
+            "step of the series, method='neumann' and method='fixed_point', and nothing else "
+            "reads it (a callable solve(matvec, b) -> x takes its own settings). Leave alpha "
+            "out, or pick a series method to take steps of alpha."
+        )
 
 
 class HypergradientDivergenceError(FloatingPointError):
@@ -143,74 +200,45 @@ class Implicit(HypergradientCalculator):
     ) -> None:
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
         self.damping = damping
-        if isinstance(ll_learning_rate, torch.Tensor):
-            ll_learning_rate = float(ll_learning_rate.detach())
-        if ll_learning_rate is not None and not _positive(ll_learning_rate):
-            raise ValueError(
-                f"ll_learning_rate must be a number > 0 or None, got {ll_learning_rate!r}."
-            )
-        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float):
-            raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}.")
-        if not tolerance >= 0:
-            raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}.")
-        if not (callable(method) or method in METHODS):
-            raise ValueError(
-                f"method must be one of {METHODS} or a callable solve(matvec, b) -> x, got "
-                f"{method!r}."
-            )
-        if not (alpha is None or alpha == "auto" or _positive(alpha)):
-            raise ValueError(f"alpha must be None, 'auto' or a number > 0, got {alpha!r}.")
-        if alpha is not None and not (isinstance(method, str) and method in SERIES):
-            solver = repr(method) if isinstance(method, str) else "a callable solver"
-            raise ValueError(
-                f"alpha={alpha!r} was given, but method={solver} does not use it: alpha is the "
-                "step of the series, method='neumann' and method='fixed_point', and nothing else "
-                "reads it (a callable solve(matvec, b) -> x takes its own settings). Leave alpha "
-                "out, or pick a series method to take steps of alpha."
-            )
-        if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 1:
-            raise ValueError(f"power_iters must be an integer >= 1, got {power_iters!r}.")
-        if on_divergence not in ("raise", "warn"):
-            raise ValueError(f"on_divergence must be 'raise' or 'warn', got {on_divergence!r}.")
-        self.ll_learning_rate = None if ll_learning_rate is None else float(ll_learning_rate)
-        self.k = k
-        self.tolerance = float(tolerance)
+        self.ll_learning_rate = ll_learning_rate
+        self.tolerance = tolerance
         self.method = method
         self.alpha = alpha
         self.power_iters = power_iters
         self.on_divergence = on_divergence
-        if stationarity_warning is not None and not _positive(stationarity_warning):
-            raise ValueError(
-                f"stationarity_warning must be None or a number > 0, got {stationarity_warning!r}."
-            )
+        self.k = k
         self.stationarity_warning = stationarity_warning
         self._warned_graph = False
         self._warned_divergence = False
 
-    @property
-    def k(self) -> int:
-        """The solver's iterations; may be set between steps, checked as at construction."""
-        return self._k
+    def _check_method(self, value: Any) -> str | linalg.Solve:
+        """A solver's name or a callable; one that does not use a given ``alpha`` is refused."""
+        if not (callable(value) or value in METHODS):
+            raise ValueError(
+                f"method must be one of {METHODS} or a callable solve(matvec, b) -> x, got "
+                f"{value!r}."
+            )
+        _check_alpha_used(self.__dict__.get("_alpha"), value)
+        return value
 
-    @k.setter
-    def k(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"k must be an integer >= 1, got {value!r}.")
-        self._k = value
+    def _check_alpha(self, value: Any) -> float | str | None:
+        """``None``, ``"auto"`` or a number > 0, and only with a series ``method``."""
+        if not (value is None or value == "auto" or _positive(value)):
+            raise ValueError(f"alpha must be None, 'auto' or a number > 0, got {value!r}.")
+        _check_alpha_used(value, self._method)
+        return value
 
-    @property
-    def damping(self) -> float:
-        """The Tikhonov damping ``delta`` of ``(H + delta I) q = v``; may be set between
-        steps, checked as at construction."""
-        return self._damping
-
-    @damping.setter
-    def damping(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"damping must be a finite number >= 0, got {value!r}.")
-        if not 0 <= value < math.inf:
-            raise ValueError(f"damping must be a finite number >= 0, got {value!r}.")
-        self._damping = float(value)
+    # the settings: each may be set between steps, checked as at construction (and the next
+    # LL run checks the method against the LL optimizer again)
+    ll_learning_rate = Setting(_check_ll_learning_rate)
+    k = Setting(_check_count)
+    tolerance = Setting(_check_tolerance)
+    method = Setting(_check_method, reads_object=True)
+    alpha = Setting(_check_alpha, reads_object=True)
+    power_iters = Setting(_check_count)
+    on_divergence = Setting(_check_policy)
+    stationarity_warning = Setting(_check_stationarity_warning)
+    damping = Setting(_check_damping)
 
     def differentiable_steps(self, iters: int) -> int:
         """None: the LL graph is not needed."""
@@ -221,23 +249,23 @@ class Implicit(HypergradientCalculator):
         """The two series are linear in the right-hand side ``v``; CG, MINRES and normal CG
         are not (their Krylov space, and where they stop, depend on ``v``), nor is a user's
         solver known to be."""
-        return isinstance(self.method, str) and self.method in SERIES
+        return isinstance(self._method, str) and self._method in SERIES
 
     def settings(self) -> dict[str, Any]:
         """Solver, iterations, tolerance, series step, and damping where there is one, and
         ``power_iters`` where ``alpha="auto"`` picks the step with other than the default 20
         (so that checkpoints written before these were recorded still resume)."""
-        method = self.method if isinstance(self.method, str) else type(self.method).__name__
+        method = self._method if isinstance(self._method, str) else type(self._method).__name__
         settings = {
             "k": self._k,
             "method": method,
-            "tolerance": self.tolerance,
-            "alpha": self.alpha,
+            "tolerance": self._tolerance,
+            "alpha": self._alpha,
         }
         if self._damping:
             settings["damping"] = self._damping
-        if self.alpha == "auto" and self.method in SERIES and self.power_iters != 20:
-            settings["power_iters"] = self.power_iters
+        if self._alpha == "auto" and self._method in SERIES and self._power_iters != 20:
+            settings["power_iters"] = self._power_iters
         return settings
 
     def check_against(self, ll: Any) -> None:
@@ -252,18 +280,18 @@ class Implicit(HypergradientCalculator):
                 "the implicit function theorem does not apply. Use Reverse or Truncated, or "
                 "alpha=0."
             )
-        used = self.method in SERIES and self.alpha is None
+        used = self._method in SERIES and self._alpha is None
         if not getattr(ll, "descends_objective", True):  # a fixed-point map, before any run
             self._check_fixed_point_map(used)
             return
         refuse_rule_weight_decay(getattr(ll, "rule", None), "Implicit")
         lr = ll.lr
         plain = getattr(ll, "optimizer", None) == "sgd"  # where the LL step is the series' step
-        if not (used and plain) or self.ll_learning_rate is None or not _positive(lr):
+        if not (used and plain) or self._ll_learning_rate is None or not _positive(lr):
             return
-        if float(lr) != self.ll_learning_rate:
+        if float(lr) != self._ll_learning_rate:
             raise ValueError(
-                f"Implicit(ll_learning_rate={self.ll_learning_rate:g}) disagrees with the LL "
+                f"Implicit(ll_learning_rate={self._ll_learning_rate:g}) disagrees with the LL "
                 f"optimizer's lr={float(lr):g}. Leave ll_learning_rate out (it is read from the "
                 "LL run), or pass alpha=<number> to give the series another step on purpose."
             )
@@ -272,9 +300,9 @@ class Implicit(HypergradientCalculator):
         """Refuse, before any LL run, what does not apply to a fixed-point map's
         non-symmetric system ``(I - dPhi/dw)^T q = v``: CG and MINRES, ``alpha="auto"``, and
         an ``ll_learning_rate`` (the map has none; the series' default step is 1)."""
-        if self.method in ("cg", "minres"):
-            raise ValueError(NOT_SYMMETRIC.format(method=self.method))
-        if self.method in SERIES and self.alpha == "auto":
+        if self._method in ("cg", "minres"):
+            raise ValueError(NOT_SYMMETRIC.format(method=self._method))
+        if self._method in SERIES and self._alpha == "auto":
             raise ValueError(
                 "alpha='auto' takes 1 / lambda_max from power iteration, which bounds no step "
                 "of the non-symmetric system (I - dPhi/dw)^T q = v of a fixed-point map. Leave "
@@ -282,9 +310,9 @@ class Implicit(HypergradientCalculator):
                 "which converges where the map contracts), give it a number, or use "
                 "method='normal_cg'."
             )
-        if used and self.ll_learning_rate is not None and self.ll_learning_rate != 1.0:
+        if used and self._ll_learning_rate is not None and self._ll_learning_rate != 1.0:
             raise ValueError(
-                f"Implicit(ll_learning_rate={self.ll_learning_rate:g}) was given, but a "
+                f"Implicit(ll_learning_rate={self._ll_learning_rate:g}) was given, but a "
                 "fixed-point map has no learning rate: the series' default step is 1 (the map's "
                 "own adjoint iteration q <- (dPhi/dw)^T q + v). Leave ll_learning_rate out, or "
                 "pass alpha=<number> to give the series another step."
@@ -372,7 +400,7 @@ class Implicit(HypergradientCalculator):
         step_map = call.trajectory.step_map
         if step_map is None or step_map.symmetric:
             refuse_rule_weight_decay(getattr(step_map, "rule", None), "Implicit")
-            method = self.method if isinstance(self.method, str) else "<a solver>"
+            method = self._method if isinstance(self._method, str) else "<a solver>"
             who = f"Implicit(method={method!r})"
             return gradient_to_differentiate(self.ll_loss(call), w, call.auxiliary_model, who)
         state = self.states(call.auxiliary_model, call.train_data, call.train_target)
@@ -396,8 +424,8 @@ class Implicit(HypergradientCalculator):
             hvp = self._damped(hvp)
         if step_map is None or step_map.symmetric:
             return linalg.Operator(hvp, symmetric=True)
-        if self.method in ("cg", "minres"):
-            raise ValueError(NOT_SYMMETRIC.format(method=self.method))
+        if self._method in ("cg", "minres"):
+            raise ValueError(NOT_SYMMETRIC.format(method=self._method))
         dummy = [torch.zeros_like(x, requires_grad=True) for x in w]
         with torch.enable_grad():
             products = vjp(dummy, w, graph=True)  # (dg/dw)^T d, linear in the dummy d
@@ -407,7 +435,7 @@ class Implicit(HypergradientCalculator):
         def jvp(u: list[torch.Tensor]) -> list[torch.Tensor]:
             if not checked:  # solvers that never take the transpose (fixed point) are exact
                 checked.append(True)
-                method = self.method if isinstance(self.method, str) else "<a solver>"
+                method = self._method if isinstance(self._method, str) else "<a solver>"
                 refuse_once_differentiable(
                     residual,
                     w,
@@ -494,12 +522,12 @@ class Implicit(HypergradientCalculator):
         left = self._distance_left(trajectory.step_size, final, ratio, distance)
         if left is not None:
             self.diagnostics["ll_distance_ratio"] = left
-        limit = self.stationarity_warning
+        limit = self._stationarity_warning
         if limit is None or (ratio <= limit and (left is None or left <= limit)):
             return
         if final <= float(floor()):  # its products: on this path only
             return
-        self.stationarity_warning = None  # once per calculator
+        self._stationarity_warning = None  # once per calculator
         step_map = trajectory.step_map
         if step_map is not None and not step_map.symmetric:  # a fixed-point map: no lr, no H
             warnings.warn(
@@ -564,25 +592,25 @@ class Implicit(HypergradientCalculator):
 
     def _solver(self, trajectory: Trajectory) -> linalg.Solver:
         """The linear solver of this call (the series' step may come from the LL run)."""
-        if callable(self.method):
-            return linalg.as_solver(self.method, self.tolerance)
-        if self.method not in SERIES:
-            return linalg.make_solver(self.method, self._k, self.tolerance)
-        if self.alpha == "auto":
+        if callable(self._method):
+            return linalg.as_solver(self._method, self._tolerance)
+        if self._method not in SERIES:
+            return linalg.make_solver(self._method, self._k, self._tolerance)
+        if self._alpha == "auto":
             return linalg.auto_alpha(
-                lambda a: linalg.make_solver(self.method, self._k, self.tolerance, alpha=a),
-                self.power_iters,
+                lambda a: linalg.make_solver(self._method, self._k, self._tolerance, alpha=a),
+                self._power_iters,
             )
-        alpha = self.alpha if self.alpha is not None else self._ll_step_size(trajectory)
-        return linalg.make_solver(self.method, self._k, self.tolerance, alpha=alpha)
+        alpha = self._alpha if self._alpha is not None else self._ll_step_size(trajectory)
+        return linalg.make_solver(self._method, self._k, self._tolerance, alpha=alpha)
 
     def _ll_step_size(self, trajectory: Trajectory) -> float:
-        step = self.ll_learning_rate
+        step = self._ll_learning_rate
         if step is None:
             step = trajectory.step_size
         if step is None:
             raise ValueError(
-                f"method={self.method!r} needs a step alpha < 2 / lambda_max(H), and the LL step "
+                f"method={self._method!r} needs a step alpha < 2 / lambda_max(H), and the LL step "
                 "size is not one number (per-parameter or per-step step sizes): pass "
                 "alpha=<number> or alpha='auto'."
             )
@@ -604,7 +632,7 @@ class Implicit(HypergradientCalculator):
         def shifted(q: list[torch.Tensor]) -> list[torch.Tensor]:
             return [lambda_max * x - h for x, h in zip(q, matvec(q), strict=True)]
 
-        lambda_min = lambda_max - float(linalg.power_iteration(shifted, like, self.power_iters))
+        lambda_min = lambda_max - float(linalg.power_iteration(shifted, like, self._power_iters))
         return lambda_min if lambda_min < -1e-6 * lambda_max else None
 
     def _report_divergence(
@@ -620,9 +648,9 @@ class Implicit(HypergradientCalculator):
                 f"(UL loss {float(loss.detach()):.4g}): check the validation data and the UL "
                 "objective for NaN, log(0) or division by zero."
             )
-        name = self.method if isinstance(self.method, str) else "the given solver"
+        name = self._method if isinstance(self._method, str) else "the given solver"
         safe_alpha = None  # a step that converges, where a smaller one is the cure
-        if self.method == "cg":
+        if self._method == "cg":
             message = (
                 "CG met a direction of non-positive curvature (or a non-finite residual): the LL "
                 "Hessian is not positive definite at the auxiliary model's weights, so the LL "
@@ -630,7 +658,7 @@ class Implicit(HypergradientCalculator):
                 "the LL objective, use method='minres' (symmetric indefinite) or "
                 "method='normal_cg', or use Reverse/Truncated."
             )
-        elif self.method in SERIES and not getattr(matvec, "symmetric", True):
+        elif self._method in SERIES and not getattr(matvec, "symmetric", True):
             # a fixed-point map: the system is not symmetric, and lambda_max bounds no step
             system = "(I - dPhi/dw)^T" + (f" + {self._damping:g} I" if self._damping else "")
             message = (
@@ -643,8 +671,8 @@ class Implicit(HypergradientCalculator):
                 "steps k help). Use method='normal_cg' (any nonsingular I - dPhi/dw), or make "
                 "the map a contraction (e.g. scale a recurrent weight below norm 1)."
             )
-        elif self.method in SERIES:
-            lambda_max = float(linalg.power_iteration(matvec, v, self.power_iters))
+        elif self._method in SERIES:
+            lambda_max = float(linalg.power_iteration(matvec, v, self._power_iters))
             self.diagnostics["lambda_max"] = lambda_max
             lambda_min = self._smallest_eigenvalue(matvec, v, lambda_max)
             alpha = info.alpha
@@ -691,7 +719,7 @@ class Implicit(HypergradientCalculator):
                 "Hessian may be singular at the auxiliary model's weights. Run more LL steps, "
                 "add L2 regularization to the LL objective, or pass damping > 0."
             )
-        if self.on_divergence == "raise":
+        if self._on_divergence == "raise":
             raise HypergradientDivergenceError(message, safe_alpha=safe_alpha)
         if not self._warned_divergence:  # once: diagnostics["diverged"] tells every time
             self._warned_divergence = True

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from bilevel.settings import Setting
 from bilevel.state import Objective
 from bilevel.ul.value_function import (
     FirstOrderMethod,
@@ -83,11 +84,18 @@ class MESO(FirstOrderMethod):
         lr_y: float | None = None,
     ) -> None:
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
-        self.gamma = check_number(gamma, "gamma")
-        self.c0 = check_number(c0, "c0")
-        self.p = check_number(p, "p", closed=True)
-        self.eta = check_optional_number(eta, "eta")
-        self.lr_y = check_optional_number(lr_y, "lr_y")
+        self.gamma = gamma
+        self.c0 = c0
+        self.p = p
+        self.eta = eta
+        self.lr_y = lr_y
+
+    # may be set between UL steps, checked as at construction
+    gamma = Setting(check_number)
+    c0 = Setting(check_number)
+    p = Setting(check_number, closed=True)
+    eta = Setting(check_optional_number)
+    lr_y = Setting(check_optional_number)
 
     def settings(self) -> dict[str, Any]:
         """The hyperparameters a resumed run must share."""
@@ -95,24 +103,24 @@ class MESO(FirstOrderMethod):
 
     def c_at(self, step: int) -> float:
         """The penalty ``c_k = c0 (k + 1)^p`` of UL step ``step``."""
-        return self.c0 * (step + 1) ** self.p
+        return self._c0 * (step + 1) ** self._p
 
     def _update(self, c: StepContext) -> Update:
         y = self.current_y()
         theta = self._auxiliary_or("theta", y)
-        eta = c.lr if self.eta is None else self.eta
+        eta = c.lr if self._eta is None else self._eta
         if c.step > 0:  # step 3 of the previous UL step, at x_{k} = the previous x_{k+1}
-            lr_y = c.lr if self.lr_y is None else self.lr_y
+            lr_y = c.lr if self._lr_y is None else self._lr_y
             _, ul_y, _ = self.grad(self.ul_objective, "ul_objective", y, c.val)
             _, ll_y, _ = self.grad(self.ll_objective, "ll_objective", y, c.train)
             inv_c = 1.0 / self.c_at(c.step - 1)
             d_y = [
-                g + inv_c * u + (t - w) / self.gamma
+                g + inv_c * u + (t - w) / self._gamma
                 for g, u, w, t in zip(ll_y, ul_y, y, theta, strict=True)
             ]
             y = add_scaled(y, d_y, -lr_y)
         _, th_y, _ = self.grad(self.ll_objective, "ll_objective", theta, c.train)
-        d_theta = [g + (t - w) / self.gamma for g, t, w in zip(th_y, theta, y, strict=True)]
+        d_theta = [g + (t - w) / self._gamma for g, t, w in zip(th_y, theta, y, strict=True)]
         theta = add_scaled(theta, d_theta, -eta)
         ck = self.c_at(c.step)
         ul_loss, _, ul_x = self.grad(self.ul_objective, "ul_objective", y, c.val, True, False)
@@ -121,7 +129,7 @@ class MESO(FirstOrderMethod):
             self.ll_objective, "ll_objective", theta, c.train, True, False
         )
         differences = [t - w for t, w in zip(theta, y, strict=True)]
-        gap = ll_loss - envelope - dot(differences, differences) / (2 * self.gamma)
+        gap = ll_loss - envelope - dot(differences, differences) / (2 * self._gamma)
         return Update(
             ul_loss=ul_loss,
             ll_loss=ll_loss,

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bilevel.second_derivatives import gradient_to_differentiate
+from bilevel.settings import Setting
 from bilevel.state import Objective
 from bilevel.ul.value_function import (
     FirstOrderMethod,
@@ -21,6 +22,11 @@ from bilevel.ul.value_function import (
     combine,
     dot,
 )
+
+
+def _checked_gamma_max(gamma_max: Any, gamma: float) -> float | None:
+    """``None``, or a number >= ``gamma`` (the penalty never falls below its start)."""
+    return check_optional_number(gamma_max, "gamma_max", low=gamma, closed=True)
 
 
 class PBGD(FirstOrderMethod):
@@ -82,11 +88,28 @@ class PBGD(FirstOrderMethod):
         lr_y: float | None = None,
     ) -> None:
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
-        self.gamma = check_number(gamma, "gamma")
-        self.gamma_growth = check_number(gamma_growth, "gamma_growth", closed=True)
-        self.gamma_max = check_optional_number(gamma_max, "gamma_max", low=self.gamma, closed=True)
-        self.penalty = check_choice(penalty, "penalty", ("value", "gradient"))
-        self.lr_y = check_optional_number(lr_y, "lr_y")
+        self.gamma = gamma
+        self.gamma_growth = gamma_growth
+        self.gamma_max = gamma_max
+        self.penalty = penalty
+        self.lr_y = lr_y
+
+    def _check_gamma(self, value: Any) -> float:
+        """A number > 0, at most ``gamma_max``."""
+        gamma = check_number(value, "gamma")
+        _checked_gamma_max(self.__dict__.get("_gamma_max"), gamma)
+        return gamma
+
+    def _check_gamma_max(self, value: Any) -> float | None:
+        """``None``, or a number at least ``gamma``."""
+        return _checked_gamma_max(value, self._gamma)
+
+    # may be set between UL steps, checked as at construction
+    gamma = Setting(_check_gamma, reads_object=True)
+    gamma_growth = Setting(check_number, closed=True)
+    gamma_max = Setting(_check_gamma_max, reads_object=True)
+    penalty = Setting(check_choice, ("value", "gradient"))
+    lr_y = Setting(check_optional_number)
 
     def settings(self) -> dict[str, Any]:
         """The hyperparameters a resumed run must share."""
@@ -100,15 +123,15 @@ class PBGD(FirstOrderMethod):
 
     def gamma_at(self, step: int) -> float:
         """The penalty constant of UL step ``step``."""
-        limit = math.inf if self.gamma_max is None else self.gamma_max
-        return min(self.gamma + self.gamma_growth * step, limit)
+        limit = math.inf if self._gamma_max is None else self._gamma_max
+        return min(self._gamma + self._gamma_growth * step, limit)
 
     def _update(self, c: StepContext) -> Update:
         gamma = self.gamma_at(c.step)
         y = self.current_y()
         ul_loss, ul_y, ul_x = self.grad(self.ul_objective, "ul_objective", y, c.val, wrt_x=True)
         auxiliary = {}
-        if self.penalty == "value":
+        if self._penalty == "value":
             y_hat = self.ll_descend(self._auxiliary_or("y_hat", y), c.iters, c.lr, c.train)
             ll_loss, p_y, ll_x = self.grad(
                 self.ll_objective, "ll_objective", y, c.train, wrt_x=True
@@ -123,7 +146,7 @@ class PBGD(FirstOrderMethod):
             ll_loss, penalty, p_y, p_x = self._gradient_penalty(y, c.train)
         scale = 1.0 / gamma
         d_y = add_scaled(p_y, ul_y, scale)
-        lr_y = c.lr if self.lr_y is None else self.lr_y
+        lr_y = c.lr if self._lr_y is None else self._lr_y
         return Update(
             ul_loss=ul_loss,
             ll_loss=ll_loss,

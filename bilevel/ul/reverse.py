@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from bilevel.settings import Setting
 from bilevel.state import Objective
 from bilevel.ul.base import Call, Grads, HypergradientCalculator
+
+
+def _check_truncate_iter(value: Any, name: str) -> int:
+    """An int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r}.")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}.")
+    return value
 
 
 class Reverse(HypergradientCalculator):
@@ -71,19 +83,8 @@ class Truncated(Reverse):
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
         self.truncate_iter = truncate_iter
 
-    @property
-    def truncate_iter(self) -> int:
-        """K, the final LL steps differentiated; may be set between steps, checked as at
-        construction."""
-        return self._truncate_iter
-
-    @truncate_iter.setter
-    def truncate_iter(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"truncate_iter must be an int >= 1, got {value!r}.")
-        if value < 1:
-            raise ValueError(f"truncate_iter must be >= 1, got {value}.")
-        self._truncate_iter = value
+    #: may be set between UL steps, checked as at construction
+    truncate_iter = Setting(_check_truncate_iter)
 
     def settings(self) -> dict[str, int]:
         """The truncation."""

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bilevel.settings import Fixed
 from bilevel.state import Objective
 from bilevel.ul.base import Grads
 from bilevel.ul.sampling import SAME, Minibatch, Sampler, num_samples, select
@@ -130,6 +131,13 @@ class _Memory:
                     mine.copy_(saved)
 
 
+def _check_memory_init(value: Any, name: str) -> str:
+    """``"full"`` or ``"zero"``."""
+    if value not in ("full", "zero"):
+        raise ValueError(f"{name} must be 'full' or 'zero', got {value!r}.")
+    return value
+
+
 class SABA(StochasticMethod):
     """SABA (Stochastic Average Bilevel Algorithm): SOBA's three directions with SAGA
     variance reduction on each of their five terms, and constant step sizes::
@@ -203,11 +211,15 @@ class SABA(StochasticMethod):
             seed,
             sampler,
         )
-        if memory_init not in ("full", "zero"):
-            raise ValueError(f"memory_init must be 'full' or 'zero', got {memory_init!r}.")
         self.memory_init = memory_init
         #: SAGA's tables per level (``None``: not yet made; absent: a single batch)
         self.memory: dict[str, _Memory] | None = None
+
+    memory_init = Fixed(
+        "it says how SAGA's tables are filled when the first step makes them, and they are "
+        "kept (and checkpointed) from then on",
+        _check_memory_init,
+    )
 
     def settings(self) -> dict[str, Any]:
         """Memory initialization and the sampler's settings."""

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bilevel.settings import Setting
 from bilevel.state import Objective
 from bilevel.ul.sampling import SAME, Sampler
 from bilevel.ul.stochastic import LLStep, StochasticMethod
@@ -88,8 +89,12 @@ class SOBA(StochasticMethod):
             seed,
             sampler,
         )
-        self.ll_decay = check_decay(ll_decay, "ll_decay")
-        self.ul_decay = check_decay(ul_decay, "ul_decay")
+        self.ll_decay = ll_decay
+        self.ul_decay = ul_decay
+
+    # may be set between UL steps, checked as at construction
+    ll_decay = Setting(check_decay)
+    ul_decay = Setting(check_decay)
 
     def settings(self) -> dict[str, Any]:
         """Step-size decays and the sampler's settings."""
@@ -98,8 +103,8 @@ class SOBA(StochasticMethod):
     def step_sizes(self, ll: Any) -> tuple[float, float]:
         """``(rho_t, ul_scale_t)`` for the current step."""
         t = self.t + 1
-        rho = self.ll_lr(ll) * (t**-self.ll_decay if self.ll_decay else 1.0)
-        return rho, (t**-self.ul_decay if self.ul_decay else 1.0)
+        rho = self.ll_lr(ll) * (t**-self._ll_decay if self._ll_decay else 1.0)
+        return rho, (t**-self._ul_decay if self._ul_decay else 1.0)
 
     def task_gradients(
         self, ll: Any, train: tuple[Any, Any], val: tuple[Any, Any]

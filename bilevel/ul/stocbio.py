@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bilevel import linalg
+from bilevel.settings import Setting
 from bilevel.state import Objective
 from bilevel.ul.implicit import HypergradientDivergenceError
 from bilevel.ul.sampling import SAME, Sampler
@@ -110,8 +111,12 @@ class StocBiO(StochasticMethod):
             seed,
             sampler,
         )
-        self.neumann_steps = check_steps(neumann_steps, "neumann_steps", 0)
-        self.neumann_lr = check_lr(neumann_lr, "neumann_lr")
+        self.neumann_steps = neumann_steps
+        self.neumann_lr = neumann_lr
+
+    # may be set between UL steps, checked as at construction
+    neumann_steps = Setting(check_steps, 0)
+    neumann_lr = Setting(check_lr)
 
     def settings(self) -> dict[str, Any]:
         """Neumann-series settings and the sampler's settings."""
@@ -153,7 +158,7 @@ class StocBiO(StochasticMethod):
         ``y`` by ``ll.iters`` SGD steps, adds the hypergradient estimate to ``.grad``; returns
         the minibatch UL loss after the LL steps and the last LL step's loss (detached)."""
         alpha = self.ll_lr(ll)
-        eta = alpha if self.neumann_lr is None else self.neumann_lr
+        eta = alpha if self._neumann_lr is None else self._neumann_lr
         model = ll.patched_model(graph_from_start=False)
         try:
             y, losses = self.inner_sgd(model, self.leaves(), train, ll.iters, alpha)
@@ -162,7 +167,7 @@ class StocBiO(StochasticMethod):
             term = [f.detach() for f in fy]
             total = [f.clone() for f in term]
             norms = [linalg.norm(term)]
-            for _ in range(self.neumann_steps):
+            for _ in range(self._neumann_steps):
                 mb, batch = self.draw("train", train)
                 hv = self.hvp(model, y, mb, batch, term)
                 with torch.no_grad():

@@ -25,6 +25,7 @@ from bilevel.linalg import power_iteration
 from bilevel.ll import evaluate_at
 from bilevel.roundoff import loss_grew
 from bilevel.second_derivatives import gradient_to_differentiate
+from bilevel.settings import Fixed
 from bilevel.state import (
     LowerLevelDivergenceError,
     Objective,
@@ -112,6 +113,11 @@ class StochasticMethod(HypergradientCalculator):
     name = "stochastic"
     #: whether ``ll.iters`` is the length of an inner loop (else it must be 1)
     inner_loop = False
+
+    sampler = Fixed(
+        "it holds the generator and the split of the data into batches that the method's "
+        "state (and its checkpoints) continue from"
+    )
 
     def __init__(
         self,

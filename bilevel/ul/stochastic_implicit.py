@@ -15,6 +15,7 @@ from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
 from bilevel.ll.patched import refuse_broken_weight_norm
 from bilevel.second_derivatives import gradient_to_differentiate, refuse_once_differentiable
+from bilevel.settings import Fixed, Setting
 from bilevel.state import Objective, capture_draws, check_objective_result, make_state, replay_draws
 from bilevel.ul.base import (
     Call,
@@ -52,6 +53,45 @@ FIXED_POINT_REFUSED = (
 def _count(value: Any, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+def _check_callable(value: Any, name: str, signature: str) -> Any:
+    """``None`` or a callable of ``signature`` (in words, for the message)."""
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a callable {signature}, got {value!r}.")
+    return value
+
+
+def _check_batches(value: Any, name: str) -> int | Callable[[int], Batch] | None:
+    """``None``, a callable, or a minibatch size (an integer >= 1)."""
+    if value is None or callable(value):
+        return value
+    return _count(value, f"{name} (a minibatch size)", 1)
+
+
+def _check_cross(value: Any, name: str) -> str:
+    """One of ``CROSS``."""
+    if value not in CROSS:
+        raise ValueError(f"{name} must be one of {CROSS}, got {value!r}.")
+    return value
+
+
+def _check_outputs_given(curvature: str, ll_outputs: Any) -> None:
+    """Refuse ``curvature="gauss_newton"`` without a callable ``ll_outputs``."""
+    if curvature == "gauss_newton" and not callable(ll_outputs):
+        raise ValueError(
+            "curvature='gauss_newton' needs ll_outputs: a callable state -> (outputs, "
+            "output_loss, rest) that splits ll_objective into a loss of the model's outputs "
+            "and the other terms, e.g. lambda s: (s['ll_model'](s['data']), lambda z: "
+            "F.cross_entropy(z, s['target']), penalty(s))."
+        )
+
+
+def _check_seed(value: Any, name: str) -> int:
+    """An int (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}.")
     return value
 
 
@@ -163,41 +203,47 @@ class StochasticImplicit(HypergradientCalculator):
         seed: int = 0,
     ) -> None:
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
-        if solver_optimizer is not None and not callable(solver_optimizer):
-            raise TypeError(
-                "solver_optimizer must be a callable params -> torch.optim.Optimizer, e.g. "
-                f"lambda params: torch.optim.SGD(params, lr=0.1), got {solver_optimizer!r}."
-            )
-        self.steps = _count(steps, "steps", 1)
-        if batches is not None and not callable(batches):
-            batches = _count(batches, "batches (a minibatch size)", 1)
-        if cross not in CROSS:
-            raise ValueError(f"cross must be one of {CROSS}, got {cross!r}.")
-        if curvature not in CURVATURES:
-            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
-        if curvature == "gauss_newton" and not callable(ll_outputs):
-            raise ValueError(
-                "curvature='gauss_newton' needs ll_outputs: a callable state -> (outputs, "
-                "output_loss, rest) that splits ll_objective into a loss of the model's outputs "
-                "and the other terms, e.g. lambda s: (s['ll_model'](s['data']), lambda z: "
-                "F.cross_entropy(z, s['target']), penalty(s))."
-            )
-        if solver_scheduler is not None and not callable(solver_scheduler):
-            raise TypeError(
-                f"solver_scheduler must be a callable optimizer -> scheduler, got "
-                f"{solver_scheduler!r}."
-            )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}.")
         self.solver_optimizer = solver_optimizer
+        self.steps = steps
         self.batches = batches
         self.cross = cross
-        self.curvature = curvature
         self.ll_outputs = ll_outputs
+        self.curvature = curvature
         self.solver_scheduler = solver_scheduler
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.draws = 0
+
+    def _check_curvature(self, value: Any) -> str:
+        """One of ``CURVATURES``; ``"gauss_newton"`` only with ``ll_outputs``."""
+        if value not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {value!r}.")
+        _check_outputs_given(value, self._ll_outputs)
+        return value
+
+    def _check_ll_outputs(self, value: Any) -> Outputs | None:
+        """Anything (it is called, and checked, where used); a callable with
+        ``curvature="gauss_newton"``."""
+        if "_curvature" in self.__dict__:
+            _check_outputs_given(self._curvature, value)
+        return value
+
+    # may be set between UL steps, checked as at construction
+    solver_optimizer = Setting(
+        _check_callable,
+        "params -> torch.optim.Optimizer, e.g. lambda params: torch.optim.SGD(params, lr=0.1)",
+    )
+    steps = Setting(_count, 1)
+    batches = Setting(_check_batches)
+    cross = Setting(_check_cross)
+    ll_outputs = Setting(_check_ll_outputs, reads_object=True)
+    curvature = Setting(_check_curvature, reads_object=True)
+    solver_scheduler = Setting(_check_callable, "optimizer -> scheduler")
+    seed = Fixed(
+        "the generator of the minibatch draws was seeded with it at construction, and its "
+        "state, the method's checkpointed state, goes on from there",
+        _check_seed,
+    )
 
     def differentiable_steps(self, iters: int) -> int:
         """None: the LL graph is not needed."""
@@ -207,7 +253,7 @@ class StochasticImplicit(HypergradientCalculator):
     def splits_ul_batch(self) -> bool:  # type: ignore[override]
         """The default solver (SGD on the quadratic, whose iterates are linear in ``v``) with
         the same draws on every process; a given solver optimizer may not be linear (Adam)."""
-        return self.solver_optimizer is None
+        return self._solver_optimizer is None
 
     def skip_task(self, train: Batch, val: Batch) -> None:
         """Advance the draws exactly as one task's hypergradient would, without computing it:
@@ -215,8 +261,8 @@ class StochasticImplicit(HypergradientCalculator):
         every process passes over the other processes' tasks of a task batch, so that each
         task gets the minibatches one process would draw for it, and every process ends the UL
         step with the same generator state (the one a single process would have)."""
-        for _ in range(self.steps + (self.cross == "minibatch")):
-            if callable(self.batches):  # the callable owns its randomness: only the count
+        for _ in range(self._steps + (self._cross == "minibatch")):
+            if callable(self._batches):  # the callable owns its randomness: only the count
                 self.draws += 1
             else:
                 self.draw(train)
@@ -242,15 +288,15 @@ class StochasticImplicit(HypergradientCalculator):
         and scheduler, described by their types and hyperparameters as built on stand-ins for
         the solution (left out when not given, so that older checkpoints still resume).
         Reference: Grazzi, Pontil & Salzo (2021), AISTATS."""
-        batches = "callable" if callable(self.batches) else self.batches
+        batches = "callable" if callable(self._batches) else self._batches
         settings: dict[str, Any] = {
-            "steps": self.steps,
+            "steps": self._steps,
             "batches": batches,
-            "cross": self.cross,
-            "curvature": self.curvature,
+            "cross": self._cross,
+            "curvature": self._curvature,
             "seed": self.seed,
         }
-        if self.solver_optimizer is not None or self.solver_scheduler is not None:
+        if self._solver_optimizer is not None or self._solver_scheduler is not None:
             settings.update(self._solver_settings())
         return settings
 
@@ -283,14 +329,14 @@ class StochasticImplicit(HypergradientCalculator):
             ]
             # the default solver is SGD with the LL step size, which the runner records
             optimizer = torch.optim.SGD(q, lr=1.0)
-            if self.solver_optimizer is not None:
+            if self._solver_optimizer is not None:
                 optimizer = self._solver(q, None)  # type: ignore[arg-type]
                 out["solver_optimizer"] = "; ".join(
                     described(optimizer, {k: v for k, v in g.items() if k != "params"})
                     for g in optimizer.param_groups
                 )
-            if self.solver_scheduler is not None:
-                scheduler = self.solver_scheduler(optimizer)
+            if self._solver_scheduler is not None:
+                scheduler = self._solver_scheduler(optimizer)
                 out["solver_scheduler"] = described(scheduler, scheduler.state_dict())
         except Exception:
             for name in ("solver_optimizer", "solver_scheduler"):
@@ -319,10 +365,10 @@ class StochasticImplicit(HypergradientCalculator):
     def draw(self, train: Batch) -> Batch:
         """The next minibatch of the LL batch ``train`` (itself when ``batches`` is None)."""
         draw, self.draws = self.draws, self.draws + 1
-        if self.batches is None:
+        if self._batches is None:
             return train
-        if callable(self.batches):
-            batch = self.batches(draw)
+        if callable(self._batches):
+            batch = self._batches(draw)
             if not isinstance(batch, tuple | list) or len(batch) != 2:
                 raise TypeError(
                     f"batches({draw}) must return a pair (data, target), got "
@@ -332,9 +378,9 @@ class StochasticImplicit(HypergradientCalculator):
         # the same rows of every tensor in (data, target), as the other methods' samplers
         data, target = train
         n = num_samples(data, target, "train", TAKE_AS_GIVEN)
-        if self.batches >= n:
+        if self._batches >= n:
             return train
-        index = torch.randperm(n, generator=self.generator)[: self.batches]
+        index = torch.randperm(n, generator=self.generator)[: self._batches]
         return select(data, index), select(target, index)
 
     # -- products ---------------------------------------------------------------------------
@@ -356,7 +402,7 @@ class StochasticImplicit(HypergradientCalculator):
 
     def _split(self, state: dict[str, Any], graph: bool = True) -> tuple[torch.Tensor, Any, Any]:
         """``ll_outputs(state)``, checked (``graph``: the outputs must have a graph)."""
-        result = self.ll_outputs(state)
+        result = self._ll_outputs(state)
         if not isinstance(result, tuple | list) or len(result) != 3:
             got = type(result).__name__
             if isinstance(result, tuple | list):
@@ -451,7 +497,7 @@ class StochasticImplicit(HypergradientCalculator):
     # -- the method -------------------------------------------------------------------------
 
     def _solver(self, q: Tensors, trajectory: Trajectory) -> torch.optim.Optimizer:
-        if self.solver_optimizer is None:
+        if self._solver_optimizer is None:
             step = trajectory.step_size
             if step is None:
                 raise ValueError(
@@ -461,7 +507,7 @@ class StochasticImplicit(HypergradientCalculator):
                     "alpha < 2 / lambda_max(H)."
                 )
             return torch.optim.SGD(q, lr=step)
-        optimizer = self.solver_optimizer(q)
+        optimizer = self._solver_optimizer(q)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 "solver_optimizer must return a torch.optim.Optimizer over the params it is "
@@ -479,19 +525,21 @@ class StochasticImplicit(HypergradientCalculator):
         w = [weights[i] for i in active]
         n = len(self.ul_params)
         product = (
-            self._hessian_product if self.curvature == "hessian" else self._gauss_newton_product
+            self._hessian_product if self._curvature == "hessian" else self._gauss_newton_product
         )
         with evaluate_at(model, weights):
-            if self.curvature == "gauss_newton":
+            if self._curvature == "gauss_newton":
                 self._check_split(model, train)
             loss = self.ul_loss(call)
             grads = torch.autograd.grad(loss, [*self.ul_params, *w], allow_unused=True)
             direct, v = grads[:n], _or_zeros(grads[n:], w)
             q = [torch.zeros_like(x, requires_grad=True) for x in w]
             optimizer = self._solver(q, call.trajectory)
-            scheduler = None if self.solver_scheduler is None else self.solver_scheduler(optimizer)
+            scheduler = (
+                None if self._solver_scheduler is None else self._solver_scheduler(optimizer)
+            )
             with _frozen(self.ul_params):
-                for _ in range(self.steps):
+                for _ in range(self._steps):
                     state = self._state(model, self.draw(train))
                     hq = product(state, w, [qi.detach() for qi in q])
                     for qi, h, vi in zip(q, hq, v, strict=True):
@@ -500,7 +548,7 @@ class StochasticImplicit(HypergradientCalculator):
                     if scheduler is not None:
                         scheduler.step()
             residual = [qi.grad for qi in q]  # H_b q - v at the last step's q
-            cross = self.draw(train) if self.cross == "minibatch" else train
+            cross = self.draw(train) if self._cross == "minibatch" else train
             ll_loss = check_objective_result(
                 self.ll_objective(self._state(model, cross)), "ll_objective"
             )
@@ -530,7 +578,7 @@ class StochasticImplicit(HypergradientCalculator):
         values = torch.stack([linalg.norm(q), linalg.norm(residual), linalg.norm(v)]).tolist()
         q_norm, res, rhs = values
         self.diagnostics = {
-            "steps": self.steps,
+            "steps": self._steps,
             "draws": self.draws,
             "q_norm": q_norm,
             "minibatch_residual_norm": res,

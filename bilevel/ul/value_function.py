@@ -86,6 +86,11 @@ def check_schedule(value: Any, name: str) -> float | Callable[[int], float]:
     return check_number(value, name)
 
 
+def check_optional_schedule(value: Any, name: str) -> float | Callable[[int], float] | None:
+    """``None``, or a number-or-schedule checked by :func:`check_schedule`."""
+    return None if value is None else check_schedule(value, name)
+
+
 def evaluate_schedule(value: float | Callable[[int], float], name: str, step: int) -> float:
     """The value of a number-or-schedule at UL step ``step`` (checked)."""
     if callable(value):
