@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from bilevel import checkpoint as ckpt
 from bilevel import distributed
 from bilevel.ll import GradientDescent, PerElement, PerStep
+from bilevel.settings import changes
 from bilevel.state import (
     all_finite,
     check_data_matches,
@@ -242,6 +243,8 @@ class BilevelProblem:
         if not hasattr(ll, "run") or not hasattr(ll, "iters"):
             raise TypeError(f"ll must be a bilevel.ll optimizer, got {type(ll).__name__}.")
         ul.check_against(ll)
+        # what the settings of both were when checked (a setting changed since: again)
+        self._checked_changes = changes(ul, ll)
         if ul_optimizer is not None and not isinstance(ul_optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"ul_optimizer must be a torch.optim.Optimizer, got {type(ul_optimizer).__name__}."
@@ -338,6 +341,11 @@ class BilevelProblem:
             raise ValueError("no task to compute a hypergradient on.")
         # every method, also those whose own steps do not pass through accumulate
         check_ul_parameters(self.ul)
+        ul, ll = self.ul, self.ll  # (settings.changes, inline: this runs at every UL step)
+        now = (getattr(ul, "_settings_changes", 0), getattr(ll, "_settings_changes", 0))
+        if now != self._checked_changes:  # a setting of either changed: as when built
+            ul.check_against(ll)
+            self._checked_changes = now
         self._check_single_state(len(tasks))
         group = distributed.active()
         # without a process group every task is this process's, each weighing 1 / len(tasks)

@@ -8,13 +8,26 @@ value once, in the constructor, and refuses any later assignment with ``Attribut
 naming why and the cure (build a new object); it is read as a plain attribute. A setting
 changed after construction is counted in ``_settings_changes``, so that what the runner
 checked once against the other level (the LL optimizer against the UL method) is checked
-again before the next LL run.
+again at its next step (:func:`changes`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+
+def count_change(obj: Any) -> None:
+    """Count a setting of ``obj`` changed after construction (for settings kept by hand-written
+    properties; :class:`Setting` counts its own)."""
+    state = obj.__dict__
+    state["_settings_changes"] = state.get("_settings_changes", 0) + 1
+
+
+def changes(ul: Any, ll: Any) -> tuple[int, int]:
+    """How many settings of the UL method and of the LL optimizer changed since they were
+    built: the runner checks them against each other again where this moved."""
+    return getattr(ul, "_settings_changes", 0), getattr(ll, "_settings_changes", 0)
 
 
 class _Slot:
@@ -58,10 +71,9 @@ class Setting(_Slot):
             value = self.check(obj, value)
         else:
             value = self.check(value, self.name, *self.options, **self.keywords)
-        state = obj.__dict__
-        if self.slot in state:  # a change after construction
-            state["_settings_changes"] = state.get("_settings_changes", 0) + 1
-        state[self.slot] = value
+        if self.slot in obj.__dict__:  # a change after construction
+            count_change(obj)
+        obj.__dict__[self.slot] = value
 
 
 class Fixed:

@@ -652,3 +652,23 @@ def test_a_changed_setting_is_checked_against_the_ll_again():
     bda.alpha = 0.5
     with pytest.raises(ValueError, match="Implicit needs an LL run that ends at a stationary"):
         problem.hypergradient(p.train, p.val)
+
+
+def test_a_changed_ll_iters_is_checked_against_the_method_again():
+    """``ll.iters`` (a property of its own) counts as a changed setting too, and the check
+    runs for every method, also those that do not run the LL through ``run_ll``: SOBA, which
+    takes one LL step per UL step and refuses ``iters=5`` at construction, took steps with
+    ``ll.iters = 5`` set later without a word. The refused step changes nothing."""
+    p = ridge_away()
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=LR, iters=1)
+    ul = SOBA(ridge_ul, p.ul_model, ridge_ll, p.ll_model, batch_size=10)
+    problem = BilevelProblem(ll, ul, torch.optim.SGD(p.ul_model.parameters(), lr=0.1))
+    problem.step(p.train, p.val)
+    ll.iters = 5
+    kept = [t.clone() for t in p.ul_model.parameters()]
+    with pytest.raises(ValueError, match=r"one LL step per UL step .* ll\.iters = 5"):
+        problem.step(p.train, p.val)
+    assert all(torch.equal(a, b) for a, b in zip(kept, p.ul_model.parameters(), strict=True))
+    ll.iters = 1
+    problem.step(p.train, p.val)  # agreed again: runs
+    assert not all(torch.equal(a, b) for a, b in zip(kept, p.ul_model.parameters(), strict=True))

@@ -36,7 +36,7 @@ from bilevel.ll.unroll import (
     needs_graph,
 )
 from bilevel.roundoff import loss_grew, roundoff_floor
-from bilevel.settings import Fixed, Setting
+from bilevel.settings import Fixed, Setting, count_change
 from bilevel.state import (
     LowerLevelDivergenceError,
     Objective,
@@ -327,6 +327,8 @@ class GradientDescent:
                 f"cannot become {value}: build a new GradientDescent with a schedule of {value} "
                 "steps (and a new BilevelProblem)."
             )
+        if value != self.__dict__.get("_iters", value):  # a change after construction
+            count_change(self)
         self._iters = value
 
     @property
@@ -337,7 +339,10 @@ class GradientDescent:
 
     @differentiable_steps.setter
     def differentiable_steps(self, value: int | None) -> None:
-        self._differentiable_steps = _check_steps(value)
+        value = _check_steps(value)
+        if value != self.__dict__.get("_differentiable_steps", value):
+            count_change(self)
+        self._differentiable_steps = value
 
     def schedule(self, plan: RunPlan | None = None) -> Schedule:
         """The hyperparameters of a run: callables evaluated now, on the UL model; one value

@@ -126,8 +126,8 @@ class HypergradientCalculator:
 
     A method's numeric and string settings may be set between UL steps (``ul.k = 20``):
     they are checked as the constructor checks them (:class:`bilevel.settings.Setting`), and
-    the next :meth:`run_ll` checks the method against the LL optimizer again
-    (:meth:`check_against`), as the runner did when it was built. What a change could not
+    the runner's next step checks the method against the LL optimizer again
+    (:meth:`check_against`), as it did when it was built. What a change could not
     reach consistently (the objectives, the models and the parameter lists taken from them,
     seeds and samplers, what the method's state across UL steps was made for) is fixed at
     construction and refused with ``AttributeError`` (:class:`bilevel.settings.Fixed`).
@@ -162,10 +162,8 @@ class HypergradientCalculator:
     queries_keep_state = True
     #: where :meth:`commit_state` puts the changes while they are held (else ``None``)
     _held_commits: Commits | None = None
-    #: settings changed after construction (:mod:`bilevel.settings` counts them), and the
-    #: counts of this method's and the LL's when they were last checked together
+    #: settings changed after construction (:mod:`bilevel.settings` counts them)
     _settings_changes = 0
-    _checked_changes = (0, 0)
 
     def __init__(
         self,
@@ -257,13 +255,7 @@ class HypergradientCalculator:
         self, ll: Any, data: Any, target: Any, ul_batch: tuple[Any, Any] | None = None
     ) -> Trajectory:
         """One LL run on ``(data, target)`` that records exactly what this method needs
-        (``ul_batch``: the UL batch, for LL dynamics that look at it, such as BDA). Where a
-        setting of this method or of ``ll`` changed since they were checked together (by
-        the runner, when it was built), :meth:`check_against` runs first."""
-        changes = (self._settings_changes, getattr(ll, "_settings_changes", 0))
-        if changes != self._checked_changes:  # (inline: no call on the usual path)
-            self.check_against(ll)
-            self._checked_changes = changes
+        (``ul_batch``: the UL batch, for LL dynamics that look at it, such as BDA)."""
         steps = self.differentiable_steps(ll.iters)
         observer = self.observer(ll)
         try:
