@@ -75,11 +75,7 @@ class OnlineHypergradient:
             )
         if isinstance(hyper_every, bool) or not isinstance(hyper_every, int) or hyper_every < 1:
             raise ValueError(f"hyper_every must be an integer >= 1, got {hyper_every!r}.")
-        if isinstance(ul, Truncated) and ul.truncate_iter != hyper_every:
-            raise ValueError(
-                f"Truncated online needs truncate_iter == hyper_every ({hyper_every}), got "
-                f"{ul.truncate_iter}: it back-propagates through the steps since the last update."
-            )
+        _check_truncation(ul, hyper_every)
         if not isinstance(ul_optimizer, torch.optim.Optimizer):  # (BilevelProblem takes None)
             raise TypeError("ul_optimizer must be a torch.optim.Optimizer.")
         # BilevelProblem's checks of the models and ul_optimizer, and its checkpoints (settings
@@ -173,6 +169,9 @@ class OnlineHypergradient:
         checkpoint_every: int,
         checkpoint_seconds: float | None,
     ) -> torch.nn.Module:
+        # a setting of the method or the LL changed since construction: checked as then
+        self._problem._check_levels_again()
+        _check_truncation(self.ul, self.hyper_every)
         if checkpoint is not None and Path(checkpoint).exists():
             resume_strictly(self.load_checkpoint, checkpoint, "runner")
         if not self._resume:
@@ -462,6 +461,16 @@ class OnlineHypergradient:
         """
         required = ("ul_model", "ll_model", "step", "rng", "online")
         self.load_state_dict(ckpt.load(path, require=required), strict=strict)
+
+
+def _check_truncation(ul: Forward | Truncated, hyper_every: int) -> None:
+    """Online ``Truncated`` back-propagates through the steps since the last UL update: its
+    ``truncate_iter`` must be ``hyper_every`` (at construction, and when set later)."""
+    if isinstance(ul, Truncated) and ul.truncate_iter != hyper_every:
+        raise ValueError(
+            f"Truncated online needs truncate_iter == hyper_every ({hyper_every}), got "
+            f"{ul.truncate_iter}: it back-propagates through the steps since the last update."
+        )
 
 
 class _OnlineCheckpoints(BilevelProblem):

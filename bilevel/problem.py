@@ -341,7 +341,7 @@ class BilevelProblem:
             raise ValueError("no task to compute a hypergradient on.")
         # every method, also those whose own steps do not pass through accumulate
         check_ul_parameters(self.ul)
-        ul, ll = self.ul, self.ll  # (settings.changes, inline: this runs at every UL step)
+        ul, ll = self.ul, self.ll  # (_check_levels_again, inline: this runs at every UL step)
         now = (getattr(ul, "_settings_changes", 0), getattr(ll, "_settings_changes", 0))
         if now != self._checked_changes:  # a setting of either changed: as when built
             ul.check_against(ll)
@@ -385,6 +385,15 @@ class BilevelProblem:
         ul_loss, ll_loss = totals.unbind()
         self.last_ll_loss = ll_loss
         return ul_loss
+
+    def _check_levels_again(self) -> None:
+        """Check the method against the LL optimizer again, as when this problem was built,
+        where a setting of either changed since the last check (for runners that step
+        without :meth:`_accumulate`)."""
+        now = changes(self.ul, self.ll)
+        if now != self._checked_changes:
+            self.ul.check_against(self.ll)
+            self._checked_changes = now
 
     def _run_tasks(
         self,

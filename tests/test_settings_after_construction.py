@@ -672,3 +672,24 @@ def test_a_changed_ll_iters_is_checked_against_the_method_again():
     ll.iters = 1
     problem.step(p.train, p.val)  # agreed again: runs
     assert not all(torch.equal(a, b) for a, b in zip(kept, p.ul_model.parameters(), strict=True))
+
+
+def test_an_online_run_checks_a_changed_setting_as_at_construction():
+    """Online ``Truncated`` back-propagates through the ``hyper_every`` steps since the last
+    UL update, and its construction refuses ``truncate_iter != hyper_every``; set later, the
+    other ``truncate_iter`` was ignored without a word. The next run now refuses it."""
+    from bilevel.online import OnlineHypergradient
+
+    p = ridge_away()
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=LR, iters=8)
+    ul = Truncated(ridge_ul, p.ul_model, ridge_ll, p.ll_model, truncate_iter=2)
+    optimizer = torch.optim.SGD(p.ul_model.parameters(), lr=0.1)
+    runner = OnlineHypergradient(ll, ul, optimizer, hyper_every=2)
+    runner.run(p.train, p.val, 4, progress=False)
+    ul.truncate_iter = 3
+    kept = [t.clone() for t in p.ul_model.parameters()]
+    with pytest.raises(ValueError, match=r"truncate_iter == hyper_every \(2\), got 3"):
+        runner.run(p.train, p.val, 4, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(kept, p.ul_model.parameters(), strict=True))
+    ul.truncate_iter = 2
+    runner.run(p.train, p.val, 4, progress=False)  # agreed again: runs
