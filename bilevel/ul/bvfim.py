@@ -34,12 +34,20 @@ def _check_y_iters(value: Any, name: str) -> int | None:
     return value
 
 
-def _check_slack_pair(slack: str, ll_lower_bound: float | None) -> None:
-    """Refuse ``ll_lower_bound`` without ``slack="lower_bound"``, or that slack without it."""
+def _check_slack_pair(slack: str, ll_lower_bound: float | None, later: bool) -> None:
+    """Refuse ``ll_lower_bound`` without ``slack="lower_bound"``, or that slack without it
+    (``later``: one of them set after construction, which alone can never enter or leave
+    that slack: the message says so)."""
     if (slack == "lower_bound") != (ll_lower_bound is not None):
+        cure = (
+            " Set alone, neither can switch slack='lower_bound' on or off (the other one "
+            "would have to change with it): build a new BVFIM with both."
+            if later
+            else ""
+        )
         raise ValueError(
             "ll_lower_bound is needed with slack='lower_bound' and only there, got "
-            f"slack={slack!r} and ll_lower_bound={ll_lower_bound!r}."
+            f"slack={slack!r} and ll_lower_bound={ll_lower_bound!r}.{cure}"
         )
 
 
@@ -150,7 +158,7 @@ class BVFIM(FirstOrderMethod):
         """``None`` or a number; given only with ``slack="lower_bound"``."""
         bound = check_optional_number(value, "ll_lower_bound", low=-math.inf)
         if "_slack" in self.__dict__:
-            _check_slack_pair(self._slack, bound)
+            _check_slack_pair(self._slack, bound, later=True)
         return bound
 
     def _check_slack(self, value: Any) -> str:
@@ -160,7 +168,7 @@ class BVFIM(FirstOrderMethod):
         if value is None:
             value = "barrier" if bound is None else "lower_bound"
         slack = check_choice(value, "slack", ("barrier", "regularized", "lower_bound"))
-        _check_slack_pair(slack, bound)
+        _check_slack_pair(slack, bound, later="_slack" in self.__dict__)
         return slack
 
     # may be set between UL steps, checked as at construction
