@@ -243,7 +243,7 @@ class BilevelProblem:
         if not hasattr(ll, "run") or not hasattr(ll, "iters"):
             raise TypeError(f"ll must be a bilevel.ll optimizer, got {type(ll).__name__}.")
         ul.check_against(ll)
-        # what the settings of both were when checked (a setting changed since: again)
+        # the two levels as checked (one replaced since, or a setting changed: again)
         self._checked_changes = changes(ul, ll)
         if ul_optimizer is not None and not isinstance(ul_optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -342,8 +342,8 @@ class BilevelProblem:
         # every method, also those whose own steps do not pass through accumulate
         check_ul_parameters(self.ul)
         ul, ll = self.ul, self.ll  # (_check_levels_again, inline: this runs at every UL step)
-        now = (getattr(ul, "_settings_changes", 0), getattr(ll, "_settings_changes", 0))
-        if now != self._checked_changes:  # a setting of either changed: as when built
+        now = (ul, ll, getattr(ul, "_settings_changes", 0), getattr(ll, "_settings_changes", 0))
+        if now != self._checked_changes:  # one replaced, or a setting changed: as when built
             ul.check_against(ll)
             self._checked_changes = now
         self._check_single_state(len(tasks))

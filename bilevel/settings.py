@@ -24,10 +24,11 @@ def count_change(obj: Any) -> None:
     state["_settings_changes"] = state.get("_settings_changes", 0) + 1
 
 
-def changes(ul: Any, ll: Any) -> tuple[int, int]:
-    """How many settings of the UL method and of the LL optimizer changed since they were
-    built: the runner checks them against each other again where this moved."""
-    return getattr(ul, "_settings_changes", 0), getattr(ll, "_settings_changes", 0)
+def changes(ul: Any, ll: Any) -> tuple[Any, Any, int, int]:
+    """The UL method and the LL optimizer, and how many of their settings changed since they
+    were built: the runner checks them against each other again where this moved (a setting
+    changed, or one of them replaced)."""
+    return ul, ll, getattr(ul, "_settings_changes", 0), getattr(ll, "_settings_changes", 0)
 
 
 class _Slot:

@@ -7,15 +7,20 @@ now be set between runs, and ``alpha`` raised from 0 (plain gradient steps, whic
 ``FiniteDifference`` takes) to 0.5 (which it refuses) ran on without a word. BVFIM's
 ``slack="lower_bound"`` needs ``ll_lower_bound`` and only there: set one at a time, neither
 could switch it on or off, and each refusal named the other as what was missing, so a user
-went round in circles."""
+went round in circles. A sampler's ``seed`` set later was taken and reported by
+``settings()`` while its generator stayed seeded with the old one; a ``problem.ll`` replaced
+by an LL optimizer that the method refuses was never checked; ``FixedPointMap.lr`` set later
+was told to give "lr as a callable", which a map does not take."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from problems import ridge, ridge_ll, ridge_ul
 
-from bilevel.ll import BDA
-from bilevel.ul import BVFIM, FiniteDifference
+from bilevel import BilevelProblem
+from bilevel.ll import BDA, FixedPointMap, GradientDescent
+from bilevel.ul import BVFIM, SOBA, FiniteDifference, Sampler
 
 
 def test_finite_difference_by_hand_checks_bda_alpha_set_since_as_a_fresh_one_does():
@@ -60,3 +65,40 @@ def test_bvfim_slack_and_its_bound_set_alone_are_refused_with_the_cure(built, na
         BVFIM(ridge_ul, p.ul_model, ridge_ll, p.ll_model, **{**built, name: value})
     assert str(at_construction.value) in message
     assert "build a new BVFIM" not in str(at_construction.value)
+
+
+@pytest.mark.parametrize(("name", "value"), [("seed", 5), ("order", "uniform")])
+def test_a_sampler_s_seed_and_order_are_fixed_at_construction(name, value):
+    sampler = Sampler(10, seed=1)
+    before = sampler.settings()
+    with pytest.raises(AttributeError, match=rf"Sampler\.{name} is fixed at construction"):
+        setattr(sampler, name, value)
+    assert sampler.settings() == before
+
+
+def test_a_replaced_ll_optimizer_is_checked_against_the_method_as_at_construction():
+    """SOBA takes one LL step per UL step and refuses an LL of 5 at construction; the same LL
+    put in as ``problem.ll`` ran five."""
+    p = ridge(seed=2)
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.3, iters=1)
+    ul = SOBA(ridge_ul, p.ul_model, ridge_ll, p.ll_model, batch_size=10)
+    problem = BilevelProblem(ll, ul, torch.optim.SGD(p.ul_model.parameters(), lr=0.1))
+    problem.step(p.train, p.val)
+    problem.ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.3, iters=5)
+    with pytest.raises(ValueError, match=r"one LL step per UL step .* ll\.iters = 5"):
+        problem.step(p.train, p.val)
+    problem.ll = ll
+    problem.step(p.train, p.val)  # the one it was built with: runs
+
+
+def test_fixed_point_map_lr_is_refused_with_the_map_s_cure():
+    p = ridge(seed=2)
+
+    def step(state):
+        return [state["ll_model"].w * 0.5]
+
+    ll = FixedPointMap(step, p.ll_model, p.ul_model, iters=3)
+    with pytest.raises(AttributeError, match="a fixed-point map takes no step size") as refused:
+        ll.lr = 0.1
+    assert "callable" not in str(refused.value)
+    assert ll.lr == 1.0

@@ -130,6 +130,12 @@ class FixedPointMap(GradientDescent):
         cure="To change it, build the FixedPointMap, the UL method and the BilevelProblem "
         "again with the new map.",
     )
+    lr = Fixed(
+        "a fixed-point map takes no step size (lr is 1: a unit step on the residual "
+        "w - Phi(w), which the series of Implicit read as their default step)",
+        cure="To change the iteration, change the map: build the FixedPointMap, the UL method "
+        "and the BilevelProblem again with it.",
+    )
 
     def __init__(
         self,

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from bilevel.settings import Fixed
 from bilevel.state import map_tensors
 
 LEVELS = ("train", "val")
@@ -183,6 +184,9 @@ class Sampler:
         order: ``"reshuffle"`` (each epoch visits every batch once, in a random order) or
             ``"uniform"`` (every draw picks a batch uniformly, with replacement).
     """
+
+    seed = Fixed("the sampler's generator was seeded with it, and its state is the run's")
+    order = Fixed("the draws so far, and the epochs' positions in the state, follow it")
 
     def __init__(
         self,
