@@ -388,8 +388,8 @@ class BilevelProblem:
 
     def _check_levels_again(self) -> None:
         """Check the method against the LL optimizer again, as when this problem was built,
-        where a setting of either changed since the last check (for runners that step
-        without :meth:`_accumulate`)."""
+        where one of them was replaced or a setting of either changed since the last check
+        (for runners that step without :meth:`_accumulate`)."""
         now = changes(self.ul, self.ll)
         if now != self._checked_changes:
             self.ul.check_against(self.ll)
