@@ -24,6 +24,7 @@ from bilevel.problem import (
     check_run_options,
     resume_strictly,
 )
+from bilevel.settings import check_count
 from bilevel.state import check_finite, check_hypergradient
 from bilevel.ul import Forward, Truncated
 from bilevel.ul.forward import tangent_count
@@ -73,8 +74,7 @@ class OnlineHypergradient:
             raise TypeError(
                 f"online hypergradients need Forward or Truncated, got {type(ul).__name__}."
             )
-        if isinstance(hyper_every, bool) or not isinstance(hyper_every, int) or hyper_every < 1:
-            raise ValueError(f"hyper_every must be an integer >= 1, got {hyper_every!r}.")
+        check_count(hyper_every, "hyper_every")
         _check_truncation(ul, hyper_every)
         if not isinstance(ul_optimizer, torch.optim.Optimizer):  # (BilevelProblem takes None)
             raise TypeError("ul_optimizer must be a torch.optim.Optimizer.")

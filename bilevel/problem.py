@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from bilevel import checkpoint as ckpt
 from bilevel import distributed
 from bilevel.ll import GradientDescent, PerElement, PerStep
-from bilevel.settings import changes
+from bilevel.settings import changes, check_count
 from bilevel.state import (
     all_finite,
     check_data_matches,
@@ -155,8 +155,7 @@ def check_run_options(checkpoint_seconds: float | None, log: Any, **counts: Any)
             f"records.append, got {type(log).__name__} {log!r:.60}."
         )
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        check_count(value, name)
     if checkpoint_seconds is not None and (
         isinstance(checkpoint_seconds, bool)
         or not isinstance(checkpoint_seconds, int | float)

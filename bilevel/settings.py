@@ -17,6 +17,13 @@ from collections.abc import Callable
 from typing import Any
 
 
+def check_count(value: Any, name: str) -> int:
+    """``value`` if it is an integer >= 1 (a bool is not one): iterations, steps, periods."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    return value
+
+
 def count_change(obj: Any) -> None:
     """Count a setting of ``obj`` changed after construction (for settings kept by hand-written
     properties; :class:`Setting` counts its own)."""

@@ -36,7 +36,7 @@ from bilevel.ll.unroll import (
     needs_graph,
 )
 from bilevel.roundoff import loss_grew, roundoff_floor
-from bilevel.settings import Fixed, Setting, count_change
+from bilevel.settings import Fixed, Setting, check_count, count_change
 from bilevel.state import (
     LowerLevelDivergenceError,
     Objective,
@@ -314,8 +314,7 @@ class GradientDescent:
 
     @iters.setter
     def iters(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"iters must be an integer >= 1, got {value!r}.")
+        check_count(value, "iters")
         scheduled = [
             name
             for name, h in self.__dict__.get("hyper", {}).items()

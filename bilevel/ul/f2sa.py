@@ -16,12 +16,8 @@ from bilevel.ul.value_function import (
     check_number,
     check_optional_number,
     combine,
+    start_and_cap,
 )
-
-
-def _checked_lam_max(lam_max: Any, lam: float) -> float | None:
-    """``None``, or a number >= ``lam`` (the multiplier never falls below its start)."""
-    return check_optional_number(lam_max, "lam_max", low=lam, closed=True)
 
 
 class F2SA(FirstOrderMethod):
@@ -92,20 +88,10 @@ class F2SA(FirstOrderMethod):
         self.lam_max = lam_max
         self.lr_y = lr_y
 
-    def _check_lam(self, value: Any) -> float:
-        """A number > 0, at most ``lam_max``."""
-        lam = check_number(value, "lam")
-        _checked_lam_max(self.__dict__.get("_lam_max"), lam)
-        return lam
-
-    def _check_lam_max(self, value: Any) -> float | None:
-        """``None``, or a number at least ``lam``."""
-        return _checked_lam_max(value, self._lam)
-
-    # may be set between UL steps, checked as at construction
-    lam = Setting(_check_lam, reads_object=True)
+    # may be set between UL steps, checked as at construction (the multiplier never falls
+    # below its start)
+    lam, lam_max = start_and_cap("lam", "lam_max")
     lam_growth = Setting(check_number, closed=True)
-    lam_max = Setting(_check_lam_max, reads_object=True)
     lr_y = Setting(check_optional_number)
 
     def settings(self) -> dict[str, Any]:

@@ -81,10 +81,10 @@ def _norm_floor(dtype: torch.dtype, r: float) -> float:
 
 def _dynamics_key(ll: Any) -> tuple[Any, ...]:
     """What :func:`_plain_gradient_descent` reads of ``ll``: the object, its class, rule and
-    hyperparameters, and BDA's ``alpha``, which may be set between runs (compared by
-    identity)."""
+    hyperparameters, and the count of its settings changed since construction (BDA's
+    ``alpha``: :mod:`bilevel.settings`), compared by identity."""
     rule, hyper = getattr(ll, "rule", None), getattr(ll, "hyper", None)
-    return (ll, type(ll), rule, hyper, getattr(ll, "_alpha", None))
+    return (ll, type(ll), rule, hyper, getattr(ll, "_settings_changes", 0))
 
 
 def _plain_gradient_descent(ll: Any) -> str | None:
@@ -216,8 +216,8 @@ class FiniteDifference(HypergradientCalculator):
 
     def observer(self, ll: Any) -> WeightsBeforeLastStep:
         """Keep the weights before the last LL step (the LL's dynamics checked once per LL
-        object, its rule and hyperparameters, fixed at its construction, and again after
-        BDA's ``alpha`` changed)."""
+        object, its rule and hyperparameters, fixed at its construction, and again after a
+        setting of it changed)."""
         checked = self.__dict__.get("_checked_ll")
         key = _dynamics_key(ll)
         if checked is None or not all(map(operator.is_, checked, key)):

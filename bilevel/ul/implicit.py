@@ -14,7 +14,7 @@ from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
 from bilevel.roundoff import batch_terms, roundoff_floor
 from bilevel.second_derivatives import gradient_to_differentiate, refuse_once_differentiable
-from bilevel.settings import Setting
+from bilevel.settings import Setting, check_count
 from bilevel.state import Objective, all_finite, names_without_gradient
 from bilevel.ul.base import (
     Call,
@@ -37,13 +37,6 @@ def _check_ll_learning_rate(value: Any, name: str) -> float | None:
     if value is not None and not _positive(value):
         raise ValueError(f"{name} must be a number > 0 or None, got {value!r}.")
     return None if value is None else float(value)
-
-
-def _check_count(value: Any, name: str) -> int:
-    """An integer >= 1 (a bool is not one)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-    return value
 
 
 def _check_tolerance(value: Any, name: str) -> float:
@@ -231,11 +224,11 @@ class Implicit(HypergradientCalculator):
     # the settings: each may be set between steps, checked as at construction (and the next
     # LL run checks the method against the LL optimizer again)
     ll_learning_rate = Setting(_check_ll_learning_rate)
-    k = Setting(_check_count)
+    k = Setting(check_count)
     tolerance = Setting(_check_tolerance)
     method = Setting(_check_method, reads_object=True)
     alpha = Setting(_check_alpha, reads_object=True)
-    power_iters = Setting(_check_count)
+    power_iters = Setting(check_count)
     on_divergence = Setting(_check_policy)
     stationarity_warning = Setting(_check_stationarity_warning)
     damping = Setting(_check_damping)

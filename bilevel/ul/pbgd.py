@@ -21,12 +21,8 @@ from bilevel.ul.value_function import (
     check_optional_number,
     combine,
     dot,
+    start_and_cap,
 )
-
-
-def _checked_gamma_max(gamma_max: Any, gamma: float) -> float | None:
-    """``None``, or a number >= ``gamma`` (the penalty never falls below its start)."""
-    return check_optional_number(gamma_max, "gamma_max", low=gamma, closed=True)
 
 
 class PBGD(FirstOrderMethod):
@@ -94,20 +90,10 @@ class PBGD(FirstOrderMethod):
         self.penalty = penalty
         self.lr_y = lr_y
 
-    def _check_gamma(self, value: Any) -> float:
-        """A number > 0, at most ``gamma_max``."""
-        gamma = check_number(value, "gamma")
-        _checked_gamma_max(self.__dict__.get("_gamma_max"), gamma)
-        return gamma
-
-    def _check_gamma_max(self, value: Any) -> float | None:
-        """``None``, or a number at least ``gamma``."""
-        return _checked_gamma_max(value, self._gamma)
-
-    # may be set between UL steps, checked as at construction
-    gamma = Setting(_check_gamma, reads_object=True)
+    # may be set between UL steps, checked as at construction (the penalty never falls below
+    # its start)
+    gamma, gamma_max = start_and_cap("gamma", "gamma_max")
     gamma_growth = Setting(check_number, closed=True)
-    gamma_max = Setting(_check_gamma_max, reads_object=True)
     penalty = Setting(check_choice, ("value", "gradient"))
     lr_y = Setting(check_optional_number)
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from bilevel import distributed, linalg
 from bilevel.ll import evaluate_at
+from bilevel.settings import Setting
 from bilevel.state import (
     Objective,
     all_finite,
@@ -70,6 +71,28 @@ def check_number(
 def check_optional_number(value: Any, name: str, **bounds: Any) -> float | None:
     """``None``, or a number checked by :func:`check_number`."""
     return None if value is None else check_number(value, name, **bounds)
+
+
+def start_and_cap(start: str, cap: str) -> tuple[Setting, Setting]:
+    """The settings of a multiplier that grows from ``start`` (a number > 0) up to ``cap``
+    (``None``, or a number at least ``start``): each checked against the other whichever is
+    set (F2SA's ``lam`` and ``lam_max``, PBGD's ``gamma`` and ``gamma_max``)."""
+
+    def check_cap(value: Any, low: float) -> float | None:
+        return check_optional_number(value, cap, low=low, closed=True)
+
+    def check_start_value(obj: Any, value: Any) -> float:
+        checked = check_number(value, start)
+        check_cap(obj.__dict__.get(f"_{cap}"), checked)  # (not yet set: the constructor's)
+        return checked
+
+    def check_cap_value(obj: Any, value: Any) -> float | None:
+        return check_cap(value, obj.__dict__[f"_{start}"])
+
+    return (
+        Setting(check_start_value, reads_object=True),
+        Setting(check_cap_value, reads_object=True),
+    )
 
 
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
