@@ -221,8 +221,8 @@ class Implicit(HypergradientCalculator):
         _check_alpha_used(value, self._method)
         return value
 
-    # the settings: each may be set between steps, checked as at construction (and the next
-    # LL run checks the method against the LL optimizer again)
+    # the settings: each may be set between steps, checked as at construction (and the
+    # runner's next step checks the method against the LL optimizer again)
     ll_learning_rate = Setting(_check_ll_learning_rate)
     k = Setting(check_count)
     tolerance = Setting(_check_tolerance)
