@@ -203,6 +203,7 @@ class Implicit(HypergradientCalculator):
         self.stationarity_warning = stationarity_warning
         self._warned_graph = False
         self._warned_divergence = False
+        self._warned_stationarity = False
 
     def _check_method(self, value: Any) -> str | linalg.Solve:
         """A solver's name or a callable; one that does not use a given ``alpha`` is refused."""
@@ -516,11 +517,13 @@ class Implicit(HypergradientCalculator):
         if left is not None:
             self.diagnostics["ll_distance_ratio"] = left
         limit = self._stationarity_warning
-        if limit is None or (ratio <= limit and (left is None or left <= limit)):
+        if limit is None or self._warned_stationarity:
+            return
+        if ratio <= limit and (left is None or left <= limit):
             return
         if final <= float(floor()):  # its products: on this path only
             return
-        self._stationarity_warning = None  # once per calculator
+        self._warned_stationarity = True  # once per calculator (the setting stays the user's)
         step_map = trajectory.step_map
         if step_map is not None and not step_map.symmetric:  # a fixed-point map: no lr, no H
             warnings.warn(

@@ -159,6 +159,35 @@ class _Level:
         return self.order_list[position]  # type: ignore[index]
 
 
+class _BatchSizes(Mapping[str, "int | None"]):
+    """A sampler's batch size per level (``"train"``, ``"val"``), read-only: the data were
+    split with them, and a size changed later would not match the split or the state."""
+
+    def __init__(self, train: int | None, val: int | None) -> None:
+        self._sizes = {"train": train, "val": val}
+
+    def __getitem__(self, level: str) -> int | None:
+        return self._sizes[level]
+
+    def __iter__(self) -> Any:
+        return iter(self._sizes)
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def _refuse(self, *change: Any) -> None:
+        raise TypeError(
+            "a Sampler's batch sizes are fixed at construction: its data are split into "
+            "batches of them at the first draw, and its state follows that split. To change "
+            "them, build a new Sampler(batch_size=..., val_batch_size=...) (and a new method)."
+        )
+
+    __setitem__ = __delitem__ = _refuse
+
+    def __repr__(self) -> str:
+        return repr(self._sizes)
+
+
 class Sampler:
     """Draws index minibatches from the full train and validation data, reproducibly.
 
@@ -186,6 +215,7 @@ class Sampler:
     """
 
     seed = Fixed("the sampler's generator was seeded with it, and its state is the run's")
+    batch_sizes = Fixed("its data are split into batches of them at the first draw")
     order = Fixed("the draws so far, and the epochs' positions in the state, follow it")
 
     def __init__(
@@ -204,7 +234,7 @@ class Sampler:
             raise TypeError(f"seed must be an int, got {seed!r}.")
         if order not in ("reshuffle", "uniform"):
             raise ValueError(f"order must be 'reshuffle' or 'uniform', got {order!r}.")
-        self.batch_sizes: dict[str, int | None] = {"train": batch_size, "val": val_batch_size}
+        self.batch_sizes = _BatchSizes(batch_size, val_batch_size)
         self.seed = seed
         self.order = order
         self.generator = torch.Generator().manual_seed(seed)

@@ -1,0 +1,62 @@
+"""What a user set stays what they set (float64): two values the library changed or let be
+changed behind the user's back.
+
+FOUND: ``Implicit`` kept "warn once" by setting ``stationarity_warning`` itself to ``None``
+after its warning, so the attribute read ``None`` from then on (a script logging its
+settings, or copying them into a new calculator, got warnings switched off). A
+``Sampler``'s ``batch_sizes`` was a plain dict: an entry changed after the data were split
+was taken without a word, and then disagreed with the split (``count`` and ``settings()``
+reported the new size, the batches kept the old one)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+from problems import ridge, ridge_ll, ridge_ul
+
+from bilevel import BilevelProblem
+from bilevel.ll import GradientDescent
+from bilevel.ul import Implicit, Sampler
+
+
+def test_implicit_warns_once_and_keeps_the_users_stationarity_warning():
+    p = ridge()
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.5, iters=1)  # stopped early
+    ul = Implicit(ridge_ul, p.ul_model, ridge_ll, p.ll_model, 0.5, k=10, stationarity_warning=0.2)
+    problem = BilevelProblem(ll, ul)
+    with pytest.warns(RuntimeWarning, match="the LL is not stationary"):
+        problem.hypergradient(p.train, p.val)
+    assert ul.stationarity_warning == 0.2
+    assert ul.diagnostics["ll_grad_ratio"] > 0.2  # as far from stationary the second time:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        problem.hypergradient(p.train, p.val)  # but warned once per calculator
+    assert ul.diagnostics["ll_grad_ratio"] > 0.2
+    assert ul.stationarity_warning == 0.2
+
+
+def test_a_samplers_batch_sizes_are_fixed_once_built():
+    sampler = Sampler(batch_size=4, seed=3)
+    first = sampler.draw("train", 10)
+    with pytest.raises(TypeError, match=r"fixed at construction.*build a new Sampler"):
+        sampler.batch_sizes["train"] = 3
+    with pytest.raises(TypeError, match=r"fixed at construction.*build a new Sampler"):
+        del sampler.batch_sizes["val"]
+    with pytest.raises(AttributeError, match=r"Sampler\.batch_sizes is fixed at construction"):
+        sampler.batch_sizes = {"train": 3, "val": 3}
+    assert dict(sampler.batch_sizes) == {"train": 4, "val": 4}
+    assert sampler.count("train", 10) == 3
+    assert sampler.settings()["batch_size"] == 4
+    assert sampler.batch_sizes.get("test", 1) == 1  # a Mapping's reads, as the methods use them
+    for clone in (copy.deepcopy(sampler), pickle.loads(pickle.dumps(sampler))):
+        assert dict(clone.batch_sizes) == {"train": 4, "val": 4}
+    # the refusals changed nothing: the next draw is the one a sampler never touched takes
+    fresh = Sampler(batch_size=4, seed=3)
+    assert torch.equal(fresh.draw("train", 10).index, first.index)
+    for _ in range(4):  # into the next epoch
+        mine, theirs = sampler.draw("train", 10), fresh.draw("train", 10)
+        assert torch.equal(mine.index, theirs.index) and mine.count == theirs.count == 3
