@@ -219,6 +219,9 @@ class OnlineHypergradient:
             ll_losses.append(unroll.step(graph=graph))
             if (step + 1) % self.hyper_every:
                 continue
+            # a setting changed since the last update (from log, say): checked before it is used
+            self._problem._check_levels_again()
+            _check_truncation(self.ul, self.hyper_every)
             losses = torch.stack(ll_losses)
             check_finite(losses, f"the LL loss before LL step {step + 1}")
             if step + 1 == self.hyper_every and not callable(train):

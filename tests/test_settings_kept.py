@@ -60,3 +60,27 @@ def test_a_samplers_batch_sizes_are_fixed_once_built():
     for _ in range(4):  # into the next epoch
         mine, theirs = sampler.draw("train", 10), fresh.draw("train", 10)
         assert torch.equal(mine.index, theirs.index) and mine.count == theirs.count == 3
+
+
+def test_an_online_run_checks_a_setting_changed_from_its_log_at_the_next_update():
+    """A setting changed inside one run (here from the ``log`` callback) was checked only at
+    the next ``run``: online ``Truncated`` took ``truncate_iter = 3`` with ``hyper_every = 2``
+    for the rest of the run without a word. The next UL update now refuses it, before
+    computing a hypergradient with it."""
+    from bilevel.online import OnlineHypergradient
+    from bilevel.ul import Truncated
+
+    p = ridge()
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.3, iters=8)
+    ul = Truncated(ridge_ul, p.ul_model, ridge_ll, p.ll_model, truncate_iter=2)
+    optimizer = torch.optim.SGD(p.ul_model.parameters(), lr=0.1)
+    runner = OnlineHypergradient(ll, ul, optimizer, hyper_every=2)
+    seen: list[int] = []
+
+    def log(record: dict) -> None:
+        seen.append(record["ul_step"])
+        ul.truncate_iter = 3
+
+    with pytest.raises(ValueError, match=r"truncate_iter == hyper_every \(2\), got 3"):
+        runner.run(p.train, p.val, 8, log=log, progress=False)
+    assert seen == [1]
