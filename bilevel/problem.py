@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from bilevel import checkpoint as ckpt
 from bilevel import distributed
 from bilevel.ll import GradientDescent, PerElement, PerStep
-from bilevel.settings import changes, check_count
+from bilevel.settings import changes, check_count, count_change, current
 from bilevel.state import (
     all_finite,
     check_data_matches,
@@ -267,6 +268,7 @@ class BilevelProblem:
         if self.broadcasts:
             distributed.broadcast_modules(ul.ul_model, ll.ll_model)
         self.settings = self._settings()
+        self._built_settings = self._changeable()
         self.step_count = 0
         self.skipped_steps = 0
         self.last_skipped: FloatingPointError | None = None
@@ -723,6 +725,79 @@ class BilevelProblem:
         """
         return self._step(self._one_task(train, val))
 
+    def _changeable(self) -> dict[str, dict[str, Any]]:
+        """The settings of the method and of the LL optimizer that may be set after
+        construction (their ``Setting`` attributes, and ``ll.iters``), as they are now."""
+        return {"ul": current(self.ul), "ll": {**current(self.ll), "iters": self.ll.iters}}
+
+    def _changed_settings(self) -> dict[str, Any]:
+        """What changed since construction among :meth:`_changeable`: the plain values by
+        level, which a checkpoint holds and a load sets again, and the names of the others
+        (a callable, a tensor), which a file cannot hold (``kept_out``)."""
+        changed: dict[str, Any] = {"ul": {}, "ll": {}, "kept_out": []}
+        for level, values in self._changeable().items():
+            built = self._built_settings[level]
+            for name, value in values.items():
+                if not _same_setting(value, built.get(name, _ABSENT)):
+                    if _plain_setting(value):
+                        changed[level][name] = value
+                    else:
+                        changed["kept_out"].append(f"{level}.{name}")
+        return changed
+
+    def _restore_settings(self, changed: Any, strict: bool) -> None:
+        """Set again the settings that the checkpoint's run changed after construction, each
+        checked as any assignment is (those constrained by each other, in whichever order
+        they pass); with ``strict``, one this problem does not have is refused."""
+        if changed is None:  # (written before these were recorded)
+            return
+        levels = {"ul": self.ul, "ll": self.ll}
+        if not (
+            isinstance(changed, dict)
+            and all(isinstance(changed.get(level, {}), dict) for level in levels)
+        ):
+            raise ValueError(
+                "the checkpoint's 'changed_settings' is damaged (not a dict of the settings "
+                "changed per level). Restore the file from a copy, or start a new run."
+            )
+        live = self._changeable()
+        pending = []
+        for level, obj in levels.items():
+            for name, value in changed.get(level, {}).items():
+                if name not in live[level]:
+                    if strict:
+                        raise ValueError(
+                            f"the checkpoint's run changed {level}.{name}, which this "
+                            f"problem's {type(obj).__name__} does not have: it is of another "
+                            "run. Resume with the same method and LL optimizer, or start a new "
+                            "run with another checkpoint path (or delete it)."
+                        )
+                elif not _same_setting(live[level][name], value):
+                    pending.append((level, obj, name, value))
+        while pending:  # a pass that sets none of them ends it
+            refused = []
+            for level, obj, name, value in pending:
+                try:
+                    setattr(obj, name, value)
+                except (TypeError, ValueError, AttributeError) as error:
+                    refused.append(((level, obj, name, value), error))
+            if len(refused) == len(pending):
+                (level, _, name, value), error = refused[0]
+                raise ValueError(
+                    f"the checkpoint's run set {level}.{name} = {value!r} after construction, "
+                    f"which this problem refuses: {error} The file is damaged or of another "
+                    "run: restore it from a copy, or start a new run."
+                ) from error
+            pending = [item for item, _ in refused]
+
+    def _put_settings_back(self, kept: dict[str, dict[str, Any]]) -> None:
+        """Put back the settings :meth:`_changeable` returned, as they were (a load that
+        failed part-way), without checks: they were the problem's own."""
+        for level, obj in (("ul", self.ul), ("ll", self.ll)):
+            for name, value in kept[level].items():
+                obj.__dict__[f"_{name}"] = value
+            count_change(obj)  # (the runner checks the levels again at its next step)
+
     def meta_step(self, batch: dict[str, Pair]) -> torch.Tensor:
         """:meth:`step` on a task batch, with the hypergradient averaged over tasks."""
         return self._step(self._tasks(batch))
@@ -747,6 +822,8 @@ class BilevelProblem:
             "skipped_steps": self.skipped_steps,
             "rng": ckpt.rng_state(),
             "settings": ckpt.plain(self.settings),
+            # the settings changed since construction, set again on load
+            "changed_settings": ckpt.plain(self._changed_settings()),
             # what a method keeps across UL steps (LL or auxiliary variables), if anything
             "method": self.ul.state_dict() if hasattr(self.ul, "state_dict") else None,
         }
@@ -764,7 +841,13 @@ class BilevelProblem:
                 problem carries across UL steps, records no settings, or holds UL or LL
                 model entries of other names, shapes or dtypes (a float32 state would be
                 cast into a float64 model silently). With or without ``strict``: a step
-                count that is not an int >= 0.
+                count that is not an int >= 0, or a setting changed by the saved run that
+                this problem refuses (with ``strict``, also one it does not have).
+
+        The settings that the saved run changed after construction (``ll.iters = 50``
+        mid-run) are set again, checked as any assignment is; a setting it did not change
+        keeps its value here. One the file could not hold (a callable) is named in a
+        ``RuntimeWarning``: set it again after loading.
 
         Nothing is changed unless everything is restored: a state that does not fit is
         refused before any change, and a failure part-way (a damaged RNG state, a method's
@@ -835,14 +918,25 @@ class BilevelProblem:
                     "copy, or start a new run."
                 )
         before = copy.deepcopy(self.state_dict())  # what _load changes, to put it back
+        settings = self._changeable()
         try:
-            self._load(state)
+            self._load(state, strict)
         except BaseException as error:
+            self._put_settings_back(settings)
             self._load(before)
             error.add_note("(The problem was left as it was before the load.)")
             raise
+        kept_out = (state.get("changed_settings") or {}).get("kept_out") or []
+        if kept_out:
+            warnings.warn(
+                f"the checkpoint's run changed {', '.join(map(str, kept_out))} after "
+                "construction to a value a file cannot hold (a callable, a tensor): set it "
+                "again after loading, or the run continues with the value this problem has.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
-    def _load(self, state: dict[str, Any]) -> None:
+    def _load(self, state: dict[str, Any], strict: bool = True) -> None:
         self.ul.ul_model.load_state_dict(state["ul_model"])
         self.ll.ll_model.load_state_dict(state["ll_model"])
         if self.ul_optimizer is not None and state.get("ul_optimizer") is not None:
@@ -854,6 +948,7 @@ class BilevelProblem:
         if state.get("method") is not None:
             self.ul.load_state_dict(state["method"])
         ckpt.set_rng_state(state["rng"])
+        self._restore_settings(state.get("changed_settings"), strict)
 
     def _check_state_parts(self, state: dict[str, Any]) -> None:
         """Refuse a state that lacks what this problem carries across UL steps (the UL
@@ -1244,6 +1339,16 @@ def _check_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer | None) ->
             "ul_scheduler must schedule the ul_optimizer given to BilevelProblem (build it as "
             "torch.optim.lr_scheduler.X(ul_optimizer, ...))."
         )
+
+
+def _plain_setting(value: Any) -> bool:
+    """Whether a checkpoint can hold ``value`` as it is (and a load set it again)."""
+    return value is None or type(value) in (bool, int, float, str)
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Whether two values of a setting are the same: equal plain values, or one object."""
+    return a is b or (_plain_setting(a) and _plain_setting(b) and a == b)
 
 
 def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:

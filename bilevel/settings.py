@@ -122,3 +122,15 @@ class Fixed:
         if self.check is not None:
             value = self.check(value, self.name, *self.options)
         obj.__dict__[self.name] = value
+
+
+def current(obj: Any) -> dict[str, Any]:
+    """The values of ``obj``'s :class:`Setting` attributes now, by name (those set so far)."""
+    names = {
+        name
+        for klass in type(obj).__mro__
+        for name, attribute in vars(klass).items()
+        if isinstance(attribute, Setting)
+    }
+    state = obj.__dict__
+    return {name: state[f"_{name}"] for name in sorted(names) if f"_{name}" in state}
