@@ -727,8 +727,8 @@ class BilevelProblem:
 
     def _changeable(self) -> dict[str, dict[str, Any]]:
         """The settings of the method and of the LL optimizer that may be set after
-        construction (their ``Setting`` attributes, and ``ll.iters``), as they are now."""
-        return {"ul": current(self.ul), "ll": {**current(self.ll), "iters": self.ll.iters}}
+        construction (:func:`bilevel.settings.current`), as they are now."""
+        return {"ul": current(self.ul), "ll": current(self.ll)}
 
     def _changed_settings(self) -> dict[str, Any]:
         """What changed since construction among :meth:`_changeable`: the plain values by
@@ -752,13 +752,16 @@ class BilevelProblem:
         if changed is None:  # (written before these were recorded)
             return
         levels = {"ul": self.ul, "ll": self.ll}
+        kept_out = changed.get("kept_out", []) if isinstance(changed, dict) else None
         if not (
-            isinstance(changed, dict)
+            isinstance(kept_out, list)  # (None: changed is not a dict)
+            and all(isinstance(name, str) for name in kept_out)
             and all(isinstance(changed.get(level, {}), dict) for level in levels)
         ):
             raise ValueError(
                 "the checkpoint's 'changed_settings' is damaged (not a dict of the settings "
-                "changed per level). Restore the file from a copy, or start a new run."
+                "changed per level, with the names in 'kept_out'). Restore the file from a "
+                "copy, or start a new run."
             )
         live = self._changeable()
         pending = []
@@ -779,7 +782,7 @@ class BilevelProblem:
             for level, obj, name, value in pending:
                 try:
                     setattr(obj, name, value)
-                except (TypeError, ValueError, AttributeError) as error:
+                except Exception as error:  # (any refusal: float(10**400) overflows)
                     refused.append(((level, obj, name, value), error))
             if len(refused) == len(pending):
                 (level, _, name, value), error = refused[0]
@@ -1342,7 +1345,9 @@ def _check_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer | None) ->
 
 
 def _plain_setting(value: Any) -> bool:
-    """Whether a checkpoint can hold ``value`` as it is (and a load set it again)."""
+    """Whether a checkpoint can hold ``value`` (as :func:`bilevel.checkpoint.plain` makes it:
+    a NumPy scalar too), and a load set it again."""
+    value = ckpt.plain(value)
     return value is None or type(value) in (bool, int, float, str)
 
 

@@ -125,12 +125,15 @@ class Fixed:
 
 
 def current(obj: Any) -> dict[str, Any]:
-    """The values of ``obj``'s :class:`Setting` attributes now, by name (those set so far)."""
+    """The values of ``obj``'s settings now, by name (those set so far): its :class:`Setting`
+    attributes and its properties with a setter that keep their value in ``_<name>`` (an LL
+    optimizer's ``iters``, ``FiniteDifference.r``)."""
     names = {
         name
         for klass in type(obj).__mro__
         for name, attribute in vars(klass).items()
         if isinstance(attribute, Setting)
+        or (isinstance(attribute, property) and attribute.fset is not None)
     }
     state = obj.__dict__
     return {name: state[f"_{name}"] for name in sorted(names) if f"_{name}" in state}
