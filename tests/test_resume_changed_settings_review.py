@@ -27,10 +27,11 @@ import numpy as np
 import pytest
 import torch
 from problems import ridge, ridge_ll, ridge_ul
+from test_resume_changed_settings import f2sa_problem, run
 
 from bilevel import BilevelProblem
 from bilevel.ll import GradientDescent
-from bilevel.ul import F2SA, FiniteDifference, Implicit
+from bilevel.ul import FiniteDifference, Implicit
 
 LR = 0.3
 
@@ -41,12 +42,6 @@ def quartic_ll(state: dict) -> torch.Tensor:
     w = state["ll_model"].w
     residual = state["ll_model"](state["data"]) - state["target"]
     return 0.5 * (residual**2).mean() + 0.25 * (state["ul_model"].log_l2.exp() * w**4).sum()
-
-
-def f2sa_problem(p) -> BilevelProblem:
-    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=LR, iters=3)
-    ul = F2SA(ridge_ul, p.ul_model, ridge_ll, p.ll_model, lam=1.0, lam_growth=0.5, lam_max=2.0)
-    return BilevelProblem(ll, ul, torch.optim.SGD(p.ul_model.parameters(), lr=0.05))
 
 
 def finite_difference_problem(p) -> BilevelProblem:
@@ -74,14 +69,6 @@ def set_radius(problem: BilevelProblem, step: int) -> None:
 def set_numpy_alpha(problem: BilevelProblem, step: int) -> None:
     if step == 1:
         problem.ul.alpha = np.linspace(0.1, 0.2, 3)[0]  # a NumPy float64
-
-
-def run(build, change, p, steps, problem=None) -> BilevelProblem:
-    problem = problem or build(p)
-    for step in range(problem.step_count, steps):
-        change(problem, step)
-        problem.step(p.train, p.val)
-    return problem
 
 
 @pytest.mark.parametrize(
