@@ -13,6 +13,7 @@ import csv
 import errno
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -451,7 +452,11 @@ def _truncate(path: Path) -> None:
 DAMAGE = {
     "checkpoint empty": ("checkpoint.pt", lambda p: p.write_bytes(b""), "is empty"),
     "checkpoint truncated": ("checkpoint.pt", _truncate, "truncated or corrupted"),
-    "checkpoint random": ("checkpoint.pt", lambda p: p.write_bytes(os.urandom(3000)), "corrupt"),
+    "checkpoint random": (  # seeded: the same bytes on every run
+        "checkpoint.pt",
+        lambda p: p.write_bytes(random.Random(0).randbytes(3000)),
+        "corrupt",
+    ),
     "checkpoint foreign": (
         "checkpoint.pt",
         lambda p: torch.save({"weight": torch.ones(2)}, p),

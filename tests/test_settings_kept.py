@@ -84,3 +84,35 @@ def test_an_online_run_checks_a_setting_changed_from_its_log_at_the_next_update(
     with pytest.raises(ValueError, match=r"truncate_iter == hyper_every \(2\), got 3"):
         runner.run(p.train, p.val, 8, log=log, progress=False)
     assert seen == [1]
+
+
+def test_a_run_by_hand_checks_the_method_against_the_ll_as_the_runner_does():
+    """``ul.run_ll(ll, x, y)`` and ``ul.accumulate`` (the quickstart's run by hand) never
+    checked the method against the LL optimizer: a method given another ``ll_objective``
+    than the LL took the hypergradient of a problem the LL does not solve, silently, where
+    ``BilevelProblem(ll, ul)`` refuses it. ``run_ll`` now checks at its first run with an LL
+    optimizer, and again after a setting of either changed."""
+    p = ridge()
+
+    def other_ll(state: dict) -> torch.Tensor:
+        return 2.0 * ridge_ll(state)
+
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.3, iters=5)
+    wrong = Implicit(ridge_ul, p.ul_model, other_ll, p.ll_model, method="neumann")
+    with pytest.raises(ValueError) as by_runner:
+        BilevelProblem(ll, wrong)
+    with pytest.raises(ValueError) as by_hand:
+        wrong.run_ll(ll, *p.train)
+    assert str(by_hand.value) == str(by_runner.value)
+    assert "another ll_objective than the LL optimizer" in str(by_hand.value)
+
+    ul = Implicit(ridge_ul, p.ul_model, ridge_ll, p.ll_model, 0.3, method="neumann")
+    ll.release(ul.run_ll(ll, *p.train).model)  # agreed: runs
+    ul.ll_learning_rate = 0.2  # now disagrees with ll.lr = 0.3, which the series would use
+    with pytest.raises(ValueError, match=r"ll_learning_rate=0\.2\) disagrees"):
+        ul.run_ll(ll, *p.train)
+    ul.ll_learning_rate = None  # read from the LL run: agreed again
+    ll.release(ul.run_ll(ll, *p.train).model)
+    # the check remembers the LL without keeping it: the method still copies and pickles
+    for clone in (copy.deepcopy(ul), pickle.loads(pickle.dumps(ul))):
+        assert clone.__dict__.get("_last_check") is None  # a copy checks again

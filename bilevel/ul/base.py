@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +109,27 @@ class Call:
     def val(self) -> tuple[Any, Any]:
         """The UL batch ``(data, target)``."""
         return self.validate_data, self.validate_target
+
+
+class _LastCheck:
+    """The LL optimizer a method was last checked against (a weak reference: the method does
+    not keep it alive) and the settings changes of both then. Copies and pickles of the
+    method hold none, so that a copy checks again at its first run."""
+
+    __slots__ = ("changes", "ll")
+
+    def __init__(self, ll: weakref.ref, changes: tuple[int, int]) -> None:
+        self.ll, self.changes = ll, changes
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self) -> tuple[Callable[[], None], tuple[()]]:
+        return _nothing, ()
+
+
+def _nothing() -> None:
+    """``None`` (what an unpickled :class:`_LastCheck` becomes)."""
 
 
 class HypergradientCalculator:
@@ -255,7 +277,17 @@ class HypergradientCalculator:
         self, ll: Any, data: Any, target: Any, ul_batch: tuple[Any, Any] | None = None
     ) -> Trajectory:
         """One LL run on ``(data, target)`` that records exactly what this method needs
-        (``ul_batch``: the UL batch, for LL dynamics that look at it, such as BDA)."""
+        (``ul_batch``: the UL batch, for LL dynamics that look at it, such as BDA).
+
+        Checks this method against ``ll`` (:meth:`check_against`) at its first run with it,
+        and again after a setting of either changed, as ``BilevelProblem`` does: a run by
+        hand is checked too."""
+        # (inline, as the runner's: this runs at every UL step; tests/test_lean_darts.py)
+        last = self.__dict__.get("_last_check")
+        changes = (getattr(ll, "_settings_changes", 0), getattr(self, "_settings_changes", 0))
+        if last is None or last.ll() is not ll or last.changes != changes:
+            self.check_against(ll)
+            self._last_check = _LastCheck(weakref.ref(ll), changes)
         steps = self.differentiable_steps(ll.iters)
         observer = self.observer(ll)
         try:
