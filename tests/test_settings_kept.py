@@ -116,3 +116,38 @@ def test_a_run_by_hand_checks_the_method_against_the_ll_as_the_runner_does():
     # the check remembers the LL without keeping it: the method still copies and pickles
     for clone in (copy.deepcopy(ul), pickle.loads(pickle.dumps(ul))):
         assert clone.__dict__.get("_last_check") is None  # a copy checks again
+
+
+def test_compute_gradients_refuses_an_auxiliary_model_of_another_ll_objective():
+    """``ll.optimize`` then ``ul.compute_gradients`` (the other run by hand) took a run of
+    another ``ll_objective`` than the method's without a word; the run's step map knows its
+    objective, and is now checked as ``BilevelProblem`` checks the LL optimizer. BDA's run
+    of another ``ul_objective`` likewise."""
+    from bilevel.ll import BDA
+    from bilevel.ul import Reverse
+
+    p = ridge()
+
+    def other_ll(state: dict) -> torch.Tensor:
+        return 2.0 * ridge_ll(state)
+
+    def other_ul(state: dict) -> torch.Tensor:
+        return 2.0 * ridge_ul(state)
+
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.3, iters=5, differentiable_steps=0)
+    wrong = Implicit(ridge_ul, p.ul_model, other_ll, p.ll_model, method="neumann")
+    with pytest.raises(ValueError, match="another ll_objective than the LL optimizer"):
+        wrong.compute_gradients(*p.val, ll.optimize(*p.train), *p.train)
+    assert p.ul_model.log_l2.grad is None
+    right = Implicit(ridge_ul, p.ul_model, ridge_ll, p.ll_model, 0.3, method="neumann", k=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (5 LL steps: not stationary)
+        right.compute_gradients(*p.val, ll.optimize(*p.train), *p.train)
+    assert p.ul_model.log_l2.grad is not None
+
+    bda = BDA(
+        ridge_ll, p.ll_model, p.ul_model, 0.3, 3, ul_objective=other_ul, alpha=0.5, alpha_decay=1.0
+    )
+    reverse = Reverse(ridge_ul, p.ul_model, ridge_ll, p.ll_model)
+    with pytest.raises(ValueError, match="auxiliary_model steers the LL with another ul_objec"):
+        reverse.compute_gradients(*p.val, bda.run(*p.train, ul_batch=p.val).model, *p.train)
