@@ -170,8 +170,7 @@ class OnlineHypergradient:
         checkpoint_seconds: float | None,
     ) -> torch.nn.Module:
         # a setting of the method or the LL changed since construction: checked as then
-        self._problem._check_levels_again()
-        _check_truncation(self.ul, self.hyper_every)
+        self._check_settings()
         if checkpoint is not None and Path(checkpoint).exists():
             resume_strictly(self.load_checkpoint, checkpoint, "runner")
         if not self._resume:
@@ -220,8 +219,7 @@ class OnlineHypergradient:
             if (step + 1) % self.hyper_every:
                 continue
             # a setting changed since the last update (from log, say): checked before it is used
-            self._problem._check_levels_again()
-            _check_truncation(self.ul, self.hyper_every)
+            self._check_settings()
             losses = torch.stack(ll_losses)
             check_finite(losses, f"the LL loss before LL step {step + 1}")
             if step + 1 == self.hyper_every and not callable(train):
@@ -304,6 +302,12 @@ class OnlineHypergradient:
             return lambda step: given
         return lambda step: checked(given(step), step)
 
+    def _check_settings(self) -> None:
+        """Check the method against the LL optimizer again where a setting of either changed,
+        as at construction, and online ``Truncated``'s window."""
+        self._problem._check_levels_again()
+        _check_truncation(self.ul, self.hyper_every)
+
     def _capture(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The ``online`` part of :meth:`state_dict` and the RNG states, now (at a UL update,
         or as held)."""
@@ -329,6 +333,11 @@ class OnlineHypergradient:
         (``ll_step`` 0). The tensors are copies: a state kept in memory stays that of its UL
         update while the run goes on (a module's ``state_dict`` would share the UL
         parameters' and the optimizer's tensors, which the next UL updates change in place).
+
+        Raises:
+            ValueError: a setting was changed to one that :meth:`run` refuses (``Truncated``'s
+                ``truncate_iter`` other than ``hyper_every``; a method and an LL optimizer that
+                disagree): a state holding it could not be resumed. Set it back first.
         """
         return self._state_dict(snapshot=True)
 
@@ -336,6 +345,9 @@ class OnlineHypergradient:
         """:meth:`state_dict`; without ``snapshot`` its tensors are shared with the models, the
         UL optimizer and the runner's record of its last update (a checkpoint written at
         once)."""
+        # a setting the run refuses would be refused at every resume of this state (one
+        # changed from log, saved at that update, made the run's checkpoint unresumable)
+        self._check_settings()
         online, rng = self._capture()
         state = self._problem.state_dict()
         state["step"] = online["ll_step"] // self.hyper_every

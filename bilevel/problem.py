@@ -807,7 +807,19 @@ class BilevelProblem:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue: UL model, UL optimizer, LL model, step counters, RNG
-        states and settings, as tensors and plain values (a weights-only load accepts it)."""
+        states and settings, as tensors and plain values (a weights-only load accepts it).
+
+        Raises:
+            ValueError: a setting was changed to one that the method refuses against the LL
+                optimizer (as at construction): a state holding it could not be resumed
+                (one set from ``run``'s ``log`` was written into the checkpoint, and every
+                resume refused). Set it back first.
+        """
+        self._check_levels_again()
+        return self._state()
+
+    def _state(self) -> dict[str, Any]:
+        """:meth:`state_dict`, unchecked (what a load puts back if it fails)."""
         optimizer = None
         if self.ul_optimizer is not None:
             optimizer = self.ul_optimizer.state_dict()
@@ -920,7 +932,7 @@ class BilevelProblem:
                     "damaged or was not written by BilevelProblem.state_dict. Restore it from a "
                     "copy, or start a new run."
                 )
-        before = copy.deepcopy(self.state_dict())  # what _load changes, to put it back
+        before = copy.deepcopy(self._state())  # what _load changes, to put it back
         settings = self._changeable()
         try:
             self._load(state, strict)

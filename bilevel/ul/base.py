@@ -262,6 +262,15 @@ class HypergradientCalculator:
             raise ValueError("ll and ul must be built on the same ll_model and ul_model objects.")
         self._check_objectives(ll, type(ll).__name__)
 
+    def check_against_once(self, ll: Any) -> None:
+        """:meth:`check_against` at the first run with ``ll`` and again after a setting of
+        either changed, as ``BilevelProblem`` checks them (for runs by hand too)."""
+        last = self.__dict__.get("_last_check")
+        changes = (getattr(ll, "_settings_changes", 0), getattr(self, "_settings_changes", 0))
+        if last is None or last.ll() is not ll or last.changes != changes:
+            self.check_against(ll)
+            self._last_check = _LastCheck(weakref.ref(ll), changes)
+
     def _check_objectives(self, run_by: Any, who: str) -> None:
         """Refuse LL dynamics (an LL optimizer, or the step map of a run) of another
         ``ll_objective`` than this method's, or, where they look at the UL objective (BDA),
@@ -289,12 +298,7 @@ class HypergradientCalculator:
         Checks this method against ``ll`` (:meth:`check_against`) at its first run with it,
         and again after a setting of either changed, as ``BilevelProblem`` does: a run by
         hand is checked too."""
-        # (inline, as the runner's: this runs at every UL step; tests/test_lean_darts.py)
-        last = self.__dict__.get("_last_check")
-        changes = (getattr(ll, "_settings_changes", 0), getattr(self, "_settings_changes", 0))
-        if last is None or last.ll() is not ll or last.changes != changes:
-            self.check_against(ll)
-            self._last_check = _LastCheck(weakref.ref(ll), changes)
+        self.check_against_once(ll)
         steps = self.differentiable_steps(ll.iters)
         observer = self.observer(ll)
         try:

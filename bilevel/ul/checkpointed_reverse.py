@@ -137,6 +137,7 @@ class MemorySavingReverse(HypergradientCalculator):
             FloatingPointError: the LL loss became NaN or inf (the message names the step); the
                 LL optimizer's growth policy applies as in ``ll.run``.
         """
+        self.check_against_once(ll)
         unroll = ll.start(data, target, graph_from_start=False, ul_batch=ul_batch)
         weights: list[Tensors] = []
         states: list[State] = []
