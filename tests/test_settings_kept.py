@@ -120,8 +120,8 @@ def test_a_run_by_hand_checks_the_method_against_the_ll_as_the_runner_does():
 
 def test_compute_gradients_refuses_an_auxiliary_model_of_another_ll_objective():
     """``ll.optimize`` then ``ul.compute_gradients`` (the other run by hand) took a run of
-    another ``ll_objective`` than the method's without a word; the run's step map knows its
-    objective, and is now checked as ``BilevelProblem`` checks the LL optimizer. BDA's run
+    another ``ll_objective`` than the method's without a word; the run now knows its LL
+    optimizer, which the method is checked against as ``BilevelProblem`` checks it. BDA's run
     of another ``ul_objective`` likewise."""
     from bilevel.ll import BDA
     from bilevel.ul import Reverse
@@ -149,5 +149,39 @@ def test_compute_gradients_refuses_an_auxiliary_model_of_another_ll_objective():
         ridge_ll, p.ll_model, p.ul_model, 0.3, 3, ul_objective=other_ul, alpha=0.5, alpha_decay=1.0
     )
     reverse = Reverse(ridge_ul, p.ul_model, ridge_ll, p.ll_model)
-    with pytest.raises(ValueError, match="auxiliary_model steers the LL with another ul_objec"):
+    with pytest.raises(ValueError, match="BDA steers the LL with another ul_objective"):
         reverse.compute_gradients(*p.val, bda.run(*p.train, ul_batch=p.val).model, *p.train)
+
+
+def test_compute_gradients_checks_the_method_against_the_ll_optimizer_that_ran():
+    """Beyond the objectives: dynamics that the method cannot differentiate were taken by
+    hand (Implicit on a BDA run with alpha > 0, which does not end at a stationary point of
+    ``ll_objective``; IGA on an AdamW LL), where ``BilevelProblem`` refuses them. The run
+    knows its LL optimizer (a weak reference), and ``compute_gradients`` checks against it
+    as ``BilevelProblem`` does."""
+    from bilevel.ll import BDA
+    from bilevel.ul import IGA
+
+    p = ridge()
+    bda = BDA(
+        ridge_ll, p.ll_model, p.ul_model, 0.3, 3, ul_objective=ridge_ul, alpha=0.5, alpha_decay=1.0
+    )
+    implicit = Implicit(ridge_ul, p.ul_model, ridge_ll, p.ll_model, method="cg")
+    with pytest.raises(ValueError) as by_runner:
+        BilevelProblem(bda, implicit)
+    with pytest.raises(ValueError) as by_hand:
+        implicit.compute_gradients(*p.val, bda.run(*p.train, ul_batch=p.val).model, *p.train)
+    assert str(by_hand.value) == str(by_runner.value)
+    assert "implicit function theorem does not apply" in str(by_hand.value)
+
+    adamw = GradientDescent(
+        ridge_ll, p.ll_model, p.ul_model, lr=0.01, iters=3, optimizer="adamw",
+        differentiable_steps=0,
+    )  # fmt: skip
+    iga = IGA(ridge_ul, p.ul_model, ridge_ll, p.ll_model)
+    with pytest.raises(ValueError) as by_runner:
+        BilevelProblem(adamw, iga)
+    with pytest.raises(ValueError) as by_hand:
+        iga.compute_gradients(*p.val, adamw.optimize(*p.train), *p.train)
+    assert str(by_hand.value) == str(by_runner.value)
+    assert p.ul_model.log_l2.grad is None

@@ -6,6 +6,7 @@ import contextlib
 import math
 import operator
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -536,7 +537,9 @@ class GradientDescent:
         recorded += unroll.run_with_graph(iters - untracked)
         losses = recorded[0].reshape(1) if len(recorded) == 1 else torch.stack(recorded)
         self._check_losses(losses, unroll)
-        return unroll.record(losses, tracked)
+        trajectory = unroll.record(losses, tracked)
+        trajectory.run_by = weakref.ref(self)  # (compute_gradients checks the method against it)
+        return trajectory
 
     def optimize(self, data: Any, target: Any) -> nn.Module:
         """Run the LL steps on ``(data, target)`` and return the auxiliary model.

@@ -56,6 +56,8 @@ class Trajectory:
         plain_sgd: every step was ``w - lr * g`` with constant numbers ``lr``.
         differentiated: a hypergradient was back-propagated through the recorded steps
             (``compute_gradients``), which frees their graph.
+        run_by: the LL optimizer that ran it, as a weak reference (``None``: another run),
+            which ``compute_gradients`` checks the method against.
     """
 
     iters: int
@@ -71,6 +73,7 @@ class Trajectory:
     last_grads: Tensors | None = None
     plain_sgd: bool = False
     differentiated: bool = False
+    run_by: Any = None
 
     @property
     def initial_grad_norm(self) -> torch.Tensor | None:

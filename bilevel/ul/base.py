@@ -260,7 +260,18 @@ class HypergradientCalculator:
         """Raise if this calculator and the LL optimizer were given disagreeing inputs."""
         if ll.ll_model is not self.ll_model or ll.ul_model is not self.ul_model:
             raise ValueError("ll and ul must be built on the same ll_model and ul_model objects.")
-        self._check_objectives(ll, type(ll).__name__)
+        if ll.ll_objective != self.ll_objective:  # bound methods are new objects, but equal
+            raise ValueError(
+                f"{type(self).__name__} was given another ll_objective than the LL optimizer: "
+                "the hypergradient would be taken for a problem the LL does not solve. Pass "
+                "the same function to both."
+            )
+        ll_ul_objective = getattr(ll, "ul_objective", None)  # LL dynamics that look at F (BDA)
+        if ll_ul_objective is not None and ll_ul_objective != self.ul_objective:
+            raise ValueError(
+                f"{type(ll).__name__} steers the LL with another ul_objective than "
+                f"{type(self).__name__} differentiates: pass the same function to both."
+            )
 
     def check_against_once(self, ll: Any) -> None:
         """:meth:`check_against` at the first run with ``ll`` and again after a setting of
@@ -270,24 +281,6 @@ class HypergradientCalculator:
         if last is None or last.ll() is not ll or last.changes != changes:
             self.check_against(ll)
             self._last_check = _LastCheck(weakref.ref(ll), changes)
-
-    def _check_objectives(self, run_by: Any, who: str) -> None:
-        """Refuse LL dynamics (an LL optimizer, or the step map of a run) of another
-        ``ll_objective`` than this method's, or, where they look at the UL objective (BDA),
-        of another ``ul_objective``."""
-        objective = run_by.ll_objective if hasattr(run_by, "ll_objective") else run_by.objective
-        if objective != self.ll_objective:  # bound methods are new objects, but equal
-            raise ValueError(
-                f"{type(self).__name__} was given another ll_objective than the LL optimizer: "
-                "the hypergradient would be taken for a problem the LL does not solve. Pass "
-                "the same function to both."
-            )
-        ll_ul_objective = getattr(run_by, "ul_objective", None)  # dynamics that look at F
-        if ll_ul_objective is not None and ll_ul_objective != self.ul_objective:
-            raise ValueError(
-                f"{who} steers the LL with another ul_objective than "
-                f"{type(self).__name__} differentiates: pass the same function to both."
-            )
 
     def run_ll(
         self, ll: Any, data: Any, target: Any, ul_batch: tuple[Any, Any] | None = None
@@ -415,8 +408,9 @@ class HypergradientCalculator:
                 "method.task_gradients(ll, train, val)."
             )
         trajectory = self._check_trajectory(auxiliary_model)
-        if hasattr(trajectory.step_map, "objective"):  # (a fixed-point map's has none)
-            self._check_objectives(trajectory.step_map, "the LL run of auxiliary_model")
+        ll = None if trajectory.run_by is None else trajectory.run_by()
+        if ll is not None:  # the LL optimizer that ran it: checked as BilevelProblem does
+            self.check_against_once(ll)
         reference = self.ul_params[0]
         for name, value in (
             ("validate_data", validate_data),
