@@ -305,7 +305,7 @@ class OnlineHypergradient:
     def _check_settings(self) -> None:
         """Check the method against the LL optimizer again where a setting of either changed,
         as at construction, and online ``Truncated``'s window."""
-        self._problem._check_levels_again()
+        self.ul.check_against_once(self.ll)
         _check_truncation(self.ul, self.hyper_every)
 
     def _capture(self) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from bilevel import checkpoint as ckpt
 from bilevel import distributed
 from bilevel.ll import GradientDescent, PerElement, PerStep
-from bilevel.settings import changes, check_count, count_change, current
+from bilevel.settings import check_count, count_change, current
 from bilevel.state import (
     all_finite,
     check_data_matches,
@@ -243,8 +243,6 @@ class BilevelProblem:
         if not hasattr(ll, "run") or not hasattr(ll, "iters"):
             raise TypeError(f"ll must be a bilevel.ll optimizer, got {type(ll).__name__}.")
         ul.check_against(ll)
-        # the two levels as checked (one replaced since, or a setting changed: again)
-        self._checked_changes = changes(ul, ll)
         if ul_optimizer is not None and not isinstance(ul_optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"ul_optimizer must be a torch.optim.Optimizer, got {type(ul_optimizer).__name__}."
@@ -342,11 +340,8 @@ class BilevelProblem:
             raise ValueError("no task to compute a hypergradient on.")
         # every method, also those whose own steps do not pass through accumulate
         check_ul_parameters(self.ul)
-        ul, ll = self.ul, self.ll  # (_check_levels_again, inline: this runs at every UL step)
-        now = (ul, ll, getattr(ul, "_settings_changes", 0), getattr(ll, "_settings_changes", 0))
-        if now != self._checked_changes:  # one replaced, or a setting changed: as when built
-            ul.check_against(ll)
-            self._checked_changes = now
+        # as when built, where one level was replaced or a setting of either changed
+        self.ul.check_against_once(self.ll)
         self._check_single_state(len(tasks))
         group = distributed.active()
         # without a process group every task is this process's, each weighing 1 / len(tasks)
@@ -386,15 +381,6 @@ class BilevelProblem:
         ul_loss, ll_loss = totals.unbind()
         self.last_ll_loss = ll_loss
         return ul_loss
-
-    def _check_levels_again(self) -> None:
-        """Check the method against the LL optimizer again, as when this problem was built,
-        where one of them was replaced or a setting of either changed since the last check
-        (for runners that step without :meth:`_accumulate`)."""
-        now = changes(self.ul, self.ll)
-        if now != self._checked_changes:
-            self.ul.check_against(self.ll)
-            self._checked_changes = now
 
     def _run_tasks(
         self,
@@ -815,7 +801,7 @@ class BilevelProblem:
                 (one set from ``run``'s ``log`` was written into the checkpoint, and every
                 resume refused). Set it back first.
         """
-        self._check_levels_again()
+        self.ul.check_against_once(self.ll)
         return self._state()
 
     def _state(self) -> dict[str, Any]:
@@ -944,7 +930,7 @@ class BilevelProblem:
         kept_out = (state.get("changed_settings") or {}).get("kept_out") or []
         if kept_out:
             warnings.warn(
-                f"the checkpoint's run changed {', '.join(map(str, kept_out))} after "
+                f"the checkpoint's run changed {', '.join(kept_out)} after "
                 "construction to a value a file cannot hold (a callable, a tensor): set it "
                 "again after loading, or the run continues with the value this problem has.",
                 RuntimeWarning,

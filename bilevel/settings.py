@@ -8,7 +8,7 @@ value once, in the constructor, and refuses any later assignment with ``Attribut
 naming why and the cure (build a new object); it is read as a plain attribute. A setting
 changed after construction is counted in ``_settings_changes``, so that what the runner
 checked once against the other level (the LL optimizer against the UL method) is checked
-again at its next step (:func:`changes`).
+again at its next step (``HypergradientCalculator.check_against_once``).
 """
 
 from __future__ import annotations
@@ -29,13 +29,6 @@ def count_change(obj: Any) -> None:
     properties; :class:`Setting` counts its own)."""
     state = obj.__dict__
     state["_settings_changes"] = state.get("_settings_changes", 0) + 1
-
-
-def changes(ul: Any, ll: Any) -> tuple[Any, Any, int, int]:
-    """The UL method and the LL optimizer, and how many of their settings changed since they
-    were built: the runner checks them against each other again where this moved (a setting
-    changed, or one of them replaced)."""
-    return ul, ll, getattr(ul, "_settings_changes", 0), getattr(ll, "_settings_changes", 0)
 
 
 class _Slot:

@@ -40,19 +40,20 @@ def library_calls(step) -> int:
 
 def test_a_one_step_darts_ul_step_runs_few_library_calls():
     """A UL step of one-step DARTS (BilevelProblem.step: checks, one LL step, the finite
-    differences, the UL optimizer) enters at most 166 Python frames of the library (187
+    differences, the UL optimizer) enters at most 167 Python frames of the library (187
     before the lean path, 149 with it, 153 later, 162 once a step that raises puts
     everything back, 164 with the models' buffers listed without ``buffers()``'s generators,
     which costs less time, 166 with the check of the method against the LL optimizer that
-    every run_ll makes, by hand too (one frame, about 0.5 us); a hand-written torch loop enters
-    none): a guard against the per-step overhead creeping back."""
+    every run_ll makes, by hand too (one frame, about 0.5 us), 167 with the runner's check of
+    the two levels made by that one method rather than a twin of it inline; a hand-written
+    torch loop enters none): a guard against the per-step overhead creeping back."""
     p = ridge(seed=1)
     ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=LR, iters=1)
     fd = FiniteDifference(ridge_ul, p.ul_model, ridge_ll, p.ll_model, r=1e-3)
     problem = BilevelProblem(ll, fd, torch.optim.SGD(p.ul_model.parameters(), lr=0.0))
     for _ in range(3):  # what is worked out once
         problem.step(p.train, p.val)
-    assert library_calls(lambda: problem.step(p.train, p.val)) <= 166
+    assert library_calls(lambda: problem.step(p.train, p.val)) <= 167
 
 
 class Scaled(nn.Module):

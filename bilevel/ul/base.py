@@ -274,8 +274,9 @@ class HypergradientCalculator:
             )
 
     def check_against_once(self, ll: Any) -> None:
-        """:meth:`check_against` at the first run with ``ll`` and again after a setting of
-        either changed, as ``BilevelProblem`` checks them (for runs by hand too)."""
+        """:meth:`check_against` at the first run with ``ll`` (or with one that replaced it)
+        and again after a setting of either changed: at every UL step of the runners, and of
+        runs by hand."""
         last = self.__dict__.get("_last_check")
         changes = (getattr(ll, "_settings_changes", 0), getattr(self, "_settings_changes", 0))
         if last is None or last.ll() is not ll or last.changes != changes:

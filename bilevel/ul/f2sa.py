@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from torch import nn
@@ -16,6 +15,7 @@ from bilevel.ul.value_function import (
     check_number,
     check_optional_number,
     combine,
+    grown,
     start_and_cap,
 )
 
@@ -105,8 +105,7 @@ class F2SA(FirstOrderMethod):
 
     def lam_at(self, step: int) -> float:
         """The multiplier of UL step ``step``."""
-        limit = math.inf if self._lam_max is None else self._lam_max
-        return min(self._lam + self._lam_growth * step, limit)
+        return grown(self._lam, self._lam_growth, self._lam_max, step)
 
     def _update(self, c: StepContext) -> Update:
         lam = self.lam_at(c.step)

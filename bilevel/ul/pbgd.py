@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from bilevel.ul.value_function import (
     check_optional_number,
     combine,
     dot,
+    grown,
     start_and_cap,
 )
 
@@ -109,8 +109,7 @@ class PBGD(FirstOrderMethod):
 
     def gamma_at(self, step: int) -> float:
         """The penalty constant of UL step ``step``."""
-        limit = math.inf if self._gamma_max is None else self._gamma_max
-        return min(self._gamma + self._gamma_growth * step, limit)
+        return grown(self._gamma, self._gamma_growth, self._gamma_max, step)
 
     def _update(self, c: StepContext) -> Update:
         gamma = self.gamma_at(c.step)

@@ -95,6 +95,12 @@ def start_and_cap(start: str, cap: str) -> tuple[Setting, Setting]:
     )
 
 
+def grown(start: float, growth: float, cap: float | None, step: int) -> float:
+    """The multiplier of UL step ``step`` that :func:`start_and_cap`'s pair sets:
+    ``start + growth * step``, capped at ``cap`` (``None``: no cap)."""
+    return min(start + growth * step, math.inf if cap is None else cap)
+
+
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
     """``value`` if it is one of ``choices``."""
     if not isinstance(value, str) or value not in choices:
