@@ -19,9 +19,6 @@ hypergradient) is timed for
   ``torch.autograd.grad(..., create_graph=True)`` (Reverse), or a loop without a graph, then
   10 iterations of CG on Hessian-vector products written inline (Implicit);
 - ``bare``: the floor with ``x @ w`` in place of ``functional_call``;
-- ``ours_lean``: a what-if, ``ours`` with the patched LL model's classes given back the
-  user's own ``forward`` (see :func:`lean_forward`; done in this process, no library file is
-  changed).
 
 ``implicit_ll_phase`` times the LL run alone that ``Implicit`` asks for (no graph; ours: its
 ``run_ll``), against the floor's loop. Every configuration also runs with one LL step, so that
@@ -45,7 +42,6 @@ writes ``benchmarks/results/objective_overhead.json``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import datetime
 import functools
@@ -61,7 +57,7 @@ import time
 import traceback
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +74,7 @@ L2 = 0.3
 CG_ITERS = 10
 OUT = RESULTS / "objective_overhead.json"
 #: what is compared with the ``functional_call`` floor
-IMPLS = ("ours", "ours_attr", "ours_lean", "bare")
+IMPLS = ("ours", "ours_attr", "bare")
 Tensor = torch.Tensor
 grad = torch.autograd.grad
 
@@ -318,35 +314,6 @@ def ours(
     return run, problem
 
 
-@contextlib.contextmanager
-def lean_forward(active: bool) -> Iterator[None]:
-    """A what-if (``ours_lean``), for the LL models patched while it is active: the patched
-    copy's classes get the user's own ``forward`` back in place of ``higher``'s per-call
-    forward, which re-sets every fast weight through ``__setattr__`` (inside
-    ``_modify_internally``), enters ``warnings.catch_warnings`` and probes
-    ``_flat_weights_names``, although the library's ``install`` has already put the fast
-    weights in the submodules' ``_parameters``. Done in this process only, by wrapping
-    ``bilevel.ll.gradient_descent.patch``; no file of the library is changed."""
-    module = importlib.import_module("bilevel.ll.gradient_descent") if active else None
-    original = getattr(module, "patch", None)
-    if original is None:
-        yield
-        return
-
-    def patch(model: nn.Module) -> nn.Module:
-        patched = original(model)
-        for sub in patched.modules():
-            cls = type(sub)
-            cls.forward = cls.__mro__[1].forward  # the user's class comes right after
-        return patched
-
-    module.patch = patch
-    try:
-        yield
-    finally:
-        module.patch = original
-
-
 def configurations(
     lib: dict[str, Any] | None, data: dict, steps: int
 ) -> tuple[dict[str, Callable[[], Tensor]], dict[str, str]]:
@@ -363,11 +330,11 @@ def configurations(
         for t in (steps, 1):
             key = f"{method}/T={t}"
             if lib is not None:
-                for impl, attr in (("ours", False), ("ours_attr", True), ("ours_lean", False)):
+                for impl, attr in (("ours", False), ("ours_attr", True)):
                     name = f"{key}/{impl}"
                     try:
                         fn, _ = ours(lib, method.replace("_cg", ""), t, data, attr)
-                        with warnings.catch_warnings(), lean_forward(impl == "ours_lean"):
+                        with warnings.catch_warnings():
                             warnings.simplefilter("ignore")  # T=1 is not stationary
                             fn()  # patches the LL model (reused by the later calls)
                         fns[name] = fn
@@ -520,32 +487,7 @@ def pieces(lib: dict[str, Any] | None, data: dict) -> dict[str, Any]:
         install(patched, [w])
     state = {"data": x, "target": y, "ul_model": penalty, "ll_model": patched}
     loss = ll_objective(state)
-    add("forward: higher patched model(x) (_patched_forward)", lambda: patched(x))
-    add(
-        "  part: _refill_params_box (fast_params + _expand_params)",
-        lambda: patched._refill_params_box(None),
-    )
-    add("  part: _expand_params alone", lambda: patched._expand_params([w]))
-    patched._refill_params_box(None)  # the box stays filled: boxed_forward reads it
-    add(
-        "  part: boxed forward (setattr x params, catch_warnings, hasattr, x @ w)",
-        lambda: patched.boxed_forward(x),
-    )
-    add("  part: warnings.catch_warnings() enter+exit", _catch_warnings)
-    add(
-        "  part: hasattr(patched, '_flat_weights_names') (AttributeError path)",
-        lambda: hasattr(patched, "_flat_weights_names"),
-    )
-    modify = getattr(importlib.import_module("higher.patch"), "_modify_internally", None)
-    if modify is not None:
-        add("  part: _modify_internally(patched) enter+exit", lambda: _enter_exit(modify(patched)))
-    add(
-        "  part: setattr(patched, '_being_modified_internally', flag)",
-        lambda: setattr(patched, "_being_modified_internally", False),
-    )
-    patched.__dict__["_being_modified_internally"] = True  # as inside the patched forward
-    add("  part: MonkeyPatched.__setattr__ of the weight", lambda: setattr(patched, "weight", w))
-    patched.__dict__["_being_modified_internally"] = False
+    add("forward: patched model(x)", lambda: patched(x))
     add("attribute: patched model.weight", lambda: patched.weight)
     add("objective: ll_objective(state) (natural, patched model)", lambda: ll_objective(state))
     add("objective: ll_objective_attr(state) (x @ model.weight)", lambda: ll_objective_attr(state))
@@ -589,16 +531,6 @@ def pieces(lib: dict[str, Any] | None, data: dict) -> dict[str, Any]:
         lambda: grad(ll_objective_attr(state), [w], create_graph=True, allow_unused=True),
     )
     return out
-
-
-def _enter_exit(manager: Any) -> None:
-    with manager:
-        pass
-
-
-def _catch_warnings() -> None:
-    with warnings.catch_warnings():
-        pass
 
 
 # --------------------------------------------------------------------------- profiling

@@ -1,7 +1,9 @@
 """The patched LL model's fast weights are read without ``nn.Module.__getattr__`` (they sit in
-each module's instance dict as well as in its parameter slots), and every way of writing them
-keeps the two the same or is refused: ``torch.func.functional_call`` on ``state["ll_model"]``
-and ``params=`` on a directly called submodule used to be ignored or taken silently."""
+each module's instance dict as well as in its parameter slots), its modules' calls run the
+user's own ``forward`` (none of ``higher``'s per-call work), and every way of writing the
+weights keeps the two the same or is refused: ``torch.func.functional_call`` on
+``state["ll_model"]`` and ``params=`` on a directly called submodule used to be ignored or
+taken silently."""
 
 from __future__ import annotations
 
@@ -144,3 +146,30 @@ def test_an_objective_reads_the_ll_weights_without_module_getattr():
     exact.compute_gradients(*p.val, ll.optimize(*p.train), *p.train)
     expected = ridge_exact_hypergradient(p)
     assert torch.allclose(p.ul_model.log_l2.grad, expected, rtol=1e-8, atol=1e-12)
+
+
+def test_a_call_of_the_patched_model_runs_none_of_highers_per_call_work():
+    """The patched modules' forward is the user's class's (the fast weights are already in
+    each instance): a call enters no frame of ``higher``, whose per-call forward set every
+    weight again through ``__setattr__`` in every module (4x a linear module's own time)."""
+    model = Net()
+    patched = patch(model)
+    weights = [torch.randn_like(p) for p in model.parameters()]
+    install(patched, weights)
+    x = torch.randn(5, 3, dtype=DTYPE)
+    entered = []
+
+    def profile(frame, event, arg):
+        if event == "call" and "/higher/" in frame.f_code.co_filename:
+            entered.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        out = patched(x)
+        feat = patched.feat(x)
+    finally:
+        sys.setprofile(None)
+    assert entered == []
+    names = ("feat.weight", "feat.bias", "head.weight", "head.bias")
+    assert torch.equal(out, functional_call(model, dict(zip(names, weights, strict=True)), (x,)))
+    assert torch.equal(feat, F.linear(x, weights[0], weights[1]))

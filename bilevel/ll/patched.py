@@ -10,7 +10,8 @@ import contextlib
 import functools
 import operator
 import threading
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import higher
@@ -72,70 +73,43 @@ def install(model: nn.Module, params: Sequence[torch.Tensor]) -> None:
     higher-order gradients): the autograd graph keeps what a hypergradient needs, and holding
     the history measured 10-23% slower per step. The model holds the latest weights only.
 
-    Each weight also goes into its module's instance ``__dict__`` under its name, where an
-    attribute read (``state["ll_model"].w``, ``self.weight`` in a forward) finds it without
-    ``nn.Module.__getattr__``: a Python call from C that also slowed the torch operations
-    after it (a PTT or BDA UL step on ridge and logistic regression 3-5% faster, measured in
-    one process). Every write to the slots goes through here (``higher``'s ``update_params``
-    is this function on a patched model, and its forward refills the slots with these same
-    tensors), and a call of the model refuses the one write that does not
-    (``torch.func.functional_call``; :func:`_refill_params_box`)."""
+    Each weight goes into its module's parameter slot and into its instance ``__dict__``
+    under its name, where an attribute read (``state["ll_model"].w``, ``self.weight`` in a
+    forward) finds it without ``nn.Module.__getattr__``, a Python call from C that also
+    slowed the torch operations after it (a PTT or BDA UL step on ridge and logistic
+    regression 3-5% faster, measured in one process). The patched forwards then need nothing
+    of ``higher``'s per-call work (:func:`_at_fast_weights`). Every write to the slots goes
+    through here (``higher``'s ``update_params`` is this function on a patched model), and a
+    call of the model refuses the one write that does not (``torch.func.functional_call``)."""
     own = model.__dict__  # (past the patched module's slow __setattr__)
     slots = own.get("_bilevel_slots")
     if slots is None:  # (parameter dict, instance dict, name, index into params), once
         mapping = model._param_mapping  # a shared weight fills several slots
         places = zip(_parameter_slots(model), mapping, strict=True)
         slots = [(m._parameters, m.__dict__, name, i) for (m, name), i in places]
-        if "_bilevel_params_box" not in own:  # (patch() finds it; a copy made elsewhere)
-            own["_bilevel_params_box"] = _params_box(model)
+        for held, attributes, name, _ in slots:  # each module's own, checked at its calls
+            attributes.setdefault("_bilevel_own_slots", []).append((held, attributes, name))
         own["_bilevel_slots"] = slots
     own["_fast_params"] = [list(params)]  # what higher's fast_params reads
     for held, attributes, name, index in slots:
         held[name] = attributes[name] = params[index]
-    own["_bilevel_params_box"][0] = None  # the next direct call of a submodule reads these
 
 
 def release_weights(model: nn.Module) -> None:
-    """Drop the fast weights from a patched model's parameter slots (and its box of them):
-    the last weights of a run hold, through their graph, every step of it that the
-    hypergradient did not back-propagate through (PTT's steps after the one it picks), which
-    a released model would otherwise keep alive until its next run."""
-    own = model.__dict__
-    for held, attributes, name, _ in own.get("_bilevel_slots") or ():
+    """Drop the fast weights from a patched model's parameter slots: the last weights of a
+    run hold, through their graph, every step of it that the hypergradient did not
+    back-propagate through (PTT's steps after the one it picks), which a released model
+    would otherwise keep alive until its next run."""
+    for held, attributes, name, _ in model.__dict__.get("_bilevel_slots") or ():
         held[name] = None
         attributes.pop(name, None)
-    box = own.get("_bilevel_params_box")
-    if box is not None:
-        box[0] = None
-
-
-def _params_box(model: nn.Module) -> list:
-    """``higher``'s box of the expanded fast weights that a patched submodule reads: filled
-    from the root's fast weights when a submodule is called directly (not through the whole
-    model), and emptied only at the end of a call of the whole model. Left filled, a later
-    direct call (the next objective evaluation, the next run) would read the weights of an
-    earlier step; :func:`install` empties it. It is the one list that the patched classes'
-    ``direct_submodule_call`` closes over (``higher`` 0.2.1)."""
-    prop = getattr(type(model), "direct_submodule_call", None)
-    cells = getattr(getattr(prop, "fget", None), "__closure__", None) or ()
-    for cell in cells:
-        contents = cell.cell_contents
-        if isinstance(contents, list) and len(contents) == 1:
-            return contents
-    raise RuntimeError(
-        f"the patched model ({type(model).__name__}) has no parameter box where higher 0.2.1 "
-        "keeps one: this version of higher is not supported (pip install higher==0.2.1)."
-    )
 
 
 def fast_weights(model: nn.Module) -> Tensors:
     """The fast weights a patched model holds (one per parameter of the user's module)."""
     params = model.__dict__.get("_fast_params")
     if not params:
-        raise ValueError(
-            "this auxiliary model was released (ll.release) and holds no weights; use the "
-            "result of a new ll.optimize call."
-        )
+        raise _released()
     return list(params[-1])
 
 
@@ -269,8 +243,9 @@ def patch(model: nn.Module) -> nn.Module:
     kind = type(patched)  # the class is this copy's own
     kind.parameters = _latest_parameters
     kind.update_params = install
-    kind._refill_params_box = _refill_params_box
-    patched.__dict__["_bilevel_params_box"] = _params_box(patched)
+    for module in patched.modules():  # (each patched module has a class of its own)
+        cls = type(module)
+        cls.forward = _at_fast_weights(cls.__mro__[1].forward)  # the user's class's forward
     return patched
 
 
@@ -282,30 +257,53 @@ _PARAMS_REFUSED = (
 _SWAPPED_REFUSED = (
     "state['ll_model'] holds weights that the LL run did not put there "
     "(torch.func.functional_call or torch.nn.utils.stateless on it, or a module's _parameters "
-    "written by hand): its forward would evaluate the LL run's fast weights instead, silently. "
-    "To evaluate other weights, use bilevel.ll.evaluate_at(state['ll_model'], weights); "
-    "functional_call works on your own ll_model module."
+    "written by hand), which its forward would not read. To evaluate other weights, use "
+    "bilevel.ll.evaluate_at(state['ll_model'], weights); functional_call works on your own "
+    "ll_model module."
 )
+#: the warning a recurrent layer gives on the GPU at every call with weights that are not one
+#: block (fast weights never are); higher silences it too
+_RNN_NOT_FLAT = "RNN module weights are not part of single contiguous chunk of memory"
 
 
-def _refill_params_box(self: nn.Module, params: Any = None) -> None:
-    """What ``higher`` runs at the start of a call of the patched model (and of a submodule
-    called directly): fill the box its patched forwards read with the fast weights. Refused:
-    ``params=``, which would replace the LL run's fast weights with the caller's, and slots
-    holding other tensors than the fast weights :func:`install` put there, as
-    ``torch.func.functional_call`` (or ``torch.nn.utils.stateless``) swaps in: the patched
-    forwards would put the run's weights back over them and evaluate those instead, silently.
-    (One function, without calls of the library's: it runs at every call of the model.)"""
-    if params is not None:
-        raise TypeError(_PARAMS_REFUSED)
-    own = self.__dict__
-    for held, attributes, name, _ in own.get("_bilevel_slots", ()):
-        if held[name] is not attributes.get(name):
-            raise TypeError(_SWAPPED_REFUSED)
-    latest = own["_fast_params"]
-    if not latest:  # released (ll.release): fast_weights names it
-        latest = [fast_weights(self)]
-    own["_bilevel_params_box"][0] = self._expand_params(latest[-1])
+def _at_fast_weights(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """The forward of a patched module: the user's class's ``forward``, which reads the fast
+    weights that :func:`install` put in the instance. ``higher``'s own per-call forward set
+    every weight again through ``__setattr__``, entered two contexts and probed for a
+    recurrent layer, in every module at every call: 51 us a call of the linear model of
+    ``benchmarks/objective_overhead.py``, against 12 us now and 14 us for the user's module
+    (AMD EPYC, one thread). Refused:
+    ``params=`` (``higher``'s, which would replace the LL run's fast weights with the
+    caller's), slots holding other tensors than the fast weights (as
+    ``torch.func.functional_call`` swaps in: the forward would not read them), and a model
+    released with ``ll.release``."""
+
+    def at_fast_weights(self: nn.Module, *args: Any, params: Any = None, **kwargs: Any) -> Any:
+        if params is not None:
+            raise TypeError(_PARAMS_REFUSED)
+        own = self.__dict__
+        for held, attributes, name in own.get("_bilevel_own_slots", ()):
+            value = held[name]
+            if value is None or value is not attributes.get(name):
+                raise _released() if value is None else TypeError(_SWAPPED_REFUSED)
+        names = own.get("_flat_weights_names")
+        if names is None:
+            return forward(self, *args, **kwargs)
+        # a recurrent layer reads its weights from this list, built from the slots
+        own["_flat_weights"] = [own["_parameters"][name] for name in names]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", _RNN_NOT_FLAT, UserWarning)
+            return forward(self, *args, **kwargs)
+
+    return at_fast_weights
+
+
+def _released() -> ValueError:
+    """The refusal of a released model's call."""
+    return ValueError(
+        "this auxiliary model was released (ll.release) and holds no weights; use the "
+        "result of a new ll.optimize call."
+    )
 
 
 def _latest_parameters(
