@@ -173,3 +173,67 @@ def test_a_call_of_the_patched_model_runs_none_of_highers_per_call_work():
     names = ("feat.weight", "feat.bias", "head.weight", "head.bias")
     assert torch.equal(out, functional_call(model, dict(zip(names, weights, strict=True)), (x,)))
     assert torch.equal(feat, F.linear(x, weights[0], weights[1]))
+
+
+class Halved(nn.Linear):
+    """A class that serves its weight through its own ``__getattr__`` (halved)."""
+
+    def __getattr__(self, name: str):
+        value = super().__getattr__(name)
+        return 0.5 * value if name == "weight" else value
+
+
+class ReadsChild(nn.Module):
+    """A forward that reads a submodule's weights without calling it, and a container's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sub = nn.Linear(3, 3).to(DTYPE)
+        self.extra = nn.ParameterList([nn.Parameter(torch.randn(3, 3, dtype=DTYPE))])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.sub.weight.T + self.sub.bias) @ self.extra[0]
+
+
+def test_a_class_that_serves_its_weights_itself_is_read_through_it():
+    """An instance entry would be found before the class's ``__getattr__``: the patched model
+    computed with the raw weight where the user's module halves it (review of the change)."""
+    model = Halved(3, 2).to(DTYPE)
+    patched = patch(model)
+    weights = [torch.randn_like(p) for p in model.parameters()]
+    install(patched, weights)
+    x = torch.randn(4, 3, dtype=DTYPE)
+    expected = functional_call(model, {"weight": weights[0], "bias": weights[1]}, (x,))
+    assert torch.equal(patched(x), expected)
+
+
+@pytest.mark.parametrize("swapped", ["sub.weight", "extra.0"])
+def test_functional_call_of_weights_read_without_a_call_is_refused(swapped):
+    """The check of a call covers the weights of the modules below it, which its forward may
+    read without calling them (review of the change: they were ignored, silently)."""
+    model = ReadsChild()
+    patched = patch(model)
+    install(patched, [p.detach().clone() for p in model.parameters()])
+    x = torch.randn(5, 3, dtype=DTYPE)
+    other = {swapped: 2 * dict(model.named_parameters())[swapped].detach()}
+    with pytest.raises(TypeError, match="did not put there"):
+        functional_call(patched, other, (x,))
+
+
+def test_a_released_model_with_hooks_or_containers_says_it_was_released():
+    """A pruning pre-hook or a container read runs before any call of a module with weights of
+    its own: the refusal comes from the whole model's call (review: raw errors before)."""
+    p = ridge(seed=4)
+    x = torch.randn(5, 3, dtype=DTYPE)
+    pruned = Net()
+    torch.nn.utils.prune.l1_unstructured(pruned.feat, "weight", amount=0.3)
+    for model in (pruned, ReadsChild()):
+
+        def objective(state: dict) -> torch.Tensor:
+            return state["ll_model"](x).pow(2).mean() + 0 * state["ul_model"].log_l2.sum()
+
+        ll = GradientDescent(objective, model, p.ul_model, lr=0.01, iters=2)
+        auxiliary = ll.optimize(*p.train)
+        ll.release(auxiliary)
+        with pytest.raises(ValueError, match="was released"):
+            auxiliary(x)

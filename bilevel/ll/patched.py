@@ -21,13 +21,25 @@ from torch import nn
 Tensors = list[torch.Tensor]
 
 
-def _parameter_slots(module: nn.Module) -> list[tuple[nn.Module, str]]:
-    """Where a patched model's fast weights live, ``(submodule, name)``, in the order of
-    ``higher``'s expanded parameter list (a module's own, then its children's)."""
-    slots = [(module, name) for name in module._param_names]
+def _parameter_slots(module: nn.Module) -> list[tuple[dict, dict, str]]:
+    """Where a patched model's fast weights go, ``(parameter dict, attributes, name)``, in the
+    order of ``higher``'s expanded parameter list (a module's own, then its children's).
+    ``attributes`` is the module's instance ``__dict__`` (:func:`install` writes the weight
+    there too), or a dict of the module's own for a class that serves attributes itself
+    (its ``__getattr__`` or ``__getattribute__``), which an instance entry would bypass. Each
+    module keeps the slots of its subtree, for the check its calls make
+    (:func:`_at_fast_weights`)."""
+    kind = type(module)
+    reads_instance = (
+        kind.__getattr__ is nn.Module.__getattr__
+        and kind.__getattribute__ is object.__getattribute__
+    )
+    attributes = module.__dict__ if reads_instance else {}
+    slots = [(module._parameters, attributes, name) for name in module._param_names]
     for child in module._modules.values():
         if child is not None:
             slots += _parameter_slots(child)
+    module.__dict__["_bilevel_subtree"] = tuple(zip(*slots, strict=True)) if slots else None
     return slots
 
 
@@ -74,22 +86,16 @@ def install(model: nn.Module, params: Sequence[torch.Tensor]) -> None:
     the history measured 10-23% slower per step. The model holds the latest weights only.
 
     Each weight goes into its module's parameter slot and into its instance ``__dict__``
-    under its name, where an attribute read (``state["ll_model"].w``, ``self.weight`` in a
-    forward) finds it without ``nn.Module.__getattr__``, a Python call from C that also
-    slowed the torch operations after it (a PTT or BDA UL step on ridge and logistic
-    regression 3-5% faster, measured in one process). The patched forwards then need nothing
-    of ``higher``'s per-call work (:func:`_at_fast_weights`). Every write to the slots goes
-    through here (``higher``'s ``update_params`` is this function on a patched model), and a
-    call of the model refuses the one write that does not (``torch.func.functional_call``)."""
+    under its name (:func:`_parameter_slots`), where an attribute read
+    (``state["ll_model"].w``, ``self.weight`` in a forward) finds it without
+    ``nn.Module.__getattr__``, a Python call from C that also slowed the torch operations
+    after it (a PTT or BDA UL step on ridge and logistic regression 3-5% faster, measured in
+    one process). The patched forwards then need nothing of ``higher``'s per-call work
+    (:func:`_at_fast_weights`). Every write to the slots goes through here (``higher``'s
+    ``update_params`` is this function on a patched model), and a call of the model refuses
+    the one write that does not (``torch.func.functional_call``)."""
     own = model.__dict__  # (past the patched module's slow __setattr__)
-    slots = own.get("_bilevel_slots")
-    if slots is None:  # (parameter dict, instance dict, name, index into params), once
-        mapping = model._param_mapping  # a shared weight fills several slots
-        places = zip(_parameter_slots(model), mapping, strict=True)
-        slots = [(m._parameters, m.__dict__, name, i) for (m, name), i in places]
-        for held, attributes, name, _ in slots:  # each module's own, checked at its calls
-            attributes.setdefault("_bilevel_own_slots", []).append((held, attributes, name))
-        own["_bilevel_slots"] = slots
+    slots = own.get("_bilevel_slots") or _slots(model)
     own["_fast_params"] = [list(params)]  # what higher's fast_params reads
     for held, attributes, name, index in slots:
         held[name] = attributes[name] = params[index]
@@ -103,6 +109,19 @@ def release_weights(model: nn.Module) -> None:
     for held, attributes, name, _ in model.__dict__.get("_bilevel_slots") or ():
         held[name] = None
         attributes.pop(name, None)
+
+
+def _slots(model: nn.Module) -> list[tuple[dict, dict, str, int]]:
+    """The slots of a patched model's fast weights, ``(parameter dict, attributes, name,
+    index into the fast weights)`` (:func:`_parameter_slots`), made once and kept in it."""
+    own = model.__dict__
+    slots = own.get("_bilevel_slots")
+    if slots is None:
+        mapping = model._param_mapping  # a shared weight fills several slots
+        places = zip(_parameter_slots(model), mapping, strict=True)
+        slots = [(held, attributes, name, i) for (held, attributes, name), i in places]
+        own["_bilevel_slots"] = slots
+    return slots
 
 
 def fast_weights(model: nn.Module) -> Tensors:
@@ -271,21 +290,25 @@ def _at_fast_weights(forward: Callable[..., Any]) -> Callable[..., Any]:
     weights that :func:`install` put in the instance. ``higher``'s own per-call forward set
     every weight again through ``__setattr__``, entered two contexts and probed for a
     recurrent layer, in every module at every call: 51 us a call of the linear model of
-    ``benchmarks/objective_overhead.py``, against 12 us now and 14 us for the user's module
+    ``benchmarks/objective_overhead.py``, against 13 us now and 16 us for the user's module
     (AMD EPYC, one thread). Refused:
     ``params=`` (``higher``'s, which would replace the LL run's fast weights with the
-    caller's), slots holding other tensors than the fast weights (as
-    ``torch.func.functional_call`` swaps in: the forward would not read them), and a model
-    released with ``ll.release``."""
+    caller's), slots of the module or of a module below it (whose weights its forward may
+    read) holding other tensors than the fast weights, as ``torch.func.functional_call``
+    swaps in (the forward would not read them), and a model released with ``ll.release``."""
 
     def at_fast_weights(self: nn.Module, *args: Any, params: Any = None, **kwargs: Any) -> Any:
         if params is not None:
             raise TypeError(_PARAMS_REFUSED)
         own = self.__dict__
-        for held, attributes, name in own.get("_bilevel_own_slots", ()):
-            value = held[name]
-            if value is None or value is not attributes.get(name):
-                raise _released() if value is None else TypeError(_SWAPPED_REFUSED)
+        subtree = own.get("_bilevel_subtree")  # (parameter dicts, attributes, names)
+        if subtree is not None:  # the weights of this module and those below it (in C)
+            held, attributes, slot_names = subtree
+            now = map(operator.getitem, held, slot_names)
+            if not all(map(operator.is_, now, map(dict.get, attributes, slot_names))):
+                raise TypeError(_SWAPPED_REFUSED)
+            if held[0][slot_names[0]] is None:
+                raise _released()
         names = own.get("_flat_weights_names")
         if names is None:
             return forward(self, *args, **kwargs)
