@@ -13,7 +13,7 @@ hypergradient) is timed for
 
 - ``ours``: ``BilevelProblem(GradientDescent(...), Reverse(...) | Implicit(k=10, "cg"))``;
 - ``ours_attr``: the same, with the objectives reading ``model.weight`` instead of calling the
-  model (``x @ model.weight``): what the library costs without ``higher``'s patched forward;
+  model (``x @ model.weight``): what the library costs without a call of the model;
 - ``floor``: the same mathematics by hand, the model evaluated with
   ``functional_call(module, {"weight": w}, (x,))``: a loop of
   ``torch.autograd.grad(..., create_graph=True)`` (Reverse), or a loop without a graph, then
@@ -696,7 +696,7 @@ class Timers:
         return micro_us(nothing) - micro_us(lambda: None)
 
 
-MODEL_CALL = "  model call: state['ll_model'](x) (higher)"
+MODEL_CALL = "  model call: state['ll_model'](x) (patched)"
 
 
 def instrumented(

@@ -290,8 +290,8 @@ def _at_fast_weights(forward: Callable[..., Any]) -> Callable[..., Any]:
     weights that :func:`install` put in the instance. ``higher``'s own per-call forward set
     every weight again through ``__setattr__``, entered two contexts and probed for a
     recurrent layer, in every module at every call: 51 us a call of the linear model of
-    ``benchmarks/objective_overhead.py``, against 13 us now and 16 us for the user's module
-    (AMD EPYC, one thread). Refused:
+    ``benchmarks/objective_overhead.py`` against 14 us for the user's module (AMD EPYC, one
+    thread); now about the user's module's time. Refused:
     ``params=`` (``higher``'s, which would replace the LL run's fast weights with the
     caller's), slots of the module or of a module below it (whose weights its forward may
     read) holding other tensors than the fast weights, as ``torch.func.functional_call``
