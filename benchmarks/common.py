@@ -6,6 +6,7 @@ virtual environments, so it must not import ``bilevel`` or any peer library.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -143,6 +144,22 @@ def git_revision() -> dict[str, Any]:
         return out.stdout.strip()
 
     return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "-s"))}
+
+
+def write_cells(path: Path, script: str, cells: list[dict[str, Any]], **extra: Any) -> None:
+    """Write a timing script's ``cells`` to ``path`` (JSON) with what a page quotes of the
+    run: its command, date, CPU and commit."""
+    result = {
+        "command": f"python3 benchmarks/{script} " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu": cpu_model(),
+        "git": git_revision(),
+        **extra,
+        "cells": cells,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
 
 
 def code_revision(git: dict[str, Any] | None) -> str:

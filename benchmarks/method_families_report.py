@@ -36,6 +36,7 @@ TARGET_FLOOR = 1.1
 ROUND_OFF = 1e-12
 #: ours against the floor across processes and inside one (benchmarks/process_check.py)
 PROCESS_CHECK = HERE / "results" / "method_families_process_check.json"
+STEP_BUDGET = HERE / "results" / "darts_step_budget.json"
 FLOOR_TARGETS = {"bda": "BDA", "ptt": "PTT", "fd": "DARTS"}
 NAMES = {
     "reverse": "Reverse",
@@ -165,6 +166,33 @@ def process_cells() -> tuple[dict[tuple[str, str], dict[str, Any]], str, str]:
 def check_key(c: dict[str, Any]) -> str:
     """The method's name in process_check's cells (one-step DARTS has its own)."""
     return "fd_one_step" if c["method"] == "fd" and c.get("T") == 1 else c["method"]
+
+
+def step_budget() -> str:
+    """What ``benchmarks/darts_step_budget.py`` found of one-step DARTS' fixed cost: the
+    checks' share and the rest (a sentence; empty when it has not been run)."""
+    if not STEP_BUDGET.exists():
+        return ""
+    budget = json.loads(STEP_BUDGET.read_text())
+    cells = budget["cells"]
+    checked = sorted(c["over_floor"]["checked"] for c in cells)
+    checks = sorted(c["checks_us"] for c in cells)
+    rest = sorted(c["rest_us"] for c in cells)
+    code = code_revision(budget.get("git"))
+    where = f"`{budget['command']}`, {budget['date']}, on {budget['cpu']}"
+    return (
+        f" Split by `benchmarks/darts_step_budget.py` ({where}{', ' + code if code else ''}), "
+        "which alternates ours, the floor and the floor with the library's safety work "
+        "written inline (the objectives called on a state dict, the generators kept and the "
+        "LL step's draws replayed, the NaN checks of the LL loss, UL loss and hypergradient, "
+        "the radius checked against round-off) in one process: the checks cost "
+        f"{value_range(checks)} µs per UL step, and that checked floor runs at "
+        f"{checked[0]:.2f}-{checked[-1]:.2f}x of the floor, "
+        f"{'within' if checked[-1] <= TARGET_FLOOR else 'above'} {TARGET_FLOOR}x; the "
+        f"other {value_range(rest)} µs are the library passing the step through its runner, "
+        "LL run and method (Python frames that cost a few µs each between torch's operations "
+        "on this machine), not its checks."
+    )
 
 
 def value_range(values: list[float]) -> str:
@@ -490,14 +518,14 @@ class Page:
                 spread = f"{low:.0f}" if round(low) == round(high) else f"{low:.0f}-{high:.0f}"
                 cost = (
                     f" For one-step DARTS it is a fixed cost of {spread} µs per UL step (the "
-                    "argument and objective checks, the NaN checks of the LL loss, UL loss and "
-                    "hypergradient, the run's state dict, patched module and trajectory), next "
+                    "runner, the LL run with its state dict, patched module and trajectory, the "
+                    "method, and the checks they make on the way), next "
                     f"to a floor of {min(floor_ms):.2g}-{max(floor_ms):.2g} ms of torch work: a "
                     "UL step of "
                     f"{high / (TARGET_FLOOR - 1) / 1e3:.2g} ms or more would hide it within "
                     f"{TARGET_FLOOR}x, and longer LL runs spread it over their steps (DARTS "
                     "with 100-200 LL steps above)."
-                )
+                ) + step_budget()
             if per_step:
                 extras = sorted(e for e, _ in per_step)
                 floors = sorted(f for _, f in per_step)

@@ -23,7 +23,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         serve(args.serve.split(","))
         return
     sys.path.insert(0, str(HERE))
-    from common import cpu_model, git_revision
+    from common import write_cells
 
     cells = []
     for method in args.methods.split(","):
@@ -148,16 +147,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{c['load_average']:.1f})",
                 flush=True,
             )
-    result = {
-        "command": "python3 benchmarks/process_check.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "cpu": cpu_model(),
-        "git": git_revision(),
-        "cells": cells,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_cells(args.out, "process_check.py", cells)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ SCRIPTS = (
     "benchopt_quadratic",
     "bilevel_curves",
     "bilevel_curves_report",
+    "darts_step_budget",
     "fd_many_steps",
     "hyper_cleaning_results",
     "imaml_inner_convergence",
@@ -184,6 +185,9 @@ BAD = {
         (["--budget", "100"], "--budget"),  # fewer LL steps than one offline UL step takes
         (["--ll-steps", "5", "--hyper-every", "50", "--budget", "20"], "--budget"),
         (["--ul-lrs", "0.05", "-0.01"], "--ul-lrs"),
+    ],
+    "darts_step_budget": [
+        (["--rounds", "0"], "--rounds"),
     ],
     "process_check": [
         (["--methods", "newton"], "--methods"),

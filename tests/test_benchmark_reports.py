@@ -279,6 +279,53 @@ def test_a_process_check_made_before_the_measurement_is_not_quoted(method_famili
 
 
 @pytest.fixture(scope="module")
+def darts_step_budget():
+    """benchmarks/darts_step_budget.py (see :func:`_benchmark_module`)."""
+    yield from _benchmark_module("darts_step_budget")
+
+
+def test_the_floor_with_checks_takes_the_same_step_and_refuses_a_nan(darts_step_budget):
+    """The third runner of darts_step_budget.py is the floor's computation (its checks aside),
+    as the library's is: the three hypergradients agree to round-off; and its checks do
+    check: a NaN in the data is refused before the UL step."""
+    _, built = darts_step_budget.runners("ridge")
+    assert darts_step_budget.agree(built) <= 1e-12
+    checked = built["checked"]
+    before = checked.lam.detach().clone()
+    data = checked.s.train[0]
+    data[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="LL loss"):
+        checked.step()
+    assert torch.equal(checked.lam.detach(), before)
+
+
+def test_the_step_budget_quotes_its_split_and_where_the_checked_floor_lies(
+    method_families_report, tmp_path, monkeypatch
+):
+    """darts_step_budget.py's split of one-step DARTS' fixed cost is quoted with its ranges;
+    whether the floor with the checks is within the target is read from the numbers, not
+    written in; without the file the page says nothing of it."""
+    report = method_families_report
+    path = tmp_path / "budget.json"
+    monkeypatch.setattr(report, "STEP_BUDGET", path)
+    assert report.step_budget() == ""
+
+    def write(checked: list[float]) -> str:
+        cells = [
+            {"over_floor": {"checked": c}, "checks_us": 100.0 + 50 * i, "rest_us": 500.0 + 90 * i}
+            for i, c in enumerate(checked)
+        ]
+        budget = {"command": "python3 b.py", "date": "d", "cpu": "cpu", "cells": cells}
+        path.write_text(json.dumps(budget))
+        return report.step_budget()
+
+    text = write([1.07, 1.05])
+    assert "100-150 µs per UL step" in text and "500-590 µs" in text
+    assert "1.05-1.07x of the floor, within 1.1x" in text
+    assert "1.05-1.12x of the floor, above 1.1x" in write([1.05, 1.12])
+
+
+@pytest.fixture(scope="module")
 def hyper_cleaning_results():
     """benchmarks/hyper_cleaning_results.py (see :func:`_benchmark_module`)."""
     yield from _benchmark_module("hyper_cleaning_results")
