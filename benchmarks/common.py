@@ -150,7 +150,7 @@ def write_cells(path: Path, script: str, cells: list[dict[str, Any]], **extra: A
     """Write a timing script's ``cells`` to ``path`` (JSON) with what a page quotes of the
     run: its command, date, CPU and commit."""
     result = {
-        "command": f"python3 benchmarks/{script} " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python3", f"benchmarks/{script}", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpu": cpu_model(),
         "git": git_revision(),
