@@ -175,7 +175,9 @@ def step_budget() -> str:
         return ""
     budget = json.loads(STEP_BUDGET.read_text())
     cells = budget["cells"]
-    checked = sorted(c["over_floor"]["checked"] for c in cells)
+    ratios = sorted(f"{c['over_floor']['checked']:.2f}" for c in cells)
+    span = ratios[0] if ratios[0] == ratios[-1] else f"{ratios[0]}-{ratios[-1]}"
+    within = max(c["over_floor"]["checked"] for c in cells) <= TARGET_FLOOR
     checks = sorted(c["checks_us"] for c in cells)
     rest = sorted(c["rest_us"] for c in cells)
     code = code_revision(budget.get("git"))
@@ -187,8 +189,7 @@ def step_budget() -> str:
         "LL step's draws replayed, the NaN checks of the LL loss, UL loss and hypergradient, "
         "the radius checked against round-off) in one process: the checks cost "
         f"{value_range(checks)} µs per UL step, and that checked floor runs at "
-        f"{checked[0]:.2f}-{checked[-1]:.2f}x of the floor, "
-        f"{'within' if checked[-1] <= TARGET_FLOOR else 'above'} {TARGET_FLOOR}x; the "
+        f"{span}x of the floor, {'within' if within else 'above'} {TARGET_FLOOR}x; the "
         f"other {value_range(rest)} µs are the library passing the step through its runner, "
         "LL run and method (Python frames that cost a few µs each between torch's operations "
         "on this machine), not its checks."

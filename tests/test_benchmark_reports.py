@@ -323,6 +323,7 @@ def test_the_step_budget_quotes_its_split_and_where_the_checked_floor_lies(
     assert "100-150 µs per UL step" in text and "500-590 µs" in text
     assert "1.05-1.07x of the floor, within 1.1x" in text
     assert "1.05-1.12x of the floor, above 1.1x" in write([1.05, 1.12])
+    assert "runs at 1.07x of the floor, within 1.1x" in write([1.071, 1.074])
 
 
 @pytest.fixture(scope="module")
