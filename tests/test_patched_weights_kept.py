@@ -1,9 +1,11 @@
 """The patched LL model's fast weights are read without ``nn.Module.__getattr__`` (they sit in
 each module's instance dict as well as in its parameter slots), its modules' calls run the
 user's own ``forward`` (none of ``higher``'s per-call work), and every way of writing the
-weights keeps the two the same or is refused: ``torch.func.functional_call`` on
-``state["ll_model"]`` and ``params=`` on a directly called submodule used to be ignored or
-taken silently."""
+weights keeps the two the same, is read for the call that made it, or is refused:
+``torch.func.functional_call`` on ``state["ll_model"]`` or on a submodule (a hypernetwork's
+forward) computes with the weights it is given, as on a plain module (ignored silently, then
+refused, before), and ``params=`` on a directly called submodule is refused (taken silently
+before)."""
 
 from __future__ import annotations
 
@@ -13,42 +15,93 @@ import pytest
 import torch
 import torch.nn.functional as F
 from problems import DTYPE, ridge, ridge_exact_hypergradient, ridge_ll, ridge_ul
-from test_patched_models import LR, Hyper, Net, regression_data
+from test_patched_models import (
+    LR,
+    Hyper,
+    Net,
+    check_method,
+    fit_objective,
+    functional_losses,
+    net_out,
+    regression_data,
+)
 from torch import nn
 from torch.func import functional_call
 
 from bilevel.ll import GradientDescent, evaluate_at
-from bilevel.ll.patched import install, patch, release_weights
+from bilevel.ll.patched import install, patch, release_weights, sync_from
 from bilevel.ul import Implicit, Reverse
 
 
-def test_functional_call_on_the_ll_model_is_refused():
-    """functional_call swaps other weights into the patched model's slots, and higher's
-    forward put the LL run's weights back over them: the objective was evaluated at the
-    run's weights, not the ones it asked for, without a word."""
+@pytest.mark.parametrize("method", ["reverse", "finite_difference"])
+def test_functional_call_on_the_ll_model_evaluates_the_weights_it_is_given(method):
+    """functional_call swaps other weights into the patched model's slots: the call computes
+    with them, as on the user's module. (higher's forward put the LL run's weights back over
+    them: the objective was evaluated at the run's weights, without a word; then refused.)"""
     model, hyper = Net(), Hyper()
-    train, _ = regression_data(3)
 
     def objective(state: dict) -> torch.Tensor:
-        m = state["ll_model"]
+        m, u = state["ll_model"], state["ul_model"]
         out = functional_call(m, {"feat.weight": 2 * m.feat.weight}, (state["data"],))
-        return F.mse_loss(out, state["target"])
+        fit = F.mse_loss(out, state["target"] + u.shift)
+        return fit + u.log_c.exp() * (m.feat.weight**2).sum()
 
-    ll = GradientDescent(objective, model, hyper, lr=LR, iters=2)
-    with pytest.raises(TypeError, match=r"did not put there.*evaluate_at"):
-        ll.optimize(*train)
+    def loss(w: list, u: list, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        fit = F.mse_loss(net_out([2 * w[0], *w[1:]], x), y + u[1])
+        return fit + u[0].exp() * (w[0] ** 2).sum()
+
+    train, val = regression_data(3)
+    check_method(method, objective, model, hyper, (loss, loss), train, val)
 
 
-def test_functional_call_on_a_submodule_of_the_ll_model_is_refused():
+class HyperNetwork(nn.Module):
+    """An LL model whose forward generates the weight of its ``target`` layer from its own
+    weights and calls the layer with it through ``functional_call`` (the target's own weight,
+    always replaced, is frozen)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.code = nn.Parameter(0.5 * torch.randn(2, dtype=DTYPE))
+        self.generator = nn.Linear(2, 12).to(DTYPE)
+        self.target = nn.Linear(3, 4).to(DTYPE)
+        self.target.weight.requires_grad_(False)
+        self.head = nn.Linear(4, 1).to(DTYPE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.generator(self.code).view(4, 3)
+        hidden = functional_call(self.target, {"weight": weight}, (x,))
+        return self.head(torch.tanh(hidden)).squeeze(-1)
+
+
+@pytest.mark.parametrize("method", ["reverse", "finite_difference"])
+def test_a_hypernetwork_ll_model_runs_its_target_at_the_generated_weights(method):
+    """The LL run and the hypergradient of a hypernetwork LL model against the same model's
+    unroll by hand, evaluated with torch's functional_call on the user's module (the review
+    measured the hypergradient off by 9.4 through higher's forward; it was refused since)."""
+    model, hyper = HyperNetwork(), Hyper()
+    train, val = regression_data(3)
+    loss, _ = functional_losses(model)  # fit_objective by hand (the UL objective here too)
+    check_method(method, fit_objective, model, hyper, (loss, loss), train, val)
+
+
+def test_functional_call_on_a_submodule_of_the_ll_model_computes_with_its_weights():
     model = Net()
     patched = patch(model)
-    install(patched, [p.detach().clone() for p in model.parameters()])
+    fast = [p.detach().clone() for p in model.parameters()]
+    install(patched, fast)
     x = torch.randn(5, 3, dtype=DTYPE)
-    other = {"weight": torch.zeros(4, 3, dtype=DTYPE), "bias": torch.zeros(4, dtype=DTYPE)}
-    with pytest.raises(TypeError, match="did not put there"):
-        functional_call(patched.feat, other, (x,))
-    # refused, not broken: the slots are the run's again, and calls work
-    assert torch.equal(patched.feat(x), F.linear(x, *list(model.parameters())[:2]))
+    other = {"weight": torch.randn(4, 3, dtype=DTYPE), "bias": torch.randn(4, dtype=DTYPE)}
+    out = functional_call(patched.feat, other, (x,))
+    assert torch.equal(out, F.linear(x, other["weight"], other["bias"]))
+    # afterwards the run's weights are read and called again, also after a call that raised
+    with pytest.raises(RuntimeError):
+        functional_call(patched.feat, other, (torch.randn(5, 2, dtype=DTYPE),))
+    assert patched.feat.weight is fast[0] and patched.feat._parameters["weight"] is fast[0]
+    assert torch.equal(patched.feat(x), F.linear(x, fast[0], fast[1]))
+    release_weights(patched)  # swapped into a released model: some slots empty
+    with pytest.raises(ValueError, match="was released"):
+        functional_call(patched.feat, {"weight": other["weight"]}, (x,))
 
 
 def test_a_submodule_called_with_params_is_refused():
@@ -208,16 +261,42 @@ def test_a_class_that_serves_its_weights_itself_is_read_through_it():
 
 
 @pytest.mark.parametrize("swapped", ["sub.weight", "extra.0"])
-def test_functional_call_of_weights_read_without_a_call_is_refused(swapped):
-    """The check of a call covers the weights of the modules below it, which its forward may
-    read without calling them (review of the change: they were ignored, silently)."""
+def test_functional_call_of_weights_read_without_a_call_computes_with_them(swapped):
+    """A call reads the slots of the modules below it too, whose weights its forward may read
+    without calling them (review of the change: ignored silently, then refused)."""
     model = ReadsChild()
     patched = patch(model)
-    install(patched, [p.detach().clone() for p in model.parameters()])
+    fast = [p.detach().clone() for p in model.parameters()]
+    install(patched, fast)
     x = torch.randn(5, 3, dtype=DTYPE)
     other = {swapped: 2 * dict(model.named_parameters())[swapped].detach()}
-    with pytest.raises(TypeError, match="did not put there"):
-        functional_call(patched, other, (x,))
+    names = [name for name, _ in model.named_parameters()]
+    expected = functional_call(model, {**dict(zip(names, fast, strict=True)), **other}, (x,))
+    assert torch.equal(functional_call(patched, other, (x,)), expected)
+    assert torch.equal(
+        patched(x), functional_call(model, dict(zip(names, fast, strict=True)), (x,))
+    )
+
+
+def test_functional_call_on_a_module_with_forward_hooks_is_refused():
+    """A pruning pre-hook computes the weight before the forward runs: called directly, the
+    pruned layer's hook has read the LL run's weights before the call could give it the
+    caller's, and the call is refused rather than computed with the run's weights. Called
+    from above, the hook runs after the caller's weights are in place, and the result is the
+    user's module's."""
+    model = Net()
+    torch.nn.utils.prune.l1_unstructured(model.feat, "weight", amount=0.3)
+    patched = patch(model)
+    sync_from(model, patched)  # the hooks, as at every LL run
+    fast = [p.detach().clone() for p in model.parameters()]
+    install(patched, fast)
+    x = torch.randn(5, 3, dtype=DTYPE)
+    weight = 2 * model.feat.weight_orig.detach()
+    with pytest.raises(TypeError, match=r"Linear with forward hooks.*evaluate_at"):
+        functional_call(patched.feat, {"weight_orig": weight}, (x,))
+    other = {"feat.weight_orig": weight}
+    assert torch.equal(functional_call(patched, other, (x,)), functional_call(model, other, (x,)))
+    assert torch.equal(patched(x), model(x))  # the run's weights (the user's, installed)
 
 
 def test_a_released_model_with_hooks_or_containers_says_it_was_released():

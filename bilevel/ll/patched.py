@@ -92,8 +92,8 @@ def install(model: nn.Module, params: Sequence[torch.Tensor]) -> None:
     after it (a PTT or BDA UL step on ridge and logistic regression 3-5% faster, measured in
     one process). The patched forwards then need nothing of ``higher``'s per-call work
     (:func:`_at_fast_weights`). Every write to the slots goes through here (``higher``'s
-    ``update_params`` is this function on a patched model), and a call of the model refuses
-    the one write that does not (``torch.func.functional_call``)."""
+    ``update_params`` is this function on a patched model); a call of the model reads the
+    slots for itself where a write did not (``torch.func.functional_call``)."""
     own = model.__dict__  # (past the patched module's slow __setattr__)
     slots = own.get("_bilevel_slots") or _slots(model)
     own["_fast_params"] = [list(params)]  # what higher's fast_params reads
@@ -271,14 +271,8 @@ def patch(model: nn.Module) -> nn.Module:
 _PARAMS_REFUSED = (
     "state['ll_model'] (or one of its submodules) was called with params=...: that would "
     "replace the fast weights of the LL run. Call it on the data alone; to evaluate other "
-    "weights, use bilevel.ll.evaluate_at(model, weights)."
-)
-_SWAPPED_REFUSED = (
-    "state['ll_model'] holds weights that the LL run did not put there "
-    "(torch.func.functional_call or torch.nn.utils.stateless on it, or a module's _parameters "
-    "written by hand), which its forward would not read. To evaluate other weights, use "
-    "bilevel.ll.evaluate_at(state['ll_model'], weights); functional_call works on your own "
-    "ll_model module."
+    "weights, use torch.func.functional_call(model, {name: weight}, args) or "
+    "bilevel.ll.evaluate_at(model, weights)."
 )
 #: the warning a recurrent layer gives on the GPU at every call with weights that are not one
 #: block (fast weights never are); higher silences it too
@@ -291,11 +285,11 @@ def _at_fast_weights(forward: Callable[..., Any]) -> Callable[..., Any]:
     every weight again through ``__setattr__``, entered two contexts and probed for a
     recurrent layer, in every module at every call: 51 us a call of the linear model of
     ``benchmarks/objective_overhead.py`` against 14 us for the user's module (AMD EPYC, one
-    thread); now about the user's module's time. Refused:
-    ``params=`` (``higher``'s, which would replace the LL run's fast weights with the
-    caller's), slots of the module or of a module below it (whose weights its forward may
-    read) holding other tensors than the fast weights, as ``torch.func.functional_call``
-    swaps in (the forward would not read them), and a model released with ``ll.release``."""
+    thread); now about the user's module's time. Slots of the module or of a module below it
+    (whose weights its forward may read) that hold other tensors than the instance entries,
+    as ``torch.func.functional_call`` swaps in, are read for the call
+    (:func:`_at_swapped_weights`). Refused: ``params=`` (``higher``'s, which would replace the
+    LL run's fast weights with the caller's) and a model released with ``ll.release``."""
 
     def at_fast_weights(self: nn.Module, *args: Any, params: Any = None, **kwargs: Any) -> Any:
         if params is not None:
@@ -306,19 +300,88 @@ def _at_fast_weights(forward: Callable[..., Any]) -> Callable[..., Any]:
             held, attributes, slot_names = subtree
             now = map(operator.getitem, held, slot_names)
             if not all(map(operator.is_, now, map(dict.get, attributes, slot_names))):
-                raise TypeError(_SWAPPED_REFUSED)
+                return _at_swapped_weights(forward, self, subtree, args, kwargs)
             if held[0][slot_names[0]] is None:
                 raise _released()
         names = own.get("_flat_weights_names")
         if names is None:
             return forward(self, *args, **kwargs)
-        # a recurrent layer reads its weights from this list, built from the slots
-        own["_flat_weights"] = [own["_parameters"][name] for name in names]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", _RNN_NOT_FLAT, UserWarning)
-            return forward(self, *args, **kwargs)
+        return _recurrent(forward, self, names, args, kwargs)
 
     return at_fast_weights
+
+
+def _at_swapped_weights(
+    forward: Callable[..., Any],
+    module: nn.Module,
+    subtree: tuple[tuple[dict, ...], tuple[dict, ...], tuple[str, ...]],
+    args: tuple,
+    kwargs: dict[str, Any],
+) -> Any:
+    """A call while the parameter slots of ``module``'s subtree hold other tensors than the
+    instance entries that its forward reads: ``torch.func.functional_call`` (or
+    ``torch.nn.utils.stateless``) on the patched model or on a submodule, from an objective
+    or from a forward (a hypernetwork), swaps the caller's tensors into the slots. The
+    forward then computes with them, as a plain module's does: the entries are set to the
+    slots for the call and put back afterwards, before the caller puts the slots back.
+    (``higher``'s forward put the LL run's weights back over them: the call computed with
+    the run's weights, silently.) Slots left empty (a released model) are refused."""
+    held, attributes, names = subtree
+    if any(slots[name] is None for slots, name in zip(held, names, strict=True)):
+        raise _released()
+    if _has_forward_hooks(module):
+        raise TypeError(_HOOKED_SWAP_REFUSED.format(kind=type(module).__mro__[1].__name__))
+    changed = []
+    for slots, entries, name in zip(held, attributes, names, strict=True):
+        value, entry = slots[name], entries.get(name, _ABSENT)
+        if entry is not value:
+            changed.append((entries, name, entry))
+            entries[name] = value
+    try:
+        flat = module.__dict__.get("_flat_weights_names")
+        if flat is None:
+            return forward(module, *args, **kwargs)
+        return _recurrent(forward, module, flat, args, kwargs)
+    finally:
+        for entries, name, entry in reversed(changed):
+            if entry is _ABSENT:
+                entries.pop(name, None)
+            else:
+                entries[name] = entry
+
+
+_ABSENT = object()
+_HOOKED_SWAP_REFUSED = (
+    "torch.func.functional_call on state['ll_model'] (or on a submodule) called a {kind} "
+    "with forward hooks (torch.nn.utils.prune, or the hook-based spectral_norm / weight_norm "
+    "of torch.nn.utils), which ran before the call could give them the caller's weights: "
+    "they would compute with the LL run's weights. Use "
+    "bilevel.ll.evaluate_at(state['ll_model'], weights), or the parametrizations of "
+    "torch.nn.utils.parametrizations in place of the hooks."
+)
+
+
+def _has_forward_hooks(module: nn.Module) -> bool:
+    """Whether forward hooks run around ``module``'s forward (its own or global ones)."""
+    hooks = nn.modules.module
+    return bool(
+        module._forward_pre_hooks
+        or module._forward_hooks
+        or hooks._global_forward_pre_hooks
+        or hooks._global_forward_hooks
+    )
+
+
+def _recurrent(
+    forward: Callable[..., Any], module: nn.Module, names: list[str], args: tuple, kwargs: dict
+) -> Any:
+    """A call of a recurrent layer, which reads its weights from ``_flat_weights``: the list is
+    built from the slots at each call."""
+    own = module.__dict__
+    own["_flat_weights"] = [own["_parameters"][name] for name in names]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", _RNN_NOT_FLAT, UserWarning)
+        return forward(module, *args, **kwargs)
 
 
 def _released() -> ValueError:
