@@ -9,6 +9,7 @@ before)."""
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
@@ -292,11 +293,80 @@ def test_functional_call_on_a_module_with_forward_hooks_is_refused():
     install(patched, fast)
     x = torch.randn(5, 3, dtype=DTYPE)
     weight = 2 * model.feat.weight_orig.detach()
-    with pytest.raises(TypeError, match=r"Linear with forward hooks.*evaluate_at"):
+    with pytest.raises(TypeError, match=r"straight on a Linear .*forward hooks.*evaluate_at"):
         functional_call(patched.feat, {"weight_orig": weight}, (x,))
     other = {"feat.weight_orig": weight}
     assert torch.equal(functional_call(patched, other, (x,)), functional_call(model, other, (x,)))
     assert torch.equal(patched(x), model(x))  # the run's weights (the user's, installed)
+
+
+class SharedLayer(nn.Module):
+    """One layer registered at two places (the patched model holds a copy per place)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        layer = nn.Linear(3, 3).to(DTYPE)
+        self.a, self.b = layer, layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+class ReadsOwnParameters(nn.Linear):
+    """A root whose forward reads ``self.parameters()`` (the root's is patched)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + sum(p.pow(2).sum() for p in self.parameters())
+
+
+class OwnCall(nn.Linear):
+    """A class that reads its weight in its own ``__call__``, outside ``forward``."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return super().__call__(x) / self.weight.norm()
+
+
+def _patched(model: nn.Module) -> nn.Module:
+    patched = patch(model)
+    sync_from(model, patched)
+    install(patched, [p.detach().clone() for p in model.parameters()])
+    return patched
+
+
+def test_functional_call_edge_cases_compute_as_the_users_module_or_are_refused():
+    """Review of the change (each was computed with the run's weights, silently, or refused
+    with a wrong reason): the root's ``parameters()`` read in its forward, ``None`` given for
+    a weight, one layer at two places swapped under one of its names, and a class reading its
+    weight in its own ``__call__``."""
+    x = torch.randn(4, 3, dtype=DTYPE)
+    root = nn.Linear(3, 3).to(DTYPE)
+    root.__class__ = ReadsOwnParameters
+    other = {"weight": torch.randn(3, 3, dtype=DTYPE)}
+    expected = functional_call(root, other, (x,))
+    assert torch.equal(functional_call(_patched(root), other, (x,)), expected)
+    net = nn.Sequential(nn.Linear(3, 2), nn.Tanh()).to(DTYPE)
+    no_bias = {"0.bias": None}
+    assert torch.equal(
+        functional_call(_patched(net), no_bias, (x,)), functional_call(net, no_bias, (x,))
+    )
+    shared = SharedLayer()
+    patched = _patched(shared)
+    swapped = {"a.weight": torch.randn(3, 3, dtype=DTYPE)}
+    tied = functional_call(patched, swapped, (x,))  # tie_weights=True: both places
+    assert torch.equal(tied, functional_call(copy.deepcopy(shared), swapped, (x,)))
+    with pytest.raises(TypeError, match=r"registered at two places.*tie_weights=True"):
+        functional_call(patched, swapped, (x,), tie_weights=False)
+    assert torch.equal(patched(x), shared(x))  # refused, not broken
+    scaled = nn.Sequential(nn.Linear(3, 3), nn.Tanh()).to(DTYPE)
+    scaled[0].__class__ = OwnCall
+    patched = _patched(scaled)
+    with pytest.raises(TypeError, match=r"straight on a OwnCall .*__call__ of its own"):
+        functional_call(patched[0], other, (x,))
+    from_above = {"0.weight": other["weight"]}
+    assert torch.equal(
+        functional_call(patched, from_above, (x,)), functional_call(scaled, from_above, (x,))
+    )
 
 
 def test_a_released_model_with_hooks_or_containers_says_it_was_released():

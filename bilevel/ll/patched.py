@@ -322,54 +322,99 @@ def _at_swapped_weights(
     instance entries that its forward reads: ``torch.func.functional_call`` (or
     ``torch.nn.utils.stateless``) on the patched model or on a submodule, from an objective
     or from a forward (a hypernetwork), swaps the caller's tensors into the slots. The
-    forward then computes with them, as a plain module's does: the entries are set to the
-    slots for the call and put back afterwards, before the caller puts the slots back.
-    (``higher``'s forward put the LL run's weights back over them: the call computed with
-    the run's weights, silently.) Slots left empty (a released model) are refused."""
-    held, attributes, names = subtree
-    if any(slots[name] is None for slots, name in zip(held, names, strict=True)):
-        raise _released()
-    if _has_forward_hooks(module):
-        raise TypeError(_HOOKED_SWAP_REFUSED.format(kind=type(module).__mro__[1].__name__))
-    changed = []
-    for slots, entries, name in zip(held, attributes, names, strict=True):
-        value, entry = slots[name], entries.get(name, _ABSENT)
-        if entry is not value:
-            changed.append((entries, name, entry))
-            entries[name] = value
+    forward then computes with them, as a plain module's does: the entries (and the root's
+    list that its ``parameters()`` gives) are set to the slots for the call and put back
+    afterwards, before the caller puts the slots back. (``higher``'s forward put the LL run's
+    weights back over them: the call computed with the run's weights, silently.) Refused
+    where it cannot be the user's module's computation (:func:`_swapped_entries`,
+    :func:`_refuse_reads_outside_forward`)."""
+    changes = _swapped_entries(subtree)
+    _refuse_reads_outside_forward(module)
+    own = module.__dict__
+    slots, kept = own.get("_bilevel_slots"), own.get("_fast_params")
+    if slots is not None and kept:  # the root: parameters() gives the slots' tensors too
+        current = list(kept[-1])
+        for held, _, name, index in slots:
+            current[index] = held[name]
+        own["_fast_params"] = [current]
+    undo = []
+    for entries, name, value in changes:
+        undo.append((entries, name, entries.get(name, _ABSENT)))
+        entries[name] = value
     try:
-        flat = module.__dict__.get("_flat_weights_names")
+        flat = own.get("_flat_weights_names")
         if flat is None:
             return forward(module, *args, **kwargs)
         return _recurrent(forward, module, flat, args, kwargs)
     finally:
-        for entries, name, entry in reversed(changed):
+        for entries, name, entry in reversed(undo):
             if entry is _ABSENT:
                 entries.pop(name, None)
             else:
                 entries[name] = entry
+        if slots is not None and kept:
+            own["_fast_params"] = kept
 
 
-_ABSENT = object()
-_HOOKED_SWAP_REFUSED = (
-    "torch.func.functional_call on state['ll_model'] (or on a submodule) called a {kind} "
-    "with forward hooks (torch.nn.utils.prune, or the hook-based spectral_norm / weight_norm "
-    "of torch.nn.utils), which ran before the call could give them the caller's weights: "
-    "they would compute with the LL run's weights. Use "
-    "bilevel.ll.evaluate_at(state['ll_model'], weights), or the parametrizations of "
-    "torch.nn.utils.parametrizations in place of the hooks."
-)
+def _swapped_entries(
+    subtree: tuple[tuple[dict, ...], tuple[dict, ...], tuple[str, ...]],
+) -> list[tuple[dict, str, Any]]:
+    """The instance entries to set for a call with swapped slots, ``(entries, name, the
+    slot's tensor)``. Refused: an empty slot whose entry is gone (a released model; a
+    ``None`` given for a weight of a live model is taken, as a plain module takes it), and
+    different tensors in the slots of one weight of the run (a module or a parameter
+    registered at two places: the user's module may have one slot where the patched model
+    has one per place, so that ``tie_weights=False`` with one of the names would reach every
+    place there and one place here)."""
+    held, attributes, names = subtree
+    changes, given = [], {}
+    for slots, entries, name in zip(held, attributes, names, strict=True):
+        value, entry = slots[name], entries.get(name, _ABSENT)
+        if entry is _ABSENT:
+            if value is None:
+                raise _released()
+        elif given.setdefault(id(entry), value) is not value:
+            raise TypeError(_SPLIT_SWAP_REFUSED)
+        if entry is not value:
+            changes.append((entries, name, value))
+    return changes
 
 
-def _has_forward_hooks(module: nn.Module) -> bool:
-    """Whether forward hooks run around ``module``'s forward (its own or global ones)."""
+def _refuse_reads_outside_forward(module: nn.Module) -> None:
+    """Refuse a swapped call of a module that may read its weights outside ``forward``, before
+    or after the call sets them: forward hooks (its own or global ones) and an own
+    ``__call__``. Called on a module above it, the hooks run inside that call."""
     hooks = nn.modules.module
-    return bool(
+    kind = type(module)
+    if (
         module._forward_pre_hooks
         or module._forward_hooks
         or hooks._global_forward_pre_hooks
         or hooks._global_forward_hooks
-    )
+        or kind.__call__ is not nn.Module.__call__
+        or kind._call_impl is not nn.Module._call_impl
+    ):
+        raise TypeError(_OUTSIDE_FORWARD_REFUSED.format(kind=kind.__mro__[1].__name__))
+
+
+_ABSENT = object()
+_OUTSIDE_FORWARD_REFUSED = (
+    "torch.func.functional_call straight on a {kind} of state['ll_model'] that may read its "
+    "weights outside its forward (forward hooks: torch.nn.utils.prune, the hook-based "
+    "spectral_norm / weight_norm; or a __call__ of its own), before or after the call gives "
+    "it the caller's weights: there it would read the LL run's. Call functional_call on a "
+    "module above it (its hooks then run inside the call), use "
+    "bilevel.ll.evaluate_at(state['ll_model'], weights), or the parametrizations of "
+    "torch.nn.utils.parametrizations in place of the hooks."
+)
+_SPLIT_SWAP_REFUSED = (
+    "torch.func.functional_call gave different tensors to one weight of the LL run that sits "
+    "at several places of state['ll_model'] (a module or a parameter registered at two "
+    "places, with tie_weights=False): the patched model holds a copy per place where your "
+    "module may hold one, and the two would compute differently. Pass tie_weights=True "
+    "(functional_call's default) or the same tensor under each name, or use "
+    "bilevel.ll.evaluate_at(state['ll_model'], weights)."
+)
 
 
 def _recurrent(
