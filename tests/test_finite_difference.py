@@ -185,3 +185,24 @@ def test_a_ul_loss_flat_in_the_weights_gives_the_direct_gradient_in_float32_at_a
     fd = FiniteDifference(ul_only, ul_model, ridge_ll, ll_model, r=8.0)
     (grad,) = BilevelProblem(ll, fd).hypergradient(train, train)
     assert torch.equal(grad, 2 * ul_model.log_l2.detach())
+
+
+def test_a_dropped_ll_optimizer_is_not_kept_alive_by_the_method():
+    """The method remembers which LL optimizer's dynamics it checked, by a weak reference: an
+    LL optimizer dropped by the user (with its patched copy of the model) is freed, and one
+    that lives is checked once, not at every UL step."""
+    import gc
+    import weakref
+
+    p = ridge(seed=1)
+    ul = FiniteDifference(ridge_ul, p.ul_model, ridge_ll, p.ll_model)
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.3, iters=1)
+    problem = BilevelProblem(ll, ul, torch.optim.SGD(p.ul_model.parameters(), lr=0.1))
+    problem.step(p.train, p.val)
+    checked = ul._checked_ll
+    problem.step(p.train, p.val)
+    assert ul._checked_ll is checked
+    dropped = weakref.ref(ll)
+    del problem, ll
+    gc.collect()
+    assert dropped() is None

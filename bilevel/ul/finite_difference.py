@@ -7,6 +7,7 @@ import functools
 import math
 import operator
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -80,11 +81,17 @@ def _norm_floor(dtype: torch.dtype, r: float) -> float:
 
 
 def _dynamics_key(ll: Any) -> tuple[Any, ...]:
-    """What :func:`_plain_gradient_descent` reads of ``ll``: the object, its class, rule and
-    hyperparameters, and the count of its settings changed since construction (BDA's
-    ``alpha``: :mod:`bilevel.settings`), compared by identity."""
+    """What :func:`_plain_gradient_descent` reads of ``ll``: the object (a weak reference,
+    the same one while it lives: the method does not keep a dropped LL optimizer and its
+    patched copy of the model alive), its class, rule and hyperparameters, and the count of
+    its settings changed since construction (BDA's ``alpha``: :mod:`bilevel.settings`),
+    compared by identity."""
     rule, hyper = getattr(ll, "rule", None), getattr(ll, "hyper", None)
-    return (ll, type(ll), rule, hyper, getattr(ll, "_settings_changes", 0))
+    try:
+        which = weakref.ref(ll)
+    except TypeError:  # (an object that takes no weak reference is kept itself)
+        which = ll
+    return (which, type(ll), rule, hyper, getattr(ll, "_settings_changes", 0))
 
 
 def _plain_gradient_descent(ll: Any) -> str | None:
