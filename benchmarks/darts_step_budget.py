@@ -5,8 +5,8 @@ library's safety work written inline, timed alternately in one process.
 
 One-step DARTS (``method_families``' ``fd_one_step`` cells, ridge and logistic regression) is
 the cell of the speed target of #14 ("within 1.1x of a hand-written torch loop") that stays
-above it in one process (``process_check.py``). This script splits its gap in two. Three UL
-steps are timed in turn, one thread, in a new order each round:
+above it in one process (``process_check.py``). This script splits its gap. Four UL steps are
+timed in turn, one thread, in a new order each round:
 
 - ``ours``: ``BilevelProblem.step`` with ``GradientDescent(iters=1)`` and
   ``FiniteDifference`` (``impl_bilevel_families``);
@@ -18,12 +18,14 @@ steps are timed in turn, one thread, in a new order each round:
   put back, the UL parameters' ``requires_grad`` off during the LL step, the scalar check of
   every objective's value, the radius checked against the weights' round-off, one host sync
   each for the LL loss, the UL loss and the hypergradient, ``.grad`` set to a copy,
-  ``zero_grad`` and the optimizer step.
+  ``zero_grad`` and the optimizer step;
+- ``no_runner``: ours without ``BilevelProblem``'s step around the method (:class:`NoRunner`):
+  the method's ``task_gradients`` on the same LL optimizer, method and UL optimizer, the
+  hypergradient's NaN check and the optimizer step.
 
-``checked - floor`` is what the checks cost; ``ours - checked`` is the rest of the library's
-work per UL step (its runner, LL run and method passing the step along). The three
-hypergradients are compared first (relative 1e-8). Writes
-``benchmarks/results/darts_step_budget.json``.
+``checked - floor`` is what the checks cost, ``no_runner - checked`` what the LL run and the
+method add to them, and ``ours - no_runner`` what the runner adds. The four hypergradients
+are compared first (relative 1e-8). Writes ``benchmarks/results/darts_step_budget.json``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from argtypes import count
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "darts_step_budget.json"
-IMPLS = ("ours", "floor", "checked")
+IMPLS = ("ours", "floor", "checked", "no_runner")
 
 
 class Checked:
@@ -127,25 +129,51 @@ class Checked:
         self.opt.step()
 
 
+class NoRunner:
+    """Ours without ``BilevelProblem.step``: the method's ``task_gradients`` on the LL
+    optimizer, method and UL optimizer of ``ours`` (a runner of ``impl_bilevel_families``),
+    then the hypergradient's NaN check and the UL optimizer's step."""
+
+    def __init__(self, ours: Any) -> None:
+        problem = ours.problem
+        self.ll, self.ul, self.opt = problem.ll, problem.ul, problem.ul_optimizer
+        self.train, self.val = ours.train, ours.val
+
+    def hypergradient(self) -> list[Any]:
+        self.opt.zero_grad(set_to_none=True)
+        self.ul.task_gradients(self.ll, self.train, self.val)
+        grads = [p.grad.detach().clone() for p in self.ul.ul_params]
+        self.opt.zero_grad(set_to_none=True)
+        return grads
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.ul.task_gradients(self.ll, self.train, self.val)
+        if not math.isfinite(sum(float(p.grad.sum()) for p in self.ul.ul_params)):
+            raise FloatingPointError("the hypergradient is not finite")
+        self.opt.step()
+
+
 def runners(problem_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The configuration of the one-step DARTS cell on ``problem_name`` and its three runners."""
+    """The configuration of the one-step DARTS cell on ``problem_name`` and its four runners."""
     import method_families as M
 
     config = M.method_config("regression", problem_name, "fd_one_step")
     modules = {"ours": "bilevel_families", "floor": "floor_families"}
     built = {impl: M.FamilyWorker(module).build(config)[0] for impl, module in modules.items()}
     built["checked"] = Checked(config, M.make_problem(config))
+    built["no_runner"] = NoRunner(built["ours"])
     return config, built
 
 
 def agree(built: dict[str, Any]) -> float:
-    """The largest relative difference of the three hypergradients to the floor's; raises
+    """The largest relative difference of the other hypergradients to the floor's; raises
     above 1e-8 (they would not be the same computation)."""
     import torch
 
     reference = torch.cat([g.flatten() for g in built["floor"].hypergradient()])
     worst = 0.0
-    for impl in ("ours", "checked"):
+    for impl in ("ours", "checked", "no_runner"):
         other = torch.cat([g.flatten().detach() for g in built[impl].hypergradient()])
         worst = max(worst, float((other - reference).norm() / reference.norm()))
     if not worst <= 1e-8:
@@ -176,6 +204,7 @@ def measure(problem_name: str, rounds: int, seed: int = 0) -> dict[str, Any]:
         "over_floor": {impl: median[impl] / median["floor"] for impl in IMPLS},
         "checks_us": (median["checked"] - median["floor"]) * 1e6,
         "rest_us": (median["ours"] - median["checked"]) * 1e6,
+        "runner_us": (median["ours"] - median["no_runner"]) * 1e6,
         "relative_difference": difference,
         "rounds": rounds,
     }
@@ -206,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
             for impl, s in c["seconds"].items()
         }
         print(
-            f"{problem_name}: {us}; checks {c['checks_us']:+.0f} us, rest {c['rest_us']:+.0f} us",
+            f"{problem_name}: {us}; checks {c['checks_us']:+.0f} us, rest {c['rest_us']:+.0f} "
+            f"us, of which the runner {c['runner_us']:+.0f} us",
             flush=True,
         )
     write_cells(args.out, "darts_step_budget.py", cells, threads=1)

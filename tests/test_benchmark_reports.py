@@ -312,7 +312,12 @@ def test_the_step_budget_quotes_its_split_and_where_the_checked_floor_lies(
 
     def write(checked: list[float]) -> str:
         cells = [
-            {"over_floor": {"checked": c}, "checks_us": 100.0 + 50 * i, "rest_us": 500.0 + 90 * i}
+            {
+                "over_floor": {"checked": c},
+                "checks_us": 100.0 + 50 * i,
+                "rest_us": 500.0 + 90 * i,
+                "runner_us": 150.0 + 20 * i,
+            }
             for i, c in enumerate(checked)
         ]
         budget = {"command": "python3 b.py", "date": "d", "cpu": "cpu", "cells": cells}
@@ -321,6 +326,7 @@ def test_the_step_budget_quotes_its_split_and_where_the_checked_floor_lies(
 
     text = write([1.07, 1.05])
     assert "100-150 µs per UL step" in text and "500-590 µs" in text
+    assert "150-170 µs are the runner's" in text
     assert "1.05-1.07x of the floor, within 1.1x" in text
     assert "1.05-1.12x of the floor, above 1.1x" in write([1.05, 1.12])
     assert "runs at 1.07x of the floor, within 1.1x" in write([1.071, 1.074])
