@@ -41,6 +41,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from argtypes import count
 
 HERE = Path(__file__).resolve().parent
@@ -56,9 +57,8 @@ class Checked:
     def __init__(self, config: dict[str, Any], problem: Any) -> None:
         import impl_bilevel_families as ours
         import problems as P
-        import torch
 
-        self.torch, self.s, self.r = torch, P.spec(problem), config["r"]
+        self.s, self.r = P.spec(problem), config["r"]
         self.ll_objective, self.ul_objective = ours.objectives(problem)
         self.ul_model = ours.Weights(lam0=self.s.lam0[0])
         self.lam = self.ul_model.lam0
@@ -82,7 +82,7 @@ class Checked:
         return value
 
     def hypergradient(self) -> list[Any]:
-        torch, s, lam, r = self.torch, self.s, self.lam, self.r
+        s, lam, r = self.s, self.lam, self.r
         grad = torch.autograd.grad
         w = self.start.detach().requires_grad_()
         self.ll_model.w0 = w
@@ -119,7 +119,7 @@ class Checked:
         return [direct - s.lr / (2 * eps) * (moved[0] - moved[1])]
 
     def step(self) -> None:
-        kept = (self.lam.grad, self.torch.get_rng_state())  # what a failed step puts back
+        kept = (self.lam.grad, torch.get_rng_state())  # what a failed step puts back
         self.opt.zero_grad(set_to_none=True)
         (g,) = self.hypergradient()
         self.lam.grad = g.detach().clone()
@@ -139,17 +139,19 @@ class NoRunner:
         self.ll, self.ul, self.opt = problem.ll, problem.ul, problem.ul_optimizer
         self.train, self.val = ours.train, ours.val
 
-    def hypergradient(self) -> list[Any]:
+    def accumulate(self) -> list[Any]:
+        """The hypergradient, into ``.grad`` of the UL parameters (returned)."""
         self.opt.zero_grad(set_to_none=True)
         self.ul.task_gradients(self.ll, self.train, self.val)
-        grads = [p.grad.detach().clone() for p in self.ul.ul_params]
+        return [p.grad for p in self.ul.ul_params]
+
+    def hypergradient(self) -> list[Any]:
+        grads = [g.detach().clone() for g in self.accumulate()]
         self.opt.zero_grad(set_to_none=True)
         return grads
 
     def step(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        self.ul.task_gradients(self.ll, self.train, self.val)
-        if not math.isfinite(sum(float(p.grad.sum()) for p in self.ul.ul_params)):
+        if not math.isfinite(sum(float(g.sum()) for g in self.accumulate())):
             raise FloatingPointError("the hypergradient is not finite")
         self.opt.step()
 
@@ -169,8 +171,6 @@ def runners(problem_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def agree(built: dict[str, Any]) -> float:
     """The largest relative difference of the other hypergradients to the floor's; raises
     above 1e-8 (they would not be the same computation)."""
-    import torch
-
     reference = torch.cat([g.flatten() for g in built["floor"].hypergradient()])
     worst = 0.0
     for impl in ("ours", "checked", "no_runner"):
@@ -222,7 +222,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     sys.path[:0] = [str(HERE.parent), str(HERE)]
     warnings.simplefilter("ignore")
-    import torch
     from common import write_cells
 
     torch.set_num_threads(1)

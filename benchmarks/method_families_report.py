@@ -180,7 +180,7 @@ def step_budget() -> str:
     within = max(c["over_floor"]["checked"] for c in cells) <= TARGET_FLOOR
     checks = sorted(c["checks_us"] for c in cells)
     rest = sorted(c["rest_us"] for c in cells)
-    runner = sorted(c["runner_us"] for c in cells if "runner_us" in c)
+    runner = sorted(c["runner_us"] for c in cells)
     code = code_revision(budget.get("git"))
     where = f"`{budget['command']}`, {budget['date']}, on {budget['cpu']}"
     return (
@@ -193,13 +193,9 @@ def step_budget() -> str:
         f"{span}x of the floor, {'within' if within else 'above'} {TARGET_FLOOR}x; the "
         f"other {value_range(rest)} µs are the library passing the step through its runner, "
         "LL run and method (Python frames that cost a few µs each between torch's operations "
-        "on this machine), not its checks"
-        + (
-            f"; of them, {value_range(runner)} µs are the runner's (`BilevelProblem.step` "
-            "against the method's `task_gradients` called directly)."
-            if len(runner) == len(cells)
-            else "."
-        )
+        f"on this machine), not its checks; of them, {value_range(runner)} µs are the "
+        "runner's (`BilevelProblem.step` against the method's `task_gradients` called "
+        "directly)."
     )
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -191,9 +193,6 @@ def test_a_dropped_ll_optimizer_is_not_kept_alive_by_the_method():
     """The method remembers which LL optimizer's dynamics it checked, by a weak reference: an
     LL optimizer dropped by the user (with its patched copy of the model) is freed, and one
     that lives is checked once, not at every UL step."""
-    import gc
-    import weakref
-
     p = ridge(seed=1)
     ul = FiniteDifference(ridge_ul, p.ul_model, ridge_ll, p.ll_model)
     ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.3, iters=1)

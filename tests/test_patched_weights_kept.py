@@ -86,11 +86,19 @@ def test_a_hypernetwork_ll_model_runs_its_target_at_the_generated_weights(method
     check_method(method, fit_objective, model, hyper, (loss, loss), train, val)
 
 
-def test_functional_call_on_a_submodule_of_the_ll_model_computes_with_its_weights():
-    model = Net()
+def _patched(model: nn.Module) -> tuple[nn.Module, list[torch.Tensor]]:
+    """A patched copy of ``model`` synced as at every LL run (hooks, buffers), holding copies
+    of the model's weights as its fast weights (returned too)."""
     patched = patch(model)
+    sync_from(model, patched)
     fast = [p.detach().clone() for p in model.parameters()]
     install(patched, fast)
+    return patched, fast
+
+
+def test_functional_call_on_a_submodule_of_the_ll_model_computes_with_its_weights():
+    model = Net()
+    patched, fast = _patched(model)
     x = torch.randn(5, 3, dtype=DTYPE)
     other = {"weight": torch.randn(4, 3, dtype=DTYPE), "bias": torch.randn(4, dtype=DTYPE)}
     out = functional_call(patched.feat, other, (x,))
@@ -266,9 +274,7 @@ def test_functional_call_of_weights_read_without_a_call_computes_with_them(swapp
     """A call reads the slots of the modules below it too, whose weights its forward may read
     without calling them (review of the change: ignored silently, then refused)."""
     model = ReadsChild()
-    patched = patch(model)
-    fast = [p.detach().clone() for p in model.parameters()]
-    install(patched, fast)
+    patched, fast = _patched(model)
     x = torch.randn(5, 3, dtype=DTYPE)
     other = {swapped: 2 * dict(model.named_parameters())[swapped].detach()}
     names = [name for name, _ in model.named_parameters()]
@@ -287,10 +293,7 @@ def test_functional_call_on_a_module_with_forward_hooks_is_refused():
     user's module's."""
     model = Net()
     torch.nn.utils.prune.l1_unstructured(model.feat, "weight", amount=0.3)
-    patched = patch(model)
-    sync_from(model, patched)  # the hooks, as at every LL run
-    fast = [p.detach().clone() for p in model.parameters()]
-    install(patched, fast)
+    patched, _ = _patched(model)  # the hooks synced, as at every LL run
     x = torch.randn(5, 3, dtype=DTYPE)
     weight = 2 * model.feat.weight_orig.detach()
     with pytest.raises(TypeError, match=r"straight on a Linear .*forward hooks.*evaluate_at"):
@@ -327,13 +330,6 @@ class OwnCall(nn.Linear):
         return super().__call__(x) / self.weight.norm()
 
 
-def _patched(model: nn.Module) -> nn.Module:
-    patched = patch(model)
-    sync_from(model, patched)
-    install(patched, [p.detach().clone() for p in model.parameters()])
-    return patched
-
-
 def test_functional_call_edge_cases_compute_as_the_users_module_or_are_refused():
     """Review of the change (each was computed with the run's weights, silently, or refused
     with a wrong reason): the root's ``parameters()`` read in its forward, ``None`` given for
@@ -344,14 +340,14 @@ def test_functional_call_edge_cases_compute_as_the_users_module_or_are_refused()
     root.__class__ = ReadsOwnParameters
     other = {"weight": torch.randn(3, 3, dtype=DTYPE)}
     expected = functional_call(root, other, (x,))
-    assert torch.equal(functional_call(_patched(root), other, (x,)), expected)
+    assert torch.equal(functional_call(_patched(root)[0], other, (x,)), expected)
     net = nn.Sequential(nn.Linear(3, 2), nn.Tanh()).to(DTYPE)
     no_bias = {"0.bias": None}
     assert torch.equal(
-        functional_call(_patched(net), no_bias, (x,)), functional_call(net, no_bias, (x,))
+        functional_call(_patched(net)[0], no_bias, (x,)), functional_call(net, no_bias, (x,))
     )
     shared = SharedLayer()
-    patched = _patched(shared)
+    patched, _ = _patched(shared)
     swapped = {"a.weight": torch.randn(3, 3, dtype=DTYPE)}
     tied = functional_call(patched, swapped, (x,))  # tie_weights=True: both places
     assert torch.equal(tied, functional_call(copy.deepcopy(shared), swapped, (x,)))
@@ -360,7 +356,7 @@ def test_functional_call_edge_cases_compute_as_the_users_module_or_are_refused()
     assert torch.equal(patched(x), shared(x))  # refused, not broken
     scaled = nn.Sequential(nn.Linear(3, 3), nn.Tanh()).to(DTYPE)
     scaled[0].__class__ = OwnCall
-    patched = _patched(scaled)
+    patched, _ = _patched(scaled)
     with pytest.raises(TypeError, match=r"straight on a OwnCall .*__call__ of its own"):
         functional_call(patched[0], other, (x,))
     from_above = {"0.weight": other["weight"]}
