@@ -96,6 +96,27 @@ def _patched(model: nn.Module) -> tuple[nn.Module, list[torch.Tensor]]:
     return patched, fast
 
 
+def test_per_example_gradients_through_functional_call_are_the_users_modules():
+    """``torch.func.vmap`` of ``torch.func.grad`` over ``functional_call`` on the patched
+    model (per-example gradients, as docs/migrating.md says), and the run's weights in place
+    afterwards."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(DTYPE)
+    patched, fast = _patched(model)
+    names = [name for name, _ in model.named_parameters()]
+    x, y = torch.randn(6, 3, dtype=DTYPE), torch.randn(6, dtype=DTYPE)
+
+    def per_example(m: nn.Module) -> dict[str, torch.Tensor]:
+        def loss(weights: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            return (functional_call(m, weights, (xi[None],)).squeeze() - yi) ** 2
+
+        weights = dict(zip(names, fast, strict=True))
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(weights, x, y)
+
+    got, expected = per_example(patched), per_example(model)
+    assert all(torch.equal(got[name], expected[name]) for name in names)
+    assert patched[0].weight is fast[0] and patched[2].bias is fast[3]
+
+
 def test_functional_call_on_a_submodule_of_the_ll_model_computes_with_its_weights():
     model = Net()
     patched, fast = _patched(model)
