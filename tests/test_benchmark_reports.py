@@ -289,7 +289,9 @@ def test_the_floor_with_checks_takes_the_same_step_and_refuses_a_nan(darts_step_
     as the library's is: the three hypergradients agree to round-off; and its checks do
     check: a NaN in the data is refused before the UL step."""
     _, built = darts_step_budget.runners("ridge")
-    assert darts_step_budget.agree(built) <= 1e-12
+    assert (
+        darts_step_budget.agree(built) <= 1e-10
+    )  # round-off, amplified by the difference quotient
     checked = built["checked"]
     before = checked.lam.detach().clone()
     data = checked.s.train[0]
