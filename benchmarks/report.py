@@ -303,22 +303,32 @@ def peer_findings(res: Results) -> list[str]:
 
 
 def failures(res: Results) -> list[str]:
+    """What could not run: each implementation and configuration once (its first failure);
+    where the library's own divergence check stopped it, what that means for the others."""
     lines = []
     for impl, why in res.data.get("unavailable", {}).items():
         lines.append(f"- **{NAMES.get(impl, impl)}** could not run at all: `{why}`")
     seen = set()
     for r in res.data["records"]:
         if "failed" in r:
-            text = r["failed"].splitlines()[0][:300]
-            tag = (r["impl"], r["config"]["method"], text)
+            tag = (r["impl"], key(r["config"]))
             if tag in seen:
                 continue
             seen.add(tag)
-            lines.append(
+            text = r["failed"].splitlines()[0][:300]
+            line = (
                 f"- {NAMES[r['impl']]}, {r['config']['problem']} "
                 f"{METHOD_NAMES[r['config']['method']]} ({setting(r['config'])}): "
                 f"fails with `{text}`"
             )
+            if r["impl"] == "bilevel" and text.startswith("LowerLevelDivergenceError"):
+                line += (
+                    " The library's LL growth check (on by default, `on_growth='raise'`) stops "
+                    "this configuration: its LL loss grows over the LL steps. The other "
+                    "implementations take the same LL steps and have no such check: their "
+                    "numbers for it are those of a diverging LL."
+                )
+            lines.append(line)
     return lines
 
 

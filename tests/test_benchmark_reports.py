@@ -442,3 +442,22 @@ def test_the_omniglot_diagnosis_saves_and_reads_its_parameters_as_checkpoints(tm
         torch.save({"params": saved["params"], "hidden": 4, "ways": 5}, tmp_path / "old.pt")
         with pytest.raises(SystemExit, match=r"(?s)old\.pt.*not a bilevel checkpoint.*again"):
             diagnosis.load_params(str(tmp_path / "old.pt"))
+
+
+def test_what_could_not_run_lists_each_failure_once_and_explains_a_stopped_divergence():
+    """A configuration that failed in several kinds of measurement (error, time) is listed
+    once; where the library's LL growth check stopped it, the page says that the others ran
+    the same diverging LL without a check."""
+    config = {"suite": "meta", "problem": "meta", "method": "imaml", "batch": 32}
+    grew = "LowerLevelDivergenceError: The LL loss grew from 1.6 to 1.8 over 5 LL steps"
+    records = [
+        {"kind": "error", "config": config, "impl": "bilevel", "failed": grew},
+        {"kind": "time", "config": config, "impl": "bilevel", "failed": "UL step 0: " + grew},
+        {"kind": "time", "config": config, "impl": "torchopt", "failed": "RuntimeError: boom"},
+    ]
+    for report in _benchmark_module("report"):
+        lines = report.failures(report.Results({"records": records}))
+    assert len(lines) == 2, lines
+    ours, theirs = lines
+    assert ours.startswith("- bilevel, meta iMAML") and "same LL steps" in ours
+    assert "RuntimeError: boom" in theirs and "same LL steps" not in theirs
