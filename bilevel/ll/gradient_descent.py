@@ -29,12 +29,14 @@ from bilevel.ll.patched import (
 )
 from bilevel.ll.rules import RULES, UpdateRule, make_rule
 from bilevel.ll.unroll import (
+    PACK,
     GradientStep,
     Observer,
     Trajectory,
     Unroll,
     last_step_only,
     needs_graph,
+    pack,
 )
 from bilevel.roundoff import loss_grew, roundoff_floor
 from bilevel.settings import Fixed, Setting, check_count, count_change
@@ -534,8 +536,12 @@ class GradientDescent:
                 recorded = unroll.run_in_place(overwritten)
             for _ in range(unroll.steps, untracked):
                 recorded.append(unroll.step(graph=False))
+                if len(recorded) % PACK == 0:
+                    pack(recorded)
         recorded += unroll.run_with_graph(iters - untracked)
-        losses = recorded[0].reshape(1) if len(recorded) == 1 else torch.stack(recorded)
+        if len(recorded) > 1:  # 1-d packs of the earlier losses, then the last ones
+            pack(recorded)
+        losses = recorded[0].reshape(-1) if len(recorded) == 1 else torch.cat(recorded)
         self._check_losses(losses, unroll)
         trajectory = unroll.record(losses, tracked)
         trajectory.run_by = weakref.ref(self)  # (compute_gradients checks the method against it)
