@@ -302,6 +302,16 @@ def peer_findings(res: Results) -> list[str]:
     return lines
 
 
+def report_command(sources: list[str] | None) -> str:
+    """The command that writes the page: from the newest results, or from the files merged."""
+    if not sources:
+        return (
+            "python benchmarks/report.py     # this page and its figures, from the newest results"
+        )
+    files = " ".join(f"benchmarks/results/{name}" for name in sources)
+    return f"python benchmarks/report.py {files}   # later files replace the records they repeat"
+
+
 def failures(res: Results) -> list[str]:
     """What could not run: each implementation and configuration once (its first failure);
     where the library's own divergence check stopped it, what that means for the others."""
@@ -934,7 +944,7 @@ def page(res: Results, source: Path, images: dict[str, str]) -> str:
         "/work/venvs/torchopt/bin/pip install --no-deps torchopt==0.7.3",
         "/work/venvs/torchopt/bin/pip install numpy optree typing-extensions graphviz",
         f"{portable(d['command'])}   # what produced this page; --quick for a short run",
-        "python benchmarks/report.py     # this page and its figures, from the newest results",
+        report_command(d.get("sources")),
         "```",
         "",
         f"Measured with {d['rounds']} alternation rounds of about {d['budget_s']} s of timed "
@@ -983,7 +993,11 @@ def main(argv: list[str] | None = None) -> None:
         data["records"] = [
             r for r in data["records"] if (r["kind"], key(r["config"]), r["impl"]) not in again
         ] + more
-        data.setdefault("merged", []).append(f"`{extra.name}` (`{extra_data['command']}`)")
+        code = code_revision(extra_data.get("git"))
+        data.setdefault("merged", []).append(
+            f"`{extra.name}` (`{extra_data['command']}`{', ' + code if code else ''})"
+        )
+        data.setdefault("sources", [source.name]).append(extra.name)
     res = Results(data)
     images = plots(res)
     PAGE.write_text(page(res, source.resolve(), images))

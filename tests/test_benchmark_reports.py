@@ -461,3 +461,16 @@ def test_what_could_not_run_lists_each_failure_once_and_explains_a_stopped_diver
     ours, theirs = lines
     assert ours.startswith("- bilevel, meta iMAML") and "same LL steps" in ours
     assert "RuntimeError: boom" in theirs and "same LL steps" not in theirs
+
+
+def test_a_page_merged_from_several_runs_names_them_in_its_reproduce_command():
+    """A page written from a full run and a partial re-run gives the command with both files
+    in their order (the default command would read the newest file alone)."""
+    for report in _benchmark_module("report"):
+        merged = report.report_command(["20261204-044906.json", "remeasured.json"])
+        alone = report.report_command(None)
+    assert merged.startswith(
+        "python benchmarks/report.py benchmarks/results/20261204-044906.json "
+        "benchmarks/results/remeasured.json"
+    )
+    assert alone.startswith("python benchmarks/report.py ") and "newest" in alone
