@@ -260,3 +260,58 @@ def test_marking_an_unambiguous_value_changes_nothing():
         for a, b in zip(plain_grads, marked_grads, strict=True):
             assert torch.equal(a, b)
         assert plain_settings == marked_settings
+
+
+def test_the_cure_that_the_negative_step_size_warning_gives_runs_as_written():
+    """The warning about a per-element step size below zero says how to keep them positive:
+    that expression, evaluated as written (``n`` LL parameters, ``log_lrs`` in the UL model),
+    runs, and takes the steps of a hand-written unroll with ``exp(log_lrs)`` (before, it
+    gave ``lr=lambda ul: [...]``, which a run refuses)."""
+    torch.manual_seed(0)
+
+    class TwoPart(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, dtype=DTYPE))
+            self.b = nn.Parameter(torch.zeros(1, dtype=DTYPE))
+
+        def forward(self, x):
+            return x @ self.w + self.b
+
+    net, meta = TwoPart(), nn.Module()
+    meta.lrs = nn.ParameterList(
+        [nn.Parameter(torch.full_like(p.detach(), 0.1)) for p in net.parameters()]
+    )
+    (x, y), (xv, yv) = data()
+    x, xv = x[:, :3], xv[:, :3]
+    ll = GradientDescent(task_loss, net, meta, lr=list(meta.lrs), iters=4)
+    problem = BilevelProblem(ll, Reverse(task_loss, meta, task_loss, net))
+    with torch.no_grad():
+        meta.lrs[0][1] = -1e-3
+    with pytest.warns(RuntimeWarning, match="learn their logarithm") as caught:
+        problem.hypergradient((x, y), (xv, yv))
+    cure = str(caught[0].message).split("learn their logarithm")[1]
+    expression = cure[cure.index("lr=") + 3 : cure.index(". (Said once.)")]
+
+    meta.log_lrs = nn.ParameterList(
+        [nn.Parameter(torch.full_like(p.detach(), -2.0)) for p in net.parameters()]
+    )
+    meta.lrs.requires_grad_(False)
+    lr = eval(expression, {"n": len(meta.log_lrs)})  # the message's own words
+    ll = GradientDescent(task_loss, net, meta, lr=lr, iters=4)
+    got = BilevelProblem(ll, Reverse(task_loss, meta, task_loss, net)).hypergradient(
+        (x, y), (xv, yv)
+    )
+    w, b = (p.detach().clone().requires_grad_() for p in net.parameters())
+    logs = [t.detach().clone().requires_grad_() for t in meta.log_lrs]
+    fw, fb = w, b
+    for _ in range(4):
+        gw, gb = torch.autograd.grad(
+            0.5 * (x @ fw + fb - y).pow(2).mean(), [fw, fb], create_graph=True
+        )
+        fw, fb = fw - logs[0].exp() * gw, fb - logs[1].exp() * gb
+    expected = torch.autograd.grad(0.5 * (xv @ fw + fb - yv).pow(2).mean(), logs)
+    learned = [n for n, p in meta.named_parameters() if p.requires_grad]
+    named = dict(zip(learned, got, strict=True))
+    for i in range(2):
+        torch.testing.assert_close(named[f"log_lrs.{i}"], expected[i], rtol=1e-12, atol=1e-15)

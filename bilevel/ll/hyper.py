@@ -288,8 +288,9 @@ class Hyper:
                 f"{_shown(flat, outside)}. A step size "
                 "below zero moves its weight up its gradient; Meta-SGD allows it (its step "
                 "sizes set each weight's direction as well as its step size), so the run goes "
-                "on. If they must stay positive, learn their logarithm: "
-                "lr=lambda ul: [t.exp() for t in ul.log_lrs]. (Said once.)",
+                "on. If they must stay positive, learn their logarithm, one callable per LL "
+                "parameter: lr=[lambda ul, i=i: ul.log_lrs[i].exp() for i in range(n)]. "
+                "(Said once.)",
                 RuntimeWarning,
                 stacklevel=6,
             )
