@@ -16,7 +16,15 @@ from bilevel.ll.hyper import Schedule
 from bilevel.ll.unroll import THROUGH_STEPS
 from bilevel.second_derivatives import refuse_once_differentiable
 from bilevel.state import Draws, capture_draws, replay_draws
-from bilevel.ul.base import Call, Grads, HypergradientCalculator, add, detached_weights
+from bilevel.ul.base import (
+    Call,
+    Grads,
+    HypergradientCalculator,
+    add,
+    buffer_copies,
+    detached_weights,
+    put_back,
+)
 
 Tensors = list[torch.Tensor]
 State = dict[str, Tensors]
@@ -33,6 +41,9 @@ class StoredIterates:
         draws: ``draws[t]``: torch's generators before step ``t``, so that the recomputed
             step makes the random draws (dropout masks, noise) the step made (one object for
             consecutive steps that drew nothing).
+        buffers: ``buffers[t]``: the patched model's buffers before step ``t`` (batch-norm
+            statistics, spectral norm's vectors), which the step's forward may move, so that
+            the recomputed step sees what the step saw (empty for a model without buffers).
         schedule: the run's hyperparameters (callables already evaluated, with their graph to
             the UL parameters), so that the recomputed steps use the same values.
         step_map: the run's step map.
@@ -42,6 +53,7 @@ class StoredIterates:
     weights: list[Tensors]
     states: list[State]
     draws: list[Draws]
+    buffers: list[list]
     schedule: Schedule
     step_map: Any
     state: dict
@@ -142,6 +154,7 @@ class MemorySavingReverse(HypergradientCalculator):
         weights: list[Tensors] = []
         states: list[State] = []
         draws: list[Draws] = []
+        buffers: list[list] = []
         losses = None
         with _frozen(self.ul_model):
             for t in range(ll.iters):
@@ -150,6 +163,7 @@ class MemorySavingReverse(HypergradientCalculator):
                 states.append({k: [s.detach() for s in v] for k, v in unroll.opt_state.items()})
                 now = capture_draws(weights[-1][0].device)
                 draws.append(draws[-1] if draws and draws[-1].same_as(now) else now)
+                buffers.append(buffer_copies(unroll.model))
                 loss = unroll.step(graph=False)
                 if losses is None:
                     losses = loss.new_empty(ll.iters)
@@ -158,7 +172,7 @@ class MemorySavingReverse(HypergradientCalculator):
         ll._check_losses(losses, unroll)
         trajectory = unroll.record(losses, 0)
         trajectory.observed = StoredIterates(
-            weights, states, draws, unroll.schedule, unroll.step_map, unroll.state
+            weights, states, draws, buffers, unroll.schedule, unroll.step_map, unroll.state
         )
         return trajectory
 
@@ -186,11 +200,15 @@ class MemorySavingReverse(HypergradientCalculator):
         result: Grads = list(grads[:n])
         alpha_w: list[torch.Tensor | None] = list(grads[n:])
         alpha_s: State = {}
-        for t in reversed(range(call.trajectory.iters)):
-            step_grads, alpha_w, alpha_s = self._step_back(
-                stored, t, model, weights, active, alpha_w, alpha_s
-            )
-            result = [add(r, g) for r, g in zip(result, step_grads, strict=True)]
+        after_run = buffer_copies(model)  # put back once the steps are recomputed
+        try:
+            for t in reversed(range(call.trajectory.iters)):
+                step_grads, alpha_w, alpha_s = self._step_back(
+                    stored, t, model, weights, active, alpha_w, alpha_s
+                )
+                result = [add(r, g) for r, g in zip(result, step_grads, strict=True)]
+        finally:
+            put_back(after_run)
         position = {index: k for k, index in enumerate(active)}
         for i, index in enumerate(self.initial_weight_of):  # MAML: the LL's initial weights
             if index is not None and index in position:
@@ -218,6 +236,7 @@ class MemorySavingReverse(HypergradientCalculator):
         for i, w in zip(active, w_t, strict=True):
             at[i] = w
         hyper = stored.schedule.at(t, detach=False)
+        put_back(stored.buffers[t])  # the buffers as the step found them
         # the step's own random draws, replayed (the global RNG is left where the run left it)
         with replay_draws(stored.draws[t]), evaluate_at(model, at):
             new, new_state, loss, _ = stored.step_map(w_t, s_t, hyper, stored.state, t, True)
