@@ -3,6 +3,7 @@ loss (IAPTT-GM)."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -47,12 +48,11 @@ class PTT(HypergradientCalculator):
     largest, ``k* = argmax_{1 <= k <= T} L_ul(w_k, lambda)``, and the hypergradient is that of
     ``L_ul(w_{k*}(lambda), lambda)`` back-propagated through the first ``k*`` LL steps. Losses
     within round-off of the largest (``ROUNDOFF * eps * max_k |L_ul(w_k)|``) are ties, and so
-    is the last iterate's where the largest loss's iterate is within what the ``T - k`` LL
-    steps between them travel on round-off gradients (``||w_k - w_T|| <= (T - k) ROUNDOFF *
-    eps * ||w_T||``); both floors grow as ``sqrt(n / 100)`` for sums over ``n > 100``
-    examples (``bilevel.roundoff.roundoff_floor``). Ties go to the latest iterate: an LL that
-    does not move (started at its solution) gives ``Reverse``'s hypergradient, not one
-    truncated at a step picked by round-off.
+    is the last iterate's where each LL step after the latest tied iterate moved by round-off
+    alone (``||w_{j+1} - w_j|| <= ROUNDOFF * eps * ||w_T||``); both floors grow as
+    ``sqrt(n / 100)`` for sums over ``n > 100`` examples (``bilevel.roundoff.roundoff_floor``).
+    Ties go to the latest iterate: an LL that does not move (started at its solution) gives
+    ``Reverse``'s hypergradient, not one truncated at a step picked by round-off.
 
     Truncating at the worst iterate rather than the last one makes the UL step pessimistic
     about where the LL dynamics pass, which is what lets IAPTT-GM handle non-convex LL
@@ -147,21 +147,29 @@ class PTT(HypergradientCalculator):
         latest, first = torch.stack([latest, first]).tolist()  # one host sync
         # ... and so are the losses of weights equal to round-off: they differ by about
         # eps ||grad F|| ||w||, far above eps |F| where F is small (a UL loss near its
-        # minimum), so the last iterate ties with the largest loss's when it is that iterate
-        # to round-off (validation losses of 8e-5 to 7e-13 at the LL's solution: k* was
-        # picked by noise, 42% to 77% off Reverse's); one distance, only where it decides
+        # minimum), so the last iterate ties with the latest tied one when every LL step
+        # between them moved by round-off alone (validation losses of 8e-5 to 7e-13 at the
+        # LL's solution: k* was picked by noise, 42% to 77% off Reverse's); the steps'
+        # lengths, only where they decide
         final = len(values) - 1
         if 0 <= latest < final:
             with torch.no_grad():
-                last = iterates[-1]
-                apart = linalg.norm([a - b for a, b in zip(iterates[first], last, strict=True)])
-                # round-off here is what the LL steps between them travel on round-off
-                # gradients, each at most about the floor of ||w|| (lr g, with lr ||H|| < 2 and
-                # g at the floor of ||H|| ||w||): an LL started at its solution on 2e5
-                # uncentered examples drifted 400 to 800 eps ||w|| in 20 steps, and k* went
-                # from 1 to T with torch's thread count
-                floor = roundoff_floor(linalg.norm(last), batch_terms(call.train_data))
-                if apart <= (final - first) * floor:
+                # a step on round-off gradients moves at most about the floor of ||w|| (lr g,
+                # with lr ||H|| < 2 and g at the floor of ||H|| ||w||): an LL started at its
+                # solution on 2e5 uncentered examples drifted 400 to 800 eps ||w|| in 20
+                # steps, and k* went from 1 to T with torch's thread count. Each step against
+                # the floor, not their sum against T floors: in float32 a floor is 1e-5 ||w||,
+                # and a fast-converging LL travels less than T of them after genuine first
+                # steps (k* = 1 went to T, the hypergradient 30x off)
+                steps = iterates[latest:]
+                moves = torch.stack(
+                    [
+                        linalg.norm([a - b for a, b in zip(after, before, strict=True)])
+                        for before, after in itertools.pairwise(steps)
+                    ]
+                )
+                floor = roundoff_floor(linalg.norm(iterates[-1]), batch_terms(call.train_data))
+                if bool(moves.max() <= floor):
                     latest = final
         chosen = latest if latest >= 0 else first  # none tied: a NaN loss, which argmax takes
         return chosen, draws[chosen]
