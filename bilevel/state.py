@@ -109,6 +109,25 @@ def module_list(model: nn.Module) -> list[nn.Module]:
     return list(model.modules())
 
 
+def has_buffers(model: nn.Module) -> bool:
+    """Whether ``model`` or a submodule registers a buffer (other than ``None``)."""
+    return any(b is not None for m in module_list(model) for b in m._buffers.values())
+
+
+def renew_buffers(model: nn.Module) -> None:
+    """Give every module of ``model`` a clone of each of its buffers (places that share one
+    share its clone): a graph that saved a buffer keeps the values it saw when a later
+    forward moves the buffer in place, as batch norm's running statistics are moved,
+    without a version bump that autograd would catch."""
+    clones: dict[int, torch.Tensor] = {}
+    for m in module_list(model):
+        for name, b in m._buffers.items():
+            if b is not None:
+                if id(b) not in clones:
+                    clones[id(b)] = b.clone()
+                m._buffers[name] = clones[id(b)]
+
+
 class _KeptModes:
     """The context of :func:`modes_kept` (a class, as :class:`_Replay`: it is entered at every
     objective evaluation of a UL method)."""
