@@ -402,7 +402,7 @@ class Unroll:
 
     def run_in_place(self, steps: int) -> Tensors:
         """``steps`` steps without a graph that overwrite the fast weights; returns the loss
-        before each of them (detached; earlier ones stacked, see :func:`pack`). The patched
+        before each of them (detached; earlier ones stacked, see ``pack``). The patched
         model keeps its tensors, so it need not be re-patched, and the updates record no
         graph. Only while ``in_place``."""
         params = fast_weights(self.model)
