@@ -977,16 +977,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    sources = parse_args(argv).results
-    if not sources:
-        dated = sorted(RESULTS.glob("2*-*.json"))  # the runs' files, named by date and time
-        if not dated:
-            raise SystemExit("no results yet: run python benchmarks/run.py first")
-        sources = dated[-1:]
-    source = sources[0]
-    data = json.loads(source.read_text())
-    for extra in sources[1:]:  # later files replace the records they repeat
+def merged(sources: list[Path]) -> dict[str, Any]:
+    """The results of ``sources`` as one run: the first file's, where later files replace the
+    records they repeat (a configuration measured again) and add the others."""
+    data = json.loads(sources[0].read_text())
+    for extra in sources[1:]:
         extra_data = json.loads(extra.read_text())
         more = extra_data["records"]
         again = {(r["kind"], key(r["config"]), r["impl"]) for r in more}
@@ -997,10 +992,20 @@ def main(argv: list[str] | None = None) -> None:
         data.setdefault("merged", []).append(
             f"`{extra.name}` (`{extra_data['command']}`{', ' + code if code else ''})"
         )
-        data.setdefault("sources", [source.name]).append(extra.name)
-    res = Results(data)
+        data.setdefault("sources", [sources[0].name]).append(extra.name)
+    return data
+
+
+def main(argv: list[str] | None = None) -> None:
+    sources = parse_args(argv).results
+    if not sources:
+        dated = sorted(RESULTS.glob("2*-*.json"))  # the runs' files, named by date and time
+        if not dated:
+            raise SystemExit("no results yet: run python benchmarks/run.py first")
+        sources = dated[-1:]
+    res = Results(merged(sources))
     images = plots(res)
-    PAGE.write_text(page(res, source.resolve(), images))
+    PAGE.write_text(page(res, sources[0].resolve(), images))
     print(f"wrote {PAGE.relative_to(ROOT)} and {len(images)} plots")
 
 

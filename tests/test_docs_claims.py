@@ -60,13 +60,23 @@ def between(text: str, begin: str, end: str) -> str:
     return text[text.index(begin) : text.index(end)]
 
 
+def report_sources(text: str) -> list[Path]:
+    """The results files of the page's own ``python benchmarks/report.py`` command: those it
+    names, or the newest run's (what the command reads without arguments)."""
+    (line,) = [x for x in text.splitlines() if x.startswith("python benchmarks/report.py")]
+    named = [ROOT / a for a in shlex.split(line.split("#")[0])[2:]]
+    return named or sorted(RESULTS.glob("2*-*.json"))[-1:]
+
+
 def test_benchmarks_page_is_what_report_writes(monkeypatch, tmp_path) -> None:
+    """The page is what the command in its reproduce section writes (from one run, or from
+    several merged)."""
+    sources = report_sources(page("benchmarks.md"))
     with imported(BENCHMARKS, "report") as report:
         monkeypatch.setattr(report, "IMAGES", tmp_path)
-        source = sorted(RESULTS.glob("2*-*.json"))[-1]  # what main() reads by default
-        res = report.Results(json.loads(source.read_text()))
-        expected = report.page(res, source.resolve(), report.plots(res))
-    assert page("benchmarks.md") == expected, "run python benchmarks/report.py"
+        res = report.Results(report.merged(sources))
+        expected = report.page(res, sources[0].resolve(), report.plots(res))
+    assert page("benchmarks.md") == expected, "run the page's python benchmarks/report.py"
 
 
 def test_method_families_page_is_what_its_report_writes(monkeypatch, tmp_path) -> None:
