@@ -386,6 +386,10 @@ class FirstOrderMethod(HypergradientCalculator):
         model = self._model
         if model is None:
             raise RuntimeError("value() is only available during task_gradients.")
+        # trainable weights require grad in every evaluation, as in the LL run: an objective
+        # may select them by it (an L2 term over `p.requires_grad` parameters), and would be
+        # another function where they did not (a point held fixed, a reported value)
+        weights = [w if w.requires_grad else w.detach().requires_grad_() for w in weights]
         with evaluate_at(model, self._full(weights)):
             result = objective(make_state(batch[0], batch[1], self.ul_model, model))
         if (
