@@ -39,11 +39,12 @@ class BOME(FirstOrderMethod):
     3. ``phi = eta ||grad q||^2`` (``phi="grad_norm"``, the paper's default) or
        ``eta q(x_k, y_k)`` (``phi="value"``);
        ``lambda = max(phi - <grad F, grad q>, 0) / ||grad q||^2`` (0 where ``grad q = 0``,
-       and where ``y_hat`` is ``y`` to round-off, within what ``T`` LL steps travel on
-       round-off gradients, ``||y_hat - y|| <= T ROUNDOFF * eps * ||y||`` (``sqrt(n / 100)``
-       times that over ``n > 100`` examples, ``bilevel.roundoff.roundoff_floor``): ``y`` then
-       solves the LL in floating point, and ``grad q`` is round-off, whose square would make
-       ``lambda`` about ``1e14`` and ``d`` noise);
+       and where the inner steps moved on round-off gradients alone: the first step, ``alpha
+       ||grad_y f(x_k, y_k)||``, within one floor ``ROUNDOFF * eps * ||y||`` and ``||y_hat -
+       y||`` within ``T`` of them (``sqrt(n / 100)`` times that over ``n > 100`` examples,
+       ``bilevel.roundoff.roundoff_floor``): ``y`` then solves the LL in floating point, and
+       ``grad q`` is round-off, whose square would make ``lambda`` about ``1e14`` and ``d``
+       noise);
     4. ``d = grad F(x_k, y_k) + lambda grad q``: the UL parameters receive ``d_x`` (the UL
        optimizer steps them, with the paper's ``xi`` as its learning rate) and
        ``y_{k+1} = y_k - lr_y d_y``.
@@ -129,15 +130,20 @@ class BOME(FirstOrderMethod):
         phi = self._eta * (squared_norm if self._phi == "grad_norm" else gap)
         tiny = torch.finfo(squared_norm.dtype).tiny
         lam = torch.clamp_min(phi - inner, 0.0) / squared_norm.clamp_min(tiny)
-        # y_hat = y to round-off: within what T LL steps travel on round-off gradients, each
-        # at most about the floor of ||y|| (lr g, with lr ||H|| < 2 and g at the floor of
-        # ||H|| ||y||; 4 steps on 1e6 uncentered examples moved 70 to 340 eps ||y||, and
-        # lambda was 0 or 4e10 by the thread count): y solves the LL in floating point, q and
-        # grad q are differences of equal terms, and lambda would be round-off over round-off
-        # squared (1e14, steering d by noise): grad q = 0, lambda = 0
+        # y solves the LL in floating point where the inner steps moved on round-off
+        # gradients alone, each at most about the floor of ||y|| (lr g, with lr ||H|| < 2 and
+        # g at the floor of ||H|| ||y||; 4 steps on 1e6 uncentered examples moved 70 to 340
+        # eps ||y||, and lambda was 0 or 4e10 by the thread count): the first step, lr q_y,
+        # and all T together within that. Then q and grad q are differences of equal terms,
+        # and lambda would be round-off over round-off squared (1e14, steering d by noise):
+        # grad q = 0, lambda = 0. (Their travel alone is not enough: in float32 a floor is
+        # 1e-5 ||y||, and T = 100 steps that converge travel less than T of them from a y
+        # whose gradient is 1e3 times its round-off: lambda was 0 where the formula gave 1e3)
+        floor = roundoff_floor(linalg.norm(y), batch_terms(c.train[0]))
         moved = linalg.norm([a - b for a, b in zip(y_hat, y, strict=True)])
-        floor = c.iters * roundoff_floor(linalg.norm(y), batch_terms(c.train[0]))
-        lam = torch.where(moved > floor, lam, torch.zeros_like(lam))
+        first = c.lr * linalg.norm(q_y)
+        at_solution = (first <= floor) & (moved <= c.iters * floor)
+        lam = torch.where(at_solution, torch.zeros_like(lam), lam)
         lr_y = c.lr if self._lr_y is None else evaluate_schedule(self._lr_y, "lr_y", c.step)
         d_y = add_scaled(ul_y, q_y, lam)
         return Update(
