@@ -608,7 +608,9 @@ class BilevelProblem:
         (dropout, noise) come from the global RNG as in :meth:`step`: from the same RNG state
         this is the hypergradient ``step`` takes, and each call draws anew (wrap it in
         ``torch.random.fork_rng()`` to leave the global RNG as it was); so do
-        ``StochasticImplicit``'s minibatches, from its own generator.
+        ``StochasticImplicit``'s minibatches, from its own generator. A method that scales
+        its direction by a step-size schedule returns it scaled, as ``step`` takes it
+        (``SOBA``: times ``diagnostics["ul_scale"]``, ``(t + 1) ** -ul_decay``).
 
         Args:
             train: ``(data, target)`` for the LL.
