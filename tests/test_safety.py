@@ -241,15 +241,15 @@ class _TwoModes(nn.Module):
         self.w = nn.Parameter(torch.tensor([1.0, 0.0], dtype=DTYPE))
 
 
-def _two_modes_problem(iters: int) -> tuple[BilevelProblem, Implicit, float]:
-    """``f(w) = 1/2 (w - w*)^T A (w - w*)`` with ``A = diag(10, 0.02)`` and ``w* = (0, 1 + u)``
-    (``u`` the UL variable), from ``w = (1, 0)`` by gradient descent with lr 0.09: the stiff
-    mode's gradient dominates the first step and vanishes in a few steps, the slow one
-    shrinks by ``1 - 0.09 * 0.02`` per step. Returns the problem, its Implicit and the
+def _two_modes_problem(iters: int, slow: float = 0.02) -> tuple[BilevelProblem, Implicit, float]:
+    """``f(w) = 1/2 (w - w*)^T A (w - w*)`` with ``A = diag(10, slow)`` and ``w* = (0, 1 +
+    u)`` (``u`` the UL variable), from ``w = (1, 0)`` by gradient descent with lr 0.09: the
+    stiff mode's gradient dominates the first step and vanishes in a few steps, the slow one
+    shrinks by ``1 - 0.09 * slow`` per step. Returns the problem, its Implicit and the
     slow mode's exact distance left after ``iters`` steps."""
     ll_model, ul_model = _TwoModes(), nn.Linear(1, 1, bias=False).double()
     nn.init.zeros_(ul_model.weight)
-    curvature = torch.tensor([10.0, 0.02], dtype=DTYPE)
+    curvature = torch.tensor([10.0, slow], dtype=DTYPE)
 
     def ll_objective(state: dict) -> torch.Tensor:
         target = torch.stack([torch.zeros((), dtype=DTYPE), 1 + state["ul_model"].weight[0, 0]])
@@ -260,7 +260,7 @@ def _two_modes_problem(iters: int) -> tuple[BilevelProblem, Implicit, float]:
 
     ll = GradientDescent(ll_objective, ll_model, ul_model, lr=0.09, iters=iters)
     ul = Implicit(ul_objective, ul_model, ll_objective, ll_model, k=10)
-    left = (1 - 0.09 * 0.02) ** iters  # |w_2 - w*_2| after the run, from 1 at the start
+    left = (1 - 0.09 * slow) ** iters  # |w_2 - w*_2| after the run, from 1 at the start
     return BilevelProblem(ll, ul), ul, left
 
 
@@ -280,9 +280,23 @@ def test_implicit_warns_when_a_slow_mode_is_far_from_converged():
     assert torch.equal(w, torch.tensor([1.0, 0.0], dtype=DTYPE))  # the user's weights stay
 
 
+def test_implicit_warns_when_the_gradient_ratio_is_tiny_but_the_slow_mode_has_not_moved():
+    """A slow mode of curvature 1e-6 beside a stiff one of 10: after 20 steps the gradient
+    is 1e-7 of the first (far below the threshold), the weights have hardly moved along the
+    slow mode, and the estimate says so (before: skipped below a ratio of 1e-6, silently)."""
+    problem, ul, left = _two_modes_problem(20, slow=1e-6)
+    none = torch.zeros(1, 1, dtype=DTYPE)
+    with pytest.warns(RuntimeWarning, match="still about 100% of the distance they travelled"):
+        problem.hypergradient((none, None), (none, None))
+    assert ul.diagnostics["ll_grad_ratio"] < 1e-6
+    travelled = math.hypot(1.0, 1 - left)
+    assert ul.diagnostics["ll_distance_ratio"] == pytest.approx(left / travelled, rel=1e-6)
+
+
 def test_implicit_distance_check_is_quiet_on_a_converged_run():
-    """Run to round-off, or converged well within the tolerance: no warning; at round-off the
-    distance estimate is not taken (a gradient of 1e-6 of the first or less)."""
+    """Run to round-off, or converged well within the tolerance: no warning; where the last
+    step is within the weights' round-off (rounding stalls the run, and the gradient's
+    contraction is 1), the distance estimate is not taken."""
     import warnings
 
     for iters, estimated in ((20000, False), (3000, True)):

@@ -12,7 +12,7 @@ from torch import nn
 
 from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
-from bilevel.roundoff import batch_terms, roundoff_floor
+from bilevel.roundoff import ROUNDOFF, batch_terms, roundoff_floor
 from bilevel.second_derivatives import gradient_to_differentiate, refuse_once_differentiable
 from bilevel.settings import Setting, check_count
 from bilevel.state import Objective, all_finite, names_without_gradient
@@ -513,7 +513,8 @@ class Implicit(HypergradientCalculator):
         # started at an exact stationary point, where any later gradient is growth)
         ratio = final / first if first > 0 else (math.inf if final > 0 else 0.0)
         self.diagnostics["ll_grad_ratio"] = ratio
-        left = self._distance_left(trajectory.step_size, final, ratio, distance)
+        eps = torch.finfo(start.dtype).eps
+        left = self._distance_left(trajectory.step_size, final, distance, eps)
         if left is not None:
             self.diagnostics["ll_distance_ratio"] = left
         limit = self._stationarity_warning
@@ -542,9 +543,9 @@ class Implicit(HypergradientCalculator):
             )
         else:
             found = (
-                f"The LL gradient fell to {ratio:.2%} of its first value, but the last LL step "
-                f"shrank it only by a factor {self.diagnostics['ll_contraction']:.3f}: at that "
-                f"rate the weights are still about {left:.0%} of the distance they travelled "
+                f"The LL gradient fell to {ratio:.2e} times its first value, but the last LL "
+                f"step shrank it only by a factor {self.diagnostics['ll_contraction']:.3g}: at "
+                f"that rate the weights are still about {left:.0%} of the distance they travelled "
                 "away from the stationary point"
             )
         warnings.warn(
@@ -556,9 +557,9 @@ class Implicit(HypergradientCalculator):
         )
 
     def _distance_norms(self, trajectory: Trajectory) -> list[torch.Tensor]:
-        """For plain SGD runs of two steps or more, ``[||g_{T-1}||, ||w_T - w_0||]`` (0-d
-        tensors): the LL gradient at the start of the last step and the distance travelled;
-        ``[]`` where the distance estimate does not apply."""
+        """For plain SGD runs of two steps or more, ``[||g_{T-1}||, ||w_T - w_0||, ||w_T||]``
+        (0-d tensors): the LL gradient at the start of the last step, the distance travelled
+        and the size of the weights; ``[]`` where the distance estimate does not apply."""
         previous = trajectory.last_grad_norm
         if not trajectory.plain_sgd or trajectory.iters < 2 or previous is None:
             return []
@@ -567,19 +568,25 @@ class Implicit(HypergradientCalculator):
         if len(start) != len(end):
             return []
         moved = [b.detach() - a.detach() for a, b in zip(start, end, strict=True)]
-        return [previous, linalg.norm(moved)]
+        return [previous, linalg.norm(moved), linalg.norm([w.detach() for w in end])]
 
     def _distance_left(
-        self, lr: float | None, final: float, ratio: float, distance: list[float]
+        self, lr: float | None, final: float, distance: list[float], eps: float
     ) -> float | None:
         """The distance still to travel to the stationary point, ``lr ||g_T|| / (1 - rho)``
         with ``rho = ||g_T|| / ||g_{T-1}||`` (linear convergence), over the distance travelled
-        (``distance``: :meth:`_distance_norms`' values); ``inf`` for a gradient that did not
-        shrink. ``None`` where it does not apply, or at round-off (a gradient below 1e-6 of
-        the first)."""
-        if not distance or lr is None or ratio < 1e-6:
+        (``distance``: :meth:`_distance_norms`' values; ``eps`` of the weights' dtype);
+        ``inf`` for a gradient that did not shrink. ``None`` where it does not apply, and
+        where the last step, ``lr ||g_T||``, is within the weights' round-off (``ROUNDOFF *
+        eps * ||w_T||``): rounding then stalls the run (the step no longer moves the weights,
+        ``rho`` is 1), and ``rho`` measures that, not the convergence. (A small gradient ratio
+        is no reason to skip it: on an ill-conditioned LL the stiff directions settle at once,
+        and the ratio fell to 5.6e-7 with 94% of the distance still to go.)"""
+        if not distance or lr is None:
             return None
-        previous, travelled = distance
+        previous, travelled, size = distance
+        if lr * final <= ROUNDOFF * eps * size:
+            return None
         rho = final / max(previous, 1e-300)
         self.diagnostics["ll_contraction"] = rho
         if rho >= 1:
