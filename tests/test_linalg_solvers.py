@@ -357,3 +357,32 @@ def test_auto_alpha_checks_its_arguments():
         linalg.auto_alpha(lambda step: linalg.make_solver("neumann", 10, alpha=step), True)
     with pytest.raises(ValueError, match="power_iters"):
         linalg.auto_alpha(lambda step: linalg.make_solver("neumann", 10, alpha=step), 0)
+
+
+def _float32_system() -> tuple[torch.Tensor, torch.Tensor]:
+    """An SPD float32 system of condition number 100 (eigenvalues 0.1 to 10)."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(20, 20, generator=generator, dtype=DTYPE))[0]
+    a = q @ torch.diag(torch.logspace(-1, 1, 20, dtype=DTYPE)) @ q.T
+    return ((a + a.T) / 2).float(), torch.randn(20, generator=generator).float()
+
+
+@pytest.mark.parametrize("host_checks", [True, False])
+@pytest.mark.parametrize("tolerance", [1e-10, 1e-5])
+def test_cg_claims_convergence_only_where_the_true_residual_meets_the_tolerance(
+    host_checks, tolerance
+):
+    """The recurrence's residual drifts below the true one: in float32 it passed 1e-10
+    (5e-11 relative) where the true residual was 2e-6, and CG stopped reporting
+    ``converged=True``. Where it reports convergence the true residual (in float64, of the
+    float32 solution) meets the tolerance, and the reported residual is that one to its
+    float32 round-off; the reachable tolerance 1e-5 is still met."""
+    a, b = _float32_system()
+    (x,), info = linalg.cg(lambda v: [a @ v[0]], [b], 50, tolerance, host_checks=host_checks)
+    true = float((b.double() - a.double() @ x.double()).norm() / b.double().norm())
+    assert info.converged is (tolerance == 1e-5)
+    if info.converged:  # (the reported residual is evaluated in float32: 1e-7 of round-off)
+        assert true <= 1.1 * tolerance
+        assert info.residual_norm / info.rhs_norm == pytest.approx(true, abs=1e-6)
+    else:
+        assert true > tolerance
