@@ -30,6 +30,7 @@ import random
 import re
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -206,7 +207,22 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore the generators from :func:`rng_state`: the next draws are bitwise those that
     followed it. CUDA states are restored when CUDA is available (on as many devices as both
-    the saved state and this machine have); the NumPy state when NumPy is installed."""
+    the saved state and this machine have); the NumPy state when NumPy is installed.
+
+    Raises:
+        CheckpointError: a state the generators refuse (a damaged or crafted file).
+    """
+    try:
+        _set_generators(state)
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, AttributeError) as e:
+        raise CheckpointError(
+            f"the checkpoint's random-generator state is damaged ({type(e).__name__}: {e}): "
+            "it was not written by bilevel's save, or was changed since. Restore the file from "
+            "a copy, or start a new run."
+        ) from None
+
+
+def _set_generators(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     python = state["python"]
     internal = tuple(int(v) for v in python["state"].tolist())
@@ -347,9 +363,10 @@ def load(path: str | os.PathLike, require: Iterable[str] = ()) -> dict[str, Any]
         ) from None
     if damaged is not None:
         raise CheckpointError(
-            f"{path} is corrupted: the bytes of {damaged} do not match the CRC-32 that "
-            "torch.save recorded (a bit flipped on disk or in a copy, or an edit). Restore it "
-            "from a copy, or delete it to start the run again."
+            f"{path} is corrupted: {damaged} does not read back as torch.save recorded it "
+            "(its bytes, size or header do not match the archive's directory: a bit flipped "
+            "on disk or in a copy, or an edit). Restore it from a copy, or delete it to start "
+            "the run again."
         )
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
@@ -505,24 +522,48 @@ def _sparse_parts(value: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def _damaged_member(path: Path) -> str | None:
-    """The first member of a zip-format torch file whose CRC-32 does not match its bytes, or
-    ``None``. torch's reader does not check them: one flipped bit in a tensor loads silently.
-    Members without a CRC (``torch.serialization.set_crc32_options(False)`` writes 0) and
-    files of torch's older, non-zip format are not checked; an unreadable archive is left to
-    ``torch.load`` to report."""
+    """The first member of a zip-format torch file that is damaged, or ``None``. torch's
+    reader does not check the CRC-32s: one flipped bit in a tensor loads silently. Each
+    member's bytes *as torch's reader reads them* must match the size and CRC-32 of the
+    archive's central directory (Python's zipfile and torch's reader can disagree on a
+    damaged header: one flipped bit in a local header's name length, or a member marked as a
+    folder, made torch read another tensor's bytes, or none, while zipfile's check passed),
+    and the local headers must agree with it (zipfile's checks, without reading the data).
+    Members without a CRC (``torch.serialization.set_crc32_options(False)`` writes 0) are
+    checked for size only; files of torch's older, non-zip format are not checked, and an
+    archive that is not a readable zip is left to ``torch.load`` to report."""
     try:
         with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                if info.CRC == 0 and info.file_size > 0:
-                    continue
-                try:
-                    with archive.open(info) as member:  # checks the CRC-32 at the end
-                        while member.read(1 << 24):
-                            pass
-                except zipfile.BadZipFile:
-                    return info.filename
+            infos = archive.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError):
         return None  # not a readable zip: torch.load says what it is
+    if not infos:
+        return None
+    with zipfile.ZipFile(path) as archive:
+        for info in infos:
+            try:
+                with archive.open(info):  # the local header against the central directory
+                    pass
+            except OSError:
+                raise
+            except Exception:  # BadZipFile, an encrypted flag, a name that does not decode
+                return info.filename
+    root = infos[0].filename.split("/", 1)[0] + "/"
+    try:
+        reader = torch._C.PyTorchFileReader(str(path))
+        records = set(reader.get_all_records())
+    except Exception:  # torch's reader refuses the archive: torch.load will too
+        return "the archive's directory"
+    for info in infos:
+        name = info.filename[len(root) :] if info.filename.startswith(root) else None
+        if info.is_dir() or name not in records:
+            return info.filename
+        try:
+            data = reader.get_record(name)
+        except Exception:
+            return info.filename
+        if len(data) != info.file_size or (info.CRC and zlib.crc32(data) != info.CRC):
+            return info.filename
     return None
 
 

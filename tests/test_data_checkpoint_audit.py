@@ -515,6 +515,58 @@ def test_a_flipped_bit_in_a_checkpoint_is_detected(tmp_path: Path) -> None:
     assert str(path) in str(error.value) and "Restore it from a copy" in str(error.value)
 
 
+def _flip_header(path: Path, member_suffix: str, where: str) -> None:
+    """One bit of a member's zip header: bit 1 of the high byte of the local header's name
+    length, the MS-DOS folder attribute (0x10) of its central-directory record, or the
+    encrypted flag (bit 0 of the general-purpose flags) there."""
+    data = bytearray(path.read_bytes())
+    info = next(i for i in zipfile.ZipFile(path).infolist() if i.filename.endswith(member_suffix))
+    if where == "local name length":
+        data[info.header_offset + 27] ^= 0x02
+    else:
+        record = data.find(b"PK\x01\x02" + data[info.header_offset + 4 : info.header_offset + 6])
+        while record >= 0:
+            name_len = struct.unpack("<H", data[record + 28 : record + 30])[0]
+            if data[record + 46 : record + 46 + name_len].decode() == info.filename:
+                break
+            record = data.find(b"PK\x01\x02", record + 1)
+        if where == "folder attribute":
+            data[record + 38] ^= 0x10
+        else:
+            data[record + 8] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("where", ["local name length", "folder attribute", "encrypted flag"])
+def test_a_flipped_bit_in_a_zip_header_is_detected(tmp_path: Path, where: str) -> None:
+    """BUG (before the fix): Python's zipfile and torch's reader disagree on a damaged
+    header, and only zipfile's reading was checked: a flipped bit in a local header's name
+    length made torch read another tensor's bytes (zipfile raised a UnicodeDecodeError, taken
+    for "not a zip"), a member marked as a folder loaded as uninitialized memory (zipfile
+    ignores the attribute), and the encrypted flag gave torch's bare RuntimeError."""
+    path = tmp_path / "checkpoint.pt"
+    state = {"a": torch.arange(5, dtype=DTYPE), "b": torch.arange(5, 12, dtype=DTYPE)}
+    checkpoint.save(path, state)
+    _flip_header(path, "/data/1", where)
+    with pytest.raises(CheckpointError, match=r"corrupted|damaged") as error:
+        checkpoint.load(path)
+    assert str(path) in str(error.value)
+
+
+def test_a_damaged_random_state_is_a_checkpoint_error_and_changes_nothing(tmp_path) -> None:
+    """A generator state that torch refuses (a crafted file with valid CRCs) raised torch's
+    bare RuntimeError ("Invalid mt19937 state") from load_checkpoint."""
+    path = _saved(tmp_path)
+    state = checkpoint.load(path)
+    state["rng"]["torch"] = torch.zeros(7, dtype=torch.uint8)
+    checkpoint.save(path, state)
+    problem = _problem()
+    before = _untouched(problem)
+    with pytest.raises(CheckpointError, match="random-generator state is damaged"):
+        problem.load_checkpoint(path)
+    _assert_unchanged(problem, before)
+
+
 @pytest.mark.parametrize(
     "other",
     [{"d": 4}, {"name": "v"}, {"dtype": torch.float32}],
