@@ -990,6 +990,8 @@ class Run:
         SIGTERM or ``KeyboardInterrupt`` for SIGINT) is met half-way: its stop becomes this
         run's :class:`Stopped`, with ``progress.json`` brought up to date."""
         path = None if self.record is None else self.record.checkpoint
+        if self.record is not None:  # a run finished past the steps asked for: no step taken,
+            steps = max(steps, self.record.resumed_from)  # its model evaluated again
         with self.loop():
             try:
                 last = problem.run(self.steps(data, problem), steps, checkpoint=path, **kwargs)

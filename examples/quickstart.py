@@ -76,20 +76,29 @@ def make_parser() -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--method", default="implicit-cg", choices=METHODS, help="hypergradient")
-    parser.add_argument("--ul-steps", type=int, default=60, help="UL (outer) steps")
-    parser.add_argument("--ll-steps", type=int, default=200, help="LL gradient-descent steps")
-    parser.add_argument("--ll-lr", type=float, default=0.15, help="LL learning rate")
-    parser.add_argument("--ul-lr", type=float, default=0.05, help="Adam step on the log penalties")
-    parser.add_argument("--features", type=int, default=30, help="features of the regression")
+    parser.add_argument("--ul-steps", type=_common.count, default=60, help="UL (outer) steps")
+    parser.add_argument(
+        "--ll-steps", type=_common.count, default=200, help="LL gradient-descent steps"
+    )
+    parser.add_argument("--ll-lr", type=_common.positive, default=0.15, help="LL learning rate")
+    parser.add_argument(
+        "--ul-lr", type=_common.positive, default=0.05, help="Adam step on the log penalties"
+    )
+    parser.add_argument(
+        "--features", type=_common.count, default=30, help="features of the regression"
+    )
     parser.add_argument(
         "--informative", type=int, default=5, help="features that carry signal (the first ones)"
     )
     parser.add_argument(
-        "--samples", type=int, default=60, help="examples in each of train, validation, test"
+        "--samples",
+        type=_common.count,
+        default=60,
+        help="examples in each of train, validation, test",
     )
     parser.add_argument(
         "--tolerance",
-        type=float,
+        type=_common.positive,
         default=1e-5,
         help="relative residual at which the implicit solver stops; the run is in float32, "
         "whose round-off keeps the residual near 1e-7, so 1e-10 would never be reached",
@@ -109,9 +118,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, parsed and checked."""
     parser = make_parser()
     args = parser.parse_args(argv)
-    for name in ("ul_steps", "ll_steps", "features", "samples"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 <= args.informative <= args.features:
         parser.error("--informative must lie between 0 and --features")
     return args

@@ -732,6 +732,11 @@ BAD_ARGUMENTS = [
     ("omniglot", ["--threads", "0"], "--threads: must be an integer >= 1"),
     # wrote checkpoint.pt, results.json, ... into the current folder
     ("quickstart", ["--out", ""], "--out: must name a folder"),
+    # (review 2026-12-04) tracebacks from torch.optim or the solver, after the data was made
+    ("quickstart", ["--ll-lr", "nan"], "--ll-lr: must be a finite number > 0"),
+    ("quickstart", ["--ul-lr", "-1"], "--ul-lr: must be a finite number > 0"),
+    ("quickstart", ["--tolerance", "nan"], "--tolerance: must be a finite number > 0"),
+    ("quickstart", ["--ul-steps", "0"], "--ul-steps: must be an integer >= 1"),
     ("hyper_cleaning", ["--out", ""], "--out: must name a folder"),
     # (review 2026-12-03b) refused by the library after the data was loaded, naming its own
     # arguments (ways=, shots + queries, queries, seed, tolerance, n_train + n_val) or none
@@ -848,6 +853,19 @@ def test_a_finished_run_run_again_is_recorded_as_a_reevaluation(quickstart, tmp_
     more = quick(quickstart, out, 30)  # a resume: the re-evaluation trained nothing
     assert (more["resumed_from_step"], more["reevaluation"]) == (20, False)
     assert [i["from_step"] for i in more["invocations"]] == [0, 20]
+
+
+def test_a_finished_run_run_again_with_fewer_steps_is_a_reevaluation(quickstart, tmp_path, capsys):
+    """Asked for fewer steps than the finished run took, the command said "evaluating it
+    again" and then ended in the runner's ValueError (steps=10 ... past it)."""
+    out = tmp_path / "run"
+    first = quick(quickstart, out, 20)
+    capsys.readouterr()
+    again = quick(quickstart, out, 10)
+    said = capsys.readouterr().out
+    assert "is finished" in said and "evaluating it again" in said
+    assert again["reevaluation"] is True and again["invocations"] == first["invocations"]
+    assert step_of(out / "checkpoint.pt") == 20
 
 
 def test_a_finished_omniglot_run_run_again_is_recorded_as_a_reevaluation(
