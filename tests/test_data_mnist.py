@@ -59,8 +59,13 @@ def test_root_from_env(data_root: Path, require_data, monkeypatch: pytest.Monkey
     assert labels.shape == (10000,)
 
 
-def test_no_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("BILEVEL_DATA", raising=False)
+@pytest.mark.parametrize("env", [None, "", "  "])
+def test_no_root(monkeypatch: pytest.MonkeyPatch, env: str | None) -> None:
+    """Unset, empty or blank (it read a folder named "  " under the current one)."""
+    if env is None:
+        monkeypatch.delenv("BILEVEL_DATA", raising=False)
+    else:
+        monkeypatch.setenv("BILEVEL_DATA", env)
     with pytest.raises(ValueError, match=r"root=.*BILEVEL_DATA"):
         resolve_root(None)
     with pytest.raises(ValueError, match="BILEVEL_DATA"):

@@ -31,11 +31,11 @@ def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
         The folder as an absolute, user-expanded path. It is not required to exist.
 
     Raises:
-        ValueError: If ``root`` is empty, or ``None`` and ``BILEVEL_DATA`` is unset or empty.
+        ValueError: If ``root`` is empty, or ``None`` and ``BILEVEL_DATA`` is unset, empty or blank.
     """
     if root is None:
         env = os.environ.get(DATA_ENV, "")
-        if not env:
+        if not env.strip():  # unset, empty or blank: no folder named
             raise cure_error(
                 ValueError,
                 "no data folder given: {pass_root} or set the {env} environment variable to "
