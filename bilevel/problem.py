@@ -273,6 +273,9 @@ class BilevelProblem:
         self.last_ll_loss: torch.Tensor | None = None
         self._signal: int | None = None  # a stop asked for by SIGTERM / SIGINT during run
         self._peer_stop = False  # a process of the group asked to stop (distributed)
+        # the generators' state when run began iterating its data (an iterable), from which
+        # a resumed run iterates it again (see _batches)
+        self._data_rng: dict[str, Any] | None = None
 
     def _settings(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed (taken at construction, so that LR
@@ -829,6 +832,7 @@ class BilevelProblem:
             "changed_settings": ckpt.plain(self._changed_settings()),
             # what a method keeps across UL steps (LL or auxiliary variables), if anything
             "method": self.ul.state_dict() if hasattr(self.ul, "state_dict") else None,
+            "data_rng": self._data_rng,
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
@@ -951,6 +955,7 @@ class BilevelProblem:
         if state.get("method") is not None:
             self.ul.load_state_dict(state["method"])
         ckpt.set_rng_state(state["rng"])
+        self._data_rng = state.get("data_rng")  # (None in checkpoints written before it)
         self._restore_settings(state.get("changed_settings"), strict)
 
     def _check_state_parts(self, state: dict[str, Any]) -> None:
@@ -990,6 +995,29 @@ class BilevelProblem:
         required = ("ul_model", "ll_model", "step", "rng")
         self.load_state_dict(ckpt.load(path, require=required), strict=strict)
 
+    def _batches(self, data: Iterable[Batch], start: int, steps: int) -> Iterator[Batch]:
+        """The batches of UL steps ``start`` to ``steps`` of an iterable ``data``. A run from
+        step 0 iterates it from the generators' state as it is (kept in checkpoints); a
+        resumed one iterates it again from that state and skips the steps taken, then puts
+        the generators back: an iterable whose order is drawn when it is iterated (a
+        ``DataLoader(shuffle=True)`` draws its permutation and its workers' seeds from the
+        global generator) gives the resumed run the uninterrupted run's batches, and the
+        steps the same draws (before, it was iterated from the checkpoint's state: other
+        batches, and every later draw shifted)."""
+        if start == 0 or self._data_rng is None:
+            if start == 0:
+                self._data_rng = ckpt.rng_state()
+            return itertools.islice(iter(data), start, steps)
+        now = ckpt.rng_state()
+        ckpt.set_rng_state(self._data_rng)
+        try:
+            iterator = iter(data)
+            for _ in itertools.islice(iterator, start):  # (one that runs out: see _run)
+                pass
+        finally:
+            ckpt.set_rng_state(now)
+        return itertools.islice(iterator, steps - start)
+
     def log_record(self, loss: torch.Tensor) -> dict[str, Any]:
         """What the runner logs after a step: step, losses and the calculator's diagnostics."""
         record: dict[str, Any] = {"step": self.step_count, "method": self.ul.name}
@@ -1027,8 +1055,10 @@ class BilevelProblem:
 
         Args:
             data: a function ``step -> batch`` (resumes exactly), or an iterable of batches
-                (on resume, the batches of the steps already taken are skipped). A batch is
-                ``(train, val)`` with ``(data, target)`` pairs, or a task batch
+                (on resume, it is iterated again from the generators' state at the run's
+                first step, which checkpoints keep, and the batches of the steps already
+                taken are skipped: a ``DataLoader(shuffle=True)`` gives the same batches). A
+                batch is ``(train, val)`` with ``(data, target)`` pairs, or a task batch
                 ``{"train": (x, y), "test": (x, y)}``. An iterable must yield at least
                 ``steps`` batches: one with a length shorter than that is refused before the
                 first step, and one that runs out raises (after saving the checkpoint).
@@ -1107,7 +1137,7 @@ class BilevelProblem:
         if callable(data):
             batches: Iterable[Batch] = (data(i) for i in range(start, steps))
         else:
-            batches = itertools.islice(iter(data), start, steps)
+            batches = self._batches(data, start, steps)
         record = None
         main = distributed.is_main_process()  # only rank 0 prints, logs and saves
         saved = {"step": start, "time": time.monotonic()}

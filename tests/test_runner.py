@@ -106,6 +106,46 @@ def test_run_resumes_from_a_checkpoint_exactly(tmp_path):
     assert (saved["format"], saved["version"]) == ("bilevel-checkpoint", 2)
 
 
+class ShuffledBatches:
+    """A ``DataLoader(shuffle=True)`` over the train split, each batch with the whole
+    validation split: its order is drawn from the global generator when it is iterated."""
+
+    def __init__(self, p) -> None:
+        self.p = p
+        dataset = torch.utils.data.TensorDataset(*p.train)
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=10, shuffle=True)
+        self.seen: list[torch.Tensor] = []
+
+    def __iter__(self):
+        for x, y in self.loader:
+            self.seen.append(y)
+            yield (x, y), self.p.val
+
+
+def test_run_resumes_a_shuffling_data_loader_with_its_batches(tmp_path):
+    """BUG (before the fix): a resumed run iterated its data from the checkpoint's generator
+    state, so a shuffling DataLoader drew another permutation: other batches after the
+    resume, every later draw shifted, and another final model."""
+    p = ridge()
+    torch.manual_seed(0)
+    data = ShuffledBatches(p)
+    make(p).run(data, steps=6, progress=False)
+    uninterrupted, batches = p.ul_model.log_l2.detach().clone(), data.seen
+
+    p = ridge()
+    torch.manual_seed(0)
+    path = tmp_path / "ckpt.pt"
+    make(p).run(ShuffledBatches(p), steps=3, checkpoint=path, progress=False)
+    torch.manual_seed(123)  # a new process would start from another state
+    p = ridge()
+    data = ShuffledBatches(p)
+    make(p).run(data, steps=6, checkpoint=path, progress=False)
+    assert len(data.seen) == 6  # the three skipped, the three taken
+    for a, b in zip(data.seen[3:], batches[3:], strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(p.ul_model.log_l2.detach(), uninterrupted)
+
+
 def test_run_accepts_an_iterable_and_task_batches():
     p = ridge()
     problem = make(p, Reverse)
