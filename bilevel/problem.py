@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -273,9 +274,11 @@ class BilevelProblem:
         self.last_ll_loss: torch.Tensor | None = None
         self._signal: int | None = None  # a stop asked for by SIGTERM / SIGINT during run
         self._peer_stop = False  # a process of the group asked to stop (distributed)
-        # the generators' state when run began iterating its data (an iterable), from which
-        # a resumed run iterates it again (see _batches)
-        self._data_rng: dict[str, Any] | None = None
+        # the seed of the torch generator stream that a data iterable draws from (see
+        # _batches), and a one-shot iterator this problem took batches from: (it, taken,
+        # its stream's state)
+        self._data_seed: int | None = None
+        self._one_shot: tuple[Iterator[Batch], int, torch.Tensor] | None = None
 
     def _settings(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed (taken at construction, so that LR
@@ -832,7 +835,7 @@ class BilevelProblem:
             "changed_settings": ckpt.plain(self._changed_settings()),
             # what a method keeps across UL steps (LL or auxiliary variables), if anything
             "method": self.ul.state_dict() if hasattr(self.ul, "state_dict") else None,
-            "data_rng": self._data_rng,
+            "data_seed": self._data_seed,
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
@@ -955,7 +958,7 @@ class BilevelProblem:
         if state.get("method") is not None:
             self.ul.load_state_dict(state["method"])
         ckpt.set_rng_state(state["rng"])
-        self._data_rng = state.get("data_rng")  # (None in checkpoints written before it)
+        self._data_seed = state.get("data_seed")  # (None in checkpoints written before it)
         self._restore_settings(state.get("changed_settings"), strict)
 
     def _check_state_parts(self, state: dict[str, Any]) -> None:
@@ -996,27 +999,54 @@ class BilevelProblem:
         self.load_state_dict(ckpt.load(path, require=required), strict=strict)
 
     def _batches(self, data: Iterable[Batch], start: int, steps: int) -> Iterator[Batch]:
-        """The batches of UL steps ``start`` to ``steps`` of an iterable ``data``. A run from
-        step 0 iterates it from the generators' state as it is (kept in checkpoints); a
-        resumed one iterates it again from that state and skips the steps taken, then puts
-        the generators back: an iterable whose order is drawn when it is iterated (a
-        ``DataLoader(shuffle=True)`` draws its permutation and its workers' seeds from the
-        global generator) gives the resumed run the uninterrupted run's batches, and the
-        steps the same draws (before, it was iterated from the checkpoint's state: other
-        batches, and every later draw shifted)."""
-        if start == 0 or self._data_rng is None:
-            if start == 0:
-                self._data_rng = ckpt.rng_state()
-            return itertools.islice(iter(data), start, steps)
-        now = ckpt.rng_state()
-        ckpt.set_rng_state(self._data_rng)
-        try:
-            iterator = iter(data)
-            for _ in itertools.islice(iterator, start):  # (one that runs out: see _run)
-                pass
-        finally:
-            ckpt.set_rng_state(now)
-        return itertools.islice(iterator, steps - start)
+        """The batches of UL steps ``start`` to ``steps`` of an iterable ``data``, drawn from a
+        torch generator stream of their own: a ``DataLoader(shuffle=True)`` draws its order
+        (each epoch's) and its workers' seeds from torch's global generator when iterated,
+        and a dataset's random transforms at each batch. Here those draws come from a stream
+        seeded at the run's first step (from the global generator's state, which this does
+        not advance; the seed is kept in checkpoints), swapped in for each batch: a resumed
+        run iterates ``data`` again from the seed and skips the steps taken, and gets the
+        uninterrupted run's batches, while the steps draw from the global generator as
+        restored (before, a resume drew another order from the checkpoint's state, or, with
+        the draws interleaved with the steps', another order at each epoch after the first).
+        A one-shot iterator (``iter(data) is data``: a generator, ``itertools.cycle``)
+        passed again goes on from the batches this problem took from it."""
+        if start == 0 or self._data_seed is None:
+            self._data_seed = _seed_of(torch.get_rng_state())
+        kept = self._one_shot
+        if kept is not None and kept[0] is data:
+            iterator, taken, state = kept
+            if taken > start:
+                raise ValueError(
+                    f"data is an iterator that this problem already took {taken} batches from, "
+                    f"and the run resumes at UL step {start}: it cannot go back. Pass data that "
+                    "can be iterated again (a DataLoader, a list), or a new iterator."
+                )
+        else:
+            iterator, taken = None, 0
+            state = torch.Generator().manual_seed(self._data_seed).get_state()
+
+        def drawn(call: Callable[[], Any]) -> Any:
+            nonlocal state
+            outer = torch.get_rng_state()
+            torch.set_rng_state(state)
+            try:
+                return call()
+            finally:
+                state = torch.get_rng_state()
+                torch.set_rng_state(outer)
+
+        if iterator is None:
+            iterator = drawn(lambda: iter(data))
+        end = object()
+        for step in range(taken, steps):
+            batch = drawn(lambda: next(iterator, end))
+            if batch is end:
+                return  # (one that runs out: see _run)
+            if iterator is data:
+                self._one_shot = (iterator, step + 1, state)
+            if step >= start:
+                yield batch
 
     def log_record(self, loss: torch.Tensor) -> dict[str, Any]:
         """What the runner logs after a step: step, losses and the calculator's diagnostics."""
@@ -1054,10 +1084,11 @@ class BilevelProblem:
         from the main thread); the previous ones are restored afterwards.
 
         Args:
-            data: a function ``step -> batch`` (resumes exactly), or an iterable of batches
-                (on resume, it is iterated again from the generators' state at the run's
-                first step, which checkpoints keep, and the batches of the steps already
-                taken are skipped: a ``DataLoader(shuffle=True)`` gives the same batches). A
+            data: a function ``step -> batch`` (resumes exactly), or an iterable of batches,
+                whose draws from torch's generator come from a stream of their own (on
+                resume, it is iterated again from the stream's seed, which checkpoints keep,
+                and the batches of the steps already taken are skipped: a
+                ``DataLoader(shuffle=True)`` gives the same batches, epoch after epoch). A
                 batch is ``(train, val)`` with ``(data, target)`` pairs, or a task batch
                 ``{"train": (x, y), "test": (x, y)}``. An iterable must yield at least
                 ``steps`` batches: one with a length shorter than that is refused before the
@@ -1402,6 +1433,12 @@ def _recorded(settings: dict[str, Any], key: str) -> str:
     """How a refused resume shows the setting ``key``: its value, or ``(default)`` where it is
     not recorded (settings at their default are left out)."""
     return repr(settings[key]) if key in settings else "(default)"
+
+
+def _seed_of(state: torch.Tensor) -> int:
+    """A seed determined by a generator state, without drawing from it (CRC-32 of its
+    bytes)."""
+    return zlib.crc32(state.numpy().tobytes())
 
 
 def _length(data: Iterable[Any]) -> int | None:
