@@ -352,10 +352,11 @@ class BilevelProblem:
         group = distributed.active()
         # without a process group every task is this process's, each weighing 1 / len(tasks)
         mine, weight = self._share(tasks) if group else (dict(enumerate(tasks)), 1.0 / len(tasks))
-        # under a process group, a method that draws its own randomness (StochasticImplicit)
-        # passes over the other processes' tasks, so that every task gets the draws one
-        # process would give it and every process ends with the same generator state
-        skip = getattr(self.ul, "skip_task", None) if group and len(tasks) > 1 else None
+        # a method that draws its own randomness (StochasticImplicit) passes over the other
+        # processes' tasks, and over those after a fault, so that every task gets the draws
+        # one process would give it and every process, and one alone, ends a step (a skipped
+        # one too) with the same generator state
+        skip = getattr(self.ul, "skip_task", None) if len(tasks) > 1 else None
         losses, fault = self._run_tasks(tasks, mine, skip, group)
         if weight == 0.0:  # a copy of rank 0's work (see _share): rank 0's result is kept
             losses = []
@@ -397,10 +398,11 @@ class BilevelProblem:
     ) -> tuple[list[torch.Tensor], Exception | None]:
         """Run this process's tasks (``mine``, by index), adding their hypergradients to
         ``.grad``: ``([ul_loss, ll_loss] per task, the fault or None)``. ``skip`` (a method's
-        own draws, under a process group) passes over the other processes' tasks and over
-        those after a fault, so that the draws stay those of one process. Without a process
-        group a fault is raised at once; with one it is returned, to be raised after the
-        all-reduce, with every other process."""
+        own draws) passes over the other processes' tasks and over those after a fault, so
+        that the draws are those of every task in order, with or without a process group.
+        Without a process group a fault is raised once the tasks are passed over (at once
+        where nothing draws); with one it is returned, to be raised after the all-reduce,
+        with every other process."""
         losses: list[torch.Tensor] = []
         fault: Exception | None = None
         for i in range(len(tasks)) if skip is not None else mine:
@@ -418,9 +420,11 @@ class BilevelProblem:
                         skip(*tasks[i])
                     raise
             except Exception as error:
-                if not group:
+                if not group and skip is None:
                     raise
                 fault = error
+        if fault is not None and not group:
+            raise fault
         return losses, fault
 
     def _reduce(

@@ -247,3 +247,34 @@ def test_bad_input():
     ul = make(p, curvature="gauss_newton", ll_outputs=no_penalty, solver_optimizer=sgd(0.5))
     with pytest.raises(ValueError, match="does not split ll_objective"):
         BilevelProblem(ll, ul).hypergradient(p.train, p.val)
+
+
+def _tasks(scale_task_1: float) -> dict:
+    """Three ridge tasks; task 1's training inputs scaled (8: its LL diverges at lr 0.2)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 12, 4, generator=g, dtype=DTYPE)
+    x[1] *= scale_task_1
+    train = (x, torch.randn(3, 12, generator=g, dtype=DTYPE))
+    test = (torch.randn(3, 7, 4, generator=g, dtype=DTYPE), torch.randn(3, 7, dtype=DTYPE))
+    return {"train": train, "test": test}
+
+
+def test_a_skipped_task_batch_step_draws_as_every_process_does():
+    """BUG: under a process group a fault passes over the failing task and those after it
+    (their minibatch draws are taken), so every process ends the skipped step with the
+    generator of a step whose tasks all ran; one process raised at once, with only the
+    tasks before the fault drawn (11 draws where the group took 33), and the two runs took
+    different minibatches from then on (1.4e-3 apart). One process now draws as the group."""
+    states = []
+    for scale in (1.0, 8.0):
+        p = ridge(d=4)
+        ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.2, iters=15)
+        ul = make(p, steps=3, batches=5, seed=2)
+        optimizer = torch.optim.SGD(p.ul_model.parameters(), lr=0.0)
+        problem = BilevelProblem(ll, ul, optimizer, on_nonfinite="skip")
+        problem.meta_step(_tasks(scale))
+        assert problem.skipped_steps == (scale != 1.0)
+        states.append((ul.draws, ul.generator.get_state()))
+    (draws, state), (draws_skipped, state_skipped) = states
+    assert draws_skipped == draws > 0
+    assert torch.equal(state_skipped, state)
