@@ -467,7 +467,9 @@ class GradientDescent:
         """Begin an LL run on ``(data, target)``, to be stepped by hand (online methods).
 
         ``copy=False``: the run starts from aliases of the weights and takes no step in place
-        (for runs whose steps all keep a graph or are shown to an observer)."""
+        (for runs whose steps all keep a graph or are shown to an observer, on a model whose
+        forward does not edit its weights in place: it would edit ``ll_model``'s; :meth:`run`
+        always copies)."""
         plan = self.plan()
         check_data_matches(data, plan.reference, "data")
         check_data_matches(target, plan.reference, "target")
@@ -527,12 +529,14 @@ class GradientDescent:
         shown = 0 if observer is None else untracked  # steps without a graph it sees
         if last_step_only(observer):  # the last step: one of these, or a graph step
             shown = 1 if tracked == 0 else 0
-        # steps that no observer sees overwrite the weights: only then are they copied first
+        # steps that no observer sees overwrite the weights in place; the run starts from a
+        # copy whatever it does (a forward may edit its weights in place, as a max-norm
+        # constraint does: from aliases, Forward's runs edited the user's ll_model)
         overwritten = untracked - shown
-        unroll = self.start(data, target, tracked == iters, observer, ul_batch, overwritten > 0)
+        unroll = self.start(data, target, tracked == iters, observer, ul_batch)
         recorded: list[torch.Tensor] = []  # the LL loss before each step (detached)
         with self._ul_frozen(untracked > 0 and not needs_graph(observer)):
-            if unroll.in_place:
+            if unroll.in_place and overwritten:
                 recorded = unroll.run_in_place(overwritten)
             for _ in range(unroll.steps, untracked):
                 recorded.append(unroll.step(graph=False))

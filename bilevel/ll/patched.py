@@ -249,16 +249,44 @@ _SWAPPING = threading.Lock()
 
 def patch(model: nn.Module) -> nn.Module:
     """A new patched copy of ``model`` (creates classes: milliseconds; reuse it, with
-    :func:`sync_from` at every run)."""
-    plain = [m for m in model.modules() if type(m) is nn.Module]
+    :func:`sync_from` at every run).
+
+    While the copy is made, what ``higher`` cannot copy is taken out of the user's modules
+    and put back afterwards: a ``None`` child (``register_module(name, None)``; ``higher``
+    recursed into it) and a module kept as a plain attribute, not registered (a UL submodule
+    that the LL forward uses without training it; ``higher`` registered it in the copy and
+    then failed on it). The copy gets its ``None`` children here, and the plain attributes
+    from :func:`sync_from`."""
+    modules = dict(model.named_modules())
+    plain = [m for m in modules.values() if type(m) is nn.Module]
+    empty = [
+        (path, name) for path, m in modules.items() for name, c in m._modules.items() if c is None
+    ]
+    loose = [
+        (m, key, value)
+        for m in modules.values()
+        for key, value in list(m.__dict__.items())
+        if isinstance(value, nn.Module)
+    ]
     with _SWAPPING:  # (another thread patching the model would see the classes swapped)
         try:
             for module in plain:  # only while the copy is made: the user's classes put back
                 module.__class__ = _Container
+            for path, name in empty:
+                del modules[path]._modules[name]
+            for module, key, _ in loose:
+                del module.__dict__[key]
             patched = higher.monkeypatch(model, copy_initial_weights=True, track_higher_grads=False)
         finally:
             for module in plain:
                 module.__class__ = nn.Module
+            for path, name in empty:
+                modules[path]._modules[name] = None
+            for module, key, value in loose:
+                module.__dict__[key] = value
+    copies = dict(patched.named_modules())
+    for path, name in empty:
+        copies[path]._modules[name] = None
     kind = type(patched)  # the class is this copy's own
     kind.parameters = _latest_parameters
     kind.update_params = install
