@@ -94,8 +94,7 @@ def test_learned_per_element_step_sizes_may_turn_negative_said_once(given_as):
         w = w - lrs * (x.T @ (x @ w - y) / len(x))
     expected = torch.autograd.grad(0.5 * (xv @ w - yv).pow(2).mean(), [w0, lrs])
     lr = [meta.lrs] if given_as == "tensor" else [lambda ul: ul.lrs]
-    # constructed with positive entries (the construction check refuses a fixed negative
-    # step size), then moved below zero as a UL step would
+    # constructed with positive entries, then moved below zero as a UL step would
     with torch.no_grad():
         meta.lrs.fill_(0.1)
     ll = GradientDescent(task_loss, net, meta, lr=lr, iters=iters, on_growth="ignore")
@@ -114,6 +113,30 @@ def test_learned_per_element_step_sizes_may_turn_negative_said_once(given_as):
         meta.lrs[1] = float("nan")
     with pytest.raises(ValueError, match="must lie in"):
         problem.hypergradient((x, y), (xv, yv))
+
+
+def test_learned_step_sizes_below_zero_at_construction_are_accepted():
+    """BUG (before the fix): the construction check refused a learned per-element step size
+    below zero, which every run accepts with a warning: a trained Meta-SGD model, loaded
+    before its LL optimizer is built, could not be evaluated. A fixed one (no grad) is still
+    refused, and a learned NaN too."""
+    torch.manual_seed(0)
+    net = Linear(4, torch.randn(4, dtype=DTYPE))
+    meta = nn.Module()
+    meta.net = net
+    meta.lrs = nn.Parameter(torch.tensor([0.1, -0.05, 0.2, 0.15], dtype=DTYPE))
+    (x, y), (xv, yv) = data()
+    ll = GradientDescent(task_loss, net, meta, lr=[meta.lrs], iters=5, on_growth="ignore")
+    problem = BilevelProblem(ll, Reverse(task_loss, meta, task_loss, net))
+    with pytest.warns(RuntimeWarning, match="Meta-SGD allows it"):
+        problem.hypergradient((x, y), (xv, yv))
+    fixed = meta.lrs.detach().clone()
+    with pytest.raises(ValueError, match=r"lr must lie in \(0\.0, inf\)"):
+        GradientDescent(task_loss, net, meta, lr=[fixed], iters=5)
+    with torch.no_grad():
+        meta.lrs[1] = float("nan")
+    with pytest.raises(ValueError, match="learned per-element step sizes"):
+        GradientDescent(task_loss, net, meta, lr=[meta.lrs], iters=5)
 
 
 def test_a_refusal_of_many_step_sizes_summarizes_them():

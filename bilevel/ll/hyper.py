@@ -309,7 +309,7 @@ def check(value: Any, name: str, bound: Bound, iters: int, shapes: list[torch.Si
             f"{name} is a sequence of {len(items)} values, but the LL model has {len(shapes)} "
             "trainable parameter tensors: give one value per tensor, or a single value."
         )
-    fixed, kinds, marks = [], [], []
+    fixed, learned, kinds, marks = [], [], [], []
     for i, given in enumerate(items):
         item, mark = _unmark(given)
         if isinstance(item, list | tuple):  # (validated by the marker otherwise)
@@ -337,10 +337,21 @@ def check(value: Any, name: str, bound: Bound, iters: int, shapes: list[torch.Si
                 "inputs, and its graph would be reused across runs. Pass a callable instead: "
                 f"{name}=lambda ul: ul.log_lr.exp(), evaluated at every LL run."
             )
-        kinds.append(kind_of(item, name, iters, shapes[i] if per_parameter else None, mark))
-        fixed.append(item)
+        kind = kind_of(item, name, iters, shapes[i] if per_parameter else None, mark)
+        kinds.append(kind)
+        if (
+            isinstance(item, torch.Tensor)
+            and item.requires_grad
+            and _meta_sgd_step_sizes(name, kind)
+        ):
+            learned.append(item)  # Meta-SGD's: of either sign (said at each run, once), finite
+        else:
+            fixed.append(item)
     if fixed:
         _check_range(fixed, name, bound)
+    if learned:  # (a trained Meta-SGD model, loaded before its LL optimizer is built)
+        anything = Bound(-float("inf"), float("inf"), closed_low=False)
+        _check_range(learned, f"{name} (learned per-element step sizes)", anything)
     items = [float(i) if isinstance(i, int | float) else i for i in items]
     marked = marks if any(m is not None for m in marks) else None
     return Hyper(name, items, per_parameter, bound, shapes, kinds, marks=marked)
