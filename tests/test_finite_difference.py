@@ -75,7 +75,8 @@ def test_one_ll_step_matches_reverse_with_error_shrinking_as_r_squared():
 
     errors = [error(r) for r in (0.2, 0.1, 0.05, 0.025)]
     ratios = [a / b for a, b in itertools.pairwise(errors)]
-    assert all(3.0 <= q <= 5.0 for q in ratios), (errors, ratios)  # 4 for O(r^2)
+    # 4 for O(r^2): measured 3.977, 3.994, 3.999 (the O(r^4) term fades)
+    assert all(3.9 <= q <= 4.05 for q in ratios), (errors, ratios)
     assert errors[0] > 1e3 * 1e-16 * float(exact.norm())  # the errors measured are not noise
     # DARTS' radius: truncation error r^2 ~ 1e-4 relative to the O(1) third derivatives
     assert error(1e-3) / float(exact.norm()) < 1e-7

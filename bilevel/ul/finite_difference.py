@@ -168,14 +168,15 @@ class FiniteDifference(HypergradientCalculator):
         ll_model: the LL module (weights ``w``).
         r: the finite-difference radius in weight space (> 0; DARTS: 0.01). The error is
             ``O(r^2)``; round-off grows as ``r`` shrinks (about ``machine epsilon / r``). It is
-            in the weights' units (the scale of the objectives does not matter): with weights
-            of size 1e-2 and a mixed derivative that is not quadratic in them (a logistic LL
-            with a learned temperature), the default was 6% off ``Reverse``, 32% at 1e-4;
-            give ``r`` a fraction of the weights' scale there. A radius that the rounding of
-            the two points eats (below ``eps * ||w||``, ``w`` the weights it moves, ``eps``
-            their dtype's machine epsilon, and less than half of ``2 r`` left between the
-            rounded points) raises ``ValueError`` naming a working one: the points would be
-            the same floating-point numbers, and the finite difference 0.
+            in the weights' units (the scale of the objectives does not matter): where the
+            mixed derivative changes over distances in weight space shorter than ``r`` (small
+            weights, or a sharp LL such as a logistic one at a low learned temperature), the
+            default is far off ``Reverse``; give ``r`` a fraction of that scale there. A
+            radius that the rounding of the two points eats (below ``eps * ||w||``, ``w`` the
+            weights it moves, ``eps`` their dtype's machine epsilon, and less than half of
+            ``2 r`` left between the rounded points) raises ``ValueError`` naming a working
+            one: the points would be the same floating-point numbers, and the finite
+            difference 0.
     """
 
     name = "finite_difference"

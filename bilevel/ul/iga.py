@@ -58,8 +58,9 @@ class IGA(HypergradientCalculator):
     ``grad_w f -> 0`` while ``grad_lambda f`` stays finite (it tends to the gradient of the
     LL's optimal value), so ``|c|`` grows like ``1 / ||grad_w f||`` and the result turns
     towards ``+- grad_lambda f``, whatever the true hypergradient is: on ridge with per-feature
-    L2 its cosine to the exact hypergradient sits at ``-+cos(grad_lambda f*, exact)`` (about
-    -0.97/0.84/-0.92 on three seeds) from 10 to 1000 LL steps, while its norm grows. Where the
+    L2 its cosine to the exact hypergradient sits at ``-cos(grad_lambda f*, exact)`` (-0.97,
+    -0.84, -0.92 on three seeds) from 10 to 1000 LL steps of 0.02, while its norm grows
+    (with steps of 0.5 the LL gradient is at round-off by 100 steps: see below). Where the
     LL gradient is round-off (its norm at most ``ROUNDOFF * eps`` times the size of the terms
     that cancel in it, the larger of ``||H w||`` and ``||H|| ||w||`` as estimated by
     ``bilevel.ul.base.gradient_scale``, and ``sqrt(n / 100)`` times that for a gradient summed
