@@ -533,13 +533,11 @@ def _damaged_member(path: Path) -> str | None:
     checked for size only; files of torch's older, non-zip format are not checked, and an
     archive that is not a readable zip is left to ``torch.load`` to report."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
+        archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError):
         return None  # not a readable zip: torch.load says what it is
-    if not infos:
-        return None
-    with zipfile.ZipFile(path) as archive:
+    with archive:
+        infos = archive.infolist()
         for info in infos:
             try:
                 with archive.open(info):  # the local header against the central directory
@@ -548,6 +546,8 @@ def _damaged_member(path: Path) -> str | None:
                 raise
             except Exception:  # BadZipFile, an encrypted flag, a name that does not decode
                 return info.filename
+    if not infos:
+        return None
     root = infos[0].filename.split("/", 1)[0] + "/"
     try:
         reader = torch._C.PyTorchFileReader(str(path))

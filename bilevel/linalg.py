@@ -97,12 +97,17 @@ def _axpy(alpha: torch.Tensor | float, x: Vector, y: Vector) -> Vector:
     return [yi + alpha * xi for xi, yi in zip(x, y, strict=True)]
 
 
+def _residual(matvec: MatVec, b: Vector, x: Vector) -> Vector:
+    """``b - A x``, computed (not a recurrence's)."""
+    return _axpy(-1.0, matvec(x), list(b))
+
+
 def _start(matvec: MatVec, b: Vector, x0: Vector | None) -> tuple[Vector, Vector]:
     """The starting point (zeros by default) and its residual ``b - A x0``."""
     if x0 is None:
         return [torch.zeros_like(t) for t in b], list(b)
     x = [t.clone() for t in x0]
-    return x, _axpy(-1.0, matvec(x), list(b))
+    return x, _residual(matvec, b, x)
 
 
 def _summary(
@@ -175,8 +180,7 @@ def cg(
         ``(x, info)``.
     """
     _require_symmetric("cg", matvec)
-    x = [torch.zeros_like(t) for t in b] if x0 is None else [t.clone() for t in x0]
-    r = list(b) if x0 is None else _axpy(-1.0, matvec(x), list(b))
+    x, r = _start(matvec, b, x0)
     rr = dot(r, r)
     rhs_norm = norm(b)
     threshold = (tolerance * rhs_norm) ** 2
@@ -213,7 +217,7 @@ def cg(
     x = [torch.where(broken, bi, xi) for xi, bi in zip(x, best_x, strict=True)]
     # the recurrence's residual drifts below the true one (see _cg_checked_on_host): the
     # true one is reported, at one more product (no host sync)
-    true_r = _axpy(-1.0, matvec(x), list(b))
+    true_r = _residual(matvec, b, x)
     rr = torch.where(broken, best_rr, dot(true_r, true_r))
     return x, _summary("cg", n_iter, rr.sqrt(), rhs_norm, tolerance, broken)
 
@@ -240,7 +244,7 @@ def _cg_checked_on_host(
         if not rr > threshold:
             if exact:
                 return x, i, rr, False
-            r = _axpy(-1.0, matvec(x), list(b))
+            r = _residual(matvec, b, x)
             rr, p, exact = dot(r, r), r, True
             if not rr > threshold:
                 return x, i, rr, False
@@ -257,7 +261,7 @@ def _cg_checked_on_host(
         if rr < best_rr:
             best_x, best_rr = x, rr
     if not rr > threshold and not exact:
-        r = _axpy(-1.0, matvec(x), list(b))
+        r = _residual(matvec, b, x)
         rr = dot(r, r)
     return x, iters, rr, False
 
@@ -510,7 +514,7 @@ def fixed_point(
     for _ in range(iters):
         x_squares.append(dot(x, x).detach())
         x = _axpy(alpha, r, x)
-        following = _axpy(-1.0, matvec(x), list(b))
+        following = _residual(matvec, b, x)
         _record(moments, r, following)
         r = following
     x_squares.append(dot(x, x).detach())
@@ -668,7 +672,7 @@ def minres(
         d_prev2, d_prev = d_prev, d
         c_prev2, s_prev2, c_prev, s_prev = c_prev, s_prev, c, s
     # the true residual, not the rotations' drifted one (x is x0 where no step ran)
-    residual = norm(_axpy(-1.0, matvec(x), list(b))) if moved else start
+    residual = norm(_residual(matvec, b, x)) if moved else start
     grew = residual > start * (1 + torch.finfo(start.dtype).eps ** 0.5)
     return x, _summary("minres", n_iter, residual, rhs_norm, tolerance, grew)
 
@@ -943,7 +947,7 @@ def as_solver(solve: Solve, tolerance: float = 1e-10) -> Solver:
     def run(matvec: MatVec, b: Vector) -> tuple[Vector, SolverInfo]:
         calls = [0]
         x = _check_solution(solve(_counting(matvec, calls), b), b, name)
-        residual = norm(_axpy(-1.0, matvec([t.detach() for t in x]), list(b)))
+        residual = norm(_residual(matvec, b, [t.detach() for t in x]))
         return x, _summary(name, calls[0], residual, norm(b), tolerance)
 
     return Solver(name, run)

@@ -109,23 +109,32 @@ def module_list(model: nn.Module) -> list[nn.Module]:
     return list(model.modules())
 
 
-def has_buffers(model: nn.Module) -> bool:
-    """Whether ``model`` or a submodule registers a buffer (other than ``None``)."""
-    return any(b is not None for m in module_list(model) for b in m._buffers.values())
-
-
-def renew_buffers(model: nn.Module) -> None:
-    """Give every module of ``model`` a clone of each of its buffers (places that share one
-    share its clone): a graph that saved a buffer keeps the values it saw when a later
-    forward moves the buffer in place, as batch norm's running statistics are moved,
-    without a version bump that autograd would catch."""
-    clones: dict[int, torch.Tensor] = {}
+def buffer_copies(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """``(module, name, copy)`` for every buffer of ``model``: what a forward may move in place
+    or reassign (batch-norm statistics, spectral norm's power-iteration vectors, a counter).
+    A tensor registered at several places has one copy, shared by its places."""
+    if not model._buffers and not model._modules and type(model).modules is nn.Module.modules:
+        return []  # the usual small model: none
+    copies: dict[int, torch.Tensor] = {}
+    out = []
     for m in module_list(model):
         for name, b in m._buffers.items():
             if b is not None:
-                if id(b) not in clones:
-                    clones[id(b)] = b.clone()
-                m._buffers[name] = clones[id(b)]
+                if id(b) not in copies:
+                    copies[id(b)] = b.detach().clone()
+                out.append((m, name, copies[id(b)]))
+    return out
+
+
+def put_back(copies: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+    """Give each module of ``copies`` its buffer as copied (a fresh copy, so the copies can be
+    put back again; places that share a copy share the fresh one, as they shared the
+    buffer)."""
+    fresh: dict[int, torch.Tensor] = {}
+    for module, name, copy in copies:
+        if id(copy) not in fresh:
+            fresh[id(copy)] = copy.clone()
+        module._buffers[name] = fresh[id(copy)]
 
 
 class _KeptModes:

@@ -28,8 +28,8 @@ from torch import nn
 
 from bilevel import BilevelProblem
 from bilevel.ll import GradientDescent
+from bilevel.state import buffer_copies, put_back
 from bilevel.ul import IGA, PTT, Reverse, StochasticImplicit
-from bilevel.ul.base import buffer_copies, put_back
 from bilevel.ul.sampling import Minibatch, Sampler
 
 # --- 1. the Gauss-Newton split check at any loss scale -------------------------------------

@@ -16,13 +16,13 @@ from bilevel.second_derivatives import refuse_once_differentiable
 from bilevel.settings import Fixed, Setting
 from bilevel.state import (
     Objective,
+    buffer_copies,
     check_data_matches,
     check_objective_result,
-    has_buffers,
     make_state,
     modes_kept,
     parameter_names,
-    renew_buffers,
+    put_back,
 )
 
 NEEDS_UL_BATCH = (
@@ -117,7 +117,7 @@ class BDAStep(GradientStep):
         #: whether a direction with a graph was checked for once-differentiable Functions
         self.checked_graph = False
         #: whether the patched LL model has buffers that a forward may move in place
-        self.buffered = has_buffers(ul_state["ll_model"])
+        self.buffered = next(ul_state["ll_model"].buffers(), None) is not None
 
     def alpha_at(self, step: int) -> float:
         """``alpha_k = alpha * alpha_decay**k`` (a Python float)."""
@@ -140,7 +140,7 @@ class BDAStep(GradientStep):
                 # F's graph may have saved buffers (batch-norm running statistics, read in
                 # eval mode) that the next step's f moves in place (in train mode) without a
                 # version bump: it keeps its own (Reverse was 4e-2 off at momentum 0.5)
-                renew_buffers(self.ul_state["ll_model"])
+                put_back(buffer_copies(self.ul_state["ll_model"]))
         if create_graph and not self.checked_graph:  # the UL method differentiates it
             self.checked_graph = True  # once per run (a BDAStep is made per run)
             what = "ll_objective" if ul_weight == 0.0 else "ll_objective and ul_objective"

@@ -209,6 +209,10 @@ def _check_range(values: list[Any], name: str, bound: Bound) -> None:
         raise ValueError(f"{name} must lie in {_interval(bound)}, got {_shown(flat, outside)}.")
 
 
+#: where learned per-element step sizes may lie: anywhere finite (Meta-SGD's may turn negative)
+FINITE = Bound(-float("inf"), float("inf"), closed_low=False)
+
+
 def _meta_sgd_step_sizes(name: str, kind: str | None) -> bool:
     """Learned per-element step sizes: Meta-SGD's, which may turn negative."""
     return name == "lr" and kind == ELEMENTWISE
@@ -280,7 +284,7 @@ class Hyper:
         if not bool(outside.any()):  # the usual case: one host sync
             return
         what = f"{self.name} (learned per-element step sizes, as the UL steps left them)"
-        _check_range(flat, what, Bound(-float("inf"), float("inf"), closed_low=False))
+        _check_range(flat, what, FINITE)
         if not self.warned_negative:
             self.warned_negative = True
             warnings.warn(
@@ -350,8 +354,7 @@ def check(value: Any, name: str, bound: Bound, iters: int, shapes: list[torch.Si
     if fixed:
         _check_range(fixed, name, bound)
     if learned:  # (a trained Meta-SGD model, loaded before its LL optimizer is built)
-        anything = Bound(-float("inf"), float("inf"), closed_low=False)
-        _check_range(learned, f"{name} (learned per-element step sizes)", anything)
+        _check_range(learned, f"{name} (learned per-element step sizes)", FINITE)
     items = [float(i) if isinstance(i, int | float) else i for i in items]
     marked = marks if any(m is not None for m in marks) else None
     return Hyper(name, items, per_parameter, bound, shapes, kinds, marks=marked)

@@ -29,7 +29,6 @@ from bilevel.state import (
     has_none,
     make_state,
     modes_kept,
-    module_list,
     parameter_names,
     requires_grad,
     trainable_parameters,
@@ -714,31 +713,3 @@ def put_back_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     with torch.no_grad():
         for buffer, copy in saved:
             buffer.copy_(copy)
-
-
-def buffer_copies(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
-    """``(module, name, copy)`` for every buffer of ``model``: what a forward may move in place
-    or reassign (batch-norm statistics, spectral norm's power-iteration vectors, a counter).
-    A tensor registered at several places has one copy, shared by its places."""
-    if not model._buffers and not model._modules and type(model).modules is nn.Module.modules:
-        return []  # the usual small model: none
-    copies: dict[int, torch.Tensor] = {}
-    out = []
-    for m in module_list(model):
-        for name, b in m._buffers.items():
-            if b is not None:
-                if id(b) not in copies:
-                    copies[id(b)] = b.detach().clone()
-                out.append((m, name, copies[id(b)]))
-    return out
-
-
-def put_back(copies: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
-    """Give each module of ``copies`` its buffer as copied (a fresh copy, so the copies can be
-    put back again; places that share a copy share the fresh one, as they shared the
-    buffer)."""
-    fresh: dict[int, torch.Tensor] = {}
-    for module, name, copy in copies:
-        if id(copy) not in fresh:
-            fresh[id(copy)] = copy.clone()
-        module._buffers[name] = fresh[id(copy)]

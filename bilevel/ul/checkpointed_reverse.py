@@ -15,15 +15,13 @@ from bilevel.ll import Trajectory, evaluate_at, fast_weights
 from bilevel.ll.hyper import Schedule
 from bilevel.ll.unroll import THROUGH_STEPS
 from bilevel.second_derivatives import refuse_once_differentiable
-from bilevel.state import Draws, capture_draws, replay_draws
+from bilevel.state import Draws, buffer_copies, capture_draws, put_back, replay_draws
 from bilevel.ul.base import (
     Call,
     Grads,
     HypergradientCalculator,
     add,
-    buffer_copies,
     detached_weights,
-    put_back,
 )
 
 Tensors = list[torch.Tensor]

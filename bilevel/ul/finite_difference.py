@@ -17,15 +17,21 @@ from torch import nn
 from bilevel import linalg
 from bilevel.ll import BDA, GradientDescent, Trajectory, evaluate_at
 from bilevel.ll.patched import install
-from bilevel.state import Draws, Objective, capture_draws, has_none, replay_draws
+from bilevel.state import (
+    Draws,
+    Objective,
+    buffer_copies,
+    capture_draws,
+    has_none,
+    put_back,
+    replay_draws,
+)
 from bilevel.ul.base import (
     Call,
     Grads,
     HypergradientCalculator,
     add,
-    buffer_copies,
     detached_weights,
-    put_back,
 )
 
 Tensors = list[torch.Tensor]

@@ -12,7 +12,7 @@ from torch import nn
 
 from bilevel import linalg
 from bilevel.ll import Trajectory, evaluate_at
-from bilevel.roundoff import ROUNDOFF, batch_terms, roundoff_floor
+from bilevel.roundoff import batch_terms, roundoff_floor
 from bilevel.second_derivatives import gradient_to_differentiate, refuse_once_differentiable
 from bilevel.settings import Setting, check_count
 from bilevel.state import Objective, all_finite, names_without_gradient
@@ -513,8 +513,7 @@ class Implicit(HypergradientCalculator):
         # started at an exact stationary point, where any later gradient is growth)
         ratio = final / first if first > 0 else (math.inf if final > 0 else 0.0)
         self.diagnostics["ll_grad_ratio"] = ratio
-        eps = torch.finfo(start.dtype).eps
-        left = self._distance_left(trajectory.step_size, final, distance, eps)
+        left = self._distance_left(trajectory.step_size, final, distance)
         if left is not None:
             self.diagnostics["ll_distance_ratio"] = left
         limit = self._stationarity_warning
@@ -557,9 +556,10 @@ class Implicit(HypergradientCalculator):
         )
 
     def _distance_norms(self, trajectory: Trajectory) -> list[torch.Tensor]:
-        """For plain SGD runs of two steps or more, ``[||g_{T-1}||, ||w_T - w_0||, ||w_T||]``
+        """For plain SGD runs of two steps or more, ``[||g_{T-1}||, ||w_T - w_0||, floor]``
         (0-d tensors): the LL gradient at the start of the last step, the distance travelled
-        and the size of the weights; ``[]`` where the distance estimate does not apply."""
+        and the round-off of the weights (``roundoff_floor(||w_T||)``); ``[]`` where the
+        distance estimate does not apply."""
         previous = trajectory.last_grad_norm
         if not trajectory.plain_sgd or trajectory.iters < 2 or previous is None:
             return []
@@ -568,24 +568,23 @@ class Implicit(HypergradientCalculator):
         if len(start) != len(end):
             return []
         moved = [b.detach() - a.detach() for a, b in zip(start, end, strict=True)]
-        return [previous, linalg.norm(moved), linalg.norm([w.detach() for w in end])]
+        size = linalg.norm([w.detach() for w in end])
+        return [previous, linalg.norm(moved), roundoff_floor(size)]
 
-    def _distance_left(
-        self, lr: float | None, final: float, distance: list[float], eps: float
-    ) -> float | None:
+    def _distance_left(self, lr: float | None, final: float, distance: list[float]) -> float | None:
         """The distance still to travel to the stationary point, ``lr ||g_T|| / (1 - rho)``
         with ``rho = ||g_T|| / ||g_{T-1}||`` (linear convergence), over the distance travelled
-        (``distance``: :meth:`_distance_norms`' values; ``eps`` of the weights' dtype);
-        ``inf`` for a gradient that did not shrink. ``None`` where it does not apply, and
-        where the last step, ``lr ||g_T||``, is within the weights' round-off (``ROUNDOFF *
-        eps * ||w_T||``): rounding then stalls the run (the step no longer moves the weights,
-        ``rho`` is 1), and ``rho`` measures that, not the convergence. (A small gradient ratio
-        is no reason to skip it: on an ill-conditioned LL the stiff directions settle at once,
-        and the ratio fell to 5.6e-7 with 94% of the distance still to go.)"""
+        (``distance``: :meth:`_distance_norms`' values); ``inf`` for a gradient that did not
+        shrink. ``None`` where it does not apply, and where the last step, ``lr ||g_T||``, is
+        within the weights' round-off (``ROUNDOFF * eps * ||w_T||``): rounding then stalls
+        the run (the step no longer moves the weights, ``rho`` is 1), and ``rho`` measures
+        that, not the convergence. (A small gradient ratio is no reason to skip it: on an
+        ill-conditioned LL the stiff directions settle at once, and the ratio fell to 5.6e-7
+        with 94% of the distance still to go.)"""
         if not distance or lr is None:
             return None
-        previous, travelled, size = distance
-        if lr * final <= ROUNDOFF * eps * size:
+        previous, travelled, floor = distance
+        if lr * final <= floor:
             return None
         rho = final / max(previous, 1e-300)
         self.diagnostics["ll_contraction"] = rho

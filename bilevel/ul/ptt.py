@@ -12,14 +12,19 @@ from bilevel import linalg
 from bilevel.ll import evaluate_at
 from bilevel.ll.patched import install
 from bilevel.roundoff import batch_terms, roundoff_floor
-from bilevel.state import Draws, capture_draws, modes_kept, replay_draws
+from bilevel.state import (
+    Draws,
+    buffer_copies,
+    capture_draws,
+    modes_kept,
+    put_back,
+    replay_draws,
+)
 from bilevel.ul.base import (
     Call,
     Grads,
     HypergradientCalculator,
-    buffer_copies,
     kept_buffers,
-    put_back,
     put_back_buffers,
 )
 

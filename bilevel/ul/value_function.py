@@ -422,7 +422,7 @@ class FirstOrderMethod(HypergradientCalculator):
         """``objective`` at ``weights`` and its gradients: with respect to the LL variables
         (zeros where it does not depend on one) and, with ``wrt_x``, to the UL parameters
         (``None`` where no path). Returns ``(value, grad_y, grad_x)``, all detached."""
-        leaves = [w.detach().requires_grad_(wrt_y) for w in weights]
+        leaves = [w.detach().requires_grad_() for w in weights]  # (as value() gives them)
         with self._ul_frozen(not wrt_x):
             value = self.value(objective, name, leaves, batch, require_graph=wrt_y)
             inputs = (leaves if wrt_y else []) + (list(self.ul_params) if wrt_x else [])
