@@ -73,4 +73,8 @@ def test_ptt_keeps_a_worst_first_iterate_of_a_fast_converging_ll(dtype):
     ptt = PTT(ul_objective, ul_model, ll_objective, ll_model)
     (grad,) = BilevelProblem(ll, ptt).hypergradient((None, None), (None, c0.clone()))
     assert ptt.diagnostics["ptt_step"] == 1
-    assert torch.allclose(grad, expected, rtol=1e-4 if dtype == torch.float32 else 1e-12)
+    # the hand unroll rounds w_1 as the library does, or one ulp apart where a fused
+    # multiply-add differs between CPUs: 2e-4 relative per entry of w_1 - a in float32
+    # (4e-13 in float64); the step T gives a hypergradient of round-off, far outside it
+    rtol = 1e-2 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(grad, expected, rtol=rtol, atol=0)
