@@ -137,13 +137,3 @@ def barrier() -> None:
 class PeerError(RuntimeError):
     """Another process raised an error during a UL step; this process stops with it, so that
     no process is left waiting in a collective for one that is gone."""
-
-
-def agree(flag: bool) -> bool:
-    """Rank 0's value of ``flag`` on every process (e.g. a decision to stop that depends on
-    a clock), so that all processes leave a loop at the same step."""
-    if not active():
-        return flag
-    value = torch.tensor([int(flag)])
-    dist.broadcast(value, src=0)
-    return bool(value.item())
