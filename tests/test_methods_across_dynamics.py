@@ -137,13 +137,14 @@ def F_hand(W: Tensors, lam: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> t
 
 def phi_hand(W: Tensors, lam: torch.Tensor) -> Tensors:
     """A contraction (``||A|| = 0.6``, slopes below 0.5) with a non-symmetric Jacobian."""
-    return [0.5 * torch.tanh(A @ W[0] + BL @ lam + W[1] * U), 0.5 * torch.tanh(V @ W[0] + 0.3)]
+    a, bl, u, v = (t.to(W[0].device) for t in (A, BL, U, V))
+    return [0.5 * torch.tanh(a @ W[0] + bl @ lam + W[1] * u), 0.5 * torch.tanh(v @ W[0] + 0.3)]
 
 
 def lam_of(state: dict) -> torch.Tensor:
     """The UL variable, or a constant where the UL model is the LL's initialization."""
     ul = state["ul_model"]
-    return ul.lam if isinstance(ul, Hyper) else LAM0
+    return ul.lam if isinstance(ul, Hyper) else LAM0.to(state["ll_model"].w.device)
 
 
 def ll_objective(state: dict) -> torch.Tensor:
@@ -454,20 +455,21 @@ for _name, _method in METHODS.items():
 CELLS = [(m, d) for m in METHODS for d in DYNAMICS]
 
 
-def build(name: str, dynamics: str, iters: int | None = None):
+def build(name: str, dynamics: str, iters: int | None = None, device: str = "cpu"):
     method = METHODS[name]
-    net = Net()
-    ul = net if method.structure == "init" else Hyper()
+    net = Net().to(device)
+    ul = net if method.structure == "init" else Hyper().to(device)
     ll = make_ll(dynamics, net, ul, method.iters if iters is None else iters)
     objective = fixed_point_map if dynamics == "fixed_point" else ll_objective
     return ll, method.build(ul_objective, ul, objective, net)
 
 
-def hypergradient(name: str, dynamics: str) -> Tensors:
-    ll, ul = build(name, dynamics)
+def hypergradient(name: str, dynamics: str, device: str = "cpu") -> Tensors:
+    ll, ul = build(name, dynamics, device=device)
+    train, val = (tuple(t.to(device) for t in pair) for pair in (TRAIN, VAL))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning at these settings
-        return BilevelProblem(ll, ul).hypergradient(TRAIN, VAL)
+        return BilevelProblem(ll, ul).hypergradient(train, val)
 
 
 def close(got: Tensors, expected: Tensors, rtol: float) -> None:
