@@ -565,3 +565,50 @@ def test_every_peer_with_less_memory_or_a_closer_answer_is_named() -> None:
     assert text.count("- **Less memory**: ") == less > 0
     lines = re.findall(r"^- \*\*(?:More accurate|Closer|Higher)[^*]*\*\*: ", text, re.M)
     assert len(lines) == closer > 0
+
+
+def test_choosing_page_quotes_the_benchmarks_page() -> None:
+    """The "Measured" figures of docs/choosing.md are the benchmarks page's, rounded (they
+    were an older machine's: 2.0 s for Reverse at T = 1000 where the page gives 3.5 s, and
+    Forward 16 times Reverse where it gives 47)."""
+    bench = page("benchmarks.md")
+
+    def first_cells(section: str, label: str) -> list[float]:
+        start = bench.index(section)
+        text = bench[start : bench.index("\n## ", start + 5)]
+        rows = re.findall(rf"^\| {re.escape(label)} \| ([\d,.e+-]+)", text, re.M)
+        return [float(r.replace(",", "")) for r in rows]
+
+    scaling = "## Scaling with the number of LL steps"
+    reverse_ms, reverse_mib = first_cells(scaling, "Reverse<br><small>T=1000</small>")
+    truncated_ms, truncated_mib = first_cells(scaling, "Truncated<br><small>T=1000, K=10</small>")
+    cg_ms, cg_mib = first_cells(scaling, "Implicit CG<br><small>T=1000, k=10</small>")
+    forward_100 = first_cells(scaling, "Forward<br><small>T=100</small>")[0]
+    reverse_100 = first_cells(scaling, "Reverse<br><small>T=100</small>")[0]
+    errors = "**ridge: relative error"
+    exact = max(
+        first_cells(errors, "Reverse<br><small>T=200</small>")[0],
+        first_cells(errors, "Forward<br><small>T=200</small>")[0],
+    )
+    cg_error = first_cells(errors, "Implicit CG<br><small>T=200, k=10</small>")[0]
+    neumann_error = first_cells(errors, "Implicit Neumann<br><small>T=200, k=50</small>")[0]
+
+    def power(x: float) -> str:
+        mantissa, exponent = f"{x:.0e}".split("e")
+        scale = f"10^{{{int(exponent)}}}"
+        return f"${scale}$" if mantissa == "1" else f"${mantissa} \\times {scale}$"
+
+    text = re.sub(r"\s+", " ", page("choosing.md"))
+    quoted = [
+        f"`Reverse` takes {reverse_ms / 1000:.1f} s and {reverse_mib:.0f} MiB",
+        f"`Truncated(truncate_iter=10)` {truncated_ms / 1000:.1f} s and {truncated_mib:.0f} MiB",
+        f'`Implicit(method="cg")` {cg_ms / 1000:.1f} s and {cg_mib:.0f} MiB',
+        f"takes {forward_100 / reverse_100:.0f} times as long as `Reverse`",
+        f"exact to round-off ({power(exact)})",
+        f"CG with 10 iterations reaches {power(cg_error)}",
+        f"series with 50 terms {power(neumann_error)}",
+    ]
+    missing = [q for q in quoted if q not in text]
+    assert not missing, missing
+    machine = re.search(r"\*\*Machine\.\*\* ([^,]+),", bench).group(1)
+    assert f"{machine}, one thread" in text
