@@ -683,7 +683,9 @@ class BilevelProblem:
         self.last_skipped = located
         self.skipped_steps += 1
         self.step_count += 1
-        return torch.tensor(float("nan"))
+        # a NaN where a step's UL loss would be: the models' real dtype, on their device
+        reference = self.ul_params[0]
+        return reference.new_full((), float("nan"), dtype=reference.dtype.to_real())
 
     def _take_ul_step(self) -> None:
         """Step the UL optimizer and scheduler. An error in them after they changed a UL

@@ -176,3 +176,16 @@ def test_a_run_with_cuda_draws_resumes_from_a_checkpoint_bit_for_bit(tmp_path):
     torch.cuda.manual_seed(123)
     problem.run(batch, steps=9, progress=False)
     assert not torch.equal(p.ul_model.log_l2.detach(), uninterrupted)
+
+
+def test_a_skipped_step_returns_its_nan_on_the_models_device():
+    p = on_cuda(ridge())
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.5, iters=20)
+    ul = Reverse(ridge_ul, p.ul_model, ridge_ll, p.ll_model)
+    optimizer = torch.optim.Adam(p.ul_model.parameters(), lr=0.05)
+    problem = BilevelProblem(ll, ul, optimizer, on_nonfinite="skip")
+    loss = problem.step(p.train, p.val)
+    skipped = problem.step(p.train, (p.val[0], torch.full_like(p.val[1], float("nan"))))
+    assert problem.skipped_steps == 1 and bool(skipped.isnan())
+    assert (skipped.dtype, skipped.device) == (loss.dtype, loss.device)
+    assert skipped.dtype == torch.float64 and skipped.device.type == "cuda"

@@ -356,3 +356,16 @@ def test_before_ul_step_must_be_callable():
     problem = make(p)
     with pytest.raises(TypeError, match="before_ul_step must be a callable"):
         BilevelProblem(problem.ll, problem.ul, problem.ul_optimizer, before_ul_step=1.0)
+
+
+def test_a_skipped_step_returns_a_nan_like_a_steps_loss():
+    """BUG (before the fix): a skipped step returned a float32 NaN on the CPU, where a step
+    returns the UL loss in the models' dtype and on their device (float64 here), so a list of
+    losses over a run mixed dtypes (and devices, on a GPU)."""
+    p = ridge()
+    problem = make(p, Reverse)
+    problem.on_nonfinite = "skip"
+    loss = problem.step(p.train, p.val)
+    skipped = problem.step(p.train, (p.val[0], torch.full_like(p.val[1], float("nan"))))
+    assert problem.skipped_steps == 1 and skipped.isnan()
+    assert (skipped.dtype, skipped.device, skipped.shape) == (loss.dtype, loss.device, loss.shape)
