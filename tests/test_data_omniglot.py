@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import time
 import tracemalloc
 import warnings
@@ -244,9 +245,22 @@ def test_bad_arguments(tmp_path: Path) -> None:
         Omniglot(tmp_path, resample="cubic")
 
 
+def _cache_arrays(size: int = 2) -> dict[str, np.ndarray]:
+    """The arrays a decode of all of Omniglot writes to its cache, with blank images."""
+    n, d = om.N_CHARACTERS, om.N_DRAWINGS
+    alphabets = [f"Alphabet_{i % om.N_ALPHABETS:02d}" for i in range(n)]
+    return {
+        "images": np.zeros((n, d, size, size), np.uint8),
+        "parts": np.array([om.OMNIGLOT_PARTS[i % 2] for i in range(n)]),
+        "alphabets": np.array(alphabets),
+        "characters": np.array([f"character{i:04d}" for i in range(n)]),
+        "drawings": np.array([[f"{i:04d}_{j:02d}" for j in range(d)] for i in range(n)]),
+        "pixel_sha256": np.array(om.OMNIGLOT_PIXEL_SHA256),
+    }
+
+
 def test_cache_write(tmp_path: Path) -> None:
-    arrays = {key: np.zeros((1, 20, 2, 2), np.uint8) for key in om._CACHE_KEYS}
-    arrays["parts"] = np.array(["images_background"])
+    arrays = _cache_arrays()
     path = tmp_path / "c" / "x.npz"
     assert om._save_cache(path, arrays)
     assert [p.name for p in path.parent.iterdir()] == ["x.npz"]
@@ -399,11 +413,84 @@ def test_every_damaged_drawing_names_itself(tmp_path: Path, damage: str, workers
             folder / f"{part}.zip", name, _png_header_only(100_000, 100_000), zipfile.ZIP_STORED
         )
         expected = r"0102_07\.png is not a readable PNG.*download"
-    else:
+    else:  # (a folder in a file's place is refused when the files are listed)
         (folder / name).unlink()
         (folder / name).mkdir()
-        expected = r"cannot read .*0102_07\.png.*permissions"
+        expected = r"0102_07\.png is not a regular file.*download"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning
         with pytest.raises(ValueError, match=f"(?s){expected}"):
             om._decode_sources(_sources(folder), 28, "lanczos", workers, False)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda a: a.update(drawings=np.arange(5)),
+        lambda a: a.update(parts=np.arange(om.N_CHARACTERS)),
+        lambda a: a.update(alphabets=a["alphabets"][:-1]),
+        lambda a: a.update(pixel_sha256=np.array(["x", "y"])),
+        lambda a: a.update(parts=np.array(["elsewhere"] * om.N_CHARACTERS)),
+        lambda a: a.update(alphabets=np.array(["one"] * om.N_CHARACTERS)),
+        lambda a: a.update({k: v[:-1] for k, v in a.items() if k != "pixel_sha256"}),
+    ],
+    ids=["drawings", "parts-dtype", "alphabets-short", "sha-shape", "parts", "one-alphabet", "n"],
+)
+def test_a_cache_that_a_decode_would_not_write_is_decoded_again(tmp_path: Path, change) -> None:
+    """BUG (before the fix): only the images' shape and dtype were checked; a cache with
+    1,622 consistent characters blamed the data folder ("the data is incomplete"), one
+    alphabet short raised zip()'s error, and drawings of another shape loaded silently."""
+    arrays = _cache_arrays()
+    change(arrays)
+    path = tmp_path / "x.npz"
+    assert om._save_cache(path, arrays)
+    with pytest.warns(RuntimeWarning, match="ignoring malformed cache .*decoded again"):
+        assert om._load_cache(path, 2) is None
+    assert om._save_cache(path, _cache_arrays())  # the arrays a decode writes: taken
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert om._load_cache(path, 2) is not None
+
+
+def test_a_drawing_in_another_format_is_refused_without_running_a_program(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """BUG (before the fix): Pillow opened any format it knows; a drawing that is an EPS
+    file had it run Ghostscript (``gs``, here a stand-in that leaves a marker) on it."""
+    folder = _synthetic(tmp_path / "data", as_zip=False)
+    bin_dir, marker = tmp_path / "bin", tmp_path / "gs-ran"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f"#!/bin/sh\necho ran >> {marker}\nexit 0\n")
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    name = f"{om.OMNIGLOT_PARTS[0]}/Script_01/character02/0102_07.png"
+    (folder / name).write_bytes(
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 105 105\n"
+        b"newpath 0 0 moveto 105 105 lineto stroke\nshowpage\n%%EOF\n"
+    )
+    with pytest.raises(ValueError, match=r"(?s)0102_07\.png is not a readable PNG.*download"):
+        om._decode_sources(_sources(folder), 28, "lanczos", 0, False)
+    assert not marker.exists()
+
+
+def test_a_named_pipe_among_the_drawings_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """BUG (before the fix): a named pipe named like a drawing blocked the load for good
+    (listed as a drawing, then opened for reading). Refused when listed, and when read (one
+    put in a drawing's place after the listing)."""
+    folder = _synthetic(tmp_path, as_zip=False)
+    name = f"{om.OMNIGLOT_PARTS[0]}/Script_01/character02/0102_07.png"
+    (folder / name).unlink()
+    os.mkfifo(folder / name)
+    with pytest.raises(ValueError, match=r"(?s)0102_07\.png is not a regular file.*download"):
+        _sources(folder)
+    with pytest.raises(ValueError, match=r"(?s)0102_07\.png is not a regular file.*download"):
+        om._read_drawing(str(folder), None, name)
+
+
+def test_a_name_that_is_not_utf8_is_refused_with_the_folder(tmp_path: Path) -> None:
+    """BUG (before the fix): the folder's fingerprint raised a bare UnicodeEncodeError."""
+    folder = _synthetic(tmp_path, as_zip=False)
+    character = folder / om.OMNIGLOT_PARTS[0] / "Script_01" / "character02"
+    (character / os.fsdecode(b"\xff_01.png")).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"(?s)not UTF-8.*download"):
+        _sources(folder)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import tempfile
 import warnings
 import zipfile
@@ -148,21 +149,36 @@ def _find_source(folder: Path, part: str, download: bool, check_md5: bool) -> _S
 
 
 def _walk_pngs(folder: Path, part: str) -> list[tuple[str, int, int]]:
-    """(relative name, size, mtime_ns) of every ``part/<a>/<c>/*.png`` under ``folder``."""
+    """(relative name, size, mtime_ns) of every ``part/<a>/<c>/*.png`` under ``folder``. A
+    ``.png`` that is not a regular file (a named pipe would block the read for good, a device
+    would stream forever) and a name that is not UTF-8 (Omniglot's are) are refused."""
     out = []
-    for alphabet in os.scandir(folder / part):
+    for alphabet in _entries(folder / part):
         if not alphabet.is_dir() or alphabet.name.startswith("."):
             continue
-        for character in os.scandir(alphabet.path):
+        for character in _entries(alphabet.path):
             if not character.is_dir() or character.name.startswith("."):
                 continue
-            for f in os.scandir(character.path):
+            for f in _entries(character.path):
                 if f.name.endswith(".png") and not f.name.startswith("."):
-                    st = f.stat()
                     rel = f"{part}/{alphabet.name}/{character.name}/{f.name}"
+                    try:
+                        rel.encode()
+                    except UnicodeEncodeError:
+                        name = rel.encode(errors="surrogateescape")
+                        raise _damaged(f"the name {name!r} is not UTF-8", str(folder)) from None
+                    if not f.is_file():
+                        raise _damaged(f"{rel} is not a regular file", str(folder))
+                    st = f.stat()
                     out.append((rel, st.st_size, st.st_mtime_ns))
     out.sort()
     return out
+
+
+def _entries(path: str | os.PathLike[str]) -> list[os.DirEntry[str]]:
+    """The entries of a folder, its listing closed (whatever the caller then raises)."""
+    with os.scandir(path) as entries:
+        return list(entries)
 
 
 def _folder_fingerprint(folder: Path, part: str) -> str:
@@ -232,7 +248,8 @@ def _decode_job(
     for i, name in enumerate(names):
         data = _read_drawing(path, zf, name)
         try:
-            with Image.open(io.BytesIO(data)) as im:
+            # PNG only: Pillow would otherwise hand an EPS file to Ghostscript, a program
+            with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
                 if im.size != (_ORIGINAL_SIZE, _ORIGINAL_SIZE):
                     raise ValueError(f"{path}: {name} is {im.size}, expected 105x105")
                 gray = im.convert("L")
@@ -268,8 +285,13 @@ def _read_drawing(path: str, zf: zipfile.ZipFile | None, name: str) -> bytes:
     limit = _MAX_DRAWING_BYTES
     if zf is None:
         try:
-            with open(Path(path) / name, "rb") as file:
-                data, size = file.read(limit + 1), os.fstat(file.fileno()).st_size
+            # not blocking on a named pipe put in the file's place since the folder was listed
+            fd = os.open(Path(path) / name, os.O_RDONLY | os.O_NONBLOCK)
+            with open(fd, "rb") as file:
+                status = os.fstat(fd)
+                if not stat.S_ISREG(status.st_mode):
+                    raise _damaged(f"{name} is not a regular file", path)
+                data, size = file.read(limit + 1), status.st_size
         except OSError as error:  # a file removed, a folder in its place, no permission
             raise ValueError(
                 f"{path}: cannot read {name} ({error.strerror or error}). Check the file and "
@@ -596,18 +618,40 @@ def _load_cache(path: Path, image_size: int | None = None) -> dict[str, np.ndarr
     except Exception as exc:  # zipfile, zlib, NumPy and OS errors: a damaged file
         warnings.warn(f"ignoring unreadable cache {path} ({exc!r})", RuntimeWarning, stacklevel=3)
         return None
-    n = len(arrays["parts"])
-    images = arrays["images"]
-    size = image_size if image_size is not None else (images.shape[-1] if images.ndim else -1)
-    if images.shape != (n, N_DRAWINGS, size, size) or images.dtype != np.uint8:
+    problem = _malformed(arrays, image_size)
+    if problem is not None:
         warnings.warn(
-            f"ignoring malformed cache {path}: images {images.shape} {images.dtype}, expected "
-            f"uint8 {(n, N_DRAWINGS, size, size)}; it is decoded again",
+            f"ignoring malformed cache {path}: {problem}; it is decoded again",
             RuntimeWarning,
             stacklevel=3,
         )
         return None
     return arrays
+
+
+def _malformed(arrays: dict[str, np.ndarray], image_size: int | None) -> str | None:
+    """What in a cache's arrays is not what a decode writes (``None`` when nothing is)."""
+    images = arrays["images"]
+    size = image_size if image_size is not None else (images.shape[-1] if images.ndim else -1)
+    shape = (N_CHARACTERS, N_DRAWINGS, size, size)
+    if images.shape != shape or images.dtype != np.uint8:
+        return f"images {images.shape} {images.dtype}, expected uint8 {shape}"
+    expected = {
+        "parts": (N_CHARACTERS,),
+        "alphabets": (N_CHARACTERS,),
+        "characters": (N_CHARACTERS,),
+        "drawings": (N_CHARACTERS, N_DRAWINGS),
+        "pixel_sha256": (),
+    }
+    for key, key_shape in expected.items():
+        value = arrays[key]
+        if value.shape != key_shape or value.dtype.kind != "U":
+            return f"{key} {value.shape} {value.dtype}, expected strings {key_shape}"
+    if not set(arrays["parts"].tolist()) <= set(OMNIGLOT_PARTS):
+        return "parts other than " + " and ".join(OMNIGLOT_PARTS)
+    if len(set(arrays["alphabets"].tolist())) != N_ALPHABETS:
+        return f"not {N_ALPHABETS} alphabets"
+    return None
 
 
 def _save_cache(path: Path, arrays: dict[str, np.ndarray]) -> bool:
