@@ -318,17 +318,35 @@ def check_subsets(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         )
 
 
+def add_mnist_md5_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--no-check-md5`` to an MNIST example (the files' md5 is checked by default)."""
+    parser.add_argument(
+        "--no-check-md5",
+        action="store_true",
+        help="use MNIST / Fashion-MNIST files whose md5 is not the official one (a copy of "
+        "one's own)",
+    )
+
+
 def mnist_split(
-    root: str | None, dataset: str, n_train: int, n_val: int, seed: int, download: bool = False
+    root: str | None,
+    dataset: str,
+    n_train: int,
+    n_val: int,
+    seed: int,
+    download: bool = False,
+    check_md5: bool = True,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Disjoint random train and validation subsets of the training set, and the test set;
     pixels in [0, 1], flattened, centered by the training subset's mean image. A file missing
     or damaged stops the run with the cure in the command line's options (:func:`loading_data`);
-    ``download``: fetch the missing files (``--download``)."""
+    ``download``: fetch the missing files (``--download``); ``check_md5``: refuse files that
+    are not the official ones (off with ``--no-check-md5``)."""
     with loading_data():
         kind = DATASETS[dataset]
-        images, labels = load_mnist(root, split="train", kind=kind, download=download)
-        test_images, test_labels = load_mnist(root, split="test", kind=kind, download=download)
+        options = {"kind": kind, "download": download, "check_md5": check_md5}
+        images, labels = load_mnist(root, split="train", **options)
+        test_images, test_labels = load_mnist(root, split="test", **options)
     if n_train + n_val > images.shape[0]:
         raise ValueError(f"n_train + n_val must be at most {images.shape[0]}.")
     order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))

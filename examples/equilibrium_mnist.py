@@ -83,6 +83,7 @@ def accuracy(ll: FixedPointMap, model: Equilibrium, x: torch.Tensor, y: torch.Te
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _common.add_run_args(parser, "runs/equilibrium_mnist")
+    _common.add_mnist_md5_option(parser)
     _common.add_checkpoint_minutes(parser)
     parser.add_argument(
         "--method",
@@ -153,7 +154,7 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
     torch.manual_seed(args.seed)
     device, out, record = torch.device(args.device), run.out, run.record
     record.note_invocation(_common.invocation(device))
-    options = _common.data_options(args)  # --download
+    options = _common.data_options(args)  # --download, --no-check-md5
     data = _common.mnist_split(args.data_root, "mnist", TRAIN_IMAGES, 10000, args.seed, **options)
     x, y = (t.to(device) for t in data["train"])
     x_val, y_val = (t.to(device) for t in data["val"])

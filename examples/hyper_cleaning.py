@@ -252,6 +252,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     _common.add_checkpoint_minutes(parser)
     _common.add_run_args(parser, default_out="runs/hyper_cleaning")
+    _common.add_mnist_md5_option(parser)
     return parser
 
 
@@ -295,7 +296,7 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
     device, out, record = torch.device(args.device), run.out, run.record
     record.note_invocation(_common.invocation(device))
 
-    options = _common.data_options(args)  # --download
+    options = _common.data_options(args)  # --download, --no-check-md5
     data = _common.mnist_split(
         args.data_root, args.dataset, args.n_train, args.n_val, args.seed, **options
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -95,12 +96,13 @@ def _fake_folder(root: Path, n_images: int = 7, n_labels: int = 7) -> Path:
 
 def test_synthetic_roundtrip(tmp_path: Path) -> None:
     folder = _fake_folder(tmp_path)
-    images, labels = load_mnist(tmp_path, split="test")
+    # synthetic files: they are not the official ones, which the default md5 check refuses
+    with pytest.raises(ValueError, match=r"(?s)md5 .*, expected 9fb629c4189551a2d022fa330f9573f3"):
+        load_mnist(tmp_path, split="test")
+    images, labels = load_mnist(tmp_path, split="test", check_md5=False)
     assert images.shape == (7, 28, 28)
     assert np.array_equal(images.numpy(), read_idx(folder / "t10k-images-idx3-ubyte.gz"))
     assert labels.dtype == torch.int64
-    with pytest.raises(ValueError, match=r"md5 .*, expected 9fb629c4189551a2d022fa330f9573f3"):
-        load_mnist(tmp_path, split="test", check_md5=True)
     with pytest.raises(FileNotFoundError, match=r"train-images-idx3-ubyte.gz"):
         verify_mnist(tmp_path, "MNIST")
     (folder / "train-images-idx3-ubyte.gz").write_bytes(b"")
@@ -134,8 +136,8 @@ def test_truncated(tmp_path: Path) -> None:
 
 def test_count_mismatch(tmp_path: Path) -> None:
     _fake_folder(tmp_path, n_images=7, n_labels=6)
-    with pytest.raises(ValueError, match=r"7 images .* but 6 labels"):
-        load_mnist(tmp_path, split="test")
+    with pytest.raises(ValueError, match=r"6 labels for 7 images"):
+        load_mnist(tmp_path, split="test", check_md5=False)
 
 
 def test_missing_files(tmp_path: Path) -> None:
@@ -195,3 +197,33 @@ def test_download_offline(
     with pytest.raises(OSError, match=r"md5 .*expected one of \['0+'\]"):
         download_file([(source / "MD5SUMS").as_uri()], tmp_path / "x", ["0" * 32])
     assert not (tmp_path / "x").exists() and list(tmp_path.iterdir()) == [tmp_path / "MNIST"]
+
+
+def test_a_header_beyond_mnist_is_refused_before_its_body_is_read(tmp_path: Path) -> None:
+    """BUG (before the fix): the body was read up to the size the header claimed; a 100 KB
+    gzip file claiming 10 million images and holding 100 MB of zeros took 200 MB before it
+    was refused (a 600 KB one took 1.4 GB)."""
+    folder = tmp_path / "MNIST"
+    folder.mkdir()
+    header = struct.pack(">IIII", 2051, 10_000_000, 28, 28)
+    with gzip.open(folder / "t10k-images-idx3-ubyte.gz", "wb", compresslevel=1) as f:
+        f.write(header)
+        for _ in range(100):
+            f.write(bytes(1 << 20))
+    _write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(7, np.uint8))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"(?s)shape \(10000000, 28, 28\), beyond.*download"):
+            load_mnist(tmp_path, split="test", check_md5=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+
+
+def test_the_md5_refusal_names_its_cures(tmp_path: Path) -> None:
+    _fake_folder(tmp_path)
+    with pytest.raises(ValueError) as info:
+        load_mnist(tmp_path, split="test")
+    message = str(info.value)
+    assert "pass download=True" in message and "pass check_md5=False" in message

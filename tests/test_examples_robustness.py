@@ -818,6 +818,27 @@ def test_an_omniglot_zip_of_unknown_md5_is_usable_from_the_command_line(tmp_path
         assert not any(cure in message for cure in LIBRARY_CURES), message
 
 
+@pytest.mark.parametrize("script", ["hyper_cleaning", "feature_penalty", "equilibrium_mnist"])
+def test_mnist_files_of_another_md5_are_refused_and_usable_from_the_command_line(script, tmp_path):
+    """MNIST's md5 is checked by default (before: another data set's files under MNIST's
+    names loaded silently); the refusal names --download and --no-check-md5, which takes
+    them."""
+    folder = tmp_path / "data" / "MNIST"
+    folder.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (folder / name).write_bytes(b"not MNIST")
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (folder / name).write_bytes(b"not MNIST")
+    argv = ("--data-root", str(folder.parent), "--out", str(tmp_path / "run"), "--no-progress")
+    unknown = refusal(script, *argv)
+    assert "differ from the official release" in unknown
+    assert "add --download" in unknown and "add --no-check-md5" in unknown
+    damaged = refusal(script, *argv, "--no-check-md5")  # accepted: then read
+    assert "cannot decompress it" in damaged and "add --download" in damaged
+    for message in (unknown, damaged):
+        assert not any(cure in message for cure in LIBRARY_CURES), message
+
+
 def test_a_data_warning_is_named_by_the_scripts_flags(common, tmp_path):
     """A cache that cannot be written is warned about with "pass cache_dir=": the Omniglot
     script names its --cache-dir."""

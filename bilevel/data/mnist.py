@@ -82,11 +82,17 @@ _IDX_DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 
+#: examples in each split of both data sets (the official files hold exactly these)
+_EXAMPLES = {"train": 60000, "test": 10000}
 _IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 _LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
 
 
-def read_idx(path: str | os.PathLike[str], expected_magic: int | None = None) -> np.ndarray:
+def read_idx(
+    path: str | os.PathLike[str],
+    expected_magic: int | None = None,
+    shape_at_most: tuple[int, ...] | None = None,
+) -> np.ndarray:
     """Read an IDX file (optionally gzip-compressed, by its ``.gz`` suffix).
 
     The header is big-endian: a 4-byte magic number (two zero bytes, a type code, the
@@ -96,13 +102,17 @@ def read_idx(path: str | os.PathLike[str], expected_magic: int | None = None) ->
         path: The IDX file.
         expected_magic: If given, the magic number the file must have (2051 for MNIST
             images, 2049 for labels).
+        shape_at_most: If given, the largest shape the header may give, dimension by
+            dimension; a larger one is refused before any data is read (a small gzip file
+            can claim, and expand to, gigabytes).
 
     Returns:
         The array, in native byte order, with the shape given by the header.
 
     Raises:
-        ValueError: If the magic number is wrong, the data length does not match the
-            sizes in the header, or a ``.gz`` file is truncated or corrupt.
+        ValueError: If the magic number is wrong, the header's shape exceeds
+            ``shape_at_most``, the data length does not match the sizes in the header, or a
+            ``.gz`` file is truncated or corrupt.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
@@ -121,6 +131,11 @@ def read_idx(path: str | os.PathLike[str], expected_magic: int | None = None) ->
             if len(sizes) < 4 * ndim:
                 raise ValueError(f"{path}: truncated IDX header")
             shape = struct.unpack(f">{ndim}I", sizes)
+            if shape_at_most is not None and (
+                len(shape) != len(shape_at_most)
+                or any(n > most for n, most in zip(shape, shape_at_most, strict=True))
+            ):
+                raise _not_the_file(path, f"its header gives shape {shape}, beyond {shape_at_most}")
             dtype = _IDX_DTYPES[code]
             expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
             # one byte more than the header announces, no more: a small gzip file can expand
@@ -146,17 +161,28 @@ def read_idx(path: str | os.PathLike[str], expected_magic: int | None = None) ->
     return array.astype(dtype.newbyteorder("="), copy=False)
 
 
-def _read_at_most(f: BinaryIO, limit: int) -> bytes:
-    """Up to ``limit`` bytes of ``f`` (fewer at its end), read in blocks: the memory taken
-    follows the bytes the file holds, not the sizes its header claims."""
-    blocks, size = [], 0
-    while size < limit:
-        block = f.read(min(limit - size, 1 << 24))
+def _read_at_most(f: BinaryIO, limit: int) -> bytearray:
+    """Up to ``limit`` bytes of ``f`` (fewer at its end), read in blocks into one growing
+    buffer: the memory taken follows the bytes the file holds, not the sizes its header
+    claims, and is not doubled by joining the blocks at the end."""
+    data = bytearray()
+    while len(data) < limit:
+        block = f.read(min(limit - len(data), 1 << 24))
         if not block:
             break
-        blocks.append(block)
-        size += len(block)
-    return b"".join(blocks)
+        data += block
+    return data
+
+
+def _not_the_file(path: Path, what: str) -> ValueError:
+    """The error for a data file that is damaged or not the one named."""
+    return cure_error(
+        ValueError,
+        "{path}: {what}: the file is damaged or not the one its name says. Delete it and "
+        "download it again ({download}: it fetches missing files and checks their md5).",
+        path=path,
+        what=what,
+    )
 
 
 def _check_kind(kind: str) -> None:
@@ -191,15 +217,26 @@ def verify_mnist(root: str | os.PathLike[str] | None = None, kind: str = "MNIST"
     """
     folder = mnist_folder(root, kind)
     _require_files(folder, kind, list(MNIST_MD5[kind]))
-    bad = []
-    for name, expected in MNIST_MD5[kind].items():
-        got = md5sum(folder / name)
-        if got != expected:
-            bad.append(f"{name}: md5 {got}, expected {expected}")
+    bad = [
+        f"{name}: md5 {got}, expected {expected}"
+        for name, expected in MNIST_MD5[kind].items()
+        if (got := md5sum(folder / name)) != expected
+    ]
     if bad:
-        raise ValueError(
-            f"{kind} files in {folder} differ from the official release:\n  " + "\n  ".join(bad)
-        )
+        raise _differs(kind, folder, bad)
+
+
+def _differs(kind: str, folder: Path, bad: list[str]) -> ValueError:
+    """The error for files that differ from the official release (``bad``: one line each)."""
+    return cure_error(
+        ValueError,
+        "{kind} files in {folder} differ from the official release:\n  {bad}\nThey are "
+        "damaged or not {kind}'s (another data set's files under this name?). Delete them "
+        "and download them again ({download}), or {no_check_md5} to use them as they are.",
+        kind=kind,
+        folder=folder,
+        bad="\n  ".join(bad),
+    )
 
 
 def _require_files(folder: Path, kind: str, names: list[str]) -> None:
@@ -223,7 +260,7 @@ def load_mnist(
     split: Literal["train", "test"] = "train",
     kind: Literal["MNIST", "FashionMNIST"] = "MNIST",
     download: bool = False,
-    check_md5: bool = False,
+    check_md5: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load MNIST or Fashion-MNIST from the original IDX gzip files.
 
@@ -237,7 +274,10 @@ def load_mnist(
         kind: ``"MNIST"`` or ``"FashionMNIST"``.
         download: If true and files are missing, download them from the public mirror
             (``MNIST_MIRRORS``) into ``<root>/<kind>/`` and check their md5.
-        check_md5: If true, check the two files read against the official md5 sums first.
+        check_md5: Check the two files read against the official md5 sums first (about
+            20 ms for the training set), so that another data set's files, or damaged
+            ones, under these names are refused rather than loaded; false takes files of
+            one's own.
 
     Returns:
         ``(images, labels)``: ``uint8`` tensor ``[N, 28, 28]`` and ``int64`` tensor ``[N]``
@@ -259,19 +299,22 @@ def load_mnist(
                 download_file(urls, folder / name, [MNIST_MD5[kind][name]])
     _require_files(folder, kind, names)
     if check_md5:
-        for name in names:
-            got = md5sum(folder / name)
-            if got != MNIST_MD5[kind][name]:
-                raise ValueError(f"{folder / name}: md5 {got}, expected {MNIST_MD5[kind][name]}")
-    images = read_idx(folder / names[0], expected_magic=_IMAGES_MAGIC)
-    labels = read_idx(folder / names[1], expected_magic=_LABELS_MAGIC)
+        bad = [
+            f"{name}: md5 {got}, expected {MNIST_MD5[kind][name]}"
+            for name in names
+            if (got := md5sum(folder / name)) != MNIST_MD5[kind][name]
+        ]
+        if bad:
+            raise _differs(kind, folder, bad)
+    count = _EXAMPLES[split]
+    images = read_idx(folder / names[0], _IMAGES_MAGIC, shape_at_most=(count, 28, 28))
+    labels = read_idx(folder / names[1], _LABELS_MAGIC, shape_at_most=(count,))
     if images.shape[1:] != (28, 28):
-        raise ValueError(f"{folder / names[0]}: images are {images.shape[1:]}, expected 28x28")
+        raise _not_the_file(folder / names[0], f"its images are {images.shape[1:]}, not 28x28")
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"{folder}: {images.shape[0]} images in {names[0]} but {labels.shape[0]} labels "
-            f"in {names[1]}"
+        raise _not_the_file(
+            folder / names[1], f"it holds {labels.shape[0]} labels for {images.shape[0]} images"
         )
     if labels.size and labels.max() > 9:
-        raise ValueError(f"{folder / names[1]}: label {labels.max()} outside 0..9")
+        raise _not_the_file(folder / names[1], f"it holds label {labels.max()}, outside 0..9")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
