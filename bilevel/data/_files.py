@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["CURE_ARGUMENTS", "download_file", "md5sum", "read_md5sums", "reword"]
+__all__ = ["CURE_ARGUMENTS", "damaged", "download_file", "md5sum", "read_md5sums", "reword"]
 
 CURE_ARGUMENTS = {
     "root": "root",
@@ -35,6 +35,20 @@ def cure_error(kind: type[_E], template: str, /, **values: Any) -> _E:
     error = kind(template.format_map({**CURE_ARGUMENTS, **values}))
     error._cure_template = (template, values)  # type: ignore[attr-defined]
     return error
+
+
+def damaged(path: Any, what: str, data: str, also: str = "") -> ValueError:
+    """The error for a data file at ``path`` that cannot be used (``what``): damaged, or not
+    ``data``; the cure is a fresh download (and ``also``, another cure)."""
+    return cure_error(
+        ValueError,
+        "{path}: {what}: the data is damaged or not {data}. Delete it and download it again "
+        "({download}){also}.",
+        path=path,
+        what=what,
+        data=data,
+        also=also,
+    )
 
 
 def reword(error: BaseException, arguments: Mapping[str, str]) -> str:

@@ -24,7 +24,7 @@ from typing import BinaryIO, Literal
 import numpy as np
 import torch
 
-from bilevel.data._files import cure_error, download_file, md5sum
+from bilevel.data._files import cure_error, damaged, download_file, md5sum
 from bilevel.data.root import DATA_ENV, resolve_root
 
 __all__ = [
@@ -176,13 +176,7 @@ def _read_at_most(f: BinaryIO, limit: int) -> bytearray:
 
 def _not_the_file(path: Path, what: str) -> ValueError:
     """The error for a data file that is damaged or not the one named."""
-    return cure_error(
-        ValueError,
-        "{path}: {what}: the file is damaged or not the one its name says. Delete it and "
-        "download it again ({download}: it fetches missing files and checks their md5).",
-        path=path,
-        what=what,
-    )
+    return damaged(path, what, "the file its name says")
 
 
 def _check_kind(kind: str) -> None:

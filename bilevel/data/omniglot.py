@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from bilevel.data._files import cure_error, download_file, md5sum
+from bilevel.data._files import cure_error, damaged, download_file, md5sum
 from bilevel.data.root import CACHE_ENV, DATA_ENV, resolve_cache_dir, resolve_root
 
 __all__ = [
@@ -268,13 +268,7 @@ _MAX_DRAWING_BYTES = 1 << 20
 
 def _damaged(what: str, path: str) -> ValueError:
     """The error for a drawing of the data at ``path`` that cannot be used (``what``)."""
-    return cure_error(
-        ValueError,
-        "{path}: {what}: the data is damaged or not Omniglot's. Delete it and download it "
-        "again ({download}), or extract a good copy beside it.",
-        path=path,
-        what=what,
-    )
+    return damaged(path, what, "Omniglot's", ", or extract a good copy beside it")
 
 
 def _read_drawing(path: str, zf: zipfile.ZipFile | None, name: str) -> bytes:
