@@ -683,9 +683,12 @@ class BilevelProblem:
         self.last_skipped = located
         self.skipped_steps += 1
         self.step_count += 1
-        # a NaN where a step's UL loss would be: the models' real dtype, on their device
+        # NaN where a step's UL and LL losses would be: the models' real dtype, on their device
+        # (the LL loss not the previous step's, beside this step's diagnostics)
         reference = self.ul_params[0]
-        return reference.new_full((), float("nan"), dtype=reference.dtype.to_real())
+        nan = reference.new_full((), float("nan"), dtype=reference.dtype.to_real())
+        self.last_ll_loss = nan
+        return nan
 
     def _take_ul_step(self) -> None:
         """Step the UL optimizer and scheduler. An error in them after they changed a UL

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from problems import ridge, ridge_exact_hypergradient, ridge_ll, ridge_ul
@@ -369,3 +371,15 @@ def test_a_skipped_step_returns_a_nan_like_a_steps_loss():
     skipped = problem.step(p.train, (p.val[0], torch.full_like(p.val[1], float("nan"))))
     assert problem.skipped_steps == 1 and skipped.isnan()
     assert (skipped.dtype, skipped.device, skipped.shape) == (loss.dtype, loss.device, loss.shape)
+    # nor is the skipped step's LL loss the step before's (it was, beside this step's
+    # diagnostics; None on a skipped first step)
+    assert problem.last_ll_loss.isnan()
+    assert math.isnan(problem.log_record(skipped)["ll_loss"])
+
+
+def test_a_skipped_first_step_records_a_nan_ll_loss():
+    p = ridge()
+    problem = make(p, Reverse)
+    problem.on_nonfinite = "skip"
+    skipped = problem.step(p.train, (p.val[0], torch.full_like(p.val[1], float("nan"))))
+    assert skipped.isnan() and problem.last_ll_loss is not None and problem.last_ll_loss.isnan()
