@@ -161,6 +161,11 @@ def test_dm_is_its_update_written_by_hand(eta):
         torch.testing.assert_close(p.ll_model.w.detach(), y, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(dm.multiplier[0], z, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(p.ul_model.log_l2.detach(), log_l2, rtol=1e-12, atol=1e-14)
+        # the step taken, in the models' dtype (a number gave a float32 CPU tensor: 0.2 read
+        # 0.20000000298023224)
+        taken = dm.diagnostics["eta"]
+        assert taken.dtype == DTYPE and taken.device == z.device
+        torch.testing.assert_close(taken, torch.as_tensor(step, dtype=DTYPE), rtol=1e-12, atol=0)
     assert dm.steps == steps
 
 

@@ -266,6 +266,8 @@ class DM(HypergradientCalculator):
         cross = vjp(new, self.ul_params)
         self._pending = new
         self.diagnostics["multiplier_residual"] = squared.sqrt().detach()
-        self.diagnostics["eta"] = torch.as_tensor(eta).detach()
+        # (a number as a tensor of the residual's real dtype, on its device, as "auto" gives)
+        taken = squared.new_tensor(eta) if isinstance(eta, float) else eta.detach()
+        self.diagnostics["eta"] = taken
         result = [add(d, None if c is None else -c) for d, c in zip(direct, cross, strict=True)]
         return result, loss
