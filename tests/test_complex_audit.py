@@ -37,7 +37,7 @@ import torch.multiprocessing as mp
 from test_distributed import join_group
 from torch import nn
 
-from bilevel import BilevelProblem, distributed, linalg
+from bilevel import BilevelProblem, checkpoint, distributed, linalg
 from bilevel import ul as U
 from bilevel.ll import BDA, FixedPointMap, GradientDescent
 from bilevel.ll.rules import make_rule
@@ -550,3 +550,22 @@ def test_a_complex_hypergradient_with_nan_in_one_part_is_refused():
     for bad in (complex(0.0, float("nan")), complex(float("inf"), 0.0)):
         with pytest.raises(FloatingPointError, match="not finite"):
             check_hypergradient([torch.tensor([1.0, bad], dtype=CX)])
+
+
+def test_a_real_multiplier_of_complex_weights_stays_real_when_the_state_is_restored(tmp_path):
+    """BUG (before the fix): restoring GAFFO's state (after a hypergradient query, a caught
+    error, or from a checkpoint) cast its real constraint multiplier z to the LL weights'
+    complex dtype, and the next step raised in torch.clamp."""
+    method = STEPPED["GAFFO-constraints"][0]
+    problem, _, train, val = build(method, False, 3)
+    problem.step(train, val)
+    assert not problem.ul.auxiliary["z"][0].is_complex()
+    problem.hypergradient(train, val)  # puts the method's state back
+    assert not problem.ul.auxiliary["z"][0].is_complex()
+    problem.step(train, val)
+    path = tmp_path / "state.pt"
+    checkpoint.save(path, problem.state_dict())
+    fresh, _, _, _ = build(method, False, 3)
+    fresh.load_state_dict(checkpoint.load(path))
+    assert not fresh.ul.auxiliary["z"][0].is_complex()
+    fresh.step(train, val)

@@ -556,7 +556,12 @@ class FirstOrderMethod(HypergradientCalculator):
         ):
             raise ValueError(f"auxiliary variable {key!r} must be a list of tensors.")
         reference = self._ll_params[0]
-        restored = [v.detach().to(reference.device, reference.dtype).clone() for v in values]
+        # a real variable of complex LL weights (GAFFO's constraint multiplier) stays real
+        real = reference.dtype.to_real()
+        restored = [
+            v.detach().to(reference.device, reference.dtype if v.is_complex() else real).clone()
+            for v in values
+        ]
         shapes = [tuple(p.shape) for p in self._ll_params]
         if key not in self.free_shape_auxiliary and [tuple(v.shape) for v in restored] != shapes:
             raise ValueError(
