@@ -494,3 +494,15 @@ def test_a_name_that_is_not_utf8_is_refused_with_the_folder(tmp_path: Path) -> N
     (character / os.fsdecode(b"\xff_01.png")).write_bytes(b"")
     with pytest.raises(ValueError, match=r"(?s)not UTF-8.*download"):
         _sources(folder)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files in /proc")
+def test_a_folder_in_a_drawings_place_when_read_leaks_no_file_descriptor(tmp_path: Path) -> None:
+    """BUG (before the fix): a folder put in a drawing's place after the listing was opened
+    and refused, and its file descriptor left open, one per read."""
+    (tmp_path / "p" / "a" / "c" / "x.png").mkdir(parents=True)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(ValueError, match=r"x\.png is not a regular file"):
+            om._read_drawing(str(tmp_path), None, "p/a/c/x.png")
+    assert len(os.listdir("/proc/self/fd")) == before

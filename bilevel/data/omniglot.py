@@ -264,6 +264,8 @@ def _decode_job(
 
 #: the most bytes one drawing may take: a 105x105 PNG takes a few KiB
 _MAX_DRAWING_BYTES = 1 << 20
+#: how a drawing is opened: without blocking (on Unix) and as bytes (on Windows)
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 
 
 def _damaged(what: str, path: str) -> ValueError:
@@ -280,13 +282,17 @@ def _read_drawing(path: str, zf: zipfile.ZipFile | None, name: str) -> bytes:
     if zf is None:
         try:
             # not blocking on a named pipe put in the file's place since the folder was listed
-            fd = os.open(Path(path) / name, os.O_RDONLY | os.O_NONBLOCK)
-            with open(fd, "rb") as file:
+            fd = os.open(Path(path) / name, _READ_FLAGS)
+            try:
                 status = os.fstat(fd)
-                if not stat.S_ISREG(status.st_mode):
-                    raise _damaged(f"{name} is not a regular file", path)
-                data, size = file.read(limit + 1), status.st_size
-        except OSError as error:  # a file removed, a folder in its place, no permission
+                if stat.S_ISREG(status.st_mode):
+                    data = os.read(fd, limit + 1)
+            finally:
+                os.close(fd)
+            if not stat.S_ISREG(status.st_mode):  # (a folder, a pipe, a device)
+                raise _damaged(f"{name} is not a regular file", path)
+            size = status.st_size
+        except OSError as error:  # a file removed, no permission
             raise ValueError(
                 f"{path}: cannot read {name} ({error.strerror or error}). Check the file and "
                 "its permissions, or extract a good copy of the data beside it."
