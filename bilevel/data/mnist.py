@@ -82,37 +82,31 @@ _IDX_DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 
-#: examples in each split of both data sets (the official files hold exactly these)
-_EXAMPLES = {"train": 60000, "test": 10000}
+#: the most a deflate stream expands (1,032 to 1 in theory), with a margin
+_MAX_DEFLATE_RATIO = 1100
 _IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 _LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
 
 
-def read_idx(
-    path: str | os.PathLike[str],
-    expected_magic: int | None = None,
-    shape_at_most: tuple[int, ...] | None = None,
-) -> np.ndarray:
+def read_idx(path: str | os.PathLike[str], expected_magic: int | None = None) -> np.ndarray:
     """Read an IDX file (optionally gzip-compressed, by its ``.gz`` suffix).
 
     The header is big-endian: a 4-byte magic number (two zero bytes, a type code, the
-    number of dimensions), then one 4-byte size per dimension, then the data.
+    number of dimensions), then one 4-byte size per dimension, then the data. A header that
+    claims more data than the file can hold (deflate expands at most about 1,032-fold) is
+    refused before the data is read.
 
     Args:
         path: The IDX file.
         expected_magic: If given, the magic number the file must have (2051 for MNIST
             images, 2049 for labels).
-        shape_at_most: If given, the largest shape the header may give, dimension by
-            dimension; a larger one is refused before any data is read (a small gzip file
-            can claim, and expand to, gigabytes).
 
     Returns:
         The array, in native byte order, with the shape given by the header.
 
     Raises:
-        ValueError: If the magic number is wrong, the header's shape exceeds
-            ``shape_at_most``, the data length does not match the sizes in the header, or a
-            ``.gz`` file is truncated or corrupt.
+        ValueError: If the magic number is wrong, the data length does not match the
+            sizes in the header, or a ``.gz`` file is truncated or corrupt.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
@@ -131,13 +125,15 @@ def read_idx(
             if len(sizes) < 4 * ndim:
                 raise ValueError(f"{path}: truncated IDX header")
             shape = struct.unpack(f">{ndim}I", sizes)
-            if shape_at_most is not None and (
-                len(shape) != len(shape_at_most)
-                or any(n > most for n, most in zip(shape, shape_at_most, strict=True))
-            ):
-                raise _not_the_file(path, f"its header gives shape {shape}, beyond {shape_at_most}")
             dtype = _IDX_DTYPES[code]
             expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+            stored = os.fstat(f.fileno()).st_size
+            if expected > stored * (_MAX_DEFLATE_RATIO if opener is gzip.open else 1):
+                raise _not_the_file(
+                    path,
+                    f"its header gives shape {shape} ({expected} bytes of data), more than "
+                    f"its {stored} bytes can hold",
+                )
             # one byte more than the header announces, no more: a small gzip file can expand
             # to gigabytes, which are reported without being held in memory
             data = _read_at_most(f, expected + 1)
@@ -217,16 +213,17 @@ def verify_mnist(root: str | os.PathLike[str] | None = None, kind: str = "MNIST"
         if (got := md5sum(folder / name)) != expected
     ]
     if bad:
-        raise _differs(kind, folder, bad)
+        cure = "Delete them, and load_mnist(..., download=True) fetches them again."
+        raise _differs(kind, folder, bad, cure)
 
 
-def _differs(kind: str, folder: Path, bad: list[str]) -> ValueError:
-    """The error for files that differ from the official release (``bad``: one line each)."""
+def _differs(kind: str, folder: Path, bad: list[str], cure: str) -> ValueError:
+    """The error for files that differ from the official release (``bad``: one line each;
+    ``cure``: the sentence that says what to do, in :func:`cure_error`'s template form)."""
     return cure_error(
         ValueError,
         "{kind} files in {folder} differ from the official release:\n  {bad}\nThey are "
-        "damaged or not {kind}'s (another data set's files under this name?). Delete them "
-        "and download them again ({download}), or {no_check_md5} to use them as they are.",
+        "damaged or not {kind}'s (another data set's files under this name?). " + cure,
         kind=kind,
         folder=folder,
         bad="\n  ".join(bad),
@@ -269,9 +266,9 @@ def load_mnist(
         download: If true and files are missing, download them from the public mirror
             (``MNIST_MIRRORS``) into ``<root>/<kind>/`` and check their md5.
         check_md5: Check the two files read against the official md5 sums first (about
-            20 ms for the training set), so that another data set's files, or damaged
-            ones, under these names are refused rather than loaded; false takes files of
-            one's own.
+            15 ms for MNIST's training set, 40 ms for Fashion-MNIST's), so that another data
+            set's files, or damaged ones, under these names are refused rather than loaded;
+            false takes files of one's own.
 
     Returns:
         ``(images, labels)``: ``uint8`` tensor ``[N, 28, 28]`` and ``int64`` tensor ``[N]``
@@ -299,10 +296,13 @@ def load_mnist(
             if (got := md5sum(folder / name)) != MNIST_MD5[kind][name]
         ]
         if bad:
-            raise _differs(kind, folder, bad)
-    count = _EXAMPLES[split]
-    images = read_idx(folder / names[0], _IMAGES_MAGIC, shape_at_most=(count, 28, 28))
-    labels = read_idx(folder / names[1], _LABELS_MAGIC, shape_at_most=(count,))
+            cure = (
+                "Delete them and download them again ({download}), or {no_check_md5} to use "
+                "them as they are."
+            )
+            raise _differs(kind, folder, bad, cure)
+    images = read_idx(folder / names[0], _IMAGES_MAGIC)
+    labels = read_idx(folder / names[1], _LABELS_MAGIC)
     if images.shape[1:] != (28, 28):
         raise _not_the_file(folder / names[0], f"its images are {images.shape[1:]}, not 28x28")
     if images.shape[0] != labels.shape[0]:
