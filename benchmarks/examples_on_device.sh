@@ -7,6 +7,7 @@
 # /tmp/bilevel-examples-$DEVICE). Prints one line per run and a count of those that failed.
 DEVICE=${DEVICE:-cuda}
 W=${WORK:-/tmp/bilevel-examples-$DEVICE}
+export BILEVEL_DATA=${BILEVEL_DATA:-../shared/data}  # (run from the repository's root)
 rm -rf "$W" && mkdir -p "$W"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 D="--device $DEVICE --no-progress"

@@ -594,7 +594,8 @@ def test_choosing_page_quotes_the_benchmarks_page() -> None:
     neumann_error = first_cells(errors, "Implicit Neumann<br><small>T=200, k=50</small>")[0]
 
     def power(x: float) -> str:
-        mantissa, exponent = f"{x:.0e}".split("e")
+        mantissa, exponent = f"{x:.1e}".split("e")
+        mantissa = mantissa.removesuffix(".0")
         scale = f"10^{{{int(exponent)}}}"
         return f"${scale}$" if mantissa == "1" else f"${mantissa} \\times {scale}$"
 

@@ -350,22 +350,29 @@ class _HostReads(torch.overrides.TorchFunctionMode):
 
 
 @SERIES
-def test_series_read_the_device_once(solver):
-    """No host sync in the loop: the one transfer (``to``) comes before any read of a value."""
+@pytest.mark.parametrize("terms", [30, 300], ids=["not-converged", "converged"])
+def test_series_read_the_device_once(solver, terms):
+    """No host sync in the loop: the one transfer (``to``) comes before any read of a value;
+    after it, Neumann reads ``b - A x`` once more where it meets the tolerance."""
     a = spd(cond=5.0)
+    b = split(torch.ones(8, dtype=DTYPE))
     with _HostReads() as log:
-        solver(as_matvec(a), split(torch.ones(8, dtype=DTYPE)), torch.tensor(0.2, dtype=DTYPE), 30)
+        _, info = solver(as_matvec(a), b, torch.tensor(0.2, dtype=DTYPE), terms)
+    assert info.converged == (terms == 300)
     reads = {"__bool__", "__float__", "__int__", "__index__", "item", "tolist", "cpu", "numpy"}
     transfer = log.names.index("to")
     assert not reads & set(log.names[:transfer])
     assert log.names.count("to") + log.names.count("cpu") == 1
+    after = [name for name in log.names[transfer + 1 :] if name in reads]
+    checked = solver is linalg.neumann and info.converged
+    assert after == (["numpy", "__float__"] if checked else ["numpy"])
 
 
 def test_neumann_claims_convergence_only_when_the_true_residual_meets_the_tolerance():
-    """BUG (before the fix): in float32 at condition number 100 the series' recurrence reached
-    1e-5 relative and Neumann reported ``converged=True`` where ``b - A x`` was 8.6e-5 (this
-    machine). A claim now holds for the residual computed afresh; the reported residual is
-    that one."""
+    """BUG (before the fix): in float32 at condition number 100 the series' recurrence
+    reported 3e-18 (8e-19 relative) and Neumann ``converged=True`` at a tolerance of 1e-5,
+    where ``b - A x`` was 8.9e-5 (2.4e-5 relative; this machine). A claim now holds for the
+    residual computed afresh; the reported residual is that one."""
     a = (spd(d=12, cond=100.0, seed=0) / 100.0).float()  # eigenvalues in [0.01, 1]
     b = torch.linspace(-1.0, 2.0, 12)
     tolerance = 1e-5
