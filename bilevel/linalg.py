@@ -38,9 +38,10 @@ class SolverInfo:
         method: the solver's name.
         iterations: matrix-vector products spent on the iteration.
         residual_norm: ``||b - A x||`` of the returned ``x``, computed by MINRES, the fixed
-            point iteration and a callable solver, by CG where it reports convergence or runs
-            on an accelerator, and by Neumann where its recurrence's residual meets the
-            tolerance (converged or not, then). Otherwise CG and Neumann report the residual
+            point iteration and a callable solver, by CG and CG on the normal equations where
+            they report convergence or run on an accelerator (CG also after a breakdown), and
+            by Neumann where its recurrence's residual meets the tolerance (converged or not,
+            then). Otherwise CG, CG on the normal equations and Neumann report the residual
             their recurrence updates: equal in exact arithmetic, it drifts below the true one
             with round-off (CG in float32 at condition number 100 reported 5e-11 relative
             where the true one was 2e-6, in float64 at condition number 1e8 9e-11 where it
@@ -160,10 +161,11 @@ def cg(
     every iteration instead and skips the masking. If a search direction has non-positive
     curvature (``A`` is not positive definite), it stops there, as truncated CG does (Steihaug
     1983), with ``info.diverged`` set, and returns the iterate with the smallest residual it
-    has computed (``x0`` included): on an indefinite ``A`` the direction before the breakdown
-    may have had a tiny positive curvature, which sends the last iterate (and its residual)
-    arbitrarily far (measured on few-shot Omniglot, iMAML: up to 4,700 times the norm of the
-    right-hand side). Without a breakdown the last iterate is returned.
+    has computed, or ``x0`` where ``b - A x``, computed afresh at one more product, says that
+    is better (the recurrence's residuals drift): on an indefinite ``A`` the direction before
+    the breakdown may have had a tiny positive curvature, which sends the last iterate (and
+    its residual) arbitrarily far (measured on few-shot Omniglot, iMAML: up to 4,700 times
+    the norm of the right-hand side). Without a breakdown the last iterate is returned.
 
     Reference: Hestenes & Stiefel (1952); used for hypergradients by Pedregosa (2016, HOAG)
     and Rajeswaran et al. (2019, iMAML).
@@ -197,6 +199,7 @@ def cg(
     n_iter = torch.zeros_like(rr)
     broken = torch.zeros((), dtype=torch.bool, device=rr.device)
     best_x, best_rr = x, rr
+    x_start, rr_start = x, rr
     for i in range(iters):
         active = (rr > threshold) & ~broken
         ap = matvec(p)
@@ -215,13 +218,23 @@ def cg(
         best_x = [torch.where(better, xi, bi) for xi, bi in zip(x, best_x, strict=True)]
         best_rr = torch.where(better, rr, best_rr)
         if (i + 1) % check_every == 0 and i + 1 < iters:
-            if not bool((rr > threshold) & ~broken):
+            going, stopped = torch.stack([rr > threshold, broken]).tolist()
+            if stopped:
                 break
+            if not going:  # the recurrence passed: b - A x must pass too, else restart from it
+                r = _residual(matvec, b, x)
+                p, rr = r, dot(r, r)
+                if not bool(rr > threshold):
+                    return x, _summary("cg", n_iter, rr.sqrt(), rhs_norm, tolerance, broken)
     x = [torch.where(broken, bi, xi) for xi, bi in zip(x, best_x, strict=True)]
     # the recurrence's residual drifts below the true one (see _cg_checked_on_host): the
-    # true one is reported, at one more product (no host sync)
+    # true one is reported, at one more product (no host sync), and after a breakdown x0 is
+    # returned where it is the better one
     true_r = _residual(matvec, b, x)
-    rr = torch.where(broken, best_rr, dot(true_r, true_r))
+    rr = dot(true_r, true_r)
+    worse = broken & (rr > rr_start)
+    x = [torch.where(worse, si, xi) for xi, si in zip(x, x_start, strict=True)]
+    rr = torch.where(worse, rr_start, rr)
     return x, _summary("cg", n_iter, rr.sqrt(), rhs_norm, tolerance, broken)
 
 
@@ -242,6 +255,7 @@ def _cg_checked_on_host(
     van der Vorst & Ye 2000), and the run ends reporting the true residual."""
     p = r
     best_x, best_rr = x, rr
+    x_start, rr_start = x, rr
     exact = True  # whether r is b - A x as computed, not the recurrence's
     for i in range(iters):
         if not rr > threshold:
@@ -253,7 +267,11 @@ def _cg_checked_on_host(
                 return x, i, rr, False
         ap = matvec(p)
         pap = dot(p, ap)
-        if not pap > 0:
+        if not pap > 0:  # the best iterate by the recurrence, unless b - A x says x0 is
+            r = _residual(matvec, b, best_x)
+            best_rr = dot(r, r)
+            if best_rr > rr_start:
+                return x_start, i, rr_start, True
             return best_x, i, best_rr, True
         alpha = rr / pap
         x = _axpy(alpha, p, x)
@@ -716,8 +734,13 @@ def normal_cg(
         tolerance: relative residual of ``A x = b`` at which to stop.
         rmatvec: ``u -> A^T u``; by default :func:`transpose` of ``matvec``.
 
+    The recurrence's residual drifts below the true one with round-off: where it meets the
+    tolerance, ``b - A x`` is computed (one more product) and must meet it too, or the
+    iteration restarts from it (as :func:`cg` does).
+
     Returns:
-        ``(x, info)``; ``info.residual_norm`` is ``||b - A x||``.
+        ``(x, info)``; ``info.residual_norm`` is ``||b - A x||`` where the recurrence's
+        residual met the tolerance and on an accelerator, else the recurrence's.
     """
     rmatvec = transpose(matvec, b) if rmatvec is None else rmatvec
     x, r = [torch.zeros_like(t) for t in b], list(b)
@@ -726,10 +749,21 @@ def normal_cg(
     threshold = (tolerance * rhs_norm) ** 2
     zero = torch.zeros_like(rr)
     n_iter, interval = zero, _check_interval(rr)
+    exact = True  # whether r is b - A x as computed, not the recurrence's
     for i in range(iters):
         active = rr > threshold
         if i % interval == 0 and not bool(active):
-            break
+            if exact:
+                break
+            # the recurrence's residual drifts below the true one (float32, condition
+            # number 100: 2e-12 relative where b - A x was 3e-7): it must pass too, or the
+            # iteration restarts from it
+            r = _residual(matvec, b, x)
+            rr, exact = dot(r, r), True
+            if not bool(rr > threshold):
+                break
+            p = s = rmatvec(r)
+            gamma, active = dot(s, s), rr > threshold
         q = matvec(p)
         qq = dot(q, q)
         step = torch.where(active & (qq > 0), gamma / qq, zero)
@@ -737,8 +771,12 @@ def normal_cg(
         s = rmatvec(r)
         gamma_next, rr = dot(s, s), dot(r, r)
         p = _axpy(torch.where(active & (gamma > 0), gamma_next / gamma, zero), p, s)
-        gamma = gamma_next
+        gamma, exact = gamma_next, False
         n_iter = n_iter + active.to(n_iter.dtype)
+    if not exact and (interval > 1 or not bool(rr > threshold)):
+        # a claim the loop did not check (on an accelerator: always, with no host sync)
+        r = _residual(matvec, b, x)
+        rr = dot(r, r)
     return x, _summary("normal_cg", n_iter, rr.sqrt(), rhs_norm, tolerance)
 
 

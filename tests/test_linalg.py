@@ -388,3 +388,70 @@ def test_neumann_claims_convergence_only_when_the_true_residual_meets_the_tolera
     if info.converged:
         assert true <= 2 * tolerance * info.rhs_norm
         assert abs(info.residual_norm - true) <= tolerance * info.rhs_norm
+
+
+def nonsymmetric(d: int, cond: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """``U diag(s) V^T`` with singular values from 1 to ``cond``."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=DTYPE))
+    v, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=DTYPE))
+    s = torch.logspace(0, float(torch.tensor(cond).log10()), d, dtype=DTYPE)
+    return (u @ torch.diag(s) @ v.T).to(dtype)
+
+
+def relative_residual(a: torch.Tensor, x: list, b: torch.Tensor) -> float:
+    """``||b - A x|| / ||b||`` of the solver's answer, in float64."""
+    a, b = a.double(), b.double()
+    return float(torch.linalg.vector_norm(b - a @ flat(x).double()) / b.norm())
+
+
+@pytest.mark.parametrize(
+    ("dtype", "cond", "tolerance"),
+    [(torch.float32, 10.0, 1e-10), (torch.float32, 100.0, 1e-10), (torch.float64, 1e4, 1e-14)],
+)
+def test_normal_cg_claims_convergence_only_when_the_true_residual_meets_it(dtype, cond, tolerance):
+    """BUG (before the fix): CG on the normal equations reported its recurrence's residual
+    and converged=True on it: float32 at condition number 100, 2e-12 relative claimed where
+    b - A x was 3e-7; float64 at 1e4, 1e-15 where it was 1e-13."""
+    a = nonsymmetric(8, cond, 0, dtype)
+    b = torch.randn(8, generator=torch.Generator().manual_seed(7), dtype=DTYPE).to(dtype)
+    x, info = linalg.normal_cg(as_matvec(a), split(b), iters=400, tolerance=tolerance)
+    true = relative_residual(a, x, b)
+    assert not info.diverged
+    if dtype == torch.float32:  # 1e-10 is below what float32's b - A x can resolve (~1e-7)
+        assert not info.converged
+    elif info.converged:  # (the solver's own b - A x is within a few eps of this one)
+        assert true <= tolerance + 64 * torch.finfo(dtype).eps
+
+
+def test_cg_on_an_accelerator_restarts_where_its_recurrence_passes_but_b_minus_ax_does_not():
+    """BUG (before the fix): the masked loop (the accelerator's) stopped at the first check
+    where its recurrence had passed the tolerance and reported converged=False with most of
+    its iterations unused (float32, condition number 100: 11 of 200), where the host loop
+    restarts from the true residual and converges."""
+    a = spd(d=8, cond=100.0).float()
+    b = torch.randn(8, generator=torch.Generator().manual_seed(5), dtype=DTYPE).float()
+    for host in (True, False):
+        x, info = linalg.cg(as_matvec(a), split(b), 200, tolerance=1e-6, host_checks=host)
+        assert info.converged, host
+        assert relative_residual(a, x, b) <= 1e-6 + 64 * torch.finfo(torch.float32).eps
+
+
+@HOST
+def test_cg_after_a_breakdown_reports_the_residual_of_what_it_returns(host):
+    """BUG (before the fix): at a direction of non-positive curvature CG returned the iterate
+    with the smallest recurrence residual and reported that residual: 0.044 of ||b||, where
+    b - A x of that iterate was 1.04 ||b||, worse than x0 = 0 (float32, one eigenvalue
+    -1e-9). Now b - A x is computed for it, and x0 kept where it is better."""
+    d = 20
+    g = torch.Generator().manual_seed(4)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=DTYPE))
+    eig = torch.logspace(0, 2, d, dtype=DTYPE)
+    eig[0] = -1e-9
+    a = (q @ torch.diag(eig) @ q.T).float()
+    b = torch.randn(d, generator=g, dtype=DTYPE).float()
+    x, info = linalg.cg(as_matvec(a), split(b), 300, 1e-14, host_checks=host)
+    assert info.diverged
+    true = relative_residual(a, x, b)
+    assert true <= 1.0 + 1e-6  # no worse than x0 = 0
+    assert info.residual_norm / info.rhs_norm == pytest.approx(true, rel=1e-3)
