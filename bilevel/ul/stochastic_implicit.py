@@ -148,7 +148,10 @@ class StochasticImplicit(HypergradientCalculator):
     Cost per call: ``steps`` minibatch Hessian (or Gauss-Newton) vector products, one cross
     product, one UL gradient; memory of one minibatch graph. Draws come from the method's own
     ``torch.Generator`` (seeded by ``seed``, saved by :meth:`state_dict`), never from the
-    global RNG.
+    global RNG. ``diagnostics``: ``steps``, ``draws``, ``q_norm`` (of the ``q`` returned),
+    ``rhs_norm`` (``||v||``) and ``minibatch_residual_norm``: ``||H_b q - v||`` on the last
+    step's minibatch, at the ``q`` that step started from (the gradient it took; no extra
+    product), not at the ``q`` returned.
 
     References: Grazzi, Pontil & Salzo (2021), "Convergence Properties of Stochastic
     Hypergradients", AISTATS (SID); Pedregosa (2016), "Hyperparameter optimization with
