@@ -637,7 +637,12 @@ def minres(
     (Choi, Paige & Saunders 2011), with ``converged`` false: without the least-squares test
     its next step divides by a round-off pivot (``||x||`` near 1e13 on a 6 x 6 system). On
     larger ones (20 to 50 unknowns, tolerance 1e-10) the test can miss that step: ``||x||``
-    near 1e14, reported as ``diverged``.
+    near 1e14, reported as ``diverged``. In float32 a matrix singular in exact arithmetic is
+    stored with eigenvalues of round-off size in its null directions, and a tolerance below
+    float32's reach keeps MINRES iterating into them: on a 6 x 6 system with 3 null
+    directions and tolerance 1e-10, the relative residual was 9e-8 after 10 iterations and
+    0.95 after 200, ``x`` far from the minimum-norm solution, with ``converged`` false but
+    ``diverged`` not set. Give float32 a tolerance it can reach (``1e-6``).
 
     The rotations' residual drifts from the true one on ill-conditioned systems (measured: a
     claimed relative residual below 1e-10 where the true one is 1e-4, condition number 1e8),
