@@ -106,6 +106,13 @@ def _residual(matvec: MatVec, b: Vector, x: Vector) -> Vector:
     return _axpy(-1.0, matvec(x), list(b))
 
 
+def _true_residual(matvec: MatVec, b: Vector, x: Vector) -> tuple[Vector, torch.Tensor]:
+    """``r = b - A x``, computed, and ``<r, r>``: what a recurrence's drifted residual is
+    checked against and restarted from."""
+    r = _residual(matvec, b, x)
+    return r, dot(r, r)
+
+
 def _start(matvec: MatVec, b: Vector, x0: Vector | None) -> tuple[Vector, Vector]:
     """The starting point (zeros by default) and its residual ``b - A x0``."""
     if x0 is None:
@@ -222,16 +229,15 @@ def cg(
             if stopped:
                 break
             if not going:  # the recurrence passed: b - A x must pass too, else restart from it
-                r = _residual(matvec, b, x)
-                p, rr = r, dot(r, r)
+                r, rr = _true_residual(matvec, b, x)
+                p = r
                 if not bool(rr > threshold):
                     return x, _summary("cg", n_iter, rr.sqrt(), rhs_norm, tolerance, broken)
     x = [torch.where(broken, bi, xi) for xi, bi in zip(x, best_x, strict=True)]
     # the recurrence's residual drifts below the true one (see _cg_checked_on_host): the
     # true one is reported, at one more product (no host sync), and after a breakdown x0 is
     # returned where it is the better one
-    true_r = _residual(matvec, b, x)
-    rr = dot(true_r, true_r)
+    _, rr = _true_residual(matvec, b, x)
     worse = broken & (rr > rr_start)
     x = [torch.where(worse, si, xi) for xi, si in zip(x, x_start, strict=True)]
     rr = torch.where(worse, rr_start, rr)
@@ -261,15 +267,14 @@ def _cg_checked_on_host(
         if not rr > threshold:
             if exact:
                 return x, i, rr, False
-            r = _residual(matvec, b, x)
-            rr, p, exact = dot(r, r), r, True
+            r, rr = _true_residual(matvec, b, x)
+            p, exact = r, True
             if not rr > threshold:
                 return x, i, rr, False
         ap = matvec(p)
         pap = dot(p, ap)
         if not pap > 0:  # the best iterate by the recurrence, unless b - A x says x0 is
-            r = _residual(matvec, b, best_x)
-            best_rr = dot(r, r)
+            _, best_rr = _true_residual(matvec, b, best_x)
             if best_rr > rr_start:
                 return x_start, i, rr_start, True
             return best_x, i, best_rr, True
@@ -282,8 +287,7 @@ def _cg_checked_on_host(
         if rr < best_rr:
             best_x, best_rr = x, rr
     if not rr > threshold and not exact:
-        r = _residual(matvec, b, x)
-        rr = dot(r, r)
+        _, rr = _true_residual(matvec, b, x)
     return x, iters, rr, False
 
 
@@ -727,7 +731,10 @@ def normal_cg(
     Runs CG in the CGLS form, which keeps the residual ``r = b - A x`` of the original system
     (not the normal equations' ``A^T r``) and stops when ``||r|| <= tolerance * ||b||``. Each
     iteration costs one product with ``A`` and one with ``A^T``. The convergence rate depends
-    on ``cond(A)^2``: prefer :func:`cg` or :func:`minres` when ``A`` is symmetric.
+    on ``cond(A)^2``: prefer :func:`cg` or :func:`minres` when ``A`` is symmetric. The
+    recurrence's residual drifts below the true one with round-off: where it meets the
+    tolerance, ``b - A x`` is computed (one more product) and must meet it too, or the
+    iteration restarts from it (as :func:`cg` does).
 
     Reference: Hestenes & Stiefel (1952), section 10 (CGLS); as ``CG_normaleq`` of hypertorch
     (Grazzi, Franceschi, Pontil & Salzo 2020, ICML).
@@ -738,10 +745,6 @@ def normal_cg(
         iters: maximum number of iterations (products with ``A``).
         tolerance: relative residual of ``A x = b`` at which to stop.
         rmatvec: ``u -> A^T u``; by default :func:`transpose` of ``matvec``.
-
-    The recurrence's residual drifts below the true one with round-off: where it meets the
-    tolerance, ``b - A x`` is computed (one more product) and must meet it too, or the
-    iteration restarts from it (as :func:`cg` does).
 
     Returns:
         ``(x, info)``; ``info.residual_norm`` is ``||b - A x||`` where the recurrence's
@@ -763,8 +766,8 @@ def normal_cg(
             # the recurrence's residual drifts below the true one (float32, condition
             # number 100: 2e-12 relative where b - A x was 3e-7): it must pass too, or the
             # iteration restarts from it
-            r = _residual(matvec, b, x)
-            rr, exact = dot(r, r), True
+            r, rr = _true_residual(matvec, b, x)
+            exact = True
             if not bool(rr > threshold):
                 break
             p = s = rmatvec(r)
@@ -780,8 +783,7 @@ def normal_cg(
         n_iter = n_iter + active.to(n_iter.dtype)
     if not exact and (interval > 1 or not bool(rr > threshold)):
         # a claim the loop did not check (on an accelerator: always, with no host sync)
-        r = _residual(matvec, b, x)
-        rr = dot(r, r)
+        _, rr = _true_residual(matvec, b, x)
     return x, _summary("normal_cg", n_iter, rr.sqrt(), rhs_norm, tolerance)
 
 

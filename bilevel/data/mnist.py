@@ -207,20 +207,21 @@ def verify_mnist(root: str | os.PathLike[str] | None = None, kind: str = "MNIST"
     """
     folder = mnist_folder(root, kind)
     _require_files(folder, kind, list(MNIST_MD5[kind]))
+    cure = "Delete them, and load_mnist(..., download=True) fetches them again."
+    _check_md5(kind, folder, list(MNIST_MD5[kind]), cure)
+
+
+def _check_md5(kind: str, folder: Path, names: list[str], cure: str) -> None:
+    """Raise if one of the files ``names`` in ``folder`` differs from the official release
+    (``cure``: the sentence that says what to do, in :func:`cure_error`'s template form)."""
     bad = [
-        f"{name}: md5 {got}, expected {expected}"
-        for name, expected in MNIST_MD5[kind].items()
-        if (got := md5sum(folder / name)) != expected
+        f"{name}: md5 {got}, expected {MNIST_MD5[kind][name]}"
+        for name in names
+        if (got := md5sum(folder / name)) != MNIST_MD5[kind][name]
     ]
-    if bad:
-        cure = "Delete them, and load_mnist(..., download=True) fetches them again."
-        raise _differs(kind, folder, bad, cure)
-
-
-def _differs(kind: str, folder: Path, bad: list[str], cure: str) -> ValueError:
-    """The error for files that differ from the official release (``bad``: one line each;
-    ``cure``: the sentence that says what to do, in :func:`cure_error`'s template form)."""
-    return cure_error(
+    if not bad:
+        return
+    raise cure_error(
         ValueError,
         "{kind} files in {folder} differ from the official release:\n  {bad}\nThey are "
         "damaged or not {kind}'s (another data set's files under this name?). " + cure,
@@ -290,17 +291,11 @@ def load_mnist(
                 download_file(urls, folder / name, [MNIST_MD5[kind][name]])
     _require_files(folder, kind, names)
     if check_md5:
-        bad = [
-            f"{name}: md5 {got}, expected {MNIST_MD5[kind][name]}"
-            for name in names
-            if (got := md5sum(folder / name)) != MNIST_MD5[kind][name]
-        ]
-        if bad:
-            cure = (
-                "Delete them and download them again ({download}), or {no_check_md5} to use "
-                "them as they are."
-            )
-            raise _differs(kind, folder, bad, cure)
+        cure = (
+            "Delete them and download them again ({download}), or {no_check_md5} to use them "
+            "as they are."
+        )
+        _check_md5(kind, folder, names, cure)
     images = read_idx(folder / names[0], _IMAGES_MAGIC)
     labels = read_idx(folder / names[1], _LABELS_MAGIC)
     if images.shape[1:] != (28, 28):

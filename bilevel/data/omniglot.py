@@ -285,13 +285,12 @@ def _read_drawing(path: str, zf: zipfile.ZipFile | None, name: str) -> bytes:
             fd = os.open(Path(path) / name, _READ_FLAGS)
             try:
                 status = os.fstat(fd)
-                if stat.S_ISREG(status.st_mode):
-                    data = os.read(fd, limit + 1)
+                regular = stat.S_ISREG(status.st_mode)  # (not a folder, a pipe, a device)
+                data, size = os.read(fd, limit + 1) if regular else b"", status.st_size
             finally:
                 os.close(fd)
-            if not stat.S_ISREG(status.st_mode):  # (a folder, a pipe, a device)
+            if not regular:
                 raise _damaged(f"{name} is not a regular file", path)
-            size = status.st_size
         except OSError as error:  # a file removed, no permission
             raise ValueError(
                 f"{path}: cannot read {name} ({error.strerror or error}). Check the file and "
