@@ -427,14 +427,24 @@ def test_normal_cg_claims_convergence_only_when_the_true_residual_meets_it(dtype
 def test_cg_on_an_accelerator_restarts_where_its_recurrence_passes_but_b_minus_ax_does_not():
     """BUG (before the fix): the masked loop (the accelerator's) stopped at the first check
     where its recurrence had passed the tolerance and reported converged=False with most of
-    its iterations unused (float32, condition number 100: 11 of 200), where the host loop
-    restarts from the true residual and converges."""
+    its iterations unused (float32, condition number 100: 11 of 200, 21 products), where the
+    host loop restarts from the true residual and converges. Either loop now converges (its
+    b - A x meets the tolerance) or spends its iterations: the tolerance is near float32's
+    floor here, so which one depends on the CPU's rounding."""
     a = spd(d=8, cond=100.0).float()
     b = torch.randn(8, generator=torch.Generator().manual_seed(5), dtype=DTYPE).float()
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return as_matvec(a)(v)
+
     for host in (True, False):
-        x, info = linalg.cg(as_matvec(a), split(b), 200, tolerance=1e-6, host_checks=host)
-        assert info.converged, host
-        assert relative_residual(a, x, b) <= 1e-6 + 64 * torch.finfo(torch.float32).eps
+        calls.clear()
+        x, info = linalg.cg(matvec, split(b), 200, tolerance=1e-6, host_checks=host)
+        assert info.converged or len(calls) >= 200, (host, len(calls))
+        if info.converged:
+            assert relative_residual(a, x, b) <= 1e-6 + 64 * torch.finfo(torch.float32).eps
 
 
 @HOST
@@ -452,6 +462,7 @@ def test_cg_after_a_breakdown_reports_the_residual_of_what_it_returns(host):
     b = torch.randn(d, generator=g, dtype=DTYPE).float()
     x, info = linalg.cg(as_matvec(a), split(b), 300, 1e-14, host_checks=host)
     assert info.diverged
-    true = relative_residual(a, x, b)
-    assert true <= 1.0 + 1e-6  # no worse than x0 = 0
-    assert info.residual_norm / info.rhs_norm == pytest.approx(true, rel=1e-3)
+    # b - A x as the solver computes it (float32, the same products): the same rounding
+    computed = float((b - a @ flat(x)).norm() / b.norm())
+    assert computed <= 1.0 + 1e-5  # no worse than x0 = 0
+    assert info.residual_norm / info.rhs_norm == pytest.approx(computed, rel=1e-5)
