@@ -5,6 +5,8 @@ moves far more than that floor. The worst iterate is the first; a hand-written P
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -78,3 +80,31 @@ def test_ptt_keeps_a_worst_first_iterate_of_a_fast_converging_ll(dtype):
     # (4e-13 in float64); the step T gives a hypergradient of round-off, far outside it
     rtol = 1e-2 if dtype == torch.float32 else 1e-9
     torch.testing.assert_close(grad, expected, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("block", [1, 40, 1 << 22])
+def test_step_lengths_are_the_norms_of_consecutive_differences(block):
+    """PTT's step lengths, computed over stacked blocks of flattened iterates, are
+    ``||w_{k+1} - w_k||`` over all the tensors of an iterate: for several tensors of other
+    shapes, complex ones among them, and blocks of one pair, of three (the last of two) and
+    of all."""
+    from bilevel.ul.ptt import step_lengths
+
+    g = torch.Generator().manual_seed(0)
+    iterates = [
+        [
+            torch.randn(3, 2, generator=g, dtype=torch.float64),
+            torch.randn(4, generator=g, dtype=torch.complex128),
+        ]
+        for _ in range(9)
+    ]
+    expected = torch.stack(
+        [
+            torch.sqrt(sum(((a - b).abs() ** 2).sum() for a, b in zip(after, before, strict=True)))
+            for before, after in itertools.pairwise(iterates)
+        ]
+    )
+    lengths = step_lengths(iterates, block=block)
+    assert lengths.shape == (8,)
+    assert lengths.dtype == torch.float64
+    torch.testing.assert_close(lengths, expected, rtol=1e-12, atol=0)

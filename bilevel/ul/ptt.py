@@ -3,7 +3,6 @@ loss (IAPTT-GM)."""
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
@@ -46,6 +45,25 @@ class Iterates:
     def result(self) -> list[Tensors]:
         """The iterates, one list of trainable weights per step."""
         return self.iterates
+
+
+def step_lengths(iterates: list[Tensors], block: int = 1 << 22) -> torch.Tensor:
+    """``||w_{k+1} - w_k||`` for each pair of consecutive iterates (a 1-d tensor, real). The
+    iterates are flattened and stacked a block of at most about ``block`` elements at a
+    time: a few operations for the small models of hyperparameter optimization rather than
+    a few per step (on logistic regression with T = 100 the norms taken pair by pair cost
+    about 1.5 of the 4 ms per UL step that PTT spent over its hand-written loop), and a
+    bounded copy for large ones."""
+    size = sum(w.numel() for w in iterates[0])
+    rows = max(2, block // max(size, 1))
+    lengths = []
+    for start in range(0, len(iterates) - 1, rows - 1):
+        flat = [
+            ws[0].reshape(-1) if len(ws) == 1 else torch.cat([w.reshape(-1) for w in ws])
+            for ws in iterates[start : start + rows]
+        ]
+        lengths.append(torch.linalg.vector_norm(torch.stack(flat).diff(dim=0), dim=1))
+    return lengths[0] if len(lengths) == 1 else torch.cat(lengths)
 
 
 class PTT(HypergradientCalculator):
@@ -166,13 +184,7 @@ class PTT(HypergradientCalculator):
                 # the floor, not their sum against T floors: in float32 a floor is 1e-5 ||w||,
                 # and a fast-converging LL travels less than T of them after genuine first
                 # steps (k* = 1 went to T, the hypergradient 30x off)
-                steps = iterates[latest:]
-                moves = torch.stack(
-                    [
-                        linalg.norm([a - b for a, b in zip(after, before, strict=True)])
-                        for before, after in itertools.pairwise(steps)
-                    ]
-                )
+                moves = step_lengths(iterates[latest:])
                 floor = roundoff_floor(linalg.norm(iterates[-1]), batch_terms(call.train_data))
                 if bool(moves.max() <= floor):
                     latest = final
