@@ -22,6 +22,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+#: the environment of a process whose freed memory stays in glibc's heap for the next step
+#: (no trimming; large blocks mapped from 32 MiB up, the most glibc's sliding threshold
+#: reaches on 64-bit Linux): ``heap_trim.py`` measures why timings run with it
+KEPT_HEAP = {"MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+
+
+def process_environment(kept_heap: bool, base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) without glibc's heap settings, then
+    with :data:`KEPT_HEAP` if ``kept_heap``."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in KEPT_HEAP}
+    return {**env, **KEPT_HEAP} if kept_heap else env
 
 
 class NotSupported(Exception):

@@ -54,7 +54,14 @@ import problems as P  # noqa: E402
 import run  # noqa: E402
 import worker  # noqa: E402
 from argtypes import count, names  # noqa: E402
-from common import RESULTS, ROOT, git_revision, machine, summarize  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    ROOT,
+    git_revision,
+    machine,
+    process_environment,
+    summarize,
+)
 
 OUT = RESULTS / "method_families.json"
 IMPLS = ("bilevel", "boat", "floor")
@@ -492,7 +499,8 @@ class FamilyProcess(run.WorkerProcess):
     def __init__(self, impl: str, python: str, threads: int) -> None:
         self.impl, self.python, self.threads = impl, python, threads
         path = [str(ROOT), str(HERE)] if impl == "bilevel" else [str(HERE)]
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+        # glibc's default heap, whatever this process's environment says (args.glibc_heap)
+        self.env = process_environment(False, {**os.environ, "PYTHONPATH": os.pathsep.join(path)})
         pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
         self.proc = subprocess.Popen(self.command("serve"), env=self.env, cwd=HERE, **pipes)
         line = self.proc.stdout.readline()
@@ -673,6 +681,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(flag, **spec)
     args = parser.parse_args(argv)
     args.budget = None
+    args.glibc_heap = True  # (its workers run with glibc's default heap: FamilyProcess)
     return args
 
 

@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from argtypes import existing_file  # noqa: E402
-from common import RESULTS, ROOT, code_revision  # noqa: E402
+from common import KEPT_HEAP, RESULTS, ROOT, code_revision  # noqa: E402
 
 PAGE = ROOT / "docs" / "benchmarks.md"
 IMAGES = ROOT / "docs" / "img" / "benchmarks"
@@ -265,6 +265,78 @@ def vmap_section() -> list[str]:
         )
     lines += ["", verdict, ""]
     return lines
+
+
+def heap_of_timings(res: Results) -> str:
+    """How the page's timings treated glibc's heap (``run.py``'s ``--glibc-heap``), as a
+    sentence of the "how it is measured" list."""
+    heaps = [r.get("heap", "glibc") for r in res.data["records"] if r["kind"] == "time"]
+    kept = heaps.count("kept")
+    how = (
+        "with freed memory kept in glibc's heap (`"
+        + " ".join(f"{k}={v}" for k, v in KEPT_HEAP.items())
+        + "`, every implementation alike; [why](#the-c-allocator))"
+    )
+    if kept == len(heaps):
+        return f"The timing workers run {how}."
+    if kept == 0:
+        return "The timing workers run with glibc's default heap trimming."
+    return (
+        f"{kept} of the {len(heaps)} timings were taken {how}, the others with glibc's "
+        "default heap trimming."
+    )
+
+
+def heap_section() -> list[str]:
+    """The default-against-kept heap measurement of ``heap_trim.py``, if it was run."""
+    source = RESULTS / "heap_trim.json"
+    if not source.exists():
+        return []
+    d = json.loads(source.read_text())
+    code = code_revision(d.get("git"))
+    rows = []
+    for c in d["cells"]:
+        default, kept = c["default"], c["kept"]
+        rows.append(
+            f"| {c['config']['problem']}: {label(c['config'])} | {NAMES.get(c['impl'], c['impl'])} "
+            f"| {ms(default['seconds']['median'])}<br><small>"
+            f"{ms(default['seconds']['min'])}–{ms(default['seconds']['max'])}</small> "
+            f"| {default['faults']['median']:,.0f} "
+            f"| {ms(kept['seconds']['median'])}<br><small>"
+            f"{ms(kept['seconds']['min'])}–{ms(kept['seconds']['max'])}</small> "
+            f"| {kept['faults']['median']:,.0f} | {c['default_over_kept']:.2f} |"
+        )
+    processes = len(d["cells"][0]["default"]["processes"])
+    return [
+        "## The C allocator",
+        "",
+        "On Linux, PyTorch's CPU tensors come from glibc's `malloc`. Once more than a threshold "
+        "of the heap's top is free, glibc gives it back to the operating system, and the next "
+        "step touches those pages again, one page fault per 4 KiB. Where that falls depends on "
+        "where small long-lived blocks happen to lie in the heap, which differs between "
+        "processes: the same code runs at different speeds in different processes. Setting "
+        "`"
+        + " ".join(f"{k}={v}" for k, v in KEPT_HEAP.items())
+        + "` keeps freed memory in the heap for the next step (the trim threshold alone would "
+        "also pin the mmap threshold at 128 KiB and map every large tensor afresh; 32 MiB is the "
+        "most glibc's own sliding threshold reaches on 64-bit Linux). The same UL step in "
+        f"{processes} fresh processes each, the two settings alternated, one untimed step "
+        "then the median of the next ones (`"
+        + d["command"]
+        + f"`, {d['date']}, {d['cpu']}{', ' + code if code else ''}):",
+        "",
+        "| configuration | implementation | glibc default, ms | page faults per step "
+        "| kept heap, ms | page faults per step | default / kept |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "The time tables above are taken with the kept heap, for every implementation, so that "
+        "they compare the implementations rather than where glibc trimmed in each worker. Peak "
+        "memory is measured with glibc's defaults, as programs run. For your own runs on Linux "
+        "the same two variables are a free speed-up where steps allocate and free large "
+        "tensors; they make the process hold its largest heap until it exits.",
+        "",
+    ]
 
 
 def peer_findings(res: Results) -> list[str]:
@@ -837,6 +909,7 @@ def page(res: Results, source: Path, images: dict[str, str]) -> str:
         *memory_table(res, res.configs.get("regression", [])),
         "",
         *vmap_section(),
+        *heap_section(),
         "## How it is measured",
         "",
         "- **Implementations.** *bilevel* is this library through its public API "
@@ -856,7 +929,8 @@ def page(res: Results, source: Path, images: dict[str, str]) -> str:
         "- **Time.** Each implementation is a long-lived worker process; the runner alternates "
         "them A B C D A B C D, and each turn runs one untimed warm-up step then times single "
         "UL steps for about the budget. Reported: the median over all rounds (min–max in "
-        "brackets), in milliseconds per UL step; ratios are ours / theirs on the medians.",
+        "brackets), in milliseconds per UL step; ratios are ours / theirs on the medians. "
+        + heap_of_timings(res),
         "- **Memory.** A fresh process per configuration and implementation builds the "
         "problem, frees the allocator's cache (`malloc_trim`), resets the peak RSS "
         "(`/proc/self/clear_refs`), reads the current RSS as the baseline, runs its first UL "

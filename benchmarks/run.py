@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from argtypes import count, existing_file, names, positive  # noqa: E402
-from common import RESULTS, ROOT, git_revision, machine  # noqa: E402
+from common import KEPT_HEAP, RESULTS, ROOT, git_revision, machine, process_environment  # noqa: E402
 
 PEERS = {
     "boat": ("BENCH_BOAT_PYTHON", "/work/venvs/boat/bin/python"),
@@ -157,18 +157,26 @@ def label(config: dict[str, Any]) -> str:
 class WorkerProcess:
     """A ``worker.py serve`` process of one implementation."""
 
-    def __init__(self, impl: str, python: str, threads: int, library: str | None = None) -> None:
+    def __init__(
+        self,
+        impl: str,
+        python: str,
+        threads: int,
+        library: str | None = None,
+        kept_heap: bool = True,
+    ) -> None:
         self.impl, self.python, self.threads = impl, python, threads
-        env = {**os.environ, "PYTHONPATH": str(HERE)}
-        if impl == "bilevel":
-            env["PYTHONPATH"] = os.pathsep.join([library or str(ROOT), str(HERE)])
-        self.env = env
+        path = os.pathsep.join([library or str(ROOT), str(HERE)]) if impl == "bilevel" else HERE
+        # peak memory is measured with glibc's defaults, as users run; timings with the
+        # kept heap (``kept_heap``), where they measure the code, not where glibc's trimming
+        # happened to fall in that process (heap_trim.py)
+        self.env = process_environment(False, {**os.environ, "PYTHONPATH": str(path)})
         self.proc = subprocess.Popen(
             [python, str(HERE / "worker.py"), "serve", "--impl", impl, "--threads", str(threads)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            env=env,
+            env=process_environment(kept_heap, self.env),
             cwd=HERE,
         )
         line = self.proc.stdout.readline()
@@ -215,14 +223,15 @@ class WorkerProcess:
 
 
 def start_workers(
-    impls: list[str], threads: int, patched: str | None = None
+    impls: list[str], threads: int, patched: str | None = None, kept_heap: bool = True
 ) -> tuple[dict[str, WorkerProcess], dict]:
     """Start one worker per implementation; a peer that cannot start is reported, not fatal.
     ``patched``: a folder holding a modified ``bilevel`` package, run as one more
-    implementation named ``patched`` (to measure a proposed change against the checkout)."""
+    implementation named ``patched`` (to measure a proposed change against the checkout).
+    ``kept_heap``: the timing workers run with :data:`common.KEPT_HEAP`."""
     workers, unavailable = {}, {}
     if patched:
-        worker = WorkerProcess("bilevel", sys.executable, threads, library=patched)
+        worker = WorkerProcess("bilevel", sys.executable, threads, patched, kept_heap)
         worker.name = "patched"
         workers["patched"] = worker
     for impl in impls:
@@ -234,7 +243,7 @@ def start_workers(
                 unavailable[impl] = f"no Python at {python} (set {var}; see docs/benchmarks.md)"
                 continue
         try:
-            workers[impl] = WorkerProcess(impl, python, threads)
+            workers[impl] = WorkerProcess(impl, python, threads, kept_heap=kept_heap)
         except Exception as exc:
             unavailable[impl] = f"{type(exc).__name__}: {exc}"
     return workers, unavailable
@@ -310,6 +319,7 @@ class Run:
         load = os.getloadavg()
         for impl in impls:
             record = {"kind": "time", "config": config, "impl": impl, "loadavg": load}
+            record["heap"] = "glibc" if self.args.glibc_heap else "kept"
             if impl in status:
                 record.update(status[impl])
             else:
@@ -406,9 +416,12 @@ class Run:
             "machine": machine(),
             "git": git_revision(),
             "loadavg_start": os.getloadavg(),
+            "timing_heap": {} if args.glibc_heap else KEPT_HEAP,
         }
         impls = [i for i in args.impls.split(",") if i]
-        workers, unavailable = start_workers(impls, args.threads, args.patched)
+        workers, unavailable = start_workers(
+            impls, args.threads, args.patched, kept_heap=not args.glibc_heap
+        )
         header["versions"] = {i: w.hello["version"] for i, w in workers.items()}
         header["notes"] = {i: w.hello.get("notes", []) for i, w in workers.items()}
         header["unavailable"] = unavailable
@@ -468,6 +481,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=count, help="alternation rounds (2 quick, 3 full)")
     parser.add_argument("--budget", type=positive, help="seconds of timed steps per round")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory runs")
+    parser.add_argument(
+        "--glibc-heap",
+        action="store_true",
+        help="time with glibc's default heap trimming (default: the kept heap, heap_trim.py)",
+    )
     parser.add_argument("--memory-only", action="store_true", help="only the memory runs")
     parser.add_argument("--no-report", action="store_true", help="do not write the docs page")
     parser.add_argument("--out", help="results file (default: results/<date>.json)")

@@ -20,6 +20,7 @@ SCRIPTS = (
     "bilevel_curves_report",
     "darts_step_budget",
     "fd_many_steps",
+    "heap_trim",
     "hyper_cleaning_results",
     "imaml_inner_convergence",
     "memory_long_run",
@@ -54,6 +55,13 @@ BAD = {
         ([*DRIVER, "--spec", "[1, 2]"], "--spec"),
         (["--bench", FOLDER, "--npz", MISSING, "--spec", "{}"], "--npz"),
         (["--bench", MISSING, "--npz", FILE, "--spec", "{}"], "--bench"),
+    ],
+    "heap_trim": [
+        (["--processes", "0"], "--processes"),
+        (["--steps", "-1"], "--steps"),
+        (["child", "--impl", "boat", "--config", "{}"], "--impl"),
+        (["child", "--config", "not json"], "--config"),
+        (["child"], "--config"),
     ],
     "benchopt_quadratic": [
         (["--methods", ""], "--methods"),

@@ -474,3 +474,23 @@ def test_a_page_merged_from_several_runs_names_them_in_its_reproduce_command():
         "benchmarks/results/remeasured.json"
     )
     assert alone.startswith("python benchmarks/report.py ") and "newest" in alone
+
+
+def test_the_page_says_how_each_timing_treated_the_heap():
+    """Timings taken with the kept heap (``run.py``'s default) and with glibc's trimming
+    (``--glibc-heap``, and files written before the choice was recorded) are told apart: a
+    page merged from both says how many of each."""
+    config = {"suite": "meta", "problem": "meta", "method": "maml", "batch": 4}
+
+    def timing(impl, heap):
+        record = {"kind": "time", "config": config, "impl": impl, "median": 1.0}
+        return record if heap is None else {**record, "heap": heap}
+
+    for report in _benchmark_module("report"):
+        kept = report.heap_of_timings(report.Results({"records": [timing("bilevel", "kept")]}))
+        older = report.heap_of_timings(report.Results({"records": [timing("bilevel", None)]}))
+        both = [timing("bilevel", "kept"), timing("floor", "glibc"), timing("boat", None)]
+        mixed = report.heap_of_timings(report.Results({"records": both}))
+    assert "kept in glibc's heap" in kept and "MALLOC_TRIM_THRESHOLD_" in kept
+    assert older == "The timing workers run with glibc's default heap trimming."
+    assert mixed.startswith("1 of the 3 timings were taken with freed memory kept")
