@@ -55,6 +55,7 @@ import run  # noqa: E402
 import worker  # noqa: E402
 from argtypes import count, names  # noqa: E402
 from common import (  # noqa: E402
+    KEPT_HEAP,
     RESULTS,
     ROOT,
     git_revision,
@@ -496,13 +497,14 @@ def worker_main(argv: list[str] | None = None) -> None:
 class FamilyProcess(run.WorkerProcess):
     """``run.WorkerProcess`` started through this file (``impl_<name>_families``)."""
 
-    def __init__(self, impl: str, python: str, threads: int) -> None:
+    def __init__(self, impl: str, python: str, threads: int, kept_heap: bool = True) -> None:
         self.impl, self.python, self.threads = impl, python, threads
         path = [str(ROOT), str(HERE)] if impl == "bilevel" else [str(HERE)]
-        # glibc's default heap, whatever this process's environment says (args.glibc_heap)
+        # memory runs with glibc's defaults, timings with the kept heap (as run.py's)
         self.env = process_environment(False, {**os.environ, "PYTHONPATH": os.pathsep.join(path)})
         pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
-        self.proc = subprocess.Popen(self.command("serve"), env=self.env, cwd=HERE, **pipes)
+        serving = process_environment(kept_heap, self.env)
+        self.proc = subprocess.Popen(self.command("serve"), env=serving, cwd=HERE, **pipes)
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"the {impl} worker exited at start ({python})")
@@ -601,6 +603,7 @@ class FamilyRun(run.Run):
             "machine": machine(),
             "git": git_revision(),
             "loadavg_start": os.getloadavg(),
+            "timing_heap": {} if self.args.glibc_heap else KEPT_HEAP,
             "target_rounds": self.args.target_rounds,
             "only_methods": sorted(self.methods) if self.methods else None,
         }
@@ -610,7 +613,8 @@ class FamilyRun(run.Run):
             var, default = run.PEERS.get(impl, ("", sys.executable))
             python = os.environ.get(var, default) if var else default
             try:
-                workers[impl] = FamilyProcess(impl, python, self.args.threads)
+                kept = not self.args.glibc_heap
+                workers[impl] = FamilyProcess(impl, python, self.args.threads, kept)
             except Exception as exc:  # a peer that cannot start is reported, not fatal
                 unavailable[impl] = f"{type(exc).__name__}: {exc}"
         header["versions"] = {i: w.hello["version"] for i, w in workers.items()}
@@ -660,6 +664,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads": {"type": count, "default": 1, "help": "torch threads per worker"},
         "--rounds": {"type": count, "default": 2, "help": "alternation rounds"},
         "--no-memory": {"action": "store_true", "help": "skip the memory runs"},
+        "--glibc-heap": {
+            "action": "store_true",
+            "help": "time with glibc's default heap trimming (default: the kept heap, as run.py)",
+        },
         "--out": {"default": str(OUT), "help": "results file"},
         "--partial": {"help": "file to rewrite with the records after each configuration"},
         "--no-report": {"action": "store_true", "help": "do not write the docs page"},
@@ -681,7 +689,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(flag, **spec)
     args = parser.parse_args(argv)
     args.budget = None
-    args.glibc_heap = True  # (its workers run with glibc's default heap: FamilyProcess)
     return args
 
 

@@ -24,7 +24,17 @@ sys.path.insert(0, str(HERE))
 
 from argtypes import existing_file  # noqa: E402
 from common import RESULTS, ROOT, code_revision  # noqa: E402
-from report import FIG_DPI, FIG_WIDTH, PAGE_PX, Results, cell_time, mib, portable, sci  # noqa: E402
+from report import (  # noqa: E402
+    FIG_DPI,
+    FIG_WIDTH,
+    PAGE_PX,
+    Results,
+    cell_time,
+    heap_of_timings,
+    mib,
+    portable,
+    sci,
+)
 
 SOURCE = RESULTS / "method_families.json"
 PAGE = ROOT / "docs" / "method_families.md"
@@ -934,7 +944,8 @@ class Page:
             f"environment), one torch thread, alternated A B C A B C over {d['rounds']} rounds; "
             "a warm-up step, then as many steps as fit in "
             + ", ".join(f"{v} s ({k})" for k, v in d["budget_s"].items())
-            + " per round; the median of all timed steps.",
+            + " per round; the median of all timed steps. "
+            + heap_of_timings(d["records"]),
             "- **Memory.** A fresh process per configuration and implementation: the peak "
             "resident set size during the first UL step minus the resident size just before "
             "it (`benchmarks/common.py`).",

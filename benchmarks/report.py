@@ -267,15 +267,15 @@ def vmap_section() -> list[str]:
     return lines
 
 
-def heap_of_timings(res: Results) -> str:
-    """How the page's timings treated glibc's heap (``run.py``'s ``--glibc-heap``), as a
-    sentence of the "how it is measured" list."""
-    heaps = [r.get("heap", "glibc") for r in res.data["records"] if r["kind"] == "time"]
+def heap_of_timings(records: list[dict[str, Any]]) -> str:
+    """How a page's timings (the ``time`` records among ``records``) treated glibc's heap
+    (``run.py``'s ``--glibc-heap``), as a sentence of the "how it is measured" list."""
+    heaps = [r.get("heap", "glibc") for r in records if r["kind"] == "time"]
     kept = heaps.count("kept")
     how = (
         "with freed memory kept in glibc's heap (`"
         + " ".join(f"{k}={v}" for k, v in KEPT_HEAP.items())
-        + "`, every implementation alike; [why](#the-c-allocator))"
+        + "`, every implementation alike; [why](benchmarks.md#the-c-allocator))"
     )
     if kept == len(heaps):
         return f"The timing workers run {how}."
@@ -930,7 +930,7 @@ def page(res: Results, source: Path, images: dict[str, str]) -> str:
         "them A B C D A B C D, and each turn runs one untimed warm-up step then times single "
         "UL steps for about the budget. Reported: the median over all rounds (min–max in "
         "brackets), in milliseconds per UL step; ratios are ours / theirs on the medians. "
-        + heap_of_timings(res),
+        + heap_of_timings(d["records"]),
         "- **Memory.** A fresh process per configuration and implementation builds the "
         "problem, frees the allocator's cache (`malloc_trim`), resets the peak RSS "
         "(`/proc/self/clear_refs`), reads the current RSS as the baseline, runs its first UL "

@@ -487,10 +487,11 @@ def test_the_page_says_how_each_timing_treated_the_heap():
         return record if heap is None else {**record, "heap": heap}
 
     for report in _benchmark_module("report"):
-        kept = report.heap_of_timings(report.Results({"records": [timing("bilevel", "kept")]}))
-        older = report.heap_of_timings(report.Results({"records": [timing("bilevel", None)]}))
-        both = [timing("bilevel", "kept"), timing("floor", "glibc"), timing("boat", None)]
-        mixed = report.heap_of_timings(report.Results({"records": both}))
+        kept = report.heap_of_timings([timing("bilevel", "kept")])
+        older = report.heap_of_timings([timing("bilevel", None)])
+        mixed = report.heap_of_timings(
+            [timing("bilevel", "kept"), timing("floor", "glibc"), timing("boat", None)]
+        )
     assert "kept in glibc's heap" in kept and "MALLOC_TRIM_THRESHOLD_" in kept
     assert older == "The timing workers run with glibc's default heap trimming."
     assert mixed.startswith("1 of the 3 timings were taken with freed memory kept")
