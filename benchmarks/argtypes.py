@@ -22,6 +22,7 @@ from _argtypes import count, folder, nonnegative, nonnegative_int, positive
 __all__ = [
     "count",
     "existing_file",
+    "existing_folder",
     "folder",
     "json_object",
     "names",
@@ -55,6 +56,14 @@ def existing_file(text: str) -> Path:
     path = Path(text)
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"no file {text!r}")
+    return path
+
+
+def existing_folder(text: str) -> Path:
+    """An argparse type: the path of a folder that exists (what the script reads)."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no folder {text!r}")
     return path
 
 

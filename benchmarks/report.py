@@ -417,9 +417,44 @@ def failures(res: Results) -> list[str]:
 # --------------------------------------------------------------------------- verdicts
 
 
+def one_process_checks(res: Results) -> dict[tuple, dict[str, Any]]:
+    """``same_process.py``'s re-timings of ours against a peer in one process, by
+    ``(configuration key, peer)``: only those made from this page's own results files."""
+    source = RESULTS / "same_process.json"
+    if not source.exists():
+        return {}
+    d = json.loads(source.read_text())
+    if d.get("sources") != res.data.get("sources"):  # (measured from other results)
+        return {}
+    return {(key(c["config"]), c["peer"]): {**c, "run": d} for c in d["cells"]}
+
+
+def one_process_summary(checks: dict[tuple, dict[str, Any]]) -> list[str]:
+    """What the one-process re-timings showed, in a paragraph after the list they annotate."""
+    if not checks:
+        return []
+    cells = list(checks.values())
+    d = cells[0]["run"]
+    code = code_revision(d.get("git"))
+    at_most = sum(c["one_process"] <= 1.0 for c in cells)
+    worst = max(cells, key=lambda c: c["one_process"])
+    return [
+        "",
+        "Each implementation is timed in its own worker process, and the same code runs a few "
+        "percent faster or slower in one process than in another. Each configuration above was "
+        "timed again with ours and the peer in one process of the peer's Python, alternated "
+        f"(`{d['command']}`, {d['date']}, {d['cpu']}{', ' + code if code else ''}): ours was at "
+        f"most as slow as the peer in {at_most} of {len(cells)}, and at most "
+        f"{worst['one_process']:.2f}x the peer's time ({NAMES[worst['peer']]} on "
+        f"{worst['config']['problem']} {METHOD_NAMES[worst['config']['method']]}, "
+        f"{setting(worst['config'])}).",
+    ]
+
+
 def verdicts(res: Results) -> tuple[list[str], list[str]]:
     """Where a peer is faster than us, and how each timing target fares."""
     faster, targets = [], []
+    checks, quoted = one_process_checks(res), {}
     boat_ok = floor_ok = below_floor = 0
     boat_all, floor_all = [], []
     floor_misses = []  # (floor's time, ours - floor) where the floor target is missed
@@ -436,10 +471,16 @@ def verdicts(res: Results) -> tuple[list[str], list[str]]:
                     other = res.get("time", c, peer)
                     overlap = mine["min"] <= other["max"] and other["min"] <= mine["max"]
                     note = "; the min–max ranges overlap" if overlap else ""
+                    check = checks.get((key(c), peer))
+                    if check:
+                        quoted[(key(c), peer)] = check
+                    again = (
+                        f"; in one process, alternated: {check['one_process']:.2f}" if check else ""
+                    )
                     faster.append(
                         f"- {NAMES[peer]} on {c['problem']} {METHOD_NAMES[c['method']]} "
                         f"({setting(c)}): {ms(theirs)} ms against our {ms(ours)} ms "
-                        f"(ours / theirs = {ours / theirs:.2f}{note})"
+                        f"(ours / theirs = {ours / theirs:.2f}{note}{again})"
                     )
             boat, floor = res.median(c, "boat"), res.median(c, "floor")
             if boat is not None:
@@ -487,7 +528,7 @@ def verdicts(res: Results) -> tuple[list[str], list[str]]:
                 "the library's own work at every LL and UL step (input and finiteness checks, the "
                 "patched model, the objectives' state) is a larger share of a small step"
             )
-    return faster, targets
+    return faster + one_process_summary(quoted), targets
 
 
 def unique_configs(res: Results, suites: tuple[str, ...]) -> list[dict]:
@@ -1018,6 +1059,14 @@ def page(res: Results, source: Path, images: dict[str, str]) -> str:
         "/work/venvs/torchopt/bin/pip install --no-deps torchopt==0.7.3",
         "/work/venvs/torchopt/bin/pip install numpy optree typing-extensions graphviz",
         f"{portable(d['command'])}   # what produced this page; --quick for a short run",
+        "python benchmarks/heap_trim.py   # the C allocator section",
+        "# where a peer was faster, both again in one process: ours' own dependencies beside "
+        "the peers' (the same files serve both environments)",
+        "/work/venvs/boat/bin/pip install --target /work/venvs/bilevel-deps --no-deps tqdm "
+        "higher==0.2.1",
+        "python benchmarks/same_process.py "
+        + " ".join(f"benchmarks/results/{name}" for name in d.get("sources", []))
+        + " --deps /work/venvs/bilevel-deps",
         report_command(d.get("sources")),
         "```",
         "",
@@ -1055,6 +1104,7 @@ def merged(sources: list[Path]) -> dict[str, Any]:
     """The results of ``sources`` as one run: the first file's, where later files replace the
     records they repeat (a configuration measured again) and add the others."""
     data = json.loads(sources[0].read_text())
+    data["sources"] = [sources[0].name]
     for extra in sources[1:]:
         extra_data = json.loads(extra.read_text())
         more = extra_data["records"]
@@ -1066,7 +1116,7 @@ def merged(sources: list[Path]) -> dict[str, Any]:
         data.setdefault("merged", []).append(
             f"`{extra.name}` (`{extra_data['command']}`{', ' + code if code else ''})"
         )
-        data.setdefault("sources", [sources[0].name]).append(extra.name)
+        data["sources"].append(extra.name)
     return data
 
 

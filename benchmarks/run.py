@@ -408,7 +408,9 @@ class Run:
         started = time.time()
         header = {
             "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "command": " ".join(["python", "benchmarks/run.py", *map(shlex.quote, sys.argv[1:])]),
+            "command": " ".join(
+                ["python", "benchmarks/run.py", *map(shlex.quote, _shown(sys.argv[1:]))]
+            ),
             "quick": self.quick,
             "threads": args.threads,
             "rounds": self.rounds,
@@ -452,6 +454,20 @@ class Run:
         header["loadavg_end"] = os.getloadavg()
         header["duration_s"] = round(time.time() - started, 1)
         return {**header, "records": self.records}
+
+
+def _shown(argv: list[str]) -> list[str]:
+    """The command line as the results record it: without ``--partial``'s progress file,
+    which changes no result (a temporary file a page should not name)."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--partial":
+            skip = True
+        elif not arg.startswith("--partial="):
+            shown.append(arg)
+    return shown
 
 
 def annotate(path: Path, args: argparse.Namespace) -> None:

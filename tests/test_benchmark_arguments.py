@@ -33,6 +33,7 @@ SCRIPTS = (
     "process_check",
     "report",
     "run",
+    "same_process",
     "single_loop_growth",
     "vmap_tasks",
     "worker",
@@ -46,6 +47,7 @@ VALID = {
     "benchopt_driver_jax": [*DRIVER, "--spec", "{}"],
     "bilevel_curves_report": [FILE],
     "imaml_inner_convergence": [RUN],
+    "same_process": [FILE],
     "worker": ["serve", "--impl", "bilevel"],
 }
 
@@ -55,6 +57,13 @@ BAD = {
         ([*DRIVER, "--spec", "[1, 2]"], "--spec"),
         (["--bench", FOLDER, "--npz", MISSING, "--spec", "{}"], "--npz"),
         (["--bench", MISSING, "--npz", FILE, "--spec", "{}"], "--bench"),
+    ],
+    "same_process": [
+        ([], "results"),
+        ([MISSING], "results"),
+        (["--rounds", "0", FILE], "--rounds"),
+        (["--seconds", "-1", FILE], "--seconds"),
+        (["--deps", MISSING, FILE], "--deps"),
     ],
     "heap_trim": [
         (["--processes", "0"], "--processes"),

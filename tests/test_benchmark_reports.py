@@ -495,3 +495,42 @@ def test_the_page_says_how_each_timing_treated_the_heap():
     assert "kept in glibc's heap" in kept and "MALLOC_TRIM_THRESHOLD_" in kept
     assert older == "The timing workers run with glibc's default heap trimming."
     assert mixed.startswith("1 of the 3 timings were taken with freed memory kept")
+
+
+def test_a_faster_peer_is_quoted_with_its_one_process_retiming(tmp_path, monkeypatch):
+    """A configuration where a peer's median is below ours carries same_process.py's ratio
+    in one process, and a paragraph sums them up; a re-timing made from other results files
+    is not quoted."""
+    config = {"suite": "cleaning", "problem": "cleaning", "method": "reverse", "T": 100}
+
+    def timing(impl, median):
+        return {"kind": "time", "config": config, "impl": impl, "median": median}
+
+    records = [
+        {**timing("bilevel", 1.05), "min": 1.0, "max": 1.1},
+        {**timing("boat", 1.0), "min": 0.95, "max": 1.05},
+    ]
+    same = {
+        "command": "python3 benchmarks/same_process.py benchmarks/results/run.json",
+        "date": "2026-12-04 21:30 UTC",
+        "cpu": "AMD EPYC",
+        "git": {"commit": "abc1234", "dirty": False},
+        "sources": ["run.json"],
+        "cells": [{"config": config, "peer": "boat", "one_process": 0.99, "samples": 8}],
+    }
+    (tmp_path / "same_process.json").write_text(json.dumps(same))
+    for report in _benchmark_module("report"):
+        monkeypatch.setattr(report, "RESULTS", tmp_path)
+        quoted, _ = report.verdicts(report.Results({"records": records, "sources": ["run.json"]}))
+        other, _ = report.verdicts(report.Results({"records": records, "sources": ["new.json"]}))
+    assert quoted[0].endswith("in one process, alternated: 0.99)"), quoted[0]
+    assert "at most as slow as the peer in 1 of 1" in quoted[-1]
+    assert len(other) == 1 and "one process" not in other[0]
+
+
+def test_a_run_records_its_command_without_the_progress_file():
+    """run.py's results name the command that made them, less ``--partial``'s progress file
+    (a temporary file, which changes no result and which a page must not name)."""
+    for run in _benchmark_module("run"):
+        shown = run._shown(["--suites", "meta", "--partial", "/tmp/p.json", "--partial=/tmp/q"])
+    assert shown == ["--suites", "meta"]
