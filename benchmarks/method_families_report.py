@@ -655,7 +655,16 @@ class Page:
             return "fails" if "failed" in record else "–"
         cos = record.get(field.replace("error", "cosine"))
         below = f"<br><small>cos {cos:.3f}</small>" if cos is not None else ""
+        if self.zero_answer(c, impl):  # (its direction, and so its cosine, is round-off's)
+            below = f"<br><small>zero: norm {sci(record['norm'])}</small>"
         return f"{sci(record[field])}{below}"
+
+    def zero_answer(self, c: dict, impl: str) -> bool:
+        """Whether ``impl``'s hypergradient on ``c`` is zero to round-off: a norm below
+        1e-12 times the largest of the implementations' answers."""
+        norms = [r["norm"] for i in IMPLS if (r := self.res.get("error", c, i)) and "norm" in r]
+        own = self.res.get("error", c, impl) or {}
+        return "norm" in own and own["norm"] < 1e-12 * max(norms)
 
     def cleaning(self) -> list[str]:
         configs = self.configs("training")
@@ -885,7 +894,14 @@ class Page:
                     f"- BOAT's {BOAT_OPS[c['method']]} for {name(c)} on {c['problem']} "
                     f"({setting(c)}) is {sci(target)} from what the operation is defined to "
                     f"compute (ours {sci(ours)}); its error against the exact hypergradient is "
-                    f"{sci(err)}, cosine {cos:.2f}."
+                    + (
+                        f"{sci(err)}: its answer is zero to round-off (norm "
+                        f"{sci(self.error(c, 'boat', 'norm'))}, ours "
+                        f"{sci(self.error(c, 'bilevel', 'norm'))}), whose cosine is that of "
+                        "round-off and changes from run to run."
+                        if self.zero_answer(c, "boat")
+                        else f"{sci(err)}, cosine {cos:.2f}."
+                    )
                 )
                 line = self.error(c, "boat", "error_straight_line")
                 if line is not None and line < 1e-10:
