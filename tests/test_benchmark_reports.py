@@ -534,3 +534,21 @@ def test_a_run_records_its_command_without_the_progress_file():
     for run in _benchmark_module("run"):
         shown = run._shown(["--suites", "meta", "--partial", "/tmp/p.json", "--partial=/tmp/q"])
     assert shown == ["--suites", "meta"]
+
+
+def test_an_answer_zero_to_round_off_shows_its_norm_not_its_cosine():
+    """A hypergradient whose norm is round-off beside the others' (BOAT's DARTS with T > 1:
+    2.6e-21 against 8.1e-3) has the direction of round-off: its table cell gives the norm, not
+    a cosine that changes from run to run; an answer of ordinary size keeps its cosine."""
+    config = {"suite": "regression", "problem": "ridge", "method": "fd", "T": 200, "r": 0.01}
+
+    def error(impl, norm, cosine):
+        return {"kind": "error", "config": config, "impl": impl, "norm": norm,
+                "error_exact": 1.0, "cosine_exact": cosine}  # fmt: skip
+
+    records = [error("bilevel", 8.1e-3, 0.998), error("boat", 2.6e-21, 0.114)]
+    for report in _benchmark_module("method_families_report"):
+        page = report.Page({"records": records})
+        zero, ours = page.error_cell(config, "boat"), page.error_cell(config, "bilevel")
+    assert "zero: norm 2.6e-21" in zero and "cos" not in zero
+    assert ours.endswith("<small>cos 0.998</small>")
