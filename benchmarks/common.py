@@ -28,11 +28,25 @@ RESULTS = ROOT / "benchmarks" / "results"
 KEPT_HEAP = {"MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
 
 
+#: the same settings as a shell would set them
+KEPT_HEAP_TEXT = " ".join(f"{k}={v}" for k, v in KEPT_HEAP.items())
+
+
 def process_environment(kept_heap: bool, base: dict[str, str] | None = None) -> dict[str, str]:
     """``base`` (default: this process's environment) without glibc's heap settings, then
     with :data:`KEPT_HEAP` if ``kept_heap``."""
     env = {k: v for k, v in (os.environ if base is None else base).items() if k not in KEPT_HEAP}
     return {**env, **KEPT_HEAP} if kept_heap else env
+
+
+def json_from_process(command: list[str], env: dict[str, str], what: str) -> Any:
+    """Run ``command`` (in this folder, with ``env``) and return its last line of output as
+    JSON; raise ``RuntimeError`` naming ``what``, with its error output, if it fails."""
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=RESULTS.parent)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode or not lines:
+        raise RuntimeError(f"{what} failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
+    return json.loads(lines[-1])
 
 
 class NotSupported(Exception):

@@ -4,10 +4,10 @@
 
 On Linux PyTorch's CPU tensors come from the C library's ``malloc``. glibc gives freed memory
 at the top of its heap back to the operating system once more than ``M_TRIM_THRESHOLD`` of it
-is free, and the next step touches those pages again: one page fault per 4 KiB page. Whether
-that happens inside a UL step depends on where small long-lived blocks happen to sit in the
-heap, which differs from process to process, so the same code in two processes runs at
-different speeds. With ``MALLOC_TRIM_THRESHOLD_`` set above any heap this machine holds, and
+is free, and the next step touches those pages again: one page fault per 4 KiB page. How
+often that happens inside a UL step differs from process to process running the same code
+(measured here), so the same code in two processes runs at different speeds. With
+``MALLOC_TRIM_THRESHOLD_`` set above any heap this machine holds, and
 ``MALLOC_MMAP_THRESHOLD_`` fixed at 32 MiB (the most glibc's own sliding threshold reaches on
 64-bit Linux; setting the trim threshold alone would fix the mmap one at 128 KiB and map and
 unmap every large tensor), freed memory stays in the heap for the next step.
@@ -25,16 +25,22 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from argtypes import count, json_object
-from common import KEPT_HEAP, RESULTS, machine, process_environment, write_cells
+from common import (
+    KEPT_HEAP,
+    RESULTS,
+    json_from_process,
+    machine,
+    process_environment,
+    summarize,
+    write_cells,
+)
 
-HERE = Path(__file__).resolve().parent
 OUT = RESULTS / "heap_trim.json"
 IMPLS = ("bilevel", "floor")
 CONFIGS = (
@@ -67,17 +73,9 @@ def child(impl: str, config: dict[str, Any], steps: int) -> dict[str, Any]:
 
 def run_child(impl: str, config: dict[str, Any], steps: int, kept: bool) -> dict[str, Any]:
     """:func:`child` in a fresh process, with glibc's defaults or the kept heap."""
-    env = process_environment(kept)
     command = [sys.executable, str(Path(__file__).resolve()), "child", "--impl", impl]
     command += ["--steps", str(steps), "--config", json.dumps(config)]
-    out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=HERE)
-    if out.returncode:
-        raise RuntimeError(f"{impl} {config} failed: {out.stderr.strip()[-800:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return json_from_process(command, process_environment(kept), f"{impl} on {config}")
 
 
 def measure(processes: int, steps: int, impls: list[str]) -> list[dict[str, Any]]:
@@ -92,8 +90,8 @@ def measure(processes: int, steps: int, impls: list[str]) -> list[dict[str, Any]
             cell = {"config": config, "impl": impl}
             for env, rows in runs.items():
                 cell[env] = {
-                    "seconds": spread([r["median"] for r in rows]),
-                    "faults": spread([r["faults"] for r in rows]),
+                    "seconds": summarize([r["median"] for r in rows]),
+                    "faults": summarize([r["faults"] for r in rows]),
                     "processes": [r["median"] for r in rows],
                 }
             ratio = cell["default"]["seconds"]["median"] / cell["kept"]["seconds"]["median"]

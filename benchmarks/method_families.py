@@ -55,7 +55,6 @@ import run  # noqa: E402
 import worker  # noqa: E402
 from argtypes import count, names  # noqa: E402
 from common import (  # noqa: E402
-    KEPT_HEAP,
     RESULTS,
     ROOT,
     git_revision,
@@ -603,7 +602,6 @@ class FamilyRun(run.Run):
             "machine": machine(),
             "git": git_revision(),
             "loadavg_start": os.getloadavg(),
-            "timing_heap": {} if self.args.glibc_heap else KEPT_HEAP,
             "target_rounds": self.args.target_rounds,
             "only_methods": sorted(self.methods) if self.methods else None,
         }

@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from argtypes import existing_file  # noqa: E402
-from common import KEPT_HEAP, RESULTS, ROOT, code_revision  # noqa: E402
+from common import KEPT_HEAP_TEXT, RESULTS, ROOT, code_revision  # noqa: E402
 
 PAGE = ROOT / "docs" / "benchmarks.md"
 IMAGES = ROOT / "docs" / "img" / "benchmarks"
@@ -273,9 +273,8 @@ def heap_of_timings(records: list[dict[str, Any]]) -> str:
     heaps = [r.get("heap", "glibc") for r in records if r["kind"] == "time"]
     kept = heaps.count("kept")
     how = (
-        "with freed memory kept in glibc's heap (`"
-        + " ".join(f"{k}={v}" for k, v in KEPT_HEAP.items())
-        + "`, every implementation alike; [why](benchmarks.md#the-c-allocator))"
+        f"with freed memory kept in glibc's heap (`{KEPT_HEAP_TEXT}`, every implementation "
+        "alike; [why](benchmarks.md#the-c-allocator))"
     )
     if kept == len(heaps):
         return f"The timing workers run {how}."
@@ -312,14 +311,13 @@ def heap_section() -> list[str]:
         "",
         "On Linux, PyTorch's CPU tensors come from glibc's `malloc`. Once more than a threshold "
         "of the heap's top is free, glibc gives it back to the operating system, and the next "
-        "step touches those pages again, one page fault per 4 KiB. Where that falls depends on "
-        "where small long-lived blocks happen to lie in the heap, which differs between "
-        "processes: the same code runs at different speeds in different processes. Setting "
-        "`"
-        + " ".join(f"{k}={v}" for k, v in KEPT_HEAP.items())
-        + "` keeps freed memory in the heap for the next step (the trim threshold alone would "
-        "also pin the mmap threshold at 128 KiB and map every large tensor afresh; 32 MiB is the "
-        "most glibc's own sliding threshold reaches on 64-bit Linux). The same UL step in "
+        "step touches those pages again, one page fault per 4 KiB. How often that happens in a "
+        "step differs between processes running the same code (the fault counts below), so "
+        "the same code runs at different speeds in different processes. Setting "
+        f"`{KEPT_HEAP_TEXT}` keeps freed memory in the heap for the next step (the trim "
+        "threshold alone would also pin the mmap threshold at 128 KiB and map every large "
+        "tensor afresh; 32 MiB is the most glibc's own sliding threshold reaches on 64-bit "
+        "Linux). The same UL step in "
         f"{processes} fresh processes each, the two settings alternated, one untimed step "
         "then the median of the next ones (`"
         + d["command"]
@@ -417,25 +415,24 @@ def failures(res: Results) -> list[str]:
 # --------------------------------------------------------------------------- verdicts
 
 
-def one_process_checks(res: Results) -> dict[tuple, dict[str, Any]]:
-    """``same_process.py``'s re-timings of ours against a peer in one process, by
+def one_process_checks(res: Results) -> tuple[dict[str, Any], dict[tuple, dict[str, Any]]]:
+    """``same_process.py``'s run and its re-timings of ours against a peer in one process, by
     ``(configuration key, peer)``: only those made from this page's own results files."""
     source = RESULTS / "same_process.json"
     if not source.exists():
-        return {}
+        return {}, {}
     d = json.loads(source.read_text())
     if d.get("sources") != res.data.get("sources"):  # (measured from other results)
-        return {}
-    return {(key(c["config"]), c["peer"]): {**c, "run": d} for c in d["cells"]}
+        return {}, {}
+    return d, {(key(c["config"]), c["peer"]): c for c in d["cells"]}
 
 
-def one_process_summary(checks: dict[tuple, dict[str, Any]]) -> list[str]:
-    """What the one-process re-timings showed, in a paragraph after the list they annotate."""
-    if not checks:
+def one_process_summary(run: dict[str, Any], cells: list[dict[str, Any]]) -> list[str]:
+    """What the one-process re-timings ``cells`` of ``run`` showed, in a paragraph after the
+    list they annotate."""
+    if not cells:
         return []
-    cells = list(checks.values())
-    d = cells[0]["run"]
-    code = code_revision(d.get("git"))
+    code = code_revision(run.get("git"))
     at_most = sum(c["one_process"] <= 1.0 for c in cells)
     worst = max(cells, key=lambda c: c["one_process"])
     return [
@@ -443,8 +440,8 @@ def one_process_summary(checks: dict[tuple, dict[str, Any]]) -> list[str]:
         "Each implementation is timed in its own worker process, and the same code runs a few "
         "percent faster or slower in one process than in another. Each configuration above was "
         "timed again with ours and the peer in one process of the peer's Python, alternated "
-        f"(`{d['command']}`, {d['date']}, {d['cpu']}{', ' + code if code else ''}): ours was at "
-        f"most as slow as the peer in {at_most} of {len(cells)}, and at most "
+        f"(`{run['command']}`, {run['date']}, {run['cpu']}{', ' + code if code else ''}): ours "
+        f"was at most as slow as the peer in {at_most} of {len(cells)}, and at most "
         f"{worst['one_process']:.2f}x the peer's time ({NAMES[worst['peer']]} on "
         f"{worst['config']['problem']} {METHOD_NAMES[worst['config']['method']]}, "
         f"{setting(worst['config'])}).",
@@ -454,7 +451,7 @@ def one_process_summary(checks: dict[tuple, dict[str, Any]]) -> list[str]:
 def verdicts(res: Results) -> tuple[list[str], list[str]]:
     """Where a peer is faster than us, and how each timing target fares."""
     faster, targets = [], []
-    checks, quoted = one_process_checks(res), {}
+    (run, checks), quoted = one_process_checks(res), []
     boat_ok = floor_ok = below_floor = 0
     boat_all, floor_all = [], []
     floor_misses = []  # (floor's time, ours - floor) where the floor target is missed
@@ -472,11 +469,10 @@ def verdicts(res: Results) -> tuple[list[str], list[str]]:
                     overlap = mine["min"] <= other["max"] and other["min"] <= mine["max"]
                     note = "; the min–max ranges overlap" if overlap else ""
                     check = checks.get((key(c), peer))
+                    again = ""
                     if check:
-                        quoted[(key(c), peer)] = check
-                    again = (
-                        f"; in one process, alternated: {check['one_process']:.2f}" if check else ""
-                    )
+                        quoted.append(check)
+                        again = f"; in one process, alternated: {check['one_process']:.2f}"
                     faster.append(
                         f"- {NAMES[peer]} on {c['problem']} {METHOD_NAMES[c['method']]} "
                         f"({setting(c)}): {ms(theirs)} ms against our {ms(ours)} ms "
@@ -528,7 +524,7 @@ def verdicts(res: Results) -> tuple[list[str], list[str]]:
                 "the library's own work at every LL and UL step (input and finiteness checks, the "
                 "patched model, the objectives' state) is a larger share of a small step"
             )
-    return faster + one_process_summary(quoted), targets
+    return faster + one_process_summary(run, quoted), targets
 
 
 def unique_configs(res: Results, suites: tuple[str, ...]) -> list[dict]:

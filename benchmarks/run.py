@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from argtypes import count, existing_file, names, positive  # noqa: E402
-from common import KEPT_HEAP, RESULTS, ROOT, git_revision, machine, process_environment  # noqa: E402
+from common import RESULTS, ROOT, git_revision, machine, process_environment  # noqa: E402
 
 PEERS = {
     "boat": ("BENCH_BOAT_PYTHON", "/work/venvs/boat/bin/python"),
@@ -318,8 +318,8 @@ class Run:
                     status[impl] = answer
         load = os.getloadavg()
         for impl in impls:
-            record = {"kind": "time", "config": config, "impl": impl, "loadavg": load}
-            record["heap"] = "glibc" if self.args.glibc_heap else "kept"
+            heap = "glibc" if self.args.glibc_heap else "kept"
+            record = {"kind": "time", "config": config, "impl": impl, "loadavg": load, "heap": heap}
             if impl in status:
                 record.update(status[impl])
             else:
@@ -418,7 +418,6 @@ class Run:
             "machine": machine(),
             "git": git_revision(),
             "loadavg_start": os.getloadavg(),
-            "timing_heap": {} if args.glibc_heap else KEPT_HEAP,
         }
         impls = [i for i in args.impls.split(",") if i]
         workers, unavailable = start_workers(

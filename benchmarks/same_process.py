@@ -4,7 +4,7 @@
 
 ``run.py`` times every implementation in its own worker process. On this machine the same
 code can run a few percent faster or slower in one process than in another, even with the
-kept heap (``heap_trim.py``): where large tensors land in memory differs between processes.
+kept heap (``heap_trim.py``, which removes one cause; the rest was not pinned down).
 For every configuration of the results files (merged as ``report.py`` merges them) where a
 peer's median is below ours, this script starts one process with the peer's Python, imports
 ours beside it, builds both runners and times them alternately: a warm-up step each, then
@@ -23,14 +23,13 @@ import importlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from argtypes import count, existing_file, existing_folder, json_object, positive
-from common import RESULTS, ROOT, process_environment, write_cells
+from common import RESULTS, ROOT, json_from_process, process_environment, write_cells
 
 HERE = Path(__file__).resolve().parent
 OUT = RESULTS / "same_process.json"
@@ -55,8 +54,9 @@ def child(impls: list[str], config: dict[str, Any], rounds: int, seconds: float)
             while True:
                 start = time.perf_counter()
                 runners[impl].step()
-                times[impl].append(time.perf_counter() - start)
-                if start >= end - times[impl][-1]:
+                finish = time.perf_counter()
+                times[impl].append(finish - start)
+                if finish >= end:
                     break
     return times
 
@@ -93,10 +93,7 @@ def measure(
     env = process_environment(True, {**os.environ, "PYTHONPATH": os.pathsep.join(path)})
     command = [python, str(Path(__file__).resolve()), "child", "--impls", f"bilevel,{peer}"]
     command += ["--rounds", str(rounds), "--seconds", str(seconds), "--config", json.dumps(config)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=HERE)
-    if done.returncode:
-        raise RuntimeError(f"{peer} on {config}: {done.stderr.strip()[-800:]}")
-    times = json.loads(done.stdout.strip().splitlines()[-1])
+    times = json_from_process(command, env, f"{peer} on {config}")
     ours, theirs = statistics.median(times["bilevel"]), statistics.median(times[peer])
     return {
         "config": config,
