@@ -51,9 +51,8 @@ def step_lengths(iterates: list[Tensors], block: int = 1 << 22) -> torch.Tensor:
     """``||w_{k+1} - w_k||`` for each pair of consecutive iterates (a 1-d tensor, real). The
     iterates are flattened and stacked a block of at most about ``block`` elements at a
     time: a few operations for the small models of hyperparameter optimization rather than
-    a few per step (on logistic regression with T = 100 the norms taken pair by pair cost
-    about 1.5 of the 4 ms per UL step that PTT spent over its hand-written loop), and a
-    bounded copy for large ones."""
+    a few per step (PTT's Python work per LL step is what keeps it over its hand-written
+    loop: ``docs/method_families.md``), and a bounded copy for large ones."""
     size = sum(w.numel() for w in iterates[0])
     rows = max(2, block // max(size, 1))
     lengths = []
