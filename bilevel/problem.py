@@ -11,7 +11,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
@@ -35,6 +34,7 @@ from bilevel.state import (
     tensor_leaves,
 )
 from bilevel.ul.base import check_ul_parameters, kept_buffers, put_back_buffers
+from bilevel.user_warnings import warn_user
 
 Pair = tuple[Any, Any]
 Batch = Pair | tuple[Pair, Pair] | dict[str, Pair]
@@ -947,12 +947,11 @@ class BilevelProblem:
             raise
         kept_out = (state.get("changed_settings") or {}).get("kept_out") or []
         if kept_out:
-            warnings.warn(
+            warn_user(
                 f"the checkpoint's run changed {', '.join(kept_out)} after "
                 "construction to a value a file cannot hold (a callable, a tensor): set it "
                 "again after loading, or the run continues with the value this problem has.",
                 RuntimeWarning,
-                stacklevel=2,
             )
 
     def _load(self, state: dict[str, Any], strict: bool = True) -> None:

@@ -26,7 +26,6 @@ import io
 import os
 import stat
 import tempfile
-import warnings
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from tqdm.auto import tqdm
 
 from bilevel.data._files import cure_error, damaged, download_file, md5sum
 from bilevel.data.root import CACHE_ENV, DATA_ENV, resolve_cache_dir, resolve_root
+from bilevel.user_warnings import warn_user
 
 __all__ = [
     "N_ALPHABETS",
@@ -332,10 +332,9 @@ def _decode_all(
                         bar.update(len(result[0]))
                 return results
             except (BrokenProcessPool, OSError) as exc:
-                warnings.warn(
+                warn_user(
                     f"parallel Omniglot decoding failed ({exc!r}); decoding in this process",
                     RuntimeWarning,
-                    stacklevel=3,
                 )
                 bar.reset()
         results = []
@@ -498,11 +497,10 @@ class Omniglot:
             f"{a}/{c}" for a, c in zip(self.alphabets, self.characters, strict=True)
         ]
         if self.pixel_sha256 != OMNIGLOT_PIXEL_SHA256:
-            warnings.warn(
+            warn_user(
                 f"{folder}: Omniglot pixels differ from the original release "
                 f"(sha256 {self.pixel_sha256})",
                 RuntimeWarning,
-                stacklevel=2,
             )
 
     def __len__(self) -> int:
@@ -615,14 +613,13 @@ def _load_cache(path: Path, image_size: int | None = None) -> dict[str, np.ndarr
         with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
             arrays = {key: f[key] for key in _CACHE_KEYS}
     except Exception as exc:  # zipfile, zlib, NumPy and OS errors: a damaged file
-        warnings.warn(f"ignoring unreadable cache {path} ({exc!r})", RuntimeWarning, stacklevel=3)
+        warn_user(f"ignoring unreadable cache {path} ({exc!r})", RuntimeWarning)
         return None
     problem = _malformed(arrays, image_size)
     if problem is not None:
-        warnings.warn(
+        warn_user(
             f"ignoring malformed cache {path}: {problem}; it is decoded again",
             RuntimeWarning,
-            stacklevel=3,
         )
         return None
     return arrays
@@ -674,7 +671,7 @@ def _save_cache(path: Path, arrays: dict[str, np.ndarray]) -> bool:
             exc=exc,
             env=CACHE_ENV,
         )
-        warnings.warn(warning, stacklevel=3)
+        warn_user(warning)
         return False
     finally:
         if tmp is not None and os.path.exists(tmp):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
-import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -52,6 +51,7 @@ from bilevel.state import (
     requires_grad,
     trainable_parameters,
 )
+from bilevel.user_warnings import warn_user
 
 #: ``run``'s default: record as many graph steps as ``differentiable_steps`` says
 AS_CONFIGURED: Any = object()
@@ -625,7 +625,7 @@ class GradientDescent:
         )
         if self._on_growth == "warn":
             self._warned_growth = True
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            warn_user(message, RuntimeWarning)
             return
         raise LowerLevelDivergenceError(
             message + " Its result is not used (on_growth='warn' or 'ignore' would let it "
@@ -799,12 +799,11 @@ def _growth_policy(on_growth: str | None, warn_on_growth: bool | None) -> str | 
                 f"warn_on_growth={warn_on_growth} contradicts on_growth={on_growth!r}: give "
                 "on_growth only (warn_on_growth is deprecated)."
             )
-        warnings.warn(
+        warn_user(
             f"warn_on_growth is deprecated: use on_growth={mapped!r}. The default, "
             "on_growth='raise', refuses a diverging LL run (the UL step is skipped under "
             "BilevelProblem(on_nonfinite='skip')).",
             DeprecationWarning,
-            stacklevel=3,
         )
         on_growth = mapped
     return on_growth

@@ -20,7 +20,6 @@ parameter's shape and ``iters``; an unambiguous value means the same with or wit
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from bilevel.ll.rules import LR_BOUND, Bound
+from bilevel.user_warnings import warn_user
 
 __all__ = ["LR_BOUND", "Hyper", "Schedule", "check", "check_device"]
 
@@ -287,7 +287,7 @@ class Hyper:
         _check_range(flat, what, FINITE)
         if not self.warned_negative:
             self.warned_negative = True
-            warnings.warn(
+            warn_user(
                 f"{what} has entries outside {_interval(self.bound)}: "
                 f"{_shown(flat, outside)}. A step size "
                 "below zero moves its weight up its gradient; Meta-SGD allows it (its step "
@@ -296,7 +296,6 @@ class Hyper:
                 "parameter: lr=[lambda ul, i=i: ul.log_lrs[i].exp() for i in range(n)]. "
                 "(Said once.)",
                 RuntimeWarning,
-                stacklevel=6,
             )
 
 

@@ -6,7 +6,6 @@ import contextlib
 import functools
 import math
 import operator
-import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +32,7 @@ from bilevel.ul.base import (
     add,
     detached_weights,
 )
+from bilevel.user_warnings import warn_user
 
 Tensors = list[torch.Tensor]
 
@@ -433,12 +433,11 @@ class FiniteDifference(HypergradientCalculator):
     def _warn_if_many_steps(self, trajectory: Trajectory) -> None:
         if trajectory.iters > 1 and not self._warned_steps:
             self._warned_steps = True
-            warnings.warn(
+            warn_user(
                 f"FiniteDifference differentiates only the last of the {trajectory.iters} LL "
                 "steps (DARTS' one-step approximation; the earlier steps' dependence on the "
                 "UL variables is ignored): it is not the hypergradient of the whole LL run "
                 "nor the implicit one. Use iters=1 for DARTS' alternating scheme, or Reverse, "
                 "Truncated or Implicit for the hypergradient of a longer LL run.",
                 RuntimeWarning,
-                stacklevel=5,
             )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -12,6 +11,7 @@ from bilevel.ll import evaluate_at
 from bilevel.second_derivatives import FIRST_ORDER_METHODS, refuse_once_differentiable
 from bilevel.state import Objective
 from bilevel.ul.base import Call, Grads, HypergradientCalculator, detached_weights
+from bilevel.user_warnings import warn_user
 
 Tensors = list[torch.Tensor]
 
@@ -85,13 +85,12 @@ class Forward(HypergradientCalculator):
         super().__init__(ul_objective, ul_model, ll_objective, ll_model)
         n = tangent_count(self.ul_params)
         if n > MANY:
-            warnings.warn(
+            warn_user(
                 "Forward carries one tangent per real coordinate of the hyperparameters (two "
                 f"per complex entry): {n} Jacobian-vector products per LL step, and tangents of "
                 f"{n} times the LL's size in memory. "
                 "For this many hyperparameters use Reverse, Truncated or Implicit.",
                 RuntimeWarning,
-                stacklevel=3,
             )
 
     def observer(self, ll: Any) -> Tangents:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +24,7 @@ from bilevel.ul.base import (
     refuse_fixed_point_map,
     refuse_rule_weight_decay,
 )
+from bilevel.user_warnings import warn_user
 
 
 def _check_converged_warning(value: Any, name: str) -> float | None:
@@ -224,7 +224,7 @@ class IGA(HypergradientCalculator):
         """Say (once) that the round-off floor of the multiplier is missing or partial."""
         if self._converged_warning is not None and not self._warned_scale:
             self._warned_scale = True  # once per calculator
-            warnings.warn(
+            warn_user(
                 "IGA could not take the Hessian-vector products that set the round-off floor "
                 f"of its multiplier ({reason}): at an LL whose gradient is round-off (an LL at "
                 "its solution) the multiplier is round-off over round-off squared and the "
@@ -235,7 +235,6 @@ class IGA(HypergradientCalculator):
                 "marked once_differentiable), or start the LL away from its solution "
                 "(converged_warning=None: no warning).",
                 RuntimeWarning,
-                stacklevel=7,
             )
 
     def _warn_if_converged(
@@ -252,7 +251,7 @@ class IGA(HypergradientCalculator):
                 self._warned = True  # once per calculator
                 scale = self.diagnostics["ll_grad_scale"]
                 against = "" if scale is None else f", against {float(scale):.1e}"
-                warnings.warn(
+                warn_user(
                     "IGA at the LL's solution: the LL gradient is at round-off (norm "
                     f"{float(self.diagnostics['ll_grad_norm']):.1e}{against} for the terms that "
                     "cancel in it), where IGA's multiplier <grad_w F, grad_w f> / "
@@ -262,7 +261,6 @@ class IGA(HypergradientCalculator):
                     "left out. Use Implicit at a converged LL, or IGA with a few LL steps from "
                     "a point away from the LL's solution (converged_warning=None: no warning).",
                     RuntimeWarning,
-                    stacklevel=5,
                 )
             return
         if start is None:
@@ -272,7 +270,7 @@ class IGA(HypergradientCalculator):
         )
         if ratio < self._converged_warning:
             self._warned = True  # once per calculator
-            warnings.warn(
+            warn_user(
                 f"IGA at a converged LL: the LL gradient is {ratio:.1e} of its initial norm, and "
                 "IGA's multiplier <grad_w F, grad_w f> / ||grad_w f||^2 grows like "
                 f"1 / ||grad_w f|| (now {float(self.diagnostics['iga_multiplier']):.3g}): unless "
@@ -280,5 +278,4 @@ class IGA(HypergradientCalculator):
                 "the LL objective's lambda-gradient, not the hypergradient. Use Implicit at a "
                 "converged LL, or IGA with a few LL steps (converged_warning=None: no warning).",
                 RuntimeWarning,
-                stacklevel=5,
             )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +23,7 @@ from bilevel.ul.base import (
     gradient_scale,
     refuse_rule_weight_decay,
 )
+from bilevel.user_warnings import warn_user
 
 
 def _positive(value: Any) -> bool:
@@ -465,11 +465,10 @@ class Implicit(HypergradientCalculator):
     def _warn_if_graph(self, trajectory: Trajectory) -> None:
         if trajectory.differentiable_steps and not self._warned_graph:
             self._warned_graph = True
-            warnings.warn(
+            warn_user(
                 "Implicit does not use the LL graph the auxiliary model recorded; set "
                 "ll.differentiable_steps = 0 (BilevelProblem does) so that LL memory does not "
                 "grow with the number of steps.",
-                stacklevel=4,
             )
 
     def _gradient_scale(
@@ -526,13 +525,12 @@ class Implicit(HypergradientCalculator):
         self._warned_stationarity = True  # once per calculator (the setting stays the user's)
         step_map = trajectory.step_map
         if step_map is not None and not step_map.symmetric:  # a fixed-point map: no lr, no H
-            warnings.warn(
+            warn_user(
                 f"The fixed-point residual ||w - Phi(w)|| at the auxiliary model is {ratio:.0%} "
                 "of its value at the first iteration: the LL is not stationary (not at its "
                 "fixed point), and the implicit hypergradient assumes it is. Run more "
                 "iterations (iters; the map must contract where it runs), or use Reverse.",
                 RuntimeWarning,
-                stacklevel=5,
             )
             return
         if ratio > limit:
@@ -547,12 +545,11 @@ class Implicit(HypergradientCalculator):
                 f"that rate the weights are still about {left:.0%} of the distance they travelled "
                 "away from the stationary point"
             )
-        warnings.warn(
+        warn_user(
             f"{found}: the LL is not stationary, and the implicit hypergradient assumes it is. "
             "Run more LL steps, lower the LL learning rate if the LL oscillates (it must stay "
             "below 2 / lambda_max), or use Reverse.",
             RuntimeWarning,
-            stacklevel=5,
         )
 
     def _distance_norms(self, trajectory: Trajectory) -> list[torch.Tensor]:
@@ -725,4 +722,4 @@ class Implicit(HypergradientCalculator):
             raise HypergradientDivergenceError(message, safe_alpha=safe_alpha)
         if not self._warned_divergence:  # once: diagnostics["diverged"] tells every time
             self._warned_divergence = True
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warn_user(message, RuntimeWarning)

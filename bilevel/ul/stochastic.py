@@ -13,7 +13,6 @@ the UL objective on the validation data, ``y`` the LL variable (the trainable pa
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +44,7 @@ from bilevel.ul.base import (
 )
 from bilevel.ul.ll_growth import RisingLoss, divergence_message
 from bilevel.ul.sampling import SAME, Minibatch, Sampler, num_samples, select
+from bilevel.user_warnings import warn_user
 
 Tensors = list[torch.Tensor]
 
@@ -523,7 +523,7 @@ class StochasticMethod(HypergradientCalculator):
         message = divergence_message(type(self).__name__, self.t, loss, peak, evidence)
         if policy == "warn":
             self._warned_growth = True
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warn_user(message, RuntimeWarning)
             return False
         raise LowerLevelDivergenceError(message, first=peak, last=loss, iters=1)
 
