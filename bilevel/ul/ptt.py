@@ -89,7 +89,7 @@ class PTT(HypergradientCalculator):
     them, as spectral norm's power iteration does, moves them for its own evaluation
     only).
 
-    Reference: Liu, Liu, Yuan, Zeng & Zhang (2021), "Towards Gradient-based Bilevel
+    Reference: Liu, Liu, Zeng & Zhang (2021), "Towards Gradient-based Bilevel
     Optimization with Non-convex Followers and Beyond" (IAPTT-GM), NeurIPS.
 
     Args:
