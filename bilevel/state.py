@@ -178,8 +178,9 @@ def modes_kept(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     return _KeptModes(model)
 
 
-def check_objective_result(value: Any, name: str) -> torch.Tensor:
-    """Check that an objective returned a scalar tensor that carries a graph.
+def check_objective_result(value: Any, name: str, graph: bool = True) -> torch.Tensor:
+    """Check that an objective returned a real floating-point scalar tensor that carries a
+    graph (``graph=False``: an evaluation without one, which only compares or reports it).
 
     Finiteness is not checked here (that needs a host sync); callers check it where a sync is
     already paid for.
@@ -188,7 +189,7 @@ def check_objective_result(value: Any, name: str) -> torch.Tensor:
         TypeError: ``value`` is not a tensor.
         ValueError: ``value`` is not a scalar, or has no graph to the parameters.
     """
-    if isinstance(value, torch.Tensor) and value.ndim == 0 and value.requires_grad:
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and (value.requires_grad or not graph):
         if value.is_floating_point():  # the usual case, in one test (a 0-d tensor is a scalar)
             return value
     if not isinstance(value, torch.Tensor):
@@ -200,7 +201,7 @@ def check_objective_result(value: Any, name: str) -> torch.Tensor:
             f"{name} must return a scalar, but it returned a tensor of shape "
             f"{tuple(value.shape)}; reduce it with .mean() or .sum()."
         )
-    if not value.requires_grad:
+    if graph and not value.requires_grad:
         raise ValueError(
             f"{name} returned a tensor with no path to any parameter (requires_grad=False): "
             "compute it from state['ll_model'] and/or state['ul_model'], without .detach(), "

@@ -15,6 +15,7 @@ from bilevel.state import (
     Draws,
     buffer_copies,
     capture_draws,
+    check_objective_result,
     modes_kept,
     put_back,
     replay_draws,
@@ -157,7 +158,7 @@ class PTT(HypergradientCalculator):
                 replay_draws(start).rewind()
                 put_back_buffers(buffers)
                 losses, draws = self._compare(call, iterates, after_run, start, device, True)
-        values = torch.stack([loss if loss.ndim == 0 else loss.reshape(()) for loss in losses])
+        values = torch.stack(losses)  # (checked: 0-d)
         # losses within round-off of the largest (of the terms that cancel in their
         # difference: the losses themselves) are ties, and go to the latest iterate: an LL at
         # its solution has T equal iterates, and argmax would pick among them by noise
@@ -226,7 +227,7 @@ class PTT(HypergradientCalculator):
                     now = capture_draws(device)
                     draws.append(draws[-1] if draws[-1].same_as(now) else now)
                 with kept:
-                    losses.append(objective(state))
+                    losses.append(check_objective_result(objective(state), "ul_objective", False))
                 if k == 0 and not every:
                     every = not capture_draws(device).same_as(start)
         if len(draws) == len(iterates):

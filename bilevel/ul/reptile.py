@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from bilevel.ll import evaluate_at
+from bilevel.state import check_objective_result
 from bilevel.ul.base import Call, Grads, HypergradientCalculator, detached_weights
 
 
@@ -37,10 +38,11 @@ class Reptile(HypergradientCalculator):
     def _hypergradient(self, call: Call) -> tuple[Grads, torch.Tensor]:
         weights, _ = detached_weights(call.trajectory)
         with evaluate_at(call.auxiliary_model, weights), torch.no_grad():
-            loss = self.ul_objective(self.states(call.auxiliary_model, *call.val))
+            state = self.states(call.auxiliary_model, *call.val)
+            loss = check_objective_result(self.ul_objective(state), "ul_objective", graph=False)
         initial = list(self.ll_model.parameters())
         result: Grads = [
             None if j is None else initial[j].detach() - weights[j].detach()
             for j in self.initial_weight_of
         ]
-        return result, loss.reshape(())
+        return result, loss

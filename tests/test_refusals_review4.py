@@ -1,0 +1,105 @@
+"""Findings of a review of the method families (review 4), in float64:
+
+1. ``PTT`` and ``Reptile`` called the UL objective without checking its result: a
+   per-example loss, a Python float or an integer tensor failed with a raw error from inside
+   the method (``shape '[]' is invalid``, ``'float' object has no attribute 'ndim'``,
+   ``torch.finfo() requires a floating point input``), or was accepted (Reptile, integer);
+   now the message every other method gives.
+
+Bugs are asserted by the exception type and its message; unchanged computations against
+hand-written answers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from problems import DTYPE, relative_error, ridge, ridge_ll, ridge_ul
+
+from bilevel import BilevelProblem
+from bilevel.ll import GradientDescent
+from bilevel.ul import PTT, Reptile
+
+LR = 0.1
+
+
+def per_example(state):
+    return 0.5 * (state["ll_model"](state["data"]) - state["target"]) ** 2
+
+
+def a_float(state):
+    return 0.5
+
+
+def an_integer_tensor(state):
+    return torch.tensor(1)
+
+
+def reptile_ll(state):
+    return ridge_ul(state) + 0.1 * (state["ll_model"].w ** 2).sum()
+
+
+def hypergradient_with(method, ul_objective):
+    """The hypergradient of ridge through 3 LL steps, ``ul_objective`` as the UL loss."""
+    p = ridge(seed=0)
+    with torch.no_grad():  # (from 0, the first step's hypergradient is 0: no test)
+        p.ll_model.w.fill_(1.0)
+    if method is Reptile:  # meta-learning: the LL model's start is the UL variable
+        ul_model, ll_objective = p.ll_model, reptile_ll
+    else:
+        ul_model, ll_objective = p.ul_model, ridge_ll
+    ll = GradientDescent(ll_objective, p.ll_model, ul_model, lr=LR, iters=3)
+    problem = BilevelProblem(ll, method(ul_objective, ul_model, ll_objective, p.ll_model))
+    return problem.hypergradient(p.train, p.val), p
+
+
+@pytest.mark.parametrize("method", [PTT, Reptile])
+@pytest.mark.parametrize(
+    ("objective", "error", "message"),
+    [
+        (per_example, ValueError, r"must return a scalar, .* shape \(60,\); reduce it with"),
+        (a_float, TypeError, "must return a scalar torch.Tensor, but it returned float"),
+        (an_integer_tensor, TypeError, "must return a floating-point tensor, got dtype"),
+    ],
+)
+def test_the_ul_objectives_result_is_checked(method, objective, error, message):
+    with pytest.raises(error, match="ul_objective " + message):
+        hypergradient_with(method, objective)
+
+
+def test_checked_results_change_no_answer():
+    """PTT's hypergradient against a hand-written unroll from the worst iterate, and
+    Reptile's against ``w_0 - w_T``: the checks read the results, and change nothing."""
+    (ptt_grad,), p = hypergradient_with(PTT, ridge_ul)
+    x, y = p.train
+    xv, yv = p.val
+    lam = p.ul_model.log_l2.detach().clone().requires_grad_()
+    w = p.ll_model.w.detach().clone()
+    iterates = []
+    for _ in range(3):
+        w = w - LR * (x.T @ (x @ w - y) / len(x) + lam.exp() * w)
+        iterates.append(w)
+    losses = torch.stack([0.5 * ((xv @ v - yv) ** 2).mean() for v in iterates])
+    worst = iterates[int(losses.argmax())]
+    (exact,) = torch.autograd.grad(0.5 * ((xv @ worst - yv) ** 2).mean(), lam)
+    assert relative_error(ptt_grad, exact) < 1e-12
+
+    (reptile_grad,), p = hypergradient_with(Reptile, ridge_ul)
+    w0 = p.ll_model.w.detach().clone().requires_grad_()
+    w = w0
+    for _ in range(3):
+        (g,) = torch.autograd.grad(reptile_ll({"ll_model": _At(w), "data": x, "target": y}), w)
+        w = (w - LR * g).detach().requires_grad_()
+    assert relative_error(reptile_grad, (w0 - w).detach()) < 1e-12
+    assert reptile_grad.dtype == DTYPE
+
+
+class _At(torch.nn.Module):
+    """A linear model at the weights ``w`` (for the hand-written Reptile run)."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w
