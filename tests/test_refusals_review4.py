@@ -5,6 +5,9 @@
    the method (``shape '[]' is invalid``, ``'float' object has no attribute 'ndim'``,
    ``torch.finfo() requires a floating point input``), or was accepted (Reptile, integer);
    now the message every other method gives.
+2. ``DM`` refused UL parameters that are the LL's initial weights with the cure "Use
+   Reverse, Implicit or Reptile", and plain ``Implicit`` refuses them too; every method the
+   message names now runs on them.
 
 Bugs are asserted by the exception type and its message; unchanged computations against
 hand-written answers.
@@ -12,13 +15,16 @@ hand-written answers.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from problems import DTYPE, relative_error, ridge, ridge_ll, ridge_ul
 
+import bilevel.ul
 from bilevel import BilevelProblem
 from bilevel.ll import GradientDescent
-from bilevel.ul import PTT, Reptile
+from bilevel.ul import DM, PTT, Reptile
 
 LR = 0.1
 
@@ -103,3 +109,17 @@ class _At(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.w
+
+
+def test_dms_refusal_of_initial_weights_names_methods_that_take_them():
+    p = ridge(seed=0)
+    ll = GradientDescent(reptile_ll, p.ll_model, p.ll_model, lr=LR, iters=3)
+    with pytest.raises(ValueError, match="cannot also be LL weights") as refused:
+        DM(ridge_ul, p.ll_model, reptile_ll, p.ll_model)
+    cures = re.search(r"Use (.*?) for those", str(refused.value)).group(1)
+    names = re.findall(r"[A-Z][A-Za-z]+", cures)
+    assert len(names) >= 3
+    for name in names:
+        method = getattr(bilevel.ul, name)(ridge_ul, p.ll_model, reptile_ll, p.ll_model)
+        (grad,) = BilevelProblem(ll, method).hypergradient(p.train, p.val)
+        assert grad.shape == p.ll_model.w.shape

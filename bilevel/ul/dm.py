@@ -108,7 +108,9 @@ class DM(HypergradientCalculator):
             raise ValueError(
                 f"DM keeps the LL weights across UL steps, so UL parameter(s) "
                 f"{parameter_names(ul_model, shared)} cannot also be LL weights (an "
-                "initialization, as in MAML). Use Reverse, Implicit or Reptile for those."
+                "initialization, as in MAML). Use Reverse, MemorySavingReverse, FirstOrder or "
+                "Reptile for those (Implicit reaches initial weights only through a proximal "
+                "term in ll_objective, as in iMAML)."
             )
         #: the multiplier ``z_k``, one tensor per trainable LL parameter (``None``: zeros)
         self.multiplier: Tensors | None = None
