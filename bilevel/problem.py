@@ -643,8 +643,8 @@ class BilevelProblem:
             except FloatingPointError as error:
                 return self._refuse_or_skip(error, start)
             self._take_ul_step()
-        except BaseException:
-            start.put_back()
+        except BaseException as error:
+            start.put_back(error)
             raise
         finally:
             self.ul.stop_holding_state_changes(outer)
@@ -1328,12 +1328,18 @@ class _StepStart:
         )
         self.last_ll_loss = problem.last_ll_loss
 
-    def put_back(self) -> None:
+    def put_back(self, error: BaseException) -> None:
+        """Put everything back after the step failed with ``error``. A method state that no
+        longer loads (the trainable LL parameters changed, which ``error`` is then about) is
+        noted on ``error`` rather than raised in its place, and the rest is put back still."""
         problem = self.problem
         for p, grad in self.grads:
             p.grad = grad
         if self.method is not None:
-            problem.ul.load_state_dict(self.method)
+            try:
+                problem.ul.load_state_dict(self.method)
+            except Exception as restore_error:
+                error.add_note(f"(The method's state could not be put back: {restore_error})")
         if self.diagnostics is not None:
             problem.ul.diagnostics = self.diagnostics
         put_back_buffers(self.buffers)

@@ -8,6 +8,11 @@
 2. ``DM`` refused UL parameters that are the LL's initial weights with the cure "Use
    Reverse, Implicit or Reptile", and plain ``Implicit`` refuses them too; every method the
    message names now runs on them.
+3. A UL step that failed because an LL parameter was frozen after construction put the
+   method's state back with ``load_state_dict``, which raised in its turn (DM: "it was saved
+   for another model"): that error replaced the real one, and the rest of the put-back
+   (torch's generators, the buffers) was skipped. The real error is raised now, with the
+   failed put-back as a note, and the rest is put back.
 
 Bugs are asserted by the exception type and its message; unchanged computations against
 hand-written answers.
@@ -123,3 +128,50 @@ def test_dms_refusal_of_initial_weights_names_methods_that_take_them():
         method = getattr(bilevel.ul, name)(ridge_ul, p.ll_model, reptile_ll, p.ll_model)
         (grad,) = BilevelProblem(ll, method).hypergradient(p.train, p.val)
         assert grad.shape == p.ll_model.w.shape
+
+
+class TwoPart(torch.nn.Module):
+    """``x @ w + b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(5, dtype=DTYPE))
+        self.b = torch.nn.Parameter(torch.zeros((), dtype=DTYPE))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w + self.b
+
+
+def noisy_ll(state):
+    """ridge_ll with a small random term: the step draws from torch's generator."""
+    return ridge_ll(state) + 1e-3 * (torch.randn((), dtype=DTYPE) * state["ll_model"].w).sum()
+
+
+def dm_problem():
+    p = ridge(seed=0)
+    model = TwoPart()
+    ll = GradientDescent(noisy_ll, model, p.ul_model, lr=LR, iters=3)
+    dm = DM(ridge_ul, p.ul_model, noisy_ll, model)
+    optimizer = torch.optim.SGD(p.ul_model.parameters(), lr=0.1)
+    return BilevelProblem(ll, dm, optimizer), p, model
+
+
+def test_a_step_that_fails_on_a_frozen_parameter_keeps_its_error_and_puts_back_the_rest():
+    torch.manual_seed(0)
+    problem, p, model = dm_problem()
+    problem.step(p.train, p.val)
+    model.b.requires_grad_(False)
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match="trainable LL parameters are now") as failed:
+        problem.step(p.train, p.val)
+    assert any("could not be put back" in note for note in failed.value.__notes__)
+    assert torch.equal(torch.get_rng_state(), rng)
+    # unfrozen, the run goes on as one that never failed
+    model.b.requires_grad_(True)
+    problem.step(p.train, p.val)
+    torch.manual_seed(0)
+    again, q, _ = dm_problem()
+    again.step(q.train, q.val)
+    again.step(q.train, q.val)
+    assert torch.equal(p.ul_model.log_l2, q.ul_model.log_l2)
+    assert torch.equal(problem.ul.multiplier[0], again.ul.multiplier[0])
