@@ -13,6 +13,10 @@
    for another model"): that error replaced the real one, and the rest of the put-back
    (torch's generators, the buffers) was skipped. The real error is raised now, with the
    failed put-back as a note, and the rest is put back.
+4. ``StochasticImplicit`` declared its solve diverged only above ``1e6 ||v||``: SGD on the
+   quadratic growing 10% per step (a step of 2.1 / lambda_max) returned a hypergradient
+   1400 times off, silently. A residual that ends above ``||v||`` and 100 times the least
+   one met is refused now.
 
 Bugs are asserted by the exception type and its message; unchanged computations against
 hand-written answers.
@@ -24,12 +28,20 @@ import re
 
 import pytest
 import torch
-from problems import DTYPE, relative_error, ridge, ridge_ll, ridge_ul
+from problems import (
+    DTYPE,
+    relative_error,
+    ridge,
+    ridge_exact_hypergradient,
+    ridge_hessian,
+    ridge_ll,
+    ridge_ul,
+)
 
 import bilevel.ul
 from bilevel import BilevelProblem
 from bilevel.ll import GradientDescent
-from bilevel.ul import DM, PTT, Reptile
+from bilevel.ul import DM, PTT, HypergradientDivergenceError, Reptile, StochasticImplicit
 
 LR = 0.1
 
@@ -175,3 +187,29 @@ def test_a_step_that_fails_on_a_frozen_parameter_keeps_its_error_and_puts_back_t
     again.step(q.train, q.val)
     assert torch.equal(p.ul_model.log_l2, q.ul_model.log_l2)
     assert torch.equal(problem.ul.multiplier[0], again.ul.multiplier[0])
+
+
+@pytest.mark.parametrize(("step", "steps"), [(1.9, 400), (2.1, 100)])
+def test_a_diverging_stochastic_solve_is_refused(step, steps):
+    """The full batch (a deterministic solve) at a converged LL: SGD on the quadratic with a
+    step of ``step / lambda_max`` converges to the exact hypergradient below 2 and is refused
+    above it (10% growth per step: after 100 steps, 1400 times off before)."""
+    p = ridge(seed=6)
+    lambda_max = float(torch.linalg.eigvalsh(ridge_hessian(p)).max())
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=1 / lambda_max, iters=3000)
+    method = StochasticImplicit(
+        ridge_ul,
+        p.ul_model,
+        ridge_ll,
+        p.ll_model,
+        steps=steps,
+        batches=None,
+        solver_optimizer=lambda q: torch.optim.SGD(q, lr=step / lambda_max),
+    )
+    problem = BilevelProblem(ll, method)
+    if step > 2:
+        with pytest.raises(HypergradientDivergenceError, match="solve diverged"):
+            problem.hypergradient(p.train, p.val)
+        return
+    (grad,) = problem.hypergradient(p.train, p.val)
+    assert relative_error(grad, ridge_exact_hypergradient(p)) < 1e-8
