@@ -11,6 +11,7 @@ from __future__ import annotations
 import cmath
 import contextlib
 import functools
+import itertools
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -349,6 +350,7 @@ def check_same_device_and_dtype(**models: nn.Module) -> None:
     device or dtype, or are of a floating-point dtype below 32 bits (:func:`check_precision`)."""
     seen: dict[str, tuple[str, torch.device, torch.dtype]] = {}
     for name, model in models.items():
+        _refuse_meta(name, model)
         for pname, p in model.named_parameters():
             if not (p.is_floating_point() or p.is_complex()):
                 continue
@@ -368,6 +370,20 @@ def check_same_device_and_dtype(**models: nn.Module) -> None:
                     f"{name}.{pname} has dtype {p.dtype} but {ref_name} has {dtype}; convert "
                     f"every model to one dtype, e.g. model.to(torch.{str(dtype).split('.')[-1]})."
                 )
+
+
+def _refuse_meta(name: str, model: nn.Module) -> None:
+    """Raise if a parameter or buffer of ``model`` is on the meta device: shapes without
+    values, which no LL step can update and no copy can move (``.to(device)`` fails on
+    them)."""
+    for tname, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.is_meta:
+            raise ValueError(
+                f"{name}.{tname} is on the meta device (a shape without values). Give the "
+                "model memory and values first: model.to_empty(device='cpu') (or your device), "
+                "then initialize it (reset_parameters() on its layers, or load_state_dict with "
+                "trained weights), then build the bilevel problem."
+            )
 
 
 def tensor_leaves(value: Any, name: str) -> Iterable[tuple[str, torch.Tensor]]:

@@ -17,6 +17,9 @@
    quadratic growing 10% per step (a step of 2.1 / lambda_max) returned a hypergradient
    1400 times off, silently. A residual that ends above ``||v||`` and 100 times the least
    one met is refused now.
+5. Models on the meta device (shapes without values) were accepted; data on the CPU was
+   then refused with the cure "move it with .to('meta')", which ended in a raw "Cannot copy
+   out of meta tensor". They are refused at construction, with ``to_empty`` as the cure.
 
 Bugs are asserted by the exception type and its message; unchanged computations against
 hand-written answers.
@@ -30,6 +33,8 @@ import pytest
 import torch
 from problems import (
     DTYPE,
+    FeatureL2,
+    Linear,
     relative_error,
     ridge,
     ridge_exact_hypergradient,
@@ -40,7 +45,7 @@ from problems import (
 
 import bilevel.ul
 from bilevel import BilevelProblem
-from bilevel.ll import GradientDescent
+from bilevel.ll import BDA, FixedPointMap, GradientDescent
 from bilevel.ul import DM, PTT, HypergradientDivergenceError, Reptile, StochasticImplicit
 
 LR = 0.1
@@ -213,3 +218,32 @@ def test_a_diverging_stochastic_solve_is_refused(step, steps):
         return
     (grad,) = problem.hypergradient(p.train, p.val)
     assert relative_error(grad, ridge_exact_hypergradient(p)) < 1e-8
+
+
+def fixed_point_step(state):
+    model = state["ll_model"]
+    return [0.5 * model.w - 0.1 * state["ul_model"].log_l2]
+
+
+@pytest.mark.parametrize("on_meta", ["ll_model", "ul_model", "buffer"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda ll, ul: GradientDescent(ridge_ll, ll, ul, lr=LR, iters=3),
+        lambda ll, ul: BDA(
+            ridge_ll, ll, ul, lr=LR, iters=3, ul_objective=ridge_ul, alpha=0.5, alpha_decay=0.9
+        ),
+        lambda ll, ul: FixedPointMap(fixed_point_step, ll, ul, iters=3),
+        lambda ll, ul: PTT(ridge_ul, ul, ridge_ll, ll),
+        lambda ll, ul: StochasticImplicit(ridge_ul, ul, ridge_ll, ll),
+    ],
+    ids=["GradientDescent", "BDA", "FixedPointMap", "PTT", "StochasticImplicit"],
+)
+def test_models_on_the_meta_device_are_refused_with_the_cure(build, on_meta):
+    ll_model, ul_model = Linear(5), FeatureL2(5)
+    if on_meta == "buffer":
+        ll_model.register_buffer("scale", torch.ones(5, dtype=DTYPE, device="meta"))
+    else:
+        {"ll_model": ll_model, "ul_model": ul_model}[on_meta].to("meta")
+    with pytest.raises(ValueError, match=r"on the meta device .*to_empty\(device="):
+        build(ll_model, ul_model)
