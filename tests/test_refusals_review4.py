@@ -20,6 +20,8 @@
 5. Models on the meta device (shapes without values) were accepted; data on the CPU was
    then refused with the cure "move it with .to('meta')", which ended in a raw "Cannot copy
    out of meta tensor". They are refused at construction, with ``to_empty`` as the cure.
+6. ``compute_gradients`` called twice on one auxiliary model advised "run ll.optimize(data,
+   target) again", which PTT refuses; the cure named now works for every method.
 
 Bugs are asserted by the exception type and its message; unchanged computations against
 hand-written answers.
@@ -46,7 +48,15 @@ from problems import (
 import bilevel.ul
 from bilevel import BilevelProblem
 from bilevel.ll import BDA, FixedPointMap, GradientDescent
-from bilevel.ul import DM, PTT, HypergradientDivergenceError, Reptile, StochasticImplicit
+from bilevel.ul import (
+    DM,
+    PTT,
+    HypergradientDivergenceError,
+    Reptile,
+    Reverse,
+    StochasticImplicit,
+    Truncated,
+)
 
 LR = 0.1
 
@@ -247,3 +257,22 @@ def test_models_on_the_meta_device_are_refused_with_the_cure(build, on_meta):
         {"ll_model": ll_model, "ul_model": ul_model}[on_meta].to("meta")
     with pytest.raises(ValueError, match=r"on the meta device .*to_empty\(device="):
         build(ll_model, ul_model)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [PTT, Reverse, lambda *a: Truncated(*a, truncate_iter=2)],
+    ids=["PTT", "Reverse", "Truncated"],
+)
+def test_the_cure_for_a_second_call_on_one_auxiliary_model_works(method):
+    p = ridge(seed=0)
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=LR, iters=3)
+    ul = method(ridge_ul, p.ul_model, ridge_ll, p.ll_model)
+    model = ul.run_ll(ll, *p.train).model
+    first = ul.compute_gradients(*p.val, model, *p.train)
+    with pytest.raises(TypeError, match="frees their graph") as refused:
+        ul.compute_gradients(*p.val, model, *p.train)
+    cure = re.search(r"with (\S+)\(ll, data, target\)\.model", str(refused.value))
+    assert cure is not None and cure.group(1) == "method.run_ll"
+    again = ul.run_ll(ll, *p.train).model  # the cure, as the message writes it
+    assert torch.equal(ul.compute_gradients(*p.val, again, *p.train), first)

@@ -423,9 +423,11 @@ class HypergradientCalculator:
         if trajectory.differentiated and steps:
             raise TypeError(
                 "auxiliary_model's LL steps were back-propagated through by an earlier "
-                "compute_gradients, which frees their graph: run ll.optimize(data, target) "
-                "again for another hypergradient (for several validation batches, concatenate "
-                "them, or sum their UL losses in one ul_objective)."
+                "compute_gradients, which frees their graph: run the LL again for another "
+                "hypergradient, with method.run_ll(ll, data, target).model (what every method "
+                "can use; ll.optimize(data, target) records too little for some) (for several "
+                "validation batches, concatenate them, or sum their UL losses in one "
+                "ul_objective)."
             )
         loss = self.accumulate(
             trajectory, (validate_data, validate_target), (train_data, train_target), True
