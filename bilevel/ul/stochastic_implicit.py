@@ -36,9 +36,9 @@ Outputs = Callable[
 
 CURVATURES = ("hessian", "gauss_newton")
 CROSS = ("minibatch", "full")
-#: a last residual above ``||v||`` and this multiple of the least one met declares the
-#: solve diverged
-GROWTH = 100.0
+#: the last minibatch residual above this multiple of ``||v||`` (that of ``q = 0``)
+#: declares the solve diverged
+DIVERGED = 100.0
 #: what an int ``batches`` advises for LL data it cannot draw rows from
 TAKE_AS_GIVEN = (
     "pass batches=None to use the LL data as given, or a callable batches=lambda draw: "
@@ -149,13 +149,13 @@ class StochasticImplicit(HypergradientCalculator):
     Cost per call: ``steps`` minibatch Hessian (or Gauss-Newton) vector products, one cross
     product, one UL gradient; memory of one minibatch graph. Draws come from the method's own
     ``torch.Generator`` (seeded by ``seed``, saved by :meth:`state_dict`), never from the
-    global RNG. A solve whose residual ended above ``||v||`` (worse than ``q = 0``) and 100
-    times the least one it met raises :class:`HypergradientDivergenceError` (a step too large
-    for the curvature, which SGD on the quadratic amplifies geometrically). ``diagnostics``:
-    ``steps``, ``draws``, ``q_norm`` (of the ``q`` returned), ``rhs_norm`` (``||v||``),
+    global RNG. A solve whose last residual is above 100 times that of ``q = 0`` (``||v||``)
+    raises :class:`HypergradientDivergenceError` (a step too large for the curvature, which
+    SGD on the quadratic amplifies geometrically). ``diagnostics``: ``steps``, ``draws``,
+    ``q_norm`` (of the ``q`` returned), ``rhs_norm`` (``||v||``) and
     ``minibatch_residual_norm``: ``||H_b q - v||`` on the last step's minibatch, at the ``q``
     that step started from (the gradient it took; no extra product), not at the ``q``
-    returned, and ``least_residual_norm``, the least of them (``||v||`` at ``q = 0``).
+    returned.
 
     References: Grazzi, Pontil & Salzo (2021), "Convergence Properties of Stochastic
     Hypergradients", AISTATS (SID); Pedregosa (2016), "Hyperparameter optimization with
@@ -545,14 +545,12 @@ class StochasticImplicit(HypergradientCalculator):
             scheduler = (
                 None if self._solver_scheduler is None else self._solver_scheduler(optimizer)
             )
-            least = linalg.norm(v)  # the least residual norm met: at q = 0, ||v||
             with _frozen(self.ul_params):
                 for _ in range(self._steps):
                     state = self._state(model, self.draw(train))
                     hq = product(state, w, [qi.detach() for qi in q])
                     for qi, h, vi in zip(q, hq, v, strict=True):
                         qi.grad = h - vi
-                    least = torch.minimum(least, linalg.norm([qi.grad for qi in q]))
                     optimizer.step()
                     if scheduler is not None:
                         scheduler.step()
@@ -563,7 +561,7 @@ class StochasticImplicit(HypergradientCalculator):
             )
             g = gradient_to_differentiate(ll_loss, w, model, "StochasticImplicit")
         solution = [qi.detach() for qi in q]
-        self._check_solution(solution, residual, v, least)
+        self._check_solution(solution, residual, v)
         linked = [(gi, qi) for gi, qi in zip(g, solution, strict=True) if gi is not None]
         linked = [(gi, qi) for gi, qi in linked if gi.requires_grad]
         indirect: tuple = (None,) * n
@@ -580,33 +578,29 @@ class StochasticImplicit(HypergradientCalculator):
         ]
         return result, loss
 
-    def _check_solution(
-        self, q: Tensors, residual: Tensors, v: Tensors, least: torch.Tensor
-    ) -> None:
+    def _check_solution(self, q: Tensors, residual: Tensors, v: Tensors) -> None:
         """Raise if the solve diverged: ``q`` not finite, or the last step's residual above
-        ``||v||`` (worse than ``q = 0``) and ``GROWTH`` times the least one the solve met (at
-        ``q = 0``: ``||v||``). SGD on the quadratic with a step above ``2 / lambda_max`` grows
-        it geometrically (10% per step left the hypergradient 1400 times off under the
-        earlier alarm, ``1e6 ||v||``); below it, deterministic steps never raise it above its
-        least value, and minibatch noise, momentum and a truncated series on an indefinite
-        ``H`` (which is what the method computes) make it vary by far less."""
-        values = [linalg.norm(q), linalg.norm(residual), linalg.norm(v), least]
-        q_norm, res, rhs, low = torch.stack(values).tolist()
+        ``DIVERGED`` (100) times that of ``q = 0`` (``||v||``). SGD on the quadratic with a
+        step above ``2 / lambda_max`` grows it geometrically (10% per step left the
+        hypergradient 1400 times off under the earlier alarm, ``1e6 ||v||``); minibatch
+        noise, momentum and a truncated series on an indefinite ``H`` (which is what the
+        method computes) leave it far below (at most ``3.9 ||v||`` in the tests)."""
+        values = torch.stack([linalg.norm(q), linalg.norm(residual), linalg.norm(v)]).tolist()
+        q_norm, res, rhs = values
         self.diagnostics = {
             "steps": self._steps,
             "draws": self.draws,
             "q_norm": q_norm,
             "minibatch_residual_norm": res,
-            "least_residual_norm": low,
             "rhs_norm": rhs,
         }
-        if math.isfinite(q_norm) and math.isfinite(res) and (res <= rhs or res <= GROWTH * low):
+        if math.isfinite(q_norm) and math.isfinite(res) and res <= DIVERGED * max(rhs, 1e-300):
             return
         raise HypergradientDivergenceError(
-            f"The stochastic linear solve diverged: ||q|| = {q_norm:.3g}; its residual grew "
-            f"from {low:.3g} to {res:.3g} (last minibatch), above ||v|| = {rhs:.3g}, where "
-            "q = 0 would do better. SGD on the quadratic converges only for a step below "
-            "2 / lambda_max of the minibatch Hessians (small minibatches have larger ones): "
-            "lower the solver's learning rate, use larger batches, or "
-            "curvature='gauss_newton' where the LL Hessian is not positive definite."
+            f"The stochastic linear solve diverged: ||q|| = {q_norm:.3g}, last minibatch "
+            f"residual {res:.3g}, over {DIVERGED:g} times ||v|| = {rhs:.3g} (that of q = 0). SGD "
+            "on the quadratic converges only for a step below 2 / lambda_max of the minibatch "
+            "Hessians (small minibatches have larger ones): lower the solver's learning rate, "
+            "use larger batches, or curvature='gauss_newton' where the LL Hessian is not "
+            "positive definite."
         )
