@@ -22,6 +22,11 @@
    out of meta tensor". They are refused at construction, with ``to_empty`` as the cure.
 6. ``compute_gradients`` called twice on one auxiliary model advised "run ll.optimize(data,
    target) again", which PTT refuses; the cure named now works for every method.
+7. ``StocBiO`` and ``AmIGO``: an LL step above ``2 / L`` made the warm-started inner loop
+   diverge for 40 UL steps (``|y|`` 2e17, the estimate 1e34) without an error, where SOBA
+   and SABA raise (their LL loss is followed across UL steps); and AmIGO's ``v_lr`` above
+   ``2 / L`` made ``v`` diverge (the estimate 1e12, exact 0.14), silently. Both raise now,
+   with the state kept.
 
 Bugs are asserted by the exception type and its message; unchanged computations against
 hand-written answers.
@@ -47,13 +52,15 @@ from problems import (
 
 import bilevel.ul
 from bilevel import BilevelProblem
-from bilevel.ll import BDA, FixedPointMap, GradientDescent
+from bilevel.ll import BDA, FixedPointMap, GradientDescent, LowerLevelDivergenceError
 from bilevel.ul import (
     DM,
     PTT,
+    AmIGO,
     HypergradientDivergenceError,
     Reptile,
     Reverse,
+    StocBiO,
     StochasticImplicit,
     Truncated,
 )
@@ -276,3 +283,45 @@ def test_the_cure_for_a_second_call_on_one_auxiliary_model_works(method):
     assert cure is not None and cure.group(1) == "method.run_ll"
     again = ul.run_ll(ll, *p.train).model  # the cure, as the message writes it
     assert torch.equal(ul.compute_gradients(*p.val, again, *p.train), first)
+
+
+def steps_until_refused(method, ll_factor, **settings):
+    """UL steps (at most 40, the UL variables fixed) of ``method`` on full-batch ridge with
+    the LL step ``ll_factor * 2 / L`` until it raises: ``(steps taken, the error)``."""
+    p = ridge(n=40, d=4)
+    lipschitz = float(torch.linalg.eigvalsh(ridge_hessian(p)).max())
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=ll_factor * 2 / lipschitz, iters=3)
+    settings = {k: v * 2 / lipschitz for k, v in settings.items()}
+    ul = method(ridge_ul, p.ul_model, ridge_ll, p.ll_model, batch_size=None, **settings)
+    problem = BilevelProblem(ll, ul, torch.optim.SGD(p.ul_model.parameters(), lr=0.0))
+    for step in range(40):
+        before = [t.clone() for t in (p.ll_model.w, *(ul.v or []))]
+        try:
+            problem.step(p.train, p.val)
+        except (LowerLevelDivergenceError, HypergradientDivergenceError) as error:
+            after = [p.ll_model.w, *(ul.v or [])]
+            assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+            return step, error
+    return 40, None
+
+
+@pytest.mark.parametrize(
+    ("method", "settings"),
+    [(AmIGO, {}), (AmIGO, {"v_lr": 0.3}), (StocBiO, {"neumann_lr": 0.3})],
+    ids=["AmIGO", "AmIGO-v_lr", "StocBiO-neumann_lr"],
+)
+def test_an_inner_loop_that_diverges_is_refused(method, settings):
+    steps, error = steps_until_refused(method, 1.2, **settings)
+    assert isinstance(error, LowerLevelDivergenceError), error
+    assert "Lower the LL step size ll.lr" in str(error)
+    assert steps <= 15
+    # stable (0.3 of the bound): 40 steps and no error
+    assert steps_until_refused(method, 0.3, **settings) == (40, None)
+
+
+def test_amigos_diverging_v_is_refused():
+    steps, error = steps_until_refused(AmIGO, 0.3, v_lr=1.2)
+    assert isinstance(error, HypergradientDivergenceError), error
+    assert "v diverged" in str(error) and "Lower v_lr" in str(error)
+    assert steps <= 10
+    assert steps_until_refused(AmIGO, 0.3, v_lr=0.9) == (40, None)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
+from bilevel import linalg
 from bilevel.settings import Setting
 from bilevel.state import Objective
+from bilevel.ul.implicit import HypergradientDivergenceError
 from bilevel.ul.sampling import SAME, Sampler
 from bilevel.ul.stocbio import check_lr, check_steps
 from bilevel.ul.stochastic import StochasticMethod
+from bilevel.ul.stochastic_implicit import DIVERGED
 
 
 def _check_v_iters(value: Any, name: str) -> int | None:
@@ -98,6 +102,24 @@ class AmIGO(StochasticMethod):
         """The linear-system SGD settings and the sampler's settings."""
         return {"v_iters": self.v_iters, "v_lr": self.v_lr, **super().settings()}
 
+    def _check_v(self, residual: list[torch.Tensor], fy: list[torch.Tensor], beta: float) -> None:
+        """Raise if ``v``'s quadratic diverged: its last step's residual ``H_B v + grad_y F``
+        above ``DIVERGED`` (100) times that of ``v = 0``, ``||grad_y F||``. SGD on it with
+        ``beta`` above ``2 / lambda_max`` of a minibatch's Hessian grows ``v`` geometrically
+        (1.4x per step at 1.2 times the bound: the estimate 1e13 times off after 30 UL steps,
+        silently); minibatch noise leaves it far below. One host sync per UL step."""
+        last, start = torch.stack([linalg.norm(residual), linalg.norm(fy)]).tolist()
+        if not math.isfinite(last) or last <= DIVERGED * start:
+            return  # (finish() refuses a non-finite v, naming it)
+        raise HypergradientDivergenceError(
+            f"AmIGO step {self.t}: v diverged: the residual of its quadratic, "
+            f"||H v + grad_y F|| = {last:.3g}, is over {DIVERGED:g} times that of v = 0 "
+            f"({start:.3g}), so v_lr = {beta:g} is above 2 / the largest curvature of a "
+            "minibatch's LL loss, and the hypergradient estimate would be wrong. Lower v_lr "
+            "(default ll.lr), or use larger batches; the state was left as it was before this "
+            "step."
+        )
+
     def task_gradients(
         self, ll: Any, train: tuple[Any, Any], val: tuple[Any, Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +132,7 @@ class AmIGO(StochasticMethod):
         steps = ll.iters if self._v_iters is None else self._v_iters
         model = ll.patched_model(graph_from_start=False)
         try:
-            y, losses = self.inner_sgd(model, self.leaves(), train, ll.iters, alpha)
+            y, losses, last = self.inner_sgd(ll, model, self.leaves(), train, alpha)
             mb, batch = self.draw("val", val)
             ul_loss, fy, fx = self.ul_gradients(model, y, mb, batch)
             fy = [f.detach() for f in fy]
@@ -119,11 +141,13 @@ class AmIGO(StochasticMethod):
                 mb, batch = self.draw("train", train)
                 hv = self.hvp(model, y, mb, batch, v)
                 with torch.no_grad():
-                    v = [u - beta * (h + f) for u, h, f in zip(v, hv, fy, strict=True)]
+                    residual = [h + f for h, f in zip(hv, fy, strict=True)]
+                    v = [u - beta * r for u, r in zip(v, residual, strict=True)]
+            self._check_v(residual, fy, beta)
             mb, batch = self.draw("train", train)
             cv = self.cross(model, y, mb, batch, v)
             direction = self.direction(fx, cv, 1.0)
         finally:
             ll.release(model)
         self.diagnostics.update(ll_lr=alpha)
-        return self.finish(losses[-1], ul_loss, direction, y, v, losses=losses)
+        return self.finish(losses[-1], ul_loss, direction, y, v, losses=losses, step=last)

@@ -1,5 +1,7 @@
-"""Growth of the LL loss across the UL steps of a single-loop method (SOBA, SABA), which
-takes one LL step per UL step and so has no run of LL steps at one UL point to compare.
+"""Growth of the LL loss across the UL steps of a stochastic method: a single-loop one
+(SOBA, SABA), which takes one LL step per UL step and so has no run of LL steps at one UL
+point to compare, and the warm-started inner loops of StocBiO and AmIGO, whose few steps per
+UL step, each on a new minibatch, compare no better.
 
 A diverging LL multiplies its loss at every step (by ``(1 - lr lambda)^2`` along the
 Hessian's eigenvector of eigenvalue ``lambda > 2 / lr``). :class:`RisingLoss` follows the LL

@@ -161,7 +161,7 @@ class StocBiO(StochasticMethod):
         eta = alpha if self._neumann_lr is None else self._neumann_lr
         model = ll.patched_model(graph_from_start=False)
         try:
-            y, losses = self.inner_sgd(model, self.leaves(), train, ll.iters, alpha)
+            y, losses, last = self.inner_sgd(ll, model, self.leaves(), train, alpha)
             mb, batch = self.draw("val", val)
             ul_loss, fy, fx = self.ul_gradients(model, y, mb, batch)
             term = [f.detach() for f in fy]
@@ -183,4 +183,4 @@ class StocBiO(StochasticMethod):
         finally:
             ll.release(model)
         self.diagnostics.update(ll_lr=alpha)
-        return self.finish(losses[-1], ul_loss, direction, y, None, losses=losses)
+        return self.finish(losses[-1], ul_loss, direction, y, None, losses=losses, step=last)

@@ -414,19 +414,21 @@ class StochasticMethod(HypergradientCalculator):
         return loss.detach(), fy, list(grads[len(y) :])
 
     def inner_sgd(
-        self, model: nn.Module, y: Tensors, train: tuple[Any, Any], steps: int, lr: float
-    ) -> tuple[Tensors, torch.Tensor]:
-        """``steps`` SGD steps on the LL from ``y`` (warm start), a new train minibatch each:
-        the final LL variable (new leaves) and the LL loss at every step (one tensor, checked
-        later in one sync)."""
-        losses = y[0].new_empty(steps, dtype=y[0].dtype.to_real())  # real for complex y
-        for s in range(steps):
+        self, ll: Any, model: nn.Module, y: Tensors, train: tuple[Any, Any], lr: float
+    ) -> tuple[Tensors, torch.Tensor, LLStep]:
+        """``ll.iters`` SGD steps on the LL from ``y`` (warm start), a new train minibatch
+        each: the final LL variable (new leaves), the LL loss at every step (one tensor,
+        checked later in one sync) and the last step, with which :meth:`finish` confirms an
+        LL loss that grows across UL steps."""
+        losses = y[0].new_empty(ll.iters, dtype=y[0].dtype.to_real())  # real for complex y
+        for s in range(ll.iters):
             mb, batch = self.draw("train", train)
             losses[s], grads = self.ll_gradient(model, y, mb, batch)
+            last = LLStep(ll, y, mb, batch, lr)
             with torch.no_grad():
                 y = [w - lr * g for w, g in zip(y, grads, strict=True)]
             y = [w.requires_grad_(True) for w in y]
-        return y, losses
+        return y, losses, last
 
     def initial_v(self) -> Tensors:
         """``v`` (zeros at the first step)."""
