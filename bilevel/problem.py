@@ -608,6 +608,10 @@ class BilevelProblem:
         for name, pair in pairs.items():
             for i, member in enumerate(pair):
                 check_data_matches(member, reference, name, i)
+                if not isinstance(member, torch.Tensor) or not (
+                    member.ndim == 0 or member.shape[0]
+                ):
+                    _refuse_empty(member, f"{name}[{i}]")  # (a tensor with rows: no call)
 
     def hypergradient(self, train: Pair, val: Pair) -> list[torch.Tensor]:
         """The hypergradient for one task, one tensor per entry of :attr:`ul_params` (the UL
@@ -1294,6 +1298,24 @@ class BilevelProblem:
         if distributed.is_main_process():
             print(f"bilevel: {message}", file=sys.stderr, flush=True)
         raise Interrupted(signum, self.step_count, checkpoint)
+
+
+def _refuse_empty(member: Any, name: str) -> None:
+    """Raise if every tensor of a batch's member (with a first dimension) has no rows: an
+    objective's mean over them is NaN, which the methods would report as a numerical
+    failure (a step size to lower) rather than as the empty batch it is."""
+    if isinstance(member, torch.Tensor):  # the usual case
+        if member.ndim == 0 or member.shape[0]:
+            return
+        shapes = [tuple(member.shape)]
+    else:
+        shapes = [tuple(t.shape) for _, t in tensor_leaves(member, name) if t.ndim]
+        if not shapes or any(shape[0] for shape in shapes):
+            return
+    raise ValueError(
+        f"{name} is empty (shape {shapes[0]}: no rows): the objectives would average over "
+        "nothing. Pass a batch with at least one example."
+    )
 
 
 _ABSENT = object()

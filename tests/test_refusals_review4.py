@@ -27,6 +27,10 @@
    and SABA raise (their LL loss is followed across UL steps); and AmIGO's ``v_lr`` above
    ``2 / L`` made ``v`` diverge (the estimate 1e12, exact 0.14), silently. Both raise now,
    with the state kept.
+8. An empty batch (0 rows) was reported by the first-order methods as NaN values to cure
+   with smaller step sizes, and by BVFIM as a zero regularized LL solution; NaN in BVFIM's
+   data as a step size or a slack problem. The runner refuses an empty batch, naming it, and
+   BVFIM leaves non-finite values to the common check, which names the data first.
 
 Bugs are asserted by the exception type and its message; unchanged computations against
 hand-written answers.
@@ -54,8 +58,11 @@ import bilevel.ul
 from bilevel import BilevelProblem
 from bilevel.ll import BDA, FixedPointMap, GradientDescent, LowerLevelDivergenceError
 from bilevel.ul import (
+    BVFIM,
     DM,
+    PBGD,
     PTT,
+    SOBA,
     AmIGO,
     HypergradientDivergenceError,
     Reptile,
@@ -325,3 +332,36 @@ def test_amigos_diverging_v_is_refused():
     assert "v diverged" in str(error) and "Lower v_lr" in str(error)
     assert steps <= 10
     assert steps_until_refused(AmIGO, 0.3, v_lr=0.9) == (40, None)
+
+
+@pytest.mark.parametrize("method", [SOBA, PBGD, BVFIM, Reverse])
+@pytest.mark.parametrize("which", ["train", "val"])
+def test_an_empty_batch_is_refused_naming_it(method, which):
+    p = ridge(n=40, d=4)
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=LR, iters=1)
+    problem = BilevelProblem(
+        ll,
+        method(ridge_ul, p.ul_model, ridge_ll, p.ll_model),
+        torch.optim.SGD(p.ul_model.parameters(), lr=0.05),
+    )
+    batches = {"train": p.train, "val": p.val}
+    batches[which] = (batches[which][0][:0], batches[which][1][:0])
+    with pytest.raises(ValueError, match=rf"{which}\[0\] is empty \(shape \(0, 4\)"):
+        problem.step(batches["train"], batches["val"])
+
+
+@pytest.mark.parametrize("which", ["train", "val"])
+def test_nan_in_bvfims_data_is_reported_as_nan(which):
+    p = ridge(n=40, d=4)
+    batches = {"train": p.train, "val": p.val}
+    target = batches[which][1].clone()
+    target[3] = float("nan")
+    batches[which] = (batches[which][0], target)
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=LR, iters=3)
+    problem = BilevelProblem(
+        ll,
+        BVFIM(ridge_ul, p.ul_model, ridge_ll, p.ll_model),
+        torch.optim.SGD(p.ul_model.parameters(), lr=0.05),
+    )
+    with pytest.raises(FloatingPointError, match=r"NaN or inf.*Check the data for NaN"):
+        problem.step(batches["train"], batches["val"])

@@ -285,7 +285,7 @@ class BVFIM(FirstOrderMethod):
         values = torch.stack([slack.detach(), *z_values, *y_values]).to(torch.float64)
         s, z0, z1, y0, y1 = values.tolist()  # one device sync per UL step
         tol = math.sqrt(torch.finfo(slack.dtype).eps)
-        if not s > 0:
+        if math.isfinite(s) and not s > 0:
             raise FloatingPointError(
                 f"BVFIM step {step}: the barrier's slack is {s:.3g} <= 0 "
                 + (
@@ -296,6 +296,8 @@ class BVFIM(FirstOrderMethod):
                     else "(the LL objective went below ll_lower_bound); pass a true lower bound."
                 )
             )
+        if not all(map(math.isfinite, (s, z0, z1, y0, y1))):
+            return  # (NaN or inf, from the data or the objectives: the commit says so)
         if not z1 <= z0 + tol * (abs(z0) + abs(z1)):
             raise FloatingPointError(
                 f"BVFIM step {step}: the inner loop on the regularized LL objective increased it "

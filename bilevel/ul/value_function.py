@@ -335,9 +335,9 @@ class FirstOrderMethod(HypergradientCalculator):
         if not all_finite([t.detach().reshape(-1) for t in tensors]):
             raise FloatingPointError(
                 f"{type(self).__name__} step {self.steps_taken}: the UL direction, the losses or "
-                "the LL variables became NaN or inf; nothing was updated. Lower the step sizes "
-                "(the UL optimizer's lr, ll.lr, lr_y) or the penalty, or check the objectives "
-                "for log(0) or division by zero."
+                "the LL variables became NaN or inf; nothing was updated. Check the data for "
+                "NaN or inf and the objectives for log(0) or division by zero, or lower the "
+                "step sizes (the UL optimizer's lr, ll.lr, lr_y) or the penalty."
             )
 
         def change() -> None:
