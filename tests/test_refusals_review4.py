@@ -31,6 +31,11 @@
    with smaller step sizes, and by BVFIM as a zero regularized LL solution; NaN in BVFIM's
    data as a step size or a slack problem. The runner refuses an empty batch, naming it, and
    BVFIM leaves non-finite values to the common check, which names the data first.
+9. PBGD, F2SA, MESO, GAFFO and Alternating with a step size above ``2 / L`` (``ll.lr``,
+   ``lr_y`` or ``eta``) ran 30 UL steps to directions of 1e8 to 1e108 without a word (only
+   NaN or inf was refused). Their LL loss is now followed across UL steps as SOBA's is; a
+   rise past every earlier loss is confirmed by more of the method's updates at the UL point
+   (not committed), then raises, with the state kept (or warns, ``on_growth="warn"``).
 
 Bugs are asserted by the exception type and its message; unchanged computations against
 hand-written answers.
@@ -39,6 +44,7 @@ hand-written answers.
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -60,9 +66,13 @@ from bilevel.ll import BDA, FixedPointMap, GradientDescent, LowerLevelDivergence
 from bilevel.ul import (
     BVFIM,
     DM,
+    F2SA,
+    GAFFO,
+    MESO,
     PBGD,
     PTT,
     SOBA,
+    Alternating,
     AmIGO,
     HypergradientDivergenceError,
     Reptile,
@@ -365,3 +375,74 @@ def test_nan_in_bvfims_data_is_reported_as_nan(which):
     )
     with pytest.raises(FloatingPointError, match=r"NaN or inf.*Check the data for NaN"):
         problem.step(batches["train"], batches["val"])
+
+
+def with_penalty(state):
+    """Alternating's UL objective: it needs a term in the UL variables."""
+    return ridge_ul(state) + 0.01 * (state["ul_model"].log_l2 ** 2).sum()
+
+
+FIRST_ORDER = {"PBGD": PBGD, "F2SA": F2SA, "MESO": MESO, "GAFFO": GAFFO, "Alternating": Alternating}
+DIVERGING = [
+    ("PBGD", 1.2, {}),
+    ("PBGD", 0.14, {"lr_y": 1.2}),
+    ("F2SA", 0.14, {"lr_y": 3.0}),
+    ("MESO", 0.14, {"eta": 1.2}),
+    ("MESO", 0.14, {"lr_y": 1.2}),
+    ("GAFFO", 1.2, {}),
+    ("Alternating", 1.2, {}),
+]
+
+
+def first_order_problem(name, ll_factor, ul_lr, on_growth="raise", **factors):
+    """A first-order method on ridge, its step sizes multiples of ``2 / L``."""
+    p = ridge(n=40, d=4)
+    bound = 2 / float(torch.linalg.eigvalsh(ridge_hessian(p)).max())
+    ll = GradientDescent(
+        ridge_ll, p.ll_model, p.ul_model, lr=ll_factor * bound, iters=3, on_growth=on_growth
+    )
+    ul_objective = with_penalty if name == "Alternating" else ridge_ul
+    settings = {k: v * bound for k, v in factors.items()}
+    method = FIRST_ORDER[name](ul_objective, p.ul_model, ridge_ll, p.ll_model, **settings)
+    optimizer = torch.optim.SGD(p.ul_model.parameters(), lr=ul_lr)
+    return BilevelProblem(ll, method, optimizer), method, p
+
+
+@pytest.mark.parametrize(("name", "ll_factor", "factors"), DIVERGING)
+def test_a_first_order_method_whose_ll_diverges_is_refused(name, ll_factor, factors):
+    problem, method, p = first_order_problem(name, ll_factor, 0.0, **factors)
+    for step in range(30):
+        state = (p.ll_model.w.detach().clone(), str(method.state_dict()))
+        try:
+            problem.step(p.train, p.val)
+        except LowerLevelDivergenceError as error:
+            assert "Lower the step sizes of the LL updates" in str(error)
+            assert torch.equal(p.ll_model.w, state[0])
+            assert str(method.state_dict()) == state[1]
+            assert step <= 15
+            return
+    pytest.fail("30 UL steps of a diverging LL and no error")
+
+
+@pytest.mark.parametrize(("name", "ll_factor", "factors"), DIVERGING[:1] + DIVERGING[-1:])
+def test_a_first_order_method_whose_ll_diverges_warns_once_if_asked(name, ll_factor, factors):
+    problem, _, p = first_order_problem(name, ll_factor, 0.0, on_growth="warn", **factors)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(25):
+            problem.step(p.train, p.val)
+    found = [w for w in caught if "the LL variables are diverging" in str(w.message)]
+    assert len(found) == 1
+    assert found[0].filename == __file__
+
+
+@pytest.mark.parametrize("name", sorted(FIRST_ORDER))
+def test_a_first_order_method_that_converges_is_not_refused(name):
+    """Stable steps (0.14 of the bound) with the UL variables moving: 60 steps, no error and
+    no warning."""
+    problem, _, p = first_order_problem(name, 0.14, 0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(60):
+            problem.step(p.train, p.val)
+    assert not [w for w in caught if "diverging" in str(w.message)]

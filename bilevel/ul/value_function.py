@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from bilevel import distributed, linalg
-from bilevel.ll import evaluate_at
+from bilevel.ll import LowerLevelDivergenceError, evaluate_at
 from bilevel.settings import Setting
 from bilevel.state import (
     Objective,
@@ -43,7 +43,14 @@ from bilevel.state import (
     make_state,
     parameter_names,
 )
-from bilevel.ul.base import HypergradientCalculator, check_ll_parameters, refuse_other_dynamics
+from bilevel.ul.base import (
+    HypergradientCalculator,
+    check_ll_parameters,
+    put_back_buffers,
+    refuse_other_dynamics,
+)
+from bilevel.ul.ll_growth import FACTOR, WINDOW, RisingLoss
+from bilevel.user_warnings import warn_user
 
 Tensors = list[torch.Tensor]
 Batch = tuple[Any, Any]
@@ -159,6 +166,9 @@ def combine(*terms: tuple[float | torch.Tensor, Grads]) -> Grads:
     return result
 
 
+#: updates of a first-order method that confirm a suspected LL divergence (:meth:`_growth`)
+CONFIRM_STEPS = 10
+
 # --- one UL step's work --------------------------------------------------------------------
 
 
@@ -250,6 +260,9 @@ class FirstOrderMethod(HypergradientCalculator):
         self.steps_taken = 0
         self.auxiliary: dict[str, Tensors | None] = dict.fromkeys(self.auxiliary_names)
         self._model: nn.Module | None = None
+        #: the LL loss across UL steps, followed for a diverging LL (:meth:`_growth`)
+        self.rising = RisingLoss()
+        self._warned_growth = False
 
     # --- the contract with the runner ------------------------------------------------------
 
@@ -316,17 +329,81 @@ class FirstOrderMethod(HypergradientCalculator):
         self._model = ll.patched_model(graph_from_start=False)
         try:
             update = self._update(context)
+            growth = self._growth(update, context, ll.on_growth)
         finally:
             ll.release(self._model)
             self._model = None
-        self._commit(update)
+        self._commit(update, growth)
         return update.ul_loss, update.ll_loss
 
     def _update(self, context: StepContext) -> Update:
         """The method itself: one UL step's arithmetic."""
         raise NotImplementedError
 
-    def _commit(self, update: Update) -> None:
+    def _growth(
+        self, update: Update, context: StepContext, policy: str
+    ) -> tuple[float, bool] | None:
+        """The step's LL loss and whether a suspected divergence was cleared, for
+        :class:`~bilevel.ul.ll_growth.RisingLoss` (``None``: not followed). A step size of
+        the LL updates above ``2 / L`` (``ll.lr``, ``lr_y``, ``eta``) grows the LL loss
+        geometrically (the directions of PBGD, F2SA, MESO, GAFFO and Alternating reached
+        1e8 to 1e108 in 30 UL steps, with only NaN or inf refused). A loss more than twice
+        every one before the last ten UL steps is suspect; the suspicion is confirmed where
+        ``CONFIRM_STEPS`` more of the method's updates at this UL point, not committed, keep
+        raising it beyond twice (a stable one settles: the UL variables, fixed there, can no
+        longer raise it) and then raises :class:`~bilevel.ll.LowerLevelDivergenceError`, or
+        warns once, as ``on_growth`` says."""
+        if policy == "ignore" or (policy == "warn" and self._warned_growth):
+            return None
+        value = float(update.ll_loss)
+        if not math.isfinite(value) or not self.rising.suspect(value):
+            return value, False  # (a non-finite loss is refused by the commit)
+        losses = self._dry_run(update, context)
+        if not all(map(math.isfinite, losses)):
+            losses.append(math.inf)
+        if not (losses[-1] > (1 + FACTOR) * value and losses[-1] >= max(losses)):
+            return value, True
+        message = (
+            f"{type(self).__name__} step {self.steps_taken}: the LL loss, {value:.4g}, is more "
+            f"than {1 + FACTOR:g} times every LL loss before the last {WINDOW} UL steps (the "
+            f"largest: {self.rising.peak:.4g}), and {CONFIRM_STEPS} more updates at this UL "
+            f"point raise it to {losses[-1]:.4g}: the LL variables are diverging. Lower the "
+            "step sizes of the LL updates (ll.lr, and the method's own: lr_y, eta) below "
+            "2 / the LL's curvature; the state was left as it was before this step. "
+            "(GradientDescent(..., on_growth='warn' or 'ignore') would let it through.)"
+        )
+        if policy == "warn":
+            self._warned_growth = True
+            warn_user(message, RuntimeWarning)
+            return value, False
+        raise LowerLevelDivergenceError(message, first=self.rising.peak or 0.0, last=value, iters=1)
+
+    def _dry_run(self, update: Update, context: StepContext) -> list[float]:
+        """The LL losses of ``CONFIRM_STEPS`` more updates from ``update`` at this UL point;
+        the LL variables, the auxiliary ones and the models' buffers are put back."""
+        weights = [p.detach().clone() for p in self._ll_params]
+        auxiliary = dict(self.auxiliary)
+        buffers = [
+            (b, b.detach().clone()) for m in (self.ll_model, self.ul_model) for b in m.buffers()
+        ]
+        losses = []
+        try:
+            for _ in range(CONFIRM_STEPS):
+                with torch.no_grad():
+                    for p, w in zip(self._ll_params, update.y, strict=True):
+                        p.copy_(w)
+                self.auxiliary = {k: [v.detach() for v in vs] for k, vs in update.auxiliary.items()}
+                update = self._update(context)
+                losses.append(update.ll_loss.detach())
+        finally:
+            with torch.no_grad():
+                for p, w in zip(self._ll_params, weights, strict=True):
+                    p.copy_(w)
+            self.auxiliary = auxiliary
+            put_back_buffers(buffers)
+        return torch.stack(losses).tolist()
+
+    def _commit(self, update: Update, growth: tuple[float, bool] | None = None) -> None:
         self._refuse_unused(update.x_direction)
         tensors = [update.ul_loss, update.ll_loss, *update.y]
         tensors += [g for g in update.x_direction if g is not None]
@@ -341,6 +418,8 @@ class FirstOrderMethod(HypergradientCalculator):
             )
 
         def change() -> None:
+            if growth is not None:
+                self.rising.record(*growth)
             with torch.no_grad():
                 for p, w in zip(self._ll_params, update.y, strict=True):
                     p.copy_(w)
@@ -517,7 +596,12 @@ class FirstOrderMethod(HypergradientCalculator):
         return self._state(dict(self.auxiliary))
 
     def _state(self, auxiliary: dict[str, Tensors | None]) -> dict[str, Any]:
-        return {"method": self.name, "steps_taken": self.steps_taken, "auxiliary": auxiliary}
+        return {
+            "method": self.name,
+            "steps_taken": self.steps_taken,
+            "auxiliary": auxiliary,
+            "ll_growth": self.rising.state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (tensors go to the LL model's device and
@@ -547,6 +631,7 @@ class FirstOrderMethod(HypergradientCalculator):
             restored[key] = self._restore(key, values)
         self.steps_taken = steps
         self.auxiliary = restored
+        self.rising.load(state.get("ll_growth"))  # (absent from older checkpoints: afresh)
 
     def _restore(self, key: str, values: Any) -> Tensors:
         """An auxiliary variable from a state dict, checked and moved to the LL model's device
