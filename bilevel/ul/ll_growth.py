@@ -1,7 +1,8 @@
-"""Growth of the LL loss across the UL steps of a stochastic method: a single-loop one
-(SOBA, SABA), which takes one LL step per UL step and so has no run of LL steps at one UL
-point to compare, and the warm-started inner loops of StocBiO and AmIGO, whose few steps per
-UL step, each on a new minibatch, compare no better.
+"""Growth of the LL loss across the UL steps of the methods that keep the LL variables: a
+single-loop one (SOBA, SABA), which takes one LL step per UL step and so has no run of LL
+steps at one UL point to compare, the warm-started inner loops of StocBiO and AmIGO, whose
+few steps per UL step, each on a new minibatch, compare no better, and the first-order
+methods (``bilevel.ul.value_function``, which confirm by their own updates instead).
 
 A diverging LL multiplies its loss at every step (by ``(1 - lr lambda)^2`` along the
 Hessian's eigenvector of eigenvalue ``lambda > 2 / lr``). :class:`RisingLoss` follows the LL
