@@ -36,6 +36,10 @@
    NaN or inf was refused). Their LL loss is now followed across UL steps as SOBA's is; a
    rise past every earlier loss is confirmed by more of the method's updates at the UL point
    (not committed), then raises, with the state kept (or warns, ``on_growth="warn"``).
+10. ``PerElement`` and ``PerStep`` were refused for a rule's hyperparameters (momentum,
+    betas): a per-step momentum for a bias as long as the run could not be written at all
+    (unmarked, that shape is ambiguous and refused). The markers now pass to the LL
+    optimizer, which reads them as it reads ``lr``'s.
 
 Bugs are asserted by the exception type and its message; unchanged computations against
 hand-written answers.
@@ -48,6 +52,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from problems import (
     DTYPE,
     FeatureL2,
@@ -62,7 +67,14 @@ from problems import (
 
 import bilevel.ul
 from bilevel import BilevelProblem
-from bilevel.ll import BDA, FixedPointMap, GradientDescent, LowerLevelDivergenceError
+from bilevel.ll import (
+    BDA,
+    FixedPointMap,
+    GradientDescent,
+    LowerLevelDivergenceError,
+    PerStep,
+    rules,
+)
 from bilevel.ul import (
     BVFIM,
     DM,
@@ -446,3 +458,67 @@ def test_a_first_order_method_that_converges_is_not_refused(name):
         for _ in range(60):
             problem.step(p.train, p.val)
     assert not [w for w in caught if "diverging" in str(w.message)]
+
+
+class WeightAndBias(torch.nn.Module):
+    """``x @ W.T + b`` with 3 outputs: the bias is as long as a 3-step LL run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(0.1 * torch.ones(3, 4, dtype=DTYPE))
+        self.bias = torch.nn.Parameter(torch.zeros(3, dtype=DTYPE))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T + self.bias
+
+
+class Momenta(torch.nn.Module):
+    """The UL variables: one momentum logit per LL step for the bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor([0.1, 0.5, -0.3], dtype=DTYPE))
+
+
+def regression(weight, bias, x, y):
+    return 0.5 * ((x @ weight.T + bias - y) ** 2).mean()
+
+
+def test_a_rules_hyperparameter_takes_a_marker():
+    g = torch.Generator().manual_seed(0)
+    x, y = (
+        torch.randn(30, 4, generator=g, dtype=DTYPE),
+        torch.randn(30, 3, generator=g, dtype=DTYPE),
+    )
+    xv, yv = (
+        torch.randn(30, 4, generator=g, dtype=DTYPE),
+        torch.randn(30, 3, generator=g, dtype=DTYPE),
+    )
+    model, ul = WeightAndBias(), Momenta()
+
+    def ll_objective(state):
+        return F.mse_loss(state["ll_model"](state["data"]), state["target"]) / 2
+
+    momentum = [0.5, PerStep(lambda u: torch.sigmoid(u.logits))]  # weight: 0.5; bias: per step
+    ll = GradientDescent(ll_objective, model, ul, lr=0.2, iters=3, momentum=momentum)
+    (grad,) = BilevelProblem(ll, Reverse(ll_objective, ul, ll_objective, model)).hypergradient(
+        (x, y), (xv, yv)
+    )
+    # torch.optim.SGD's heavy ball, written out: buf = g at the first step, then mu buf + g
+    logits = ul.logits.detach().clone().requires_grad_()
+    w, b = model.weight.detach().clone(), model.bias.detach().clone()
+    w.requires_grad_()
+    b.requires_grad_()
+    bufs = None
+    for t in range(3):
+        gw, gb = torch.autograd.grad(regression(w, b, x, y), (w, b), create_graph=True)
+        mu = (0.5, torch.sigmoid(logits)[t])
+        grads = (gw, gb)
+        bufs = (
+            grads if bufs is None else [m * u + d for m, u, d in zip(mu, bufs, grads, strict=True)]
+        )
+        w, b = w - 0.2 * bufs[0], b - 0.2 * bufs[1]
+    (exact,) = torch.autograd.grad(regression(w, b, xv, yv), logits)
+    assert relative_error(grad, exact) < 1e-12
+    # betas of Adam, marked, build as well (they were refused as "got PerElement")
+    rules.adam(betas=([0.9, PerStep(lambda u: torch.sigmoid(u.logits))], 0.99))

@@ -389,9 +389,13 @@ def _checked(name: str, value: Any, bound: Bound) -> Any:
         return items if isinstance(value, list) else tuple(items)
     if isinstance(value, torch.Tensor) or callable(value):
         return value
+    from bilevel.ll.hyper import _Marked  # (hyper imports this module)
+
+    if isinstance(value, _Marked):  # PerElement / PerStep: checked with the LL optimizer
+        return value
     raise TypeError(
-        f"{name} must be a number, a tensor, a callable ul_model -> tensor or a list of "
-        f"them, got {type(value).__name__}."
+        f"{name} must be a number, a tensor, a callable ul_model -> tensor, a list of them, "
+        f"or one marked bilevel.ll.PerElement or PerStep, got {type(value).__name__}."
     )
 
 
