@@ -67,6 +67,30 @@ class CheckpointError(ValueError):
 # --- the one atomic writer ---------------------------------------------------------------
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise ``OSError`` (naming ``path`` and the cure) if a file could not be written at
+    ``path`` as :func:`atomic_write` writes it: a folder there, or a folder that cannot be
+    made or written to. ``BilevelProblem.run`` asks before its first UL step, so that a bad
+    checkpoint path is not found at the first save, after the steps before it."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            errno.EISDIR,
+            f"{path} is a folder: give the path of a file in it, e.g. {path / 'checkpoint.pt'}",
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=_TMP_SUFFIX)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as error:
+        raise OSError(
+            error.errno,
+            f"cannot write a checkpoint at {path} ({error.strerror or error}): choose a path "
+            "in a folder this process can create and write to. No UL step was taken.",
+        ) from None
+
+
 def atomic_write(
     path: str | os.PathLike,
     write: Callable[[BinaryIO], None],

@@ -1169,6 +1169,8 @@ class BilevelProblem:
     ) -> dict[str, Any] | None:
         if checkpoint is not None and Path(checkpoint).exists():
             resume_strictly(self.load_checkpoint, checkpoint, "problem")
+        if checkpoint is not None and distributed.is_main_process():
+            ckpt.check_writable(checkpoint)  # (not at the first save, after its steps)
         start = self.step_count
         if start > steps:  # (a loaded checkpoint stays loaded, as OnlineHypergradient's does)
             where = f"the checkpoint {checkpoint} holds" if checkpoint is not None else "it is at"

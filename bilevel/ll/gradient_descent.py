@@ -722,19 +722,27 @@ class GradientDescent:
         except Exception as error:  # only a message is at stake: never hide the divergence
             return None, None, f"{halve} (The curvature could not be measured: {error}.)"
         measured = (
-            f"The LL Hessian's largest eigenvalue at the start weights is about {lambda_max:.4g} "
-            f"({iters} power iterations; exact for a quadratic LL, local otherwise)"
+            f"The LL Hessian's largest eigenvalue at the start weights is at least about "
+            f"{lambda_max:.4g} ({iters} power iterations, which approach it from below; local "
+            "for a non-quadratic LL)"
         )
         if not lambda_max > 0 or not math.isfinite(lambda_max):
             return lambda_max, None, f"{measured}, with no positive curvature: {halve}"
         if not self._plain_sgd():
             return lambda_max, None, f"{measured}. {halve}"
         safe = 1.0 / lambda_max
+        lr = self.lr if isinstance(self.lr, float) else None
+        low = (
+            f" (the lr that diverged, {lr:.3g}, is below that bound: the estimate is low, or "
+            "the curvature grew along the run)"
+            if lr is not None and lr < 2 * safe
+            else ""
+        )
         return (
             lambda_max,
             safe,
             f"{measured}, so gradient descent is stable only for lr < 2/lambda_max = "
-            f"{2 * safe:.3g}: use lr={safe:.3g} (1/lambda_max) or less.",
+            f"{2 * safe:.3g}{low}: use lr={safe:.3g} (1/lambda_max) or less.",
         )
 
     @property
