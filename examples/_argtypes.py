@@ -18,6 +18,11 @@ def count(text: str) -> int:
     return _integer(text, 1)
 
 
+def two_or_more(text: str) -> int:
+    """An argparse type: an integer >= 2 (a sample whose spread is read)."""
+    return _integer(text, 2)
+
+
 def nonnegative_int(text: str) -> int:
     """An argparse type: an integer >= 0 (warm-up steps, a first index, 0 for never)."""
     return _integer(text, 0)

@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import errno
 import json
+import math
 import os
 import platform
 import shutil
@@ -51,7 +52,7 @@ import torch
 
 # the argparse types: defined in _argtypes.py (the benchmarks use them too), used here as
 # _common.count, _common.positive, ...
-from _argtypes import count, folder, nonnegative, positive  # noqa: F401
+from _argtypes import count, folder, nonnegative, positive, two_or_more  # noqa: F401
 
 from bilevel import checkpoint
 from bilevel.data import load_mnist, reword
@@ -282,8 +283,21 @@ def invocation(device: torch.device) -> dict[str, Any]:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically (:func:`bilevel.checkpoint.atomic_write`)."""
-    checkpoint.atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    """Write ``obj`` as indented JSON, atomically (:func:`bilevel.checkpoint.atomic_write`);
+    a NaN or infinite number is written ``null`` (a mean over no features, no corrupted
+    examples): JSON has no NaN, and strict readers (jq, JavaScript) refuse Python's."""
+    text = json.dumps(_finite_or_null(obj), indent=2, allow_nan=False)
+    checkpoint.atomic_write_text(path, text + "\n")
+
+
+def _finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_null(v) for v in obj]
+    return obj
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -665,13 +679,16 @@ def read_progress(path: Path, checkpoint_path: Path) -> dict[str, Any]:
             type(saved.get(k, 0.0)) in (int, float)
             for k in ("seconds_at_checkpoint", "cpu_seconds_at_checkpoint")
         )
+        and isinstance(saved.get("invocations", []), list)
+        and all(isinstance(i, dict) for i in saved.get("invocations", []))
     )
     if not valid:
         _progress_problem(
             path,
             checkpoint_path,
             "is JSON but not the progress file of an example run (it needs 'settings', "
-            "'history' with a 'step' in each record, and the seconds at the checkpoint)",
+            "'history' with a 'step' in each record, the seconds at the checkpoint, and "
+            "'invocations' as a list of records)",
         )
     return saved
 

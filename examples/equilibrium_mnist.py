@@ -119,7 +119,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--ul-steps",
         type=_common.count,
         default=480,
-        help="UL steps (default: 480, two passes over 60,000 images)",
+        help="UL steps (default: 480 of 250 images, 2.4 passes over the 50,000 training images)",
     )
     parser.add_argument(
         "--ul-lr", type=_common.positive, default=2e-3, help="Adam step size (default: 2e-3)"

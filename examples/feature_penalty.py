@@ -133,7 +133,11 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--init-l2", type=_common.positive, default=1e-2, help="initial penalty")
     parser.add_argument(
-        "--n-train", type=_common.count, default=1000, help="training examples (random subset)"
+        "--n-train",
+        type=_common.two_or_more,
+        default=1000,
+        help="training examples (random subset; at least 2: the learned penalties are read on "
+        "the pixels that vary across them)",
     )
     parser.add_argument(
         "--n-val",

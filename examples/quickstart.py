@@ -103,7 +103,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="relative residual at which the implicit solver stops; the run is in float32, "
         "whose round-off keeps the residual near 1e-7, so 1e-10 would never be reached",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (data and run)")
+    parser.add_argument("--seed", type=_common.seed, default=0, help="random seed (data and run)")
     parser.add_argument(
         "--out",
         type=_common.folder,
@@ -180,15 +180,19 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
             )
 
     run.reserve(problem.state_dict())
-    run.run_problem(
-        problem,
-        lambda step: (train, val),
-        steps=args.ul_steps,
-        checkpoint_every=checkpoint_every,
-        log=show,
-        log_every=log_every,
-        progress=False,
-    )
+    try:
+        run.run_problem(
+            problem,
+            lambda step: (train, val),
+            steps=args.ul_steps,
+            checkpoint_every=checkpoint_every,
+            log=show,
+            log_every=log_every,
+            progress=False,
+        )
+    except FloatingPointError as error:  # a diverged LL or solve: stop with the cure
+        message = _common.stopped_by(error, args.method, problem.step_count, "--ll-lr")
+        raise SystemExit(message) from error
     aux = ll.optimize(*train)
     test_mse = ul_objective({"data": test[0], "target": test[1], "ll_model": aux}).item()
     penalties = ul_model.log_l2.detach().exp()

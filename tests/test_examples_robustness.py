@@ -949,3 +949,79 @@ def test_a_diverging_neumann_series_is_cured_by_the_scripts_flag(tmp_path, monke
     safe = re.search(pattern, message)
     assert safe is not None, message
     assert 0 < float(safe.group(1)) < 100
+
+
+# --- review of the examples (helper's findings, 2026-12-04) ---------------------------------
+
+
+def test_the_quickstart_stops_a_diverging_ll_with_its_flags_cure(quickstart, tmp_path):
+    """It stopped with two chained tracebacks (--ul-steps 80 at the defaults diverged at UL
+    step 77), naming the library's lr= rather than its flag."""
+    with pytest.raises(SystemExit) as stop:
+        quick(quickstart, tmp_path / "run", 1, "--ll-lr", "1000", "--ll-steps", "5")
+    message = str(stop.value.code)
+    assert message.startswith("implicit-cg stopped at UL step 0") and "diverging" in message
+    assert "is at least about" in message  # a lower estimate (power iteration)
+    assert re.search(r"On the command line: --ll-lr \d\S* or less\.$", message), message
+
+
+def test_the_quickstarts_seed_is_checked_as_the_other_examples(quickstart, capsys):
+    for bad in ("-1", str(2**64)):
+        with pytest.raises(SystemExit):
+            quickstart.parse_args(["--seed", bad])
+        assert "--seed: must be an integer in [0, 2**64)" in capsys.readouterr().err
+
+
+def test_feature_penalty_refuses_a_single_training_example(capsys):
+    """One example has no spread: every run crashed at its results (min() of nothing)."""
+    with example_module("feature_penalty") as module, pytest.raises(SystemExit):
+        module.parse_args(["--n-train", "1"])
+    assert "--n-train: must be an integer >= 2" in capsys.readouterr().err
+
+
+def test_results_hold_null_for_a_mean_over_nothing(common, quickstart, tmp_path):
+    """--informative 0: the mean penalty of no informative feature was written as NaN, which
+    strict JSON readers refuse."""
+    out = tmp_path / "run"
+    quick(quickstart, out, 2, "--informative", "0")
+    text = (out / common.RESULTS_FILE).read_text()
+    assert "NaN" not in text
+    assert json.loads(text)["mean_l2_informative"] is None
+    common.write_json(tmp_path / "x.json", {"a": [1.0, float("inf")], "b": float("nan")})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": [1.0, None], "b": None}
+
+
+def test_a_progress_file_whose_invocations_are_not_records_is_refused(quickstart, tmp_path):
+    """It ended in a TypeError ('int' object is not iterable)."""
+    out = tmp_path / "run"
+    quick(quickstart, out, 10)
+    progress = out / "progress.json"
+    saved = json.loads(progress.read_text())
+    saved["invocations"] = 5
+    progress.write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match="not the progress file of an example run"):
+        quick(quickstart, out, 20)
+
+
+def test_run_refuses_an_unwritable_checkpoint_before_its_first_step(tmp_path):
+    """A checkpoint under a file was found at the first save (checkpoint_every steps later),
+    its steps lost; now before any step."""
+    from problems import ridge, ridge_ll, ridge_ul
+
+    from bilevel.ll import GradientDescent
+    from bilevel.ul import Reverse
+
+    p = ridge()
+    ll = GradientDescent(ridge_ll, p.ll_model, p.ul_model, lr=0.1, iters=2)
+    optimizer = torch.optim.SGD(p.ul_model.parameters(), lr=0.1)
+    problem = BilevelProblem(ll, Reverse(ridge_ul, p.ul_model, ridge_ll, p.ll_model), optimizer)
+    (tmp_path / "a_file").write_text("")
+    drawn = []
+
+    def data(step):
+        drawn.append(step)
+        return p.train, p.val
+
+    with pytest.raises(OSError, match=r"cannot write a checkpoint at .*No UL step was taken"):
+        problem.run(data, 5, checkpoint=tmp_path / "a_file" / "ck.pt", checkpoint_every=3)
+    assert drawn == [] and problem.step_count == 0
