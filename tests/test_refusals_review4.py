@@ -522,3 +522,35 @@ def test_a_rules_hyperparameter_takes_a_marker():
     assert relative_error(grad, exact) < 1e-12
     # betas of Adam, marked, build as well (they were refused as "got PerElement")
     rules.adam(betas=([0.9, PerStep(lambda u: torch.sigmoid(u.logits))], 0.99))
+
+
+class Scalar(torch.nn.Module):
+    def __init__(self, start: float) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(start, dtype=DTYPE))
+
+
+class Scale(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(1.0, dtype=DTYPE))
+
+
+def test_the_divergence_message_says_its_curvature_is_a_lower_estimate():
+    """``f(w) = exp(w) - a w`` from ``w = -3``: the curvature at the start, ``e^-3``, bounds the
+    step at 40, and lr = 10 diverges as the run reaches larger curvature. The message said
+    the power iterations were exact for a quadratic and the bound the one to keep under."""
+
+    def ll_objective(state):
+        w = state["ll_model"].w
+        return torch.exp(w) - state["ul_model"].a * w
+
+    model, ul = Scalar(-3.0), Scale()
+    ll = GradientDescent(ll_objective, model, ul, lr=10.0, iters=3)
+    problem = BilevelProblem(ll, Reverse(ll_objective, ul, ll_objective, model))
+    data = (torch.zeros(1, dtype=DTYPE), torch.zeros(1, dtype=DTYPE))
+    with pytest.raises(LowerLevelDivergenceError) as diverged:
+        problem.hypergradient(data, data)
+    message = str(diverged.value)
+    assert "at least about 0.04979" in message and "approach it from below" in message
+    assert "(the lr that diverged, 10, is below that bound: the estimate is low" in message
