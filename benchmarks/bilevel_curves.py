@@ -430,7 +430,11 @@ def logreg_setting(n: int = 49_990, d: int = 22, seed: int = 0) -> Setting:
 
 
 def cleaning_setting(
-    root: str, n_train: int = 4000, n_val: int = CLEANING_VAL, reg: float = 1e-3, seed: int = 0
+    root: str | None,
+    n_train: int = 4000,
+    n_val: int = CLEANING_VAL,
+    reg: float = 1e-3,
+    seed: int = 0,
 ) -> Setting:
     """MNIST data hyper-cleaning: LL = weighted multinomial logistic regression (weights
     ``sigmoid(x_i)``, one per train example, labels corrupted with probability 0.5 by a uniform
@@ -659,7 +663,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data-root",
         default=None,
-        help="folder holding MNIST/ (default: $BILEVEL_DATA, else /work/shared/data)",
+        help="folder holding MNIST/ (default: $BILEVEL_DATA)",
     )
     parser.add_argument(
         "--cleaning-train",
@@ -734,7 +738,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     problems = [p for p in args.problems.split(",") if p]
     methods = [m for m in args.methods.split(",") if m]
-    root = args.data_root or os.environ.get("BILEVEL_DATA") or "/work/shared/data"
+    root = args.data_root  # (None: BILEVEL_DATA, or the loader's message naming both)
     torch.autograd.grad = _counting_grad
     started = time.perf_counter()
     result: dict[str, Any] = {

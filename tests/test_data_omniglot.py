@@ -212,8 +212,11 @@ def test_wrong_drawing_count(tmp_path: Path) -> None:
 
 
 def test_unknown_md5(tmp_path: Path) -> None:
+    """The cure of a download cut short is named first (it offered check_md5=False alone,
+    whose next error then said to download again)."""
     _synthetic(tmp_path, as_zip=True)
-    with pytest.raises(ValueError, match=r"md5 .* is not one of the known sums"):
+    pattern = r"md5 .* is not one of the known sums.*Delete it and download it again"
+    with pytest.raises(ValueError, match=pattern + r".*pass download=True.*check_md5=False"):
         Omniglot(tmp_path, cache_dir=tmp_path / "cache")
 
 
@@ -241,6 +244,8 @@ def test_missing_files(tmp_path: Path) -> None:
 def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="image_size"):
         Omniglot(tmp_path, image_size=0)
+    with pytest.raises(ValueError, match=r"image_size must be an int in 1\.\.1024, got True"):
+        Omniglot(tmp_path, image_size=True)  # (a bool is an int: it failed in the decode)
     with pytest.raises(ValueError, match="resample must be one of"):
         Omniglot(tmp_path, resample="cubic")
 
@@ -283,7 +288,8 @@ def test_a_corrupt_zip_names_itself_and_the_cure(tmp_path: Path) -> None:
     folder = _synthetic(tmp_path, as_zip=True)
     damaged = folder / f"{om.OMNIGLOT_PARTS[0]}.zip"
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 3])
-    with pytest.raises(ValueError, match=r"(?s)cannot read it as a zip archive.*download=True"):
+    pattern = r"(?s)cannot read it as a zip archive.*download=True.*delete it and extract"
+    with pytest.raises(ValueError, match=pattern + r".*as the folder images_\w+/ beside it"):
         om._decode_sources(_sources(folder), 28, "lanczos", 0, False)
 
 

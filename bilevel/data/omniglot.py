@@ -126,7 +126,8 @@ def _find_source(folder: Path, part: str, download: bool, check_md5: bool) -> _S
             raise cure_error(
                 ValueError,
                 "{zip_path}: md5 {digest} is not one of the known sums {known}; the file may be "
-                "corrupt or a different release ({no_check_md5} to use it anyway)",
+                "corrupt (e.g. a download cut short) or a different release. Delete it and "
+                "download it again ({download}), or {no_check_md5} to use it anyway",
                 zip_path=zip_path,
                 digest=digest,
                 known=list(OMNIGLOT_MD5[part]),
@@ -199,9 +200,11 @@ def _list_members(source: _Source) -> list[str]:
                 ValueError,
                 "{path}: cannot read it as a zip archive ({error}); the file is truncated or "
                 "corrupt (e.g. a download cut short). Delete it and download it again "
-                "({download}), or extract a good copy beside it.",
+                "({download}), or delete it and extract a good copy of it as the folder "
+                "{part}/ beside it (a zip there is read first).",
                 path=source.path,
                 error=error,
+                part=source.part,
             ) from error
         out = []
         for name in names:
@@ -270,7 +273,12 @@ _READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY
 
 def _damaged(what: str, path: str) -> ValueError:
     """The error for a drawing of the data at ``path`` that cannot be used (``what``)."""
-    return damaged(path, what, "Omniglot's", ", or extract a good copy beside it")
+    return damaged(
+        path,
+        what,
+        "Omniglot's",
+        ", or delete the zip and extract a good copy of it beside it (a zip is read first)",
+    )
 
 
 def _read_drawing(path: str, zf: zipfile.ZipFile | None, name: str) -> bytes:
@@ -461,7 +469,11 @@ class Omniglot:
         num_workers: int | None = None,
         progress: bool = True,
     ) -> None:
-        if not isinstance(image_size, int) or not 1 <= image_size <= 1024:
+        if (
+            isinstance(image_size, bool)
+            or not isinstance(image_size, int)
+            or not 1 <= image_size <= 1024
+        ):
             raise ValueError(f"image_size must be an int in 1..1024, got {image_size!r}")
         if resample not in _RESAMPLE:
             raise ValueError(f"resample must be one of {tuple(_RESAMPLE)}, got {resample!r}")
