@@ -82,14 +82,62 @@ class OnlineHypergradient:
         # checked on resume, UL model and optimizer, LL model, RNG, all-or-nothing loads,
         # signals), with the online run's settings added
         self._problem = _OnlineCheckpoints(ll, ul, ul_optimizer)
-        self.ll, self.ul, self.ul_optimizer = ll, ul, ul_optimizer
-        self.hyper_every = hyper_every
+        self._ll, self._ul, self._ul_optimizer = ll, ul, ul_optimizer
+        self._hyper_every = hyper_every
         self._problem.settings["online"] = {"hyper_every": hyper_every}
+        self._running = False  # inside run(): state_dict() only at a UL update
         #: the online run at its latest UL update (``online`` part of :meth:`state_dict`) and
         #: the RNG states then; ``None``: no run in progress, the next starts from ``ll_model``
         self._held: tuple[dict[str, Any], dict[str, Any]] | None = None
         self._resume = False  # a loaded state: the next run continues it
         self._live: tuple[Unroll, int] | None = None  # a run at a UL update (during ``log``)
+
+    # the runner's parts are fixed at construction: its checkpoints record them (the LL
+    # settings, hyper_every, the UL optimizer's state) and a resume checks them against them;
+    # a part replaced afterwards ran while the checkpoints still described the old one
+    @property
+    def ll(self) -> GradientDescent:
+        """The LL optimizer (fixed at construction; its settings may change in place)."""
+        return self._ll
+
+    @ll.setter
+    def ll(self, value: Any) -> None:
+        self._fixed("ll")
+
+    @property
+    def ul(self) -> Forward | Truncated:
+        """The hypergradient method (fixed at construction; its settings may change)."""
+        return self._ul
+
+    @ul.setter
+    def ul(self, value: Any) -> None:
+        self._fixed("ul")
+
+    @property
+    def ul_optimizer(self) -> torch.optim.Optimizer:
+        """The UL optimizer (fixed at construction; its hyperparameters may change)."""
+        return self._ul_optimizer
+
+    @ul_optimizer.setter
+    def ul_optimizer(self, value: Any) -> None:
+        self._fixed("ul_optimizer")
+
+    @property
+    def hyper_every(self) -> int:
+        """LL steps between UL updates (fixed at construction)."""
+        return self._hyper_every
+
+    @hyper_every.setter
+    def hyper_every(self, value: Any) -> None:
+        self._fixed("hyper_every")
+
+    def _fixed(self, name: str) -> None:
+        raise AttributeError(
+            f"OnlineHypergradient's {name} is fixed at construction: its checkpoints record it "
+            "and a resume checks it, so one replaced afterwards would run while they describe "
+            f"the old one. Build a new OnlineHypergradient with the {name} you want (settings "
+            "of the LL optimizer, the method and the UL optimizer may change in place)."
+        )
 
     def run(
         self,
@@ -150,6 +198,7 @@ class OnlineHypergradient:
             raise ValueError(f"ll_steps must be an integer >= 0, got {ll_steps!r}.")
         check_run_options(checkpoint_seconds, log, checkpoint_every=checkpoint_every)
         with self._problem._signals(checkpoint is not None):
+            self._running = True
             try:
                 return self._run(
                     train, val, ll_steps, log, progress, checkpoint, checkpoint_every,
@@ -157,6 +206,7 @@ class OnlineHypergradient:
                 )  # fmt: skip
             finally:
                 self._live = None
+                self._running = False
 
     def _run(
         self,
@@ -314,6 +364,13 @@ class OnlineHypergradient:
         if self._live is not None:
             unroll, ll_step = self._live
             return {"ll_step": ll_step, "run": unroll.state_dict()}, ckpt.rng_state()
+        if self._running:  # between UL updates: the UL variables moved, the LL run has not
+            raise RuntimeError(
+                "OnlineHypergradient.state_dict() during run() holds the run at a UL update: "
+                "call it from log (which run calls at each update), or let run(checkpoint=...) "
+                "save it. Between updates the UL variables have moved and the LL run's state "
+                "is not one a resume could continue."
+            )
         if self._held is not None:
             return self._held
         return {"ll_step": 0, "run": None}, ckpt.rng_state()

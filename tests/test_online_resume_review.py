@@ -23,6 +23,7 @@ import pytest
 import torch
 from problems import DTYPE, FeatureL2, Linear, ridge, ridge_ll, ridge_ul
 from test_online_resume import (
+    EVERY,
     METHODS,
     STEPS,
     Hypers,
@@ -327,3 +328,41 @@ def test_sigterm_before_the_first_update_does_not_claim_a_checkpoint(tmp_path, m
     assert stopped.value.checkpoint is None
     message = capsys.readouterr().err
     assert "checkpoint saved" not in message and "nothing was saved" in message
+
+
+# --- review 4 (a helper's findings, 2026-12-04) --------------------------------------------
+
+
+@pytest.mark.parametrize("part", ["hyper_every", "ll", "ul", "ul_optimizer"])
+def test_the_runners_parts_are_fixed_at_construction(part):
+    """``runner.hyper_every = 4`` (built with 3) ran every 4 steps while its checkpoints
+    recorded 3, then refused them as damaged; a replaced UL optimizer ran while the
+    checkpoints saved the old one, never stepped (the resumed run lost its momentum); a
+    replaced LL ran while they recorded the old one's settings."""
+    run = Run("forward")
+    before = getattr(run.runner, part)
+    with pytest.raises(AttributeError, match=f"{part} is fixed at construction.*Build a new"):
+        setattr(run.runner, part, before)
+    assert getattr(run.runner, part) is before
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_state_dict_between_updates_is_refused(method):
+    """Taken from a batch function between two UL updates, the state held the moved UL
+    variables with the LL run of no update (LL step 0): resumed, it restarted the LL from
+    ll_model's weights, 0.04 off the uninterrupted run, silently. From log it is the update's."""
+    seed_all(0)
+    run = Run(method)
+    taken: list = []
+
+    def train(step: int):
+        if step == EVERY + 1:  # between the first two UL updates
+            with pytest.raises(RuntimeError, match="call it from log"):
+                run.runner.state_dict()
+            taken.append(step)
+        return run.train(step)
+
+    run.run(train=train)
+    assert taken == [EVERY + 1]
+    held = run.runner.state_dict()["online"]["ll_step"]  # after the run: its last update's
+    assert held == STEPS - STEPS % EVERY
