@@ -1014,11 +1014,18 @@ class Run:
         raise Stopped(signum, message if self.main else "")
 
     def run_problem(
-        self, problem: Any, data: Callable[[int], Any], steps: int, **kwargs: Any
+        self,
+        problem: Any,
+        data: Callable[[int], Any],
+        steps: int,
+        stop: tuple[str, ...] | None = None,
+        **kwargs: Any,
     ) -> dict[str, Any] | None:
         """``problem.run(data, steps, checkpoint=OUT/checkpoint.pt, **kwargs)`` as the UL
         loop of this run: resumed from the checkpoint, saved every ``checkpoint_minutes``
-        too, stopped (after saving) by SIGTERM or SIGINT (:class:`Stopped`).
+        too, stopped (after saving) by SIGTERM or SIGINT (:class:`Stopped`). With ``stop``,
+        ``(method, LL step flag[, series step flag])``, numerical trouble (a diverged LL or
+        solve) ends the script with :func:`stopped_by`'s message instead of a traceback.
 
         A runner that handles the signals itself (it installs its handlers for the length of
         ``run``, saves after the step under way and raises ``bilevel.Interrupted`` for
@@ -1032,6 +1039,12 @@ class Run:
                 last = problem.run(self.steps(data, problem), steps, checkpoint=path, **kwargs)
             except Stopped:
                 raise
+            except FloatingPointError as error:
+                if stop is None:
+                    raise
+                method, *flags = stop
+                message = stopped_by(error, method, problem.step_count, *flags)
+                raise SystemExit(message) from error
             except (KeyboardInterrupt, SystemExit) as error:
                 signum = signal.SIGINT if isinstance(error, KeyboardInterrupt) else None
                 signum = getattr(error, "signal", signum)

@@ -235,19 +235,16 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
         record.log(entry, done % checkpoint_every == 0 or done == args.ul_steps)
 
     run.reserve(problem.state_dict())
-    try:
-        run.run_problem(
-            problem,
-            lambda step: (train, val),
-            steps=args.ul_steps,
-            checkpoint_every=checkpoint_every,
-            log=log,
-            log_every=args.log_every,
-            progress=not args.no_progress,
-        )
-    except FloatingPointError as error:  # a diverged LL or solve: stop with the cure
-        message = _common.stopped_by(error, args.method, problem.step_count, "--ll-lr")
-        raise SystemExit(message) from error
+    run.run_problem(
+        problem,
+        lambda step: (train, val),
+        steps=args.ul_steps,
+        stop=(args.method, "--ll-lr"),
+        checkpoint_every=checkpoint_every,
+        log=log,
+        log_every=args.log_every,
+        progress=not args.no_progress,
+    )
     seconds, cpu_seconds = record.seconds, record.cpu_seconds
 
     with torch.no_grad():

@@ -180,19 +180,16 @@ def experiment(args: argparse.Namespace, run: _common.Run, command: list[str]) -
             )
 
     run.reserve(problem.state_dict())
-    try:
-        run.run_problem(
-            problem,
-            lambda step: (train, val),
-            steps=args.ul_steps,
-            checkpoint_every=checkpoint_every,
-            log=show,
-            log_every=log_every,
-            progress=False,
-        )
-    except FloatingPointError as error:  # a diverged LL or solve: stop with the cure
-        message = _common.stopped_by(error, args.method, problem.step_count, "--ll-lr")
-        raise SystemExit(message) from error
+    run.run_problem(
+        problem,
+        lambda step: (train, val),
+        steps=args.ul_steps,
+        stop=(args.method, "--ll-lr"),
+        checkpoint_every=checkpoint_every,
+        log=show,
+        log_every=log_every,
+        progress=False,
+    )
     aux = ll.optimize(*train)
     test_mse = ul_objective({"data": test[0], "target": test[1], "ll_model": aux}).item()
     penalties = ul_model.log_l2.detach().exp()
