@@ -73,22 +73,30 @@ def check_writable(path: str | os.PathLike) -> None:
     made or written to. ``BilevelProblem.run`` asks before its first UL step, so that a bad
     checkpoint path is not found at the first save, after the steps before it."""
     path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(
-            errno.EISDIR,
-            f"{path} is a folder: give the path of a file in it, e.g. {path / 'checkpoint.pt'}",
-        )
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_folder_for(path)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=_TMP_SUFFIX)
         os.close(fd)
         os.unlink(tmp)
+    except IsADirectoryError:
+        raise  # (it names the cure)
     except OSError as error:
         raise OSError(
             error.errno,
             f"cannot write a checkpoint at {path} ({error.strerror or error}): choose a path "
             "in a folder this process can create and write to. No UL step was taken.",
         ) from None
+
+
+def _make_folder_for(path: Path) -> None:
+    """Refuse a folder at ``path`` (``os.replace`` onto it would fail after the whole write)
+    and create ``path``'s folder if needed."""
+    if path.is_dir():
+        raise IsADirectoryError(
+            errno.EISDIR,
+            f"{path} is a folder: give the path of a file in it, e.g. {path / 'checkpoint.pt'}",
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def atomic_write(
@@ -112,12 +120,7 @@ def atomic_write(
             raising there leaves ``path`` untouched.
     """
     path = Path(path)
-    if path.is_dir():  # (os.replace onto it would fail after the whole write)
-        raise IsADirectoryError(
-            errno.EISDIR,
-            f"{path} is a folder: give the path of a file in it, e.g. {path / 'checkpoint.pt'}",
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder_for(path)
     prefix = f"{path.name}.{os.getpid()}."
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=_TMP_SUFFIX)
     _writing.add(Path(tmp).name)

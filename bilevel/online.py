@@ -30,6 +30,28 @@ from bilevel.ul import Forward, Truncated
 from bilevel.ul.forward import tangent_count
 
 
+class _FixedAtConstruction:
+    """A part of :class:`OnlineHypergradient`, read as an attribute and refused as an
+    assignment: its checkpoints record the part (the LL settings, ``hyper_every``, the UL
+    optimizer's state) and a resume checks them, so one replaced afterwards would run while
+    they described the old one."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, runner: Any, owner: type | None = None) -> Any:
+        return self if runner is None else runner.__dict__["_" + self.name]
+
+    def __set__(self, runner: Any, value: Any) -> None:
+        raise AttributeError(
+            f"OnlineHypergradient's {self.name} is fixed at construction: its checkpoints "
+            "record it and a resume checks it, so one replaced afterwards would run while they "
+            f"describe the old one. Build a new OnlineHypergradient with the {self.name} you "
+            "want (settings of the LL optimizer, the method and the UL optimizer may change in "
+            "place)."
+        )
+
+
 class OnlineHypergradient:
     """Update the UL variables every ``hyper_every`` LL steps of one continuing LL run.
 
@@ -92,52 +114,12 @@ class OnlineHypergradient:
         self._resume = False  # a loaded state: the next run continues it
         self._live: tuple[Unroll, int] | None = None  # a run at a UL update (during ``log``)
 
-    # the runner's parts are fixed at construction: its checkpoints record them (the LL
-    # settings, hyper_every, the UL optimizer's state) and a resume checks them against them;
-    # a part replaced afterwards ran while the checkpoints still described the old one
-    @property
-    def ll(self) -> GradientDescent:
-        """The LL optimizer (fixed at construction; its settings may change in place)."""
-        return self._ll
-
-    @ll.setter
-    def ll(self, value: Any) -> None:
-        self._fixed("ll")
-
-    @property
-    def ul(self) -> Forward | Truncated:
-        """The hypergradient method (fixed at construction; its settings may change)."""
-        return self._ul
-
-    @ul.setter
-    def ul(self, value: Any) -> None:
-        self._fixed("ul")
-
-    @property
-    def ul_optimizer(self) -> torch.optim.Optimizer:
-        """The UL optimizer (fixed at construction; its hyperparameters may change)."""
-        return self._ul_optimizer
-
-    @ul_optimizer.setter
-    def ul_optimizer(self, value: Any) -> None:
-        self._fixed("ul_optimizer")
-
-    @property
-    def hyper_every(self) -> int:
-        """LL steps between UL updates (fixed at construction)."""
-        return self._hyper_every
-
-    @hyper_every.setter
-    def hyper_every(self, value: Any) -> None:
-        self._fixed("hyper_every")
-
-    def _fixed(self, name: str) -> None:
-        raise AttributeError(
-            f"OnlineHypergradient's {name} is fixed at construction: its checkpoints record it "
-            "and a resume checks it, so one replaced afterwards would run while they describe "
-            f"the old one. Build a new OnlineHypergradient with the {name} you want (settings "
-            "of the LL optimizer, the method and the UL optimizer may change in place)."
-        )
+    # its parts, fixed at construction (see _FixedAtConstruction); their settings (the LL
+    # optimizer's, the method's, the UL optimizer's hyperparameters) may change in place
+    ll = _FixedAtConstruction()  #: the LL optimizer (``GradientDescent``)
+    ul = _FixedAtConstruction()  #: the hypergradient method (``Forward`` or ``Truncated``)
+    ul_optimizer = _FixedAtConstruction()  #: the UL optimizer
+    hyper_every = _FixedAtConstruction()  #: LL steps between UL updates
 
     def run(
         self,

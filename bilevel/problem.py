@@ -1305,15 +1305,11 @@ class BilevelProblem:
 def _refuse_empty(member: Any, name: str) -> None:
     """Raise if every tensor of a batch's member (with a first dimension) has no rows: an
     objective's mean over them is NaN, which the methods would report as a numerical
-    failure (a step size to lower) rather than as the empty batch it is."""
-    if isinstance(member, torch.Tensor):  # the usual case
-        if member.ndim == 0 or member.shape[0]:
-            return
-        shapes = [tuple(member.shape)]
-    else:
-        shapes = [tuple(t.shape) for _, t in tensor_leaves(member, name) if t.ndim]
-        if not shapes or any(shape[0] for shape in shapes):
-            return
+    failure (a step size to lower) rather than as the empty batch it is. (A tensor with
+    rows, the usual member, is let through by the caller without this call.)"""
+    shapes = [tuple(t.shape) for _, t in tensor_leaves(member, name) if t.ndim]
+    if not shapes or any(shape[0] for shape in shapes):
+        return
     raise ValueError(
         f"{name} is empty (shape {shapes[0]}: no rows): the objectives would average over "
         "nothing. Pass a batch with at least one example."

@@ -329,6 +329,7 @@ class FirstOrderMethod(HypergradientCalculator):
         self._model = ll.patched_model(graph_from_start=False)
         try:
             update = self._update(context)
+            self._check_update(update)  # (its host sync lets the growth check read the loss)
             growth = self._growth(update, context, ll.on_growth)
         finally:
             ll.release(self._model)
@@ -355,9 +356,9 @@ class FirstOrderMethod(HypergradientCalculator):
         warns once, as ``on_growth`` says."""
         if policy == "ignore" or (policy == "warn" and self._warned_growth):
             return None
-        value = float(update.ll_loss)
-        if not math.isfinite(value) or not self.rising.suspect(value):
-            return value, False  # (a non-finite loss is refused by the commit)
+        value = float(update.ll_loss)  # (finite, and synchronized by the check before)
+        if not self.rising.suspect(value):
+            return value, False
         losses = self._dry_run(update, context)
         if not all(map(math.isfinite, losses)):
             losses.append(math.inf)
@@ -403,7 +404,9 @@ class FirstOrderMethod(HypergradientCalculator):
             put_back_buffers(buffers)
         return torch.stack(losses).tolist()
 
-    def _commit(self, update: Update, growth: tuple[float, bool] | None = None) -> None:
+    def _check_update(self, update: Update) -> None:
+        """Refuse a step whose UL direction reaches no UL parameter, or whose results are not
+        finite (one host sync)."""
         self._refuse_unused(update.x_direction)
         tensors = [update.ul_loss, update.ll_loss, *update.y]
         tensors += [g for g in update.x_direction if g is not None]
@@ -416,6 +419,9 @@ class FirstOrderMethod(HypergradientCalculator):
                 "NaN or inf and the objectives for log(0) or division by zero, or lower the "
                 "step sizes (the UL optimizer's lr, ll.lr, lr_y) or the penalty."
             )
+
+    def _commit(self, update: Update, growth: tuple[float, bool] | None = None) -> None:
+        """Commit a checked step (:meth:`commit_state`) and add its direction to ``.grad``."""
 
         def change() -> None:
             if growth is not None:
